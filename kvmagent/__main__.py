@@ -1,0 +1,5 @@
+import sys
+
+from kvmagent.cli import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""Second-stage checks: does this host have what the guest needs?  QEMU,
+kernel and disk files, a working /dev/kvm, the bridges.  Read-only: nothing
+is created or changed.  The result is plain data (HostFacts) for the pure
+argv generation, plus the problems found, each a KvmagentError."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Callable
+
+from .errors import KvmagentError, host_error
+from .model import Accel, Cache, Guest, HostConfig, NicMode
+from .qemu import HostFacts
+
+KvmProbe = Callable[[], tuple[bool, str]]
+
+
+def probe_direct_io(path: Path) -> bool:
+    """Whether PATH can be opened with O_DIRECT (cache=none).  Block devices
+    always can; tmpfs on Debian 12's 6.1 kernel cannot.  Opens read-only and
+    closes again: changes nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return False
+        raise
+    os.close(fd)
+    return True
+
+
+def default_kvm_probe() -> tuple[bool, str]:
+    from .kvmprobe import kvm_usable  # forks a child; only when needed
+    return kvm_usable()
+
+
+def resolve_accel(guest: Guest, host: HostConfig, probe: KvmProbe,
+                  problems: list[KvmagentError], notices: list[str]) -> Accel:
+    if guest.accel is Accel.TCG:
+        return Accel.TCG
+    usable, reason = probe()
+    if usable:
+        return Accel.KVM
+    origin = guest.origin_of("accel")
+    if guest.accel is Accel.KVM:
+        problems.append(host_error(
+            f"guest {guest.name}: accel = \"kvm\" ({origin}) but KVM does not work here: {reason}",
+            'load kvm_intel or kvm_amd, or set accel = "tcg" (slow software emulation)'))
+        return Accel.KVM
+    if host.tcg_fallback:
+        notices.append(f"KVM does not work here ({reason}); falling back to TCG, "
+                       "slow software emulation (tcg_fallback = true)")
+        return Accel.TCG
+    problems.append(host_error(
+        f"guest {guest.name}: KVM does not work here: {reason}",
+        'set tcg_fallback = true in kvmagent.toml to allow slow software emulation, '
+        'or accel = "tcg" for this guest'))
+    return Accel.KVM
+
+
+def _check_file(path: Path, what: str, key: str, origin: str, *, write: bool = False,
+                block_ok: bool = False) -> KvmagentError | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return host_error(f"{origin}: {key} = \"{path}\": {what} does not exist")
+    except OSError as e:
+        return host_error(f"{origin}: {key} = \"{path}\": {e.strerror}")
+    if not (stat.S_ISREG(st.st_mode) or (block_ok and stat.S_ISBLK(st.st_mode))):
+        kind = "a regular file or block device" if block_ok else "a regular file"
+        return host_error(f"{origin}: {key} = \"{path}\": {what} is not {kind}")
+    if not os.access(path, os.R_OK | (os.W_OK if write else 0)):
+        mode = "read and write" if write else "read"
+        return host_error(f"{origin}: {key} = \"{path}\": cannot {mode} the {what}",
+                          "check its permissions" + ("" if not write else
+                                                     ", or set readonly = true"))
+    return None
+
+
+def check_host(guest: Guest, host: HostConfig, *,
+               kvm_probe: KvmProbe = default_kvm_probe,
+               sys_class_net: Path = Path("/sys/class/net"),
+               ) -> tuple[HostFacts, list[KvmagentError]]:
+    """All second-stage checks.  Returns the facts and every problem found
+    (an empty list means the guest can start here)."""
+    problems: list[KvmagentError] = []
+    notices: list[str] = []
+    if not os.access(host.qemu, os.X_OK):
+        problems.append(host_error(
+            f"{host.origin.get('qemu', 'kvmagent.toml')}: qemu = \"{host.qemu}\": "
+            "no such executable", "apt-get install qemu-system-x86"))
+    if guest.kernel:
+        for key, path in (("kernel.image", guest.kernel.image),
+                          ("kernel.initrd", guest.kernel.initrd)):
+            if path is not None:
+                err = _check_file(path, "kernel file", key, guest.origin_of(key))
+                if err:
+                    problems.append(err)
+    direct: dict[Path, bool] = {}
+    for d in guest.disks:
+        key = f"disk[{d.index}].path"
+        err = _check_file(d.path, "disk", key, guest.origin_of(key),
+                          write=not d.readonly, block_ok=True)
+        if err:
+            problems.append(err)
+            continue
+        direct[d.path] = probe_direct_io(d.path)
+        if direct[d.path]:
+            continue
+        if d.cache in (Cache.NONE, Cache.DIRECTSYNC):
+            problems.append(host_error(
+                f"{guest.origin_of(f'disk[{d.index}].cache')}: disk[{d.index}].cache = "
+                f"\"{d.cache}\": the file system of {d.path} does not support O_DIRECT",
+                'use cache = "writeback" (or "auto") for this disk'))
+        elif d.cache is Cache.AUTO:
+            notices.append(f"disk[{d.index}] {d.path}: no O_DIRECT on its file system, "
+                           "using cache=writeback")
+    for nic in guest.nics:
+        if nic.mode is NicMode.BRIDGE and not (sys_class_net / str(nic.bridge) / "bridge").is_dir():
+            key = f"nic[{nic.index}].bridge"
+            exists = (sys_class_net / str(nic.bridge)).exists()
+            problems.append(host_error(
+                f"{guest.origin_of(key)}: {key} = \"{nic.bridge}\": "
+                + ("is not a bridge" if exists else "no such bridge"),
+                f"create it with: kvmagent bridge ensure {nic.bridge} "
+                "(or in systemd-networkd / ifupdown, see README)"))
+    accel = resolve_accel(guest, host, kvm_probe, problems, notices)
+    vhost = os.path.exists("/dev/vhost-net")
+    return HostFacts(accel, direct, vhost, tuple(notices)), problems

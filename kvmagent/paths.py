@@ -1,0 +1,41 @@
+"""Where kvmagent reads and writes, relocatable through the environment.
+
+KVMAGENT_CONFIG_DIR, KVMAGENT_STATE_DIR and KVMAGENT_RUNTIME_DIR move
+everything, so tests (and admins trying things out) never touch the host.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    config_dir: Path
+    state_dir: Path
+    runtime_dir: Path
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> "Paths":
+        env = os.environ if environ is None else environ
+        return cls(
+            config_dir=Path(env.get("KVMAGENT_CONFIG_DIR") or "/etc/kvmagent"),
+            state_dir=Path(env.get("KVMAGENT_STATE_DIR") or "/var/lib/kvmagent"),
+            runtime_dir=Path(env.get("KVMAGENT_RUNTIME_DIR") or "/run/kvmagent"),
+        )
+
+    @property
+    def host_config(self) -> Path:
+        return self.config_dir / "kvmagent.toml"
+
+    @property
+    def guests_dir(self) -> Path:
+        return self.config_dir / "guests"
+
+    def guest_config(self, name: str) -> Path:
+        return self.guests_dir / f"{name}.toml"
+
+    def guest_runtime(self, name: str) -> Path:
+        return self.runtime_dir / name

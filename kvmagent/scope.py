@@ -1,0 +1,44 @@
+"""systemd settings of the transient scope that holds a guest's QEMU.
+
+One pure function produces (name, value) pairs; kvmagent renders them as
+D-Bus properties for StartTransientUnit and as text for `kvmagent show`, so
+the two can never disagree."""
+
+from __future__ import annotations
+
+from .model import Guest, HostConfig
+from .names import service_unit
+from .values import format_cpu_list
+
+Setting = tuple[str, str | int | list[str]]
+
+
+def scope_settings(guest: Guest, host: HostConfig) -> list[Setting]:
+    service = service_unit(guest.name)
+    settings: list[Setting] = [
+        ("Description", f"QEMU of {guest.description}" if guest.description
+         else f"QEMU of guest {guest.name}"),
+        ("Slice", "machine.slice"),
+        ("BindsTo", [service]),
+        ("PartOf", [service]),
+        # Before=, not After=: at shutdown the supervisor must be told first,
+        # while QEMU is still alive, so it can power the guest off (harness
+        # notes, section 6).
+        ("Before", [service]),
+        ("CollectMode", "inactive-or-failed"),
+        ("MemoryMax", guest.memory + host.memory_overhead),
+    ]
+    r = guest.resources
+    if r.cpu_weight is not None:
+        settings.append(("CPUWeight", r.cpu_weight))
+    if r.cpu_affinity is not None:
+        settings.append(("AllowedCPUs", format_cpu_list(r.cpu_affinity)))
+    if r.io_weight is not None:
+        settings.append(("IOWeight", r.io_weight))
+    if r.tasks_max is not None:
+        settings.append(("TasksMax", r.tasks_max))
+    return settings
+
+
+def render_settings(settings: list[Setting]) -> list[str]:
+    return [f"{k}={' '.join(v) if isinstance(v, list) else v}" for k, v in settings]

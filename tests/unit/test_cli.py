@@ -1,0 +1,141 @@
+"""The command line as an admin meets it: /usr/bin/python3 -m kvmagent in a
+throwaway configuration directory.  Exit statuses are the documented ones,
+and failures print one message, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmagent import __version__
+from kvmagent.errors import EXIT_STATUS_HELP, ExitStatus
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def kvmagent(conf, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO),
+           "KVMAGENT_CONFIG_DIR": str(conf.paths.config_dir),
+           "KVMAGENT_STATE_DIR": str(conf.paths.state_dir),
+           "KVMAGENT_RUNTIME_DIR": str(conf.paths.runtime_dir)}
+    return subprocess.run([sys.executable, "-m", "kvmagent", *args], env=env, text=True,
+                          capture_output=True, timeout=60)
+
+
+def test_version_and_help(conf):
+    r = kvmagent(conf, "--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"kvmagent {__version__}"
+    r = kvmagent(conf, "--help")
+    assert r.returncode == 0 and EXIT_STATUS_HELP in r.stdout
+    for sub in ("validate", "show", "list"):
+        r = kvmagent(conf, sub, "--help")
+        assert r.returncode == 0, sub
+        assert "6  configuration error" in r.stdout
+
+
+def test_usage_error(conf):
+    r = kvmagent(conf, "frobnicate")
+    assert r.returncode == ExitStatus.USAGE
+    assert "invalid choice: 'frobnicate'" in r.stderr
+    r = kvmagent(conf, "show")
+    assert r.returncode == ExitStatus.USAGE
+
+
+def test_validate_ok_and_bad(conf):
+    conf.write("guests/good.toml", "cpus = 2\n")
+    bad = conf.write("guests/bad.toml", 'memory = "lots"\n')
+    r = kvmagent(conf, "validate")
+    assert r.returncode == ExitStatus.CONFIG
+    assert "good: ok" in r.stdout
+    assert f'{bad}: memory = "lots": expected a size' in r.stderr
+    assert "Traceback" not in r.stderr
+    r = kvmagent(conf, "validate", "good")
+    assert r.returncode == 0 and r.stdout == "good: ok\n"
+
+
+def test_validate_unknown_guest(conf):
+    r = kvmagent(conf, "validate", "nosuch")
+    assert r.returncode == ExitStatus.UNKNOWN_GUEST
+    assert "unknown guest 'nosuch'" in r.stderr
+
+
+def test_validate_catches_clash_with_another_guest(conf):
+    conf.write("guests/a.toml", '[[nic]]\nmac = "52:54:00:00:00:01"\n')
+    conf.write("guests/b.toml", '[[nic]]\nmac = "52:54:00:00:00:01"\n')
+    r = kvmagent(conf, "validate", "b")
+    assert r.returncode == ExitStatus.CONFIG
+    assert "is also a MAC of guest a" in r.stderr
+
+
+def test_validate_host_checks(conf, tmp_path: Path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(b"\0" * 4096)
+    conf.write("guests/g.toml", f'accel = "tcg"\n[[disk]]\npath = "{img}"\n'
+               f'[[disk]]\npath = "{tmp_path}/missing.img"\n')
+    r = kvmagent(conf, "validate", "--host", "g")
+    assert r.returncode == ExitStatus.HOST_NOT_READY
+    assert f'disk[1].path = "{tmp_path}/missing.img": disk does not exist' in r.stderr
+    r = kvmagent(conf, "validate", "g")
+    assert r.returncode == 0
+
+
+def test_show(conf, tmp_path: Path):
+    conf.write("kvmagent.toml", 'accel = "tcg"\n')
+    main = conf.write("guests/web.toml", 'cpus = 2\nmemory = "1G"\n[[nic]]\n')
+    conf.write("guests/web.toml.d/10-mem.toml", 'memory = "2G"\n')
+    r = kvmagent(conf, "show", "web")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert f"# guest web: {main}" in out
+    assert 'memory = "2G"' in out and "# guests/web.toml.d/10-mem.toml" in out
+    assert 'accel = "tcg"' in out and "# kvmagent.toml" in out
+    assert "-accel tcg \\" in out and "-m 2048M \\" in out
+    assert "MemoryMax=2415919104" in out
+    assert "no such bridge" in out  # a host problem is reported, not fatal for show
+    doc = json.loads(kvmagent(conf, "show", "web", "--json").stdout)
+    assert doc["argv"][0] == "/usr/bin/qemu-system-x86_64"
+    assert doc["config"]["memory"] == "2G" and doc["accel"] == "tcg"
+    assert doc["origin"]["memory"].endswith("10-mem.toml")
+    assert doc["scope"]["settings"]["MemoryMax"] == 2415919104
+    assert not any(tmp_path.joinpath("run").glob("*")), "show must not create anything"
+
+
+def test_show_bad_config_changes_nothing(conf, tmp_path: Path):
+    conf.write("guests/g.toml", 'cpus = "many"\n')
+    before = sorted(tmp_path.rglob("*"))
+    r = kvmagent(conf, "show", "g")
+    assert r.returncode == ExitStatus.CONFIG
+    assert r.stdout == ""
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_list(conf):
+    conf.write("guests/a.toml", 'description = "mail server"\ncpus = 2\nmemory = "1G"\n[[nic]]\n')
+    conf.write("guests/b.toml", "cpus = 0\n")
+    r = kvmagent(conf, "list")
+    assert r.returncode == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "STATE", "CPUS", "MEMORY", "DESCRIPTION"]
+    assert lines[1].split() == ["a", "defined", "2", "1024M", "mail", "server"]
+    assert lines[2].startswith("b ") and "invalid" in lines[2]
+    rows = json.loads(kvmagent(conf, "list", "--json").stdout)
+    assert rows[0]["memory_bytes"] == 1 << 30 and rows[0]["taps"] == ["kvm-a-0"]
+    assert rows[1]["state"] == "invalid"
+
+
+def test_config_dir_option(conf, tmp_path: Path):
+    other = tmp_path / "other"
+    (other / "guests").mkdir(parents=True)
+    (other / "guests" / "x.toml").write_text("")
+    r = kvmagent(conf, "--config-dir", str(other), "list")
+    assert r.returncode == 0 and r.stdout.splitlines()[1].startswith("x ")
+
+
+def test_no_guests(conf):
+    r = kvmagent(conf, "list")
+    assert r.returncode == 0 and "no guests defined" in r.stdout

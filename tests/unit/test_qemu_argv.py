@@ -1,0 +1,158 @@
+"""The QEMU command line, a pure function: golden files for the six seed
+configurations (tests/data/seed/guests), plus the rules behind them.
+
+Regenerate the golden files after a deliberate change with
+KVMAGENT_REGEN_GOLDEN=1 and review the diff."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from kvmagent.guests import guest_names, load_guest, load_host_config
+from kvmagent.model import Accel
+from kvmagent.paths import Paths
+from kvmagent.qemu import HostFacts, Sockets, boot_indexes, qemu_argv, quote
+from kvmagent.scope import render_settings, scope_settings
+
+DATA = Path(__file__).parent.parent / "data"
+SEED = Paths(DATA / "seed", Path("/var/lib/kvmagent"), Path("/run/kvmagent"))
+GOLDEN = DATA / "golden"
+SEED_GUESTS = ["clone", "arkani", "arkani-serial", "arkani-virtio", "arkani-net", "fukano"]
+KVM = HostFacts(Accel.KVM)
+
+
+def seed_argv(name: str, facts: HostFacts = KVM) -> list[str]:
+    host = load_host_config(SEED)
+    guest = load_guest(SEED, name, host)
+    return qemu_argv(guest, host, facts, Sockets.in_dir(SEED.guest_runtime(name)))
+
+
+def test_all_seed_guests_have_golden_files():
+    assert guest_names(SEED) == sorted(SEED_GUESTS)
+
+
+@pytest.mark.parametrize("name", SEED_GUESTS)
+def test_golden(name):
+    argv = seed_argv(name)
+    golden = GOLDEN / f"{name}.argv"
+    if os.environ.get("KVMAGENT_REGEN_GOLDEN") == "1":
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text("\n".join(argv) + "\n")
+    assert argv == golden.read_text().splitlines()
+
+
+def test_arkani_reads_like_the_seed():
+    argv = seed_argv("arkani")
+    text = " ".join(argv)
+    # the seed: kvm -smp 2 -drive if=ide,file=/dev/internal/kvm_guest,boot=on -m 1024
+    #   -name arkani -kernel /boot/kvm/arkani/... -initrd ... -append "root=/dev/hda ro"
+    assert "-smp 2" in text and "-m 1024M" in text and "-name guest=arkani" in text
+    assert "-kernel /boot/kvm/arkani/vmlinuz-2.6.26-1-amd64" in text
+    assert "-drive file=/dev/internal/kvm_guest,format=raw,if=none,id=disk0" in text
+    assert "-device ide-hd,drive=disk0" in text
+    assert argv[argv.index("-append") + 1] == "root=/dev/sda ro"
+
+
+def test_fukano_install_from_iso():
+    argv = seed_argv("fukano")
+    assert "-no-shutdown" in argv
+    assert not any(a.startswith(("-netdev", "-nic", "-net")) for a in argv)  # -net none
+    assert "ide-cd,drive=disk1,id=disk1-dev,bootindex=1" in argv
+    assert "ide-hd,drive=disk0,id=disk0-dev,bootindex=2" in argv
+
+
+def test_tcg_and_kvm():
+    assert seed_argv("arkani", HostFacts(Accel.TCG))[seed_argv("arkani").index("-accel") + 1] == "tcg"
+    kvm = seed_argv("arkani")
+    assert kvm[kvm.index("-accel") + 1] == "kvm" and kvm[kvm.index("-cpu") + 1] == "host"
+
+
+def test_quoting_prevents_option_injection(conf):
+    conf.write("guests/g.toml", '[[disk]]\npath = "/a,format=raw,file=/etc/shadow"\n'
+               '[display]\nvnc = "unix:/run/x.sock"\n')
+    host = load_host_config(conf.paths)
+    g = load_guest(conf.paths, "g", host)
+    argv = qemu_argv(g, host, KVM, Sockets.in_dir(Path("/run/a,b")))
+    drive = argv[argv.index("-drive") + 1]
+    assert drive.startswith("file=/a,,format=raw,,file=/etc/shadow,format=raw,if=none,")
+    assert argv[argv.index("-vnc") + 1] == "unix:/run/x.sock"
+    assert "socket,id=qmp,path=/run/a,,b/qmp.sock,server=on,wait=off" in argv
+    assert quote("a,b,,c") == "a,,b,,,,c"
+
+
+def test_extra_args_verbatim_at_the_end(conf):
+    conf.write("guests/g.toml", '[qemu]\nextra_args = ["-rtc", "base=localtime", "-snapshot"]\n')
+    host = load_host_config(conf.paths)
+    argv = qemu_argv(load_guest(conf.paths, "g", host), host, KVM, Sockets.in_dir(Path("/r")))
+    assert argv[-3:] == ["-rtc", "base=localtime", "-snapshot"]
+
+
+def test_cache_follows_o_direct(conf):
+    conf.write("guests/g.toml", '[[disk]]\npath = "/a"\n[[disk]]\npath = "/b"\ncache = "unsafe"\n')
+    host = load_host_config(conf.paths)
+    g = load_guest(conf.paths, "g", host)
+    facts = HostFacts(Accel.KVM, direct_io={Path("/a"): False, Path("/b"): True})
+    drives = [a for a in qemu_argv(g, host, facts, Sockets.in_dir(Path("/r"))) if a.startswith("file=")]
+    assert "cache=writeback" in drives[0] and "aio=native" not in drives[0]
+    assert "cache=unsafe" in drives[1] and "aio=native" not in drives[1]
+    facts = HostFacts(Accel.KVM, direct_io={Path("/a"): True})
+    drives = [a for a in qemu_argv(g, host, facts, Sockets.in_dir(Path("/r"))) if a.startswith("file=")]
+    assert "cache=none,aio=native" in drives[0]
+
+
+def test_boot_order(conf):
+    conf.write("guests/g.toml", """
+boot = ["network", "cdrom", "disk"]
+[[disk]]
+path = "/data"
+boot = false
+[[disk]]
+path = "/root"
+[[disk]]
+path = "/cd.iso"
+bus = "scsi"
+media = "cdrom"
+[[nic]]
+""")
+    g = load_guest(conf.paths, "g", load_host_config(conf.paths))
+    assert boot_indexes(g) == {"net0": 1, "disk2": 2, "disk1": 3}
+    conf.write("guests/g.toml", '[[disk]]\npath = "/a"\n[[disk]]\npath = "/b"\nboot = true\n')
+    g = load_guest(conf.paths, "g", load_host_config(conf.paths))
+    assert boot_indexes(g) == {"disk1": 1}
+
+
+def test_fd_passing_for_the_supervisor(conf):
+    conf.write("guests/g.toml", "[[nic]]\n")
+    host = load_host_config(conf.paths)
+    g = load_guest(conf.paths, "g", host)
+    argv = qemu_argv(g, host, dataclasses.replace(KVM, vhost_net=True),
+                     Sockets(qmp="fd=3,server=on,wait=off", console="fd=4,server=on,wait=off",
+                             taps={0: "fd=5,vhostfd=6"}))
+    assert "socket,id=qmp,fd=3,server=on,wait=off" in argv
+    assert "tap,id=net0,fd=5,vhostfd=6,vhost=on" in argv
+    assert not any("ifname=" in a for a in argv)
+
+
+def test_console_off(conf):
+    conf.write("guests/g.toml", "[console]\nserial = false\n")
+    host = load_host_config(conf.paths)
+    argv = qemu_argv(load_guest(conf.paths, "g", host), host, KVM, Sockets.in_dir(Path("/r")))
+    assert "-serial" not in argv
+
+
+def test_scope_settings(conf):
+    conf.write("kvmagent.toml", 'memory_overhead = "128M"\n')
+    conf.write("guests/g.toml", 'memory = "1G"\n[resources]\ncpu_weight = 200\n'
+               'cpu_affinity = [0, 1, 2, 5]\nio_weight = 50\ntasks_max = 100\n')
+    host = load_host_config(conf.paths)
+    s = dict(scope_settings(load_guest(conf.paths, "g", host), host))
+    assert s["MemoryMax"] == (1 << 30) + (128 << 20)
+    assert s["CPUWeight"] == 200 and s["IOWeight"] == 50 and s["TasksMax"] == 100
+    assert s["AllowedCPUs"] == "0-2,5"
+    assert s["BindsTo"] == ["kvm@g.service"] and s["Before"] == ["kvm@g.service"]
+    assert s["Slice"] == "machine.slice"
+    assert "Before=kvm@g.service" in render_settings(list(s.items()))
