@@ -1,0 +1,39 @@
+"""The documentation describes exactly the keys and exit statuses the code
+has: a renamed or added key without docs fails here."""
+
+from pathlib import Path
+
+from kvmagent.errors import EXIT_STATUS_HELP, ExitStatus
+from kvmagent.schema import GUEST_ARRAYS, GUEST_TABLES, GUEST_TOP, HOST_KEYS
+
+REPO = Path(__file__).resolve().parents[2]
+MAN5 = (REPO / "docs" / "kvmagent.toml.5.md").read_text()
+
+
+def _sections():
+    yield "# HOST DEFAULTS", HOST_KEYS
+    yield "### top level", GUEST_TOP
+    for name, keys in GUEST_TABLES.items():
+        yield f"### [{name}]", keys
+    for name, keys in GUEST_ARRAYS.items():
+        yield f"### [[{name}]]", keys
+
+
+def test_every_key_documented_with_type_and_default():
+    for heading, keys in _sections():
+        start = MAN5.index(heading)
+        nxt = MAN5.find("\n#", start + len(heading))
+        body = MAN5[start:nxt if nxt > 0 else None]
+        rows = [line for line in body.splitlines() if line.startswith("| `")]
+        assert len(rows) == len(keys), heading
+        for key in keys.values():
+            default = key.default or "(not set)"
+            row = f"| `{key.name}` | {key.type} | {default} |"
+            assert any(r.startswith(row) for r in rows), (heading, row)
+
+
+def test_exit_statuses_documented_everywhere():
+    readme = (REPO / "README.md").read_text()
+    for status in ExitStatus:
+        assert f"  {int(status)}  " in EXIT_STATUS_HELP, status
+        assert f"| {int(status)} |" in readme, status
