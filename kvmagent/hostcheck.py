@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 from pathlib import Path
 from typing import Callable
@@ -80,9 +81,19 @@ def _check_file(path: Path, what: str, key: str, origin: str, *, write: bool = F
     return None
 
 
+def _interface_exists(name: str) -> bool:
+    """In this process's network namespace (unlike /sys/class/net, which
+    shows the namespace of whoever mounted sysfs).  Whether it is a bridge
+    is checked when the tap is enslaved (kvmagent.netdev)."""
+    try:
+        socket.if_nametoindex(name)
+        return True
+    except OSError:
+        return False
+
+
 def check_host(guest: Guest, host: HostConfig, *,
                kvm_probe: KvmProbe = default_kvm_probe,
-               sys_class_net: Path = Path("/sys/class/net"),
                ) -> tuple[HostFacts, list[KvmagentError]]:
     """All second-stage checks.  Returns the facts and every problem found
     (an empty list means the guest can start here)."""
@@ -119,12 +130,10 @@ def check_host(guest: Guest, host: HostConfig, *,
             notices.append(f"disk[{d.index}] {d.path}: no O_DIRECT on its file system, "
                            "using cache=writeback")
     for nic in guest.nics:
-        if nic.mode is NicMode.BRIDGE and not (sys_class_net / str(nic.bridge) / "bridge").is_dir():
+        if nic.mode is NicMode.BRIDGE and not _interface_exists(str(nic.bridge)):
             key = f"nic[{nic.index}].bridge"
-            exists = (sys_class_net / str(nic.bridge)).exists()
             problems.append(host_error(
-                f"{guest.origin_of(key)}: {key} = \"{nic.bridge}\": "
-                + ("is not a bridge" if exists else "no such bridge"),
+                f"{guest.origin_of(key)}: {key} = \"{nic.bridge}\": no such bridge",
                 f"create it with: kvmagent bridge ensure {nic.bridge} "
                 "(or in systemd-networkd / ifupdown, see README)"))
     accel = resolve_accel(guest, host, kvm_probe, problems, notices)

@@ -71,6 +71,7 @@ class HostConfig:
     machine: str = "pc"
     stop_timeout: float = 90.0
     memory_overhead: int = 256 << 20
+    device_timeout: float = 90.0
     origin: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -158,4 +159,7 @@ class Guest:
     origin: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def origin_of(self, key: str) -> str:
-        return self.origin.get(key, str(self.config_file))
+        """The file that set KEY; the guest's own file for defaults, so that
+        a message always names a file to edit."""
+        origin = self.origin.get(key)
+        return origin if origin and origin != "default" else str(self.config_file)

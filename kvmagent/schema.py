@@ -161,6 +161,9 @@ HOST_KEYS: dict[str, Key] = {k.name: k for k in [
     Key("memory_overhead", "size", '"256M"',
         "Added to a guest's memory for the MemoryMax= of its QEMU scope.",
         _size(0, 1 << 40)),
+    Key("device_timeout", "duration", '"90s"',
+        "How long a starting guest waits for its bridges and disks to appear (at boot they "
+        "may come late) before it fails with exit status 5.", _duration(0, 3600)),
 ]}
 
 GUEST_TOP: dict[str, Key] = {k.name: k for k in [

@@ -70,7 +70,7 @@ def render_config(g: Guest, config_dir: Path) -> list[str]:
         for key, value in table.items():
             if isinstance(value, dict) or (not prefix and key in ("disk", "nic")):
                 continue
-            origin = _short(g.origin_of(prefix + key), config_dir)
+            origin = _short(g.origin.get(prefix + key, "default"), config_dir)
             lines.append(f"{key + ' = ' + _toml(value):<44} # {origin}")
 
     emit("", eff)

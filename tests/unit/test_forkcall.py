@@ -1,0 +1,48 @@
+import os
+
+import pytest
+
+from kvmagent import forkcall
+from kvmagent.errors import ExitStatus, KvmagentError, host_error
+
+
+def _opens(path):
+    import json  # a module imported only here must not leak into the parent's state
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    return json.dumps({"pid": os.getpid()}), [fd]
+
+
+def _fails():
+    raise host_error("no such bridge", "create it")
+
+
+def _crashes():
+    raise ZeroDivisionError("boom")
+
+
+def test_value_and_fds_come_back(tmp_path):
+    f = tmp_path / "x"
+    f.write_text("hello")
+    value, fds = forkcall.call(_opens, str(f))
+    assert '"pid"' in value and str(os.getpid()) not in value
+    assert len(fds) == 1 and os.read(fds[0], 5) == b"hello"
+    os.close(fds[0])
+
+
+def test_kvmagent_error_is_raised_again():
+    with pytest.raises(KvmagentError) as exc:
+        forkcall.call(_fails)
+    assert exc.value.message == "no such bridge" and exc.value.hint == "create it"
+    assert exc.value.status == ExitStatus.HOST_NOT_READY
+
+
+def test_crash_becomes_an_error():
+    with pytest.raises(KvmagentError) as exc:
+        forkcall.call(_crashes)
+    assert "ZeroDivisionError: boom" in exc.value.message
+
+
+def test_timeout():
+    import time
+    with pytest.raises(KvmagentError, match="did not finish"):
+        forkcall.call(lambda: (time.sleep(5), []), timeout=0.2)
