@@ -1,0 +1,150 @@
+"""The generated command lines run in the real qemu-system-x86_64 (TCG).
+
+1. Each of the six seed configurations, with its disk paths pointed at
+   scratch images and its kernel at the tiny test guest, starts paused
+   (-S): QMP answers query-status with "prelaunch", then quit.  So no
+   option kvmagent writes is invented.
+2. A guest defined in TOML boots for real from kvmagent's argv: the tiny
+   guest reaches GUEST-READY, sees its virtio and IDE disks, answers on the
+   serial console, and powers off cleanly on the ACPI power button.
+
+What cannot run here (-accel kvm, -cpu host, vhost-net) is covered by the
+golden files in tests/unit/test_qemu_argv.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kvmagent.guests import load_guest, load_host_config
+from kvmagent.hostcheck import check_host
+from kvmagent.model import Accel, Kernel, Media, NicMode
+from kvmagent.paths import Paths
+from kvmagent.qemu import HostFacts, Sockets, qemu_argv
+from tests.guest.build import GuestBuildError, find_guest
+from tests.guest.qemu_helpers import Console, Qmp, connect_unix, qemu_available
+
+pytestmark = pytest.mark.qemu
+
+DATA = Path(__file__).parent.parent / "data"
+SEED = Paths(DATA / "seed", Path("/nonexistent/state"), Path("/nonexistent/run"))
+SEED_GUESTS = ["clone", "arkani", "arkani-serial", "arkani-virtio", "arkani-net", "fukano"]
+
+
+@pytest.fixture(scope="module")
+def image():
+    if not qemu_available():
+        pytest.skip("qemu-system-x86_64 is not installed: run `make setup`")
+    try:
+        return find_guest()
+    except GuestBuildError as e:
+        pytest.skip(str(e))
+
+
+def _start(argv: list[str], rundir: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=open(rundir / "qemu.stderr", "wb"))
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("name", SEED_GUESTS)
+def test_seed_configuration_starts_paused(name: str, image, tmp_path: Path) -> None:
+    host = load_host_config(SEED)
+    guest = load_guest(SEED, name, host)
+    disks = []
+    for d in guest.disks:
+        scratch = tmp_path / f"{d.node}.img"
+        with open(scratch, "wb") as f:
+            f.truncate((1 if d.media is Media.CDROM else 16) << 20)
+        disks.append(dataclasses.replace(d, path=scratch))
+    kernel = guest.kernel and Kernel(image.kernel, image.initrd, guest.kernel.cmdline)
+    vnc = f"unix:{tmp_path}/vnc.sock" if guest.display.vnc else None
+    guest = dataclasses.replace(guest, disks=tuple(disks), kernel=kernel,
+                                display=dataclasses.replace(guest.display, vnc=vnc))
+    facts, problems = check_host(guest, host, kvm_probe=lambda: (False, "not used"))
+    # Only KVM (not usable here) and the bridge (not on this machine; QEMU
+    # makes the tap itself inside a throwaway netns below) may be missing.
+    assert not [p for p in problems if "KVM" not in p.message
+                and "no such bridge" not in p.message], problems
+    facts = dataclasses.replace(facts, accel=Accel.TCG)
+    argv = qemu_argv(guest, host, facts, Sockets.in_dir(tmp_path))
+    argv.insert(1, "-S")
+    if any(n.mode is NicMode.BRIDGE for n in guest.nics):
+        if os.geteuid() != 0:
+            pytest.skip("a bridged NIC needs root (QEMU creates the tap in a private netns)")
+        argv = ["unshare", "--net", "--", *argv]  # the tap stays in a throwaway netns
+    proc = _start(argv, tmp_path)
+    try:
+        qmp = Qmp(connect_unix(tmp_path / "qmp.sock", 20, proc))
+        status = qmp.execute("query-status")
+        assert status["status"] == "prelaunch" and status["running"] is False
+        blocks = {b["device"] or b["qdev"]: b for b in qmp.execute("query-block")}
+        assert len(blocks) == len(guest.disks)
+        qmp.execute("quit")
+        assert proc.wait(20) == 0
+    finally:
+        _stop(proc)
+    stderr = (tmp_path / "qemu.stderr").read_text()
+    assert "warning" not in stderr.lower() or name == "fukano", stderr
+
+
+def test_guest_boots_from_kvmagent_argv(image, tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    (etc / "guests").mkdir(parents=True)
+    vda, sda = tmp_path / "vda.img", tmp_path / "sda.qcow2"
+    with open(vda, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(sda), "8M"], check=True)
+    (etc / "guests" / "demo.toml").write_text(f"""
+description = "tiny test guest"
+accel = "tcg"
+memory = "256M"
+[kernel]
+image = "{image.kernel}"
+initrd = "{image.initrd}"
+cmdline = "console=ttyS0 quiet panic=-1"
+[[disk]]
+path = "{vda}"
+[[disk]]
+path = "{sda}"
+format = "qcow2"
+bus = "ide"
+""")
+    paths = Paths(etc, tmp_path / "state", tmp_path / "run")
+    host = load_host_config(paths)
+    guest = load_guest(paths, "demo", host)
+    facts, problems = check_host(guest, host)
+    assert problems == [] and facts.accel is Accel.TCG
+    argv = qemu_argv(guest, host, facts, Sockets.in_dir(tmp_path))
+    proc = _start(argv, tmp_path)
+    try:
+        console = Console(connect_unix(tmp_path / "console.sock", 20, proc))
+        qmp = Qmp(connect_unix(tmp_path / "qmp.sock", 20, proc))
+        ready = console.read_until(r"GUEST-READY[^\n]*disks=([a-z0-9,]+)\n", 90)
+        assert sorted(ready.group(1).split(",")) == ["sda", "vda"]
+        console.send("echo ANSWER-$((6*7))\n")
+        console.read_until("ANSWER-42", 20)
+        deadline_hits = 0
+        while True:  # an early press of the power button is lost: press again
+            qmp.execute("system_powerdown")
+            try:
+                console.read_until("GUEST-POWEROFF", 2)
+                break
+            except TimeoutError:
+                deadline_hits += 1
+                assert deadline_hits < 15, console.text
+        assert proc.wait(30) == 0
+        qmp.poll_events(1)
+        shutdown = [e for e in qmp.events if e["event"] == "SHUTDOWN"]
+        assert shutdown and shutdown[0]["data"]["reason"] == "guest-shutdown"
+    finally:
+        _stop(proc)
