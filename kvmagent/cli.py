@@ -131,6 +131,11 @@ def cmd_list(args: argparse.Namespace, paths: Paths) -> int:
     return ExitStatus.OK
 
 
+def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
+    from .supervisor import run
+    return run(args.name, paths)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
@@ -165,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
              "value), QEMU command line and systemd settings")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = add("run", cmd_run, "supervise guest NAME in the foreground: the ExecStart= of "
+             "kvm@NAME.service (start guests with systemctl start kvm@NAME)")
+    sp.add_argument("name", metavar="NAME")
     sp = add("list", cmd_list, "list the defined guests")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     return p

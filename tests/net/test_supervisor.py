@@ -1,0 +1,151 @@
+"""The supervisor (`kvmagent run NAME`) end to end on this machine, without
+systemd: in a fresh network namespace with a bridge, the tiny real guest
+(QEMU TCG) gets its tap from netlink, pings the bridge, and powers off over
+ACPI on SIGTERM.  Under systemd (scope, machined, sd_notify, watchdog) the
+same code runs in tests/system."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvmagent import netdev
+from kvmagent.errors import ExitStatus
+from tests.guest.build import GuestBuildError, find_guest
+from tests.guest.qemu_helpers import qemu_available
+
+pytestmark = [pytest.mark.net, pytest.mark.qemu]
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def image():
+    if not qemu_available():
+        pytest.skip("qemu-system-x86_64 is not installed: run `make setup`")
+    try:
+        return find_guest()
+    except GuestBuildError as e:
+        pytest.skip(str(e))
+
+
+def write_guest(tmp: Path, image, tables: str = "", cmdline: str = "", top: str = "") -> Path:
+    etc = tmp / "etc"
+    (etc / "guests").mkdir(parents=True, exist_ok=True)
+    (etc / "kvmagent.toml").write_text('device_timeout = "1s"\n')
+    (etc / "guests" / "demo.toml").write_text(f"""{top}
+accel = "tcg"
+memory = "256M"
+[kernel]
+image = "{image.kernel}"
+initrd = "{image.initrd}"
+cmdline = "console=ttyS0 quiet panic=-1 {cmdline}"
+[stop]
+timeout = "30s"
+{tables}
+""")
+    return etc
+
+
+def start(tmp: Path, etc: Path) -> subprocess.Popen[str]:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO),
+           "KVMAGENT_CONFIG_DIR": str(etc), "KVMAGENT_RUNTIME_DIR": str(tmp / "run"),
+           "KVMAGENT_STATE_DIR": str(tmp / "state")}
+    return subprocess.Popen([sys.executable, "-m", "kvmagent", "run", "demo"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def read_until(proc: subprocess.Popen[str], marker: str, timeout: float, seen: list[str]) -> None:
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line:
+            seen.append(line)
+            if marker in line:
+                return
+        elif proc.poll() is not None:
+            break
+        else:
+            time.sleep(0.05)
+    raise AssertionError(f"no {marker!r} within {timeout} s:\n{''.join(seen)}")
+
+
+def links() -> dict[str, str | None]:
+    """Interfaces of this thread's netns (/sys/class/net shows the host's)
+    -> name of their master."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        byindex = {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
+        return {l.get_attr("IFLA_IFNAME"): byindex.get(l.get_attr("IFLA_MASTER"))
+                for l in ipr.get_links()}
+
+
+def qemu_children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def test_bridged_guest_pings_and_powers_off_on_sigterm(netns, image, tmp_path):
+    netdev.ensure_bridge("br-kvm", address="10.77.0.1/24")
+    etc = write_guest(tmp_path, image, "[[nic]]\n",
+                      "guest.ip=10.77.0.2/24 guest.ping=10.77.0.1")
+    proc = start(tmp_path, etc)
+    seen: list[str] = []
+    try:
+        read_until(proc, "GUEST-PING-OK 10.77.0.1", 90, seen)
+        assert links()["kvm-demo-0"] == "br-kvm"
+        proc.send_signal(signal.SIGTERM)
+        read_until(proc, "GUEST-POWEROFF", 40, seen)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    seen += proc.stdout.readlines() if proc.stdout else []
+    text = "".join(seen)
+    assert "ACPI power button pressed" in text and "guest demo stopped" in text
+    assert "kvm-demo-0" not in links(), "the tap outlived QEMU"
+
+
+def test_qemu_killed_is_a_failure(netns, image, tmp_path):
+    etc = write_guest(tmp_path, image)
+    proc = start(tmp_path, etc)
+    seen: list[str] = []
+    try:
+        read_until(proc, "GUEST-READY", 90, seen)
+        (qemu,) = qemu_children(proc.pid)
+        os.kill(qemu, signal.SIGKILL)
+        assert proc.wait(20) == ExitStatus.FAILURE
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "was killed by signal 9" in proc.stdout.read()  # type: ignore[union-attr]
+
+
+def test_bad_config_starts_nothing(netns, image, tmp_path):
+    etc = write_guest(tmp_path, image, "[[nic]]\n", top='cpus = "two"')
+    proc = start(tmp_path, etc)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == ExitStatus.CONFIG
+    assert 'demo.toml: cpus = "two": expected an integer' in out
+    assert list(links()) == ["lo"]
+
+
+def test_missing_bridge_fails_after_waiting(netns, image, tmp_path):
+    etc = write_guest(tmp_path, image, '[[nic]]\nbridge = "br-missing"\n')
+    t0 = time.monotonic()
+    proc = start(tmp_path, etc)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == ExitStatus.HOST_NOT_READY
+    assert time.monotonic() - t0 >= 1.0  # device_timeout = "1s"
+    assert 'nic[0].bridge = "br-missing": no such bridge' in out
+    assert "kvmagent bridge ensure br-missing" in out
+    assert list(links()) == ["lo"]
