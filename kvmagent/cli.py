@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from . import __version__
+from . import __version__, bridges
 from .errors import EXIT_STATUS_HELP, ExitStatus, KvmagentError
 from .guests import check_unique, guest_names, load_guest, load_host_config
 from .hostcheck import check_host
@@ -156,25 +156,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def add(name: str, fn: Command, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help, epilog=EXIT_STATUS_HELP,
-                            formatter_class=fmt)
+    def add(subparsers: Any, name: str, fn: Command, help: str) -> argparse.ArgumentParser:
+        sp = subparsers.add_parser(name, help=help, description=help, epilog=EXIT_STATUS_HELP,
+                                   formatter_class=fmt)
         sp.set_defaults(func=fn)
         return sp
 
-    sp = add("validate", cmd_validate, "check guest definitions (all, or the named ones)")
+    sp = add(sub, "validate", cmd_validate, "check guest definitions (all, or the named ones)")
     sp.add_argument("names", nargs="*", metavar="NAME")
     sp.add_argument("--host", action="store_true",
                     help="also check this host: QEMU, disks, kernel files, bridges, /dev/kvm")
-    sp = add("show", cmd_show, "show a guest's merged configuration (with the file of each "
-             "value), QEMU command line and systemd settings")
+    sp = add(sub, "show", cmd_show, "show a guest's merged configuration (with the file of "
+             "each value), QEMU command line and systemd settings")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp = add("run", cmd_run, "supervise guest NAME in the foreground: the ExecStart= of "
+    sp = add(sub, "list", cmd_list, "list the defined guests")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    bridges.add_commands(sub, add)
+    sp = add(sub, "run", cmd_run, "supervise guest NAME in the foreground: the ExecStart= of "
              "kvm@NAME.service (start guests with systemctl start kvm@NAME)")
     sp.add_argument("name", metavar="NAME")
-    sp = add("list", cmd_list, "list the defined guests")
-    sp.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
 

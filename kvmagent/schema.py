@@ -166,6 +166,16 @@ HOST_KEYS: dict[str, Key] = {k.name: k for k in [
         "may come late) before it fails with exit status 5.", _duration(0, 3600)),
 ]}
 
+BRIDGE_KEYS: dict[str, Key] = {k.name: k for k in [
+    Key("uplink", "interface name", "(none)", "Interface enslaved to the bridge.", _BRIDGE),
+    Key("address", "CIDR string", "(none)", 'Address of the bridge, "10.0.0.1/24".',
+        _text(64, r"^[0-9a-fA-F.:]+/\d{1,3}$", 'expected an address with prefix, "10.0.0.1/24"')),
+    Key("stp", "boolean", "false", "Spanning tree protocol.", _boolean),
+    Key("forward_delay", "seconds (integer)", "9", "Forward delay.", _integer(2, 30)),
+    Key("hello_time", "seconds (integer)", "2", "Hello time.", _integer(1, 10)),
+    Key("max_age", "seconds (integer)", "12", "Max age.", _integer(6, 40)),
+]}
+
 GUEST_TOP: dict[str, Key] = {k.name: k for k in [
     Key("description", "string", '"KVM guest NAME"', "Shown by systemctl and machinectl.",
         _text(256)),

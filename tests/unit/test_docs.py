@@ -4,7 +4,7 @@ has: a renamed or added key without docs fails here."""
 from pathlib import Path
 
 from kvmagent.errors import EXIT_STATUS_HELP, ExitStatus
-from kvmagent.schema import GUEST_ARRAYS, GUEST_TABLES, GUEST_TOP, HOST_KEYS
+from kvmagent.schema import BRIDGE_KEYS, GUEST_ARRAYS, GUEST_TABLES, GUEST_TOP, HOST_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 MAN5 = (REPO / "docs" / "kvmagent.toml.5.md").read_text()
@@ -17,6 +17,7 @@ def _sections():
         yield f"### [{name}]", keys
     for name, keys in GUEST_ARRAYS.items():
         yield f"### [[{name}]]", keys
+    yield "# BRIDGES", BRIDGE_KEYS
 
 
 def test_every_key_documented_with_type_and_default():
@@ -37,3 +38,21 @@ def test_exit_statuses_documented_everywhere():
     for status in ExitStatus:
         assert f"  {int(status)}  " in EXIT_STATUS_HELP, status
         assert f"| {int(status)} |" in readme, status
+
+
+def test_shipped_host_config_lists_every_key_with_its_default():
+    text = (REPO / "docs" / "examples" / "kvmagent.toml").read_text()
+    for key in HOST_KEYS.values():
+        assert f"#{key.name} = {key.default}\n" in text, key.name
+
+
+def test_shipped_example_guest_is_valid(conf):
+    sample = (REPO / "docs" / "examples" / "example.toml.sample").read_text()
+    conf.write("guests/arkani.toml", sample)
+    conf.write("kvmagent.toml", (REPO / "docs" / "examples" / "kvmagent.toml").read_text())
+    guest = conf.guest("arkani")
+    assert guest.cpus == 2 and guest.nics[0].bridge == "br-kvm"
+    # the sample itself is not a guest: only *.toml files are
+    from kvmagent.guests import guest_names
+    conf.write("guests/example.toml.sample", sample)
+    assert guest_names(conf.paths) == ["arkani"]
