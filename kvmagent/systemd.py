@@ -1,0 +1,300 @@
+"""The only module that talks to systemd's manager (PID 1), over D-Bus with pystemd.
+
+Every call opens its own short-lived connection to the system bus.  Methods
+are called on the bus directly (not through pystemd's introspecting Manager
+and Unit objects): one round trip per call, no XML to parse.
+
+Waiting for a job is race-free: the JobRemoved match and Subscribe() are in
+place before the call that queues the job, so a job that finishes before the
+call even returns is still seen (its signal waits in the connection's queue).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from pystemd.dbusexc import DBusBaseError
+from pystemd.dbuslib import DBus, DbusMessage, apply_signature, path_encode
+from pystemd.systemd1.unit_signatures import KNOWN_UNIT_SIGNATURES, signature_array
+
+from .errors import ExitStatus, KvmagentError
+from .values import parse_cpu_list
+
+DEST = b"org.freedesktop.systemd1"
+ROOT = b"/org/freedesktop/systemd1"
+MANAGER = b"org.freedesktop.systemd1.Manager"
+UNIT_PATH = b"/org/freedesktop/systemd1/unit"
+UINT64_MAX = (1 << 64) - 1  # "infinity"
+_INFINITY_OK = {"MemoryMax", "MemoryHigh", "TasksMax"}  # (for CPUWeight it means "unset")
+
+# D-Bus type of every property kvmagent puts on a transient unit (systemd 252,
+# src/core/dbus-cgroup.c, dbus-unit.c, dbus-scope.c).
+SIGNATURES: dict[str, bytes] = {
+    "Description": b"s", "Slice": b"s", "CollectMode": b"s", "DevicePolicy": b"s",
+    "BindsTo": b"as", "PartOf": b"as", "Before": b"as", "After": b"as", "Wants": b"as",
+    "MemoryMax": b"t", "MemoryHigh": b"t", "CPUWeight": b"t", "IOWeight": b"t",
+    "TasksMax": b"t",
+    "AllowedCPUs": b"ay",  # a CPU bitmask, bit N of byte N//8 = CPU N
+    "DeviceAllow": b"a(ss)",  # (device path or class, "rwm")
+    "PIDs": b"au",
+}
+# pystemd 0.11's table has no PIDs, CPUWeight, IOWeight, AllowedCPUs or
+# DeviceAllow (KeyError on use); extend it once.  setdefault keeps pystemd's
+# own entry where it has one; a unit test checks that they agree.
+for _name, _sig in SIGNATURES.items():
+    KNOWN_UNIT_SIGNATURES.setdefault(_name.encode(), _sig)
+
+Settings = Iterable[tuple[str, Any]]
+
+
+def cpu_mask(value: object) -> bytes:
+    """"0-2,5" (or [0, 1, 2, 5]) -> the little-endian CPU bitmask systemd wants."""
+    cpus = parse_cpu_list(list(value) if isinstance(value, tuple) else value)
+    mask = bytearray(cpus[-1] // 8 + 1)
+    for cpu in cpus:
+        mask[cpu // 8] |= 1 << (cpu % 8)
+    return bytes(mask)
+
+
+def _convert(name: str, sig: bytes, value: Any) -> Any:
+    if sig == b"s" and isinstance(value, str):
+        return value.encode()
+    if sig == b"as":
+        items = [value] if isinstance(value, str) else list(value)
+        if all(isinstance(v, str) for v in items):
+            return [v.encode() for v in items]
+    if sig == b"t":
+        if value == "infinity" and name in _INFINITY_OK:
+            return UINT64_MAX
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= UINT64_MAX:
+            return value
+    if sig == b"au" and all(isinstance(v, int) and v > 0 for v in value):
+        return list(value)
+    if sig == b"ay":
+        return cpu_mask(value)
+    if sig == b"a(ss)":
+        pairs = [tuple(v.split(None, 1)) if isinstance(v, str) else tuple(v) for v in value]
+        if all(len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
+            return [(p.encode(), perm.encode()) for p, perm in pairs]
+    raise ValueError(f"not a valid value for D-Bus type {sig.decode()}")
+
+
+def props_for_dbus(settings: Settings) -> dict[bytes, Any]:
+    """scope_settings() pairs -> StartTransientUnit properties for pystemd."""
+    props: dict[bytes, Any] = {}
+    for name, value in settings:
+        sig = SIGNATURES.get(name)
+        if sig is None:
+            raise KvmagentError(f"unit setting {name}= has no known D-Bus type",
+                                hint="add it to kvmagent.systemd.SIGNATURES")
+        try:
+            props[name.encode()] = _convert(name, sig, value)
+        except (ValueError, TypeError) as e:
+            raise KvmagentError(f"bad unit setting {name}={value!r}: {e}") from None
+    return props
+
+
+# -- errors -------------------------------------------------------------------------------
+
+def _error_name(exc: DBusBaseError) -> str:
+    """pystemd keeps the D-Bus error name only for errors it has no class for."""
+    if exc.err_name:
+        return exc.err_name.decode() if isinstance(exc.err_name, bytes) else str(exc.err_name)
+    stem = type(exc).__name__.removeprefix("DBus").removesuffix("Error")
+    if stem == "NoSuchUnit":
+        return "org.freedesktop.systemd1.NoSuchUnit"
+    if stem in ("FileNotFound", "ConnectionRefused", "Interrupted"):
+        return f"System.Error.{errno.errorcode.get(-exc.errno, exc.errno)}"
+    return f"org.freedesktop.DBus.Error.{stem}"
+
+
+def dbus_error(what: str, exc: DBusBaseError) -> KvmagentError:
+    name = _error_name(exc)
+    text = exc.err_message.decode(errors="replace") if isinstance(exc.err_message, bytes) \
+        else str(exc.err_message)
+    if name.endswith((".AccessDenied", ".InteractiveAuthorizationRequired")):
+        return KvmagentError(f"{what}: {name}: {text}", "run kvmagent as root",
+                             ExitStatus.NOPERMISSION)
+    return KvmagentError(f"{what}: {name}: {text}")
+
+
+@contextlib.contextmanager
+def _errors(what: str) -> Iterator[None]:
+    try:
+        yield
+    except DBusBaseError as e:
+        raise dbus_error(what, e) from None
+
+
+def _text(value: Any) -> Any:
+    """bytes -> str, recursively (pystemd returns D-Bus strings as bytes)."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, list):
+        return [_text(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_text(v) for v in value)
+    if isinstance(value, dict):
+        return {_text(k): _text(v) for k, v in value.items()}
+    return value
+
+
+# -- the connection -----------------------------------------------------------------------
+
+class _Manager:
+    """One system-bus connection to systemd; with watch_jobs, JobRemoved is recorded."""
+
+    def __init__(self, watch_jobs: bool) -> None:
+        self.bus = DBus()
+        self.removed: dict[bytes, bytes] = {}  # job path -> result
+        try:
+            self.bus.open()
+        except DBusBaseError as e:
+            raise KvmagentError(
+                f"cannot connect to the system bus: {_error_name(e)}",
+                "kvmagent needs a host booted with systemd and dbus running "
+                "(/run/dbus/system_bus_socket)", ExitStatus.HOST_NOT_READY) from None
+        if watch_jobs:
+            def on_job_removed(msg: DbusMessage, error: Any = None, userdata: Any = None) -> None:
+                msg.process_reply(False)
+                _id, job, _unit, result = msg.body
+                self.removed[job] = result
+
+            self._callback = on_job_removed  # sd-bus holds only a borrowed pointer
+            try:
+                self.bus.match_signal(DEST, ROOT, MANAGER, b"JobRemoved", on_job_removed)
+                self.call("Subscribe", b"", [])  # no signals at all without a subscriber
+            except DBusBaseError as e:
+                self.close()
+                raise dbus_error("cannot watch systemd's jobs", e) from None
+
+    def close(self) -> None:
+        self.bus.close()
+
+    def call(self, method: str, sig: bytes, args: list[Any], *, path: bytes = ROOT,
+             iface: bytes = MANAGER) -> Any:
+        return self.call_raw(method, apply_signature(sig, args) if sig else [],
+                             path=path, iface=iface)
+
+    def call_raw(self, method: str, args: list[Any], *, path: bytes = ROOT,
+                 iface: bytes = MANAGER) -> Any:
+        return self.bus.call_method(DEST, path, iface, method.encode(), args).body
+
+    def wait_job(self, job: bytes, unit: str, deadline: float) -> str:
+        while job not in self.removed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KvmagentError(f"timed out waiting for the job of {unit} "
+                                    f"({job.decode()})",
+                                    f"systemctl list-jobs; journalctl -u {unit}")
+            with _errors(f"waiting for the job of {unit}"):
+                self.bus.process()  # runs on_job_removed for a queued signal
+                if job not in self.removed:
+                    self.bus.wait(int(min(left, 1.0) * 1e6))  # returns at once if queued
+        return self.removed.pop(job).decode()
+
+
+@contextlib.contextmanager
+def _manager(watch_jobs: bool = False) -> Iterator[_Manager]:
+    m = _Manager(watch_jobs)
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def unit_path(unit: str) -> bytes:
+    return bytes(path_encode(UNIT_PATH, unit.encode()))
+
+
+# -- the API ------------------------------------------------------------------------------
+
+def _clear_leftover(m: _Manager, unit: str, deadline: float) -> None:
+    """Stop and reset a unit of this name left by a crashed run (active or failed)."""
+    try:
+        path = m.call("GetUnit", b"s", [unit])
+    except DBusBaseError:
+        return  # not loaded: nothing left over
+    with _errors(f"cannot clear the leftover {unit}"):
+        state = m.bus.get_property(DEST, path, b"org.freedesktop.systemd1.Unit",
+                                   b"ActiveState", b"s")
+        if state not in (b"inactive", b"failed"):
+            m.wait_job(m.call("StopUnit", b"ss", [unit, b"replace"]), unit, deadline)
+    with contextlib.suppress(DBusBaseError):  # NoSuchUnit: already collected
+        m.call("ResetFailedUnit", b"s", [unit])
+
+
+def start_scope(unit: str, pid: int, settings: Settings, *, timeout: float = 10.0) -> None:
+    """Move pid into a new transient scope unit with settings; wait for its start job.
+    timeout bounds the job waits; a single D-Bus call has sd-bus's own 25 s limit."""
+    props = props_for_dbus([*settings, ("PIDs", [pid])])
+    args = (apply_signature(b"ss", [unit.encode(), b"fail"]) + signature_array(props)
+            + [(ord("a"), b"(sa(sv))"), (-1, None)])  # no auxiliary units
+    deadline = time.monotonic() + timeout
+    with _manager(watch_jobs=True) as m:
+        # PID 1 garbage-collects a reset unit before it reads our next message,
+        # so StartTransientUnit does not see it (no UnitExists; checked on 252).
+        _clear_leftover(m, unit, deadline)
+        with _errors(f"cannot start {unit}"):
+            job = m.call_raw("StartTransientUnit", args)
+        result = m.wait_job(job, unit, deadline)
+    if result != "done":
+        raise KvmagentError(f"cannot start {unit}: its start job ended with result {result!r}",
+                            f"journalctl -u {unit}")
+
+
+def _unit_job(method: str, unit: str, wait: bool, timeout: float) -> str | None:
+    deadline = time.monotonic() + timeout
+    with _manager(watch_jobs=wait) as m, _errors(f"cannot {method.removesuffix('Unit').lower()} "
+                                                 f"{unit}"):
+        job = m.call(method, b"ss", [unit, b"replace"])
+        return m.wait_job(job, unit, deadline) if wait else None
+
+
+def start_unit(unit: str, *, wait: bool = True, timeout: float = 90.0) -> str | None:
+    """Queue a start job; with wait, its result: done, failed, timeout, dependency, ..."""
+    return _unit_job("StartUnit", unit, wait, timeout)
+
+
+def stop_unit(unit: str, *, wait: bool = True, timeout: float = 90.0) -> str | None:
+    return _unit_job("StopUnit", unit, wait, timeout)
+
+
+def restart_unit(unit: str, *, wait: bool = True, timeout: float = 90.0) -> str | None:
+    return _unit_job("RestartUnit", unit, wait, timeout)
+
+
+def unit_properties(unit: str, names: Sequence[str]) -> dict[str, Any]:
+    """Properties of any interface of unit (loading it if needed), strings decoded."""
+    with _manager() as m, _errors(f"cannot read the properties of {unit}"):
+        body = m.call("GetAll", b"s", [b""], path=unit_path(unit),
+                      iface=b"org.freedesktop.DBus.Properties")
+    props = body if isinstance(body, dict) else {}
+    missing = [n for n in names if n.encode() not in props]
+    if missing:
+        raise KvmagentError(f"{unit} has no property {', '.join(missing)}")
+    return {n: _text(props[n.encode()]) for n in names}
+
+
+def list_units(patterns: Sequence[str]) -> list[dict[str, str]]:
+    """Loaded units matching the glob patterns, in one ListUnitsByPatterns call."""
+    with _manager() as m, _errors("cannot list units"):
+        rows = m.call("ListUnitsByPatterns", b"asas", [[], [p.encode() for p in patterns]])
+    return [{"name": r[0], "description": r[1], "load_state": r[2], "active_state": r[3],
+             "sub_state": r[4]} for r in _text(rows or [])]
+
+
+def template_installed(name: str = "kvm@.service") -> bool:
+    """Whether systemd finds a unit file for name (GetUnitFileState)."""
+    with _manager() as m:
+        try:
+            m.call("GetUnitFileState", b"s", [name.encode()])
+        except DBusBaseError as e:
+            if e.errno == -errno.ENOENT:
+                return False
+            raise dbus_error(f"cannot look up {name}", e) from None
+    return True

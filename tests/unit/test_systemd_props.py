@@ -1,0 +1,138 @@
+"""scope_settings() -> StartTransientUnit properties, and D-Bus error mapping (no bus, no root)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from gi.repository import GLib
+from pystemd.dbusexc import DBusError
+from pystemd.systemd1.unit_signatures import KNOWN_UNIT_SIGNATURES, signature_array
+
+from kvmagent import machined, systemd
+from kvmagent.errors import ExitStatus, KvmagentError
+from kvmagent.guests import load_guest, load_host_config
+from kvmagent.scope import scope_settings
+from kvmagent.systemd import UINT64_MAX, cpu_mask, dbus_error, props_for_dbus
+
+
+def test_scope_settings_of_a_guest(conf: Any) -> None:
+    conf.write("kvmagent.toml", 'memory_overhead = "128M"\n')
+    conf.write("guests/g.toml", 'memory = "1G"\ndescription = "web"\n[resources]\n'
+               'cpu_weight = 200\ncpu_affinity = [0, 1, 2, 5]\nio_weight = 50\n'
+               'tasks_max = 100\n')
+    host = load_host_config(conf.paths)
+    props = props_for_dbus(scope_settings(load_guest(conf.paths, "g", host), host))
+    assert props == {
+        b"Description": b"QEMU of web",
+        b"Slice": b"machine.slice",
+        b"BindsTo": [b"kvm@g.service"],
+        b"PartOf": [b"kvm@g.service"],
+        b"Before": [b"kvm@g.service"],
+        b"CollectMode": b"inactive-or-failed",
+        b"MemoryMax": (1 << 30) + (128 << 20),
+        b"CPUWeight": 200,
+        b"AllowedCPUs": b"\x27",  # CPUs 0, 1, 2 and 5
+        b"IOWeight": 50,
+        b"TasksMax": 100,
+    }
+    # pystemd can marshal every one of them (a missing signature is a KeyError there)
+    assert signature_array({**props, b"PIDs": [1234]})
+
+
+@pytest.mark.parametrize("value, mask", [
+    ("0-2,5", b"\x27"), ("0", b"\x01"), ("7", b"\x80"), ("8", b"\x00\x01"),
+    ("0-15", b"\xff\xff"), ([0, 9], b"\x01\x02"), ((3,), b"\x08"),
+    ("1,63", b"\x02" + bytes(6) + b"\x80"),
+])
+def test_cpu_mask(value: object, mask: bytes) -> None:
+    assert cpu_mask(value) == mask
+
+
+def test_other_types() -> None:
+    props = props_for_dbus([
+        ("TasksMax", "infinity"), ("MemoryMax", "infinity"), ("After", "a.service"),
+        ("DevicePolicy", "closed"), ("DeviceAllow", [("/dev/kvm", "rw"), "/dev/net/tun rwm"]),
+        ("PIDs", [1, 2]),
+    ])
+    assert props == {
+        b"TasksMax": UINT64_MAX, b"MemoryMax": UINT64_MAX, b"After": [b"a.service"],
+        b"DevicePolicy": b"closed",
+        b"DeviceAllow": [(b"/dev/kvm", b"rw"), (b"/dev/net/tun", b"rwm")],
+        b"PIDs": [1, 2],
+    }
+    assert signature_array(props)
+
+
+def test_signature_table_extended_once_and_consistent() -> None:
+    for name, sig in systemd.SIGNATURES.items():
+        assert KNOWN_UNIT_SIGNATURES[name.encode()] == sig, name
+    for name in ("PIDs", "CPUWeight", "IOWeight", "AllowedCPUs", "DeviceAllow"):
+        assert name.encode() in KNOWN_UNIT_SIGNATURES
+
+
+@pytest.mark.parametrize("setting, why", [
+    (("MemoryMax", -1), "MemoryMax=-1"),
+    (("MemoryMax", 1 << 64), "MemoryMax="),
+    (("CPUWeight", True), "CPUWeight=True"),
+    (("CPUWeight", "100"), "CPUWeight='100'"),
+    (("AllowedCPUs", "2-1"), "AllowedCPUs='2-1'"),
+    (("AllowedCPUs", ""), "AllowedCPUs=''"),
+    (("BindsTo", [1]), "BindsTo=[1]"),
+    (("DeviceAllow", ["/dev/kvm"]), "DeviceAllow=['/dev/kvm']"),
+    (("PIDs", [0]), "PIDs=[0]"),
+    (("Description", 5), "Description=5"),
+])
+def test_bad_values_name_the_setting(setting: tuple[str, Any], why: str) -> None:
+    with pytest.raises(KvmagentError, match="bad unit setting " + why.replace("[", r"\[")
+                       .replace("]", r"\]")):
+        props_for_dbus([setting])
+
+
+def test_unknown_setting() -> None:
+    with pytest.raises(KvmagentError, match="Restart= has no known D-Bus type"):
+        props_for_dbus([("Restart", "always")])
+
+
+# -- error mapping ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("errno, name, text, expect, status", [
+    (-17, b"org.freedesktop.systemd1.UnitExists",
+     b"Unit kvm-t.scope was already loaded or has a fragment file.",
+     "cannot start kvm-t.scope: org.freedesktop.systemd1.UnitExists: Unit kvm-t.scope was "
+     "already loaded or has a fragment file.", ExitStatus.FAILURE),
+    (-2, b"org.freedesktop.systemd1.NoSuchUnit", b"Unit x.service not found.",
+     "cannot start kvm-t.scope: org.freedesktop.systemd1.NoSuchUnit: Unit x.service not found.",
+     ExitStatus.FAILURE),
+    (-22, b"org.freedesktop.DBus.Error.InvalidArgs", b"Invalid unit name ../x",
+     "cannot start kvm-t.scope: org.freedesktop.DBus.Error.InvalidArgs: Invalid unit name ../x",
+     ExitStatus.FAILURE),
+    (-1, b"org.freedesktop.DBus.Error.InteractiveAuthorizationRequired", b"Interactive auth",
+     "cannot start kvm-t.scope: org.freedesktop.DBus.Error.InteractiveAuthorizationRequired: "
+     "Interactive auth", ExitStatus.NOPERMISSION),
+])
+def test_dbus_error(errno: int, name: bytes, text: bytes, expect: str,
+                    status: ExitStatus) -> None:
+    err = dbus_error("cannot start kvm-t.scope", DBusError(errno, name, text))
+    assert (err.message, err.status) == (expect, status)
+
+
+class _NoBus:
+    def open(self) -> None:
+        raise DBusError(-2, None, "Could not open a bus to DBus")
+
+
+def test_no_system_bus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(systemd, "DBus", _NoBus)
+    with pytest.raises(KvmagentError) as info:
+        systemd.list_units(["kvm@*"])
+    assert info.value.message == "cannot connect to the system bus: System.Error.ENOENT"
+    assert info.value.status == ExitStatus.HOST_NOT_READY and info.value.hint
+
+
+def test_machined_error_split() -> None:
+    exc = GLib.Error("GDBus.Error:System.Error.ENXIO: Failed to determine unit of process 557 "
+                     ": No such device or address")
+    err = machined._error("cannot register machine t (leader 557)", exc)
+    assert err.message == ("cannot register machine t (leader 557): System.Error.ENXIO: "
+                           "Failed to determine unit of process 557 : No such device or address")
