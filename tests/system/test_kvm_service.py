@@ -1,0 +1,162 @@
+"""kvm@NAME.service on a real systemd host (the nspawn test host) with the
+tiny real guest under TCG: start, ACPI stop, crash restart, watchdog, bad
+config, machined, the QEMU scope.  The test host sets cgroup limits but
+does not enforce them (harness notes, section 8): properties and placement
+are asserted, not enforcement."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.guest.build import GuestBuildError, find_guest
+from tests.harness import TestHost
+from tests.harness.install import define_guest, guest_toml, install_checkout
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture(scope="module")
+def image():
+    try:
+        return find_guest()
+    except GuestBuildError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def host(testhost: TestHost, image) -> Iterator[TestHost]:
+    install_checkout(testhost)
+    testhost.run(["kvmagent", "bridge", "ensure", "br-kvm", "--address", "10.77.0.1/24"])
+    yield testhost
+
+
+def show(th: TestHost, unit: str, *props: str) -> dict[str, str]:
+    out = th.exec(["systemctl", "show", unit, *(f"--property={p}" for p in props)]).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def wait_for(th: TestHost, unit: str, pattern: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = th.journal(unit)
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.5)
+    raise AssertionError(f"{pattern!r} not in the journal of {unit} within {timeout} s:\n"
+                         + th.journal(unit)[-4000:])
+
+
+def wait_state(th: TestHost, unit: str, states: tuple[str, ...], timeout: float = 60) -> dict[str, str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        s = show(th, unit, "ActiveState", "SubState", "Result", "NRestarts", "MainPID",
+                 "ExecMainStatus")
+        if s["ActiveState"] in states or time.monotonic() > deadline:
+            assert s["ActiveState"] in states, (s, th.journal(unit)[-3000:])
+            return s
+        time.sleep(0.2)
+
+
+def qemu_pid(th: TestHost, name: str) -> int:
+    pids = th.exec(["systemctl", "show", f"kvm-{name}.scope", "--property=ControlGroup",
+                    "--value"]).stdout.strip()
+    out = th.exec(["cat", f"/sys/fs/cgroup/unified{pids}/cgroup.procs"], check=False).stdout
+    if not out.strip():
+        out = th.exec(["cat", f"/sys/fs/cgroup/systemd{pids}/cgroup.procs"]).stdout
+    (pid,) = out.split()
+    return int(pid)
+
+
+def test_start_runs_guest_in_its_scope_and_registers_it(host: TestHost, image) -> None:
+    define_guest(host, "alpha", guest_toml(
+        image, cmdline="guest.ip=10.77.0.2/24 guest.ping=10.77.0.1",
+        extra="[resources]\ncpu_weight = 50\n"))
+    t0 = time.monotonic()
+    host.exec(["systemctl", "start", "kvm@alpha"], timeout=120)
+    started = time.monotonic() - t0
+    s = wait_state(host, "kvm@alpha.service", ("active",))
+    journal = wait_for(host, "kvm@alpha.service", r"GUEST-PING-OK 10\.77\.0\.1")
+    assert "guest alpha running, QEMU pid" in journal
+    pid = qemu_pid(host, "alpha")
+    cgroup = host.exec(["cat", f"/proc/{pid}/cgroup"]).stdout
+    assert "/machine.slice/kvm-alpha.scope" in cgroup
+    sup_cgroup = host.exec(["cat", f"/proc/{s['MainPID']}/cgroup"]).stdout
+    assert "/machine.slice/system-kvm.slice/kvm@alpha.service" in sup_cgroup or \
+        "kvm@alpha.service" in sup_cgroup
+    scope = show(host, "kvm-alpha.scope", "MemoryMax", "CPUWeight", "BindsTo", "Before", "Slice")
+    assert scope["MemoryMax"] == str((256 + 256) << 20)
+    assert scope["CPUWeight"] == "50" and scope["Slice"] == "machine.slice"
+    assert scope["BindsTo"] == "kvm@alpha.service" and "kvm@alpha.service" in scope["Before"]
+    machines = host.exec(["machinectl", "list", "--no-legend"]).stdout
+    assert re.search(r"^alpha\s+vm\s+kvmagent", machines, re.M), machines
+    unit = host.exec(["machinectl", "show", "alpha", "--property=Unit", "--value"]).stdout
+    assert unit.strip() == "kvm-alpha.scope"
+    ports = host.run(["kvmagent", "bridge", "show"]).stdout
+    assert re.search(r"kvm-alpha-0\s+guest alpha", ports), ports
+    print(f"systemctl start kvm@alpha returned after {started:.2f} s")
+
+
+def test_stop_powers_the_guest_off_over_acpi(host: TestHost) -> None:
+    wait_for(host, "kvm@alpha.service", r"GUEST-READY")
+    host.exec(["systemctl", "stop", "kvm@alpha"], timeout=120)
+    s = show(host, "kvm@alpha.service", "ActiveState", "Result")
+    assert s == {"ActiveState": "inactive", "Result": "success"}
+    journal = host.journal("kvm@alpha.service")
+    assert "ACPI power button pressed" in journal and "GUEST-POWEROFF" in journal
+    assert "did not power off" not in journal
+    assert show(host, "kvm-alpha.scope", "ActiveState")["ActiveState"] == "inactive"
+    assert "alpha" not in host.exec(["machinectl", "list", "--no-legend"]).stdout
+    assert "kvm-alpha-0" not in host.exec(["ip", "-o", "link"]).stdout
+
+
+def test_qemu_killed_is_restarted_and_counted(host: TestHost, image) -> None:
+    define_guest(host, "beta", guest_toml(image, nics=0))
+    host.exec(["systemctl", "start", "kvm@beta"], timeout=120)
+    wait_for(host, "kvm@beta.service", r"GUEST-READY")
+    first = qemu_pid(host, "beta")
+    host.exec(["kill", "-9", str(first)])
+    deadline = time.monotonic() + 60
+    while show(host, "kvm@beta.service", "NRestarts")["NRestarts"] != "1":
+        assert time.monotonic() < deadline, host.journal("kvm@beta.service")[-3000:]
+        time.sleep(0.3)
+    wait_state(host, "kvm@beta.service", ("active",))
+    assert qemu_pid(host, "beta") != first
+    assert "was killed by signal 9" in host.journal("kvm@beta.service")
+    host.exec(["systemctl", "stop", "kvm@beta"], timeout=120)
+
+
+def test_hung_qemu_is_caught_by_the_watchdog(host: TestHost, image) -> None:
+    define_guest(host, "gamma", guest_toml(image, nics=0), "[Service]\nWatchdogSec=3s\n")
+    host.exec(["systemctl", "start", "kvm@gamma"], timeout=120)
+    wait_for(host, "kvm@gamma.service", r"GUEST-READY")
+    host.exec(["kill", "-STOP", str(qemu_pid(host, "gamma"))])
+    deadline = time.monotonic() + 60
+    while show(host, "kvm@gamma.service", "NRestarts")["NRestarts"] != "1":
+        assert time.monotonic() < deadline, host.journal("kvm@gamma.service")[-3000:]
+        time.sleep(0.3)
+    journal = host.journal("kvm@gamma.service")
+    assert "Watchdog timeout" in journal or "watchdog" in journal.lower()
+    wait_state(host, "kvm@gamma.service", ("active",))
+    host.exec(["systemctl", "stop", "kvm@gamma"], timeout=120)
+
+
+def test_bad_config_fails_once_and_is_not_restarted(host: TestHost, image) -> None:
+    define_guest(host, "delta", guest_toml(image, nics=0, top='cpus = "two"'))
+    host.exec(["systemctl", "start", "kvm@delta"], check=False, timeout=60)
+    time.sleep(3)  # RestartSec=2s: a restart would have happened by now
+    s = show(host, "kvm@delta.service", "ActiveState", "Result", "NRestarts", "ExecMainStatus")
+    assert s == {"ActiveState": "failed", "Result": "exit-code", "NRestarts": "0",
+                 "ExecMainStatus": "6"}
+    assert 'delta.toml: cpus = "two": expected an integer' in host.journal("kvm@delta.service")
+    assert show(host, "kvm-delta.scope", "ActiveState")["ActiveState"] == "inactive"
+
+
+def test_unknown_guest_is_not_restarted(host: TestHost) -> None:
+    host.exec(["systemctl", "start", "kvm@nosuch"], check=False, timeout=60)
+    time.sleep(3)
+    s = show(host, "kvm@nosuch.service", "ActiveState", "NRestarts", "ExecMainStatus")
+    assert s == {"ActiveState": "failed", "NRestarts": "0", "ExecMainStatus": "8"}
