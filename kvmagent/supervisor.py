@@ -18,6 +18,7 @@ QEMU died otherwise (systemd restarts it)."""
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -49,6 +50,17 @@ MSG_POWERDOWN = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b03"
 MSG_POWEREDOFF = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b04"
 MSG_CRASHED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b05"
 MSG_WATCHDOG = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b06"
+
+
+# Terminal escape sequences (busybox ash asks for the cursor position with
+# ESC[6n after every prompt) and other control characters make the journal
+# store a line as a blob; they are dropped from the journal copy only.
+_ESCAPES = re.compile(rb"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07]*\x07|[()][0-9A-Za-z]|[@-~])")
+_CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def console_text(line: bytes) -> bytes:
+    return _CONTROLS.sub(b"", _ESCAPES.sub(b"", line.rstrip(b"\r")))
 
 
 def systemd_booted() -> bool:
@@ -211,7 +223,7 @@ class Supervisor:
         self.console_buffer += data
         *lines, self.console_buffer = self.console_buffer.split(b"\n")
         for line in lines:
-            self.journal.send(line.rstrip(b"\r"), 6, GUEST=self.name,
+            self.journal.send(console_text(line), 6, GUEST=self.name,
                               SYSLOG_IDENTIFIER=f"{self.name}-console")
 
     def _events(self) -> None:

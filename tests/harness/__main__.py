@@ -5,6 +5,7 @@
     /usr/bin/python3 -m tests.harness run [--exec] NAME -- CMD...   as a unit (--exec: nsenter)
     /usr/bin/python3 -m tests.harness stop NAME
     /usr/bin/python3 -m tests.harness cleanup [--force]   leftovers of dead owners (--force: all)
+    /usr/bin/python3 -m tests.harness demo [--keep]   guest demo as kvm@demo (README's main job)
 """
 
 from __future__ import annotations
@@ -133,6 +134,11 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import demo
+    return demo(keep=args.keep)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m tests.harness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("stop", help="stop a test host booted by `boot`")
     s.add_argument("name")
     s.set_defaults(func=cmd_stop)
+    s = sub.add_parser("demo", help="the README's main job: guest demo as kvm@demo in a test host")
+    s.add_argument("--keep", action="store_true", help="keep it running until Ctrl-C")
+    s.set_defaults(func=cmd_demo)
     s = sub.add_parser("cleanup", help="remove leftovers of ours")
     s.add_argument("--force", action="store_true", help="also hosts whose owner is alive")
     s.set_defaults(func=cmd_cleanup)

@@ -30,9 +30,9 @@ def install_checkout(th: TestHost, host_config: str = 'accel = "tcg"\n') -> None
 
 
 def guest_toml(image: GuestImage, *, nics: int = 1, cmdline: str = "", extra: str = "",
-               top: str = "") -> str:
+               top: str = "", description: str = "tiny test guest") -> str:
     """A guest running the tiny test guest (TCG), with NICS bridged NICs."""
-    return (f'{top}\ndescription = "tiny test guest"\nmemory = "256M"\n'
+    return (f'{top}\ndescription = "{description}"\nmemory = "256M"\n'
             f'[kernel]\nimage = "{image.kernel}"\ninitrd = "{image.initrd}"\n'
             f'cmdline = "console=ttyS0 quiet panic=-1 {cmdline}"\n'
             + "[[nic]]\n" * nics + extra)
