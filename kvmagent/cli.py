@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from . import __version__, bridges
+from . import __version__, bridges, control
 from .errors import EXIT_STATUS_HELP, ExitStatus, KvmagentError
 from .guests import check_unique, guest_names, load_guest, load_host_config
 from .hostcheck import check_host
@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp = add(sub, "list", cmd_list, "list the defined guests")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    control.add_commands(sub, add)
     bridges.add_commands(sub, add)
     sp = add(sub, "run", cmd_run, "supervise guest NAME in the foreground: the ExecStart= of "
              "kvm@NAME.service (start guests with systemctl start kvm@NAME)")

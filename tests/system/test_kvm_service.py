@@ -160,3 +160,25 @@ def test_unknown_guest_is_not_restarted(host: TestHost) -> None:
     time.sleep(3)
     s = show(host, "kvm@nosuch.service", "ActiveState", "NRestarts", "ExecMainStatus")
     assert s == {"ActiveState": "failed", "NRestarts": "0", "ExecMainStatus": "8"}
+
+
+def test_kvmagent_start_and_stop(host: TestHost, image) -> None:
+    define_guest(host, "eps", guest_toml(image, nics=0))
+    r = host.run(["kvmagent", "start", "eps"], timeout=120)
+    assert r.stdout == "kvm@eps.service: started\n"
+    assert show(host, "kvm@eps.service", "ActiveState")["ActiveState"] == "active"
+    wait_for(host, "kvm@eps.service", r"GUEST-READY")
+    r = host.run(["kvmagent", "stop", "eps"], timeout=120)
+    assert r.stdout == "kvm@eps.service: stopped\n"
+    assert "GUEST-POWEROFF" in host.journal("kvm@eps.service")
+
+
+def test_kvmagent_start_refuses_bad_config_without_touching_systemd(host: TestHost, image) -> None:
+    define_guest(host, "zeta", guest_toml(image, nics=0, extra="[stop]\ntimeout = \"soon\"\n"))
+    r = host.run(["kvmagent", "start", "zeta"], check=False, timeout=60)
+    assert r.returncode == 6
+    assert 'zeta.toml: stop.timeout = "soon": expected a duration' in r.stderr
+    s = show(host, "kvm@zeta.service", "ActiveState", "InvocationID")
+    assert s["ActiveState"] == "inactive" and s["InvocationID"] == ""
+    r = host.run(["kvmagent", "start", "nosuch"], check=False, timeout=60)
+    assert r.returncode == 8
