@@ -1,0 +1,32 @@
+# kvmagent: the commands README.md documents.  Run as root on Debian 12.
+#
+# Debian's python3 and a plain PATH on purpose: a pyenv (or other) python3
+# first on PATH must never be used, neither for the tests nor for packaging.
+PYTHON := /usr/bin/python3
+export PATH := /usr/sbin:/usr/bin:/sbin:/bin
+export DEBIAN_FRONTEND := noninteractive
+
+# What the project and its tests need, from Debian only.
+DEB_DEPS := python3-pystemd python3-pydbus python3-pyroute2 python3-systemd python3-gi \
+	python3-pytest qemu-system-x86 qemu-utils ipxe-qemu seabios systemd systemd-container \
+	dbus debootstrap busybox-static iproute2
+
+.PHONY: setup check unit demo clean-tests
+
+setup:
+	apt-get install -y -q --no-install-recommends $(DEB_DEPS)
+	$(PYTHON) tests/guest/build.py
+	$(PYTHON) -m tests.harness setup
+
+check: setup
+	$(PYTHON) -m pytest tests
+
+unit:
+	$(PYTHON) -m pytest tests/unit
+
+demo: setup
+	$(PYTHON) -m tests.harness demo
+
+# Remove whatever an interrupted test run left behind (containers, mounts, netns).
+clean-tests:
+	$(PYTHON) -m tests.harness cleanup
