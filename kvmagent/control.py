@@ -29,6 +29,12 @@ def _job(action: str, args: argparse.Namespace, paths: Paths) -> int:
     timeout = {"start": host.device_timeout + 60,
                "stop": guest.stop_timeout + 60}.get(action, host.device_timeout +
                                                      guest.stop_timeout + 120)
+    if action == "stop" and args.force:
+        # SIGUSR1 first: the supervisor stops QEMU at once, no ACPI (the
+        # power cord); the stop job then only waits for it to exit.
+        import signal
+        if systemd.unit_properties(unit, ["ActiveState"])["ActiveState"] == "active":
+            systemd.kill_unit(unit, "main", signal.SIGUSR1)
     job: dict[str, Any] = {"start": systemd.start_unit, "stop": systemd.stop_unit,
                            "restart": systemd.restart_unit}
     result = job[action](unit, wait=not args.no_block, timeout=timeout)
@@ -63,3 +69,7 @@ def add_commands(sub: Any, add: Any) -> None:
         sp = add(sub, name, fn, text)
         sp.add_argument("name", metavar="NAME")
         sp.add_argument("--no-block", action="store_true", help="do not wait for the job")
+        if name == "stop":
+            sp.add_argument("--force", action="store_true",
+                            help="stop QEMU at once, without the ACPI power button "
+                            "(like pulling the power cord)")

@@ -9,7 +9,8 @@ Start: load and validate (exit 6 on a bad config), wait a bounded time for
 bridges and disks (exit 5), open taps, start QEMU paused (-S) with QMP and
 the serial console on socketpairs, move QEMU into kvm-NAME.scope, register
 with machined, `cont`, READY=1.  Run: the console goes to the journal;
-WATCHDOG=1 only while QMP answers.  Stop (SIGTERM): the ACPI power button,
+WATCHDOG=1 only while QMP answers.  SIGUSR1 (`kvmagent stop --force`): QEMU is killed at once, no ACPI.
+Stop (SIGTERM): the ACPI power button,
 pressed again every few seconds (an early press is lost), until the guest's
 stop timeout, extending systemd's stop timeout as it goes; then `quit`, then
 SIGKILL.  Exit 0 when the guest powered itself off or was stopped, 1 when
@@ -261,7 +262,7 @@ class Supervisor:
         wake_r.setblocking(False)
         wake_w.setblocking(False)
         signal.set_wakeup_fd(wake_w.fileno())
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
             signal.signal(sig, lambda *_: None)
         watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         if os.environ.get("WATCHDOG_PID") not in (None, str(os.getpid())):
@@ -282,7 +283,12 @@ class Supervisor:
             ready, _, _ = select.select(watch, [], [], min(timeout, 1.0) if timeout is not None else 1.0)
             if wake_r in ready:
                 for signum in wake_r.recv(64):
-                    if signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                    if signum == signal.SIGUSR1:  # kvmagent stop --force
+                        self.stopping = True
+                        self.log(f"stopping QEMU of guest {self.name} without ACPI "
+                                 "(stop --force)", 5)
+                        self.qemu.kill()
+                    elif signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                         self.stopping = True
                         deadline = time.monotonic() + self.guest.stop_timeout
                         next_press = time.monotonic()

@@ -268,6 +268,12 @@ def restart_unit(unit: str, *, wait: bool = True, timeout: float = 90.0) -> str 
     return _unit_job("RestartUnit", unit, wait, timeout)
 
 
+def kill_unit(unit: str, whom: str, signum: int) -> None:
+    """Send SIGNUM to the unit's main process ("main") or all ("all")."""
+    with _manager() as m, _errors(f"cannot signal {unit}"):
+        m.call("KillUnit", b"ssi", [unit, whom, signum])
+
+
 def unit_properties(unit: str, names: Sequence[str]) -> dict[str, Any]:
     """Properties of any interface of unit (loading it if needed), strings decoded."""
     with _manager() as m, _errors(f"cannot read the properties of {unit}"):

@@ -182,3 +182,15 @@ def test_kvmagent_start_refuses_bad_config_without_touching_systemd(host: TestHo
     assert s["ActiveState"] == "inactive" and s["InvocationID"] == ""
     r = host.run(["kvmagent", "start", "nosuch"], check=False, timeout=60)
     assert r.returncode == 8
+
+
+def test_kvmagent_stop_force_pulls_the_cord(host: TestHost, image) -> None:
+    define_guest(host, "eta", guest_toml(image, nics=0))
+    host.run(["kvmagent", "start", "eta"], timeout=120)
+    wait_for(host, "kvm@eta.service", r"GUEST-READY")
+    r = host.run(["kvmagent", "stop", "--force", "eta"], timeout=60)
+    assert r.stdout == "kvm@eta.service: stopped\n"
+    s = show(host, "kvm@eta.service", "ActiveState", "Result", "NRestarts")
+    assert s == {"ActiveState": "inactive", "Result": "success", "NRestarts": "0"}
+    journal = host.journal("kvm@eta.service")
+    assert "without ACPI (stop --force)" in journal and "GUEST-POWEROFF" not in journal
