@@ -121,6 +121,17 @@ def remove_scratch(rec: Record) -> None:
     safe_rmtree(Path(rec.scratch))
 
 
+def interrupt_on_sigterm() -> None:
+    """Turn SIGTERM (a CI time limit, `timeout`, kill) into KeyboardInterrupt,
+    so `with TestHost(...)` blocks still tear their hosts down."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[None]:
     """Finish teardown even if Ctrl-C is pressed again; re-raise the interrupt afterwards."""
@@ -197,6 +208,7 @@ class TestHost:
         self.stop()
 
     def start(self) -> None:
+        interrupt_on_sigterm()
         STATE_ROOT.mkdir(mode=0o700, parents=True, exist_ok=True)
         try:
             self.scratch.mkdir()
