@@ -77,7 +77,8 @@ def build_guest(name: str, layered: Layered, host: HostConfig, config_file: Path
         kernel = Kernel(image, sub("kernel", "initrd", None), sub("kernel", "cmdline", None))
 
     disks = _disks(r, r.array(data, "disk", GUEST_ARRAYS["disk"]))
-    nics = _nics(r, name, host, r.array(data, "nic", GUEST_ARRAYS["nic"]))
+    cpus = top("cpus", 1)
+    nics = _nics(r, name, host, r.array(data, "nic", GUEST_ARRAYS["nic"]), cpus)
 
     machine = top("machine", host.machine, _host_default(host, "machine"))
     boot_explicit = "boot" in data
@@ -88,7 +89,7 @@ def build_guest(name: str, layered: Layered, host: HostConfig, config_file: Path
         name=name,
         uuid=top("uuid", names.guest_uuid(name)),
         description=top("description", f"KVM guest {name}"),
-        cpus=top("cpus", 1),
+        cpus=cpus,
         memory=top("memory", 512 << 20),
         machine=machine,
         accel=top("accel", host.accel, _host_default(host, "accel")),
@@ -143,8 +144,8 @@ def _disks(r: Reader, items: list[dict[str, Any]]) -> tuple[Disk, ...]:
     return tuple(out)
 
 
-def _nics(r: Reader, name: str, host: HostConfig,
-          items: list[dict[str, Any]]) -> tuple[Nic, ...]:
+def _nics(r: Reader, name: str, host: HostConfig, items: list[dict[str, Any]],
+          cpus: int) -> tuple[Nic, ...]:
     keys = GUEST_ARRAYS["nic"]
     if len(items) > MAX_NICS:
         raise r.fail(("nic",), f"{len(items)} NICs; at most {MAX_NICS} are supported")
@@ -162,8 +163,16 @@ def _nics(r: Reader, name: str, host: HostConfig,
         if mac in macs:
             raise r.fail(("nic", i, "mac"), f"{render(mac)} is already the MAC of nic[{macs[mac]}]")
         macs[mac] = i
+        model = v("model", NicModel.VIRTIO)
+        queues = v("queues", 1)
+        if queues > 1 and (model is not NicModel.VIRTIO or mode is not NicMode.BRIDGE):
+            raise r.fail(("nic", i, "queues"), 'multiqueue needs model = "virtio" and '
+                         'mode = "bridge"', "remove queues, or use a virtio bridged NIC")
+        if queues > cpus:
+            raise r.fail(("nic", i, "queues"), f"{queues} queues for {cpus} vCPUs",
+                         "more queues than vCPUs only costs; set queues <= cpus")
         out.append(Nic(index=i, mac=mac, tap=names.tap_name(name, i), bridge=bridge,
-                       model=v("model", NicModel.VIRTIO), mode=mode))
+                       model=model, mode=mode, queues=queues))
     return tuple(out)
 
 

@@ -110,6 +110,7 @@ class Nic:
     bridge: str | None = None  # None in user mode
     model: NicModel = NicModel.VIRTIO
     mode: NicMode = NicMode.BRIDGE
+    queues: int = 1  # multiqueue virtio-net: one tap queue (and vhost) per queue
 
     @property
     def id(self) -> str:

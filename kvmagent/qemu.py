@@ -39,7 +39,7 @@ class Sockets:
 
     qmp: str  # "path" or "fd=N"
     console: str | None
-    taps: dict[int, str] = field(default_factory=dict)  # nic index -> "fd=N" / "fds=N:M"
+    taps: dict[int, str] = field(default_factory=dict)  # nic index -> "fd=N" / "fds=N:M,..."
 
     @classmethod
     def in_dir(cls, rundir: Path) -> "Sockets":
@@ -135,11 +135,15 @@ def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets
         if nic.mode is NicMode.USER:
             netdev = f"user,id={nic.id}"
         else:
-            tap = sockets.taps.get(nic.index) or f"ifname={nic.tap},script=no,downscript=no"
+            queues = f",queues={nic.queues}" if nic.queues > 1 else ""
+            tap = (sockets.taps.get(nic.index) or
+                   f"ifname={nic.tap},script=no,downscript=no{queues}")
             netdev = f"tap,id={nic.id},{tap}"
             if nic.model is NicModel.VIRTIO and facts.vhost_net:
                 netdev += ",vhost=on"
         dev = f"{NIC_DEVICES[nic.model]},netdev={nic.id},mac={nic.mac},id={nic.id}-dev"
+        if nic.queues > 1:  # MSI-X: one vector per rx and tx queue, plus config and control
+            dev += f",mq=on,vectors={2 * nic.queues + 2}"
         if nic.id in bootindex:
             dev += f",bootindex={bootindex[nic.id]}"
         argv += ["-netdev", netdev, "-device", dev]

@@ -252,6 +252,8 @@ GUEST_ARRAYS: dict[str, dict[str, Key]] = {
             _choice(NicModel)),
         Key("mode", '"bridge" or "user"', '"bridge"',
             '"user": QEMU user-mode NAT, no tap.', _choice(NicMode)),
+        Key("queues", "integer 1-16", "1", "Multiqueue virtio-net: tap queues, at most the "
+            "guest's cpus.", _integer(1, 16)),
     ]},
 }
 

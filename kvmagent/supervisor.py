@@ -71,28 +71,38 @@ def systemd_booted() -> bool:
 
 # -- steps that run in forked children --------------------------------------
 
-def _open_taps(guest: Guest, vhost: bool) -> tuple[dict[int, tuple[int, int]], list[int]]:
-    """Open and enslave every bridged NIC's tap.  Value: nic index ->
-    (position of the tap fd, position of the vhost fd or -1) in the fds."""
+def _open_taps(guest: Guest, vhost: bool) -> tuple[dict[int, str], list[int]]:
+    """Open and enslave every bridged NIC's tap (one fd per queue, and a
+    vhost-net fd per queue where the host has vhost-net).  Value: nic index
+    -> QEMU's -netdev tap options naming the fds' positions in the list as
+    {N}; the caller fills in the fd numbers."""
     from . import netdev  # pyroute2: only in this child
     fds: list[int] = []
-    where: dict[int, tuple[int, int]] = {}
+    options: dict[int, str] = {}
     try:
         for nic in guest.nics:
             if nic.mode is not NicMode.BRIDGE:
                 continue
-            tap = netdev.open_tap(nic.tap, str(nic.bridge))
-            fds += tap
-            vfd = netdev.vhost_fd() if vhost else None
-            if vfd is not None:
+            taps = [len(fds) + i for i in range(nic.queues)]
+            fds += netdev.open_tap(nic.tap, str(nic.bridge), queues=nic.queues)
+            vhosts = []
+            for _ in range(nic.queues if vhost else 0):
+                vfd = netdev.vhost_fd()
+                if vfd is None:
+                    break
+                vhosts.append(len(fds))
                 fds.append(vfd)
-            where[nic.index] = (len(fds) - len(tap) - (vfd is not None),
-                                len(fds) - 1 if vfd is not None else -1)
+            key = "fd" if nic.queues == 1 else "fds"
+            opt = f"{key}=" + ":".join(f"{{{i}}}" for i in taps)
+            if vhosts:
+                opt += f",v{'hostfd' if nic.queues == 1 else 'hostfds'}=" + \
+                    ":".join(f"{{{i}}}" for i in vhosts)
+            options[nic.index] = opt
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
-    return where, fds
+    return options, fds
 
 
 def _make_scope(guest: Guest, host: HostConfig, pid: int,
@@ -168,12 +178,7 @@ class Supervisor:
         con_ours, con_theirs = socket.socketpair()
         for s in (qmp_ours, con_ours):
             stack.callback(s.close)
-        tap_opts = {}
-        for index, (tap_pos, vhost_pos) in taps.items():
-            opt = f"fd={tap_fds[tap_pos]}"
-            if vhost_pos >= 0:
-                opt += f",vhostfd={tap_fds[vhost_pos]}"
-            tap_opts[index] = opt
+        tap_opts = {index: opt.format(*tap_fds) for index, opt in taps.items()}
         sockets = Sockets(qmp=f"fd={qmp_theirs.fileno()}",
                           console=f"fd={con_theirs.fileno()}" if guest.console.serial else None,
                           taps=tap_opts)

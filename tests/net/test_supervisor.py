@@ -114,6 +114,26 @@ def test_bridged_guest_pings_and_powers_off_on_sigterm(netns, image, tmp_path):
     assert "kvm-demo-0" not in links(), "the tap outlived QEMU"
 
 
+def test_multiqueue_tap(netns, image, tmp_path):
+    netdev.ensure_bridge("br-kvm", address="10.77.0.1/24")
+    etc = write_guest(tmp_path, image, "[[nic]]\nqueues = 2\n",
+                      "guest.ip=10.77.0.2/24 guest.ping=10.77.0.1", top="cpus = 2")
+    proc = start(tmp_path, etc)
+    seen: list[str] = []
+    try:
+        read_until(proc, "GUEST-PING-OK 10.77.0.1", 90, seen)
+        (qemu,) = qemu_children(proc.pid)
+        cmdline = open(f"/proc/{qemu}/cmdline").read().split("\0")
+        assert any(a.startswith("tap,id=net0,fds=") and a.count(":") == 1 for a in cmdline)
+        assert "mq=on,vectors=6" in " ".join(cmdline)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(40) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_qemu_killed_is_a_failure(netns, image, tmp_path):
     etc = write_guest(tmp_path, image)
     proc = start(tmp_path, etc)

@@ -156,3 +156,14 @@ def test_scope_settings(conf):
     assert s["BindsTo"] == ["kvm@g.service"] and s["Before"] == ["kvm@g.service"]
     assert s["Slice"] == "machine.slice"
     assert "Before=kvm@g.service" in render_settings(list(s.items()))
+
+
+def test_multiqueue(conf):
+    conf.write("guests/g.toml", "cpus = 4\n[[nic]]\nqueues = 4\n")
+    host = load_host_config(conf.paths)
+    g = load_guest(conf.paths, "g", host)
+    argv = qemu_argv(g, host, KVM, Sockets.in_dir(Path("/r")))
+    assert "tap,id=net0,ifname=kvm-g-0,script=no,downscript=no,queues=4" in argv
+    assert any(a.endswith(",mq=on,vectors=10") for a in argv)
+    argv = qemu_argv(g, host, KVM, Sockets("fd=3", None, taps={0: "fds=5:6:7:8"}))
+    assert "tap,id=net0,fds=5:6:7:8" in argv
