@@ -77,7 +77,7 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
     guest = load_guest(paths, args.name, host)
     facts, problems = check_host(guest, host)
     argv = qemu_argv(guest, host, facts, Sockets.in_dir(paths.guest_runtime(guest.name)))
-    settings = scope_settings(guest, host)
+    settings = scope_settings(guest, host, facts)
     if args.json:
         from .show import effective_config
         doc: dict[str, Any] = {

@@ -111,6 +111,7 @@ def check_host(guest: Guest, host: HostConfig, *,
                 if err:
                     problems.append(err)
     direct: dict[Path, bool] = {}
+    block: set[Path] = set()
     for d in guest.disks:
         key = f"disk[{d.index}].path"
         err = _check_file(d.path, "disk", key, guest.origin_of(key),
@@ -118,6 +119,8 @@ def check_host(guest: Guest, host: HostConfig, *,
         if err:
             problems.append(err)
             continue
+        if stat.S_ISBLK(os.stat(d.path).st_mode):
+            block.add(d.path)
         direct[d.path] = probe_direct_io(d.path)
         if direct[d.path]:
             continue
@@ -138,4 +141,4 @@ def check_host(guest: Guest, host: HostConfig, *,
                 "(or in systemd-networkd / ifupdown, see README)"))
     accel = resolve_accel(guest, host, kvm_probe, problems, notices)
     vhost = os.path.exists("/dev/vhost-net")
-    return HostFacts(accel, direct, vhost, tuple(notices)), problems
+    return HostFacts(accel, direct, vhost, tuple(notices), frozenset(block)), problems

@@ -30,6 +30,7 @@ class HostFacts:
     direct_io: dict[Path, bool] = field(default_factory=dict)  # O_DIRECT works per disk
     vhost_net: bool = False
     notices: tuple[str, ...] = ()
+    block_devices: frozenset[Path] = frozenset()  # disks that are block devices
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,15 @@ the two can never disagree."""
 from __future__ import annotations
 
 from .model import Guest, HostConfig
+from .qemu import HostFacts
 from .names import service_unit
 from .values import format_cpu_list
 
-Setting = tuple[str, str | int | list[str]]
+Setting = tuple[str, str | int | list[str] | list[tuple[str, str]]]
 
 
-def scope_settings(guest: Guest, host: HostConfig) -> list[Setting]:
+def scope_settings(guest: Guest, host: HostConfig,
+                   facts: HostFacts | None = None) -> list[Setting]:
     service = service_unit(guest.name)
     settings: list[Setting] = [
         ("Description", f"QEMU of {guest.description}" if guest.description
@@ -27,6 +29,13 @@ def scope_settings(guest: Guest, host: HostConfig) -> list[Setting]:
         ("Before", [service]),
         ("CollectMode", "inactive-or-failed"),
         ("MemoryMax", guest.memory + host.memory_overhead),
+        # QEMU gets its taps, vhost-net, QMP and console as fds; of device
+        # nodes it needs only /dev/kvm and its own block devices (plus the
+        # pseudo devices DevicePolicy=closed always allows).
+        ("DevicePolicy", "closed"),
+        ("DeviceAllow", [("/dev/kvm", "rw")] + [
+            (str(d.path), "r" if d.readonly else "rw") for d in guest.disks
+            if facts is not None and d.path in facts.block_devices]),
     ]
     r = guest.resources
     if r.cpu_weight is not None:
@@ -41,4 +50,12 @@ def scope_settings(guest: Guest, host: HostConfig) -> list[Setting]:
 
 
 def render_settings(settings: list[Setting]) -> list[str]:
-    return [f"{k}={' '.join(v) if isinstance(v, list) else v}" for k, v in settings]
+    lines = []
+    for key, value in settings:
+        if key == "DeviceAllow":
+            lines += [f"DeviceAllow={path} {mode}" for path, mode in value]  # type: ignore[misc]
+        elif isinstance(value, list):
+            lines.append(f"{key}={' '.join(map(str, value))}")
+        else:
+            lines.append(f"{key}={value}")
+    return lines

@@ -105,10 +105,10 @@ def _open_taps(guest: Guest, vhost: bool) -> tuple[dict[int, str], list[int]]:
     return options, fds
 
 
-def _make_scope(guest: Guest, host: HostConfig, pid: int,
+def _make_scope(guest: Guest, host: HostConfig, facts: HostFacts, pid: int,
                 taps: list[str]) -> tuple[None, list[int]]:
     from . import machined, systemd  # pystemd, pydbus: only in this child
-    systemd.start_scope(names.scope_unit(guest.name), pid, scope_settings(guest, host) +
+    systemd.start_scope(names.scope_unit(guest.name), pid, scope_settings(guest, host, facts) +
                         [("PIDs", [pid])])
     ifindices = [socket.if_nametoindex(t) for t in taps]
     machined.register(guest.name, guest.uuid, pid, ifindices)
@@ -200,7 +200,7 @@ class Supervisor:
 
         if systemd_booted():
             bridged = [n.tap for n in guest.nics if n.mode is NicMode.BRIDGE]
-            forkcall.call(_make_scope, guest, host, self.qemu.pid, bridged)
+            forkcall.call(_make_scope, guest, host, facts, self.qemu.pid, bridged)
         else:
             self.log("not booted with systemd: QEMU stays in this process's cgroup, "
                      "no machined registration", 4)

@@ -87,7 +87,9 @@ def test_start_runs_guest_in_its_scope_and_registers_it(host: TestHost, image) -
     sup_cgroup = host.exec(["cat", f"/proc/{s['MainPID']}/cgroup"]).stdout
     assert "/machine.slice/system-kvm.slice/kvm@alpha.service" in sup_cgroup or \
         "kvm@alpha.service" in sup_cgroup
-    scope = show(host, "kvm-alpha.scope", "MemoryMax", "CPUWeight", "BindsTo", "Before", "Slice")
+    scope = show(host, "kvm-alpha.scope", "MemoryMax", "CPUWeight", "BindsTo", "Before", "Slice",
+                 "DevicePolicy", "DeviceAllow")
+    assert scope["DevicePolicy"] == "closed" and scope["DeviceAllow"] == "/dev/kvm rw"
     assert scope["MemoryMax"] == str((256 + 256) << 20)
     assert scope["CPUWeight"] == "50" and scope["Slice"] == "machine.slice"
     assert scope["BindsTo"] == "kvm@alpha.service" and "kvm@alpha.service" in scope["Before"]

@@ -156,6 +156,19 @@ def test_scope_settings(conf):
     assert s["BindsTo"] == ["kvm@g.service"] and s["Before"] == ["kvm@g.service"]
     assert s["Slice"] == "machine.slice"
     assert "Before=kvm@g.service" in render_settings(list(s.items()))
+    assert s["DevicePolicy"] == "closed" and s["DeviceAllow"] == [("/dev/kvm", "rw")]
+
+
+def test_scope_allows_the_guests_block_devices(conf):
+    conf.write("guests/g.toml", '[[disk]]\npath = "/dev/vg/a"\n[[disk]]\npath = "/dev/sr0"\n'
+               'media = "cdrom"\nbus = "ide"\n[[disk]]\npath = "/img/x.raw"\n')
+    host = load_host_config(conf.paths)
+    g = load_guest(conf.paths, "g", host)
+    facts = HostFacts(Accel.KVM, block_devices=frozenset({Path("/dev/vg/a"), Path("/dev/sr0")}))
+    s = dict(scope_settings(g, host, facts))
+    assert s["DeviceAllow"] == [("/dev/kvm", "rw"), ("/dev/vg/a", "rw"), ("/dev/sr0", "r")]
+    lines = render_settings(scope_settings(g, host, facts))
+    assert "DeviceAllow=/dev/vg/a rw" in lines and "DeviceAllow=/dev/sr0 r" in lines
 
 
 def test_multiqueue(conf):

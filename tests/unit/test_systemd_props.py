@@ -31,6 +31,8 @@ def test_scope_settings_of_a_guest(conf: Any) -> None:
         b"Before": [b"kvm@g.service"],
         b"CollectMode": b"inactive-or-failed",
         b"MemoryMax": (1 << 30) + (128 << 20),
+        b"DevicePolicy": b"closed",
+        b"DeviceAllow": [(b"/dev/kvm", b"rw")],
         b"CPUWeight": 200,
         b"AllowedCPUs": b"\x27",  # CPUs 0, 1, 2 and 5
         b"IOWeight": 50,
