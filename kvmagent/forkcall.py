@@ -4,11 +4,14 @@ file descriptors) back.
 The supervisor lives as long as its guest.  Heavy libraries (pyroute2,
 pystemd's manager bindings, pydbus) are needed only for a moment at start;
 importing them in a forked child keeps the long-lived process small
-(harness notes, section 9: ~28 MiB with them, ~5 MiB without), and fds the
-child opens (taps) come back over SCM_RIGHTS."""
+(harness notes, section 9: ~28 MiB with them), and fds the child opens
+(taps) come back over SCM_RIGHTS.  A child can be forked early with the
+modules it will need (Child(preload=...)), so their import overlaps with
+the parent's own work and the call itself is quick."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import select
@@ -22,48 +25,95 @@ from .errors import ExitStatus, KvmagentError
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 64
 
+Call = Callable[..., tuple[Any, list[int]]]
 
-def call(fn: Callable[..., tuple[Any, list[int]]], *args: Any,
-         timeout: float = 60.0) -> tuple[Any, list[int]]:
-    """fn(*args) -> (picklable value, fds), run in a child.  A KvmagentError
-    in the child is raised again here; any other exception becomes one."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
-    if pid == 0:  # child: never return into the caller's code
-        code = 0
-        try:
-            ours.close()
+
+def _name(fn: Any) -> str:
+    return str(getattr(fn, "__name__", fn))
+
+
+class Child:
+    """A forked child that imports PRELOAD at once, then runs one call."""
+
+    def __init__(self, preload: tuple[str, ...] = ()) -> None:
+        self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.pid = os.fork()
+        if self.pid == 0:  # child: never return into the caller's code
+            code = 0
             try:
+                self.ours.close()
+                self._serve(theirs, preload)
+            except BaseException:  # noqa: BLE001
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.used = False
+
+    @staticmethod
+    def _serve(sock: socket.socket, preload: tuple[str, ...]) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        try:
+            for module in preload:
+                importlib.import_module(module)
+        except BaseException:  # noqa: BLE001 - reported when called
+            failure: str | None = traceback.format_exc()
+        else:
+            failure = None
+        request = sock.recv(MAX_MESSAGE)
+        if not request:  # the parent did not need us
+            return
+        fds: list[int] = []
+        try:
+            if failure:
+                reply: tuple[str, Any] = ("crash", failure)
+            else:
+                fn, args = pickle.loads(request)
                 value, fds = fn(*args)
-                reply: tuple[str, Any] = ("ok", value)
-            except KvmagentError as e:
-                reply, fds = ("error", (e.message, e.hint, int(e.status))), []
-            except BaseException:  # noqa: BLE001 - reported to the parent
-                reply, fds = ("crash", traceback.format_exc()), []
-            socket.send_fds(theirs, [pickle.dumps(reply)], fds)
-        except BaseException:  # noqa: BLE001
-            code = 1
+                reply = ("ok", value)
+        except KvmagentError as e:
+            reply, fds = ("error", (e.message, e.hint, int(e.status))), []
+        except BaseException:  # noqa: BLE001 - reported to the parent
+            reply, fds = ("crash", traceback.format_exc()), []
+        socket.send_fds(sock, [pickle.dumps(reply)], fds)
+
+    def call(self, fn: Call, *args: Any, timeout: float = 60.0) -> tuple[Any, list[int]]:
+        """fn(*args) -> (picklable value, fds), run in the child.  A
+        KvmagentError there is raised again here; anything else becomes one."""
+        assert not self.used, "a Child runs one call"
+        self.used = True
+        try:
+            self.ours.send(pickle.dumps((fn, args)))
+            ready, _, _ = select.select([self.ours], [], [], timeout)
+            if not ready:
+                os.kill(self.pid, signal.SIGKILL)
+                raise KvmagentError(f"{_name(fn)} did not finish within {timeout:g} s")
+            data, fds, _, _ = socket.recv_fds(self.ours, MAX_MESSAGE, MAX_FDS)
         finally:
-            os._exit(code)
-    theirs.close()
-    try:
-        ready, _, _ = select.select([ours], [], [], timeout)
-        if not ready:
-            os.kill(pid, signal.SIGKILL)
-            raise KvmagentError(f"{getattr(fn, '__name__', fn)} did not finish within "
-                                f"{timeout:g} s")
-        data, fds, _, _ = socket.recv_fds(ours, MAX_MESSAGE, MAX_FDS)
-    finally:
-        ours.close()
-        os.waitpid(pid, 0)
-    if not data:
-        raise KvmagentError(f"{getattr(fn, '__name__', fn)} died without an answer")
-    kind, value = pickle.loads(data)
-    if kind == "ok":
-        return value, fds
-    for fd in fds:
-        os.close(fd)
-    if kind == "error":
-        message, hint, status = value
-        raise KvmagentError(message, hint, ExitStatus(status))
-    raise KvmagentError(f"internal error in {getattr(fn, '__name__', fn)}:\n{value}")
+            self.close()
+        if not data:
+            raise KvmagentError(f"{_name(fn)} died without an answer")
+        kind, value = pickle.loads(data)
+        if kind == "ok":
+            return value, fds
+        for fd in fds:
+            os.close(fd)
+        if kind == "error":
+            message, hint, status = value
+            raise KvmagentError(message, hint, ExitStatus(status))
+        raise KvmagentError(f"internal error in {_name(fn)}:\n{value}")
+
+    def close(self) -> None:
+        """Dismiss the child (killed if it was never called) and reap it."""
+        if self.pid:
+            self.ours.close()
+            if not self.used:
+                os.kill(self.pid, signal.SIGKILL)  # it may still be importing
+            os.waitpid(self.pid, 0)
+            self.pid = 0
+
+
+def call(fn: Call, *args: Any, timeout: float = 60.0) -> tuple[Any, list[int]]:
+    """fn(*args) in a fresh child; see Child.call."""
+    return Child().call(fn, *args, timeout=timeout)

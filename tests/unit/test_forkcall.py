@@ -42,7 +42,33 @@ def test_crash_becomes_an_error():
     assert "ZeroDivisionError: boom" in exc.value.message
 
 
-def test_timeout():
+def _sleeps():
     import time
+    time.sleep(5)
+    return None, []
+
+
+def _imported(module):
+    import sys
+    return module in sys.modules, []
+
+
+def test_timeout():
     with pytest.raises(KvmagentError, match="did not finish"):
-        forkcall.call(lambda: (time.sleep(5), []), timeout=0.2)
+        forkcall.call(_sleeps, timeout=0.2)
+
+
+def test_preloaded_child_and_a_dismissed_one():
+    import sys
+    assert "wave" not in sys.modules
+    child = forkcall.Child(preload=("wave",))
+    assert child.call(_imported, "wave") == (True, [])
+    assert "wave" not in sys.modules  # imported in the child only
+    unused = forkcall.Child(preload=("wave",))
+    unused.close()  # exits without a call; reaped
+    assert unused.pid == 0
+
+
+def test_failed_preload_is_reported():
+    with pytest.raises(KvmagentError, match="No module named 'no_such_module'"):
+        forkcall.Child(preload=("no_such_module",)).call(_imported, "x")
