@@ -196,3 +196,37 @@ def test_kvmagent_stop_force_pulls_the_cord(host: TestHost, image) -> None:
     assert s == {"ActiveState": "inactive", "Result": "success", "NRestarts": "0"}
     journal = host.journal("kvm@eta.service")
     assert "without ACPI (stop --force)" in journal and "GUEST-POWEROFF" not in journal
+
+
+def test_guest_poweroff_ends_the_unit_without_restart(host: TestHost, image) -> None:
+    define_guest(host, "theta", guest_toml(image, nics=0, cmdline="guest.then=poweroff"))
+    host.exec(["systemctl", "start", "kvm@theta"], timeout=120)
+    wait_for(host, "kvm@theta.service", r"guest theta powered off")
+    s = wait_state(host, "kvm@theta.service", ("inactive", "failed"))
+    time.sleep(3)  # RestartSec=2s: a restart would have happened by now
+    s = show(host, "kvm@theta.service", "ActiveState", "Result", "NRestarts")
+    assert s == {"ActiveState": "inactive", "Result": "success", "NRestarts": "0"}
+
+
+def test_on_poweroff_keep_leaves_qemu_with_the_guest_stopped(host: TestHost, image) -> None:
+    define_guest(host, "iota", guest_toml(image, nics=0, cmdline="guest.then=poweroff",
+                                          top='on_poweroff = "keep"'))
+    host.exec(["systemctl", "start", "kvm@iota"], timeout=120)
+    wait_for(host, "kvm@iota.service", r"powered off; QEMU kept \(on_poweroff = keep\)")
+    time.sleep(1)
+    assert show(host, "kvm@iota.service", "ActiveState")["ActiveState"] == "active"
+    assert qemu_pid(host, "iota") > 0
+    host.exec(["systemctl", "stop", "kvm@iota"], timeout=120)
+    assert show(host, "kvm@iota.service", "Result")["Result"] == "success"
+
+
+def test_guest_kernel_panic_is_a_failure(host: TestHost, image) -> None:
+    define_guest(host, "kappa", guest_toml(image, nics=0, cmdline="guest.then=panic"))
+    host.exec(["systemctl", "start", "kvm@kappa"], timeout=120)
+    journal = wait_for(host, "kvm@kappa.service", r"QEMU of guest kappa exited with status 1")
+    assert "guest kappa kernel panic" in journal
+    deadline = time.monotonic() + 30
+    while show(host, "kvm@kappa.service", "NRestarts")["NRestarts"] == "0":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    host.exec(["systemctl", "stop", "kvm@kappa"], timeout=120)
