@@ -150,23 +150,3 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
             carrier = "" if p.carrier else ", no carrier"
             print(f"  {p.name:<16} {owner:<22} {p.mac}{carrier}")
     return ExitStatus.OK
-
-
-def add_commands(sub: Any, add: Any) -> None:
-    bridge = sub.add_parser("bridge", help="create or show the bridges guests attach to",
-                            description="create or show the bridges guests attach to")
-    bsub = bridge.add_subparsers(dest="bridge_command", metavar="COMMAND",
-                                 parser_class=type(bridge))
-    bsub.required = True
-    sp = add(bsub, "ensure", cmd_ensure,
-             "create or adjust a bridge (default: the host's bridge, br-kvm) with the "
-             "seed's settings: STP off, forward delay 9 s, hello 2 s, max age 12 s")
-    sp.add_argument("name", nargs="?", metavar="NAME")
-    sp.add_argument("--uplink", metavar="IFACE", help="enslave this interface")
-    sp.add_argument("--address", metavar="CIDR", help="give the bridge this address")
-    sp.add_argument("--persist", action="store_true",
-                    help="record it in /etc/kvmagent/bridges/NAME.toml, created at boot")
-    sp.add_argument("--all", action="store_true",
-                    help="ensure every bridge recorded in /etc/kvmagent/bridges/")
-    sp = add(bsub, "show", cmd_show, "list bridges with their ports and the guests of taps")
-    sp.add_argument("--json", action="store_true", help="machine-readable output")

@@ -1,139 +1,25 @@
 """The kvmagent command line.  Every expected failure is a KvmagentError,
-printed as one message (plus a hint) with a documented exit status."""
+printed as one message (plus a hint) with a documented exit status.
+
+Command implementations are imported only when their command runs:
+`kvmagent run` is the long-lived supervisor of a guest, and must not carry
+the configuration machinery or pyroute2/pystemd/pydbus for its lifetime."""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
-from . import __version__, bridges, control
+from . import __version__
 from .errors import EXIT_STATUS_HELP, ExitStatus, KvmagentError
-from .guests import check_unique, guest_names, load_guest, load_host_config
-from .hostcheck import check_host
-from .model import Guest, HostConfig
-from .names import scope_unit
 from .paths import Paths
-from .qemu import Sockets, qemu_argv
-from .scope import render_settings, scope_settings
-from .show import list_row, render_argv, render_config
-
-Command = Callable[[argparse.Namespace, Paths], int]
 
 
 def _err(text: str) -> None:
     print(f"kvmagent: {text}", file=sys.stderr)
-
-
-def cmd_validate(args: argparse.Namespace, paths: Paths) -> int:
-    host = load_host_config(paths)
-    names = args.names or guest_names(paths)
-    status = ExitStatus.OK
-    good: list[Guest] = []
-    for name in names:
-        try:
-            guest = load_guest(paths, name, host)
-            if args.host:
-                _, problems = check_host(guest, host)
-                if problems:
-                    for p in problems:
-                        _err(str(p))
-                    status = max(status, ExitStatus.HOST_NOT_READY)
-                    continue
-        except KvmagentError as e:
-            _err(str(e))
-            status = max(status, e.status)
-            continue
-        good.append(guest)
-        print(f"{name}: ok")
-    # Cross-guest checks (MACs, taps, disks) always look at every defined
-    # guest, so validating one guest catches a clash with another.
-    others = [] if not args.names else _load_quietly(paths, host, set(args.names))
-    try:
-        check_unique(others + good)
-    except KvmagentError as e:
-        _err(str(e))
-        status = max(status, e.status)
-    if not names:
-        print(f"no guests defined in {paths.guests_dir}")
-    return status
-
-
-def _load_quietly(paths: Paths, host: HostConfig, skip: set[str]) -> list[Guest]:
-    out = []
-    for name in guest_names(paths):
-        if name not in skip:
-            try:
-                out.append(load_guest(paths, name, host))
-            except KvmagentError:
-                pass  # reported when that guest itself is validated
-    return out
-
-
-def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
-    host = load_host_config(paths)
-    guest = load_guest(paths, args.name, host)
-    facts, problems = check_host(guest, host)
-    argv = qemu_argv(guest, host, facts, Sockets.in_dir(paths.guest_runtime(guest.name)))
-    settings = scope_settings(guest, host, facts)
-    if args.json:
-        from .show import effective_config
-        doc: dict[str, Any] = {
-            "name": guest.name, "config_file": str(guest.config_file),
-            "config": effective_config(guest), "origin": guest.origin,
-            "accel": str(facts.accel), "argv": argv,
-            "scope": {"unit": scope_unit(guest.name), "settings": dict(settings)},
-            "notices": list(facts.notices), "problems": [str(p) for p in problems],
-        }
-        json.dump(doc, sys.stdout, indent=2)
-        print()
-        return ExitStatus.OK
-    print(f"# guest {guest.name}: {guest.config_file}")
-    print("\n".join(render_config(guest, paths.config_dir)))
-    print(f"\n# QEMU command line (accel {facts.accel})")
-    print("\n".join(render_argv(argv)))
-    print(f"\n# systemd settings of {scope_unit(guest.name)}")
-    print("\n".join(render_settings(settings)))
-    for n in facts.notices:
-        print(f"\n# notice: {n}")
-    for p in problems:
-        print(f"\n# host not ready: {p}")
-    return ExitStatus.OK
-
-
-def cmd_list(args: argparse.Namespace, paths: Paths) -> int:
-    host = load_host_config(paths)
-    rows: list[dict[str, Any]] = []
-    for name in guest_names(paths):
-        try:
-            row = list_row(load_guest(paths, name, host))
-            row["state"] = "defined"
-        except KvmagentError as e:
-            row = {"name": name, "state": "invalid", "error": e.message}
-        rows.append(row)
-    if args.json:
-        json.dump(rows, sys.stdout, indent=2)
-        print()
-        return ExitStatus.OK
-    if not rows:
-        print(f"no guests defined in {paths.guests_dir}")
-        return ExitStatus.OK
-    print(f"{'NAME':<16} {'STATE':<8} {'CPUS':>4} {'MEMORY':>7}  DESCRIPTION")
-    for row in rows:
-        if row["state"] == "invalid":
-            print(f"{row['name']:<16} invalid  (kvmagent validate {row['name']})")
-            continue
-        mem = f"{row['memory_bytes'] >> 20}M"
-        print(f"{row['name']:<16} {row['state']:<8} {row['cpus']:>4} {mem:>7}  "
-              f"{row['description']}")
-    return ExitStatus.OK
-
-
-def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
-    from .supervisor import run
-    return run(args.name, paths)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -156,25 +42,54 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def add(subparsers: Any, name: str, fn: Command, help: str) -> argparse.ArgumentParser:
+    def add(subparsers: Any, name: str, fn: str, help: str) -> argparse.ArgumentParser:
+        """fn: "module:function" of kvmagent, imported when the command runs."""
         sp = subparsers.add_parser(name, help=help, description=help, epilog=EXIT_STATUS_HELP,
                                    formatter_class=fmt)
         sp.set_defaults(func=fn)
         return sp
 
-    sp = add(sub, "validate", cmd_validate, "check guest definitions (all, or the named ones)")
+    sp = add(sub, "validate", "commands:cmd_validate", "check guest definitions (all, or the named ones)")
     sp.add_argument("names", nargs="*", metavar="NAME")
     sp.add_argument("--host", action="store_true",
                     help="also check this host: QEMU, disks, kernel files, bridges, /dev/kvm")
-    sp = add(sub, "show", cmd_show, "show a guest's merged configuration (with the file of "
+    sp = add(sub, "show", "commands:cmd_show", "show a guest's merged configuration (with the file of "
              "each value), QEMU command line and systemd settings")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp = add(sub, "list", cmd_list, "list the defined guests")
+    sp = add(sub, "list", "commands:cmd_list", "list the defined guests")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
-    control.add_commands(sub, add)
-    bridges.add_commands(sub, add)
-    sp = add(sub, "run", cmd_run, "supervise guest NAME in the foreground: the ExecStart= of "
+    for name, text in (
+            ("start", "start guest NAME (kvm@NAME.service) and wait until it runs"),
+            ("stop", "stop guest NAME: ACPI power button, then QEMU is stopped after its "
+             "stop timeout"),
+            ("restart", "stop, then start guest NAME")):
+        sp = add(sub, name, f"control:cmd_{name}", text)
+        sp.add_argument("name", metavar="NAME")
+        sp.add_argument("--no-block", action="store_true", help="do not wait for the job")
+        if name == "stop":
+            sp.add_argument("--force", action="store_true",
+                            help="stop QEMU at once, without the ACPI power button "
+                            "(like pulling the power cord)")
+    bridge = sub.add_parser("bridge", help="create or show the bridges guests attach to",
+                            description="create or show the bridges guests attach to",
+                            epilog=EXIT_STATUS_HELP, formatter_class=fmt)
+    bsub = bridge.add_subparsers(dest="bridge_command", metavar="COMMAND", parser_class=_Parser)
+    bsub.required = True
+    sp = add(bsub, "ensure", "bridges:cmd_ensure",
+             "create or adjust a bridge (default: the host's bridge, br-kvm) with the "
+             "seed's settings: STP off, forward delay 9 s, hello 2 s, max age 12 s")
+    sp.add_argument("name", nargs="?", metavar="NAME")
+    sp.add_argument("--uplink", metavar="IFACE", help="enslave this interface")
+    sp.add_argument("--address", metavar="CIDR", help="give the bridge this address")
+    sp.add_argument("--persist", action="store_true",
+                    help="record it in /etc/kvmagent/bridges/NAME.toml, created at boot")
+    sp.add_argument("--all", action="store_true",
+                    help="ensure every bridge recorded in /etc/kvmagent/bridges/")
+    sp = add(bsub, "show", "bridges:cmd_show",
+             "list bridges with their ports and the guests of taps")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = add(sub, "run", "supervisor:cmd_run", "supervise guest NAME in the foreground: the ExecStart= of "
              "kvm@NAME.service (start guests with systemctl start kvm@NAME)")
     sp.add_argument("name", metavar="NAME")
     return p
@@ -186,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.config_dir:
         paths = Paths(config_dir=paths.config_dir.__class__(args.config_dir),
                       state_dir=paths.state_dir, runtime_dir=paths.runtime_dir)
+    module, _, function = args.func.partition(":")
     try:
-        return int(args.func(args, paths))
+        func = getattr(importlib.import_module(f"kvmagent.{module}"), function)
+        return int(func(args, paths))
     except KvmagentError as e:
         _err(str(e))
         return int(e.status)

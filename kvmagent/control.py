@@ -58,18 +58,3 @@ def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
 
 def cmd_restart(args: argparse.Namespace, paths: Paths) -> int:
     return _job("restart", args, paths)
-
-
-def add_commands(sub: Any, add: Any) -> None:
-    for name, fn, text in (
-            ("start", cmd_start, "start guest NAME (kvm@NAME.service) and wait until it runs"),
-            ("stop", cmd_stop, "stop guest NAME: ACPI power button, then QEMU is stopped after "
-             "its stop timeout"),
-            ("restart", cmd_restart, "stop, then start guest NAME")):
-        sp = add(sub, name, fn, text)
-        sp.add_argument("name", metavar="NAME")
-        sp.add_argument("--no-block", action="store_true", help="do not wait for the job")
-        if name == "stop":
-            sp.add_argument("--force", action="store_true",
-                            help="stop QEMU at once, without the ACPI power button "
-                            "(like pulling the power cord)")

@@ -25,11 +25,12 @@ from .errors import ExitStatus, KvmagentError
 MAX_MESSAGE = 1 << 20
 MAX_FDS = 64
 
-Call = Callable[..., tuple[Any, list[int]]]
+# A function, or "module:function" so that the caller need not import it.
+Call = Callable[..., tuple[Any, list[int]]] | str
 
 
 def _name(fn: Any) -> str:
-    return str(getattr(fn, "__name__", fn))
+    return str(getattr(fn, "__name__", fn)).rpartition(":")[2]
 
 
 class Child:
@@ -70,6 +71,9 @@ class Child:
                 reply: tuple[str, Any] = ("crash", failure)
             else:
                 fn, args = pickle.loads(request)
+                if isinstance(fn, str):  # "module:function", imported here only
+                    module, _, attr = fn.partition(":")
+                    fn = getattr(importlib.import_module(module), attr)
                 value, fds = fn(*args)
                 reply = ("ok", value)
         except KvmagentError as e:

@@ -7,12 +7,13 @@ everything, so tests (and admins trying things out) never touch the host.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 
-@dataclass(frozen=True)
-class Paths:
+class Paths(NamedTuple):
+    # A NamedTuple, not a dataclass: the long-lived supervisor imports this,
+    # and dataclasses pulls in inspect (a few MiB per guest).
     config_dir: Path
     state_dir: Path
     runtime_dir: Path

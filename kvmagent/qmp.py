@@ -39,7 +39,10 @@ class Qmp:
         ready, _, _ = select.select([self.sock], [], [], max(timeout, 0))
         if not ready:
             return True
-        data = self.sock.recv(65536)
+        try:
+            data = self.sock.recv(65536)
+        except OSError:  # ECONNRESET when QEMU quits: the same as EOF
+            data = b""
         if not data:
             self.closed = True
             return False

@@ -26,23 +26,18 @@ import socket
 import subprocess
 import time
 from contextlib import ExitStack, suppress
-from pathlib import Path
 from typing import Any
 
-from . import forkcall, names
+from . import forkcall
 from .errors import ExitStatus, KvmagentError
-from .guests import load_guest, load_host_config
-from .hostcheck import check_host, default_kvm_probe
-from .model import Guest, HostConfig, NicMode, OnPoweroff
 from .paths import Paths
-from .qemu import HostFacts, Sockets, qemu_argv
 from .qmp import Qmp, QmpError
-from .scope import scope_settings
 from .sdnotify import Journal, notify
 
+# Kept to the standard library and kvmagent's light modules: the heavy
+# start-up steps are in kvmagent.startup and run in forked children.
 POWERDOWN_INTERVAL = 3.0  # seconds between presses of the ACPI power button
 QUIT_GRACE = 5.0  # after `quit`, before SIGKILL
-DEVICE_POLL = 0.5
 
 # MESSAGE_IDs of the lifecycle messages (explained in units/kvmagent.catalog).
 MSG_STARTING = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b01"
@@ -64,55 +59,15 @@ def console_text(line: bytes) -> bytes:
     return _CONTROLS.sub(b"", _ESCAPES.sub(b"", line.rstrip(b"\r")))
 
 
+def _fill(arg: str, values: dict[str, str]) -> str:
+    for token, value in values.items():
+        arg = arg.replace(token, value)
+    return arg
+
+
 def systemd_booted() -> bool:
     """sd_booted(3): is this host running systemd as PID 1?"""
     return os.path.isdir("/run/systemd/system")
-
-
-# -- steps that run in forked children --------------------------------------
-
-def _open_taps(guest: Guest, vhost: bool) -> tuple[dict[int, str], list[int]]:
-    """Open and enslave every bridged NIC's tap (one fd per queue, and a
-    vhost-net fd per queue where the host has vhost-net).  Value: nic index
-    -> QEMU's -netdev tap options naming the fds' positions in the list as
-    {N}; the caller fills in the fd numbers."""
-    from . import netdev  # pyroute2: only in this child
-    fds: list[int] = []
-    options: dict[int, str] = {}
-    try:
-        for nic in guest.nics:
-            if nic.mode is not NicMode.BRIDGE:
-                continue
-            taps = [len(fds) + i for i in range(nic.queues)]
-            fds += netdev.open_tap(nic.tap, str(nic.bridge), queues=nic.queues)
-            vhosts = []
-            for _ in range(nic.queues if vhost else 0):
-                vfd = netdev.vhost_fd()
-                if vfd is None:
-                    break
-                vhosts.append(len(fds))
-                fds.append(vfd)
-            key = "fd" if nic.queues == 1 else "fds"
-            opt = f"{key}=" + ":".join(f"{{{i}}}" for i in taps)
-            if vhosts:
-                opt += f",v{'hostfd' if nic.queues == 1 else 'hostfds'}=" + \
-                    ":".join(f"{{{i}}}" for i in vhosts)
-            options[nic.index] = opt
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return options, fds
-
-
-def _make_scope(guest: Guest, host: HostConfig, facts: HostFacts, pid: int,
-                taps: list[str]) -> tuple[None, list[int]]:
-    from . import machined, systemd  # pystemd, pydbus: only in this child
-    systemd.start_scope(names.scope_unit(guest.name), pid, scope_settings(guest, host, facts) +
-                        [("PIDs", [pid])])
-    ifindices = [socket.if_nametoindex(t) for t in taps]
-    machined.register(guest.name, guest.uuid, pid, ifindices)
-    return None, []
 
 
 # -- the supervisor ----------------------------------------------------------
@@ -122,7 +77,6 @@ class Supervisor:
         self.name = name
         self.paths = paths
         self.journal = Journal()
-        self.unit = names.service_unit(name)
         self.qemu: subprocess.Popen[bytes] | None = None
         self.qmp: Qmp | None = None
         self.console: socket.socket | None = None
@@ -138,51 +92,23 @@ class Supervisor:
         self.journal.send(message, priority, **fields)
 
     # -- start --------------------------------------------------------------
-    def load(self) -> tuple[Guest, HostConfig]:
-        host = load_host_config(self.paths)
-        return load_guest(self.paths, self.name, host), host
-
-    def wait_for_host(self, guest: Guest, host: HostConfig) -> HostFacts:
-        """Bridges and block devices may appear late at boot: retry the host
-        checks until host.device_timeout, then fail naming what is missing."""
-        probed: list[tuple[bool, str]] = []
-
-        def probe() -> tuple[bool, str]:  # the KVM probe forks: once is enough
-            if not probed:
-                probed.append(default_kvm_probe())
-            return probed[0]
-
-        deadline = time.monotonic() + host.device_timeout
-        while True:
-            facts, problems = check_host(guest, host, kvm_probe=probe)
-            if not problems:
-                for n in facts.notices:
-                    self.log(n, 5)
-                return facts
-            if time.monotonic() >= deadline or any("KVM" in p.message for p in problems):
-                for p in problems[1:]:
-                    self.log(str(p), 3)
-                raise problems[0]
-            notify("STATUS=waiting for: " + "; ".join(p.message for p in problems))
-            time.sleep(DEVICE_POLL)
-
     def start(self, stack: ExitStack) -> None:
         # Fork the helpers first, so that their imports (pyroute2 ~250 ms,
         # pystemd and pydbus ~120 ms) overlap with loading the guest.
-        net = forkcall.Child(preload=("kvmagent.netdev",))
+        net = forkcall.Child(preload=("kvmagent.startup", "kvmagent.netdev"))
         stack.callback(net.close)
-        sysd = (forkcall.Child(preload=("kvmagent.systemd", "kvmagent.machined"))
+        sysd = (forkcall.Child(preload=("kvmagent.startup", "kvmagent.systemd",
+                                        "kvmagent.machined"))
                 if systemd_booted() else None)
         if sysd is not None:
             stack.callback(sysd.close)
-        guest, host = self.load()
-        self.guest, self.host = guest, host
-        self.log(f"starting guest {guest.name} ({guest.cpus} vCPU, "
-                 f"{guest.memory >> 20} MiB)", 6, MSG_STARTING)
-        facts = self.wait_for_host(guest, host)
-
-        if any(n.mode is NicMode.BRIDGE for n in guest.nics):
-            taps, tap_fds = net.call(_open_taps, guest, facts.vhost_net)
+        plan, _ = forkcall.call("kvmagent.startup:prepare", self.name, self.paths,
+                                timeout=86400)  # bounded by device_timeout itself
+        self.plan = plan
+        self.log(f"starting guest {self.name} ({plan['cpus']} vCPU, "
+                 f"{plan['memory_mib']} MiB)", 6, MSG_STARTING)
+        if plan["taps"]:
+            taps, tap_fds = net.call("kvmagent.startup:open_taps", plan["taps"], plan["vhost"])
         else:
             net.close()
             taps, tap_fds = {}, []
@@ -190,12 +116,9 @@ class Supervisor:
         con_ours, con_theirs = socket.socketpair()
         for s in (qmp_ours, con_ours):
             stack.callback(s.close)
-        tap_opts = {index: opt.format(*tap_fds) for index, opt in taps.items()}
-        sockets = Sockets(qmp=f"fd={qmp_theirs.fileno()}",
-                          console=f"fd={con_theirs.fileno()}" if guest.console.serial else None,
-                          taps=tap_opts)
-        argv = qemu_argv(guest, host, facts, sockets)
-        argv.insert(1, "-S")
+        fill = {"\0qmp\0": str(qmp_theirs.fileno()), "\0console\0": str(con_theirs.fileno())}
+        fill |= {f"\0tap{index}\0": opt.format(*tap_fds) for index, opt in taps.items()}
+        argv = [_fill(arg, fill) for arg in plan["argv"]]
         passed = [qmp_theirs.fileno(), con_theirs.fileno(), *tap_fds]
         try:
             self.qemu = subprocess.Popen(argv, pass_fds=passed, stdin=subprocess.DEVNULL)
@@ -208,11 +131,10 @@ class Supervisor:
         stack.callback(self._reap)
         self.started = time.monotonic()
         self.qmp = Qmp(qmp_ours, timeout=30)
-        self.console = con_ours if guest.console.serial else None
+        self.console = con_ours if plan["serial"] else None
 
         if sysd is not None:
-            bridged = [n.tap for n in guest.nics if n.mode is NicMode.BRIDGE]
-            sysd.call(_make_scope, guest, host, facts, self.qemu.pid, bridged)
+            sysd.call("kvmagent.startup:make_scope", plan, self.qemu.pid)
         else:
             self.log("not booted with systemd: QEMU stays in this process's cgroup, "
                      "no machined registration", 4)
@@ -221,7 +143,7 @@ class Supervisor:
         if status.get("status") != "running":
             raise KvmagentError(f"QEMU did not start the guest: status {status.get('status')}")
         notify("READY=1", f"STATUS=running, QEMU pid {self.qemu.pid}")
-        self.log(f"guest {guest.name} running, QEMU pid {self.qemu.pid}", 6, MSG_RUNNING)
+        self.log(f"guest {self.name} running, QEMU pid {self.qemu.pid}", 6, MSG_RUNNING)
 
     def _reap(self) -> None:
         if self.qemu is not None and self.qemu.poll() is None:
@@ -251,7 +173,7 @@ class Supervisor:
             if kind == "SHUTDOWN" and data.get("guest"):
                 self.guest_poweroff = data.get("reason") == "guest-shutdown"
                 if self.guest_poweroff:
-                    keep = self.guest.on_poweroff is OnPoweroff.KEEP and not self.stopping
+                    keep = self.plan["keep"] and not self.stopping
                     self.log(f"guest {self.name} powered off" +
                              ("; QEMU kept (on_poweroff = keep)" if keep else ""),
                              6, MSG_POWEREDOFF)
@@ -307,7 +229,10 @@ class Supervisor:
                         self.qemu.kill()
                     elif signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                         self.stopping = True
-                        deadline = time.monotonic() + self.guest.stop_timeout
+                        # A guest that is already off (on_poweroff = keep) needs no
+                        # power button: QEMU is stopped at once.
+                        deadline = time.monotonic() + (
+                            0 if self.guest_poweroff else self.plan["stop_timeout"])
                         next_press = time.monotonic()
             if self.console is not None and self.console in ready:
                 self._console_data()
@@ -325,8 +250,11 @@ class Supervisor:
                     self._press_power_button()
                     next_press = now + POWERDOWN_INTERVAL
                 elif not quit_sent:
-                    self.log(f"guest {self.name} did not power off within "
-                             f"{self.guest.stop_timeout:g} s; stopping QEMU", 4)
+                    if self.guest_poweroff:
+                        self.log(f"guest {self.name} is powered off; stopping QEMU", 6)
+                    else:
+                        self.log(f"guest {self.name} did not power off within "
+                                 f"{self.plan['stop_timeout']:g} s; stopping QEMU", 4)
                     with suppress(KvmagentError, OSError):
                         self.qmp.execute("quit", timeout=2.0)
                     quit_sent = True
@@ -370,3 +298,7 @@ def run(name: str, paths: Paths) -> int:
             notify(f"STATUS={e.message}")
             return int(e.status)
         return sup.run()
+
+
+def cmd_run(args: Any, paths: Paths) -> int:
+    return run(args.name, paths)

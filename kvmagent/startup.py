@@ -1,0 +1,119 @@
+"""The supervisor's start-up steps that run in short-lived forked children
+(kvmagent.forkcall), so that the long-lived supervisor never imports the
+configuration machinery, pyroute2, pystemd or pydbus.  Each step returns
+plain data (and fds): nothing that would make the parent import them when
+unpickling."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+from . import names
+from .guests import load_guest, load_host_config
+from .hostcheck import check_host, default_kvm_probe
+from .model import Guest, HostConfig, NicMode, OnPoweroff
+from .paths import Paths
+from .qemu import HostFacts, Sockets, qemu_argv
+from .scope import scope_settings
+from .sdnotify import Journal, notify
+
+DEVICE_POLL = 0.5
+# Placeholders in the argv for fds that only the parent knows the numbers of.
+QMP_FD = "\0qmp\0"
+CONSOLE_FD = "\0console\0"
+
+
+def tap_token(index: int) -> str:
+    return f"\0tap{index}\0"
+
+
+def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts:
+    """Bridges and block devices may appear late at boot: retry the host
+    checks until host.device_timeout, then fail naming what is missing."""
+    probed: list[tuple[bool, str]] = []
+
+    def probe() -> tuple[bool, str]:  # the KVM probe forks: once is enough
+        if not probed:
+            probed.append(default_kvm_probe())
+        return probed[0]
+
+    deadline = time.monotonic() + host.device_timeout
+    while True:
+        facts, problems = check_host(guest, host, kvm_probe=probe)
+        if not problems:
+            for n in facts.notices:
+                journal.send(n, 5, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
+            return facts
+        if time.monotonic() >= deadline or any("KVM" in p.message for p in problems):
+            for p in problems[1:]:
+                journal.send(str(p), 3, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
+            raise problems[0]
+        notify("STATUS=waiting for: " + "; ".join(p.message for p in problems))
+        time.sleep(DEVICE_POLL)
+
+
+def prepare(name: str, paths: Paths) -> tuple[dict[str, Any], list[int]]:
+    """Load and check the guest, wait for its devices, and make its QEMU
+    command line (with placeholders for the fds) and scope settings."""
+    host = load_host_config(paths)
+    guest = load_guest(paths, name, host)
+    facts = wait_for_host(guest, host, Journal())
+    bridged = [n for n in guest.nics if n.mode is NicMode.BRIDGE]
+    sockets = Sockets(qmp=f"fd={QMP_FD}",
+                      console=f"fd={CONSOLE_FD}" if guest.console.serial else None,
+                      taps={n.index: tap_token(n.index) for n in bridged})
+    argv = qemu_argv(guest, host, facts, sockets)
+    argv.insert(1, "-S")
+    plan = {
+        "name": guest.name, "uuid": guest.uuid, "cpus": guest.cpus,
+        "memory_mib": guest.memory >> 20, "stop_timeout": guest.stop_timeout,
+        "keep": guest.on_poweroff is OnPoweroff.KEEP, "serial": guest.console.serial,
+        "argv": argv, "vhost": facts.vhost_net,
+        "taps": [(n.index, n.tap, str(n.bridge), n.queues) for n in bridged],
+        "scope_unit": names.scope_unit(guest.name),
+        "scope": scope_settings(guest, host, facts),
+    }
+    return plan, []
+
+
+def open_taps(taps: list[tuple[int, str, str, int]],
+              vhost: bool) -> tuple[dict[int, str], list[int]]:
+    """Open and enslave each tap (one fd per queue, and a vhost-net fd per
+    queue where the host has vhost-net).  Value: nic index -> QEMU's
+    -netdev tap options naming the fds' positions in the list as {N}."""
+    from . import netdev  # pyroute2
+    fds: list[int] = []
+    options: dict[int, str] = {}
+    try:
+        for index, tap, bridge, queues in taps:
+            tap_pos = [len(fds) + i for i in range(queues)]
+            fds += netdev.open_tap(tap, bridge, queues=queues)
+            vhost_pos = []
+            for _ in range(queues if vhost else 0):
+                vfd = netdev.vhost_fd()
+                if vfd is None:
+                    break
+                vhost_pos.append(len(fds))
+                fds.append(vfd)
+            plural = "" if queues == 1 else "s"
+            opt = f"fd{plural}=" + ":".join(f"{{{i}}}" for i in tap_pos)
+            if vhost_pos:
+                opt += f",vhostfd{plural}=" + ":".join(f"{{{i}}}" for i in vhost_pos)
+            options[index] = opt
+    except BaseException:
+        import os
+        for fd in fds:
+            os.close(fd)
+        raise
+    return options, fds
+
+
+def make_scope(plan: dict[str, Any], pid: int) -> tuple[None, list[int]]:
+    """Move QEMU into its scope and register the guest with machined."""
+    from . import machined, systemd  # pystemd, pydbus
+    systemd.start_scope(plan["scope_unit"], pid, plan["scope"] + [("PIDs", [pid])])
+    ifindices = [socket.if_nametoindex(tap) for _, tap, _, _ in plan["taps"]]
+    machined.register(plan["name"], plan["uuid"], pid, ifindices)
+    return None, []
