@@ -11,7 +11,7 @@ DEB_DEPS := python3-pystemd python3-pydbus python3-pyroute2 python3-systemd pyth
 	python3-pytest qemu-system-x86 qemu-utils ipxe-qemu seabios systemd systemd-container \
 	dbus debootstrap busybox-static iproute2
 
-.PHONY: setup check unit demo clean-tests
+.PHONY: setup check unit demo bench clean-tests
 
 setup:
 	apt-get install -y -q --no-install-recommends $(DEB_DEPS)
@@ -26,6 +26,13 @@ unit:
 
 demo: setup
 	$(PYTHON) -m tests.harness demo
+
+# Benchmarks (printed tables, not tests): taps over netlink vs ip; start and
+# stop of a guest, bare QEMU vs kvmagent; the supervisors' memory.
+bench: setup
+	$(PYTHON) -m compileall -q kvmagent
+	$(PYTHON) bench/bench_taps.py
+	$(PYTHON) bench/bench_lifecycle.py
 
 # Remove whatever an interrupted test run left behind (containers, mounts, netns).
 clean-tests:

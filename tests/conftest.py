@@ -43,3 +43,16 @@ def pytest_terminal_summary(terminalreporter):  # type: ignore[no-untyped-def]
     terminalreporter.section("not exercised on this machine")
     for line in NOT_EXERCISED:
         terminalreporter.write_line(f"- {line}")
+
+
+@pytest.fixture(scope="session")
+def guest_image():  # type: ignore[no-untyped-def]
+    """The tiny test guest (built by `make setup`) for tests that run QEMU."""
+    from tests.guest.build import GuestBuildError, find_guest
+    from tests.guest.qemu_helpers import qemu_available
+    if not qemu_available():
+        pytest.skip("qemu-system-x86_64 is not installed: run `make setup`")
+    try:
+        return find_guest()
+    except GuestBuildError as e:
+        pytest.skip(str(e))

@@ -3,19 +3,16 @@
 * Console: the client end of QEMU's serial `-chardev socket`; collects
   everything into a buffer and matches markers in text without \\r and
   ANSI escapes.
-* Qmp: a minimal QMP client (raw recv + a buffer: socket.makefile() is
-  unusable after a read timeout, see guest.md pitfall 8).
+* Qmp: kvmagent's QMP client (kvmagent.qmp), plus poll_events().
 * boot(): starts QEMU with the baseline command of guest.md, connects both,
   and kills QEMU on the way out whatever happened.
 
-stdlib only, so the tests can use it without kvmagent being importable.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import re
 import select
@@ -26,6 +23,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvmagent.qmp import Qmp as _Qmp
+from kvmagent.qmp import QmpError
 from tests.guest.build import GuestImage
 
 QEMU = "qemu-system-x86_64"
@@ -100,71 +99,18 @@ class Console:
         self.sock.close()
 
 
-class QmpError(RuntimeError):
-    pass
-
-
-class Qmp:
-    """A minimal QMP client: execute() returns "return"; events are kept."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = b""
-        self.events: list[dict[str, Any]] = []
-        self.greeting = self._read(10.0)
-        self.execute("qmp_capabilities")
-
-    def _read(self, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buffer:
-            remaining = deadline - time.monotonic()
-            ready, _, _ = select.select([self.sock], [], [], max(remaining, 0))
-            if not ready:
-                raise TimeoutError(f"no QMP message within {timeout} s")
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError("QMP connection closed")
-            self.buffer += data
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-    def execute(self, command: str, timeout: float = 10.0, **arguments: Any) -> Any:
-        request: dict[str, Any] = {"execute": command}
-        if arguments:
-            request["arguments"] = arguments
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
-        deadline = time.monotonic() + timeout
-        while True:
-            message = self._read(deadline - time.monotonic())
-            if "event" in message:
-                self.events.append(message)
-            elif "error" in message:
-                raise QmpError(f"{command}: {message['error'].get('desc', message['error'])}")
-            elif "return" in message:
-                return message["return"]
-
-    def wait_event(self, name: str, timeout: float) -> dict[str, Any]:
-        """The first event called name (also one that came earlier)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            for event in self.events:
-                if event["event"] == name:
-                    return event
-            self.events.append(self._read(deadline - time.monotonic()))
+class Qmp(_Qmp):
+    """kvmagent's own QMP client, plus what tests need: poll_events()."""
 
     def poll_events(self, timeout: float = 0.0) -> None:
         """Collect events that have arrived, waiting up to timeout for one;
         stops quietly when QEMU has closed the connection."""
-        with contextlib.suppress(TimeoutError, EOFError):
+        with contextlib.suppress(QmpError):
             while True:
                 message = self._read(timeout)
                 if "event" in message:
                     self.events.append(message)
                 timeout = 0.0
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def baseline_argv(image: GuestImage, rundir: Path, append: str = "",

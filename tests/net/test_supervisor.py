@@ -17,21 +17,14 @@ import pytest
 
 from kvmagent import netdev
 from kvmagent.errors import ExitStatus
-from tests.guest.build import GuestBuildError, find_guest
-from tests.guest.qemu_helpers import qemu_available
 
 pytestmark = [pytest.mark.net, pytest.mark.qemu]
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def image():
-    if not qemu_available():
-        pytest.skip("qemu-system-x86_64 is not installed: run `make setup`")
-    try:
-        return find_guest()
-    except GuestBuildError as e:
-        pytest.skip(str(e))
+def image(guest_image):  # type: ignore[no-untyped-def]
+    return guest_image
 
 
 def write_guest(tmp: Path, image, tables: str = "", cmdline: str = "", top: str = "") -> Path:

@@ -25,8 +25,7 @@ from kvmagent.hostcheck import check_host
 from kvmagent.model import Accel, Kernel, Media, NicMode
 from kvmagent.paths import Paths
 from kvmagent.qemu import HostFacts, Sockets, qemu_argv
-from tests.guest.build import GuestBuildError, find_guest
-from tests.guest.qemu_helpers import Console, Qmp, connect_unix, qemu_available
+from tests.guest.qemu_helpers import Console, Qmp, connect_unix
 
 pytestmark = pytest.mark.qemu
 
@@ -36,13 +35,8 @@ SEED_GUESTS = ["clone", "arkani", "arkani-serial", "arkani-virtio", "arkani-net"
 
 
 @pytest.fixture(scope="module")
-def image():
-    if not qemu_available():
-        pytest.skip("qemu-system-x86_64 is not installed: run `make setup`")
-    try:
-        return find_guest()
-    except GuestBuildError as e:
-        pytest.skip(str(e))
+def image(guest_image):  # type: ignore[no-untyped-def]
+    return guest_image
 
 
 def _start(argv: list[str], rundir: Path) -> subprocess.Popen[bytes]:
