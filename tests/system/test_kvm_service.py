@@ -233,3 +233,10 @@ def test_guest_kernel_panic_is_a_failure(host: TestHost, image) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.3)
     host.exec(["systemctl", "stop", "kvm@kappa"], timeout=120)
+
+
+@pytest.mark.parametrize("unit", ["kvm@demo.service", "kvmagent-bridges.service"])
+def test_units_verify_clean(host: TestHost, unit: str) -> None:
+    # --man=no: the man pages named in Documentation= come with the package.
+    r = host.exec(["systemd-analyze", "verify", "--man=no", unit], check=False)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
