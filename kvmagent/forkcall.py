@@ -36,13 +36,15 @@ def _name(fn: Any) -> str:
 class Child:
     """A forked child that imports PRELOAD at once, then runs one call."""
 
-    def __init__(self, preload: tuple[str, ...] = ()) -> None:
+    def __init__(self, preload: tuple[str, ...] = (), nice: int = 0) -> None:
         self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.pid = os.fork()
         if self.pid == 0:  # child: never return into the caller's code
             code = 0
             try:
                 self.ours.close()
+                if nice:
+                    os.nice(nice)
                 self._serve(theirs, preload)
             except BaseException:  # noqa: BLE001
                 code = 1
