@@ -18,15 +18,9 @@ from .paths import Paths
 from .qemu import HostFacts, Sockets, qemu_argv
 from .scope import scope_settings
 from .sdnotify import Journal, notify
+from .supervisor import CONSOLE_FD, QMP_FD, tap_token
 
 DEVICE_POLL = 0.5
-# Placeholders in the argv for fds that only the parent knows the numbers of.
-QMP_FD = "\0qmp\0"
-CONSOLE_FD = "\0console\0"
-
-
-def tap_token(index: int) -> str:
-    return f"\0tap{index}\0"
 
 
 def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts:

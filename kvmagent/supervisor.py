@@ -9,12 +9,12 @@ Start: load and validate (exit 6 on a bad config), wait a bounded time for
 bridges and disks (exit 5), open taps, start QEMU paused (-S) with QMP and
 the serial console on socketpairs, move QEMU into kvm-NAME.scope, register
 with machined, `cont`, READY=1.  Run: the console goes to the journal;
-WATCHDOG=1 only while QMP answers.  SIGUSR1 (`kvmagent stop --force`): QEMU is killed at once, no ACPI.
-Stop (SIGTERM): the ACPI power button,
+WATCHDOG=1 only while QMP answers.  Stop (SIGTERM): the ACPI power button,
 pressed again every few seconds (an early press is lost), until the guest's
 stop timeout, extending systemd's stop timeout as it goes; then `quit`, then
-SIGKILL.  Exit 0 when the guest powered itself off or was stopped, 1 when
-QEMU died otherwise (systemd restarts it)."""
+SIGKILL.  SIGUSR1 (`kvmagent stop --force`): QEMU is killed at once, no
+ACPI.  Exit 0 when the guest powered itself off or was stopped, 1 when QEMU
+died otherwise (systemd restarts it)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from .sdnotify import Journal, notify
 POWERDOWN_INTERVAL = 3.0  # seconds between presses of the ACPI power button
 QUIT_GRACE = 5.0  # after `quit`, before SIGKILL
 
-# MESSAGE_IDs of the lifecycle messages (explained in units/kvmagent.catalog).
+# MESSAGE_IDs of the lifecycle messages: journalctl MESSAGE_ID=... finds them.
 MSG_STARTING = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b01"
 MSG_RUNNING = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b02"
 MSG_POWERDOWN = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b03"
@@ -57,6 +57,16 @@ _CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
 
 def console_text(line: bytes) -> bytes:
     return _CONTROLS.sub(b"", _ESCAPES.sub(b"", line.rstrip(b"\r")))
+
+
+# Placeholders in the argv that kvmagent.startup makes, for the fds whose
+# numbers only this process knows.
+QMP_FD = "\0qmp\0"
+CONSOLE_FD = "\0console\0"
+
+
+def tap_token(index: int) -> str:
+    return f"\0tap{index}\0"
 
 
 def _fill(arg: str, values: dict[str, str]) -> str:
@@ -120,8 +130,8 @@ class Supervisor:
         con_ours, con_theirs = socket.socketpair()
         for s in (qmp_ours, con_ours):
             stack.callback(s.close)
-        fill = {"\0qmp\0": str(qmp_theirs.fileno()), "\0console\0": str(con_theirs.fileno())}
-        fill |= {f"\0tap{index}\0": opt.format(*tap_fds) for index, opt in taps.items()}
+        fill = {QMP_FD: str(qmp_theirs.fileno()), CONSOLE_FD: str(con_theirs.fileno())}
+        fill |= {tap_token(index): opt.format(*tap_fds) for index, opt in taps.items()}
         argv = [_fill(arg, fill) for arg in plan["argv"]]
         passed = [qmp_theirs.fileno(), con_theirs.fileno(), *tap_fds]
         try:
