@@ -11,7 +11,7 @@ DEB_DEPS := python3-pystemd python3-pydbus python3-pyroute2 python3-systemd pyth
 	python3-pytest qemu-system-x86 qemu-utils ipxe-qemu seabios systemd systemd-container \
 	dbus debootstrap busybox-static iproute2
 
-.PHONY: setup check unit demo bench clean-tests
+.PHONY: setup check unit demo bench deb clean-tests
 
 setup:
 	apt-get install -y -q --no-install-recommends $(DEB_DEPS)
@@ -33,6 +33,16 @@ bench: setup
 	$(PYTHON) -m compileall -q kvmagent
 	$(PYTHON) bench/bench_taps.py
 	$(PYTHON) bench/bench_lifecycle.py
+
+# The Debian package, built from the committed tree (git archive) into build/.
+DEB_BUILD_DEPS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	python3-pytest build-essential fakeroot lintian man-db
+deb:
+	apt-get install -y -q --no-install-recommends $(DEB_BUILD_DEPS)
+	rm -rf build/deb && mkdir -p build/deb
+	git archive HEAD | tar -x -C build/deb
+	cd build/deb && dpkg-buildpackage -us -uc -b
+	lintian -I --pedantic build/kvmagent_*.changes
 
 # Remove whatever an interrupted test run left behind (containers, mounts, netns).
 clean-tests:
