@@ -10,11 +10,14 @@ export DEBIAN_FRONTEND := noninteractive
 DEB_DEPS := python3-pystemd python3-pydbus python3-pyroute2 python3-systemd python3-gi \
 	python3-pytest qemu-system-x86 qemu-utils ipxe-qemu seabios systemd systemd-container \
 	dbus debootstrap busybox-static iproute2
+# What building the package needs (make deb, and tests/system/test_package.py).
+DEB_BUILD_DEPS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+	python3-pytest build-essential fakeroot lintian man-db git
 
 .PHONY: setup check unit demo bench deb clean-tests
 
 setup:
-	apt-get install -y -q --no-install-recommends $(DEB_DEPS)
+	apt-get install -y -q --no-install-recommends $(DEB_DEPS) $(DEB_BUILD_DEPS)
 	$(PYTHON) tests/guest/build.py
 	$(PYTHON) -m tests.harness setup
 
@@ -35,8 +38,6 @@ bench: setup
 	$(PYTHON) bench/bench_lifecycle.py
 
 # The Debian package, built from the committed tree (git archive) into build/.
-DEB_BUILD_DEPS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-	python3-pytest build-essential fakeroot lintian man-db
 deb:
 	apt-get install -y -q --no-install-recommends $(DEB_BUILD_DEPS)
 	rm -rf build/deb && mkdir -p build/deb

@@ -1,0 +1,92 @@
+"""The Debian package on a clean Debian 12: built from this tree, installed
+with apt into a fresh systemd test host on the debootstrap root whose only
+package source is the offline repository of Debian packages made by `make
+setup` (the container has no network).  The runtime dependencies are
+purged first, so apt must bring every one of them in through Depends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import HarnessError, TestHost, rootfs
+from tests.harness.install import REPO, guest_toml
+
+pytestmark = pytest.mark.system
+BUILD_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+APT = ["-o", "Dir::Etc::SourceList=/etc/apt/offline.list", "-o", "Dir::Etc::SourceParts=-",
+       "-o", "Dir::State::Lists=/var/tmp/offline-lists"]
+RUNTIME = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
+           "systemd-container"]
+
+
+@pytest.fixture(scope="module")
+def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("dpkg-buildpackage", path=BUILD_PATH) is None:
+        pytest.fail("dpkg-buildpackage is missing: run `make setup`", pytrace=False)
+    work = tmp_path_factory.mktemp("deb")
+    src = work / "kvmagent"
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, files):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, src / name)
+    subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, check=True,
+                   capture_output=True, env={"PATH": BUILD_PATH, "DEB_BUILD_OPTIONS": "nocheck",
+                                             "HOME": str(work)})
+    (built,) = work.glob("kvmagent_*_all.deb")
+    return built
+
+
+def test_install_start_and_purge_on_clean_debian(system_ok: None, deb: Path, guest_image,
+                                                 tmp_path: Path) -> None:
+    try:
+        debs = rootfs.cached_debs()
+    except HarnessError as e:
+        pytest.fail(str(e), pytrace=False)
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    with TestHost(root="debian", bind_ro=[(debs, "/mnt/debs")], journal_dir=tmp_path) as th:
+        th.run(["apt-get", "purge", "-y", "-q", *RUNTIME], env=env)
+        th.run(["apt-get", "autoremove", "--purge", "-y", "-q"], env=env)
+        assert th.exec(["test", "-e", "/usr/lib/python3/dist-packages/pyroute2"],
+                       check=False).returncode == 1
+        th.write_file("/etc/apt/offline.list", "deb [trusted=yes] file:/mnt/debs ./\n")
+        th.exec(["mkdir", "-p", "/var/tmp/offline-lists/partial"])
+        th.run(["apt-get", *APT, "update", "-q"])
+        th.copy_in(deb, f"/var/tmp/{deb.name}")
+        install = th.run(["apt-get", *APT, "install", "-y", "-q", "--no-install-recommends",
+                          f"/var/tmp/{deb.name}"], env=env, timeout=600)
+        for dep in RUNTIME:
+            assert f"Setting up {dep} " in install.stdout, dep
+        assert not th.exec(["systemctl", "list-units", "--no-legend", "kvm@*"]).stdout.strip()
+        assert th.exec(["systemctl", "is-enabled", "kvmagent-bridges.service"],
+                       check=False).stdout.strip() == "enabled"
+        assert "/usr/share/man/man5/kvmagent.toml.5.gz" in th.exec(["dpkg", "-L", "kvmagent"]).stdout
+        # a guest, with nothing else installed by hand
+        th.copy_in(guest_image.kernel, "/var/lib/guests/vmlinuz", 0o644)
+        th.copy_in(guest_image.initrd, "/var/lib/guests/initrd.gz", 0o644)
+        th.write_file("/etc/kvmagent/kvmagent.toml.d/50-test.toml", 'accel = "tcg"\n')
+        toml = guest_toml(guest_image, nics=0).replace(str(guest_image.kernel),
+                                                       "/var/lib/guests/vmlinuz")
+        th.write_file("/etc/kvmagent/guests/demo.toml",
+                      toml.replace(str(guest_image.initrd), "/var/lib/guests/initrd.gz"))
+        assert th.run(["kvmagent", "validate", "--host"]).stdout == "demo: ok\n"
+        th.exec(["systemctl", "start", "kvm@demo"], timeout=120)
+        deadline = time.monotonic() + 120
+        while "GUEST-READY" not in th.journal("kvm@demo.service"):
+            assert time.monotonic() < deadline, th.journal("kvm@demo.service")[-3000:]
+            time.sleep(0.5)
+        assert "demo" in th.exec(["machinectl", "list", "--no-legend"]).stdout
+        th.exec(["systemctl", "stop", "kvm@demo"], timeout=120)
+        # purge: kvmagent's state and conffiles go, the admin's guest file stays
+        th.exec(["mkdir", "-p", "/var/lib/kvmagent"])
+        th.run(["dpkg", "--purge", "kvmagent"], env=env)
+        assert th.exec(["test", "-e", "/var/lib/kvmagent"], check=False).returncode == 1
+        assert th.exec(["test", "-e", "/etc/kvmagent/kvmagent.toml"], check=False).returncode == 1
+        assert th.exec(["test", "-e", "/etc/kvmagent/guests/demo.toml"]).returncode == 0
+        assert th.exec(["test", "-e", "/var/lib/guests/vmlinuz"]).returncode == 0
