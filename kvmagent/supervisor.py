@@ -28,7 +28,7 @@ import time
 from contextlib import ExitStack, suppress
 from typing import Any
 
-from . import forkcall
+from . import __version__, forkcall
 from .errors import ExitStatus, KvmagentError
 from .paths import Paths
 from .qmp import Qmp, QmpError
@@ -118,7 +118,7 @@ class Supervisor:
                                 timeout=86400)  # bounded by device_timeout itself
         self.plan = plan
         self.log(f"starting guest {self.name} ({plan['cpus']} vCPU, "
-                 f"{plan['memory_mib']} MiB)", 6, MSG_STARTING)
+                 f"{plan['memory_mib']} MiB; kvmagent {__version__})", 6, MSG_STARTING)
         if plan["taps"]:
             with suppress(OSError):  # needed after all: full speed (we are root)
                 os.setpriority(os.PRIO_PROCESS, net.pid, 0)

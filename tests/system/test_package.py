@@ -6,7 +6,7 @@ purged first, so apt must bring every one of them in through Depends."""
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
 import subprocess
 import time
@@ -25,26 +25,52 @@ RUNTIME = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system
            "systemd-container"]
 
 
-@pytest.fixture(scope="module")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("dpkg-buildpackage", path=BUILD_PATH) is None:
-        pytest.fail("dpkg-buildpackage is missing: run `make setup`", pytrace=False)
-    work = tmp_path_factory.mktemp("deb")
-    src = work / "kvmagent"
+def build(work: Path, version: str) -> Path:
+    """The package of this tree (tracked files), as version VERSION."""
+    src = work / f"kvmagent-{version}"
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True,
                            capture_output=True).stdout.decode().split("\0")
     for name in filter(None, files):
         (src / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, src / name)
+    init = src / "kvmagent" / "__init__.py"
+    init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"',
+                           init.read_text()))
+    unit = src / "units" / "kvm@.service"  # a changed unit file: systemd must reload it
+    unit.write_text(unit.read_text() + f"# kvmagent {version}\n")
+    changelog = src / "debian" / "changelog"
+    changelog.write_text(re.sub(r"^kvmagent \([^)]*\)", f"kvmagent ({version})",
+                                changelog.read_text()))
     subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, check=True,
                    capture_output=True, env={"PATH": BUILD_PATH, "DEB_BUILD_OPTIONS": "nocheck",
                                              "HOME": str(work)})
-    (built,) = work.glob("kvmagent_*_all.deb")
+    (built,) = work.glob(f"kvmagent_{version}_all.deb")
     return built
 
 
-def test_install_start_and_purge_on_clean_debian(system_ok: None, deb: Path, guest_image,
-                                                 tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def debs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if shutil.which("dpkg-buildpackage", path=BUILD_PATH) is None:
+        pytest.fail("dpkg-buildpackage is missing: run `make setup`", pytrace=False)
+    work = tmp_path_factory.mktemp("deb")
+    return build(work, "0.1.0"), build(work, "0.1.0+upgrade1")
+
+
+def wait_journal(th: TestHost, unit: str, marker: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while marker not in (text := th.journal(unit)):
+        assert time.monotonic() < deadline, text[-3000:]
+        time.sleep(0.5)
+    return text
+
+
+def main_pid(th: TestHost, unit: str) -> str:
+    return th.exec(["systemctl", "show", "-p", "MainPID", "--value", unit]).stdout.strip()
+
+
+def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[Path, Path],
+                                                   guest_image, tmp_path: Path) -> None:
+    deb, upgrade = debs
     try:
         debs = rootfs.cached_debs()
     except HarnessError as e:
@@ -76,13 +102,33 @@ def test_install_start_and_purge_on_clean_debian(system_ok: None, deb: Path, gue
         th.write_file("/etc/kvmagent/guests/demo.toml",
                       toml.replace(str(guest_image.initrd), "/var/lib/guests/initrd.gz"))
         assert th.run(["kvmagent", "validate", "--host"]).stdout == "demo: ok\n"
-        th.exec(["systemctl", "start", "kvm@demo"], timeout=120)
-        deadline = time.monotonic() + 120
-        while "GUEST-READY" not in th.journal("kvm@demo.service"):
-            assert time.monotonic() < deadline, th.journal("kvm@demo.service")[-3000:]
-            time.sleep(0.5)
+        for name in ("g1", "g2", "g3"):
+            th.exec(["cp", "/etc/kvmagent/guests/demo.toml", f"/etc/kvmagent/guests/{name}.toml"])
+        for name in ("demo", "g1"):
+            th.exec(["systemctl", "start", f"kvm@{name}"], timeout=120)
+            wait_journal(th, f"kvm@{name}.service", "GUEST-READY")
         assert "demo" in th.exec(["machinectl", "list", "--no-legend"]).stdout
-        th.exec(["systemctl", "stop", "kvm@demo"], timeout=120)
+        before = {n: main_pid(th, f"kvm@{n}.service") for n in ("demo", "g1")}
+
+        # upgrade under two running guests: they keep their supervisor and QEMU
+        th.copy_in(upgrade, f"/var/tmp/{upgrade.name}")
+        th.run(["apt-get", *APT, "install", "-y", "-q", f"/var/tmp/{upgrade.name}"], env=env)
+        assert th.run(["kvmagent", "--version"]).stdout == "kvmagent 0.1.0+upgrade1\n"
+        for name, pid in before.items():
+            assert main_pid(th, f"kvm@{name}.service") == pid, name
+            assert th.exec(["systemctl", "is-active", f"kvm@{name}"]).stdout == "active\n"
+        # postinst reloaded systemd (dh_installsystemd does not for templates)
+        assert th.exec(["systemctl", "show", "-p", "NeedDaemonReload",
+                        "kvm@demo.service"]).stdout == "NeedDaemonReload=no\n"
+        th.exec(["systemctl", "start", "kvm@g2"], timeout=120)
+        assert "kvmagent 0.1.0+upgrade1)" in wait_journal(th, "kvm@g2.service", "GUEST-READY")
+        assert "kvmagent 0.1.0)" in th.journal("kvm@demo.service")
+        # the old supervisors, their files replaced, still stop their guests over ACPI
+        th.exec(["systemctl", "stop", "kvm@demo", "kvm@g1", "kvm@g2"], timeout=120)
+        for name in ("demo", "g1"):
+            journal = th.journal(f"kvm@{name}.service")
+            assert "GUEST-POWEROFF" in journal and f"guest {name} stopped" in journal, name
+
         # purge: kvmagent's state and conffiles go, the admin's guest file stays
         th.exec(["mkdir", "-p", "/var/lib/kvmagent"])
         th.run(["dpkg", "--purge", "kvmagent"], env=env)
