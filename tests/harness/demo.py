@@ -3,8 +3,8 @@ systemd host, its serial console in the journal.
 
     /usr/bin/python3 -m tests.harness demo [--keep]
 
-Boots a test host (systemd-nspawn, private network), installs kvmagent from
-this checkout, creates br-kvm, defines the tiny test guest as `demo`, then
+Builds the Debian package from this tree, boots a test host
+(systemd-nspawn, private network), installs the package with apt, creates br-kvm, defines the tiny test guest as `demo`, then
 shows what an admin would look at: systemctl status, machinectl list, the
 bridge and its tap, journalctl -u kvm@demo (the guest's console), and a
 graceful `systemctl stop`.  --keep leaves the host up until Ctrl-C."""
@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import signal
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from tests.guest.build import find_guest
-from tests.harness.install import REPO, define_guest, guest_toml, install_checkout
+from tests.harness.install import REPO, build_deb, define_guest, guest_toml, install_package
 from tests.harness.testhost import TestHost
 
 
@@ -42,11 +44,16 @@ def _wait_journal(th: TestHost, marker: str, timeout: float) -> bool:
 
 def demo(keep: bool = False) -> int:
     image = find_guest()
+    _say("== the Debian package, built from this tree")
+    work = Path(tempfile.mkdtemp(prefix="kvmagent-demo-"))
+    deb = build_deb(work)
+    print(deb.name)
     _say("== a throwaway systemd host (systemd-nspawn, systemd as PID 1, private network)")
     with TestHost(root="host", name="kvmagent-demo", src=REPO) as th:
         print(f"booted {th.name} in {th.boot_seconds[-1]:.1f} s; enter it with: "
               f"nsenter -t {th.leader} -a /bin/bash")
-        install_checkout(th)
+        install_package(th, deb)
+        _show(th, ["dpkg-query", "-W", "kvmagent"])
         _say("== a bridge for the guest, over netlink")
         _show(th, ["kvmagent", "bridge", "ensure", "br-kvm", "--address", "10.77.0.1/24"],
               unit=True)
@@ -78,6 +85,8 @@ def demo(keep: bool = False) -> int:
         _show(th, ["systemctl", "stop", "kvm@demo"])
         _show(th, ["journalctl", "--no-pager", "-o", "short", "-u", "kvm@demo", "-n", "8"])
         state = th.exec(["systemctl", "is-active", "kvm@demo"], check=False).stdout.strip()
+    import shutil
+    shutil.rmtree(work, ignore_errors=True)
     _say(f"== done: the guest {'booted and pinged its bridge' if booted else 'DID NOT BOOT'}, "
          f"kvm@demo is {state}; the test host is gone")
     return 0 if booted and state == "inactive" else 1

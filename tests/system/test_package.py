@@ -6,46 +6,20 @@ purged first, so apt must bring every one of them in through Depends."""
 
 from __future__ import annotations
 
-import re
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.harness import HarnessError, TestHost, rootfs
-from tests.harness.install import REPO, guest_toml
+from tests.harness.install import BUILD_PATH, build_deb, guest_toml
 
 pytestmark = pytest.mark.system
-BUILD_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 APT = ["-o", "Dir::Etc::SourceList=/etc/apt/offline.list", "-o", "Dir::Etc::SourceParts=-",
        "-o", "Dir::State::Lists=/var/tmp/offline-lists"]
 RUNTIME = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
            "systemd-container"]
-
-
-def build(work: Path, version: str) -> Path:
-    """The package of this tree (tracked files), as version VERSION."""
-    src = work / f"kvmagent-{version}"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True,
-                           capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, src / name)
-    init = src / "kvmagent" / "__init__.py"
-    init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"',
-                           init.read_text()))
-    unit = src / "units" / "kvm@.service"  # a changed unit file: systemd must reload it
-    unit.write_text(unit.read_text() + f"# kvmagent {version}\n")
-    changelog = src / "debian" / "changelog"
-    changelog.write_text(re.sub(r"^kvmagent \([^)]*\)", f"kvmagent ({version})",
-                                changelog.read_text()))
-    subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, check=True,
-                   capture_output=True, env={"PATH": BUILD_PATH, "DEB_BUILD_OPTIONS": "nocheck",
-                                             "HOME": str(work)})
-    (built,) = work.glob(f"kvmagent_{version}_all.deb")
-    return built
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +27,7 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     if shutil.which("dpkg-buildpackage", path=BUILD_PATH) is None:
         pytest.fail("dpkg-buildpackage is missing: run `make setup`", pytrace=False)
     work = tmp_path_factory.mktemp("deb")
-    return build(work, "0.1.0"), build(work, "0.1.0+upgrade1")
+    return build_deb(work, "0.1.0"), build_deb(work, "0.1.0+upgrade1")
 
 
 def wait_journal(th: TestHost, unit: str, marker: str, timeout: float = 120) -> str:
