@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import HarnessError, TestHost, rootfs
-from tests.harness.install import BUILD_PATH, build_deb, guest_toml
+from tests.harness.install import BUILD_PATH, REPO, build_deb, guest_toml
 
 pytestmark = pytest.mark.system
 APT = ["-o", "Dir::Etc::SourceList=/etc/apt/offline.list", "-o", "Dir::Etc::SourceParts=-",
@@ -98,10 +98,27 @@ def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[
         assert "kvmagent 0.1.0+upgrade1)" in wait_journal(th, "kvm@g2.service", "GUEST-READY")
         assert "kvmagent 0.1.0)" in th.journal("kvm@demo.service")
         # the old supervisors, their files replaced, still stop their guests over ACPI
-        th.exec(["systemctl", "stop", "kvm@demo", "kvm@g1", "kvm@g2"], timeout=120)
+        th.exec(["systemctl", "stop", "kvm@demo", "kvm@g1"], timeout=120)
         for name in ("demo", "g1"):
             journal = th.journal(f"kvm@{name}.service")
             assert "GUEST-POWEROFF" in journal and f"guest {name} stopped" in journal, name
+
+        # the autopkgtest, and bash completion of guest names
+        th.copy_in(REPO / "debian" / "tests" / "smoke", "/var/tmp/smoke", 0o755)
+        assert th.run(["/var/tmp/smoke"]).stdout.endswith("smoke: ok\n")
+        words = th.exec(["bash", "-c", "source /usr/share/bash-completion/completions/kvmagent; "
+                         "COMP_WORDS=(kvmagent stop g); COMP_CWORD=2; _kvmagent; "
+                         'echo "${COMPREPLY[@]}"']).stdout.split()
+        assert words == ["g1", "g2", "g3"]
+
+        # remove leaves a running guest running; reinstall; it still stops cleanly
+        pid = main_pid(th, "kvm@g2.service")
+        th.run(["apt-get", *APT, "remove", "-y", "-q", "kvmagent"], env=env)
+        assert th.exec(["test", "-e", "/usr/bin/kvmagent"], check=False).returncode == 1
+        assert main_pid(th, "kvm@g2.service") == pid
+        th.run(["apt-get", *APT, "install", "-y", "-q", f"/var/tmp/{upgrade.name}"], env=env)
+        th.exec(["systemctl", "stop", "kvm@g2"], timeout=120)
+        assert "guest g2 stopped" in th.journal("kvm@g2.service")
 
         # purge: kvmagent's state and conffiles go, the admin's guest file stays
         th.exec(["mkdir", "-p", "/var/lib/kvmagent"])

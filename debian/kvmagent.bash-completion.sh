@@ -1,0 +1,37 @@
+# bash completion for kvmagent(1): subcommands, options, guest names.
+_kvmagent_guests() {
+    local dir=${KVMAGENT_CONFIG_DIR:-/etc/kvmagent}/guests f
+    for f in "$dir"/*.toml; do
+        [ -e "$f" ] || continue
+        f=${f##*/}
+        printf '%s\n' "${f%.toml}"
+    done
+}
+
+_kvmagent() {
+    local cur=${COMP_WORDS[COMP_CWORD]} cmd="" i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case ${COMP_WORDS[i]} in
+            --config-dir) ((i++)) ;;
+            -*) ;;
+            *) cmd=${COMP_WORDS[i]}; break ;;
+        esac
+    done
+    case $cmd in
+        "")
+            COMPREPLY=($(compgen -W "validate show list start stop restart bridge run
+                                     --help --version --config-dir" -- "$cur")) ;;
+        validate) COMPREPLY=($(compgen -W "--host --help $(_kvmagent_guests)" -- "$cur")) ;;
+        show) COMPREPLY=($(compgen -W "--json --help $(_kvmagent_guests)" -- "$cur")) ;;
+        start|restart|run) COMPREPLY=($(compgen -W "--no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
+        stop) COMPREPLY=($(compgen -W "--force --no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
+        list) COMPREPLY=($(compgen -W "--json --help" -- "$cur")) ;;
+        bridge)
+            if ((COMP_CWORD == i + 1)); then
+                COMPREPLY=($(compgen -W "ensure show --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "--uplink --address --persist --all --json --help" -- "$cur"))
+            fi ;;
+    esac
+}
+complete -F _kvmagent kvmagent
