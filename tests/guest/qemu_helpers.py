@@ -21,7 +21,6 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from kvmagent.qmp import Qmp as _Qmp
 from kvmagent.qmp import QmpError

@@ -24,7 +24,7 @@ from kvmagent.guests import load_guest, load_host_config
 from kvmagent.hostcheck import check_host
 from kvmagent.model import Accel, Kernel, Media, NicMode
 from kvmagent.paths import Paths
-from kvmagent.qemu import HostFacts, Sockets, qemu_argv
+from kvmagent.qemu import Sockets, qemu_argv
 from tests.guest.qemu_helpers import Console, Qmp, connect_unix
 
 pytestmark = pytest.mark.qemu

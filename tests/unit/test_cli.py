@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from kvmagent import __version__
 from kvmagent.errors import EXIT_STATUS_HELP, ExitStatus
