@@ -14,6 +14,7 @@ import pytest
 
 from tests.harness import HarnessError, TestHost, rootfs
 from tests.harness.install import BUILD_PATH, REPO, build_deb, guest_toml
+from tests.system.test_kvm_service import qemu_pid
 
 pytestmark = pytest.mark.system
 APT = ["-o", "Dir::Etc::SourceList=/etc/apt/offline.list", "-o", "Dir::Etc::SourceParts=-",
@@ -83,6 +84,7 @@ def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[
             wait_journal(th, f"kvm@{name}.service", "GUEST-READY")
         assert "demo" in th.exec(["machinectl", "list", "--no-legend"]).stdout
         before = {n: main_pid(th, f"kvm@{n}.service") for n in ("demo", "g1")}
+        qemus = {n: qemu_pid(th, n) for n in ("demo", "g1")}
 
         # upgrade under two running guests: they keep their supervisor and QEMU
         th.copy_in(upgrade, f"/var/tmp/{upgrade.name}")
@@ -90,6 +92,7 @@ def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[
         assert th.run(["kvmagent", "--version"]).stdout == "kvmagent 0.1.0+upgrade1\n"
         for name, pid in before.items():
             assert main_pid(th, f"kvm@{name}.service") == pid, name
+            assert qemu_pid(th, name) == qemus[name], name
             assert th.exec(["systemctl", "is-active", f"kvm@{name}"]).stdout == "active\n"
         # postinst reloaded systemd (dh_installsystemd does not for templates)
         assert th.exec(["systemctl", "show", "-p", "NeedDaemonReload",
