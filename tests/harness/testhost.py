@@ -262,7 +262,7 @@ class TestHost:
         argv = ["unshare", "--mount", "--propagation", "private",
                 PYTHON, str(NSEXEC), *mounts, "--", *nspawn]
         if systemd_is_pid1():
-            # Untested here (no systemd init on this machine). With systemd as PID 1,
+            # Proven by tests/system/test_testhost_pid1.py (nested). With systemd as PID 1,
             # --keep-unit needs nspawn to run in its own delegated unit; `systemd-run --scope`
             # execs its command, so the PID we track is still nspawn's.
             argv = ["systemd-run", "--scope", "--quiet", "--collect", "--property=Delegate=yes",
