@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--force", action="store_true",
                             help="stop QEMU at once, without the ACPI power button "
                             "(like pulling the power cord)")
+    sp = add(sub, "console", "console:cmd_console",
+             "attach to guest NAME's serial console (leave with Ctrl-] or Ctrl-Q); "
+             "without a terminal, type stdin and print the output for --timeout seconds")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="scripted use: print the output for this long (default 5 without "
+                    "a terminal)")
     bridge = sub.add_parser("bridge", help="create or show the bridges guests attach to",
                             description="create or show the bridges guests attach to",
                             epilog=EXIT_STATUS_HELP, formatter_class=fmt)

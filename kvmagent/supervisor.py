@@ -33,6 +33,7 @@ from .errors import ExitStatus, KvmagentError
 from .paths import Paths
 from .qmp import Qmp, QmpError
 from .sdnotify import Journal, notify
+from .viewers import ConsoleHub
 
 # Kept to the standard library and kvmagent's light modules: the heavy
 # start-up steps are in kvmagent.startup and run in forked children.
@@ -91,6 +92,7 @@ class Supervisor:
         self.qmp: Qmp | None = None
         self.console: socket.socket | None = None
         self.console_buffer = b""
+        self.hub: ConsoleHub | None = None
         self.stopping = False
         self.guest_poweroff = False
         self.started = 0.0
@@ -146,6 +148,10 @@ class Supervisor:
         self.started = time.monotonic()
         self.qmp = Qmp(qmp_ours, timeout=30)
         self.console = con_ours if plan["serial"] else None
+        if self.console is not None:
+            self.hub = ConsoleHub(self.paths.guest_runtime(self.name) / "console.sock",
+                                  self.console)
+            stack.callback(self.hub.close)
 
         if sysd is not None:
             sysd.call("kvmagent.startup:make_scope", plan, self.qemu.pid)
@@ -174,6 +180,8 @@ class Supervisor:
         if not data:
             self.console = None
             return
+        if self.hub is not None:
+            self.hub.broadcast(data)
         self.console_buffer += data
         *lines, self.console_buffer = self.console_buffer.split(b"\n")
         for line in lines:
@@ -233,6 +241,7 @@ class Supervisor:
             watch: list[Any] = [wake_r]
             watch += [self.qmp] if not self.qmp.closed else []
             watch += [self.console] if self.console else []
+            watch += self.hub.sockets() if self.hub else []
             ready, _, _ = select.select(watch, [], [], min(timeout, 1.0) if timeout is not None else 1.0)
             if wake_r in ready:
                 for signum in wake_r.recv(64):
@@ -250,6 +259,8 @@ class Supervisor:
                         next_press = time.monotonic()
             if self.console is not None and self.console in ready:
                 self._console_data()
+            if self.hub is not None:
+                self.hub.handle(ready)
             if self.qmp in ready:
                 self._events()
             now = time.monotonic()

@@ -7,6 +7,7 @@ same code runs in tests/system."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -162,3 +163,74 @@ def test_missing_bridge_fails_after_waiting(netns, image, tmp_path):
     assert 'nic[0].bridge = "br-missing": no such bridge' in out
     assert "kvmagent bridge ensure br-missing" in out
     assert list(links()) == ["lo"]
+
+
+def console(tmp: Path, etc: Path, text: str, timeout: float = 3) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO),
+           "KVMAGENT_CONFIG_DIR": str(etc), "KVMAGENT_RUNTIME_DIR": str(tmp / "run")}
+    return subprocess.run([sys.executable, "-m", "kvmagent", "console", "demo", "--timeout",
+                           str(timeout)], input=text, env=env, text=True, capture_output=True,
+                          timeout=60)
+
+
+def test_console_viewers(netns, image, tmp_path):
+    import pty
+    import socket as socketlib
+    import termios
+    etc = write_guest(tmp_path, image)
+    proc = start(tmp_path, etc)
+    seen: list[str] = []
+    try:
+        read_until(proc, "Enter 'help'", 90, seen)
+        sock_path = tmp_path / "run" / "demo" / "console.sock"
+        assert oct(os.stat(sock_path).st_mode & 0o777) == "0o600"
+        # scripted, through a pipe; the journal copy (stderr here) gets it too
+        r = console(tmp_path, etc, "echo ANSWER-$((6*7))\n")
+        assert r.returncode == 0 and "ANSWER-42" in r.stdout, (r.stdout, r.stderr)
+        read_until(proc, "ANSWER-42", 10, seen)
+        # two viewers at once: both see what one of them typed
+        a, b = (socketlib.socket(socketlib.AF_UNIX) for _ in range(2))
+        for v in (a, b):
+            v.connect(str(sock_path))
+            v.settimeout(10)
+        time.sleep(0.2)
+        a.sendall(b"echo BOTH-$((2+3))\n")
+        for v in (a, b):
+            got = b""
+            while b"BOTH-5" not in got.replace(b"BOTH-$((2+3))", b""):
+                got += v.recv(4096)
+            v.close()
+        # interactively, in a pty: Ctrl-] leaves and the terminal is restored
+        pid, fd = pty.fork()
+        if pid == 0:
+            os.environ.update({"PYTHONPATH": str(REPO), "KVMAGENT_CONFIG_DIR": str(etc),
+                               "KVMAGENT_RUNTIME_DIR": str(tmp_path / "run")})
+            os.execv(sys.executable, [sys.executable, "-m", "kvmagent", "console", "demo"])
+        before = termios.tcgetattr(fd)
+        out = b""
+        deadline = time.monotonic() + 20
+
+        def read_pty() -> bytes:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            return os.read(fd, 4096) if ready else b""
+
+        while b"leave with Ctrl-] or Ctrl-Q" not in out and time.monotonic() < deadline:
+            out += read_pty()
+        os.write(fd, b"echo PTY-$((1+1))\r")
+        while b"PTY-2\r" not in out.replace(b"PTY-$((1+1))", b"") and time.monotonic() < deadline:
+            out += read_pty()
+        assert b"PTY-2" in out, out
+        os.write(fd, b"\x1d")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert termios.tcgetattr(fd) == before, "the terminal was not restored"
+        os.close(fd)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(40) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (tmp_path / "run" / "demo" / "console.sock").exists()
+    r = console(tmp_path, etc, "")
+    assert r.returncode == 7 and "guest demo is not running" in r.stderr

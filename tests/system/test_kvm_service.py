@@ -240,3 +240,20 @@ def test_units_verify_clean(host: TestHost, unit: str) -> None:
     # --man=no: the man pages named in Documentation= come with the package.
     r = host.exec(["systemd-analyze", "verify", "--man=no", unit], check=False)
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "")
+
+
+def test_console_round_trip_is_in_the_journal(host: TestHost, image) -> None:
+    define_guest(host, "lam", guest_toml(image, nics=0))
+    host.exec(["systemctl", "start", "kvm@lam"], timeout=120)
+    wait_for(host, "kvm@lam.service", r"Enter 'help'")
+    mode = host.exec(["stat", "-c", "%a %U", "/run/kvmagent/lam/console.sock"]).stdout
+    assert mode == "600 root\n"
+    r = host.run(["kvmagent", "console", "lam", "--timeout", "3"],
+                 input="echo ANSWER-$((6*7))\n")
+    assert "ANSWER-42" in r.stdout.replace("ANSWER-$((6*7))", "")
+    wait_for(host, "kvm@lam.service", r"lam-console\[\d+\]: ANSWER-42")
+    by_field = host.exec(["journalctl", "GUEST=lam", "-o", "cat", "--no-pager"]).stdout
+    assert "ANSWER-42" in by_field and "GUEST-READY" in by_field
+    host.exec(["systemctl", "stop", "kvm@lam"], timeout=120)
+    r = host.run(["kvmagent", "console", "lam"], check=False, input="")
+    assert r.returncode == 7 and "guest lam is not running" in r.stderr

@@ -1,0 +1,103 @@
+"""`kvmagent console NAME`: attach to a guest's serial console.
+
+The supervisor serves the console on $KVMAGENT_RUNTIME_DIR/NAME/console.sock
+(0600, root) while the journal keeps logging it.  On a terminal: raw mode,
+restored on every way out; the guest's escape key (default Ctrl-]) or
+Ctrl-Q (as in the seed's socat script) leaves.  Without a terminal, for
+scripts: what stdin holds is typed, then the output is copied for
+--timeout seconds (`printf 'uname -a\\n' | kvmagent console NAME --timeout 5`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import socket
+import sys
+import termios
+import time
+import tty
+
+from .errors import ExitStatus, KvmagentError, config_error
+from .guests import load_guest, load_host_config
+from .paths import Paths
+from .values import parse_escape
+
+CTRL_Q = b"\x11"
+
+
+def _connect(paths: Paths, name: str) -> socket.socket:
+    path = paths.guest_runtime(name) / "console.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise KvmagentError(f"guest {name} is not running (no console at {path})",
+                            f"systemctl start kvm@{name}", ExitStatus.NOT_RUNNING) from None
+    except PermissionError:
+        sock.close()
+        raise KvmagentError(f"cannot open the console of guest {name}: permission denied",
+                            "run as root", ExitStatus.NOPERMISSION) from None
+    return sock
+
+
+def _interactive(sock: socket.socket, name: str, escapes: bytes) -> None:
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    keys = " or ".join(f"Ctrl-{chr(c + 64)}" for c in escapes)
+    sys.stderr.write(f"Connected to the console of {name}; leave with {keys}.\r\n")
+    try:
+        tty.setraw(fd)
+        while True:
+            ready, _, _ = select.select([fd, sock], [], [])
+            if sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    sys.stderr.write(f"\r\nThe console of {name} closed.\r\n")
+                    return
+                os.write(sys.stdout.fileno(), data)
+            if fd in ready:
+                data = os.read(fd, 1024)
+                cut = min((data.index(bytes([e])) for e in escapes if bytes([e]) in data),
+                          default=-1)
+                if cut >= 0:
+                    sock.sendall(data[:cut])
+                    return
+                if not data:
+                    return
+                sock.sendall(data)
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
+        sys.stderr.write("\n")
+
+
+def _scripted(sock: socket.socket, timeout: float) -> None:
+    sock.sendall(sys.stdin.buffer.read())
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([sock], [], [], left)
+        if not ready:
+            break
+        data = sock.recv(65536)
+        if not data:
+            break
+        os.write(sys.stdout.fileno(), data)
+
+
+def cmd_console(args: argparse.Namespace, paths: Paths) -> int:
+    guest = load_guest(paths, args.name, load_host_config(paths))
+    if not guest.console.serial:
+        raise config_error(f"{guest.origin_of('console.serial')}: console.serial = false: "
+                           f"guest {guest.name} has no serial console")
+    escape = parse_escape(guest.console.escape).encode()
+    escapes = escape + (CTRL_Q if escape != CTRL_Q else b"")
+    sock = _connect(paths, guest.name)
+    try:
+        if sys.stdin.isatty() and args.timeout is None:
+            _interactive(sock, guest.name, escapes)
+        else:
+            _scripted(sock, 5.0 if args.timeout is None else args.timeout)
+    finally:
+        sock.close()
+    return ExitStatus.OK

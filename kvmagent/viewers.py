@@ -1,0 +1,80 @@
+"""Console viewers: the supervisor is QEMU's one serial console client (a
+chardev serves one client and drops output while none is attached), and
+fans the output out to the journal and to any `kvmagent console` viewers on
+a unix socket in the guest's runtime directory (mode 0600, root).  Every
+viewer may type; input from all of them goes to the guest, as on a shared
+serial line.  A viewer too slow to take the output is dropped, never the
+guest or the journal.  stdlib only: the long-lived supervisor holds it."""
+
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import suppress
+from pathlib import Path
+
+MAX_VIEWERS = 8
+
+
+class ConsoleHub:
+    def __init__(self, path: Path, guest: socket.socket) -> None:
+        self.path = path
+        self.guest = guest
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        with suppress(FileNotFoundError):
+            path.unlink()  # left by a supervisor that was killed
+        self.listener = socket.socket(socket.AF_UNIX,
+                                      socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)  # the socket is created 0600
+        try:
+            self.listener.bind(str(path))
+        finally:
+            os.umask(old)
+        self.listener.listen(MAX_VIEWERS)
+        self.listener.setblocking(False)
+        self.viewers: list[socket.socket] = []
+
+    def sockets(self) -> list[socket.socket]:
+        return [self.listener, *self.viewers]
+
+    def handle(self, ready: list[object]) -> None:
+        if self.listener in ready:
+            with suppress(BlockingIOError):
+                viewer, _ = self.listener.accept()
+                if len(self.viewers) >= MAX_VIEWERS:
+                    with suppress(OSError):
+                        viewer.send(b"kvmagent: too many console viewers\r\n")
+                    viewer.close()
+                else:
+                    viewer.setblocking(False)
+                    self.viewers.append(viewer)
+        for viewer in [v for v in self.viewers if v in ready]:
+            try:
+                data = viewer.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(viewer)
+                continue
+            with suppress(OSError):
+                self.guest.sendall(data)
+
+    def broadcast(self, data: bytes) -> None:
+        for viewer in list(self.viewers):
+            try:
+                sent = viewer.send(data)
+            except (BlockingIOError, OSError):
+                sent = -1
+            if sent != len(data):  # its buffer is full: it cannot keep up
+                self._drop(viewer)
+
+    def _drop(self, viewer: socket.socket) -> None:
+        self.viewers.remove(viewer)
+        viewer.close()
+
+    def close(self) -> None:
+        for viewer in self.viewers:
+            viewer.close()
+        self.listener.close()
+        with suppress(FileNotFoundError):
+            self.path.unlink()
