@@ -12,6 +12,7 @@ nothing.
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
@@ -27,6 +28,17 @@ NOT_EXERCISED = (
     "enforcement of cgroup limits (MemoryMax, CPUWeight, AllowedCPUs, IOWeight): "
     "set and read back, not enforced by this kernel's hybrid cgroup setup",
 )
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A time limit or kill sends SIGTERM, which would end pytest without its
+    # fixture teardown: network namespaces, test hosts and guests would be
+    # left behind.  As an interrupt, the teardown runs.
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.hookimpl(hookwrapper=True)
