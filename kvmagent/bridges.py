@@ -26,6 +26,7 @@ from typing import Any
 from .config import load_layers
 from .errors import ExitStatus, KvmagentError, config_error
 from .guests import guest_names, load_guest, load_host_config
+from .hostcheck import interface_exists
 from .paths import Paths
 from .schema import BRIDGE_KEYS, Reader, render
 
@@ -71,18 +72,9 @@ def _ensure(kw: dict[str, Any], wait: float = 0.0) -> list[str]:
     from . import netdev  # pyroute2: only for these commands
     uplink = kw.get("uplink")
     deadline = time.monotonic() + wait
-    while uplink and not _exists(uplink) and time.monotonic() < deadline:
+    while uplink and not interface_exists(uplink) and time.monotonic() < deadline:
         time.sleep(UPLINK_POLL)  # at boot the uplink may still be on its way
     return netdev.ensure_bridge(**kw)
-
-
-def _exists(ifname: str) -> bool:
-    import socket
-    try:
-        socket.if_nametoindex(ifname)
-        return True
-    except OSError:
-        return False
 
 
 def cmd_ensure(args: argparse.Namespace, paths: Paths) -> int:

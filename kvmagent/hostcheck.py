@@ -81,7 +81,7 @@ def _check_file(path: Path, what: str, key: str, origin: str, *, write: bool = F
     return None
 
 
-def _interface_exists(name: str) -> bool:
+def interface_exists(name: str) -> bool:
     """In this process's network namespace (unlike /sys/class/net, which
     shows the namespace of whoever mounted sysfs).  Whether it is a bridge
     is checked when the tap is enslaved (kvmagent.netdev)."""
@@ -133,7 +133,7 @@ def check_host(guest: Guest, host: HostConfig, *,
             notices.append(f"disk[{d.index}] {d.path}: no O_DIRECT on its file system, "
                            "using cache=writeback")
     for nic in guest.nics:
-        if nic.mode is NicMode.BRIDGE and not _interface_exists(str(nic.bridge)):
+        if nic.mode is NicMode.BRIDGE and not interface_exists(str(nic.bridge)):
             key = f"nic[{nic.index}].bridge"
             problems.append(host_error(
                 f"{guest.origin_of(key)}: {key} = \"{nic.bridge}\": no such bridge",
