@@ -6,12 +6,14 @@ same code runs in tests/system."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,18 @@ def start(tmp: Path, etc: Path) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@contextlib.contextmanager
+def supervising(tmp: Path, etc: Path) -> Iterator[subprocess.Popen[str]]:
+    """`kvmagent run demo`, killed on the way out if the test left it running."""
+    proc = start(tmp, etc)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def read_until(proc: subprocess.Popen[str], marker: str, timeout: float, seen: list[str]) -> None:
     assert proc.stdout is not None
     os.set_blocking(proc.stdout.fileno(), False)
@@ -90,18 +104,13 @@ def test_bridged_guest_pings_and_powers_off_on_sigterm(netns, image, tmp_path):
     netdev.ensure_bridge("br-kvm", address="10.77.0.1/24")
     etc = write_guest(tmp_path, image, "[[nic]]\n",
                       "guest.ip=10.77.0.2/24 guest.ping=10.77.0.1")
-    proc = start(tmp_path, etc)
     seen: list[str] = []
-    try:
+    with supervising(tmp_path, etc) as proc:
         read_until(proc, "GUEST-PING-OK 10.77.0.1", 90, seen)
         assert links()["kvm-demo-0"] == "br-kvm"
         proc.send_signal(signal.SIGTERM)
         read_until(proc, "GUEST-POWEROFF", 40, seen)
         assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     seen += proc.stdout.readlines() if proc.stdout else []
     text = "".join(seen)
     assert "ACPI power button pressed" in text and "guest demo stopped" in text
@@ -112,9 +121,8 @@ def test_multiqueue_tap(netns, image, tmp_path):
     netdev.ensure_bridge("br-kvm", address="10.77.0.1/24")
     etc = write_guest(tmp_path, image, "[[nic]]\nqueues = 2\n",
                       "guest.ip=10.77.0.2/24 guest.ping=10.77.0.1", top="cpus = 2")
-    proc = start(tmp_path, etc)
     seen: list[str] = []
-    try:
+    with supervising(tmp_path, etc) as proc:
         read_until(proc, "GUEST-PING-OK 10.77.0.1", 90, seen)
         (qemu,) = qemu_children(proc.pid)
         cmdline = open(f"/proc/{qemu}/cmdline").read().split("\0")
@@ -122,25 +130,16 @@ def test_multiqueue_tap(netns, image, tmp_path):
         assert "mq=on,vectors=6" in " ".join(cmdline)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(40) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_qemu_killed_is_a_failure(netns, image, tmp_path):
     etc = write_guest(tmp_path, image)
-    proc = start(tmp_path, etc)
     seen: list[str] = []
-    try:
+    with supervising(tmp_path, etc) as proc:
         read_until(proc, "GUEST-READY", 90, seen)
         (qemu,) = qemu_children(proc.pid)
         os.kill(qemu, signal.SIGKILL)
         assert proc.wait(20) == ExitStatus.FAILURE
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert "was killed by signal 9" in proc.stdout.read()  # type: ignore[union-attr]
 
 
@@ -178,9 +177,8 @@ def test_console_viewers(netns, image, tmp_path):
     import socket as socketlib
     import termios
     etc = write_guest(tmp_path, image)
-    proc = start(tmp_path, etc)
     seen: list[str] = []
-    try:
+    with supervising(tmp_path, etc) as proc:
         read_until(proc, "Enter 'help'", 90, seen)
         sock_path = tmp_path / "run" / "demo" / "console.sock"
         assert oct(os.stat(sock_path).st_mode & 0o777) == "0o600"
@@ -227,10 +225,6 @@ def test_console_viewers(netns, image, tmp_path):
         os.close(fd)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(40) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert not (tmp_path / "run" / "demo" / "console.sock").exists()
     r = console(tmp_path, etc, "")
     assert r.returncode == 7 and "guest demo is not running" in r.stderr

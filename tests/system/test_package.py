@@ -7,14 +7,13 @@ purged first, so apt must bring every one of them in through Depends."""
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.harness import HarnessError, TestHost, rootfs
 from tests.harness.install import BUILD_PATH, REPO, build_deb, guest_toml
-from tests.system.test_kvm_service import qemu_pid
+from tests.system.test_kvm_service import qemu_pid, show, wait_for
 
 pytestmark = pytest.mark.system
 APT = ["-o", "Dir::Etc::SourceList=/etc/apt/offline.list", "-o", "Dir::Etc::SourceParts=-",
@@ -31,16 +30,8 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return build_deb(work, "0.1.0"), build_deb(work, "0.1.0+upgrade1")
 
 
-def wait_journal(th: TestHost, unit: str, marker: str, timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while marker not in (text := th.journal(unit)):
-        assert time.monotonic() < deadline, text[-3000:]
-        time.sleep(0.5)
-    return text
-
-
 def main_pid(th: TestHost, unit: str) -> str:
-    return th.exec(["systemctl", "show", "-p", "MainPID", "--value", unit]).stdout.strip()
+    return show(th, unit, "MainPID")["MainPID"]
 
 
 def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[Path, Path],
@@ -81,7 +72,7 @@ def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[
             th.exec(["cp", "/etc/kvmagent/guests/demo.toml", f"/etc/kvmagent/guests/{name}.toml"])
         for name in ("demo", "g1"):
             th.exec(["systemctl", "start", f"kvm@{name}"], timeout=120)
-            wait_journal(th, f"kvm@{name}.service", "GUEST-READY")
+            wait_for(th, f"kvm@{name}.service", "GUEST-READY")
         assert "demo" in th.exec(["machinectl", "list", "--no-legend"]).stdout
         before = {n: main_pid(th, f"kvm@{n}.service") for n in ("demo", "g1")}
         qemus = {n: qemu_pid(th, n) for n in ("demo", "g1")}
@@ -98,7 +89,7 @@ def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[
         assert th.exec(["systemctl", "show", "-p", "NeedDaemonReload",
                         "kvm@demo.service"]).stdout == "NeedDaemonReload=no\n"
         th.exec(["systemctl", "start", "kvm@g2"], timeout=120)
-        assert "kvmagent 0.1.0+upgrade1)" in wait_journal(th, "kvm@g2.service", "GUEST-READY")
+        assert "kvmagent 0.1.0+upgrade1)" in wait_for(th, "kvm@g2.service", "GUEST-READY")
         assert "kvmagent 0.1.0)" in th.journal("kvm@demo.service")
         # the old supervisors, their files replaced, still stop their guests over ACPI
         th.exec(["systemctl", "stop", "kvm@demo", "kvm@g1"], timeout=120)
