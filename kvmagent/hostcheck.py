@@ -6,6 +6,7 @@ argv generation, plus the problems found, each a KvmagentError."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import stat
@@ -33,7 +34,11 @@ def probe_direct_io(path: Path) -> bool:
     return True
 
 
+@functools.cache
 def default_kvm_probe() -> tuple[bool, str]:
+    """Once per process: the probe forks a child and may wait 2 s for it, and
+    `validate --host` of many guests, or a start waiting for its devices,
+    would otherwise pay that for every check."""
     from .kvmprobe import kvm_usable  # forks a child; only when needed
     return kvm_usable()
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from . import names
 from .guests import load_guest, load_host_config
-from .hostcheck import check_host, default_kvm_probe
+from .hostcheck import check_host
 from .model import Guest, HostConfig, NicMode, OnPoweroff
 from .paths import Paths
 from .qemu import HostFacts, Sockets, qemu_argv
@@ -26,16 +26,9 @@ DEVICE_POLL = 0.5
 def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts:
     """Bridges and block devices may appear late at boot: retry the host
     checks until host.device_timeout, then fail naming what is missing."""
-    probed: list[tuple[bool, str]] = []
-
-    def probe() -> tuple[bool, str]:  # the KVM probe forks: once is enough
-        if not probed:
-            probed.append(default_kvm_probe())
-        return probed[0]
-
     deadline = time.monotonic() + host.device_timeout
     while True:
-        facts, problems = check_host(guest, host, kvm_probe=probe)
+        facts, problems = check_host(guest, host)
         if not problems:
             for n in facts.notices:
                 journal.send(n, 5, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
