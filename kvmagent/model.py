@@ -121,6 +121,8 @@ class Nic:
 class Console:
     serial: bool = True
     escape: str = "^]"
+    log_burst: int = 1000  # console lines to the journal per log_interval
+    log_interval: float = 10.0
 
 
 @dataclass(frozen=True)

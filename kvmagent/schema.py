@@ -204,6 +204,12 @@ GUEST_TABLES: dict[str, dict[str, Key]] = {
         Key("serial", "boolean", "true", "Serial console (ttyS0) kept by kvmagent.", _boolean),
         Key("escape", "control key", '"^]"', "Key that leaves `kvmagent console`.",
             lambda v: (values.parse_escape(v), v)[1]),
+        Key("log_burst", "integer 0-1000000", "1000",
+            "At most this many console lines go to the journal per log_interval; the rest "
+            "are counted and reported, not logged (viewers still see them). 0: none.",
+            _integer(0, 1000000)),
+        Key("log_interval", "duration", '"10s"', "The interval of log_burst.",
+            _duration(1, 3600)),
     ]},
     "display": {k.name: k for k in [
         Key("vnc", "string", "", 'VNC display, "127.0.0.1:1" or "unix:/PATH"; none: headless.',

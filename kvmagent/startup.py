@@ -57,6 +57,7 @@ def prepare(name: str, paths: Paths) -> tuple[dict[str, Any], list[int]]:
         "name": guest.name, "uuid": guest.uuid, "cpus": guest.cpus,
         "memory_mib": guest.memory >> 20, "stop_timeout": guest.stop_timeout,
         "keep": guest.on_poweroff is OnPoweroff.KEEP, "serial": guest.console.serial,
+        "console_log": (guest.console.log_burst, guest.console.log_interval),
         "argv": argv, "vhost": facts.vhost_net,
         "taps": [(n.index, n.tap, str(n.bridge), n.queues) for n in bridged],
         "scope_unit": names.scope_unit(guest.name),

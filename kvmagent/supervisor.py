@@ -19,7 +19,6 @@ died otherwise (systemd restarts it)."""
 from __future__ import annotations
 
 import os
-import re
 import select
 import signal
 import socket
@@ -31,6 +30,7 @@ from typing import Any
 from . import __version__, forkcall
 from .errors import ExitStatus, KvmagentError
 from .paths import Paths
+from .consolelog import ConsoleLog
 from .qmp import Qmp, QmpError
 from .sdnotify import Journal, notify
 from .viewers import ConsoleHub
@@ -47,17 +47,12 @@ MSG_POWERDOWN = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b03"
 MSG_POWEREDOFF = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b04"
 MSG_CRASHED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b05"
 MSG_WATCHDOG = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b06"
-
-
-# Terminal escape sequences (busybox ash asks for the cursor position with
-# ESC[6n after every prompt) and other control characters make the journal
-# store a line as a blob; they are dropped from the journal copy only.
-_ESCAPES = re.compile(rb"\x1b(\[[0-9;?]*[ -/]*[@-~]|\][^\x07]*\x07|[()][0-9A-Za-z]|[@-~])")
-_CONTROLS = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-def console_text(line: bytes) -> bytes:
-    return _CONTROLS.sub(b"", _ESCAPES.sub(b"", line.rstrip(b"\r")))
+MSG_PANIC = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b07"
+MSG_STOPPED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b08"
+MSG_START_FAILED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b09"
+MSG_CONSOLE_DROPPED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b0a"
+# catalog/kvmagent.catalog explains each (journalctl -x); a unit test keeps
+# the two in step.
 
 
 # Placeholders in the argv that kvmagent.startup makes, for the fds whose
@@ -91,7 +86,7 @@ class Supervisor:
         self.qemu: subprocess.Popen[bytes] | None = None
         self.qmp: Qmp | None = None
         self.console: socket.socket | None = None
-        self.console_buffer = b""
+        self.console_log = ConsoleLog()
         self.hub: ConsoleHub | None = None
         self.stopping = False
         self.guest_poweroff = False
@@ -148,6 +143,7 @@ class Supervisor:
         self.started = time.monotonic()
         self.qmp = Qmp(qmp_ours, timeout=30)
         self.console = con_ours if plan["serial"] else None
+        self.console_log = ConsoleLog(*plan.get("console_log", (1000, 10.0)))
         if self.console is not None:
             self.hub = ConsoleHub(self.paths.guest_runtime(self.name) / "console.sock",
                                   self.console)
@@ -182,11 +178,16 @@ class Supervisor:
             return
         if self.hub is not None:
             self.hub.broadcast(data)
-        self.console_buffer += data
-        *lines, self.console_buffer = self.console_buffer.split(b"\n")
+        self._console_log(*self.console_log.feed(data, time.monotonic()))
+
+    def _console_log(self, lines: list[bytes], dropped: int) -> None:
         for line in lines:
-            self.journal.send(console_text(line), 6, GUEST=self.name,
+            self.journal.send(line, 6, GUEST=self.name,
                               SYSLOG_IDENTIFIER=f"{self.name}-console")
+        if dropped:
+            self.log(f"{dropped} console lines of guest {self.name} not logged "
+                     f"(more than {self.console_log.burst} in "
+                     f"{self.console_log.interval:g} s)", 4, MSG_CONSOLE_DROPPED)
 
     def _events(self) -> None:
         assert self.qmp is not None
@@ -202,7 +203,7 @@ class Supervisor:
             elif kind == "RESET":
                 self.log(f"guest {self.name} reset ({data.get('reason', '?')})", 6)
             elif kind == "GUEST_PANICKED":
-                self.log(f"guest {self.name} kernel panic", 3, MSG_CRASHED)
+                self.log(f"guest {self.name} kernel panic", 3, MSG_PANIC)
 
     def _watchdog(self) -> None:
         assert self.qmp is not None
@@ -236,7 +237,8 @@ class Supervisor:
         while self.qemu.poll() is None:
             now = time.monotonic()
             timers = [t for t in (next_ping if ping_every else None,
-                                  next_press if self.stopping else None) if t is not None]
+                                  next_press if self.stopping else None,
+                                  self.console_log.deadline()) if t is not None]
             timeout = max(0.0, min(timers) - now) if timers else None
             watch: list[Any] = [wake_r]
             watch += [self.qmp] if not self.qmp.closed else []
@@ -261,6 +263,8 @@ class Supervisor:
                 self._console_data()
             if self.hub is not None:
                 self.hub.handle(ready)
+            if (t := self.console_log.deadline()) is not None and time.monotonic() >= t:
+                self._console_log(*self.console_log.tick(time.monotonic()))
             if self.qmp in ready:
                 self._events()
             now = time.monotonic()
@@ -290,6 +294,7 @@ class Supervisor:
         if self.console is not None:
             while self.console is not None and select.select([self.console], [], [], 0)[0]:
                 self._console_data()  # what the guest said last
+        self._console_log(*self.console_log.flush(time.monotonic()))
         with suppress(KvmagentError, OSError, ValueError):
             self._events()
         return self._verdict(self.qemu.wait())
@@ -304,7 +309,7 @@ class Supervisor:
 
     def _verdict(self, rc: int) -> int:
         if self.stopping:
-            self.log(f"guest {self.name} stopped", 6)
+            self.log(f"guest {self.name} stopped", 6, MSG_STOPPED)
             return ExitStatus.OK
         if rc == 0 and self.guest_poweroff:
             return ExitStatus.OK
@@ -319,7 +324,7 @@ def run(name: str, paths: Paths) -> int:
         try:
             sup.start(stack)
         except KvmagentError as e:
-            sup.log(str(e), 3)
+            sup.log(str(e), 3, MSG_START_FAILED)
             notify(f"STATUS={e.message}")
             return int(e.status)
         return sup.run()

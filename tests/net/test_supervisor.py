@@ -172,10 +172,40 @@ def console(tmp: Path, etc: Path, text: str, timeout: float = 3) -> subprocess.C
                           timeout=60)
 
 
-def test_console_viewers(netns, image, tmp_path):
+def pty_session(tmp_path: Path, etc: Path, leave: bytes, n: int) -> None:
+    """`kvmagent console demo` on a terminal: type a command, see its answer,
+    leave with LEAVE; the terminal's settings are as before."""
     import pty
-    import socket as socketlib
     import termios
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.environ.update({"PYTHONPATH": str(REPO), "KVMAGENT_CONFIG_DIR": str(etc),
+                           "KVMAGENT_RUNTIME_DIR": str(tmp_path / "run")})
+        os.execv(sys.executable, [sys.executable, "-m", "kvmagent", "console", "demo"])
+    before = termios.tcgetattr(fd)
+    out = b""
+    deadline = time.monotonic() + 20
+
+    def read_pty() -> bytes:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        return os.read(fd, 4096) if ready else b""
+
+    while b"leave with Ctrl-] or Ctrl-Q" not in out and time.monotonic() < deadline:
+        out += read_pty()
+    os.write(fd, b"echo PTY-$((%d+1))\r" % n)
+    answer = b"PTY-%d\r" % (n + 1)
+    while answer not in out.replace(b"PTY-$((", b"") and time.monotonic() < deadline:
+        out += read_pty()
+    assert answer in out, out
+    os.write(fd, leave)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert termios.tcgetattr(fd) == before, "the terminal was not restored"
+    os.close(fd)
+
+
+def test_console_viewers(netns, image, tmp_path):
+    import socket as socketlib
     etc = write_guest(tmp_path, image)
     seen: list[str] = []
     with supervising(tmp_path, etc) as proc:
@@ -198,31 +228,10 @@ def test_console_viewers(netns, image, tmp_path):
             while b"BOTH-5" not in got.replace(b"BOTH-$((2+3))", b""):
                 got += v.recv(4096)
             v.close()
-        # interactively, in a pty: Ctrl-] leaves and the terminal is restored
-        pid, fd = pty.fork()
-        if pid == 0:
-            os.environ.update({"PYTHONPATH": str(REPO), "KVMAGENT_CONFIG_DIR": str(etc),
-                               "KVMAGENT_RUNTIME_DIR": str(tmp_path / "run")})
-            os.execv(sys.executable, [sys.executable, "-m", "kvmagent", "console", "demo"])
-        before = termios.tcgetattr(fd)
-        out = b""
-        deadline = time.monotonic() + 20
-
-        def read_pty() -> bytes:
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-            return os.read(fd, 4096) if ready else b""
-
-        while b"leave with Ctrl-] or Ctrl-Q" not in out and time.monotonic() < deadline:
-            out += read_pty()
-        os.write(fd, b"echo PTY-$((1+1))\r")
-        while b"PTY-2\r" not in out.replace(b"PTY-$((1+1))", b"") and time.monotonic() < deadline:
-            out += read_pty()
-        assert b"PTY-2" in out, out
-        os.write(fd, b"\x1d")
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-        assert termios.tcgetattr(fd) == before, "the terminal was not restored"
-        os.close(fd)
+        # interactively, in a pty: Ctrl-] and Ctrl-Q (the seed's socat key)
+        # leave, and the terminal is restored
+        for n, key in enumerate((b"\x1d", b"\x11")):
+            pty_session(tmp_path, etc, key, n)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(40) == 0
     assert not (tmp_path / "run" / "demo" / "console.sock").exists()

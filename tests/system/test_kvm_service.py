@@ -254,6 +254,10 @@ def test_console_round_trip_is_in_the_journal(host: TestHost, image) -> None:
     wait_for(host, "kvm@lam.service", r"lam-console\[\d+\]: ANSWER-42")
     by_field = host.exec(["journalctl", "GUEST=lam", "-o", "cat", "--no-pager"]).stdout
     assert "ANSWER-42" in by_field and "GUEST-READY" in by_field
+    # the catalog explains the lifecycle messages (journalctl -x)
+    explained = host.exec(["journalctl", "-x", "-u", "kvm@lam", "--no-pager"]).stdout
+    assert "Subject: Guest lam is running" in explained, explained[-3000:]
+    assert "attach to it with: kvmagent console lam" in explained
     host.exec(["systemctl", "stop", "kvm@lam"], timeout=120)
     r = host.run(["kvmagent", "console", "lam"], check=False, input="")
     assert r.returncode == 7 and "guest lam is not running" in r.stderr

@@ -59,6 +59,9 @@ def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[
         assert th.exec(["systemctl", "is-enabled", "kvmagent-bridges.service"],
                        check=False).stdout.strip() == "enabled"
         assert "/usr/share/man/man5/kvmagent.toml.5.gz" in th.exec(["dpkg", "-L", "kvmagent"]).stdout
+        # systemd's dpkg trigger compiled the message catalog (journalctl -x)
+        assert "kvmagent: Guest @GUEST@ is running" in th.exec(
+            ["journalctl", "--list-catalog", "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b02"]).stdout
         # a guest, with nothing else installed by hand
         th.copy_in(guest_image.kernel, "/var/lib/guests/vmlinuz", 0o644)
         th.copy_in(guest_image.initrd, "/var/lib/guests/initrd.gz", 0o644)
