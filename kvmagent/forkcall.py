@@ -52,6 +52,7 @@ class Child:
                 os._exit(code)
         theirs.close()
         self.used = False
+        self.fn: Call = ""
 
     @staticmethod
     def _serve(sock: socket.socket, preload: tuple[str, ...]) -> None:
@@ -87,10 +88,23 @@ class Child:
     def call(self, fn: Call, *args: Any, timeout: float = 60.0) -> tuple[Any, list[int]]:
         """fn(*args) -> (picklable value, fds), run in the child.  A
         KvmagentError there is raised again here; anything else becomes one."""
+        self.submit(fn, *args)
+        return self.result(timeout)
+
+    def submit(self, fn: Call, *args: Any) -> None:
+        """Start fn(*args) in the child; result() waits for it."""
         assert not self.used, "a Child runs one call"
         self.used = True
+        self.fn = fn
         try:
             self.ours.send(pickle.dumps((fn, args)))
+        except BaseException:
+            self.close()
+            raise
+
+    def result(self, timeout: float = 60.0) -> tuple[Any, list[int]]:
+        fn = self.fn
+        try:
             ready, _, _ = select.select([self.ours], [], [], timeout)
             if not ready:
                 os.kill(self.pid, signal.SIGKILL)

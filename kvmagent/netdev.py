@@ -22,11 +22,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import hashlib
 import ipaddress
 import os
-import platform
 import re
 import socket
 import struct
@@ -39,24 +37,13 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import ExitStatus, KvmagentError, config_error, host_error
 from .names import IFNAMSIZ, TAP_PREFIX, tap_name, valid_guest_name
+from .tundev import attach as _attach, in_use as _in_use
+from .tundev import ifindex as _index, open_tun as _open_tun, persistent, tap_flags
+from .tundev import vhost_fd  # noqa: F401 - kvmagent's tap API is here
 
-TUN_PATH = "/dev/net/tun"
-VHOST_NET_PATH = "/dev/vhost-net"
 NETNS_DIR = "/run/netns"
 TAP_ALIAS = "kvmagent"  # IFLA_IFALIAS of the taps open_tap() made
 MAX_QUEUES = 256  # MAX_TAP_QUEUES in drivers/net/tun.c
-
-# <linux/if_tun.h>: _IOW('T', 202, int), _IOR('T', 210, unsigned int); the
-# direction bits differ on these architectures.
-_IOC_ALT = platform.machine().startswith(("ppc", "mips", "sparc"))
-TUNSETIFF = (0x80000000 if _IOC_ALT else 0x40000000) | 0x000454CA
-TUNGETIFF = (0x40000000 if _IOC_ALT else 0x80000000) | 0x000454D2
-IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, flags (40 bytes)
-IFF_TAP = 0x0002
-IFF_MULTI_QUEUE = 0x0100
-IFF_PERSIST = 0x0800
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
 IFLA_TUN_TYPE_TAP = 2
 IFF_UP = 0x1
 CLONE_NEWNET = 0x40000000
@@ -221,52 +208,10 @@ def _clear_name(ipr: IPRoute, name: str) -> None:
     ipr.link("del", index=link["index"])  # stale, from an older run
 
 
-def _in_use(name: str, ours: bool = False) -> KvmagentError:
-    holder = "another kvmagent QEMU" if ours else "another process"
-    return KvmagentError(f"tap {name} is in use by {holder}",
-                         "is the guest already running? stop it first")
-
-
-def _errno_status(code: int | None) -> ExitStatus:
-    return (ExitStatus.NOPERMISSION if code in (errno.EACCES, errno.EPERM)
-            else ExitStatus.FAILURE)
-
-
-def _open_tun() -> int:
-    try:
-        return os.open(TUN_PATH, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise host_error(f"{TUN_PATH} is missing",
-                         "load the tun module (modprobe tun); a container "
-                         "needs the device passed in") from None
-    except OSError as e:
-        raise KvmagentError(f"cannot open {TUN_PATH}: {e.strerror}",
-                            "taps need root (CAP_NET_ADMIN)", _errno_status(e.errno)) from None
-
-
-def _attach(fd: int, name: str, flags: int) -> None:
-    try:
-        fcntl.ioctl(fd, TUNSETIFF, IFREQ.pack(name.encode(), flags))
-    except OSError as e:
-        if e.errno == errno.EBUSY:
-            raise _in_use(name) from None
-        raise KvmagentError(f"cannot create tap {name}: {e.strerror}",
-                            None, _errno_status(e.errno)) from None
-
-
-def _index(name: str) -> int | None:
-    """NAME's ifindex in this thread's netns (an ioctl, no netlink), or None."""
-    try:
-        return socket.if_nametoindex(name)
-    except OSError:
-        return None
-
-
 def _check_created(ipr: IPRoute, fd: int, name: str, queues: int) -> None:
     """Refuse if a racing process made tap NAME between our check and
     TUNSETIFF, so that we attached to its tap instead of creating ours."""
-    flags = IFREQ.unpack(fcntl.ioctl(fd, TUNGETIFF, bytes(IFREQ.size)))[1]
-    raced = bool(flags & IFF_PERSIST)
+    raced = persistent(fd)
     if queues > 1 and not raced:  # a multiqueue tap takes extra queues
         tap = _link(ipr, name)
         raced = tap is None or _info_data(tap).get("IFLA_TUN_NUM_QUEUES") != queues
@@ -289,8 +234,7 @@ def open_tap(name: str, bridge: str, *, queues: int = 1, vnet_hdr: bool = True,
     _check_ifname(bridge, "bridge name")
     if not 1 <= queues <= MAX_QUEUES:
         raise config_error(f"invalid number of tap queues {queues}", f"1 to {MAX_QUEUES}")
-    flags = (IFF_TAP | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
-             | (IFF_MULTI_QUEUE if queues > 1 else 0))
+    flags = tap_flags(queues, vnet_hdr)
     fds: list[int] = []
     try:
         with in_netns(netns), IPRoute() as ipr:
@@ -302,9 +246,7 @@ def open_tap(name: str, bridge: str, *, queues: int = 1, vnet_hdr: bool = True,
                     fds.append(_open_tun())
                     _attach(fds[-1], name, flags)
                 _check_created(ipr, fds[0], name, queues)
-                ipr.link("set", index=_index(name), mtu=br.get_attr("IFLA_MTU"),
-                         address=tap_mac(name), master=br["index"],
-                         ifalias=TAP_ALIAS, state="up")
+                _set_up(ipr, name, br)
             except NetlinkError as e:
                 raise _netlink_error(f"cannot set up tap {name} on {bridge}", e) from None
     except BaseException:
@@ -314,15 +256,28 @@ def open_tap(name: str, bridge: str, *, queues: int = 1, vnet_hdr: bool = True,
     return fds
 
 
-def vhost_fd() -> int | None:
-    """An O_CLOEXEC fd of /dev/vhost-net for `vhostfd=` (passed like the tap
-    fds), or None where the host has no vhost-net."""
+def _set_up(ipr: IPRoute, name: str, br: Any) -> None:
+    ipr.link("set", index=_index(name), mtu=br.get_attr("IFLA_MTU"), address=tap_mac(name),
+             master=br["index"], ifalias=TAP_ALIAS, state="up")
+
+
+def configure_tap(name: str, bridge: str, queues: int = 1) -> None:
+    """Finish a tap that tundev.create_tap() made (in another process, which
+    holds its fds): the bridge's MTU, its own MAC, the alias, enslaved, up."""
     try:
-        return os.open(VHOST_NET_PATH, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        if e.errno in (errno.ENOENT, errno.ENODEV, errno.ENXIO):
-            return None
-        raise KvmagentError(f"cannot open {VHOST_NET_PATH}: {e.strerror}") from None
+        with IPRoute() as ipr:
+            br = _bridge(_link(ipr, bridge), bridge)
+            tap = _link(ipr, name)
+            data = {} if tap is None else _info_data(tap)
+            # QEMU may have disabled queues the guest has not enabled yet; more
+            # than ours: another process attached to the same multiqueue tap.
+            attached = (data.get("IFLA_TUN_NUM_QUEUES", 1)
+                        + data.get("IFLA_TUN_NUM_DISABLED_QUEUES", 0))
+            if tap is None or (queues > 1 and attached != queues):
+                raise _in_use(name)
+            _set_up(ipr, name, br)
+    except NetlinkError as e:
+        raise _netlink_error(f"cannot set up tap {name} on {bridge}", e) from None
 
 
 # -- bridges -------------------------------------------------------------------

@@ -10,7 +10,7 @@ import socket
 import time
 from typing import Any
 
-from . import names
+from . import names, tundev
 from .guests import load_guest, load_host_config
 from .hostcheck import check_host
 from .model import Guest, HostConfig, NicMode, OnPoweroff
@@ -66,36 +66,21 @@ def prepare(name: str, paths: Paths) -> tuple[dict[str, Any], list[int]]:
     return plan, []
 
 
-def open_taps(taps: list[tuple[int, str, str, int]],
-              vhost: bool) -> tuple[dict[int, str], list[int]]:
-    """Open and enslave each tap (one fd per queue, and a vhost-net fd per
-    queue where the host has vhost-net).  Value: nic index -> QEMU's
-    -netdev tap options naming the fds' positions in the list as {N}."""
+def open_taps(taps: tundev.Taps, vhost: bool) -> tuple[dict[int, str], list[int]]:
+    """The slow way: open, check and set up each tap over netlink (a name
+    that is taken: a stale tap is replaced, a foreign interface refused)."""
     from . import netdev  # pyroute2
-    fds: list[int] = []
-    options: dict[int, str] = {}
-    try:
-        for index, tap, bridge, queues in taps:
-            tap_pos = [len(fds) + i for i in range(queues)]
-            fds += netdev.open_tap(tap, bridge, queues=queues)
-            vhost_pos = []
-            for _ in range(queues if vhost else 0):
-                vfd = netdev.vhost_fd()
-                if vfd is None:
-                    break
-                vhost_pos.append(len(fds))
-                fds.append(vfd)
-            plural = "" if queues == 1 else "s"
-            opt = f"fd{plural}=" + ":".join(f"{{{i}}}" for i in tap_pos)
-            if vhost_pos:
-                opt += f",vhostfd{plural}=" + ":".join(f"{{{i}}}" for i in vhost_pos)
-            options[index] = opt
-    except BaseException:
-        import os
-        for fd in fds:
-            os.close(fd)
-        raise
-    return options, fds
+    return tundev.open_taps(taps, vhost, lambda tap, bridge, queues:
+                            netdev.open_tap(tap, bridge, queues=queues))
+
+
+def configure_taps(taps: tundev.Taps) -> tuple[None, list[int]]:
+    """Put the taps that the supervisor made (tundev.create_tap) on their
+    bridges, while QEMU initialises."""
+    from . import netdev  # pyroute2
+    for _, tap, bridge, queues in taps:
+        netdev.configure_tap(tap, bridge, queues)
+    return None, []
 
 
 def make_scope(plan: dict[str, Any], pid: int) -> tuple[None, list[int]]:

@@ -27,7 +27,7 @@ import time
 from contextlib import ExitStack, suppress
 from typing import Any
 
-from . import __version__, forkcall
+from . import __version__, forkcall, tundev
 from .errors import ExitStatus, KvmagentError
 from .paths import Paths
 from .consolelog import ConsoleLog
@@ -116,10 +116,20 @@ class Supervisor:
         self.plan = plan
         self.log(f"starting guest {self.name} ({plan['cpus']} vCPU, "
                  f"{plan['memory_mib']} MiB; kvmagent {__version__})", 6, MSG_STARTING)
+        configure_taps = False
         if plan["taps"]:
             with suppress(OSError):  # needed after all: full speed (we are root)
                 os.setpriority(os.PRIO_PROCESS, net.pid, 0)
-            taps, tap_fds = net.call("kvmagent.startup:open_taps", plan["taps"], plan["vhost"])
+            try:
+                # Made here at once; put on their bridges over netlink while
+                # QEMU initialises (see kvmagent.tundev).
+                taps, tap_fds = tundev.open_taps(
+                    plan["taps"], plan["vhost"],
+                    lambda tap, bridge, queues: tundev.create_tap(tap, queues))
+                configure_taps = True
+            except tundev.TapTaken:  # stale or foreign: netlink sorts it out
+                taps, tap_fds = net.call("kvmagent.startup:open_taps", plan["taps"],
+                                         plan["vhost"])
         else:
             net.close()
             taps, tap_fds = {}, []
@@ -141,6 +151,12 @@ class Supervisor:
                 os.close(fd)
         stack.callback(self._reap)
         self.started = time.monotonic()
+        # While QEMU initialises (paused): taps onto their bridges, QEMU into
+        # its scope and registered with machined, each in its own child.
+        if configure_taps:
+            net.submit("kvmagent.startup:configure_taps", plan["taps"])
+        if sysd is not None:
+            sysd.submit("kvmagent.startup:make_scope", plan, self.qemu.pid)
         self.qmp = Qmp(qmp_ours, timeout=30)
         self.console = con_ours if plan["serial"] else None
         self.console_log = ConsoleLog(*plan.get("console_log", (1000, 10.0)))
@@ -149,8 +165,10 @@ class Supervisor:
                                   self.console)
             stack.callback(self.hub.close)
 
+        if configure_taps:
+            net.result()
         if sysd is not None:
-            sysd.call("kvmagent.startup:make_scope", plan, self.qemu.pid)
+            sysd.result()
         else:
             self.log("not booted with systemd: QEMU stays in this process's cgroup, "
                      "no machined registration", 4)

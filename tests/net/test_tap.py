@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from pyroute2 import IPRoute
 
-from kvmagent import netdev
+from kvmagent import netdev, tundev
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.names import tap_name
 
@@ -199,7 +199,7 @@ def test_not_a_bridge(netns, ipr, add_dummy):
 
 
 def test_missing_dev_net_tun(netns, ipr, bridge, tmp_path, monkeypatch):
-    monkeypatch.setattr(netdev, "TUN_PATH", str(tmp_path / "tun"))
+    monkeypatch.setattr(tundev, "TUN_PATH", str(tmp_path / "tun"))
     with pytest.raises(KvmagentError, match="tun is missing") as err:
         netdev.open_tap("kvm-web-0", bridge)
     assert err.value.status == ExitStatus.HOST_NOT_READY and "modprobe tun" in err.value.hint
