@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("stop", "stop guest NAME: ACPI power button, then QEMU is stopped after its "
              "stop timeout"),
             ("restart", "stop, then start guest NAME")):
-        sp = add(sub, name, f"control:cmd_{name}", text)
+        # stop: kvmagent.hardstop first (stop --force needs neither D-Bus nor the config)
+        sp = add(sub, name, "hardstop:cmd_stop" if name == "stop" else f"control:cmd_{name}", text)
         sp.add_argument("name", metavar="NAME")
         sp.add_argument("--no-block", action="store_true", help="do not wait for the job")
         if name == "stop":

@@ -27,7 +27,7 @@ import time
 from contextlib import ExitStack, suppress
 from typing import Any
 
-from . import __version__, forkcall, tundev
+from . import __version__, forkcall, hardstop, tundev
 from .errors import ExitStatus, KvmagentError
 from .paths import Paths
 from .consolelog import ConsoleLog
@@ -100,6 +100,8 @@ class Supervisor:
 
     # -- start --------------------------------------------------------------
     def start(self, stack: ExitStack) -> None:
+        hardstop.write_pid_file(self.paths, self.name)  # for kvmagent stop --force
+        stack.callback(hardstop.remove_pid_file, self.paths, self.name)
         # Fork the helpers first, so that their imports (pyroute2 ~250 ms,
         # pystemd and pydbus ~120 ms) overlap with loading the guest.
         # The netlink child may not be needed (no bridged NIC): niced, it

@@ -190,12 +190,24 @@ def test_kvmagent_stop_force_pulls_the_cord(host: TestHost, image) -> None:
     define_guest(host, "eta", guest_toml(image, nics=0))
     host.run(["kvmagent", "start", "eta"], timeout=120)
     wait_for(host, "kvm@eta.service", r"GUEST-READY")
+    assert host.exec(["cat", "/run/kvmagent/eta/supervisor.pid"]).stdout.strip() == \
+        show(host, "kvm@eta.service", "MainPID")["MainPID"]
+    # the fast way: SIGUSR1 to the supervisor found by its pid file
+    r = host.run(["kvmagent", "stop", "--force", "eta"], timeout=60)
+    assert r.stdout == "kvm@eta.service: stopped (QEMU killed)\n"
+    s = wait_state(host, "kvm@eta.service", ("inactive", "failed"))
+    assert (s["ActiveState"], s["Result"], s["NRestarts"]) == ("inactive", "success", "0")
+    journal = host.journal("kvm@eta.service")
+    assert "without ACPI (stop --force)" in journal and "GUEST-POWEROFF" not in journal
+    # without the pid file: the same signal through systemd, then the stop job
+    host.run(["kvmagent", "start", "eta"], timeout=120)
+    wait_for(host, "kvm@eta.service", r"GUEST-READY")
+    host.exec(["rm", "/run/kvmagent/eta/supervisor.pid"])
     r = host.run(["kvmagent", "stop", "--force", "eta"], timeout=60)
     assert r.stdout == "kvm@eta.service: stopped\n"
     s = show(host, "kvm@eta.service", "ActiveState", "Result", "NRestarts")
     assert s == {"ActiveState": "inactive", "Result": "success", "NRestarts": "0"}
-    journal = host.journal("kvm@eta.service")
-    assert "without ACPI (stop --force)" in journal and "GUEST-POWEROFF" not in journal
+    assert host.journal("kvm@eta.service").count("without ACPI (stop --force)") == 2
 
 
 def test_guest_poweroff_ends_the_unit_without_restart(host: TestHost, image) -> None:
