@@ -85,7 +85,9 @@ def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets
             "-uuid", guest.uuid,
             "-no-user-config", "-nodefaults",
             "-machine", quote(guest.machine),
-            "-accel", str(accel),
+            # split-wx: TCG's JIT writes and runs code through two mappings,
+            # so it works under MemoryDenyWriteExecute= (kvm@.service).
+            "-accel", "tcg,split-wx=on" if accel is Accel.TCG else str(accel),
             "-cpu", "host" if accel is Accel.KVM else "max",
             "-smp", str(guest.cpus),
             "-m", f"{guest.memory >> 20}M"]

@@ -93,7 +93,7 @@ def test_show(conf, tmp_path: Path):
     assert f"# guest web: {main}" in out
     assert 'memory = "2G"' in out and "# guests/web.toml.d/10-mem.toml" in out
     assert 'accel = "tcg"' in out and "# kvmagent.toml" in out
-    assert "-accel tcg \\" in out and "-m 2048M \\" in out
+    assert "-accel tcg,split-wx=on \\" in out and "-m 2048M \\" in out
     assert "MemoryMax=2415919104" in out
     assert "no such bridge" in out  # a host problem is reported, not fatal for show
     doc = json.loads(kvmagent(conf, "show", "web", "--json").stdout)

@@ -66,7 +66,7 @@ def test_fukano_install_from_iso():
 
 
 def test_tcg_and_kvm():
-    assert seed_argv("arkani", HostFacts(Accel.TCG))[seed_argv("arkani").index("-accel") + 1] == "tcg"
+    assert seed_argv("arkani", HostFacts(Accel.TCG))[seed_argv("arkani").index("-accel") + 1] == "tcg,split-wx=on"
     kvm = seed_argv("arkani")
     assert kvm[kvm.index("-accel") + 1] == "kvm" and kvm[kvm.index("-cpu") + 1] == "host"
 
