@@ -44,7 +44,7 @@ def kvmagent_command(paths: Paths) -> tuple[list[str], list[str]]:
 
 def _refuse_if_running(unit: str, name: str, as_what: str) -> None:
     from . import systemd
-    if systemd.active_state(unit) in ("active", "activating", "deactivating", "reloading"):
+    if systemd.active_state(unit) in systemd.RUNNING_STATES:
         raise KvmagentError(f"guest {name} is already running as {as_what} ({unit})",
                             f"stop it first: kvmagent stop {name}")
 
@@ -113,17 +113,23 @@ def _job(action: str, args: argparse.Namespace, paths: Paths) -> int:
     return _report(action, unit, result, args.no_block)
 
 
-def _running_defined_guests(paths: Paths, host: Any) -> list[Guest]:
-    """The defined guests whose kvm@NAME.service runs (those that still load)."""
+def _running_guests(paths: Paths, host: Any) -> list[Guest]:
+    """The guests running now, defined or one-off (those whose file still loads)."""
     from . import systemd
     out = []
-    for row in systemd.list_units(["kvm@*.service"]):
-        if row["active_state"] in ("inactive", "failed"):
+    for row in systemd.list_units(["kvm@*.service", "kvm-oneoff@*.service"]):
+        if row["active_state"] not in systemd.RUNNING_STATES:
             continue
-        name = row["name"].removeprefix("kvm@").removesuffix(".service")
+        kind, _, rest = row["name"].partition("@")
+        name = rest.removesuffix(".service")
         try:
-            out.append(load_guest(paths, name, host))
-        except KvmagentError:
+            if kind == "kvm":
+                out.append(load_guest(paths, name, host))
+                continue
+            (exec_start, *_), = systemd.unit_properties(row["name"], ["ExecStart"]).values()
+            argv = list(exec_start[1])  # (path, argv, ignore failure, ...)
+            out.append(load_guest_file(Path(argv[argv.index("--file") + 1]), host))
+        except (KvmagentError, ValueError, IndexError):
             pass  # changed or removed since it started: nothing to compare with
     return out
 
@@ -141,7 +147,7 @@ def start_oneoff(args: argparse.Namespace, paths: Paths) -> int:
     _refuse_if_running(unit, guest.name, "a one-off guest")
     # Its MACs, taps and writable disks against the guests running now (a
     # defined guest that is stopped may well share them: a copy of its file).
-    check_unique([*_running_defined_guests(paths, host), guest])
+    check_unique([*_running_guests(paths, host), guest])
     command, env = kvmagent_command(paths)
     settings = service_settings(guest.name, command, guest_file=str(path), environment=env)
     result = systemd.start_service(unit, settings, wait=not args.no_block,

@@ -347,7 +347,8 @@ def template_installed(name: str = "kvm@.service") -> bool:
     return True
 
 
-_RUNNING = ("active", "activating", "deactivating", "reloading")
+# ActiveStates of a unit that has (or is about to have, or is ending) processes.
+RUNNING_STATES = ("active", "activating", "deactivating", "reloading")
 
 
 def active_state(unit: str) -> str | None:
@@ -382,7 +383,7 @@ def start_service(unit: str, settings: Settings, *, timeout: float = 90.0,
     deadline = time.monotonic() + timeout
     with _manager(watch_jobs=wait) as m:
         state = _active_state(m, unit)
-        if state in _RUNNING:
+        if state in RUNNING_STATES:
             with _errors(f"cannot start {unit}"):
                 job = m.call("StartUnit", b"ss", [unit, b"replace"])
         else:

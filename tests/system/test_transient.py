@@ -198,3 +198,17 @@ def test_transient_kvm_service_is_refused_where_the_template_exists(host: TestHo
     assert r.stdout.startswith("cannot start kvm@nope.service as a transient unit: systemd has "
                                "a unit file"), r.stdout
     assert show(host, "kvm@nope.service", "ActiveState")["ActiveState"] == "inactive"
+
+
+def test_oneoff_mac_clash_with_a_running_oneoff_is_refused(host: TestHost, image) -> None:
+    nic = '[[nic]]\nmac = "52:54:00:77:00:01"\n'
+    host.write_file("/root/mac1.toml", guest_toml(image, nics=0, extra=nic))
+    host.write_file("/root/mac2.toml", guest_toml(image, nics=0, extra=nic))
+    host.run(["kvmagent", "start", "--transient", "/root/mac1.toml"], timeout=120)
+    r = host.run(["kvmagent", "start", "--transient", "/root/mac2.toml"], check=False)
+    assert r.returncode == 6
+    assert ('/root/mac2.toml: nic[0].mac = "52:54:00:77:00:01" is also a MAC of guest mac1 '
+            "(/root/mac1.toml)") in r.stderr
+    assert leftovers(host, "mac2") == ""
+    host.run(["kvmagent", "stop", "mac1"], timeout=120)
+    assert leftovers(host, "mac1") == ""
