@@ -109,6 +109,27 @@ def test_stop_of_the_transient_kvm_service_leaves_nothing(host: TestHost) -> Non
     assert host.run(["kvmagent", "stop", "tless"]).stdout == "kvm@tless.service: stopped\n"
 
 
+def test_failed_transient_kvm_service_stays_until_started_again(host: TestHost, image) -> None:
+    """Without CollectMode= a failed transient kvm@NAME stays for systemctl
+    status; `kvmagent start` resets it and makes it afresh."""
+    set_template(host, False)
+    define_guest(host, "flaky", guest_toml(image, nics=0))
+    host.run(["kvmagent", "start", "flaky"], timeout=120)
+    wait_for(host, "kvm@flaky.service", r"GUEST-INIT")
+    define_guest(host, "flaky", guest_toml(image, nics=0, top='cpus = "two"'))
+    host.exec(["kill", "-9", str(qemu_pid(host, "flaky"))])
+    s = wait_state(host, "kvm@flaky.service", ("failed",))  # the restart exits 6: no more
+    assert (s["ExecMainStatus"], s["NRestarts"]) == ("6", "1")
+    assert show(host, "kvm@flaky.service", "Transient")["Transient"] == "yes"
+    define_guest(host, "flaky", guest_toml(image, nics=0))
+    r = host.run(["kvmagent", "start", "flaky"], timeout=120)
+    assert r.stdout == "kvm@flaky.service: started\n"
+    s = show(host, "kvm@flaky.service", "ActiveState", "NRestarts")
+    assert s == {"ActiveState": "active", "NRestarts": "0"}  # a new unit
+    host.run(["kvmagent", "stop", "--force", "flaky"], timeout=120)
+    assert leftovers(host, "flaky") == ""
+
+
 def test_oneoff_guest_runs_visibly_and_leaves_nothing(host: TestHost, image) -> None:
     set_template(host, True)
     host.write_file("/root/quick.toml", guest_toml(image, nics=1, description="quick and dirty"))
