@@ -66,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
             ("restart", "stop, then start guest NAME")):
         # stop: kvmagent.hardstop first (stop --force needs neither D-Bus nor the config)
         sp = add(sub, name, "hardstop:cmd_stop" if name == "stop" else f"control:cmd_{name}", text)
-        sp.add_argument("name", metavar="NAME")
+        sp.add_argument("name", metavar="NAME", nargs="?" if name == "start" else None)
         sp.add_argument("--no-block", action="store_true", help="do not wait for the job")
+        if name == "start":
+            sp.add_argument("--transient", metavar="FILE",
+                            help="run a one-off guest straight from FILE (NAME.toml) as the "
+                            "transient kvm-oneoff@NAME.service, gone when it stops")
         if name == "stop":
             sp.add_argument("--force", action="store_true",
                             help="stop QEMU at once, without the ACPI power button "
@@ -100,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(sub, "run", "supervisor:cmd_run", "supervise guest NAME in the foreground: the ExecStart= of "
              "kvm@NAME.service (start guests with systemctl start kvm@NAME)")
     sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--file", metavar="FILE", help="load the guest from FILE, not from "
+                    "guests/NAME.toml (a one-off guest: kvmagent start --transient)")
     return p
 
 

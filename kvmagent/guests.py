@@ -48,6 +48,15 @@ def load_guest(paths: Paths, name: str, host: HostConfig) -> Guest:
     return build_guest(name, load_layers(main, required=True), host, main)
 
 
+def load_guest_file(path: Path, host: HostConfig) -> Guest:
+    """A guest straight from PATH (a one-off guest), named after the file;
+    its PATH.d/*.toml drop-ins apply as for a defined guest."""
+    if path.suffix != ".toml":
+        raise config_error(f"{path}: a guest file is named NAME.toml",
+                           "the guest is named after its file; rename it")
+    return build_guest(path.stem, load_layers(path, required=True), host, path)
+
+
 def _host_default(host: HostConfig, key: str) -> str:
     return host.origin.get(key, DEFAULT)
 

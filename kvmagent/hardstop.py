@@ -22,6 +22,7 @@ from contextlib import suppress
 from .errors import ExitStatus, KvmagentError
 from .names import GUEST_NAME_RULE, service_unit, valid_guest_name
 from .paths import Paths
+from .service import oneoff_unit
 
 PID_FILE = "supervisor.pid"
 EXIT_WAIT = 30.0  # seconds for the supervisor to reap QEMU and exit
@@ -50,7 +51,8 @@ def _supervisor_pidfd(paths: Paths, name: str) -> int | None:
         return None
     try:  # the pid is held now: is it still the supervisor of this guest?
         with open(f"/proc/{pid}/cgroup") as f:
-            ours = any(line.rstrip("\n").endswith(f"/{service_unit(name)}") for line in f)
+            units = (f"/{service_unit(name)}", f"/{oneoff_unit(name)}")
+            ours = any(line.rstrip("\n").endswith(units) for line in f)
     except OSError:
         ours = False
     if not ours:

@@ -14,9 +14,10 @@ from .values import format_cpu_list
 Setting = tuple[str, str | int | list[str] | list[tuple[str, str]]]
 
 
-def scope_settings(guest: Guest, host: HostConfig,
-                   facts: HostFacts | None = None) -> list[Setting]:
-    service = service_unit(guest.name)
+def scope_settings(guest: Guest, host: HostConfig, facts: HostFacts | None = None, *,
+                   service: str | None = None) -> list[Setting]:
+    """service: the supervisor's unit, kvm@NAME.service unless a one-off's."""
+    service = service or service_unit(guest.name)
     settings: list[Setting] = [
         ("Description", f"QEMU of {guest.description}" if guest.description
          else f"QEMU of guest {guest.name}"),

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 from . import names, tundev
-from .guests import load_guest, load_host_config
+from .errors import config_error
+from .guests import load_guest, load_guest_file, load_host_config
 from .hostcheck import check_host
 from .model import Guest, HostConfig, NicMode, OnPoweroff
 from .paths import Paths
 from .qemu import HostFacts, Sockets, qemu_argv
 from .scope import scope_settings
 from .sdnotify import Journal, notify
+from .service import oneoff_unit
 from .supervisor import CONSOLE_FD, QMP_FD, tap_token
 
 DEVICE_POLL = 0.5
@@ -41,11 +44,21 @@ def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts
         time.sleep(DEVICE_POLL)
 
 
-def prepare(name: str, paths: Paths) -> tuple[dict[str, Any], list[int]]:
-    """Load and check the guest, wait for its devices, and make its QEMU
-    command line (with placeholders for the fds) and scope settings."""
+def prepare(name: str, paths: Paths,
+            guest_file: str | None = None) -> tuple[dict[str, Any], list[int]]:
+    """Load and check the guest (from guest_file for a one-off guest), wait
+    for its devices, and make its QEMU command line (with placeholders for
+    the fds) and scope settings."""
     host = load_host_config(paths)
-    guest = load_guest(paths, name, host)
+    if guest_file is None:
+        guest = load_guest(paths, name, host)
+        service = names.service_unit(name)
+    else:
+        guest = load_guest_file(Path(guest_file), host)
+        if guest.name != name:
+            raise config_error(f"{guest_file}: defines guest {guest.name}, not {name}",
+                               "the guest is named after its file")
+        service = oneoff_unit(name)
     facts = wait_for_host(guest, host, Journal())
     bridged = [n for n in guest.nics if n.mode is NicMode.BRIDGE]
     sockets = Sockets(qmp=f"fd={QMP_FD}",
@@ -61,7 +74,7 @@ def prepare(name: str, paths: Paths) -> tuple[dict[str, Any], list[int]]:
         "argv": argv, "vhost": facts.vhost_net,
         "taps": [(n.index, n.tap, str(n.bridge), n.queues) for n in bridged],
         "scope_unit": names.scope_unit(guest.name),
-        "scope": scope_settings(guest, host, facts),
+        "scope": scope_settings(guest, host, facts, service=service),
     }
     return plan, []
 

@@ -79,9 +79,10 @@ def systemd_booted() -> bool:
 # -- the supervisor ----------------------------------------------------------
 
 class Supervisor:
-    def __init__(self, name: str, paths: Paths) -> None:
+    def __init__(self, name: str, paths: Paths, guest_file: str | None = None) -> None:
         self.name = name
         self.paths = paths
+        self.guest_file = guest_file  # a one-off guest's file (run --file)
         self.journal = Journal()
         self.qemu: subprocess.Popen[bytes] | None = None
         self.qmp: Qmp | None = None
@@ -114,7 +115,7 @@ class Supervisor:
         if sysd is not None:
             stack.callback(sysd.close)
         plan, _ = forkcall.call("kvmagent.startup:prepare", self.name, self.paths,
-                                timeout=86400)  # bounded by device_timeout itself
+                                self.guest_file, timeout=86400)  # bounded by device_timeout itself
         self.plan = plan
         self.log(f"starting guest {self.name} ({plan['cpus']} vCPU, "
                  f"{plan['memory_mib']} MiB; kvmagent {__version__})", 6, MSG_STARTING)
@@ -338,8 +339,8 @@ class Supervisor:
         return ExitStatus.FAILURE
 
 
-def run(name: str, paths: Paths) -> int:
-    sup = Supervisor(name, paths)
+def run(name: str, paths: Paths, guest_file: str | None = None) -> int:
+    sup = Supervisor(name, paths, guest_file)
     with ExitStack() as stack:
         try:
             sup.start(stack)
@@ -351,4 +352,4 @@ def run(name: str, paths: Paths) -> int:
 
 
 def cmd_run(args: Any, paths: Paths) -> int:
-    return run(args.name, paths)
+    return run(args.name, paths, getattr(args, "file", None))

@@ -32,19 +32,31 @@ UINT64_MAX = (1 << 64) - 1  # "infinity"
 _INFINITY_OK = {"MemoryMax", "MemoryHigh", "TasksMax"}  # (for CPUWeight it means "unset")
 
 # D-Bus type of every property kvmagent puts on a transient unit (systemd 252,
-# src/core/dbus-cgroup.c, dbus-unit.c, dbus-scope.c).
+# src/core/dbus-cgroup.c, dbus-unit.c, dbus-scope.c, dbus-service.c,
+# dbus-execute.c, dbus-kill.c).  A unit-file key FooSec is the D-Bus
+# property FooUSec (microseconds); props_for_dbus converts.
 SIGNATURES: dict[str, bytes] = {
     "Description": b"s", "Slice": b"s", "CollectMode": b"s", "DevicePolicy": b"s",
     "BindsTo": b"as", "PartOf": b"as", "Before": b"as", "After": b"as", "Wants": b"as",
+    "Conflicts": b"as", "Documentation": b"as", "RequiresMountsFor": b"as",
     "MemoryMax": b"t", "MemoryHigh": b"t", "CPUWeight": b"t", "IOWeight": b"t",
     "TasksMax": b"t",
     "AllowedCPUs": b"ay",  # a CPU bitmask, bit N of byte N//8 = CPU N
     "DeviceAllow": b"a(ss)",  # (device path or class, "rwm")
     "PIDs": b"au",
+    # services (kvm@NAME.service made transient; kvmagent.service)
+    "Type": b"s", "NotifyAccess": b"s", "KillMode": b"s", "Restart": b"s",
+    "ExecStart": b"a(sasb)", "ExecStopPost": b"a(sasb)",  # (path, argv, ignore failure)
+    "RestartUSec": b"t", "TimeoutStartUSec": b"t", "TimeoutStopUSec": b"t",
+    "WatchdogUSec": b"t", "StartLimitIntervalUSec": b"t", "StartLimitBurst": b"u",
+    "RestartPreventExitStatus": b"(aiai)",  # (exit statuses, signals)
+    "RuntimeDirectory": b"as", "RuntimeDirectoryMode": b"u", "StateDirectory": b"as",
+    "Environment": b"as",
 }
-# pystemd 0.11's table has no PIDs, CPUWeight, IOWeight, AllowedCPUs or
-# DeviceAllow (KeyError on use); extend it once.  setdefault keeps pystemd's
-# own entry where it has one; a unit test checks that they agree.
+# pystemd 0.11's table has no PIDs, CPUWeight, IOWeight, AllowedCPUs,
+# DeviceAllow, Restart, RestartUSec, StartLimit* or RuntimeDirectoryMode
+# (KeyError on use); extend it once.  setdefault keeps pystemd's own entry
+# where it has one; a unit test checks that they agree.
 for _name, _sig in SIGNATURES.items():
     KNOWN_UNIT_SIGNATURES.setdefault(_name.encode(), _sig)
 
@@ -80,21 +92,50 @@ def _convert(name: str, sig: bytes, value: Any) -> Any:
         pairs = [tuple(v.split(None, 1)) if isinstance(v, str) else tuple(v) for v in value]
         if all(len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
             return [(p.encode(), perm.encode()) for p, perm in pairs]
+    if sig == b"u" and _is_int(value) and 0 <= value < 1 << 32:
+        return value
+    if sig == b"(aiai)" and value and all(_is_int(v) and 0 <= v <= 255 for v in value):
+        return (list(value), [])
+    if sig == b"a(sasb)" and value and all(isinstance(v, str) and v for v in value):
+        # argv as in a unit file: "-/usr/bin/x" ignores x's failure
+        program = value[0].removeprefix("-")
+        if program.startswith("/"):
+            return [(program.encode(), [program.encode(), *(v.encode() for v in value[1:])],
+                     value[0].startswith("-"))]
     raise ValueError(f"not a valid value for D-Bus type {sig.decode()}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _usec(name: str, value: Any) -> tuple[str, Any]:
+    """FooSec = seconds (a unit-file key) -> FooUSec = microseconds (D-Bus)."""
+    if not (name.endswith("Sec") and f"{name[:-3]}USec" in SIGNATURES):
+        return name, value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        value = round(value * 1_000_000)
+    return f"{name[:-3]}USec", value  # anything else fails in _convert
+
+
 def props_for_dbus(settings: Settings) -> dict[bytes, Any]:
-    """scope_settings() pairs -> StartTransientUnit properties for pystemd."""
+    """scope_settings()/service_settings() pairs -> StartTransientUnit properties
+    for pystemd.  A list-valued key given twice adds up, as in a unit file."""
     props: dict[bytes, Any] = {}
-    for name, value in settings:
+    for key, value in settings:
+        name, converted = _usec(key, value)
         sig = SIGNATURES.get(name)
         if sig is None:
-            raise KvmagentError(f"unit setting {name}= has no known D-Bus type",
+            raise KvmagentError(f"unit setting {key}= has no known D-Bus type",
                                 hint="add it to kvmagent.systemd.SIGNATURES")
         try:
-            props[name.encode()] = _convert(name, sig, value)
+            converted = _convert(name, sig, converted)
         except (ValueError, TypeError) as e:
-            raise KvmagentError(f"bad unit setting {name}={value!r}: {e}") from None
+            raise KvmagentError(f"bad unit setting {key}={value!r}: {e}") from None
+        if sig.startswith(b"a") and name.encode() in props:
+            props[name.encode()] = props[name.encode()] + converted
+        else:
+            props[name.encode()] = converted
     return props
 
 
@@ -304,3 +345,59 @@ def template_installed(name: str = "kvm@.service") -> bool:
                 return False
             raise dbus_error(f"cannot look up {name}", e) from None
     return True
+
+
+# ActiveStates of a unit that has (or is about to have, or is ending) processes.
+RUNNING_STATES = ("active", "activating", "deactivating", "reloading")
+
+
+def active_state(unit: str) -> str | None:
+    """The unit's ActiveState, or None when systemd has not loaded it (a
+    transient unit that was collected, or a template instance never used)."""
+    with _manager() as m:
+        return _active_state(m, unit)
+
+
+def _active_state(m: _Manager, unit: str) -> str | None:
+    try:
+        path = m.call("GetUnit", b"s", [unit])
+    except DBusBaseError as e:
+        if _error_name(e).endswith(".NoSuchUnit"):
+            return None
+        raise dbus_error(f"cannot look up {unit}", e) from None
+    with _errors(f"cannot read the state of {unit}"):
+        return _text(m.bus.get_property(DEST, path, b"org.freedesktop.systemd1.Unit",
+                                        b"ActiveState", b"s"))
+
+
+def start_service(unit: str, settings: Settings, *, timeout: float = 90.0,
+                  wait: bool = True) -> str | None:
+    """Start unit as a transient service with settings; wait for the job.
+
+    A unit of that name that is running (or restarting) keeps running: only a
+    start job is queued, as `systemctl start` would.  One left failed is reset
+    first, so it is made again with these settings."""
+    props = props_for_dbus(settings)
+    args = (apply_signature(b"ss", [unit.encode(), b"fail"]) + signature_array(props)
+            + [(ord("a"), b"(sa(sv))"), (-1, None)])  # no auxiliary units
+    deadline = time.monotonic() + timeout
+    with _manager(watch_jobs=wait) as m:
+        state = _active_state(m, unit)
+        if state in RUNNING_STATES:
+            with _errors(f"cannot start {unit}"):
+                job = m.call("StartUnit", b"ss", [unit, b"replace"])
+        else:
+            if state is not None:
+                with contextlib.suppress(DBusBaseError):  # collected meanwhile
+                    m.call("ResetFailedUnit", b"s", [unit])
+            try:
+                job = m.call_raw("StartTransientUnit", args)
+            except DBusBaseError as e:
+                if _error_name(e).endswith(".UnitExists"):
+                    raise KvmagentError(
+                        f"cannot start {unit} as a transient unit: systemd has a unit file "
+                        f"or a loaded unit of that name",
+                        f"systemctl status {unit}; a template such as kvm@.service "
+                        "makes its instances unit files") from None
+                raise dbus_error(f"cannot start {unit}", e) from None
+        return m.wait_job(job, unit, deadline) if wait else None

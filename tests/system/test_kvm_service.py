@@ -203,6 +203,8 @@ def test_kvmagent_stop_force_pulls_the_cord(host: TestHost, image) -> None:
     host.run(["kvmagent", "start", "eta"], timeout=120)
     wait_for(host, "kvm@eta.service", r"GUEST-READY")
     host.exec(["rm", "/run/kvmagent/eta/supervisor.pid"])
+    # and with its configuration gone bad meanwhile: stopping needs none
+    define_guest(host, "eta", 'cpus = "two"\n')
     r = host.run(["kvmagent", "stop", "--force", "eta"], timeout=60)
     assert r.stdout == "kvm@eta.service: stopped\n"
     s = show(host, "kvm@eta.service", "ActiveState", "Result", "NRestarts")

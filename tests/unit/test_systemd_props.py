@@ -92,8 +92,8 @@ def test_bad_values_name_the_setting(setting: tuple[str, Any], why: str) -> None
 
 
 def test_unknown_setting() -> None:
-    with pytest.raises(KvmagentError, match="Restart= has no known D-Bus type"):
-        props_for_dbus([("Restart", "always")])
+    with pytest.raises(KvmagentError, match="RestartMode= has no known D-Bus type"):
+        props_for_dbus([("RestartMode", "normal")])
 
 
 # -- error mapping ------------------------------------------------------------------------

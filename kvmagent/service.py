@@ -1,0 +1,124 @@
+"""systemd settings of a guest's service, the supervisor's unit.
+
+One pure function, service_settings(), produces them as (key, value) pairs
+with unit-file key names.  They are used two ways:
+
+- units/kvm@.service is their rendering for the template instance "%i"
+  (tests/unit/test_service.py checks that the shipped file agrees);
+- where that template is not installed (a checkout, a pip install), and for
+  one-off guests started from a file, kvmagent creates the service itself as
+  a transient unit with the same settings (kvmagent.systemd.start_service).
+
+Values are plain data: str, int, list[str] (space-separated in a unit file),
+list[(path, mode)] for DeviceAllow, an argv list for Exec* (a leading "-" on
+the program ignores its failure, as in a unit file), durations as whole
+seconds for every *Sec key (systemd's own naming rule), modes as ints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+Setting = tuple[str, Any]
+
+TEMPLATE = "kvm@.service"
+INSTANCE = "%i"  # the template's instance specifier
+INSTALLED_COMMAND = ("/usr/bin/kvmagent",)
+
+# The settings every guest's service has, whatever its name and however it
+# was made: units/kvm@.service without its per-guest lines.  A line added to
+# the template goes here too (and, if it is new to kvmagent, its D-Bus type
+# into kvmagent.systemd.SIGNATURES), or the transient services would lack it.
+COMMON: list[Setting] = [
+    ("Documentation", ["man:kvm@.service(8)", "man:kvmagent(1)", "man:kvmagent.toml(5)"]),
+    ("PartOf", ["machines.target"]),
+    ("Before", ["machines.target"]),
+    ("Wants", ["modprobe@tun.service", "modprobe@vhost_net.service",
+               "network-online.target"]),
+    ("After", ["modprobe@tun.service", "modprobe@vhost_net.service", "network-online.target",
+               "local-fs.target", "remote-fs.target", "systemd-machined.service",
+               "kvmagent-bridges.service"]),
+    ("RequiresMountsFor", ["/var/lib/kvmagent"]),
+    ("StartLimitIntervalSec", 600),
+    ("StartLimitBurst", 5),
+    ("Type", "notify"),
+    ("NotifyAccess", "main"),
+    ("KillMode", "mixed"),
+    ("Slice", "machine.slice"),
+    ("Restart", "on-failure"),
+    ("RestartSec", 2),
+    ("RestartPreventExitStatus", [6, 8]),
+    ("TimeoutStartSec", 300),
+    ("TimeoutStopSec", 90),
+    ("WatchdogSec", 30),
+    ("TasksMax", 64),
+    ("RuntimeDirectoryMode", 0o750),
+    ("StateDirectory", ["kvmagent"]),
+    ("DevicePolicy", "closed"),
+    ("DeviceAllow", [("/dev/kvm", "rw"), ("/dev/net/tun", "rw"), ("/dev/vhost-net", "rw"),
+                     ("block-device-mapper", "rw"), ("block-sd", "rw"),
+                     ("block-virtblk", "rw"), ("block-blkext", "rw"), ("block-loop", "rw"),
+                     ("block-sr", "r"), ("block-md", "rw")]),
+]
+
+
+def oneoff_unit(name: str) -> str:
+    """The service of a one-off guest (kvmagent start --transient FILE).
+    Not kvm@NAME.service: systemd refuses a transient unit of that name
+    where the kvm@.service template exists."""
+    return f"kvm-oneoff@{name}.service"
+
+
+def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
+                     guest_file: str | None = None,
+                     environment: Sequence[str] = ()) -> list[Setting]:
+    """The settings of guest NAME's service ("%i": the template's).
+
+    command runs kvmagent (the installed /usr/bin/kvmagent, or python3 -m
+    kvmagent from a checkout, with environment such as PYTHONPATH).  With
+    guest_file the guest is a one-off loaded from that file: its service is
+    collected when it stops, even failed, and gives way to kvm@NAME.service
+    (Conflicts=, so the two never run the same guest name at once)."""
+    run = [*command, "run", *(["--file", guest_file] if guest_file else []), name]
+    description = f"KVM guest {name}" + (f" (one-off, {guest_file})" if guest_file else "")
+    settings: list[Setting] = [
+        ("Description", description),
+        *COMMON,
+        ("ExecStart", run),
+        ("RuntimeDirectory", [f"kvmagent/{name}"]),
+    ]
+    if environment:
+        settings.append(("Environment", list(environment)))
+    if guest_file:
+        defined = f"kvm@{name}.service"
+        settings += [
+            ("CollectMode", "inactive-or-failed"),
+            # `systemctl start kvm@NAME` stops the one-off first (stop jobs
+            # run before start jobs once the two are ordered at all): they
+            # share the scope, machine, taps and runtime directory.
+            ("Conflicts", [defined]),
+            ("Before", [defined]),
+        ]
+    return settings
+
+
+def _duration(seconds: int) -> str:
+    return f"{seconds // 60}min" if seconds and seconds % 60 == 0 else f"{seconds}s"
+
+
+def render_service(settings: Sequence[Setting]) -> list[str]:
+    """Unit-file lines (no sections): what units/kvm@.service says."""
+    lines = []
+    for key, value in settings:
+        if key == "DeviceAllow":
+            lines += [f"DeviceAllow={path} {mode}" for path, mode in value]  # type: ignore[misc]
+        elif key.endswith("Sec") and isinstance(value, int):
+            lines.append(f"{key}={_duration(value)}")
+        elif key.endswith("Mode") and isinstance(value, int):
+            lines.append(f"{key}={value:04o}")
+        elif isinstance(value, list):
+            lines.append(f"{key}={' '.join(map(str, value))}")
+        else:
+            lines.append(f"{key}={value}")
+    return lines
