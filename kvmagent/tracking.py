@@ -28,6 +28,7 @@ from .values import format_size, parse_size
 # systemd's ActiveState -> the word shown for a guest.
 STATES = {"active": "running", "reloading": "running", "inactive": "stopped",
           "failed": "failed", "activating": "starting", "deactivating": "stopping"}
+NAME_WIDTH = 12  # so that a row fits 80 columns
 _COLORS = {"running": "32", "failed": "31", "invalid": "31", "starting": "33",
            "stopping": "33"}
 
@@ -207,6 +208,13 @@ def list_rows(paths: Paths) -> tuple[list[dict[str, Any]], list[str]]:
     return rows, [n for n in (note1, note2) if n]
 
 
+def _taps(taps: list[str], room: int = 15) -> str:
+    if not taps:
+        return "-"
+    text = taps[0] + (f" +{len(taps) - 1}" if len(taps) > 1 else "")
+    return text if len(text) <= room else f"{len(taps)} taps"
+
+
 def cmd_list(args: argparse.Namespace, paths: Paths) -> int:
     rows, notes = list_rows(paths)
     for n in notes:
@@ -218,21 +226,25 @@ def cmd_list(args: argparse.Namespace, paths: Paths) -> int:
     if not rows:
         print(f"no guests defined in {paths.guests_dir}")
         return ExitStatus.OK
-    w = max(4, *(len(r["name"]) for r in rows))
-    print(f"{'NAME':<{w}} {'STATE':<8} {'UPTIME':>7} {'RESTARTS':>8} {'CPUS':>4} "
+    # 80 columns: names longer than the column get a line of their own.
+    w = min(NAME_WIDTH, max(4, *(len(r["name"]) for r in rows)))
+    print(f"{'NAME':<{w}} {'STATE':<8} {'UPTIME':>8} {'RESTARTS':>8} {'CPUS':>4} "
           f"{'MEMORY':>6} {'PID':>7} {'BOOT':<4} TAPS")
     for r in rows:
+        name = r["name"]
+        if len(name) > w:
+            print(name)
+            name = ""
         if r["state"] == "invalid":
-            print(f"{r['name']:<{w}} {paint('invalid', 'invalid', 8)} "
+            print(f"{name:<{w}} {paint('invalid', 'invalid', 8)} "
                   f"(kvmagent validate {r['name']})")
             continue
         boot = "-" if r["enabled"] is None else ("yes" if r["enabled"] else "no")
-        taps = r["taps"][0] + (f" +{len(r['taps']) - 1}" if len(r["taps"]) > 1 else "") \
-            if r["taps"] else "-"
         restarts = "-" if r["restarts"] is None else str(r["restarts"])
-        print(f"{r['name']:<{w}} {paint(r['state'], r['state'], 8)} "
-              f"{duration(r['uptime_seconds']):>7} {restarts:>8} {r['cpus']:>4} "
-              f"{format_size(r['memory_bytes']):>6} {r['qemu_pid'] or '-':>7} {boot:<4} {taps}")
+        print(f"{name:<{w}} {paint(r['state'], r['state'], 8)} "
+              f"{duration(r['uptime_seconds']):>8} {restarts:>8} {r['cpus']:>4} "
+              f"{format_size(r['memory_bytes']):>6} {r['qemu_pid'] or '-':>7} {boot:<4} "
+              f"{_taps(r['taps'])}")
     return ExitStatus.OK
 
 
