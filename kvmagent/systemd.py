@@ -306,21 +306,6 @@ def template_installed(name: str = "kvm@.service") -> bool:
     return True
 
 
-def list_units_and_files(patterns: Sequence[str]) -> tuple[list[dict[str, str]], dict[str, str]]:
-    """The loaded units matching patterns (ListUnitsByPatterns) and the
-    unit-file state of each unit file matching them (ListUnitFilesByPatterns,
-    file name -> "enabled", "disabled", ...): two calls on one connection,
-    however many units there are."""
-    pats = [p.encode() for p in patterns]
-    with _manager() as m, _errors("cannot list units"):
-        rows = m.call("ListUnitsByPatterns", b"asas", [[], pats])
-        files = m.call("ListUnitFilesByPatterns", b"asas", [[], pats])
-    units = [{"name": r[0], "description": r[1], "load_state": r[2], "active_state": r[3],
-              "sub_state": r[4]} for r in _text(rows or [])]
-    states = {path.rsplit("/", 1)[-1]: state for path, state in _text(files or [])}
-    return units, states
-
-
 def system_state() -> str:
     """The manager's SystemState (what `systemctl is-system-running` prints):
     "stopping" once a shutdown or reboot is under way."""

@@ -2,10 +2,11 @@
 are doing and have done, from systemd (the present) and the state database
 (the record, kvmagent.state).
 
-`list` stays cheap however many guests there are: two D-Bus calls on one
-connection (ListUnitsByPatterns, ListUnitFilesByPatterns), one read of the
-state database, and of each guest's TOML only what the listing shows
-(guest_facts), not the whole validation (`kvmagent validate` does that)."""
+`list` stays cheap however many guests there are: one D-Bus call
+(ListUnitsByPatterns), one read of the state database, one scan of the
+*.wants/ directories for enabled guests, and of each guest's TOML only what
+the listing shows (guest_facts), not the whole validation (`kvmagent
+validate` does that)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,36 @@ def guest_facts(paths: Paths, name: str) -> dict[str, Any]:
 
 # -- what systemd says ------------------------------------------------------------------
 
+# Where `systemctl enable kvm@NAME` puts its symlink (WantedBy=machines.target).
+UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/lib/systemd/system",
+             "/lib/systemd/system")
+
+
+def enabled_guests(unit_dirs: tuple[str, ...] = UNIT_DIRS) -> set[str]:
+    """Guests whose kvm@NAME.service is enabled: a symlink of that name in a
+    *.wants/ or *.requires/ directory, which is how systemd itself finds an
+    enabled template instance.  The manager has no call that lists the
+    unit-file state of instances (ListUnitFilesByPatterns lists only
+    kvm@.service), and one GetUnitFileState per guest is what list avoids."""
+    found: set[str] = set()
+    for top in unit_dirs:
+        try:
+            subdirs = [e.path for e in os.scandir(top)
+                       if e.name.endswith((".wants", ".requires")) and e.is_dir()]
+        except OSError:
+            continue
+        for d in subdirs:
+            try:
+                for e in os.scandir(d):
+                    if (e.name.startswith("kvm@") and e.name.endswith(".service")
+                            and e.name != "kvm@.service"
+                            and os.path.realpath(e.path) != "/dev/null"):
+                        found.add(e.name[len("kvm@"):-len(".service")])
+            except OSError:
+                continue
+    return found
+
+
 def systemd_view(names: list[str]) -> tuple[dict[str, dict[str, str]], dict[str, str], str]:
     """(unit rows by guest, unit-file state by guest, a note when systemd
     could not be asked).  Degrades, never fails: `list` still lists."""
@@ -91,7 +122,7 @@ def systemd_view(names: list[str]) -> tuple[dict[str, dict[str, str]], dict[str,
         return {}, {}, "systemd is not running on this host (not PID 1): states unknown"
     from . import systemd  # pystemd, for these commands only
     try:
-        units, files = systemd.list_units_and_files(["kvm@*.service"])
+        units = systemd.list_units(["kvm@*.service"])
     except KvmagentError as e:
         return {}, {}, f"states unknown: {e.message}"
     wanted = set(names)
@@ -100,10 +131,7 @@ def systemd_view(names: list[str]) -> tuple[dict[str, dict[str, str]], dict[str,
         guest = u["name"][len("kvm@"):-len(".service")]
         if guest in wanted:
             rows[guest] = u
-    enabled = {}
-    for unit_file, st in files.items():
-        if unit_file.startswith("kvm@") and unit_file != "kvm@.service":
-            enabled[unit_file[len("kvm@"):-len(".service")]] = st
+    enabled = {g: "enabled" for g in enabled_guests() if g in wanted}
     return rows, enabled, ""
 
 

@@ -13,7 +13,7 @@ import time
 
 from kvmagent import state
 from kvmagent.errors import ExitStatus
-from kvmagent.tracking import duration, parse_since, stop_reason
+from kvmagent.tracking import duration, enabled_guests, parse_since, stop_reason
 
 from test_cli import REPO, kvmagent  # the same throwaway-config runner
 
@@ -211,3 +211,15 @@ def test_durations_and_since() -> None:
     now = time.time()
     assert parse_since("7d", now) == now - 7 * 86400
     assert parse_since("2024-05-01") == time.mktime((2024, 5, 1, 0, 0, 0, 0, 0, -1))
+
+
+def test_enabled_guests_are_the_wants_symlinks(tmp_path) -> None:
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    (etc / "machines.target.wants").mkdir(parents=True)
+    (lib / "multi-user.target.wants").mkdir(parents=True)
+    (etc / "machines.target.wants" / "kvm@web.service").symlink_to("/lib/kvm@.service")
+    (etc / "machines.target.wants" / "kvm@.service").symlink_to("/lib/kvm@.service")
+    (etc / "machines.target.wants" / "other.service").symlink_to("/lib/other.service")
+    (lib / "multi-user.target.wants" / "kvm@db.service").symlink_to("../kvm@.service")
+    (etc / "kvm@gone.service").symlink_to("/dev/null")  # masked, not in a .wants
+    assert enabled_guests((str(etc), str(lib), str(tmp_path / "none"))) == {"web", "db"}
