@@ -305,9 +305,3 @@ def template_installed(name: str = "kvm@.service") -> bool:
             raise dbus_error(f"cannot look up {name}", e) from None
     return True
 
-
-def system_state() -> str:
-    """The manager's SystemState (what `systemctl is-system-running` prints):
-    "stopping" once a shutdown or reboot is under way."""
-    with _manager() as m, _errors("cannot read systemd's state"):
-        return str(_text(m.bus.get_property(DEST, ROOT, MANAGER, b"SystemState", b"s")))

@@ -16,15 +16,17 @@ import os
 import sqlite3
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from . import state
 from .errors import ExitStatus, KvmagentError
-from .names import GUEST_NAME_RULE, service_unit, tap_name, valid_guest_name
 from .paths import Paths
 from .values import format_size, parse_size
+
+# Not imported here, to keep `list` quick: tomllib (only for a changed
+# guest file) and kvmagent.names (hashlib loads OpenSSL: ~10 ms).
+FACTS_CACHE = "list-cache.json"  # in the runtime directory
 
 # systemd's ActiveState -> the word shown for a guest.
 STATES = {"active": "running", "reloading": "running", "inactive": "stopped",
@@ -44,11 +46,72 @@ def guest_names(paths: Paths) -> list[str]:
         return []
 
 
+def _signature(paths: Paths, name: str) -> list[int] | None:
+    """What a guest's facts depend on: its file and its drop-in directory."""
+    main = paths.guest_config(name)
+    try:
+        st = os.stat(main)
+    except OSError:
+        return None
+    sig = [st.st_mtime_ns, st.st_size, st.st_ino]
+    try:
+        for e in os.scandir(main.with_name(main.name + ".d")):
+            if e.name.endswith(".toml"):
+                d = e.stat()
+                sig += [d.st_mtime_ns, d.st_size, d.st_ino]
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return sig
+
+
+def all_facts(paths: Paths, names: list[str]) -> dict[str, dict[str, Any]]:
+    """guest_facts() of each guest (or {"error": message}), parsing only the
+    guests whose files changed since the last listing: the rest comes from a
+    cache in the runtime directory, keyed by each file's mtime, size and
+    inode.  The cache is an optimisation only; it is rewritten atomically,
+    and a listing that cannot write it (not root) parses every file."""
+    path = paths.runtime_dir / FACTS_CACHE
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    out, fresh, changed = {}, {}, False
+    for name in names:
+        sig = _signature(paths, name)
+        hit = cache.get(name)
+        if sig is not None and isinstance(hit, dict) and hit.get("sig") == sig:
+            facts = hit["facts"]
+        else:
+            try:
+                facts = guest_facts(paths, name)
+            except KvmagentError as e:
+                facts = {"error": e.message}
+            changed = True
+        out[name] = facts
+        if sig is not None:
+            fresh[name] = {"sig": sig, "facts": facts}
+    if changed or len(fresh) != len(cache):
+        tmp = path.with_name(f".{FACTS_CACHE}.{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(fresh, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return out
+
+
 def guest_facts(paths: Paths, name: str) -> dict[str, Any]:
     """description, cpus, memory_bytes and taps of a guest, from its file and
     drop-ins (later files replace these top-level keys and [[nic]] whole, as
     kvmagent.config merges them).  KvmagentError(CONFIG) for what cannot be
     shown; the rest of the checks are `kvmagent validate`'s."""
+    import tomllib
+    from .names import GUEST_NAME_RULE, tap_name, valid_guest_name
     main = paths.guest_config(name)
     data: dict[str, Any] = {}
     dropins = main.with_name(main.name + ".d")
@@ -135,7 +198,7 @@ def systemd_view(names: list[str]) -> tuple[dict[str, dict[str, str]], dict[str,
     return rows, enabled, ""
 
 
-def state_view(paths: Paths, names: list[str]) -> tuple[dict[str, state.Summary], str]:
+def state_view(paths: Paths) -> tuple[dict[str, state.Figures], str]:
     try:
         conn = state.connect(paths.state_dir, create=False)
     except FileNotFoundError:
@@ -143,7 +206,7 @@ def state_view(paths: Paths, names: list[str]) -> tuple[dict[str, state.Summary]
     except (sqlite3.Error, OSError) as e:
         return {}, f"no uptime record: {state.db_path(paths.state_dir)}: {e}"
     try:
-        return state.summaries(conn, names, state.now()), ""
+        return state.list_figures(conn, state.now()), ""
     except sqlite3.Error as e:
         return {}, f"no uptime record: {state.db_path(paths.state_dir)}: {e}"
     finally:
@@ -206,8 +269,10 @@ def _note(text: str) -> None:
 def list_rows(paths: Paths) -> tuple[list[dict[str, Any]], list[str]]:
     names = guest_names(paths)
     units, enabled, note1 = systemd_view(names) if names else ({}, {}, "")
-    summaries, note2 = state_view(paths, names) if names else ({}, "")
+    figures, note2 = state_view(paths) if names else ({}, "")
+    facts = all_facts(paths, names)
     known = not note1
+    now = state.now()
     rows = []
     for name in names:
         unit = units.get(name)
@@ -218,20 +283,20 @@ def list_rows(paths: Paths) -> tuple[list[dict[str, Any]], list[str]]:
             "enabled": (enabled.get(name) == "enabled") if known else None,
             "uptime_seconds": None, "restarts": None, "qemu_pid": None,
         }
-        summary = summaries.get(name)
-        if summary is not None:
-            row["restarts"] = summary.restarts
-            run = summary.running_since
+        fig = figures.get(name)
+        if fig is not None:
+            row["restarts"] = fig.restarts
+            run = fig.running_since
             if run is not None and active in ("active", "reloading", "deactivating", None):
-                row["uptime_seconds"] = int(summary.uptime or 0)
+                row["uptime_seconds"] = int(max(0.0, now.boottime - run.boottime))
                 if run.pid and os.path.exists(f"/proc/{run.pid}"):
                     row["qemu_pid"] = run.pid
         elif not note2:
             row["restarts"] = 0
-        try:
-            row |= guest_facts(paths, name)
-        except KvmagentError as e:
-            row |= {"state": "invalid", "error": e.message}
+        if "error" in facts[name]:
+            row |= {"state": "invalid", "error": facts[name]["error"]}
+        else:
+            row |= facts[name]
         rows.append(row)
     return rows, [n for n in (note1, note2) if n]
 
@@ -279,6 +344,7 @@ def cmd_list(args: argparse.Namespace, paths: Paths) -> int:
 # -- status, history, reset-counters: one guest -----------------------------------------
 
 def _known(paths: Paths, name: str) -> None:
+    from .names import GUEST_NAME_RULE, valid_guest_name
     if not valid_guest_name(name):
         raise KvmagentError(f"invalid guest name {name!r}", GUEST_NAME_RULE,
                             ExitStatus.UNKNOWN_GUEST)
@@ -410,17 +476,23 @@ def stop_reason(result: str, code: str, status: str) -> tuple[str, str | None]:
 
 def _host_stopping() -> bool:
     """Is the host shutting down?  While it is, shutdown.target has a start
-    job queued and systemd's SystemState is "stopping" (what `systemctl
-    is-system-running` prints).  Asked here, in ExecStopPost=, which runs
-    while the guest's stop job (part of that shutdown) is still running; the
-    supervisor itself, standard library only, cannot ask cheaply."""
+    job queued and systemd's SystemState is "stopping".  Asked here, in
+    ExecStopPost=, which runs while the guest's stop job (part of that
+    shutdown) is still running; the supervisor, standard library only,
+    cannot ask cheaply.  Through `systemctl is-system-running`, not the
+    system bus: at shutdown dbus.service may be gone already (kvm@ is not
+    ordered after it), and systemctl, as root, talks to PID 1 over its
+    private socket."""
+    import subprocess
     if not os.path.isdir("/run/systemd/system"):
         return False
-    from . import systemd
     try:
-        return systemd.system_state() == "stopping"
-    except KvmagentError:
+        r = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True,
+                           timeout=10, stdin=subprocess.DEVNULL,
+                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+    except (OSError, subprocess.TimeoutExpired):
         return False
+    return r.stdout.strip() == "stopping"
 
 
 def cmd_stop_post(args: argparse.Namespace, paths: Paths) -> int:

@@ -219,3 +219,44 @@ def test_start_that_failed_has_no_uptime() -> None:
     s = derive("g", rows, at(10))
     assert s.runs == 0 and s.cumulative == 0 and s.last_failure is not None
 
+
+
+def test_list_figures_agree_with_derive(tmp_path: Path) -> None:
+    """The SQL of `kvmagent list` and the pure derivation give the same
+    restarts and open run, on random histories over two boots."""
+    import random
+    rnd = random.Random(7)
+    conn = state.connect(tmp_path)
+    t = 0.0
+    for guest in (f"g{i}" for i in range(30)):
+        for _ in range(rnd.randrange(0, 25)):
+            t += 1
+            event = rnd.choice(state.EVENTS)
+            reason = rnd.choice(state.REASONS) if event in ("stopping", "stopped") else None
+            boot = rnd.choice((BOOT1, BOOT1, BOOT2))
+            state.insert(conn, guest, event, reason=reason, pid=7,
+                         at=Now(1_700_000_000 + t, t, boot))
+        if rnd.random() < 0.3:
+            state.reset_counters(conn, guest)
+    names = [f"g{i}" for i in range(30)]
+    for now in (Now(1_800_000_000, t + 10, BOOT1), Now(1_800_000_000, t + 10, BOOT2)):
+        figures = state.list_figures(conn, now)
+        for name, s in state.summaries(conn, names, now).items():
+            f = figures.get(name, state.Figures(0, None))
+            assert f.restarts == s.restarts, name
+            assert f.running_since == s.running_since, name
+
+
+def test_version_1_database_is_migrated_and_its_restarts_marked(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    state.migrate(conn, state.MIGRATIONS[:1])
+    for i, (event, reason) in enumerate([("starting", None), ("stopped", "crashed"),
+                                         ("starting", None), ("stopped", "admin"),
+                                         ("starting", None)]):
+        conn.execute("INSERT INTO events (guest, event, reason, realtime, boottime, boot_id, "
+                     "source) VALUES ('g', ?, ?, ?, ?, 'b', 'test')", (event, reason, i, i))
+    conn.close()
+    conn = state.connect(tmp_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS) == 2
+    assert conn.execute("SELECT id FROM events WHERE restart = 1").fetchall() == [(3,)]
+    assert state.list_figures(conn, Now(0, 9, "b"))["g"].restarts == 1

@@ -223,3 +223,17 @@ def test_enabled_guests_are_the_wants_symlinks(tmp_path) -> None:
     (lib / "multi-user.target.wants" / "kvm@db.service").symlink_to("../kvm@.service")
     (etc / "kvm@gone.service").symlink_to("/dev/null")  # masked, not in a .wants
     assert enabled_guests((str(etc), str(lib), str(tmp_path / "none"))) == {"web", "db"}
+
+
+def test_list_cache_follows_changed_files(conf) -> None:
+    conf.write("guests/c.toml", "cpus = 2\n")
+    assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["cpus"] == 2
+    assert (conf.paths.runtime_dir / "list-cache.json").exists()
+    conf.write("guests/c.toml", "cpus = 30\n")  # another size, another mtime
+    assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["cpus"] == 30
+    conf.write("guests/c.toml.d/x.toml", "cpus = 4\n")
+    assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["cpus"] == 4
+    conf.write("guests/c.toml.d/x.toml", "cpus = 0\n")
+    assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["state"] == "invalid"
+    (conf.paths.runtime_dir / "list-cache.json").write_text("{garbage")
+    assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["state"] == "invalid"
