@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """`kvmagent list` with 10, 100 and 200 defined guests (config files with a
 history of 10 runs each in the state database; 3 of them running the tiny
-guest under TCG), in the systemd test host: median wall time of the whole
+guest under TCG, paused with SIGSTOP), in the systemd test host: median wall time of the whole
 command and the D-Bus method calls it makes, next to `virsh list --all`
 when libvirt is installed in the test host.
 
@@ -38,7 +38,8 @@ def main() -> int:
                       str(image.kernel), str(image.initrd), str(runs),
                       ",".join(map(str, SIZES)), "3"], timeout=1800).stdout
     r = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
-    print(f"kvmagent list in the systemd test host, 3 guests running; median of {runs} runs")
+    print(f"kvmagent list in the systemd test host, 3 guests running (paused); "
+          f"median of {runs} runs")
     print(f"{'guests':>6} {'rows':>5} {'kvmagent':>9} {'D-Bus calls':>11} {'virsh':>7} "
           f"{'libvirt*':>9}")
     for size in SIZES:
