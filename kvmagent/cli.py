@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(sub, "run", "supervisor:cmd_run", "supervise guest NAME in the foreground: the ExecStart= of "
              "kvm@NAME.service (start guests with systemctl start kvm@NAME)")
     sp.add_argument("name", metavar="NAME")
-    sp = add(sub, "stop-post", "tracking:cmd_stop_post", "record how guest NAME's run ended, "
+    sp = add(sub, "stop-post", "stoppost:cmd_stop_post", "record how guest NAME's run ended, "
              "from systemd's $SERVICE_RESULT: the ExecStopPost= of kvm@NAME.service")
     sp.add_argument("name", metavar="NAME")
     return p

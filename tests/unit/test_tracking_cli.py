@@ -13,7 +13,8 @@ import time
 
 from kvmagent import state
 from kvmagent.errors import ExitStatus
-from kvmagent.tracking import duration, enabled_guests, parse_since, stop_reason
+from kvmagent.stoppost import stop_reason
+from kvmagent.tracking import duration, enabled_guests, parse_since
 
 from test_cli import REPO, kvmagent  # the same throwaway-config runner
 
