@@ -36,6 +36,7 @@ bench: setup
 	$(PYTHON) -m compileall -q kvmagent
 	$(PYTHON) bench/bench_taps.py
 	$(PYTHON) bench/bench_lifecycle.py
+	$(PYTHON) bench/bench_list.py
 
 # The Debian package, built from the committed tree (git archive) into build/.
 deb:

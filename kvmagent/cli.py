@@ -57,8 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
              "each value), QEMU command line and systemd settings")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp = add(sub, "list", "commands:cmd_list", "list the defined guests")
+    sp = add(sub, "list", "tracking:cmd_list", "list the defined guests: state, uptime, "
+             "restarts, vCPUs, memory, QEMU PID, enabled at boot, taps")
+    sp.add_argument("--json", action="store_true",
+                    help="machine-readable output (seconds, bytes)")
+    sp = add(sub, "status", "tracking:cmd_status", "show guest NAME's state, uptime, restarts, "
+             "last failure, taps, console socket and last journal lines")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--lines", "-n", type=int, default=10, metavar="N",
+                    help="journal lines to show (default 10)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = add(sub, "history", "tracking:cmd_history", "show guest NAME's recorded lifecycle "
+             "events, its cumulative and longest uptime")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--since", metavar="WHEN",
+                    help="only events since a date (2024-05-01) or an age (7d, 12h, 30m)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = add(sub, "reset-counters", "tracking:cmd_reset_counters",
+             "set guest NAME's count of restarts after failures back to zero")
+    sp.add_argument("name", metavar="NAME")
     for name, text in (
             ("start", "start guest NAME (kvm@NAME.service) and wait until it runs"),
             ("stop", "stop guest NAME: ACPI power button, then QEMU is stopped after its "
@@ -106,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--file", metavar="FILE", help="load the guest from FILE, not from "
                     "guests/NAME.toml (a one-off guest: kvmagent start --transient)")
+    sp = add(sub, "stop-post", "stoppost:cmd_stop_post", "record how guest NAME's run ended, "
+             "from systemd's $SERVICE_RESULT: the ExecStopPost= of kvm@NAME.service")
+    sp.add_argument("name", metavar="NAME")
     return p
 
 

@@ -1,4 +1,4 @@
-"""kvmagent validate|show|list: reading guest definitions."""
+"""kvmagent validate|show: reading guest definitions (list: kvmagent.tracking)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .names import scope_unit
 from .paths import Paths
 from .qemu import Sockets, qemu_argv
 from .scope import render_settings, scope_settings
-from .show import effective_config, list_row, render_argv, render_config
+from .show import effective_config, render_argv, render_config
 
 
 def _err(text: str) -> None:
@@ -96,30 +96,3 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
         print(f"\n# host not ready: {p}")
     return ExitStatus.OK
 
-
-def cmd_list(args: argparse.Namespace, paths: Paths) -> int:
-    host = load_host_config(paths)
-    rows: list[dict[str, Any]] = []
-    for name in guest_names(paths):
-        try:
-            row = list_row(load_guest(paths, name, host))
-            row["state"] = "defined"
-        except KvmagentError as e:
-            row = {"name": name, "state": "invalid", "error": e.message}
-        rows.append(row)
-    if args.json:
-        json.dump(rows, sys.stdout, indent=2)
-        print()
-        return ExitStatus.OK
-    if not rows:
-        print(f"no guests defined in {paths.guests_dir}")
-        return ExitStatus.OK
-    print(f"{'NAME':<16} {'STATE':<8} {'CPUS':>4} {'MEMORY':>7}  DESCRIPTION")
-    for row in rows:
-        if row["state"] == "invalid":
-            print(f"{row['name']:<16} invalid  (kvmagent validate {row['name']})")
-            continue
-        mem = f"{row['memory_bytes'] >> 20}M"
-        print(f"{row['name']:<16} {row['state']:<8} {row['cpus']:>4} {mem:>7}  "
-              f"{row['description']}")
-    return ExitStatus.OK

@@ -9,7 +9,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .model import Guest, NicMode
+from .model import Guest
 from .values import format_cpu_list, format_duration, format_size
 
 
@@ -99,11 +99,4 @@ def render_argv(argv: list[str]) -> list[str]:
         i += 1
     return [("    " if n else "") + line + (" \\" if n < len(lines) - 1 else "")
             for n, line in enumerate(lines)]
-
-
-def list_row(g: Guest) -> dict[str, Any]:
-    return {"name": g.name, "description": g.description, "cpus": g.cpus,
-            "memory_bytes": g.memory,
-            "taps": [n.tap for n in g.nics if n.mode is NicMode.BRIDGE],
-            "config": str(g.config_file)}
 

@@ -27,7 +27,7 @@ import time
 from contextlib import ExitStack, suppress
 from typing import Any
 
-from . import __version__, forkcall, hardstop, tundev
+from . import __version__, forkcall, hardstop, state, tundev
 from .errors import ExitStatus, KvmagentError
 from .paths import Paths
 from .consolelog import ConsoleLog
@@ -92,6 +92,7 @@ class Supervisor:
         self.stopping = False
         self.guest_poweroff = False
         self.started = 0.0
+        self.record = state.Recorder(name, paths.state_dir, lambda text: self.log(text, 4))
 
     def log(self, message: str, priority: int = 6, message_id: str | None = None) -> None:
         fields = {"GUEST": self.name, "SYSLOG_IDENTIFIER": "kvmagent"}
@@ -270,11 +271,14 @@ class Supervisor:
                 for signum in wake_r.recv(64):
                     if signum == signal.SIGUSR1:  # kvmagent stop --force
                         self.stopping = True
+                        self.record("stopping", state.ADMIN, "stop --force")
                         self.log(f"stopping QEMU of guest {self.name} without ACPI "
                                  "(stop --force)", 5)
                         self.qemu.kill()
                     elif signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                         self.stopping = True
+                        # admin or host shutdown: kvmagent stop-post tells them apart
+                        self.record("stopping", state.ADMIN)
                         # A guest that is already off (on_poweroff = keep) needs no
                         # power button: QEMU is stopped at once.
                         deadline = time.monotonic() + (
@@ -331,23 +335,31 @@ class Supervisor:
     def _verdict(self, rc: int) -> int:
         if self.stopping:
             self.log(f"guest {self.name} stopped", 6, MSG_STOPPED)
+            self.record("stopped", state.ADMIN)
             return ExitStatus.OK
         if rc == 0 and self.guest_poweroff:
+            self.record("stopped", state.POWEROFF)
             return ExitStatus.OK
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
         self.log(f"QEMU of guest {self.name} {how}", 3, MSG_CRASHED)
+        self.record("stopped", state.CRASHED, f"QEMU {how}")
         return ExitStatus.FAILURE
 
 
 def run(name: str, paths: Paths, guest_file: str | None = None) -> int:
     sup = Supervisor(name, paths, guest_file)
+    sup.record("starting")
     with ExitStack() as stack:
         try:
             sup.start(stack)
         except KvmagentError as e:
             sup.log(str(e), 3, MSG_START_FAILED)
             notify(f"STATUS={e.message}")
+            bad = e.status in (ExitStatus.CONFIG, ExitStatus.UNKNOWN_GUEST)
+            sup.record("stopped", state.CONFIG if bad else state.FAILED, e.message)
             return int(e.status)
+        assert sup.qemu is not None
+        sup.record("running", pid=sup.qemu.pid)
         return sup.run()
 
 

@@ -119,11 +119,15 @@ def test_list(conf):
     r = kvmagent(conf, "list")
     assert r.returncode == 0
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "STATE", "CPUS", "MEMORY", "DESCRIPTION"]
-    assert lines[1].split() == ["a", "defined", "2", "1024M", "mail", "server"]
+    assert lines[0].split() == ["NAME", "STATE", "UPTIME", "RESTARTS", "CPUS", "MEMORY", "PID",
+                                "BOOT", "TAPS"]
+    # no systemd here (states unknown) or a host where guest a never ran (stopped)
+    assert lines[1].split()[2:] == ["-", "0", "2", "1G", "-"] + lines[1].split()[7:]
+    assert lines[1].split()[1] in ("unknown", "stopped") and lines[1].endswith(" kvm-a-0")
     assert lines[2].startswith("b ") and "invalid" in lines[2]
     rows = json.loads(kvmagent(conf, "list", "--json").stdout)
     assert rows[0]["memory_bytes"] == 1 << 30 and rows[0]["taps"] == ["kvm-a-0"]
+    assert rows[0]["description"] == "mail server" and rows[0]["restarts"] == 0
     assert rows[1]["state"] == "invalid"
 
 

@@ -1,0 +1,444 @@
+"""The state database: every guest's lifecycle events, kept across reboots.
+
+systemd knows only the current run of a unit (ActiveEnterTimestamp,
+NRestarts, both reset by a manual restart and by a reboot); this record is
+kvmagent's.  $KVMAGENT_STATE_DIR/state.db is SQLite (the standard library,
+so the supervisor may import this module), in WAL mode with a busy timeout:
+many writers at once are normal (every guest's supervisor, the
+ExecStopPost= step, the CLI), each writing one short transaction.
+
+One row per lifecycle event: starting, running, stopping, stopped.  A row
+keeps the wall clock (realtime) and CLOCK_BOOTTIME with the boot ID, so
+durations within one boot do not jump with the clock and runs of different
+boots are told apart; and systemd's InvocationID of the run.
+
+Everything shown (uptimes, restarts, the last failure) is derived from the
+rows by derive(), a pure function.
+
+Counting restarts: a restart is a `starting` event that follows, for the
+same guest and in the same boot, a `stopped` event whose reason is one
+systemd restarts after (Restart=on-failure): crashed, watchdog, killed, oom,
+timeout, failed.  A bad configuration (exit 6) is never restarted by
+systemd, so a start after it is not counted.  A start after a failure
+counts even when an admin, not systemd, started the guest (after systemd
+gave up at StartLimitBurst=): it is a restart after a failure all the same.
+Only `kvmagent reset-counters NAME` sets the count back to zero.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+DB_NAME = "state.db"
+BUSY_TIMEOUT_MS = 5000
+
+EVENTS = ("starting", "running", "stopping", "stopped")
+# Reasons of stopping/stopped rows (stable: they are in --json output).
+POWEROFF = "poweroff"  # the guest powered itself off
+ADMIN = "admin"  # systemctl stop, kvmagent stop [--force]
+SHUTDOWN = "shutdown"  # the host shut down or rebooted
+CRASHED = "crashed"  # QEMU exited or was killed on its own
+WATCHDOG = "watchdog"  # systemd's watchdog killed the supervisor
+CONFIG = "config"  # bad configuration or unknown guest (exit 6 or 8)
+KILLED = "killed"  # the supervisor itself was killed by a signal
+OOM = "oom"  # the kernel's OOM killer
+TIMEOUT = "timeout"  # a start or stop timeout of systemd
+FAILED = "failed"  # any other failure: host not ready (exit 5), a runtime error
+REASONS = (POWEROFF, ADMIN, SHUTDOWN, CRASHED, WATCHDOG, CONFIG, KILLED, OOM, TIMEOUT, FAILED)
+FAILURES = frozenset({CRASHED, WATCHDOG, CONFIG, KILLED, OOM, TIMEOUT, FAILED})
+# Failures systemd restarts after (RestartPreventExitStatus=6 8 stops the rest).
+RESTARTED = FAILURES - {CONFIG}
+
+# Each entry moves the schema from version N to N+1 (PRAGMA user_version).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        guest TEXT NOT NULL,
+        event TEXT NOT NULL CHECK (event IN ('starting', 'running', 'stopping', 'stopped')),
+        reason TEXT,
+        detail TEXT,
+        realtime REAL NOT NULL,
+        boottime REAL NOT NULL,
+        boot_id TEXT NOT NULL,
+        invocation TEXT,
+        pid INTEGER,
+        source TEXT NOT NULL
+    );
+    CREATE INDEX events_by_guest ON events (guest, id);
+    CREATE INDEX events_by_invocation ON events (invocation);
+    CREATE TABLE counters (
+        guest TEXT PRIMARY KEY,
+        reset_after INTEGER NOT NULL,
+        reset_realtime REAL NOT NULL
+    );
+    """,
+    # 2: `restart` marks each start that is a restart, set when the start is
+    # recorded, so `kvmagent list` counts them through a small partial index
+    # instead of walking every guest's history.  Rows already there are
+    # marked by the same rule (restarts_sql).
+    """
+    ALTER TABLE events ADD COLUMN restart INTEGER NOT NULL DEFAULT 0;
+    UPDATE events SET restart = 1 WHERE id IN (RESTARTS_SQL);
+    CREATE INDEX events_restarts ON events (guest, id) WHERE restart = 1
+    """,
+)
+
+
+class Event(NamedTuple):
+    # A NamedTuple, not a dataclass: the supervisor imports this module.
+    id: int
+    guest: str
+    event: str
+    reason: str | None
+    detail: str | None
+    realtime: float
+    boottime: float
+    boot_id: str
+    invocation: str | None
+    pid: int | None
+    source: str
+
+
+_COLUMNS = ", ".join(Event._fields)
+
+
+class Now(NamedTuple):
+    realtime: float
+    boottime: float
+    boot_id: str
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def now() -> Now:
+    return Now(time.time(), time.clock_gettime(time.CLOCK_BOOTTIME), boot_id())
+
+
+# -- the database ----------------------------------------------------------------
+
+def db_path(state_dir: Path) -> Path:
+    return Path(state_dir) / DB_NAME
+
+
+def connect(state_dir: Path, *, create: bool = True,
+            busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """Open (with create: make and migrate) the database.  sqlite3.Error or
+    OSError when it cannot be; FileNotFoundError when it does not exist and
+    create is false."""
+    path = db_path(state_dir)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Created 0600 before SQLite opens it (the -wal and -shm files take
+        # the mode of the database): the history is root's business.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    elif not path.exists():
+        raise FileNotFoundError(str(path))
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so
+    # a writer takes the lock up front and waits for it with the busy timeout
+    # instead of failing to upgrade a read lock.
+    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if create:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints
+            migrate(conn)
+        elif conn.execute("PRAGMA user_version").fetchone()[0] > len(MIGRATIONS):
+            raise sqlite3.DatabaseError(f"{path} is of a newer kvmagent (schema version "
+                                        f"{conn.execute('PRAGMA user_version').fetchone()[0]})")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def migrate(conn: sqlite3.Connection, migrations: tuple[str, ...] = MIGRATIONS) -> int:
+    """Bring the schema up to date; returns the version.  Concurrent openers
+    are serialised by BEGIN IMMEDIATE, and each re-reads the version inside
+    the transaction, so a migration runs exactly once."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] == len(migrations):
+        return len(migrations)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(migrations):
+            raise sqlite3.DatabaseError(f"the state database has schema version {version}; "
+                                        f"this kvmagent knows {len(migrations)}")
+        for number, script in enumerate(migrations[version:], version + 1):
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement.replace("RESTARTS_SQL", restarts_sql()))
+            conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(migrations)
+
+
+def restarts_sql() -> str:
+    """The ids of the `starting` events that are restarts (see the module's
+    docstring): the starting/stopped event before them is a stop for a
+    failure systemd restarts after, in the same boot."""
+    failures = ", ".join(f"'{r}'" for r in sorted(RESTARTED))
+    return f"""
+        SELECT id FROM (
+            SELECT id, event, boot_id, LAG(event) OVER w AS prev_event,
+                   LAG(reason) OVER w AS prev_reason, LAG(boot_id) OVER w AS prev_boot
+            FROM events WHERE event IN ('starting', 'stopped')
+            WINDOW w AS (PARTITION BY guest ORDER BY id))
+        WHERE event = 'starting' AND prev_event = 'stopped'
+          AND prev_reason IN ({failures}) AND prev_boot = boot_id"""
+
+
+def insert(conn: sqlite3.Connection, guest: str, event: str, *, reason: str | None = None,
+           detail: str | None = None, pid: int | None = None, source: str = "supervisor",
+           invocation: str | None = None, at: Now | None = None) -> int:
+    if event not in EVENTS:
+        raise ValueError(f"unknown event {event!r}")
+    if reason is not None and reason not in REASONS:
+        raise ValueError(f"unknown reason {reason!r}")
+    at = at or now()
+    with _transaction(conn):
+        restart = 0
+        if event == "starting":
+            prev = conn.execute("SELECT event, reason, boot_id FROM events WHERE guest = ? AND "
+                                "event IN ('starting', 'stopped') ORDER BY id DESC LIMIT 1",
+                                (guest,)).fetchone()
+            restart = int(prev is not None and prev[0] == "stopped" and prev[1] in RESTARTED
+                          and prev[2] == at.boot_id)
+        cur = conn.execute(
+            "INSERT INTO events (guest, event, reason, detail, realtime, boottime, boot_id, "
+            "invocation, pid, source, restart) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (guest, event, reason, detail, at.realtime, at.boottime, at.boot_id, invocation,
+             pid, source, restart))
+    return int(cur.lastrowid or 0)
+
+
+class _transaction:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def events(conn: sqlite3.Connection, guests: Iterable[str] | None = None,
+           since: float | None = None) -> list[Event]:
+    """Events of the given guests (or all), oldest first."""
+    where: list[str] = []
+    args: list[object] = []
+    if guests is not None:
+        names = list(guests)
+        where.append(f"guest IN ({', '.join('?' * len(names))})")
+        args += names
+    if since is not None:
+        where.append("realtime >= ?")
+        args.append(since)
+    sql = f"SELECT {_COLUMNS} FROM events"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return [Event(*row) for row in conn.execute(sql + " ORDER BY id", args)]
+
+
+def reset_marks(conn: sqlite3.Connection) -> dict[str, int]:
+    """guest -> the last event id before its counters were reset."""
+    return dict(conn.execute("SELECT guest, reset_after FROM counters"))
+
+
+def reset_counters(conn: sqlite3.Connection, guest: str) -> None:
+    with _transaction(conn):
+        last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+        conn.execute("INSERT OR REPLACE INTO counters (guest, reset_after, reset_realtime) "
+                     "VALUES (?, ?, ?)", (guest, last, time.time()))
+
+
+def stopped_in(conn: sqlite3.Connection, invocation: str) -> Event | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM events WHERE invocation = ? AND "
+                       "event = 'stopped' ORDER BY id DESC LIMIT 1", (invocation,)).fetchone()
+    return Event(*row) if row else None
+
+
+def mark_shutdown(conn: sqlite3.Connection, invocation: str) -> int:
+    """The stop of this run was the host's shutdown, not an admin's."""
+    with _transaction(conn):
+        return conn.execute("UPDATE events SET reason = ? WHERE invocation = ? AND reason = ?",
+                            (SHUTDOWN, invocation, ADMIN)).rowcount
+
+
+# -- the supervisor's recorder ------------------------------------------------------
+
+class Recorder:
+    """Writes one guest's events; a database error is logged, never raised:
+    the record must not stop a guest from running."""
+
+    def __init__(self, guest: str, state_dir: Path, log: Callable[[str], None],
+                 source: str = "supervisor") -> None:
+        self.guest = guest
+        self.state_dir = state_dir
+        self.log = log
+        self.source = source
+        self.invocation = os.environ.get("INVOCATION_ID") or None
+        self.failed = False
+
+    def __call__(self, event: str, reason: str | None = None, detail: str | None = None,
+                 pid: int | None = None) -> bool:
+        try:
+            # A connection per event: nothing held open for hundreds of days,
+            # and a short busy timeout, so that a stuck writer cannot hold up
+            # a guest's stop.
+            conn = connect(self.state_dir, busy_timeout_ms=2000)
+            try:
+                insert(conn, self.guest, event, reason=reason, detail=detail, pid=pid,
+                       source=self.source, invocation=self.invocation)
+            finally:
+                conn.close()
+        except (sqlite3.Error, OSError, ValueError) as e:
+            if not self.failed:  # once per run is enough
+                self.log(f"cannot record event {event} of guest {self.guest} in "
+                         f"{db_path(self.state_dir)}: {e}")
+            self.failed = True
+            return False
+        return True
+
+
+# -- derived figures ----------------------------------------------------------------
+
+class Summary(NamedTuple):
+    guest: str
+    running_since: Event | None  # the `running` event of the open run of this boot
+    uptime: float | None  # of that run, seconds
+    cumulative: float  # all runs, the open one included
+    longest: float
+    runs: int
+    restarts: int
+    last_failure: Event | None
+    last_event: Event | None
+    counted_since: float | None  # realtime of the last reset-counters
+
+
+def _span(start: Event, end: Event) -> float:
+    if start.boot_id == end.boot_id:
+        return max(0.0, end.boottime - start.boottime)
+    return max(0.0, end.realtime - start.realtime)
+
+
+def derive(guest: str, rows: Iterable[Event], at: Now, reset_after: int = 0,
+           reset_realtime: float | None = None) -> Summary:
+    """The figures of one guest from its events (oldest first).  Pure.
+
+    A run lasts from `running` to the `stopped` that follows (or, when the
+    supervisor died without a trace and ExecStopPost did not run either, to
+    the last event seen of that run).  A run still open in this boot is
+    counted up to now; one left open in an earlier boot (a host crash) ends
+    at its last event."""
+    open_run: Event | None = None
+    last_of_run: Event | None = None
+    cumulative = longest = 0.0
+    runs = restarts = 0
+    previous_stop: Event | None = None
+    last_failure: Event | None = None
+    last: Event | None = None
+
+    def close(end: Event) -> None:
+        nonlocal open_run, cumulative, longest, runs
+        if open_run is not None:
+            span = _span(open_run, end)
+            cumulative += span
+            longest = max(longest, span)
+            runs += 1
+        open_run = None
+
+    for ev in rows:
+        last = ev
+        if ev.event == "starting":
+            if open_run is not None and last_of_run is not None:
+                close(last_of_run)
+            if (previous_stop is not None and previous_stop.reason in RESTARTED
+                    and previous_stop.boot_id == ev.boot_id and ev.id > reset_after):
+                restarts += 1
+            previous_stop = None
+        elif ev.event == "running":
+            if open_run is not None and last_of_run is not None:
+                close(last_of_run)
+            open_run = ev
+        elif ev.event == "stopped":
+            close(ev)
+            previous_stop = ev
+            if ev.reason in FAILURES:
+                last_failure = ev
+        last_of_run = ev
+
+    uptime = None
+    running_since = None
+    if open_run is not None:
+        if open_run.boot_id == at.boot_id:
+            uptime = max(0.0, at.boottime - open_run.boottime)
+            running_since = open_run
+            cumulative += uptime
+            longest = max(longest, uptime)
+            runs += 1
+        elif last_of_run is not None:
+            close(last_of_run)
+    return Summary(guest, running_since, uptime, cumulative, longest, runs, restarts,
+                   last_failure, last, reset_realtime)
+
+
+class Figures(NamedTuple):
+    restarts: int
+    running_since: Event | None  # as Summary.running_since
+
+
+def list_figures(conn: sqlite3.Connection, at: Now) -> dict[str, Figures]:
+    """What `kvmagent list` shows of every guest with a record, computed by
+    SQLite: the same restarts and open run as derive() gives (a unit test
+    holds them equal), without reading years of rows into Python: restarts
+    were marked when recorded (restart = 1)."""
+    restarts = dict(conn.execute("""
+        SELECT e.guest, COUNT(*) FROM events e LEFT JOIN counters c ON c.guest = e.guest
+        WHERE e.restart = 1 AND e.id > COALESCE(c.reset_after, 0)
+        GROUP BY e.guest"""))
+    # The run is open when the guest's last starting/running/stopped is a
+    # `running` of this boot (a `stopping` does not end it).
+    last = {row[1]: Event(*row) for row in conn.execute(f"""
+        SELECT {_COLUMNS} FROM events WHERE id IN (
+            SELECT MAX(id) FROM events WHERE event IN ('starting', 'running', 'stopped')
+            GROUP BY guest)""")}
+    out = {}
+    for guest in set(restarts) | set(last):
+        ev = last.get(guest)
+        open_run = ev if ev is not None and ev.event == "running" and \
+            ev.boot_id == at.boot_id else None
+        out[guest] = Figures(restarts.get(guest, 0), open_run)
+    return out
+
+
+def summaries(conn: sqlite3.Connection, guests: Iterable[str], at: Now) -> dict[str, Summary]:
+    """Summary of each named guest, in one read of the database."""
+    names = list(guests)
+    by_guest: dict[str, list[Event]] = {n: [] for n in names}
+    for ev in events(conn):  # all rows: one scan, no list of hundreds of names in the SQL
+        if ev.guest in by_guest:
+            by_guest[ev.guest].append(ev)
+    marks = dict(((g, (a, r)) for g, a, r in conn.execute(
+        "SELECT guest, reset_after, reset_realtime FROM counters")))
+    out = {}
+    for name in names:
+        after, when = marks.get(name, (0, None))
+        out[name] = derive(name, by_guest[name], at, after, when)
+    return out

@@ -1,0 +1,453 @@
+"""kvmagent list|status|history|reset-counters|stop-post: what the guests
+are doing and have done, from systemd (the present) and the state database
+(the record, kvmagent.state).
+
+`list` stays cheap however many guests there are: one D-Bus call
+(ListUnitsByPatterns), one read of the state database, one scan of the
+*.wants/ directories for enabled guests, and of each guest's TOML only what
+the listing shows (guest_facts), not the whole validation (`kvmagent
+validate` does that)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import state
+from .errors import ExitStatus, KvmagentError
+from .paths import Paths
+from .values import format_size, parse_size
+
+# Not imported here, to keep `list` quick: tomllib (only for a changed
+# guest file) and kvmagent.names (hashlib loads OpenSSL: ~10 ms).
+FACTS_CACHE = "list-cache.json"  # in the runtime directory
+
+# systemd's ActiveState -> the word shown for a guest.
+STATES = {"active": "running", "reloading": "running", "inactive": "stopped",
+          "failed": "failed", "activating": "starting", "deactivating": "stopping"}
+NAME_WIDTH = 12  # so that a row fits 80 columns
+_COLORS = {"running": "32", "failed": "31", "invalid": "31", "starting": "33",
+           "stopping": "33"}
+
+
+# -- what a guest's files say (cheap) -------------------------------------------------
+
+def guest_names(paths: Paths) -> list[str]:
+    try:
+        return sorted(e.name[:-5] for e in os.scandir(paths.guests_dir)
+                      if e.name.endswith(".toml") and e.is_file())
+    except FileNotFoundError:
+        return []
+
+
+def _signature(paths: Paths, name: str) -> list[int] | None:
+    """What a guest's facts depend on: its file and its drop-in directory."""
+    main = paths.guest_config(name)
+    try:
+        st = os.stat(main)
+    except OSError:
+        return None
+    sig = [st.st_mtime_ns, st.st_size, st.st_ino]
+    try:
+        for e in os.scandir(main.with_name(main.name + ".d")):
+            if e.name.endswith(".toml"):
+                d = e.stat()
+                sig += [d.st_mtime_ns, d.st_size, d.st_ino]
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return sig
+
+
+def all_facts(paths: Paths, names: list[str]) -> dict[str, dict[str, Any]]:
+    """guest_facts() of each guest (or {"error": message}), parsing only the
+    guests whose files changed since the last listing: the rest comes from a
+    cache in the runtime directory, keyed by each file's mtime, size and
+    inode.  The cache is an optimisation only; it is rewritten atomically,
+    and a listing that cannot write it (not root) parses every file."""
+    path = paths.runtime_dir / FACTS_CACHE
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    out, fresh, changed = {}, {}, False
+    for name in names:
+        sig = _signature(paths, name)
+        hit = cache.get(name)
+        if sig is not None and isinstance(hit, dict) and hit.get("sig") == sig:
+            facts = hit["facts"]
+        else:
+            try:
+                facts = guest_facts(paths, name)
+            except KvmagentError as e:
+                facts = {"error": e.message}
+            changed = True
+        out[name] = facts
+        if sig is not None:
+            fresh[name] = {"sig": sig, "facts": facts}
+    if changed or len(fresh) != len(cache):
+        tmp = path.with_name(f".{FACTS_CACHE}.{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(fresh, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return out
+
+
+def guest_facts(paths: Paths, name: str) -> dict[str, Any]:
+    """description, cpus, memory_bytes and taps of a guest, from its file and
+    drop-ins (later files replace these top-level keys and [[nic]] whole, as
+    kvmagent.config merges them).  KvmagentError(CONFIG) for what cannot be
+    shown; the rest of the checks are `kvmagent validate`'s."""
+    import tomllib
+    from .names import GUEST_NAME_RULE, tap_name, valid_guest_name
+    main = paths.guest_config(name)
+    data: dict[str, Any] = {}
+    dropins = main.with_name(main.name + ".d")
+    files: list[str | Path] = [main]
+    try:
+        files += sorted((e.path for e in os.scandir(dropins)
+                         if e.name.endswith(".toml") and e.is_file()),
+                        key=lambda p: os.path.basename(p).encode())
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    for f in files:
+        try:
+            with open(f, "rb") as fh:
+                data.update(tomllib.load(fh))
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise KvmagentError(f"{f}: {e}", status=ExitStatus.CONFIG) from None
+    cpus = data.get("cpus", 1)
+    if not valid_guest_name(name):
+        raise KvmagentError(f"{main}: guest name {name!r} is not valid", GUEST_NAME_RULE,
+                            ExitStatus.CONFIG)
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or not 1 <= cpus <= 255:
+        raise KvmagentError(f"{main}: cpus = {cpus!r} is not 1-255", status=ExitStatus.CONFIG)
+    try:
+        memory = parse_size(data.get("memory", "512M"))
+    except ValueError as e:
+        raise KvmagentError(f"{main}: memory: {e}", status=ExitStatus.CONFIG) from None
+    nics = data.get("nic", [])
+    if not isinstance(nics, list) or not all(isinstance(n, dict) for n in nics):
+        raise KvmagentError(f"{main}: nic is not an array of tables", status=ExitStatus.CONFIG)
+    return {"description": str(data.get("description", f"KVM guest {name}")), "cpus": cpus,
+            "memory_bytes": memory,
+            "taps": [tap_name(name, i) for i, n in enumerate(nics) if n.get("mode") != "user"]}
+
+
+# -- what systemd says ------------------------------------------------------------------
+
+# Where `systemctl enable kvm@NAME` puts its symlink (WantedBy=machines.target).
+UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/lib/systemd/system",
+             "/lib/systemd/system")
+
+
+def enabled_guests(unit_dirs: tuple[str, ...] = UNIT_DIRS) -> set[str]:
+    """Guests whose kvm@NAME.service is enabled: a symlink of that name in a
+    *.wants/ or *.requires/ directory, which is how systemd itself finds an
+    enabled template instance.  The manager has no call that lists the
+    unit-file state of instances (ListUnitFilesByPatterns lists only
+    kvm@.service), and one GetUnitFileState per guest is what list avoids."""
+    found: set[str] = set()
+    for top in unit_dirs:
+        try:
+            subdirs = [e.path for e in os.scandir(top)
+                       if e.name.endswith((".wants", ".requires")) and e.is_dir()]
+        except OSError:
+            continue
+        for d in subdirs:
+            try:
+                for e in os.scandir(d):
+                    if (e.name.startswith("kvm@") and e.name.endswith(".service")
+                            and e.name != "kvm@.service"
+                            and os.path.realpath(e.path) != "/dev/null"):
+                        found.add(e.name[len("kvm@"):-len(".service")])
+            except OSError:
+                continue
+    return found
+
+
+def systemd_view(names: list[str]) -> tuple[dict[str, dict[str, str]], dict[str, str], str]:
+    """(unit rows by guest, unit-file state by guest, a note when systemd
+    could not be asked).  Degrades, never fails: `list` still lists."""
+    if not os.path.isdir("/run/systemd/system"):
+        return {}, {}, "systemd is not running on this host (not PID 1): states unknown"
+    from . import systemd  # pystemd, for these commands only
+    try:
+        units = systemd.list_units(["kvm@*.service"])
+    except KvmagentError as e:
+        return {}, {}, f"states unknown: {e.message}"
+    wanted = set(names)
+    rows = {}
+    for u in units:
+        guest = u["name"][len("kvm@"):-len(".service")]
+        if guest in wanted:
+            rows[guest] = u
+    enabled = {g: "enabled" for g in enabled_guests() if g in wanted}
+    return rows, enabled, ""
+
+
+def state_view(paths: Paths) -> tuple[dict[str, state.Figures], str]:
+    try:
+        conn = state.connect(paths.state_dir, create=False)
+    except FileNotFoundError:
+        return {}, ""  # no guest has run yet
+    except (sqlite3.Error, OSError) as e:
+        return {}, f"no uptime record: {state.db_path(paths.state_dir)}: {e}"
+    try:
+        return state.list_figures(conn, state.now()), ""
+    except sqlite3.Error as e:
+        return {}, f"no uptime record: {state.db_path(paths.state_dir)}: {e}"
+    finally:
+        conn.close()
+
+
+# -- formatting -------------------------------------------------------------------------
+
+def duration(seconds: float | None) -> str:
+    """Two units at most: 3d 04h, 5h 02m, 12m 05s, 42s."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if d:
+        return f"{d}d {h:02d}h"
+    if h:
+        return f"{h}h {m:02d}m"
+    if m:
+        return f"{m}m {s % 60:02d}s"
+    return f"{s}s"
+
+
+def stamp(realtime: float | None) -> str:
+    if realtime is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(realtime))
+
+
+def _color() -> bool:
+    return (sys.stdout.isatty() and "NO_COLOR" not in os.environ
+            and os.environ.get("TERM") != "dumb")
+
+
+def paint(text: str, word: str, width: int = 0) -> str:
+    padded = text.ljust(width)
+    code = _COLORS.get(word)
+    if code and _color():
+        return f"\x1b[{code}m{text}\x1b[0m" + padded[len(text):]
+    return padded
+
+
+def reason_text(ev: state.Event) -> str:
+    words = {state.POWEROFF: "guest powered off", state.ADMIN: "stopped by admin",
+             state.SHUTDOWN: "host shutdown", state.CRASHED: "crashed",
+             state.WATCHDOG: "watchdog", state.CONFIG: "bad configuration",
+             state.KILLED: "supervisor killed", state.OOM: "out of memory",
+             state.TIMEOUT: "timed out", state.FAILED: "failed"}
+    text = words.get(ev.reason or "", ev.reason or "")
+    return f"{text}: {ev.detail}" if ev.detail else text
+
+
+def _note(text: str) -> None:
+    if text:
+        print(f"kvmagent: {text}", file=sys.stderr)
+
+
+# -- list -------------------------------------------------------------------------------
+
+def list_rows(paths: Paths) -> tuple[list[dict[str, Any]], list[str]]:
+    names = guest_names(paths)
+    units, enabled, note1 = systemd_view(names) if names else ({}, {}, "")
+    figures, note2 = state_view(paths) if names else ({}, "")
+    facts = all_facts(paths, names)
+    known = not note1
+    now = state.now()
+    rows = []
+    for name in names:
+        unit = units.get(name)
+        active = unit["active_state"] if unit else ("inactive" if known else None)
+        row: dict[str, Any] = {
+            "name": name, "state": STATES.get(active or "", "unknown"),
+            "active_state": active, "sub_state": unit["sub_state"] if unit else None,
+            "enabled": (enabled.get(name) == "enabled") if known else None,
+            "uptime_seconds": None, "restarts": None, "qemu_pid": None,
+        }
+        fig = figures.get(name)
+        if fig is not None:
+            row["restarts"] = fig.restarts
+            run = fig.running_since
+            if run is not None and active in ("active", "reloading", "deactivating", None):
+                row["uptime_seconds"] = int(max(0.0, now.boottime - run.boottime))
+                if run.pid and os.path.exists(f"/proc/{run.pid}"):
+                    row["qemu_pid"] = run.pid
+        elif not note2:
+            row["restarts"] = 0
+        if "error" in facts[name]:
+            row |= {"state": "invalid", "error": facts[name]["error"]}
+        else:
+            row |= facts[name]
+        rows.append(row)
+    return rows, [n for n in (note1, note2) if n]
+
+
+def _taps(taps: list[str], room: int = 15) -> str:
+    if not taps:
+        return "-"
+    text = taps[0] + (f" +{len(taps) - 1}" if len(taps) > 1 else "")
+    return text if len(text) <= room else f"{len(taps)} taps"
+
+
+def cmd_list(args: argparse.Namespace, paths: Paths) -> int:
+    rows, notes = list_rows(paths)
+    for n in notes:
+        _note(n)
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return ExitStatus.OK
+    if not rows:
+        print(f"no guests defined in {paths.guests_dir}")
+        return ExitStatus.OK
+    # 80 columns: names longer than the column get a line of their own.
+    w = min(NAME_WIDTH, max(4, *(len(r["name"]) for r in rows)))
+    print(f"{'NAME':<{w}} {'STATE':<8} {'UPTIME':>8} {'RESTARTS':>8} {'CPUS':>4} "
+          f"{'MEMORY':>6} {'PID':>7} {'BOOT':<4} TAPS")
+    for r in rows:
+        name = r["name"]
+        if len(name) > w:
+            print(name)
+            name = ""
+        if r["state"] == "invalid":
+            print(f"{name:<{w}} {paint('invalid', 'invalid', 8)} "
+                  f"(kvmagent validate {r['name']})")
+            continue
+        boot = "-" if r["enabled"] is None else ("yes" if r["enabled"] else "no")
+        restarts = "-" if r["restarts"] is None else str(r["restarts"])
+        print(f"{name:<{w}} {paint(r['state'], r['state'], 8)} "
+              f"{duration(r['uptime_seconds']):>8} {restarts:>8} {r['cpus']:>4} "
+              f"{format_size(r['memory_bytes']):>6} {r['qemu_pid'] or '-':>7} {boot:<4} "
+              f"{_taps(r['taps'])}")
+    return ExitStatus.OK
+
+
+# -- status, history, reset-counters: one guest -----------------------------------------
+
+def _known(paths: Paths, name: str) -> None:
+    from .names import GUEST_NAME_RULE, valid_guest_name
+    if not valid_guest_name(name):
+        raise KvmagentError(f"invalid guest name {name!r}", GUEST_NAME_RULE,
+                            ExitStatus.UNKNOWN_GUEST)
+    if not paths.guest_config(name).exists():
+        raise KvmagentError(f"unknown guest {name!r}: {paths.guest_config(name)} does not "
+                            "exist", "kvmagent list shows the defined guests",
+                            ExitStatus.UNKNOWN_GUEST)
+
+
+def _history(paths: Paths, name: str, since: float | None = None
+             ) -> tuple[list[state.Event], state.Summary | None, str]:
+    try:
+        conn = state.connect(paths.state_dir, create=False)
+    except FileNotFoundError:
+        return [], None, ""
+    except (sqlite3.Error, OSError) as e:
+        return [], None, f"no uptime record: {state.db_path(paths.state_dir)}: {e}"
+    try:
+        summary = state.summaries(conn, [name], state.now())[name]
+        return state.events(conn, [name], since), summary, ""
+    except sqlite3.Error as e:
+        return [], None, f"no uptime record: {state.db_path(paths.state_dir)}: {e}"
+    finally:
+        conn.close()
+
+
+def _event_json(ev: state.Event) -> dict[str, Any]:
+    return {"id": ev.id, "time": ev.realtime, "event": ev.event, "reason": ev.reason,
+            "detail": ev.detail, "boot_id": ev.boot_id, "invocation_id": ev.invocation,
+            "qemu_pid": ev.pid, "source": ev.source}
+
+
+def _summary_json(s: state.Summary | None) -> dict[str, Any]:
+    if s is None:
+        return {"uptime_seconds": None, "cumulative_uptime_seconds": 0,
+                "longest_uptime_seconds": 0, "runs": 0, "restarts": 0, "last_failure": None,
+                "restarts_counted_since": None}
+    return {"uptime_seconds": None if s.uptime is None else int(s.uptime),
+            "cumulative_uptime_seconds": int(s.cumulative),
+            "longest_uptime_seconds": int(s.longest), "runs": s.runs, "restarts": s.restarts,
+            "last_failure": _event_json(s.last_failure) if s.last_failure else None,
+            "restarts_counted_since": s.counted_since}
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """"2024-05-01", "2024-05-01 10:00", or an age: "7d", "12h", "30m"."""
+    from datetime import datetime
+    now = time.time() if now is None else now
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    if text[:-1].isdigit() and text[-1:] in units:
+        return now - int(text[:-1]) * units[text[-1]]
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise KvmagentError(f"--since {text!r}: expected a date (2024-05-01, "
+                            "\"2024-05-01 10:00\") or an age (7d, 12h, 30m)",
+                            status=ExitStatus.USAGE) from None
+
+
+def cmd_history(args: argparse.Namespace, paths: Paths) -> int:
+    _known(paths, args.name)
+    since = parse_since(args.since) if args.since else None
+    evs, summary, note = _history(paths, args.name, since)
+    _note(note)
+    if args.json:
+        json.dump({"name": args.name, **_summary_json(summary),
+                   "events": [_event_json(e) for e in evs]}, sys.stdout, indent=2)
+        print()
+        return ExitStatus.OK
+    if not evs:
+        print(f"no events recorded for guest {args.name}" + (" since then" if since else ""))
+    else:
+        print(f"{'TIME':<19}  {'EVENT':<8}  DETAIL")
+        for e in evs:
+            detail = reason_text(e) if e.reason else (f"QEMU pid {e.pid}" if e.pid else "")
+            print(f"{stamp(e.realtime):<19}  {e.event:<8}  {detail}")
+        print()
+    if summary is not None:
+        print(f"runs {summary.runs}, cumulative uptime {duration(summary.cumulative)}, "
+              f"longest {duration(summary.longest)}, restarts after failures "
+              f"{summary.restarts}" + (f" (since {stamp(summary.counted_since)})"
+                                       if summary.counted_since else ""))
+    return ExitStatus.OK
+
+
+def cmd_reset_counters(args: argparse.Namespace, paths: Paths) -> int:
+    _known(paths, args.name)
+    try:
+        conn = state.connect(paths.state_dir)
+        try:
+            state.reset_counters(conn, args.name)
+        finally:
+            conn.close()
+    except PermissionError as e:
+        raise KvmagentError(f"cannot write {state.db_path(paths.state_dir)}: {e.strerror}",
+                            "run kvmagent as root", ExitStatus.NOPERMISSION) from None
+    except (sqlite3.Error, OSError) as e:
+        raise KvmagentError(f"cannot write {state.db_path(paths.state_dir)}: {e}") from None
+    print(f"{args.name}: restart counter reset")
+    return ExitStatus.OK
+
+
+def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
+    from .status import status
+    _known(paths, args.name)
+    return status(args, paths)

@@ -1,0 +1,123 @@
+"""Uptime and restart tracking on a real systemd host with the real tiny
+guest: QEMU killed three times -> `kvmagent list` shows 3 restarts; the
+supervisor itself killed with SIGKILL -> recorded by ExecStopPost=; a reboot
+of the (persistent) test host -> the count and history remain, the stop is
+recorded as a host shutdown, uptime starts again and the cumulative uptime
+keeps growing."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.guest.build import GuestBuildError, find_guest
+from tests.harness import TestHost
+from tests.harness.install import REPO, define_guest, guest_toml, install_checkout
+from tests.system.test_kvm_service import qemu_pid, show, wait_for, wait_state
+
+pytestmark = pytest.mark.system
+NAME = "trk"
+UNIT = f"kvm@{NAME}.service"
+
+
+def listing(th: TestHost) -> dict[str, Any]:
+    rows = json.loads(th.run(["kvmagent", "list", "--json"]).stdout)
+    return {r["name"]: r for r in rows}[NAME]
+
+
+def history(th: TestHost) -> dict[str, Any]:
+    return json.loads(th.run(["kvmagent", "history", NAME, "--json"]).stdout)
+
+
+def wait_restarts(th: TestHost, n: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while show(th, UNIT, "NRestarts")["NRestarts"] != str(n):
+        assert time.monotonic() < deadline, th.journal(UNIT)[-3000:]
+        time.sleep(0.3)
+    wait_state(th, UNIT, ("active",), timeout=timeout)
+
+
+def test_restarts_and_uptime_are_kept_across_crashes_kills_and_reboots(
+        system_ok: None, tmp_path: Path) -> None:
+    try:
+        image = find_guest()
+    except GuestBuildError as e:
+        pytest.fail(str(e), pytrace=False)
+    with TestHost(root="host", src=REPO, persistent=True, persist_dir=tmp_path / "persist",
+                  journal_dir=tmp_path, stop_timeout=120) as th:
+        install_checkout(th)
+        th.exec(["systemctl", "enable", "machines.target"])
+        define_guest(th, NAME, guest_toml(image, nics=0))
+        th.exec(["systemctl", "enable", "--now", UNIT], timeout=120)
+        wait_for(th, UNIT, r"GUEST-READY")
+
+        # QEMU crashes three times: systemd restarts it, kvmagent counts
+        for n in (1, 2, 3):
+            pid = qemu_pid(th, NAME)
+            th.exec(["kill", "-9", str(pid)])
+            wait_restarts(th, n)
+            deadline = time.monotonic() + 60
+            while listing(th)["qemu_pid"] in (None, pid):
+                assert time.monotonic() < deadline, "no new QEMU recorded"
+                time.sleep(0.3)
+        row = listing(th)
+        assert row["restarts"] == 3 and row["state"] == "running" and row["enabled"] is True
+        assert row["qemu_pid"] == qemu_pid(th, NAME) and row["uptime_seconds"] >= 0
+        text = th.run(["kvmagent", "list"]).stdout
+        assert re.search(rf"^{NAME} +running +\S+( \S+)? +3 +1 +256M +{row['qemu_pid']} +yes ",
+                         text, re.M), text
+        h = history(th)
+        crashes = [e for e in h["events"] if e["reason"] == "crashed"]
+        assert len(crashes) == 3 and all(e["source"] == "supervisor" for e in crashes)
+        assert "QEMU was killed by signal 9" in crashes[0]["detail"]
+        mode = th.exec(["stat", "-c", "%a", "/var/lib/kvmagent/state.db"]).stdout.strip()
+        assert mode == "600"
+
+        # the supervisor itself killed: only ExecStopPost= can record it
+        th.exec(["systemctl", "reset-failed", UNIT])  # StartLimitBurst=5 in 10 min
+        killed_inv = show(th, UNIT, "InvocationID")["InvocationID"]
+        th.exec(["systemctl", "kill", "-s", "KILL", "--kill-who=main", UNIT])
+        wait_restarts(th, 1)  # reset-failed set systemd's NRestarts back to 0; ours stays
+        h = history(th)
+        (post,) = [e for e in h["events"] if e["source"] == "stop-post"]
+        assert post["event"] == "stopped" and post["reason"] == "killed"
+        assert post["detail"] == "supervisor killed by signal KILL"
+        assert post["invocation_id"] == killed_inv
+        assert h["restarts"] == 4  # a start after a failure is a restart, whatever failed
+        wait_for(th, UNIT, r"GUEST-READY")
+        time.sleep(2)  # some uptime before the reboot
+        before = history(th)
+        status = th.run(["kvmagent", "status", NAME]).stdout
+        assert "  Restarts: 4 after failures" in status and "supervisor killed" in status
+
+        th.reboot()
+        wait_state(th, UNIT, ("active",), timeout=120)
+        deadline = time.monotonic() + 60
+        while listing(th)["uptime_seconds"] is None:
+            assert time.monotonic() < deadline, th.journal(UNIT)[-3000:]
+            time.sleep(0.5)
+        row = listing(th)
+        after = history(th)
+        assert row["restarts"] == 4 and after["restarts"] == 4
+        assert [e["id"] for e in after["events"]][:len(before["events"])] == \
+            [e["id"] for e in before["events"]]
+        assert row["uptime_seconds"] < 120  # a new run since the reboot
+        assert after["cumulative_uptime_seconds"] >= before["cumulative_uptime_seconds"]
+        assert after["runs"] == before["runs"] + 1
+        stops = [e for e in after["events"] if e["event"] == "stopped"]
+        assert stops[-1]["reason"] == "shutdown", stops[-1]
+        boots = {e["boot_id"] for e in after["events"]}
+        assert len(boots) == 2
+        time.sleep(3)
+        assert history(th)["cumulative_uptime_seconds"] > after["cumulative_uptime_seconds"]
+
+        assert th.run(["kvmagent", "reset-counters", NAME]).returncode == 0
+        assert listing(th)["restarts"] == 0
+        th.exec(["systemctl", "stop", UNIT], timeout=120)
+        last = history(th)["events"][-1]
+        assert (last["event"], last["reason"]) == ("stopped", "admin")

@@ -1,0 +1,262 @@
+"""The state database (kvmagent.state): schema and migrations on real files
+in tmp_path, the derivation of uptimes and restarts from event rows, and
+many processes writing at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+
+from kvmagent import state
+from kvmagent.state import Event, Now, derive
+
+BOOT1, BOOT2 = "boot-1", "boot-2"
+
+
+def ev(i: int, event: str, t: float, reason: str | None = None, boot: str = BOOT1,
+       mono: float | None = None, pid: int | None = None) -> Event:
+    return Event(i, "g", event, reason, None, 1_700_000_000 + t,
+                 t if mono is None else mono, boot, f"inv{i}", pid, "test")
+
+
+def run(start: int, t0: float, t1: float, reason: str, boot: str = BOOT1) -> list[Event]:
+    """starting, running, stopped: ids start..start+2, up from t0+1 to t1."""
+    return [ev(start, "starting", t0, boot=boot), ev(start + 1, "running", t0 + 1, boot=boot),
+            ev(start + 2, "stopped", t1, reason, boot=boot)]
+
+
+def at(t: float, boot: str = BOOT1) -> Now:
+    return Now(1_700_000_000 + t, t, boot)
+
+
+# -- the database ---------------------------------------------------------------------
+
+def test_schema_created_in_wal_mode_with_mode_0600(tmp_path: Path) -> None:
+    conn = state.connect(tmp_path / "st")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS)
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == state.BUSY_TIMEOUT_MS
+    state.insert(conn, "g", "starting", source="test")
+    conn.close()
+    for name in ("state.db", "state.db-wal", "state.db-shm"):
+        path = tmp_path / "st" / name
+        if path.exists():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+
+
+def test_migrations_run_once_and_in_order(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    v1 = ("CREATE TABLE t (a INTEGER)",)
+    assert state.migrate(conn, v1) == 1
+    conn.execute("INSERT INTO t VALUES (1)")
+    v2 = v1 + ("ALTER TABLE t ADD COLUMN b TEXT DEFAULT 'x'; CREATE INDEX tb ON t (b)",)
+    assert state.migrate(conn, v2) == 2
+    assert state.migrate(conn, v2) == 2  # nothing left to do
+    assert conn.execute("SELECT a, b FROM t").fetchall() == [(1, "x")]
+    with pytest.raises(sqlite3.DatabaseError, match="schema version 2"):
+        state.migrate(conn, v1)  # a database of a newer kvmagent is left alone
+
+
+def test_a_failed_migration_changes_nothing(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError):
+        state.migrate(conn, ("CREATE TABLE t (a INTEGER); CREATE TABLE t (b INTEGER)",))
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 0
+    assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
+
+
+def test_open_without_create_does_not_make_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        state.connect(tmp_path, create=False)
+    assert not (tmp_path / "state.db").exists()
+
+
+def test_bad_event_or_reason_is_refused(tmp_path: Path) -> None:
+    conn = state.connect(tmp_path)
+    with pytest.raises(ValueError):
+        state.insert(conn, "g", "exploded")
+    with pytest.raises(ValueError):
+        state.insert(conn, "g", "stopped", reason="bored")
+    assert state.events(conn) == []
+
+
+def test_reset_counters_and_summaries(tmp_path: Path) -> None:
+    conn = state.connect(tmp_path)
+    for event, reason in [("starting", None), ("running", None), ("stopped", state.CRASHED),
+                          ("starting", None), ("running", None)]:
+        state.insert(conn, "g", event, reason=reason)
+    state.insert(conn, "other", "starting")
+    s = state.summaries(conn, ["g", "other", "new"], state.now())
+    assert s["g"].restarts == 1 and s["g"].running_since is not None
+    assert s["other"].restarts == 0 and s["new"].runs == 0
+    state.reset_counters(conn, "g")
+    s = state.summaries(conn, ["g"], state.now())["g"]
+    assert s.restarts == 0 and s.counted_since is not None
+    assert s.last_failure is not None and s.last_failure.reason == state.CRASHED
+
+
+def test_stopped_in_and_mark_shutdown(tmp_path: Path) -> None:
+    conn = state.connect(tmp_path)
+    state.insert(conn, "g", "stopping", reason=state.ADMIN, invocation="abc")
+    assert state.stopped_in(conn, "abc") is None
+    state.insert(conn, "g", "stopped", reason=state.ADMIN, invocation="abc")
+    state.insert(conn, "g", "stopped", reason=state.ADMIN, invocation="other")
+    assert state.stopped_in(conn, "abc").reason == state.ADMIN
+    assert state.mark_shutdown(conn, "abc") == 2
+    assert [e.reason for e in state.events(conn)] == [state.SHUTDOWN, state.SHUTDOWN,
+                                                      state.ADMIN]
+
+
+def test_recorder_never_raises(tmp_path: Path) -> None:
+    logged: list[str] = []
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rec = state.Recorder("g", blocker, logged.append)
+    assert rec("starting") is False and rec("running") is False
+    assert len(logged) == 1 and "cannot record event starting" in logged[0]
+    good = state.Recorder("g", tmp_path / "st", logged.append)
+    assert good("running", pid=42) is True
+    (row,) = state.events(state.connect(tmp_path / "st"))
+    assert row.pid == 42 and row.boot_id == state.boot_id() and row.source == "supervisor"
+
+
+def _writer(state_dir: str, guest: str, count: int) -> None:
+    rec = state.Recorder(guest, Path(state_dir), lambda text: print(text))
+    for i in range(count):
+        assert rec("starting" if i % 2 == 0 else "stopped",
+                   None if i % 2 == 0 else state.CRASHED, detail=f"{guest}-{i}")
+
+
+def test_ten_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
+    per = 40
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), f"g{n}", per)) for n in range(10)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    conn = state.connect(tmp_path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    rows = state.events(conn)
+    assert len(rows) == 10 * per
+    for n in range(10):
+        mine = [r.detail for r in rows if r.guest == f"g{n}"]
+        assert mine == [f"g{n}-{i}" for i in range(per)]  # all there, in order
+    assert len({r.id for r in rows}) == len(rows)
+
+
+# -- derivation -------------------------------------------------------------------------
+
+def test_no_events() -> None:
+    s = derive("g", [], at(100))
+    assert (s.uptime, s.cumulative, s.longest, s.runs, s.restarts) == (None, 0, 0, 0, 0)
+    assert s.last_failure is None and s.running_since is None
+
+
+def test_running_now_counts_to_now() -> None:
+    rows = [ev(1, "starting", 10), ev(2, "running", 12, pid=99)]
+    s = derive("g", rows, at(112))
+    assert s.uptime == 100 and s.cumulative == 100 and s.longest == 100 and s.runs == 1
+    assert s.running_since is not None and s.running_since.pid == 99
+
+
+def test_cumulative_and_longest_over_runs_and_reboots() -> None:
+    rows = (run(1, 0, 101, state.ADMIN) + run(4, 200, 251, state.SHUTDOWN)
+            + [ev(7, "starting", 300, boot=BOOT2), ev(8, "running", 301, boot=BOOT2)])
+    s = derive("g", rows, at(331, BOOT2))
+    assert s.uptime == 30 and s.longest == 100 and s.cumulative == 100 + 50 + 30
+    assert s.runs == 3 and s.restarts == 0 and s.last_failure is None
+
+
+def test_durations_within_a_boot_follow_the_monotonic_clock() -> None:
+    # the wall clock jumped back an hour during the run; CLOCK_BOOTTIME did not
+    rows = [ev(1, "starting", 0, mono=0), ev(2, "running", 10, mono=10),
+            ev(3, "stopped", 10 + 60 - 3600, state.ADMIN, mono=70)]
+    assert derive("g", rows, at(5000)).cumulative == 60
+
+
+def test_restarts_count_starts_after_failures_in_the_same_boot() -> None:
+    rows = (run(1, 0, 10, state.CRASHED) + run(4, 12, 20, state.WATCHDOG)
+            + run(7, 22, 30, state.KILLED) + run(10, 32, 40, state.ADMIN)
+            + run(13, 50, 60, state.POWEROFF) + run(16, 70, 80, state.CONFIG)
+            + run(19, 90, 95, state.CRASHED)
+            + [ev(22, "starting", 500, boot=BOOT2)])  # after a reboot: not a restart
+    s = derive("g", rows, at(600, BOOT2))
+    assert s.restarts == 3
+    assert s.last_failure is not None and s.last_failure.id == 21
+
+
+def test_restarts_after_a_reset_only() -> None:
+    rows = run(1, 0, 10, state.CRASHED) + run(4, 12, 20, state.CRASHED) + run(7, 22, 30,
+                                                                             state.ADMIN)
+    assert derive("g", rows, at(40)).restarts == 2
+    assert derive("g", rows, at(40), reset_after=4).restarts == 1
+    assert derive("g", rows, at(40), reset_after=9).restarts == 0
+
+
+def test_run_cut_by_a_host_crash_ends_at_its_last_event() -> None:
+    # no stop recorded (power cut): the run is not counted up to the next boot
+    rows = [ev(1, "starting", 0), ev(2, "running", 1), ev(3, "stopping", 41, state.ADMIN),
+            ev(4, "starting", 1000, boot=BOOT2), ev(5, "running", 1001, boot=BOOT2)]
+    s = derive("g", rows, at(1011, BOOT2))
+    assert s.cumulative == 40 + 10 and s.uptime == 10 and s.runs == 2
+
+
+def test_open_run_of_an_earlier_boot_is_not_running_now() -> None:
+    rows = [ev(1, "starting", 0), ev(2, "running", 1)]
+    s = derive("g", rows, at(5000, BOOT2))
+    assert s.uptime is None and s.running_since is None and s.cumulative == 0
+
+
+def test_start_that_failed_has_no_uptime() -> None:
+    rows = [ev(1, "starting", 0), ev(2, "stopped", 1, state.CONFIG)]
+    s = derive("g", rows, at(10))
+    assert s.runs == 0 and s.cumulative == 0 and s.last_failure is not None
+
+
+
+def test_list_figures_agree_with_derive(tmp_path: Path) -> None:
+    """The SQL of `kvmagent list` and the pure derivation give the same
+    restarts and open run, on random histories over two boots."""
+    import random
+    rnd = random.Random(7)
+    conn = state.connect(tmp_path)
+    t = 0.0
+    for guest in (f"g{i}" for i in range(30)):
+        for _ in range(rnd.randrange(0, 25)):
+            t += 1
+            event = rnd.choice(state.EVENTS)
+            reason = rnd.choice(state.REASONS) if event in ("stopping", "stopped") else None
+            boot = rnd.choice((BOOT1, BOOT1, BOOT2))
+            state.insert(conn, guest, event, reason=reason, pid=7,
+                         at=Now(1_700_000_000 + t, t, boot))
+        if rnd.random() < 0.3:
+            state.reset_counters(conn, guest)
+    names = [f"g{i}" for i in range(30)]
+    for now in (Now(1_800_000_000, t + 10, BOOT1), Now(1_800_000_000, t + 10, BOOT2)):
+        figures = state.list_figures(conn, now)
+        for name, s in state.summaries(conn, names, now).items():
+            f = figures.get(name, state.Figures(0, None))
+            assert f.restarts == s.restarts, name
+            assert f.running_since == s.running_since, name
+
+
+def test_version_1_database_is_migrated_and_its_restarts_marked(tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "state.db", isolation_level=None)
+    state.migrate(conn, state.MIGRATIONS[:1])
+    for i, (event, reason) in enumerate([("starting", None), ("stopped", "crashed"),
+                                         ("starting", None), ("stopped", "admin"),
+                                         ("starting", None)]):
+        conn.execute("INSERT INTO events (guest, event, reason, realtime, boottime, boot_id, "
+                     "source) VALUES ('g', ?, ?, ?, ?, 'b', 'test')", (event, reason, i, i))
+    conn.close()
+    conn = state.connect(tmp_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS) == 2
+    assert conn.execute("SELECT id FROM events WHERE restart = 1").fetchall() == [(3,)]
+    assert state.list_figures(conn, Now(0, 9, "b"))["g"].restarts == 1

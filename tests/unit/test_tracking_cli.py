@@ -1,0 +1,240 @@
+"""kvmagent list|status|history|reset-counters|stop-post as an admin meets
+them, on a state database written in tmp_path: aligned output within 80
+columns, stable JSON, documented exit statuses, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+from kvmagent import state
+from kvmagent.errors import ExitStatus
+from kvmagent.stoppost import stop_reason
+from kvmagent.tracking import duration, enabled_guests, parse_since
+
+from test_cli import REPO, kvmagent  # the same throwaway-config runner
+
+
+def _record(conf, guest: str, rows: list[tuple[str, str | None, float]]) -> None:
+    conn = state.connect(conf.paths.state_dir)
+    now = state.now()
+    for event, reason, ago in rows:
+        at = state.Now(now.realtime - ago, now.boottime - ago, now.boot_id)
+        state.insert(conn, guest, event, reason=reason, at=at, pid=os.getpid()
+                     if event == "running" else None, detail="QEMU was killed by signal 9"
+                     if reason == state.CRASHED else None)
+    conn.close()
+
+
+def _crashy(conf) -> None:
+    conf.write("guests/web.toml", 'cpus = 4\nmemory = "2G"\n[[nic]]\n[[nic]]\n'
+               'mode = "user"\n[[nic]]\n')
+    _record(conf, "web", [("starting", None, 5000), ("running", None, 4990),
+                          ("stopped", state.CRASHED, 3990), ("starting", None, 3988),
+                          ("running", None, 3980), ("stopped", state.CRASHED, 2000),
+                          ("starting", None, 1998), ("running", None, 1990)])
+
+
+def test_list_shows_restarts_and_fits_80_columns(conf) -> None:
+    _crashy(conf)
+    conf.write("guests/a-guest-with-a-rather-long-name.toml", "")
+    r = kvmagent(conf, "list")
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    lines = r.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert lines[1] == "a-guest-with-a-rather-long-name"  # on a line of its own
+    assert lines[2].startswith(" " * 12 + " ")
+    # uptime only where systemd says it runs (unknown here without systemd)
+    assert re.match(r"web +(unknown +33m 10s|stopped +-) +2 +4 +2G ", lines[3]), lines[3]
+    assert lines[3].endswith("kvm-web-0 +1")
+    rows = {r["name"]: r for r in json.loads(kvmagent(conf, "list", "--json").stdout)}
+    assert rows["web"]["restarts"] == 2 and rows["web"]["taps"] == ["kvm-web-0", "kvm-web-2"]
+    assert rows["web"]["memory_bytes"] == 2 << 30 and rows["web"]["cpus"] == 4
+    assert set(rows["web"]) >= {"name", "state", "active_state", "sub_state", "enabled",
+                                "uptime_seconds", "restarts", "qemu_pid", "cpus",
+                                "memory_bytes", "taps", "description"}
+
+
+def test_list_reads_drop_ins(conf) -> None:
+    conf.write("guests/d.toml", "cpus = 2\n[[nic]]\n")
+    conf.write("guests/d.toml.d/50-more.toml", 'cpus = 3\nmemory = "1G"\nnic = []\n')
+    (row,) = json.loads(kvmagent(conf, "list", "--json").stdout)
+    assert row["cpus"] == 3 and row["memory_bytes"] == 1 << 30 and row["taps"] == []
+
+
+def test_list_without_a_readable_database_degrades(conf) -> None:
+    conf.write("guests/g.toml", "")
+    conf.paths.state_dir.mkdir(parents=True)
+    (conf.paths.state_dir / "state.db").write_text("this is not a database" * 100)
+    r = kvmagent(conf, "list")
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    assert "no uptime record" in r.stderr and r.stdout.splitlines()[1].split()[3] == "-"
+
+
+def test_history_and_reset_counters(conf) -> None:
+    _crashy(conf)
+    r = kvmagent(conf, "history", "web")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["TIME", "EVENT", "DETAIL"]
+    assert sum("crashed: QEMU was killed by signal 9" in ln for ln in lines) == 2
+    assert "runs 3, cumulative uptime 1h 22m, longest 33m 10s, restarts after failures 2" \
+        in r.stdout  # 1000 + 1980 + 1990 s
+    doc = json.loads(kvmagent(conf, "history", "web", "--json").stdout)
+    assert doc["restarts"] == 2 and len(doc["events"]) == 8
+    assert doc["longest_uptime_seconds"] == 1990 or doc["longest_uptime_seconds"] == 1991
+    assert doc["last_failure"]["reason"] == "crashed"
+    recent = json.loads(kvmagent(conf, "history", "web", "--since", "1h", "--json").stdout)
+    assert [e["event"] for e in recent["events"]] == ["stopped", "starting", "running"]
+    r = kvmagent(conf, "reset-counters", "web")
+    assert r.returncode == 0 and "restart counter reset" in r.stdout
+    doc = json.loads(kvmagent(conf, "history", "web", "--json").stdout)
+    assert doc["restarts"] == 0 and len(doc["events"]) == 8 and doc["restarts_counted_since"]
+
+
+def test_unknown_guest_and_no_state_yet(conf) -> None:
+    for cmd in ("status", "history", "reset-counters"):
+        r = kvmagent(conf, cmd, "nosuch")
+        assert r.returncode == ExitStatus.UNKNOWN_GUEST, (cmd, r.stderr)
+        assert "unknown guest 'nosuch'" in r.stderr and "Traceback" not in r.stderr
+    conf.write("guests/fresh.toml", "")
+    r = kvmagent(conf, "history", "fresh")
+    assert r.returncode == 0 and "no events recorded for guest fresh" in r.stdout
+    assert not (conf.paths.state_dir / "state.db").exists()  # reading creates nothing
+    r = kvmagent(conf, "history", "fresh", "--since", "last tuesday")
+    assert r.returncode == ExitStatus.USAGE and "--since 'last tuesday'" in r.stderr
+
+
+def test_status(conf) -> None:
+    _crashy(conf)
+    r = kvmagent(conf, "status", "web")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    out = r.stdout
+    assert out.startswith("web - KVM guest web\n")
+    assert "  Restarts: 2 after failures" in out
+    assert "crashed: QEMU was killed by signal 9" in out
+    assert "kvm-web-0 on br-kvm" in out and "user-mode network" in out
+    assert all(len(line) <= 80 for line in out.splitlines() if "Config:" not in line)
+    doc = json.loads(kvmagent(conf, "status", "web", "--json").stdout)
+    assert doc["restarts"] == 2 and doc["cpus"] == 4 and doc["unit"] == "kvm@web.service"
+    assert [n["tap"] for n in doc["nics"]] == ["kvm-web-0", None, "kvm-web-2"]
+    conf.write("guests/bad.toml", "cpus = 0\n")
+    r = kvmagent(conf, "status", "bad")
+    assert r.returncode == 0 and "Config: invalid" in r.stdout
+
+
+def test_no_color_and_no_tty_means_no_escapes(conf) -> None:
+    _crashy(conf)
+    for cmd in ("list", "status"):
+        args = [cmd] if cmd == "list" else [cmd, "web"]
+        assert "\x1b[" not in kvmagent(conf, *args).stdout
+
+
+def test_color_on_a_terminal_unless_no_color(conf) -> None:
+    import pty
+    _crashy(conf)
+    conf.write("guests/bad.toml", "cpus = 0\n")
+
+    def on_tty(extra: dict[str, str]) -> str:
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO),
+               "KVMAGENT_CONFIG_DIR": str(conf.paths.config_dir),
+               "KVMAGENT_STATE_DIR": str(conf.paths.state_dir), "TERM": "xterm", **extra}
+        main, sub = pty.openpty()
+        p = subprocess.Popen([sys.executable, "-m", "kvmagent", "list"], stdout=sub,
+                             stderr=subprocess.DEVNULL, env=env)
+        os.close(sub)
+        out = b""
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        p.wait(30)
+        os.close(main)
+        return out.decode()
+
+    assert "\x1b[31minvalid\x1b[0m" in on_tty({})
+    assert "\x1b[" not in on_tty({"NO_COLOR": "1"})
+
+
+def _stop_post(conf, guest: str, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO),
+            "KVMAGENT_CONFIG_DIR": str(conf.paths.config_dir),
+            "KVMAGENT_STATE_DIR": str(conf.paths.state_dir), **env}
+    return subprocess.run([sys.executable, "-m", "kvmagent", "stop-post", guest], env=full,
+                          text=True, capture_output=True, timeout=60)
+
+
+def test_stop_post_records_only_what_the_supervisor_did_not(conf) -> None:
+    conf.write("guests/g.toml", "")
+    conn = state.connect(conf.paths.state_dir)
+    state.insert(conn, "g", "starting", invocation="inv1")
+    state.insert(conn, "g", "running", invocation="inv1", pid=1)
+    # the supervisor was killed with SIGKILL: nothing recorded the stop
+    r = _stop_post(conf, "g", INVOCATION_ID="inv1", SERVICE_RESULT="signal",
+                   EXIT_CODE="killed", EXIT_STATUS="KILL")
+    assert r.returncode == 0, r.stderr
+    last = state.events(conn)[-1]
+    assert (last.event, last.reason, last.source) == ("stopped", state.KILLED, "stop-post")
+    assert last.detail == "supervisor killed by signal KILL" and last.invocation == "inv1"
+    # the supervisor recorded its stop: stop-post adds nothing
+    state.insert(conn, "g", "starting", invocation="inv2")
+    state.insert(conn, "g", "stopped", reason=state.POWEROFF, invocation="inv2")
+    r = _stop_post(conf, "g", INVOCATION_ID="inv2", SERVICE_RESULT="success",
+                   EXIT_CODE="exited", EXIT_STATUS="0")
+    assert r.returncode == 0 and len(state.events(conn)) == 5
+    doc = json.loads(kvmagent(conf, "history", "g", "--json").stdout)
+    assert doc["last_failure"]["reason"] == "killed" and doc["restarts"] == 1
+
+
+def test_stop_reason_mapping() -> None:
+    assert stop_reason("watchdog", "killed", "ABRT")[0] == state.WATCHDOG
+    assert stop_reason("oom-kill", "killed", "KILL")[0] == state.OOM
+    assert stop_reason("signal", "killed", "KILL") == (state.KILLED,
+                                                        "supervisor killed by signal KILL")
+    assert stop_reason("exit-code", "exited", "6")[0] == state.CONFIG
+    assert stop_reason("exit-code", "exited", "5") == (state.FAILED,
+                                                       "supervisor exited with status 5")
+    assert stop_reason("success", "exited", "0") == (state.ADMIN, None)
+    assert stop_reason("timeout", "killed", "TERM")[0] == state.TIMEOUT
+
+
+def test_durations_and_since() -> None:
+    assert [duration(s) for s in (None, 0, 42, 725, 3 * 3600 + 120, 86400 * 400 + 7200)] == \
+        ["-", "0s", "42s", "12m 05s", "3h 02m", "400d 02h"]
+    now = time.time()
+    assert parse_since("7d", now) == now - 7 * 86400
+    assert parse_since("2024-05-01") == time.mktime((2024, 5, 1, 0, 0, 0, 0, 0, -1))
+
+
+def test_enabled_guests_are_the_wants_symlinks(tmp_path) -> None:
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    (etc / "machines.target.wants").mkdir(parents=True)
+    (lib / "multi-user.target.wants").mkdir(parents=True)
+    (etc / "machines.target.wants" / "kvm@web.service").symlink_to("/lib/kvm@.service")
+    (etc / "machines.target.wants" / "kvm@.service").symlink_to("/lib/kvm@.service")
+    (etc / "machines.target.wants" / "other.service").symlink_to("/lib/other.service")
+    (lib / "multi-user.target.wants" / "kvm@db.service").symlink_to("../kvm@.service")
+    (etc / "kvm@gone.service").symlink_to("/dev/null")  # masked, not in a .wants
+    assert enabled_guests((str(etc), str(lib), str(tmp_path / "none"))) == {"web", "db"}
+
+
+def test_list_cache_follows_changed_files(conf) -> None:
+    conf.write("guests/c.toml", "cpus = 2\n")
+    assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["cpus"] == 2
+    assert (conf.paths.runtime_dir / "list-cache.json").exists()
+    conf.write("guests/c.toml", "cpus = 30\n")  # another size, another mtime
+    assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["cpus"] == 30
+    conf.write("guests/c.toml.d/x.toml", "cpus = 4\n")
+    assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["cpus"] == 4
+    conf.write("guests/c.toml.d/x.toml", "cpus = 0\n")
+    assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["state"] == "invalid"
+    (conf.paths.runtime_dir / "list-cache.json").write_text("{garbage")
+    assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["state"] == "invalid"
