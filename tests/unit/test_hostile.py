@@ -525,3 +525,41 @@ def test_unreadable_file(conf, monkeypatch):
         raise PermissionError(13, "Permission denied")
     monkeypatch.setattr(config.os, "open", denied)
     assert refused(conf).message == f"{path}: cannot read: permission denied"
+
+
+# -- the command line ---------------------------------------------------------------
+
+def _cli(conf, *args: str):
+    import subprocess
+    import sys
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(Path(__file__).parents[2]),
+           "KVMAGENT_CONFIG_DIR": str(conf.paths.config_dir),
+           "KVMAGENT_STATE_DIR": str(conf.paths.state_dir),
+           "KVMAGENT_RUNTIME_DIR": str(conf.paths.runtime_dir)}
+    return subprocess.run([sys.executable, "-m", "kvmagent", *args], env=env, text=True,
+                          capture_output=True, timeout=60)
+
+
+def test_cli_refuses_hostile_input_and_writes_nothing(conf):
+    bad_name = conf.write("guests/My Guest.toml", "")
+    open_file = conf.write("guests/open.toml", "")
+    open_file.chmod(0o666)
+    conf.write("guests/bomb.toml", "a" + ".a" * 100000 + " = 1\n")
+    conf.write("guests/ok.toml", "")
+    root = conf.paths.config_dir.parent
+    before = snapshot(root)
+    r = _cli(conf, "validate")
+    assert r.returncode == ExitStatus.CONFIG, r.stderr
+    assert f"{bad_name}: the guest name 'My Guest' (from the file name) is not valid" in r.stderr
+    assert f"{open_file}: refusing a configuration file" in r.stderr
+    assert "nested more than 16 deep" in r.stderr and "ok: ok" in r.stdout
+    for args, status in ((["show", "../ok"], ExitStatus.UNKNOWN_GUEST),
+                         (["show", "a/b"], ExitStatus.UNKNOWN_GUEST),
+                         (["show", "--", "-rf"], ExitStatus.UNKNOWN_GUEST),
+                         (["show", "g\n"], ExitStatus.UNKNOWN_GUEST),
+                         (["show", "open"], ExitStatus.CONFIG),
+                         (["list"], ExitStatus.OK)):
+        r = _cli(conf, *args)
+        assert r.returncode == status, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert snapshot(root) == before
