@@ -464,13 +464,23 @@ def test_world_writable_files_are_refused(conf, where):
 
 
 def _foreign(path: Path, monkeypatch) -> str:
-    """Make PATH look owned by another user: chown it when root, else
-    pretend kvmagent runs as another uid.  Returns the expected owner text."""
+    """Make PATH owned by another user: chown it when root, else make fstat
+    say so for that file only.  Returns the expected owner text."""
+    other = 65534 if os.geteuid() != 65534 else 4242
     if os.geteuid() == 0:
-        os.chown(path, 65534, -1, follow_symlinks=False)
-        return "nobody (uid 65534)" if config._owner(65534).startswith("nobody") else "uid 65534"
-    monkeypatch.setattr(config.os, "geteuid", lambda: 4242)
-    return config._owner(os.stat(path).st_uid)
+        os.chown(path, other, -1, follow_symlinks=False)
+    else:
+        ino, real_fstat = os.stat(path).st_ino, os.fstat
+
+        def fstat(fd: int) -> os.stat_result:
+            st = real_fstat(fd)
+            if st.st_ino != ino:
+                return st
+            fields = list(st[:10])
+            fields[4] = other  # st_uid
+            return os.stat_result(fields)
+        monkeypatch.setattr(config.os, "fstat", fstat)
+    return config._owner(other)
 
 
 @pytest.mark.parametrize("where", ["guests/g.toml", "guests/g.toml.d/10-x.toml",
