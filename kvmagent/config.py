@@ -164,8 +164,8 @@ def _depth_ok(value: Any) -> bool:
 # tomllib sees them: its time grows with the square of a dotted key's length
 # (a 100 KB key took 43 s; 1 MiB of it would take hours).  Possessive
 # quantifiers, and starting only at the start of a word keep this search linear.
-_DEEP_KEY = re.compile(r"""(?<![A-Za-z0-9_.-])(?:(?>[A-Za-z0-9_-]++|"(?:[^"\\\n]|\\.)*+"|'[^'\n]*+')"""
-                       r"[ \t]*+\.[ \t]*+){%d}" % MAX_DEPTH)
+_KEY_PART = r"""(?>[A-Za-z0-9_-]++|"(?:[^"\\\n]|\\.)*+"|'[^'\n]*+')"""
+_DEEP_KEY = re.compile(r"(?<![A-Za-z0-9_.-])(?:%s[ \t]*+\.[ \t]*+){%d}" % (_KEY_PART, MAX_DEPTH))
 
 
 def parse_toml(raw: bytes, path: Path) -> dict[str, Any]:

@@ -226,14 +226,16 @@ NUMBERS = [
     ("[stop]\ntimeout = " + "9" * 400 + "\n", "stop.timeout = 9999"),  # was an OverflowError
     ("[stop]\ntimeout = -5\n", "stop.timeout = -5: a duration cannot be negative"),
     ('[stop]\ntimeout = "' + "9" * 400 + 's"\n', 'stop.timeout = "9999'),
-    ("[resources]\ntasks_max = 100000000000000000000\n", "resources.tasks_max = 100000000000000000000"),
+    ("[resources]\ntasks_max = 100000000000000000000\n",
+     "resources.tasks_max = 100000000000000000000"),
     ("[resources]\ncpu_weight = -1\n", "resources.cpu_weight = -1: must be between"),
     ('[resources]\ncpu_affinity = "0-99999999999"\n', "resources.cpu_affinity"),  # was a hang
     ('[resources]\ncpu_affinity = "0-99999999"\n', "CPU numbers must be between 0 and 4095"),
     ("[resources]\ncpu_affinity = [-1]\n", "CPU numbers must be between 0 and 4095"),
     ("[resources]\ncpu_affinity = [100000000000000000000]\n", "CPU numbers must be between"),
     ("cpus = 2\n[[nic]]\nqueues = -1\n", "nic[0].queues = -1: must be between 1 and 16"),
-    ('[console]\nescape = "^\u00df"\n', 'console.escape = "^\\u00df": expected a control key'),  # was TypeError
+    # was a TypeError:
+    ('[console]\nescape = "^\u00df"\n', 'console.escape = "^\\u00df": expected a control key'),
 ]
 
 
