@@ -178,8 +178,8 @@ def parse_toml(raw: bytes, path: Path) -> dict[str, Any]:
         raise config_error(f"{path}: not valid TOML: the file is not UTF-8 "
                            f"(byte 0x{raw[e.start]:02x} at line {line})",
                            "save the file as UTF-8") from None
-    nested = config_error(f"{path}: not valid TOML for kvmagent: values nested more than "
-                          f"{MAX_DEPTH} deep")
+    nested = config_error(f"{path}: not valid TOML for kvmagent: tables, arrays or dotted "
+                          f"keys nested more than {MAX_DEPTH} deep")
     if _DEEP_KEY.search(text):
         raise nested
     try:
@@ -189,8 +189,9 @@ def parse_toml(raw: bytes, path: Path) -> dict[str, Any]:
                            "check the quoting and brackets on that line") from None
     except RecursionError:
         raise nested from None
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise config_error(f"{path}: not valid TOML: {e}") from None
+    except ValueError as e:  # an integer of more than 4300 digits (int's limit)
+        # without the advice to call sys.set_int_max_str_digits()
+        raise config_error(f"{path}: not valid TOML: {str(e).split(';')[0]}") from None
     if not _depth_ok(data):
         raise nested
     return data

@@ -308,6 +308,18 @@ def test_parser_bombs(conf, toml, expected):
     err = refused(conf)
     assert time.monotonic() - start < 1.0
     assert err.message.startswith(f"{path}: ") and expected in err.message, err.message
+    assert "sys.set_int_max_str_digits" not in err.message
+
+
+def test_bridge_files_are_checked_too(conf):
+    from kvmagent.bridges import load_bridge
+    path = conf.write("bridges/br0.toml", 'uplink = "eth0"\n')
+    assert load_bridge(path) == {"name": "br0", "uplink": "eth0"}
+    path.chmod(0o666)
+    with pytest.raises(KvmagentError) as exc:
+        load_bridge(path)
+    assert exc.value.status == ExitStatus.CONFIG
+    assert exc.value.message.startswith(f"{path}: refusing a configuration file")
 
 
 @pytest.mark.parametrize("key", ["a", '"a"', "'a'"])
