@@ -9,10 +9,10 @@ export DEBIAN_FRONTEND := noninteractive
 # What the project and its tests need, from Debian only.
 DEB_DEPS := python3-pystemd python3-pydbus python3-pyroute2 python3-systemd python3-gi \
 	python3-pytest qemu-system-x86 qemu-utils ipxe-qemu seabios systemd systemd-container \
-	dbus debootstrap busybox-static iproute2
+	dbus debootstrap busybox-static iproute2 python3-hypothesis
 # What building the package needs (make deb, and tests/system/test_package.py).
 DEB_BUILD_DEPS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
-	python3-pytest build-essential fakeroot lintian man-db git
+	python3-pytest python3-hypothesis build-essential fakeroot lintian man-db git
 
 .PHONY: setup check unit demo bench deb clean-tests
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,13 @@ IDE_SLOTS = {"pc": 4, "q35": 6}
 
 
 def load_host_config(paths: Paths) -> HostConfig:
-    layered = load_layers(paths.host_config, required=False)
-    r = Reader(layered, paths.host_config)
+    return build_host_config(load_layers(paths.host_config, required=False),
+                             paths.host_config)
+
+
+def build_host_config(layered: Layered, config_file: Path) -> HostConfig:
+    """Merged TOML of kvmagent.toml -> validated HostConfig.  Pure."""
+    r = Reader(layered, config_file)
     r.check_keys(layered.data, HOST_KEYS, ())
     d = HostConfig()
     kw = {k: r.value(layered.data, HOST_KEYS, (), k, getattr(d, k)) for k in HOST_KEYS}
@@ -29,19 +35,41 @@ def load_host_config(paths: Paths) -> HostConfig:
 
 
 def guest_names(paths: Paths) -> list[str]:
-    """Names of the defined guests: guests/NAME.toml, sorted."""
+    """Names of the defined guests: guests/NAME.toml, sorted.  Symlinks
+    count (even dangling ones: loading the guest reports them); hidden
+    files, such as editors' lock files, do not."""
     if not paths.guests_dir.is_dir():
         return []
     return sorted(p.name[:-5] for p in paths.guests_dir.iterdir()
-                  if p.name.endswith(".toml") and p.is_file())
+                  if p.name.endswith(".toml") and not p.name.startswith(".")
+                  and (p.is_symlink() or p.is_file()))
+
+
+def _file_name_ok(name: str) -> bool:
+    """Whether NAME can be looked up as guests/NAME.toml without leaving
+    that directory: one path component, no NUL."""
+    return (bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
+            and len(os.fsencode(name)) <= 250)
 
 
 def load_guest(paths: Paths, name: str, host: HostConfig) -> Guest:
     if not names.valid_guest_name(name):
+        # A file with that name is a configuration error (6, naming the
+        # file); a name typed on the command line that cannot be a guest
+        # is an unknown guest (8).  Names that are no file name are never
+        # looked up: "../x" must not reach outside guests/.
+        try:
+            bad_file = _file_name_ok(name) and os.path.lexists(paths.guest_config(name))
+        except (OSError, ValueError):
+            bad_file = False
+        if bad_file:
+            raise config_error(f"{paths.guest_config(name)}: the guest name {name!r} (from the "
+                               "file name) is not valid", names.GUEST_NAME_RULE +
+                               "; rename the file")
         raise KvmagentError(f"invalid guest name {name!r}", names.GUEST_NAME_RULE,
                             ExitStatus.UNKNOWN_GUEST)
     main = paths.guest_config(name)
-    if not main.exists():
+    if not os.path.lexists(main):
         raise KvmagentError(f"unknown guest {name!r}: {main} does not exist",
                             "kvmagent list shows the defined guests",
                             ExitStatus.UNKNOWN_GUEST)

@@ -16,6 +16,7 @@ from typing import Callable
 from .errors import KvmagentError, host_error
 from .model import Accel, Cache, Guest, HostConfig, NicMode
 from .qemu import HostFacts
+from .values import format_size
 
 KvmProbe = Callable[[], tuple[bool, str]]
 
@@ -86,6 +87,11 @@ def _check_file(path: Path, what: str, key: str, origin: str, *, write: bool = F
     return None
 
 
+def host_memory() -> int:
+    """Physical RAM of this host, in bytes."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def interface_exists(name: str) -> bool:
     """In this process's network namespace (unlike /sys/class/net, which
     shows the namespace of whoever mounted sysfs).  Whether it is a bridge
@@ -108,6 +114,14 @@ def check_host(guest: Guest, host: HostConfig, *,
         problems.append(host_error(
             f"{host.origin.get('qemu', 'kvmagent.toml')}: qemu = \"{host.qemu}\": "
             "no such executable", "apt-get install qemu-system-x86"))
+    ram = host_memory()
+    if guest.memory > ram:
+        # A host check, not validation: the same file may be meant for a
+        # bigger host.  QEMU would start (guest RAM is allocated lazily) and
+        # the host would run out of memory later, killing something.
+        problems.append(host_error(
+            f"{guest.origin_of('memory')}: memory = \"{format_size(guest.memory)}\": more than "
+            f"this host's {ram >> 20}M of RAM", "lower memory for this host"))
     if guest.kernel:
         for key, path in (("kernel.image", guest.kernel.image),
                           ("kernel.initrd", guest.kernel.initrd)):

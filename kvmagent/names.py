@@ -11,7 +11,8 @@ import hashlib
 import re
 import uuid
 
-GUEST_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?$")
+# fullmatch, not "$": "$" also matches before a trailing newline.
+GUEST_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?", re.ASCII)
 GUEST_NAME_RULE = ("1-64 characters: lower-case letters, digits and '-', "
                    "starting and ending with a letter or digit")
 
@@ -23,7 +24,7 @@ _UUID_NAMESPACE = uuid.UUID("6f1d5f6e-2b0c-4f3e-9a57-6b766d616765")
 
 
 def valid_guest_name(name: str) -> bool:
-    return GUEST_NAME_RE.match(name) is not None and "--" not in name
+    return GUEST_NAME_RE.fullmatch(name) is not None and "--" not in name
 
 
 def service_unit(name: str) -> str:

@@ -32,18 +32,23 @@ class Key:
 
 # -- value parsers (raise ValueError with a reason) ---------------------------
 
+# C0 and C1 control characters and DEL: a newline would end a line of a
+# unit file or the journal, NUL a C string; none belongs in a name or path.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _text(max_len: int = 4096, pattern: str | None = None,
           rule: str = "") -> Callable[[Any], str]:
-    rx = re.compile(pattern) if pattern else None
+    rx = re.compile(pattern, re.ASCII) if pattern else None
 
     def parse(v: Any) -> str:
         if not isinstance(v, str):
             raise ValueError("expected a string")
-        if "\0" in v or "\n" in v:
-            raise ValueError("must not contain newlines or NUL bytes")
+        if _CONTROL.search(v):
+            raise ValueError("must not contain newlines, NUL bytes or other control characters")
         if len(v) > max_len:
             raise ValueError(f"longer than {max_len} characters")
-        if rx and not rx.match(v):
+        if rx and not rx.fullmatch(v):
             raise ValueError(rule or f"must match {pattern}")
         return v
     return parse
@@ -126,7 +131,9 @@ def _uuid(v: Any) -> str:
 
 
 def _vnc(v: Any) -> str:
-    return _text(256, r"^(unix:/[^,]+|(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):\d{1,4})$",
+    # No "," or "=" in the socket path: QEMU would read "unix:/a=b" as an
+    # option named "unix:/a".
+    return _text(256, r"unix:/[^,=]+|(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):[0-9]{1,4}",
                  'expected "ADDRESS:DISPLAY" (e.g. "127.0.0.1:1") or "unix:/PATH"')(v)
 
 
@@ -138,9 +145,9 @@ def _extra_arg(v: Any) -> str:
     return v
 
 
-_BRIDGE = _text(15, r"^[A-Za-z0-9_.-]+$", "expected an interface name (at most 15 of "
+_BRIDGE = _text(15, r"[A-Za-z0-9_.-]+", "expected an interface name (at most 15 of "
                 "letters, digits, '-', '_', '.')")
-_MACHINE = _text(64, r"^[a-z0-9][a-z0-9._-]*$",
+_MACHINE = _text(64, r"[a-z0-9][a-z0-9._-]*",
                  'expected a QEMU machine type such as "pc" or "q35"')
 
 # -- the table -----------------------------------------------------------------
@@ -169,7 +176,7 @@ HOST_KEYS: dict[str, Key] = {k.name: k for k in [
 BRIDGE_KEYS: dict[str, Key] = {k.name: k for k in [
     Key("uplink", "interface name", "(none)", "Interface enslaved to the bridge.", _BRIDGE),
     Key("address", "CIDR string", "(none)", 'Address of the bridge, "10.0.0.1/24".',
-        _text(64, r"^[0-9a-fA-F.:]+/\d{1,3}$", 'expected an address with prefix, "10.0.0.1/24"')),
+        _text(64, r"[0-9a-fA-F.:]+/[0-9]{1,3}", 'expected an address with prefix, "10.0.0.1/24"')),
     Key("stp", "boolean", "false", "Spanning tree protocol.", _boolean),
     Key("forward_delay", "seconds (integer)", "9", "Forward delay.", _integer(2, 30)),
     Key("hello_time", "seconds (integer)", "2", "Hello time.", _integer(1, 10)),
@@ -272,7 +279,24 @@ def render(value: Any) -> str:
         return str(value)
 
 
+def shown(value: Any, limit: int = 80) -> str:
+    """render(VALUE) for a message: a 1 MiB string is cut, not repeated."""
+    text = render(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown_key(path: tuple[str | int, ...]) -> str:
+    """key_str(PATH) for a message; a key that is not a bare TOML key
+    (newlines, quotes, 1000 characters) is shown quoted and cut."""
+    text = key_str(path)
+    if re.fullmatch(r"[A-Za-z0-9_.\[\]-]{1,80}", text, re.ASCII):
+        return text
+    return shown(text)
+
+
 def did_you_mean(word: str, choices: list[str]) -> str | None:
+    if len(word) > 100:
+        return None
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else None
 
@@ -292,7 +316,7 @@ class Reader:
 
     def fail(self, path: tuple[str | int, ...], reason: str,
              hint: str | None = None) -> KvmagentError:
-        return config_error(f"{self.file_of(path)}: {key_str(path)}: {reason}", hint)
+        return config_error(f"{self.file_of(path)}: {shown_key(path)}: {reason}", hint)
 
     def check_keys(self, table: dict[str, Any], keys: dict[str, Key] | list[str],
                    path: tuple[str | int, ...]) -> None:
@@ -300,7 +324,7 @@ class Reader:
         for key in table:
             if key not in names:
                 where = self.file_of(path + (key,))
-                raise config_error(f"{where}: unknown key '{key_str(path + (key,))}'",
+                raise config_error(f"{where}: unknown key '{shown_key(path + (key,))}'",
                                    did_you_mean(key, names) or
                                    "see kvmagent.toml(5) for the keys")
 
@@ -315,7 +339,7 @@ class Reader:
         try:
             parsed = keys[name].parse(raw)
         except ValueError as e:
-            raise config_error(f"{self.file_of(here)}: {key_str(here)} = {render(raw)}: {e}",
+            raise config_error(f"{self.file_of(here)}: {key_str(here)} = {shown(raw)}: {e}",
                                f"{name} is {keys[name].type}") from None
         self.origin[key_str(here)] = self.file_of(here)
         return parsed
@@ -324,7 +348,7 @@ class Reader:
               keys: dict[str, Key]) -> dict[str, Any]:
         value = data.get(name, {})
         if not isinstance(value, dict):
-            raise self.fail((name,), f"must be a table [{name}], not {render(value)}",
+            raise self.fail((name,), f"must be a table [{name}], not {shown(value)}",
                             f"write [{name}] on a line of its own, keys below it")
         self.check_keys(value, keys, (name,))
         return value
