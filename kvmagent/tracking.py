@@ -110,24 +110,14 @@ def guest_facts(paths: Paths, name: str) -> dict[str, Any]:
     drop-ins (later files replace these top-level keys and [[nic]] whole, as
     kvmagent.config merges them).  KvmagentError(CONFIG) for what cannot be
     shown; the rest of the checks are `kvmagent validate`'s."""
-    import tomllib
+    # The same reader as the full configuration's: ownership and size checks,
+    # no parser bombs (kvmagent.config); imported only when the cache misses.
+    from .config import dropin_files, read_toml
     from .names import GUEST_NAME_RULE, tap_name, valid_guest_name
     main = paths.guest_config(name)
     data: dict[str, Any] = {}
-    dropins = main.with_name(main.name + ".d")
-    files: list[str | Path] = [main]
-    try:
-        files += sorted((e.path for e in os.scandir(dropins)
-                         if e.name.endswith(".toml") and e.is_file()),
-                        key=lambda p: os.path.basename(p).encode())
-    except (FileNotFoundError, NotADirectoryError):
-        pass
-    for f in files:
-        try:
-            with open(f, "rb") as fh:
-                data.update(tomllib.load(fh))
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise KvmagentError(f"{f}: {e}", status=ExitStatus.CONFIG) from None
+    for f in [main, *dropin_files(main)]:
+        data.update(read_toml(f))  # KvmagentError(CONFIG) naming the file
     cpus = data.get("cpus", 1)
     if not valid_guest_name(name):
         raise KvmagentError(f"{main}: guest name {name!r} is not valid", GUEST_NAME_RULE,

@@ -581,9 +581,18 @@ def test_cli_refuses_hostile_input_and_writes_nothing(conf):
                          (["show", "a/b"], ExitStatus.UNKNOWN_GUEST),
                          (["show", "--", "-rf"], ExitStatus.UNKNOWN_GUEST),
                          (["show", "g\n"], ExitStatus.UNKNOWN_GUEST),
-                         (["show", "open"], ExitStatus.CONFIG),
-                         (["list"], ExitStatus.OK)):
+                         (["show", "open"], ExitStatus.CONFIG)):
         r = _cli(conf, *args)
         assert r.returncode == status, (args, r.stderr)
         assert "Traceback" not in r.stderr
     assert snapshot(root) == before
+    # list shows the bad files as invalid; it writes only its cache of guest
+    # facts (in the runtime directory), and that only for the good guest
+    r = _cli(conf, "list", "--json")
+    assert r.returncode == ExitStatus.OK and "Traceback" not in r.stderr, r.stderr
+    import json
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert rows["ok"]["state"] != "invalid"
+    assert all(rows[n]["state"] == "invalid" for n in ("open", "bomb")), rows
+    assert {p for p in snapshot(root) if p not in before} <= {
+        str(root / "run"), str(root / "run" / "list-cache.json")}

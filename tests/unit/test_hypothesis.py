@@ -112,6 +112,8 @@ GOOD: dict[str, st.SearchStrategy[Any]] = {
     "on_poweroff": choice("stop", "keep"),
     "kernel.image": abs_path, "kernel.initrd": abs_path, "kernel.cmdline": text,
     "console.serial": st.booleans(), "console.escape": choice("^]", "^Q", "^ß"),
+    "console.log_burst": st.integers(min_value=-1, max_value=2000000),
+    "console.log_interval": duration,
     "display.vnc": st.one_of(st.sampled_from(["127.0.0.1:1", ":0", "[::1]:5"]),
                              text.map(lambda t: "unix:/" + t), text),
     "stop.timeout": duration,
@@ -155,6 +157,8 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "on_poweroff": st.sampled_from(["stop", "keep"]),
     "kernel.image": clean_path, "kernel.initrd": clean_path, "kernel.cmdline": clean_text,
     "console.serial": st.booleans(), "console.escape": st.sampled_from(["^]", "^Q"]),
+    "console.log_burst": st.integers(min_value=0, max_value=1000), "console.log_interval":
+    st.sampled_from(["1s", "10s", "1min"]),
     "display.vnc": st.one_of(plus_tail(st.sampled_from(["127.0.0.1:1", ":0", "[::1]:5"])),
                              clean_text.filter(lambda t: t and "," not in t and "=" not in t)
                              .map(lambda t: "unix:/" + t)),
@@ -232,7 +236,7 @@ PLAIN = {"-uuid", "-cpu", "-smp", "-m", "-kernel", "-initrd", "-append"}
 # option -> (first part is an implied value, keys the builder writes)
 QEMU_OPTS: dict[str, tuple[bool, set[str]]] = {
     "-name": (False, {"guest", "debug-threads"}),
-    "-machine": (True, set()), "-accel": (True, set()), "-vnc": (True, set()),
+    "-machine": (True, set()), "-accel": (True, {"split-wx"}), "-vnc": (True, set()),
     "-display": (True, set()), "-serial": (True, set()),
     "-chardev": (True, {"id", "path", "server", "wait", "fd"}),
     "-mon": (False, {"chardev", "mode"}),
