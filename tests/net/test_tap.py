@@ -266,8 +266,8 @@ def test_unknown_netns(netns):
 
 
 def test_vhost_fd():
-    fd = netdev.vhost_fd()
-    if os.path.exists(netdev.VHOST_NET_PATH):
+    fd = tundev.vhost_fd()
+    if os.path.exists(tundev.VHOST_NET_PATH):
         assert fd is not None and not os.get_inheritable(fd)
         os.close(fd)
     else:
