@@ -72,6 +72,7 @@ class HostConfig:
     stop_timeout: float = 90.0
     memory_overhead: int = 256 << 20
     device_timeout: float = 90.0
+    qemu_user: str = "kvmagent-qemu"
     origin: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 

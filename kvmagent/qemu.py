@@ -41,6 +41,9 @@ class Sockets:
     qmp: str  # "path" or "fd=N"
     console: str | None
     taps: dict[int, str] = field(default_factory=dict)  # nic index -> "fd=N" / "fds=N:M,..."
+    # disk node -> the fds QEMU gets for it (-add-fd, one fd set per disk):
+    # the supervisor opens the disks, so an unprivileged QEMU needs no access
+    disk_fds: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def in_dir(cls, rundir: Path) -> "Sockets":
@@ -111,9 +114,14 @@ def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets
     bootindex = boot_indexes(guest)
     if any(d.bus is Bus.SCSI for d in guest.disks):
         argv += ["-device", "virtio-scsi-pci,id=scsi0"]
-    for d in guest.disks:
+    for n, d in enumerate(guest.disks, start=1):
         cache = effective_cache(d.cache, facts.direct_io.get(d.path))
-        drive = [f"file={quote(str(d.path))}", f"format={d.format}", "if=none",
+        file = quote(str(d.path))
+        if d.node in sockets.disk_fds:
+            for fd in sockets.disk_fds[d.node]:
+                argv += ["-add-fd", f"fd={fd},set={n}"]
+            file = f"/dev/fdset/{n}"
+        drive = [f"file={file}", f"format={d.format}", "if=none",
                  f"id={d.node}", f"cache={cache}"]
         if cache in (Cache.NONE, Cache.DIRECTSYNC):
             drive.append("aio=native")
@@ -155,6 +163,11 @@ def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets
     # restarts, not a silent reboot (guest.md: without pvpanic a panic looks
     # like a reboot).
     argv += ["-device", "pvpanic", "-action", "panic=exit-failure"]
+    # QEMU's own seccomp filter, for QEMU alone (the supervisor forks and
+    # execs; QEMU never needs to): no new privileges, processes or old
+    # syscalls, no changes of scheduling or affinity.
+    argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,"
+             "resourcecontrol=deny"]
     if guest.on_poweroff is OnPoweroff.KEEP:
         argv.append("-no-shutdown")
     argv += list(guest.extra_args)

@@ -168,6 +168,10 @@ HOST_KEYS: dict[str, Key] = {k.name: k for k in [
     Key("memory_overhead", "size", '"256M"',
         "Added to a guest's memory for the MemoryMax= of its QEMU scope.",
         _size(0, 1 << 40)),
+    Key("qemu_user", "user name", '"kvmagent-qemu"',
+        "The unprivileged user QEMU runs as (the package creates it); its disks come as file "
+        'descriptors, its kernel and initrd must be readable by it. "root" keeps QEMU root.',
+        _text(32, r"^[a-z_][a-z0-9_-]*[$]?$", "expected a user name")),
     Key("device_timeout", "duration", '"90s"',
         "How long a starting guest waits for its bridges and disks to appear (at boot they "
         "may come late) before it fails with exit status 5.", _duration(0, 3600)),

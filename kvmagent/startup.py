@@ -6,22 +6,23 @@ unpickling."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from . import names, tundev
+from . import names, qemuuser, tundev
 from .errors import config_error
 from .guests import load_guest, load_guest_file, load_host_config
 from .hostcheck import check_host
-from .model import Guest, HostConfig, NicMode, OnPoweroff
+from .model import Accel, Guest, HostConfig, NicMode, OnPoweroff
 from .paths import Paths
 from .qemu import HostFacts, Sockets, qemu_argv
 from .scope import scope_settings
 from .sdnotify import Journal, notify
 from .service import oneoff_unit
-from .supervisor import CONSOLE_FD, QMP_FD, tap_token
+from .supervisor import CONSOLE_FD, QMP_FD, disk_token, tap_token
 
 DEVICE_POLL = 0.5
 
@@ -60,10 +61,17 @@ def prepare(name: str, paths: Paths,
                                "the guest is named after its file")
         service = oneoff_unit(name)
     facts = wait_for_host(guest, host, Journal())
+    user = qemu_user(guest, host, facts)
     bridged = [n for n in guest.nics if n.mode is NicMode.BRIDGE]
+    # The disks are opened by the supervisor and passed in: read-write ones
+    # as an O_RDWR and an O_RDONLY fd (QEMU picks by the mode it opens with).
+    disks = [(str(d.path), d.readonly,
+              [disk_token(i, "ro")] if d.readonly else [disk_token(i, "rw"), disk_token(i, "ro")])
+             for i, d in enumerate(guest.disks)]
     sockets = Sockets(qmp=f"fd={QMP_FD}",
                       console=f"fd={CONSOLE_FD}" if guest.console.serial else None,
-                      taps={n.index: tap_token(n.index) for n in bridged})
+                      taps={n.index: tap_token(n.index) for n in bridged},
+                      disk_fds={d.node: tokens for d, (_, _, tokens) in zip(guest.disks, disks)})
     argv = qemu_argv(guest, host, facts, sockets)
     argv.insert(1, "-S")
     plan = {
@@ -71,12 +79,27 @@ def prepare(name: str, paths: Paths,
         "memory_mib": guest.memory >> 20, "stop_timeout": guest.stop_timeout,
         "keep": guest.on_poweroff is OnPoweroff.KEEP, "serial": guest.console.serial,
         "console_log": (guest.console.log_burst, guest.console.log_interval),
-        "argv": argv, "vhost": facts.vhost_net,
+        "argv": argv, "vhost": facts.vhost_net, "disks": disks,
+        "qemu_user": None if user.is_root else (user.uid, user.gid, list(user.groups)),
         "taps": [(n.index, n.tap, str(n.bridge), n.queues) for n in bridged],
         "scope_unit": names.scope_unit(guest.name),
         "scope": scope_settings(guest, host, facts, service=service),
     }
     return plan, []
+
+
+def qemu_user(guest: Guest, host: HostConfig, facts: HostFacts) -> qemuuser.QemuUser:
+    """The user QEMU will run as, once it is sure that QEMU can read what it
+    opens by name: the kernel and initrd, and /dev/kvm for KVM."""
+    user = qemuuser.resolve(host.qemu_user, host.origin.get("qemu_user", "kvmagent.toml"))
+    if guest.kernel is not None:
+        files = [(guest.kernel.image, os.R_OK)]
+        files += [(guest.kernel.initrd, os.R_OK)] if guest.kernel.initrd else []
+        qemuuser.check_access(user, files, "[kernel] of guest " + guest.name)
+    if facts.accel is Accel.KVM:
+        qemuuser.check_access(user, [(Path(qemuuser.KVM_DEVICE), os.R_OK | os.W_OK)],
+                              "KVM acceleration")
+    return user
 
 
 def open_taps(taps: tundev.Taps, vhost: bool) -> tuple[dict[int, str], list[int]]:

@@ -65,6 +65,32 @@ def tap_token(index: int) -> str:
     return f"\0tap{index}\0"
 
 
+def disk_token(index: int, mode: str) -> str:
+    return f"\0disk{index}{mode}\0"
+
+
+def open_disks(disks: list[tuple[str, bool, list[str]]]) -> tuple[dict[str, str], list[int]]:
+    """Open the guest's disks for QEMU (it may run as a user who could not):
+    token -> fd number, and the fds (O_CLOEXEC; Popen's pass_fds passes them)."""
+    fill: dict[str, str] = {}
+    fds: list[int] = []
+    try:
+        for path, _, tokens in disks:
+            for token in tokens:
+                mode = os.O_RDONLY if token.endswith("ro\0") else os.O_RDWR
+                try:
+                    fds.append(os.open(path, mode | os.O_CLOEXEC))
+                except OSError as e:
+                    raise KvmagentError(f"cannot open disk {path}: {e.strerror}", None,
+                                        ExitStatus.HOST_NOT_READY) from None
+                fill[token] = str(fds[-1])
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fill, fds
+
+
 def _fill(arg: str, values: dict[str, str]) -> str:
     for token, value in values.items():
         arg = arg.replace(token, value)
@@ -143,15 +169,21 @@ class Supervisor:
             stack.callback(s.close)
         fill = {QMP_FD: str(qmp_theirs.fileno()), CONSOLE_FD: str(con_theirs.fileno())}
         fill |= {tap_token(index): opt.format(*tap_fds) for index, opt in taps.items()}
-        argv = [_fill(arg, fill) for arg in plan["argv"]]
-        passed = [qmp_theirs.fileno(), con_theirs.fileno(), *tap_fds]
+        disk_fill, disk_fds = open_disks(plan["disks"])
+        argv = [_fill(arg, fill | disk_fill) for arg in plan["argv"]]
+        passed = [qmp_theirs.fileno(), con_theirs.fileno(), *tap_fds, *disk_fds]
+        user: dict[str, Any] = {}
+        if plan["qemu_user"]:  # an unprivileged user (kvmagent.qemuuser)
+            uid, gid, groups = plan["qemu_user"]
+            user = {"user": uid, "group": gid, "extra_groups": groups}
         try:
-            self.qemu = subprocess.Popen(argv, pass_fds=passed, stdin=subprocess.DEVNULL)
+            self.qemu = subprocess.Popen(argv, pass_fds=passed, stdin=subprocess.DEVNULL,
+                                         **user)
         finally:
             # QEMU holds them now; our copies would keep taps alive after it exits.
             qmp_theirs.close()
             con_theirs.close()
-            for fd in tap_fds:
+            for fd in tap_fds + disk_fds:
                 os.close(fd)
         stack.callback(self._reap)
         self.started = time.monotonic()

@@ -134,6 +134,7 @@ GOOD: dict[str, st.SearchStrategy[Any]] = {
     "host.tcg_fallback": st.booleans(), "host.qemu": abs_path,
     "host.machine": choice("pc", "q35"), "host.stop_timeout": duration,
     "host.memory_overhead": size, "host.device_timeout": duration,
+    "host.qemu_user": choice("kvmagent-qemu", "root", "bad user", "-x"),
 }
 
 
@@ -240,6 +241,8 @@ QEMU_OPTS: dict[str, tuple[bool, set[str]]] = {
     "-display": (True, set()), "-serial": (True, set()),
     "-chardev": (True, {"id", "path", "server", "wait", "fd"}),
     "-mon": (False, {"chardev", "mode"}),
+    "-sandbox": (True, {"obsolete", "elevateprivileges", "spawn", "resourcecontrol"}),
+    "-add-fd": (False, {"fd", "set"}),
     "-drive": (False, {"file", "format", "if", "id", "cache", "aio", "readonly", "discard"}),
     "-device": (True, {"drive", "id", "bootindex", "bus", "netdev", "mac", "mq", "vectors"}),
     "-netdev": (True, {"id", "ifname", "script", "downscript", "queues", "vhost", "fd", "fds"}),
