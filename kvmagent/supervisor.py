@@ -18,6 +18,7 @@ died otherwise (systemd restarts it)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -81,7 +82,12 @@ def open_disks(disks: list[tuple[str, bool, list[str]]]) -> tuple[dict[str, str]
                 try:
                     fds.append(os.open(path, mode | os.O_CLOEXEC))
                 except OSError as e:
-                    raise KvmagentError(f"cannot open disk {path}: {e.strerror}", None,
+                    hint = None
+                    if e.errno == errno.EROFS:  # kvm@.service's ProtectSystem=strict
+                        hint = ("kvm@.service can write disk images only below "
+                                "/var/lib/kvmagent; move it there, or add "
+                                "ReadWritePaths=DIR with: systemctl edit kvm@GUEST")
+                    raise KvmagentError(f"cannot open disk {path}: {e.strerror}", hint,
                                         ExitStatus.HOST_NOT_READY) from None
                 fill[token] = str(fds[-1])
     except BaseException:

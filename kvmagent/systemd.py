@@ -52,7 +52,20 @@ SIGNATURES: dict[str, bytes] = {
     "RestartPreventExitStatus": b"(aiai)",  # (exit statuses, signals)
     "RuntimeDirectory": b"as", "RuntimeDirectoryMode": b"u", "StateDirectory": b"as",
     "Environment": b"as",
+    # the sandbox (kvmagent.service.SANDBOX)
+    "CapabilityBoundingSet": b"t", "RestrictNamespaces": b"t", "UMask": b"u",
+    "NoNewPrivileges": b"b", "ProtectHome": b"s", "ProtectSystem": b"s",
+    "PrivateTmp": b"b", "PrivateMounts": b"b", "ProtectKernelTunables": b"b",
+    "ProtectKernelModules": b"b", "ProtectKernelLogs": b"b", "ProtectControlGroups": b"b",
+    "ProtectClock": b"b", "ProtectHostname": b"b", "LockPersonality": b"b",
+    "RestrictRealtime": b"b", "RestrictSUIDSGID": b"b", "MemoryDenyWriteExecute": b"b",
+    "RestrictAddressFamilies": b"(bas)", "SystemCallFilter": b"(bas)",  # (allow list, items)
+    "SystemCallArchitectures": b"as", "SystemCallErrorNumber": b"i",
 }
+# <linux/capability.h>: the capabilities kvmagent names (CapabilityBoundingSet=).
+CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_SETGID": 6,
+                "CAP_SETUID": 7, "CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21,
+                "CAP_SYS_NICE": 23}
 # pystemd 0.11's table has no PIDs, CPUWeight, IOWeight, AllowedCPUs,
 # DeviceAllow, Restart, RestartUSec, StartLimit* or RuntimeDirectoryMode
 # (KeyError on use); extend it once.  setdefault keeps pystemd's own entry
@@ -73,6 +86,18 @@ def cpu_mask(value: object) -> bytes:
 
 
 def _convert(name: str, sig: bytes, value: Any) -> Any:
+    if sig == b"b" and isinstance(value, bool):
+        return value
+    if sig == b"s" and isinstance(value, bool):  # ProtectHome=yes
+        return b"yes" if value else b"no"
+    if name == "CapabilityBoundingSet" and isinstance(value, list):
+        return sum(1 << CAPABILITIES[cap] for cap in value)
+    if name == "RestrictNamespaces" and value is True:
+        return 0  # the D-Bus value is the set of namespaces *allowed*: none
+    if sig == b"(bas)" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return (True, [v.encode() for v in value])  # an allow list
+    if sig == b"i" and isinstance(value, str) and hasattr(errno, value):
+        return getattr(errno, value)
     if sig == b"s" and isinstance(value, str):
         return value.encode()
     if sig == b"as":
