@@ -153,7 +153,10 @@ def start_oneoff(args: argparse.Namespace, paths: Paths) -> int:
     # defined guest that is stopped may well share them: a copy of its file).
     check_unique([*_running_guests(paths, host), guest])
     command, env = kvmagent_command(paths)
-    settings = service_settings(guest.name, command, guest_file=str(path), environment=env)
+    writable = [str(d.path) for d in guest.disks
+                if not d.readonly and not str(d.path).startswith("/dev/")]
+    settings = service_settings(guest.name, command, guest_file=str(path), writable=writable,
+                                environment=env)
     result = systemd.start_service(unit, settings, wait=not args.no_block,
                                    timeout=host.device_timeout + 60)
     return _report("start", unit, result, args.no_block)

@@ -109,7 +109,7 @@ def oneoff_unit(name: str) -> str:
 
 
 def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
-                     guest_file: str | None = None,
+                     guest_file: str | None = None, writable: Sequence[str] = (),
                      environment: Sequence[str] = ()) -> list[Setting]:
     """The settings of guest NAME's service ("%i": the template's).
 
@@ -132,6 +132,13 @@ def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
     if environment:
         settings.append(("Environment", list(environment)))
     if guest_file:
+        # A one-off guest's file and images may be anywhere, a home directory
+        # included: readable, and its writable images writable ("-": a
+        # missing one is QEMU's error to report, not systemd's).
+        settings = [("ProtectHome", "read-only") if key == "ProtectHome" else (key, value)
+                    for key, value in settings]
+        if writable:
+            settings.append(("ReadWritePaths", [f"-{path}" for path in writable]))
         defined = f"kvm@{name}.service"
         settings += [
             ("CollectMode", "inactive-or-failed"),

@@ -115,10 +115,18 @@ class Now(NamedTuple):
 
 
 def boot_id() -> str:
+    """This boot of this system: the kernel's boot time and the start of PID
+    1, which every process of the system sees alike.  Not the kernel's
+    random boot_id: under ProtectKernelTunables= (kvm@.service) a service in
+    a container reads the host's boot_id, not the container's, so the
+    supervisor and the CLI would disagree."""
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
+        with open("/proc/stat") as f:
+            btime = next(line.split()[1] for line in f if line.startswith("btime "))
+        with open("/proc/1/stat") as f:
+            start = f.read().rpartition(")")[2].split()[19]  # field 22: starttime
+        return f"{btime}.{start}"
+    except (OSError, StopIteration, IndexError):
         return "unknown"
 
 

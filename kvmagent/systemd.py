@@ -60,7 +60,7 @@ SIGNATURES: dict[str, bytes] = {
     "ProtectClock": b"b", "ProtectHostname": b"b", "LockPersonality": b"b",
     "RestrictRealtime": b"b", "RestrictSUIDSGID": b"b", "MemoryDenyWriteExecute": b"b",
     "RestrictAddressFamilies": b"(bas)", "SystemCallFilter": b"(bas)",  # (allow list, items)
-    "SystemCallArchitectures": b"as", "SystemCallErrorNumber": b"i",
+    "SystemCallArchitectures": b"as", "SystemCallErrorNumber": b"i", "ReadWritePaths": b"as",
 }
 # <linux/capability.h>: the capabilities kvmagent names (CapabilityBoundingSet=).
 CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_SETGID": 6,
