@@ -34,11 +34,12 @@ class QemuUser:
         return self.uid == 0
 
 
-def resolve(name: str, origin: str = "kvmagent.toml") -> QemuUser:
+def resolve(name: str, origin: str = "default") -> QemuUser:
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        raise host_error(f"{origin}: qemu_user = {name!r}: no such user",
+        where = "kvmagent.toml (default)" if origin == "default" else origin
+        raise host_error(f"{where}: qemu_user = {name!r}: no such user",
                          "the kvmagent package creates kvmagent-qemu (systemd-sysusers "
                          "kvmagent.conf); or set qemu_user to an existing user") from None
     groups: list[int] = []

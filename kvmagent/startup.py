@@ -91,7 +91,7 @@ def prepare(name: str, paths: Paths,
 def qemu_user(guest: Guest, host: HostConfig, facts: HostFacts) -> qemuuser.QemuUser:
     """The user QEMU will run as, once it is sure that QEMU can read what it
     opens by name: the kernel and initrd, and /dev/kvm for KVM."""
-    user = qemuuser.resolve(host.qemu_user, host.origin.get("qemu_user", "kvmagent.toml"))
+    user = qemuuser.resolve(host.qemu_user, host.origin.get("qemu_user", "default"))
     if guest.kernel is not None:
         files = [(guest.kernel.image, os.R_OK)]
         files += [(guest.kernel.initrd, os.R_OK)] if guest.kernel.initrd else []

@@ -132,11 +132,13 @@ def test_bad_service_values_name_the_setting(setting: tuple[str, Any]) -> None:
 
 
 def test_transient_command_runs_this_checkout(tmp_path: Path) -> None:
+    import kvmagent
+    home = Path(kvmagent.__file__).resolve().parent.parent  # the checkout, or pybuild's
     command, env = control.kvmagent_command(Paths.from_env({}))
     assert command[1:] == ["-m", "kvmagent"] and Path(command[0]).is_absolute()
-    assert env == [f"PYTHONPATH={REPO}"]
+    assert env == [f"PYTHONPATH={home}"]
     relocated = Paths.from_env({"KVMAGENT_CONFIG_DIR": str(tmp_path)})
-    assert control.kvmagent_command(relocated)[1] == [f"PYTHONPATH={REPO}",
+    assert control.kvmagent_command(relocated)[1] == [f"PYTHONPATH={home}",
                                                       f"KVMAGENT_CONFIG_DIR={tmp_path}"]
 
 
