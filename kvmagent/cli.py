@@ -129,7 +129,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stop_already_recorded(argv: list[str]) -> bool:
+    """`kvmagent stop-post NAME` (ExecStopPost=) after a run whose supervisor
+    recorded its stop itself, as it does unless it was killed: nothing to
+    do, so nothing is imported or parsed (it delays every stop)."""
+    invocation = os.environ.get("INVOCATION_ID")
+    if len(argv) != 2 or argv[0] != "stop-post" or not invocation or "/" in argv[1]:
+        return False
+    try:
+        recorded = (Paths.from_env().guest_runtime(argv[1]) / "recorded").read_text()
+    except (OSError, ValueError):
+        return False
+    return recorded == invocation
+
+
 def main(argv: list[str] | None = None) -> int:
+    if _stop_already_recorded(sys.argv[1:] if argv is None else argv):
+        return ExitStatus.OK
     args = build_parser().parse_args(argv)
     paths = Paths.from_env()
     if args.config_dir:

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 PARTIAL_FLUSH = 0.5  # seconds a partial line waits for its end
 MAX_LINE = 4096  # bytes; a longer line is logged in pieces
@@ -31,16 +30,16 @@ def console_text(line: bytes) -> bytes:
     return _CONTROLS.sub(b"", _ESCAPES.sub(b"", line.rstrip(b"\r")))
 
 
-@dataclass
 class ConsoleLog:
-    burst: int = 1000  # lines per interval; 0: console lines are not logged
-    interval: float = 10.0  # seconds
-    buffer: bytes = b""
-    partial_since: float | None = None  # when the unfinished line began
-    window_start: float = 0.0
-    logged: int = 0  # lines logged in this window
-    dropped: int = 0  # lines dropped in this window
-    total_dropped: int = field(default=0)
+    def __init__(self, burst: int = 1000, interval: float = 10.0) -> None:
+        self.burst = burst  # lines per interval; 0: console lines are not logged
+        self.interval = interval  # seconds
+        self.buffer = b""
+        self.partial_since: float | None = None  # when the unfinished line began
+        self.window_start = 0.0
+        self.logged = 0  # lines logged in this window
+        self.dropped = 0  # lines dropped in this window
+        self.total_dropped = 0
 
     def feed(self, data: bytes, now: float) -> tuple[list[bytes], int]:
         """The console's bytes in; the lines to log out, and the number of

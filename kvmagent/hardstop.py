@@ -13,16 +13,18 @@ systemd (KillUnit), then the stop job."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import select
 import signal
 from contextlib import suppress
+from typing import TYPE_CHECKING
 
 from .errors import ExitStatus, KvmagentError
-from .names import GUEST_NAME_RULE, service_unit, valid_guest_name
-from .paths import Paths
-from .service import oneoff_unit
+
+if TYPE_CHECKING:  # the supervisor imports this module: only what it needs
+    import argparse
+
+    from .paths import Paths
 
 PID_FILE = "supervisor.pid"
 EXIT_WAIT = 30.0  # seconds for the supervisor to reap QEMU and exit
@@ -44,6 +46,8 @@ def remove_pid_file(paths: Paths, name: str) -> None:
 
 def _supervisor_pidfd(paths: Paths, name: str) -> int | None:
     """A pidfd of guest NAME's supervisor under systemd, or None."""
+    from .names import service_unit
+    from .service import oneoff_unit
     try:
         pid = int((paths.guest_runtime(name) / PID_FILE).read_text())
         pidfd = os.pidfd_open(pid)
@@ -81,6 +85,7 @@ def force_stop(paths: Paths, name: str) -> bool:
 
 
 def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:
+    from .names import GUEST_NAME_RULE, service_unit, valid_guest_name
     if not valid_guest_name(args.name):
         raise KvmagentError(f"invalid guest name {args.name!r}", GUEST_NAME_RULE,
                             ExitStatus.UNKNOWN_GUEST)  # as load_guest() says it

@@ -305,7 +305,7 @@ class Recorder:
         self.failed = False
 
     def __call__(self, event: str, reason: str | None = None, detail: str | None = None,
-                 pid: int | None = None) -> bool:
+                 pid: int | None = None, at: Now | None = None) -> bool:
         try:
             # A connection per event: nothing held open for hundreds of days,
             # and a short busy timeout, so that a stuck writer cannot hold up
@@ -313,7 +313,7 @@ class Recorder:
             conn = connect(self.state_dir, busy_timeout_ms=2000)
             try:
                 insert(conn, self.guest, event, reason=reason, detail=detail, pid=pid,
-                       source=self.source, invocation=self.invocation)
+                       source=self.source, invocation=self.invocation, at=at)
             finally:
                 conn.close()
         except (sqlite3.Error, OSError, ValueError) as e:

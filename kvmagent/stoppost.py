@@ -37,7 +37,7 @@ def stop_reason(result: str, code: str, status: str) -> tuple[str, str | None]:
                           else f"service result {result or '?'}")
 
 
-def _host_stopping() -> bool:
+def host_stopping() -> bool:
     """Is the host shutting down?  While it is, shutdown.target has a start
     job queued and systemd's SystemState is "stopping".  Asked here, in
     ExecStopPost=, which runs while the guest's stop job (part of that
@@ -74,9 +74,9 @@ def cmd_stop_post(args: argparse.Namespace, paths: Paths) -> int:
             reason, detail = stop_reason(result, code, status)
             state.insert(conn, args.name, "stopped", reason=reason, detail=detail,
                          source="stop-post", invocation=invocation)
-            if reason == state.ADMIN and _host_stopping():
+            if reason == state.ADMIN and host_stopping():
                 state.mark_shutdown(conn, invocation or "")
-        elif done.reason == state.ADMIN and invocation and _host_stopping():
+        elif done.reason == state.ADMIN and invocation and host_stopping():
             state.mark_shutdown(conn, invocation)
     except sqlite3.Error as e:
         print(f"kvmagent: cannot record the stop of guest {args.name}: {e}", file=sys.stderr)

@@ -28,7 +28,7 @@ import time
 from contextlib import ExitStack, suppress
 from typing import Any
 
-from . import __version__, forkcall, hardstop, state, tundev
+from . import __version__, forkcall, hardstop, tundev
 from .errors import ExitStatus, KvmagentError
 from .paths import Paths
 from .consolelog import ConsoleLog
@@ -110,6 +110,60 @@ def systemd_booted() -> bool:
 
 # -- the supervisor ----------------------------------------------------------
 
+RECORDED_FILE = "recorded"  # in the runtime dir: the invocation whose stop is recorded
+
+
+class EventRecorder:
+    """Lifecycle events into the state database (kvmagent.state), each
+    written by a short-lived forked child: sqlite3 stays out of this
+    long-lived process, and no write holds up a start or a stop.  One
+    writer at a time, so the rows keep their order; the time of an event is
+    taken here.  Reasons are kvmagent.state's names."""
+
+    def __init__(self, name: str, paths: Paths, log: Any) -> None:
+        self.name, self.paths, self.log = name, paths, log
+        self.child = 0
+
+    def __call__(self, event: str, reason: str | None = None, detail: str | None = None,
+                 pid: int | None = None) -> None:
+        self.wait()
+        at = (time.time(), time.clock_gettime(time.CLOCK_BOOTTIME))
+        child = os.fork()
+        if child == 0:
+            code = 0
+            try:
+                signal.set_wakeup_fd(-1)  # the parent's: not ours to write to
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                    signal.signal(sig, signal.SIG_DFL)
+                from . import state, stoppost
+                if reason == "admin" and stoppost.host_stopping():
+                    reason = "shutdown"  # systemctl stop, but by the host's shutdown
+                now = state.Now(*at, state.boot_id())
+                state.Recorder(self.name, self.paths.state_dir, self.log)(
+                    event, reason, detail, pid, at=now)
+            except BaseException:  # noqa: BLE001 - never the supervisor's problem
+                code = 1
+            finally:
+                os._exit(code)
+        self.child = child
+
+    def wait(self) -> None:
+        """Until the last event is written (before the supervisor exits)."""
+        if self.child:
+            with suppress(ChildProcessError):
+                os.waitpid(self.child, 0)
+            self.child = 0
+
+    def finish(self) -> None:
+        """The last event is written: tell ExecStopPost= (kvmagent stop-post)
+        that this run needs nothing more from it (RECORDED_FILE)."""
+        self.wait()
+        invocation = os.environ.get("INVOCATION_ID")
+        if invocation:
+            with suppress(OSError):
+                (self.paths.guest_runtime(self.name) / RECORDED_FILE).write_text(invocation)
+
+
 class Supervisor:
     def __init__(self, name: str, paths: Paths, guest_file: str | None = None) -> None:
         self.name = name
@@ -124,7 +178,7 @@ class Supervisor:
         self.stopping = False
         self.guest_poweroff = False
         self.started = 0.0
-        self.record = state.Recorder(name, paths.state_dir, lambda text: self.log(text, 4))
+        self.record = EventRecorder(name, paths, lambda text: self.log(text, 4))
 
     def log(self, message: str, priority: int = 6, message_id: str | None = None) -> None:
         fields = {"GUEST": self.name, "SYSLOG_IDENTIFIER": "kvmagent"}
@@ -309,14 +363,14 @@ class Supervisor:
                 for signum in wake_r.recv(64):
                     if signum == signal.SIGUSR1:  # kvmagent stop --force
                         self.stopping = True
-                        self.record("stopping", state.ADMIN, "stop --force")
+                        self.record("stopping", "admin", "stop --force")
                         self.log(f"stopping QEMU of guest {self.name} without ACPI "
                                  "(stop --force)", 5)
                         self.qemu.kill()
                     elif signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                         self.stopping = True
                         # admin or host shutdown: kvmagent stop-post tells them apart
-                        self.record("stopping", state.ADMIN)
+                        self.record("stopping", "admin")
                         # A guest that is already off (on_poweroff = keep) needs no
                         # power button: QEMU is stopped at once.
                         deadline = time.monotonic() + (
@@ -373,14 +427,14 @@ class Supervisor:
     def _verdict(self, rc: int) -> int:
         if self.stopping:
             self.log(f"guest {self.name} stopped", 6, MSG_STOPPED)
-            self.record("stopped", state.ADMIN)
+            self.record("stopped", "admin")
             return ExitStatus.OK
         if rc == 0 and self.guest_poweroff:
-            self.record("stopped", state.POWEROFF)
+            self.record("stopped", "poweroff")
             return ExitStatus.OK
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
         self.log(f"QEMU of guest {self.name} {how}", 3, MSG_CRASHED)
-        self.record("stopped", state.CRASHED, f"QEMU {how}")
+        self.record("stopped", "crashed", f"QEMU {how}")
         return ExitStatus.FAILURE
 
 
@@ -388,13 +442,14 @@ def run(name: str, paths: Paths, guest_file: str | None = None) -> int:
     sup = Supervisor(name, paths, guest_file)
     sup.record("starting")
     with ExitStack() as stack:
+        stack.callback(sup.record.finish)  # the last event is written before we exit
         try:
             sup.start(stack)
         except KvmagentError as e:
             sup.log(str(e), 3, MSG_START_FAILED)
             notify(f"STATUS={e.message}")
             bad = e.status in (ExitStatus.CONFIG, ExitStatus.UNKNOWN_GUEST)
-            sup.record("stopped", state.CONFIG if bad else state.FAILED, e.message)
+            sup.record("stopped", "config" if bad else "failed", e.message)
             return int(e.status)
         assert sup.qemu is not None
         sup.record("running", pid=sup.qemu.pid)
