@@ -414,6 +414,11 @@ class Supervisor:
         self._console_log(*self.console_log.flush(time.monotonic()))
         with suppress(KvmagentError, OSError, ValueError):
             self._events()
+        # The wake-up socket goes with this frame: no signal may write to it now
+        # (SIGCHLD of the last event's writer would, and Python complains).
+        signal.set_wakeup_fd(-1)
+        wake_r.close()
+        wake_w.close()
         return self._verdict(self.qemu.wait())
 
     def _press_power_button(self) -> None:
