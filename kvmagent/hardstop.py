@@ -30,12 +30,13 @@ PID_FILE = "supervisor.pid"
 EXIT_WAIT = 30.0  # seconds for the supervisor to reap QEMU and exit
 
 
-def write_pid_file(paths: Paths, name: str) -> None:
-    """Called by the supervisor at start (replaces the file atomically)."""
+def write_pid_file(paths: Paths, name: str, qemu: int | None = None) -> None:
+    """Called by the supervisor at start, and again with QEMU's pid once QEMU
+    runs (the file is replaced atomically): "SUPERVISOR [QEMU]"."""
     directory = paths.guest_runtime(name)
     directory.mkdir(mode=0o750, parents=True, exist_ok=True)
     tmp = directory / f".{PID_FILE}.tmp"
-    tmp.write_text(f"{os.getpid()}\n")
+    tmp.write_text(f"{os.getpid()}" + (f" {qemu}" if qemu else "") + "\n")
     os.replace(tmp, directory / PID_FILE)
 
 
@@ -44,44 +45,58 @@ def remove_pid_file(paths: Paths, name: str) -> None:
         (paths.guest_runtime(name) / PID_FILE).unlink()
 
 
-def _supervisor_pidfd(paths: Paths, name: str) -> int | None:
-    """A pidfd of guest NAME's supervisor under systemd, or None."""
-    from .names import service_unit
+def _pidfd(pid: int, cgroups: tuple[str, ...]) -> int | None:
+    """A pidfd of PID if, once held, it is in one of CGROUPS (its unit)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            if any(line.rstrip("\n").endswith(cgroups) for line in f):
+                return pidfd
+    except OSError:
+        pass
+    os.close(pidfd)
+    return None
+
+
+def _pidfds(paths: Paths, name: str) -> tuple[int | None, int | None]:
+    """pidfds of guest NAME's supervisor and its QEMU under systemd, or None."""
+    from .names import scope_unit, service_unit
     from .service import oneoff_unit
     try:
-        pid = int((paths.guest_runtime(name) / PID_FILE).read_text())
-        pidfd = os.pidfd_open(pid)
+        pids = [int(p) for p in (paths.guest_runtime(name) / PID_FILE).read_text().split()]
     except (OSError, ValueError):
-        return None
-    try:  # the pid is held now: is it still the supervisor of this guest?
-        with open(f"/proc/{pid}/cgroup") as f:
-            units = (f"/{service_unit(name)}", f"/{oneoff_unit(name)}")
-            ours = any(line.rstrip("\n").endswith(units) for line in f)
-    except OSError:
-        ours = False
-    if not ours:
-        os.close(pidfd)
-        return None
-    return pidfd
+        return None, None
+    if not pids:
+        return None, None
+    supervisor = _pidfd(pids[0], (f"/{service_unit(name)}", f"/{oneoff_unit(name)}"))
+    qemu = _pidfd(pids[1], (f"/{scope_unit(name)}", f"/{service_unit(name)}",
+                            f"/{oneoff_unit(name)}")) if len(pids) > 1 and supervisor else None
+    return supervisor, qemu
 
 
 def force_stop(paths: Paths, name: str) -> bool:
-    """SIGUSR1 to the supervisor and wait for it; False if there is none."""
-    pidfd = _supervisor_pidfd(paths, name)
-    if pidfd is None:
+    """SIGUSR1 to the supervisor (it kills QEMU, and exits successfully, so
+    the guest is not restarted), then wait until QEMU is gone (the
+    supervisor, if QEMU's pid is not known yet); False if there is no
+    supervisor to signal."""
+    supervisor, qemu = _pidfds(paths, name)
+    if supervisor is None:
         return False
     try:
         try:
-            signal.pidfd_send_signal(pidfd, signal.SIGUSR1)
+            signal.pidfd_send_signal(supervisor, signal.SIGUSR1)
         except ProcessLookupError:
             return True  # gone already
         poller = select.poll()
-        poller.register(pidfd, select.POLLIN)  # readable once the process exited
-        if not poller.poll(EXIT_WAIT * 1000):
-            return False  # stuck: let systemd's stop job deal with it
-        return True
+        poller.register(qemu if qemu is not None else supervisor, select.POLLIN)  # exited
+        return bool(poller.poll(EXIT_WAIT * 1000))  # stuck: systemd's stop job deals with it
     finally:
-        os.close(pidfd)
+        for fd in (supervisor, qemu):
+            if fd is not None:
+                os.close(fd)
 
 
 def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:

@@ -136,7 +136,7 @@ class EventRecorder:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                     signal.signal(sig, signal.SIG_DFL)
                 from . import state, stoppost
-                if reason == "admin" and stoppost.host_stopping():
+                if reason == "admin" and detail is None and stoppost.host_stopping():
                     reason = "shutdown"  # systemctl stop, but by the host's shutdown
                 now = state.Now(*at, state.boot_id())
                 state.Recorder(self.name, self.paths.state_dir, self.log)(
@@ -247,6 +247,7 @@ class Supervisor:
                 os.close(fd)
         stack.callback(self._reap)
         self.started = time.monotonic()
+        hardstop.write_pid_file(self.paths, self.name, self.qemu.pid)
         # While QEMU initialises (paused): taps onto their bridges, QEMU into
         # its scope and registered with machined, each in its own child.
         if configure_taps:

@@ -190,8 +190,8 @@ def test_kvmagent_stop_force_pulls_the_cord(host: TestHost, image) -> None:
     define_guest(host, "eta", guest_toml(image, nics=0))
     host.run(["kvmagent", "start", "eta"], timeout=120)
     wait_for(host, "kvm@eta.service", r"GUEST-READY")
-    assert host.exec(["cat", "/run/kvmagent/eta/supervisor.pid"]).stdout.strip() == \
-        show(host, "kvm@eta.service", "MainPID")["MainPID"]
+    assert host.exec(["cat", "/run/kvmagent/eta/supervisor.pid"]).stdout.split() == \
+        [show(host, "kvm@eta.service", "MainPID")["MainPID"], str(qemu_pid(host, "eta"))]
     # the fast way: SIGUSR1 to the supervisor found by its pid file
     r = host.run(["kvmagent", "stop", "--force", "eta"], timeout=60)
     assert r.stdout == "kvm@eta.service: stopped (QEMU killed)\n"
