@@ -78,9 +78,10 @@ def _pidfds(paths: Paths, name: str) -> tuple[int | None, int | None]:
 
 
 def force_stop(paths: Paths, name: str) -> bool:
-    """SIGUSR1 to the supervisor (it kills QEMU, and exits successfully, so
-    the guest is not restarted), then wait until QEMU is gone (the
-    supervisor, if QEMU's pid is not known yet); False if there is no
+    """SIGUSR1 to the supervisor (it kills QEMU, records the stop and exits
+    successfully, so the guest is not restarted), then wait until it is
+    gone: until then the unit is still active, and a `start` right after
+    would find the guest running and do nothing.  False if there is no
     supervisor to signal."""
     supervisor, qemu = _pidfds(paths, name)
     if supervisor is None:
@@ -91,7 +92,7 @@ def force_stop(paths: Paths, name: str) -> bool:
         except ProcessLookupError:
             return True  # gone already
         poller = select.poll()
-        poller.register(qemu if qemu is not None else supervisor, select.POLLIN)  # exited
+        poller.register(supervisor, select.POLLIN)  # readable once it exited
         return bool(poller.poll(EXIT_WAIT * 1000))  # stuck: systemd's stop job deals with it
     finally:
         for fd in (supervisor, qemu):

@@ -114,20 +114,29 @@ RECORDED_FILE = "recorded"  # in the runtime dir: the invocation whose stop is r
 
 
 class EventRecorder:
-    """Lifecycle events into the state database (kvmagent.state), each
-    written by a short-lived forked child: sqlite3 stays out of this
-    long-lived process, and no write holds up a start or a stop.  One
-    writer at a time, so the rows keep their order; the time of an event is
-    taken here.  Reasons are kvmagent.state's names."""
+    """Lifecycle events into the state database (kvmagent.state), written by
+    short-lived forked children: sqlite3 stays out of this long-lived
+    process, and no write holds up a start or a stop.  Events are queued
+    with the time they happened and written in batches (flush()), one
+    writer at a time, so the rows keep their order.  Reasons are
+    kvmagent.state's names."""
 
     def __init__(self, name: str, paths: Paths, log: Any) -> None:
         self.name, self.paths, self.log = name, paths, log
         self.child = 0
+        self.queue: list[tuple[Any, ...]] = []
 
     def __call__(self, event: str, reason: str | None = None, detail: str | None = None,
                  pid: int | None = None) -> None:
+        self.queue.append((event, reason, detail, pid,
+                           time.time(), time.clock_gettime(time.CLOCK_BOOTTIME)))
+
+    def flush(self) -> None:
+        """Write the queued events in a child (after the previous writer)."""
+        if not self.queue:
+            return
         self.wait()
-        at = (time.time(), time.clock_gettime(time.CLOCK_BOOTTIME))
+        queue, self.queue = self.queue, []
         child = os.fork()
         if child == 0:
             code = 0
@@ -136,11 +145,16 @@ class EventRecorder:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                     signal.signal(sig, signal.SIG_DFL)
                 from . import state, stoppost
-                if reason == "admin" and detail is None and stoppost.host_stopping():
-                    reason = "shutdown"  # systemctl stop, but by the host's shutdown
-                now = state.Now(*at, state.boot_id())
-                state.Recorder(self.name, self.paths.state_dir, self.log)(
-                    event, reason, detail, pid, at=now)
+                record = state.Recorder(self.name, self.paths.state_dir, self.log)
+                boot = state.boot_id()
+                shutdown: bool | None = None
+                for event, reason, detail, pid, realtime, boottime in queue:
+                    if reason == "admin" and detail is None:
+                        if shutdown is None:
+                            shutdown = stoppost.host_stopping()
+                        if shutdown:  # systemctl stop, but by the host's shutdown
+                            reason = "shutdown"
+                    record(event, reason, detail, pid, at=state.Now(realtime, boottime, boot))
             except BaseException:  # noqa: BLE001 - never the supervisor's problem
                 code = 1
             finally:
@@ -148,15 +162,16 @@ class EventRecorder:
         self.child = child
 
     def wait(self) -> None:
-        """Until the last event is written (before the supervisor exits)."""
         if self.child:
             with suppress(ChildProcessError):
                 os.waitpid(self.child, 0)
             self.child = 0
 
     def finish(self) -> None:
-        """The last event is written: tell ExecStopPost= (kvmagent stop-post)
-        that this run needs nothing more from it (RECORDED_FILE)."""
+        """Write what is left and wait for it (the supervisor is exiting);
+        then tell ExecStopPost= (kvmagent stop-post) that this run needs
+        nothing more from it (RECORDED_FILE)."""
+        self.flush()
         self.wait()
         invocation = os.environ.get("INVOCATION_ID")
         if invocation:
@@ -372,6 +387,7 @@ class Supervisor:
                         self.stopping = True
                         # admin or host shutdown: kvmagent stop-post tells them apart
                         self.record("stopping", "admin")
+                        self.record.flush()  # while the guest powers off
                         # A guest that is already off (on_poweroff = keep) needs no
                         # power button: QEMU is stopped at once.
                         deadline = time.monotonic() + (
@@ -459,6 +475,7 @@ def run(name: str, paths: Paths, guest_file: str | None = None) -> int:
             return int(e.status)
         assert sup.qemu is not None
         sup.record("running", pid=sup.qemu.pid)
+        sup.record.flush()
         return sup.run()
 
 

@@ -199,9 +199,16 @@ def test_kvmagent_stop_force_pulls_the_cord(host: TestHost, image) -> None:
     assert (s["ActiveState"], s["Result"], s["NRestarts"]) == ("inactive", "success", "0")
     journal = host.journal("kvm@eta.service")
     assert "without ACPI (stop --force)" in journal and "GUEST-POWEROFF" not in journal
-    # without the pid file: the same signal through systemd, then the stop job
+    # stop --force, then start at once: the guest really starts again (the
+    # command returned only once the supervisor was gone, not just QEMU)
+    first = show(host, "kvm@eta.service", "InvocationID")["InvocationID"]
     host.run(["kvmagent", "start", "eta"], timeout=120)
-    wait_for(host, "kvm@eta.service", r"GUEST-READY")
+    host.run(["kvmagent", "stop", "--force", "eta"], timeout=60)
+    host.run(["kvmagent", "start", "eta"], timeout=120)
+    s = show(host, "kvm@eta.service", "ActiveState", "InvocationID", "MainPID")
+    assert s["ActiveState"] == "active" and s["InvocationID"] != first, s
+    assert qemu_pid(host, "eta") > 0
+    # without the pid file: the same signal through systemd, then the stop job
     host.exec(["rm", "/run/kvmagent/eta/supervisor.pid"])
     # and with its configuration gone bad meanwhile: stopping needs none
     define_guest(host, "eta", 'cpus = "two"\n')
@@ -209,7 +216,7 @@ def test_kvmagent_stop_force_pulls_the_cord(host: TestHost, image) -> None:
     assert r.stdout == "kvm@eta.service: stopped\n"
     s = show(host, "kvm@eta.service", "ActiveState", "Result", "NRestarts")
     assert s == {"ActiveState": "inactive", "Result": "success", "NRestarts": "0"}
-    assert host.journal("kvm@eta.service").count("without ACPI (stop --force)") == 2
+    assert host.journal("kvm@eta.service").count("without ACPI (stop --force)") == 3
 
 
 def test_guest_poweroff_ends_the_unit_without_restart(host: TestHost, image) -> None:

@@ -128,7 +128,7 @@ def test_failed_transient_kvm_service_stays_until_started_again(host: TestHost, 
     assert s == {"ActiveState": "active", "NRestarts": "0"}  # a new unit
     r = host.run(["kvmagent", "stop", "--force", "flaky"], timeout=120)
     assert r.stdout == "kvm@flaky.service: stopped (QEMU killed)\n"
-    # QEMU is gone; the supervisor and ExecStopPost= may still be finishing
+    # QEMU and the supervisor are gone; ExecStopPost= may still be running
     deadline = time.monotonic() + 30
     while leftovers(host, "flaky") and time.monotonic() < deadline:
         time.sleep(0.2)
