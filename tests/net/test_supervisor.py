@@ -54,8 +54,10 @@ def start(tmp: Path, etc: Path) -> subprocess.Popen[str]:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO),
            "KVMAGENT_CONFIG_DIR": str(etc), "KVMAGENT_RUNTIME_DIR": str(tmp / "run"),
            "KVMAGENT_STATE_DIR": str(tmp / "state")}
+    # a session of its own: a failing test kills the supervisor *and* its QEMU
     return subprocess.Popen([sys.executable, "-m", "kvmagent", "run", "demo"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 @contextlib.contextmanager
@@ -65,9 +67,11 @@ def supervising(tmp: Path, etc: Path) -> Iterator[subprocess.Popen[str]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        # Without systemd nothing else stops QEMU when its supervisor is
+        # killed (under systemd its scope is bound to the service).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def read_until(proc: subprocess.Popen[str], marker: str, timeout: float, seen: list[str]) -> None:

@@ -186,6 +186,37 @@ def test_kvmagent_start_refuses_bad_config_without_touching_systemd(host: TestHo
     assert r.returncode == 8
 
 
+HOSTILE = {  # guest file -> what the refusal names (issue: hostile input)
+    'memory = "-1G"\n': 'memory = "-1G"',
+    'description = "a\\nb"\n': "description",
+    '[[nic]]\nmac = "52:54:00:00:00:01,id=x"\n': "nic[0].mac",
+    'cpus = 10000\n[[nic]]\n': "cpus = 10000",
+    'a = 1\na = 2\n': "a",
+}
+
+
+# rows of a guest in the state database (none if there is no database)
+STATE_ROWS = ("import os, sqlite3, sys; db = '/var/lib/kvmagent/state.db'; "
+              "print(sqlite3.connect(db).execute('SELECT count(*) FROM events WHERE guest = ?', "
+              "(sys.argv[1],)).fetchone()[0] if os.path.exists(db) else 0)")
+
+
+@pytest.mark.parametrize("toml", list(HOSTILE))
+def test_refused_input_leaves_nothing_behind(host: TestHost, image, toml: str) -> None:
+    """kvmagent start with hostile input: exit 6, and no unit, no tap, no
+    socket, no runtime directory, no state row for the guest."""
+    define_guest(host, "omega", toml)
+    before = host.exec(["ip", "-o", "link"]).stdout
+    r = host.run(["kvmagent", "start", "omega"], check=False, timeout=60)
+    assert r.returncode == 6 and HOSTILE[toml] in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert show(host, "kvm@omega.service", "InvocationID")["InvocationID"] == ""
+    assert host.exec(["ip", "-o", "link"]).stdout == before
+    assert host.exec(["test", "-e", "/run/kvmagent/omega"], check=False).returncode == 1
+    rows = host.exec(["/usr/bin/python3", "-c", STATE_ROWS, "omega"]).stdout
+    assert rows == "0\n", rows
+
+
 def test_kvmagent_stop_force_pulls_the_cord(host: TestHost, image) -> None:
     define_guest(host, "eta", guest_toml(image, nics=0))
     host.run(["kvmagent", "start", "eta"], timeout=120)
