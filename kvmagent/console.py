@@ -24,6 +24,7 @@ from .paths import Paths
 from .values import parse_escape
 
 CTRL_Q = b"\x11"
+KEY_FILE = "console.key"  # beside console.sock: the running guest's escape key
 
 
 def _connect(paths: Paths, name: str) -> socket.socket:
@@ -85,17 +86,35 @@ def _scripted(sock: socket.socket, timeout: float) -> None:
         os.write(sys.stdout.fileno(), data)
 
 
+def _running_escape(paths: Paths, name: str) -> str | None:
+    """The escape key of the running guest NAME, as its supervisor left it
+    beside the socket (KEY_FILE); None if it is not running.  Works for
+    one-off guests too, which have no guests/NAME.toml."""
+    from .names import valid_guest_name
+    if not valid_guest_name(name):
+        return None
+    try:
+        spec = (paths.guest_runtime(name) / KEY_FILE).read_text().strip()
+        parse_escape(spec)
+    except (OSError, ValueError):
+        return None
+    return spec
+
+
 def cmd_console(args: argparse.Namespace, paths: Paths) -> int:
-    guest = load_guest(paths, args.name, load_host_config(paths))
-    if not guest.console.serial:
-        raise config_error(f"{guest.origin_of('console.serial')}: console.serial = false: "
-                           f"guest {guest.name} has no serial console")
-    escape = parse_escape(guest.console.escape).encode()
+    spec = _running_escape(paths, args.name)
+    if spec is None:  # not running, or no console: the configuration says why
+        guest = load_guest(paths, args.name, load_host_config(paths))
+        if not guest.console.serial:
+            raise config_error(f"{guest.origin_of('console.serial')}: console.serial = false: "
+                               f"guest {guest.name} has no serial console")
+        spec = guest.console.escape
+    escape = parse_escape(spec).encode()
     escapes = escape + (CTRL_Q if escape != CTRL_Q else b"")
-    sock = _connect(paths, guest.name)
+    sock = _connect(paths, args.name)
     try:
         if sys.stdin.isatty() and args.timeout is None:
-            _interactive(sock, guest.name, escapes)
+            _interactive(sock, args.name, escapes)
         else:
             _scripted(sock, 5.0 if args.timeout is None else args.timeout)
     finally:

@@ -161,11 +161,16 @@ class EventRecorder:
                 os._exit(code)
         self.child = child
 
-    def wait(self) -> None:
+    def wait(self, block: bool = True) -> None:
+        """Reap the writer (block=False: only if it is done), so that no
+        defunct child hangs under the supervisor for the guest's lifetime."""
         if self.child:
-            with suppress(ChildProcessError):
-                os.waitpid(self.child, 0)
-            self.child = 0
+            try:
+                done, _ = os.waitpid(self.child, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                done = self.child
+            if done:
+                self.child = 0
 
     def finish(self) -> None:
         """Write what is left and wait for it (the supervisor is exiting);
@@ -274,7 +279,7 @@ class Supervisor:
         self.console_log = ConsoleLog(*plan.get("console_log", (1000, 10.0)))
         if self.console is not None:
             self.hub = ConsoleHub(self.paths.guest_runtime(self.name) / "console.sock",
-                                  self.console)
+                                  self.console, plan["escape"])
             stack.callback(self.hub.close)
 
         if configure_taps:
@@ -376,6 +381,7 @@ class Supervisor:
             watch += self.hub.sockets() if self.hub else []
             ready, _, _ = select.select(watch, [], [], min(timeout, 1.0) if timeout is not None else 1.0)
             if wake_r in ready:
+                self.record.wait(block=False)  # a SIGCHLD may be the event writer's
                 for signum in wake_r.recv(64):
                     if signum == signal.SIGUSR1:  # kvmagent stop --force
                         self.stopping = True

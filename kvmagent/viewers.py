@@ -17,9 +17,11 @@ MAX_VIEWERS = 8
 
 
 class ConsoleHub:
-    def __init__(self, path: Path, guest: socket.socket) -> None:
+    def __init__(self, path: Path, guest: socket.socket, escape: str = "^]") -> None:
         self.path = path
         self.guest = guest
+        # the guest's escape key for `kvmagent console` (console.KEY_FILE)
+        self.key_file = path.with_name("console.key")
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         with suppress(FileNotFoundError):
             path.unlink()  # left by a supervisor that was killed
@@ -30,6 +32,7 @@ class ConsoleHub:
             self.listener.bind(str(path))
         finally:
             os.umask(old)
+        self.key_file.write_text(escape + "\n")
         self.listener.listen(MAX_VIEWERS)
         self.listener.setblocking(False)
         self.viewers: list[socket.socket] = []
@@ -76,5 +79,6 @@ class ConsoleHub:
         for viewer in self.viewers:
             viewer.close()
         self.listener.close()
-        with suppress(FileNotFoundError):
-            self.path.unlink()
+        for path in (self.path, self.key_file):
+            with suppress(FileNotFoundError):
+                path.unlink()

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.guest.build import GuestBuildError, find_guest
 from tests.harness import TestHost
 from tests.harness.install import define_guest, guest_toml, install_checkout
 
@@ -20,11 +19,8 @@ pytestmark = pytest.mark.system
 
 
 @pytest.fixture(scope="module")
-def image():
-    try:
-        return find_guest()
-    except GuestBuildError as e:
-        pytest.fail(str(e), pytrace=False)
+def image(guest_image):  # type: ignore[no-untyped-def]
+    return guest_image  # tests/conftest.py: built by make setup (a skip fails in CI)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.guest.build import GuestBuildError, find_guest
 from tests.harness import TestHost
 from tests.harness.install import REPO, define_guest, guest_toml, install_checkout
 from tests.system.test_kvm_service import qemu_pid, show, wait_for, wait_state
@@ -22,11 +21,8 @@ TEMPLATE = "/etc/systemd/system/kvm@.service"  # where install_checkout puts it
 
 
 @pytest.fixture(scope="module")
-def image():
-    try:
-        return find_guest()
-    except GuestBuildError as e:
-        pytest.fail(str(e), pytrace=False)
+def image(guest_image):  # type: ignore[no-untyped-def]
+    return guest_image  # tests/conftest.py: built by make setup (a skip fails in CI)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +151,10 @@ def test_oneoff_guest_runs_visibly_and_leaves_nothing(host: TestHost, image) -> 
                      .stdout, re.M)
     assert show(host, "kvm-quick.scope", "BindsTo")["BindsTo"] == "kvm-oneoff@quick.service"
     assert "kvm-quick-0" in host.exec(["ip", "-o", "link"]).stdout
+    # its console, though it has no guests/quick.toml
+    wait_for(host, "kvm-oneoff@quick.service", r"Enter 'help'")
+    r = host.run(["kvmagent", "console", "quick", "--timeout", "3"], input="echo ONE-$((2+2))\n")
+    assert "ONE-4" in r.stdout.replace("ONE-$((2+2))", ""), (r.stdout, r.stderr)
 
     # one guest name, one running guest: a defined "quick" is refused, so is a second one-off
     define_guest(host, "quick", guest_toml(image, nics=0))
