@@ -1,0 +1,81 @@
+"""The guest's console in the real journal of the systemd test host, with
+the tiny guest: viewers coming and going while the guest counts lose no
+line, and a guest printing as fast as it can is rate-limited while the
+host and the guest's unit stay responsive."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import TestHost
+from tests.harness.install import define_guest, guest_toml, install_checkout
+from tests.system.test_kvm_service import wait_for
+
+pytestmark = pytest.mark.system
+
+
+@pytest.fixture(scope="module")
+def host(testhost: TestHost, guest_image) -> Iterator[TestHost]:  # type: ignore[no-untyped-def]
+    install_checkout(testhost)
+    yield testhost
+
+
+def type_in(th: TestHost, name: str, text: str) -> None:
+    th.run(["kvmagent", "console", name, "--timeout", "0.5"], input=text)
+
+
+def test_viewers_coming_and_going_lose_no_line(host: TestHost, guest_image) -> None:
+    define_guest(host, "cnt", guest_toml(guest_image, nics=0,
+                                         extra="[console]\nlog_burst = 100000\n"))
+    host.exec(["systemctl", "start", "kvm@cnt"], timeout=120)
+    wait_for(host, "kvm@cnt.service", r"Enter 'help'")
+    # viewers attach and leave all the time, in the test host, while it counts
+    host.exec(["systemd-run", "--unit=viewers", "sh", "-c",
+               "while :; do kvmagent console cnt --timeout 0.2 </dev/null >/dev/null; done"])
+    type_in(host, "cnt", "i=0; while [ $i -lt 4000 ]; do echo COUNT-$i; i=$((i+1)); done;"
+                         " echo COUNT-$((1000*1000))\n")
+    wait_for(host, "kvm@cnt.service", r"COUNT-1000000", timeout=180)
+    host.exec(["systemctl", "stop", "viewers"])
+    viewers = host.exec(["journalctl", "-u", "viewers", "-o", "cat", "--no-pager"]).stdout
+    lines = host.exec(["journalctl", "GUEST=cnt", "SYSLOG_IDENTIFIER=cnt-console", "-o", "cat",
+                       "--no-pager"]).stdout.splitlines()
+    counts = [int(m.group(1)) for line in lines if (m := re.fullmatch(r"COUNT-(\d+)", line))]
+    assert counts[:-1] == list(range(4000)), f"{len(counts)} lines"
+    host.exec(["systemctl", "stop", "kvm@cnt"], timeout=120)
+    print(f"4000 console lines in the journal, none lost or doubled, viewers cycling "
+          f"({viewers.count('Started') or 'many'} runs)")
+
+
+def test_flooding_guest_is_rate_limited(host: TestHost, guest_image) -> None:
+    define_guest(host, "fld", guest_toml(guest_image, nics=0, extra=(
+        '[console]\nlog_burst = 50\nlog_interval = "2s"\n')))
+    host.exec(["systemctl", "start", "kvm@fld"], timeout=120)
+    wait_for(host, "kvm@fld.service", r"Enter 'help'")
+    time.sleep(2.5)  # a fresh interval
+    since = host.exec(["date", "+%Y-%m-%d %H:%M:%S"]).stdout.strip()
+    type_in(host, "fld", "while :; do echo FLOOD; done\n")
+    time.sleep(8)
+    # responsive: the CLI answers, and the guest still powers off over ACPI
+    t0 = time.monotonic()
+    host.run(["kvmagent", "list"], timeout=30)
+    listed = time.monotonic() - t0
+    t0 = time.monotonic()
+    host.exec(["systemctl", "stop", "kvm@fld"], timeout=120)
+    stopped = time.monotonic() - t0
+    text = host.exec(["journalctl", "-u", "kvm@fld", "--since", since, "-o", "cat",
+                      "--no-pager"]).stdout
+    logged = text.splitlines().count("FLOOD")
+    reports = re.findall(r"^(\d+) console lines of guest fld not logged", text, re.M)
+    dropped = sum(map(int, reports))
+    explained = host.exec(["journalctl", "-x", "-u", "kvm@fld", "--since", since,
+                           "--no-pager"]).stdout
+    print(f"flood for 8 s: {logged} lines logged, {dropped} dropped ({len(reports)} reports); "
+          f"kvmagent list {listed:.2f} s; systemctl stop {stopped:.2f} s")
+    assert reports and dropped > 10 * logged, text[-2000:]
+    assert 50 <= logged <= 50 * (len(reports) + 2)
+    assert "Subject: Console lines of guest fld were not logged" in explained
+    assert listed < 10 and stopped < 30
