@@ -22,7 +22,7 @@ from .guests import check_unique, load_guest, load_guest_file, load_host_config
 from .model import Guest
 from .names import service_unit, valid_guest_name
 from .paths import Paths
-from .service import oneoff_unit, service_settings
+from .service import needs_inet, oneoff_unit, service_settings
 
 RESULT_HINT = "see: systemctl status {unit}; journalctl -u {unit}"
 ONEOFF_STOP_WAIT = 1800.0  # stop: the supervisor extends systemd's own stop timeout as it goes
@@ -109,7 +109,8 @@ def _job(action: str, args: argparse.Namespace, paths: Paths) -> int:
         else:
             command, env = kvmagent_command(paths)
             result = systemd.start_service(unit, service_settings(guest.name, command,
-                                                                  environment=env),
+                                                                  environment=env,
+                                                                  inet=needs_inet(guest)),
                                            wait=not args.no_block, timeout=timeout)
         return _report(action, unit, result, args.no_block)
     job: dict[str, Any] = {"start": systemd.start_unit, "restart": systemd.restart_unit}
@@ -156,7 +157,7 @@ def start_oneoff(args: argparse.Namespace, paths: Paths) -> int:
     writable = [str(d.path) for d in guest.disks
                 if not d.readonly and not str(d.path).startswith("/dev/")]
     settings = service_settings(guest.name, command, guest_file=str(path), writable=writable,
-                                environment=env)
+                                environment=env, inet=needs_inet(guest))
     result = systemd.start_service(unit, settings, wait=not args.no_block,
                                    timeout=host.device_timeout + 60)
     return _report("start", unit, result, args.no_block)

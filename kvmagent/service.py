@@ -18,7 +18,10 @@ seconds for every *Sec key (systemd's own naming rule), modes as ints.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # kept light: `kvmagent stop --force` imports this module
+    from .model import Guest
 
 Setting = tuple[str, Any]
 
@@ -30,9 +33,10 @@ INSTALLED_COMMAND = ("/usr/bin/kvmagent",)
 # unprivileged user, kvmagent.qemuuser, under its own seccomp filter).  Kept:
 # CAP_NET_ADMIN (taps), CAP_SETUID/SETGID (to start QEMU as its user),
 # CAP_KILL (to stop it), CAP_SYS_NICE (to un-nice a start-up helper).
+# AF_INET/AF_INET6 only for the guests that need them (needs_inet()): a
+# drop-in from kvmagent's generator, or the transient unit's own setting.
 # systemd and machined accept the scope and machine from uid 0 without
-# CAP_SYS_ADMIN (measured on systemd 252).  AF_INET/AF_INET6 stay: QEMU's VNC
-# and user-mode networking need them.  MemoryDenyWriteExecute= holds for TCG
+# CAP_SYS_ADMIN (measured on systemd 252).  MemoryDenyWriteExecute= holds for TCG
 # too, with -accel tcg,split-wx=on.  ProtectSystem=strict: image files must be
 # in /var/lib/kvmagent (e.g. images/) or a ReadWritePaths= drop-in; LVM
 # volumes and other block devices are not affected.  No IPAddressDeny=: QEMU
@@ -56,7 +60,7 @@ SANDBOX: list[Setting] = [
     ("RestrictSUIDSGID", True),
     ("RestrictNamespaces", True),
     ("MemoryDenyWriteExecute", True),
-    ("RestrictAddressFamilies", ["AF_UNIX", "AF_NETLINK", "AF_INET", "AF_INET6"]),
+    ("RestrictAddressFamilies", ["AF_UNIX", "AF_NETLINK"]),  # + INET_FAMILIES if needed
     ("SystemCallArchitectures", ["native"]),
     ("SystemCallFilter", ["@system-service", "seccomp"]),  # QEMU adds its own (-sandbox)
     ("SystemCallErrorNumber", "EPERM"),
@@ -101,6 +105,23 @@ COMMON: list[Setting] = [
 ]
 
 
+INET_FAMILIES = ["AF_INET", "AF_INET6"]
+
+
+def needs_inet(guest: Guest) -> bool:
+    """Does the guest's QEMU need IP sockets: VNC on TCP, or user-mode
+    networking?  (QEMU inherits the service's RestrictAddressFamilies=.)"""
+    vnc = guest.display.vnc
+    return bool(vnc and not vnc.startswith("unix:")) or any(
+        str(nic.mode) == "user" for nic in guest.nics)
+
+
+def inet_dropin() -> str:
+    """What kvmagent's generator writes for such a guest's kvm@NAME.service."""
+    return ("# kvmagent-generator: this guest's QEMU needs IP sockets (VNC on TCP or\n"
+            "# user-mode networking)\n[Service]\nRestrictAddressFamilies=AF_INET AF_INET6\n")
+
+
 def oneoff_unit(name: str) -> str:
     """The service of a one-off guest (kvmagent start --transient FILE).
     Not kvm@NAME.service: systemd refuses a transient unit of that name
@@ -110,7 +131,7 @@ def oneoff_unit(name: str) -> str:
 
 def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
                      guest_file: str | None = None, writable: Sequence[str] = (),
-                     environment: Sequence[str] = ()) -> list[Setting]:
+                     environment: Sequence[str] = (), inet: bool = False) -> list[Setting]:
     """The settings of guest NAME's service ("%i": the template's).
 
     command runs kvmagent (the installed /usr/bin/kvmagent, or python3 -m
@@ -131,6 +152,9 @@ def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
     ]
     if environment:
         settings.append(("Environment", list(environment)))
+    if inet:  # one allow list (D-Bus would not add up two)
+        settings = [(key, value + INET_FAMILIES if key == "RestrictAddressFamilies" else value)
+                    for key, value in settings]
     if guest_file:
         # A one-off guest's file and images may be anywhere, a home directory
         # included: readable, and its writable images writable ("-": a

@@ -6,6 +6,7 @@ unpickling."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import time
@@ -21,7 +22,7 @@ from .paths import Paths
 from .qemu import HostFacts, Sockets, qemu_argv
 from .scope import scope_settings
 from .sdnotify import Journal, notify
-from .service import oneoff_unit
+from .service import needs_inet, oneoff_unit
 from .supervisor import CONSOLE_FD, QMP_FD, disk_token, tap_token
 
 DEVICE_POLL = 0.5
@@ -60,6 +61,7 @@ def prepare(name: str, paths: Paths,
             raise config_error(f"{guest_file}: defines guest {guest.name}, not {name}",
                                "the guest is named after its file")
         service = oneoff_unit(name)
+    check_inet(guest, service)
     facts = wait_for_host(guest, host, Journal())
     user = qemu_user(guest, host, facts)
     bridged = [n for n in guest.nics if n.mode is NicMode.BRIDGE]
@@ -87,6 +89,24 @@ def prepare(name: str, paths: Paths,
         "scope": scope_settings(guest, host, facts, service=service),
     }
     return plan, []
+
+
+def check_inet(guest: Guest, service: str) -> None:
+    """A guest whose QEMU needs IP sockets (VNC on TCP, user networking) in a
+    service that does not allow them: its drop-in from kvmagent-generator is
+    missing (the guest was changed without a daemon-reload)."""
+    if not needs_inet(guest):
+        return
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except OSError as e:
+        if e.errno not in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES):
+            raise
+        raise config_error(
+            f"{guest.config_file}: guest {guest.name} needs IP sockets (VNC on TCP or "
+            f"user-mode networking), which {service} does not allow",
+            "run systemctl daemon-reload (kvmagent-generator then adds them for this "
+            "guest), and start it again") from None
 
 
 def qemu_user(guest: Guest, host: HostConfig, facts: HostFacts) -> qemuuser.QemuUser:

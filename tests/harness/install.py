@@ -29,6 +29,8 @@ def install_checkout(th: TestHost, host_config: str = 'accel = "tcg"\n') -> None
     th.write_file("/usr/bin/kvmagent", WRAPPER, 0o755)
     for unit in sorted((REPO / "units").glob("*.service")):
         th.copy_in(unit, f"/etc/systemd/system/{unit.name}", 0o644)
+    th.write_file("/etc/systemd/system-generators/kvmagent-generator",
+                  WRAPPER.replace("kvmagent.cli", "kvmagent.generator"), 0o755)
     # the user QEMU runs as, as the package's postinst makes it
     th.copy_in(REPO / "debian" / "kvmagent.sysusers", "/usr/lib/sysusers.d/kvmagent.conf", 0o644)
     th.exec(["systemd-sysusers", "kvmagent.conf"])

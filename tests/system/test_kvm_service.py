@@ -309,3 +309,26 @@ def test_console_round_trip_is_in_the_journal(host: TestHost, image) -> None:
     host.exec(["systemctl", "stop", "kvm@lam"], timeout=120)
     r = host.run(["kvmagent", "console", "lam"], check=False, input="")
     assert r.returncode == 7 and "guest lam is not running" in r.stderr
+
+
+def test_ip_sockets_only_for_guests_that_need_them(host: TestHost, image) -> None:
+    """A guest with VNC on TCP gets AF_INET through kvmagent-generator's
+    drop-in after a daemon-reload; before that its start is refused with
+    the fix; other guests' units allow no IP sockets at all."""
+    define_guest(host, "vnc", guest_toml(image, nics=0, extra='[display]\nvnc = "127.0.0.1:7"\n'))
+    r = host.run(["kvmagent", "start", "vnc"], check=False, timeout=120)
+    assert r.returncode == 1  # the unit failed: exit 6, not restarted
+    s = wait_state(host, "kvm@vnc.service", ("failed",))
+    assert s["ExecMainStatus"] == "6"
+    assert "needs IP sockets" in host.journal("kvm@vnc.service")
+    assert "systemctl daemon-reload" in host.journal("kvm@vnc.service")
+    host.exec(["systemctl", "daemon-reload"])
+    host.exec(["systemctl", "reset-failed", "kvm@vnc"])
+    host.run(["kvmagent", "start", "vnc"], timeout=120)
+    families = show(host, "kvm@vnc.service", "RestrictAddressFamilies")["RestrictAddressFamilies"]
+    assert "AF_INET" in families.split() and "AF_INET6" in families.split()
+    listening = host.exec(["ss", "-Hltn", "sport = :5907"]).stdout
+    assert "127.0.0.1:5907" in listening, listening
+    host.run(["kvmagent", "stop", "vnc"], timeout=120)
+    plain = show(host, "kvm@alpha.service", "RestrictAddressFamilies")["RestrictAddressFamilies"]
+    assert sorted(plain.split()) == ["AF_NETLINK", "AF_UNIX"], plain

@@ -180,3 +180,30 @@ def test_oneoff_guest_loads_from_its_file_with_dropins(conf: Any, tmp_path: Path
     guest = load_guest_file(tmp_path / "quick.toml", load_host_config(conf.paths))
     assert (guest.name, guest.cpus, guest.memory) == ("quick", 2, 1 << 30)
     assert guest.nics[0].tap == "kvm-quick-0"  # the same names as a defined guest
+
+
+def test_ip_sockets_only_for_guests_that_need_them(conf, tmp_path: Path) -> None:
+    """VNC on TCP or user-mode networking: AF_INET/AF_INET6 for that guest
+    (the generator's drop-in, or the transient unit's setting); nobody else."""
+    from kvmagent.generator import DROPIN, generate
+    from kvmagent.guests import load_guest, load_host_config
+    from kvmagent.service import needs_inet
+    conf.write("guests/plain.toml", "[[nic]]\n")
+    conf.write("guests/vnc.toml", '[display]\nvnc = "127.0.0.1:1"\n')
+    conf.write("guests/unixvnc.toml", '[display]\nvnc = "unix:/run/kvmagent/unixvnc/vnc"\n')
+    conf.write("guests/usernet.toml", '[[nic]]\nmode = "user"\n')
+    conf.write("guests/broken.toml", 'cpus = "two"\n')
+    host = load_host_config(conf.paths)
+    wants = {n: needs_inet(load_guest(conf.paths, n, host))
+             for n in ("plain", "vnc", "unixvnc", "usernet")}
+    assert wants == {"plain": False, "vnc": True, "unixvnc": False, "usernet": True}
+    out = tmp_path / "generator"
+    assert generate(conf.paths, out) == ["usernet", "vnc"]
+    dropin = (out / "kvm@vnc.service.d" / DROPIN).read_text()
+    assert "RestrictAddressFamilies=AF_INET AF_INET6" in dropin
+    assert sorted(p.name for p in out.iterdir()) == ["kvm@usernet.service.d", "kvm@vnc.service.d"]
+    families = dict(service_settings("vnc", inet=True))["RestrictAddressFamilies"]
+    assert families == ["AF_UNIX", "AF_NETLINK", "AF_INET", "AF_INET6"]
+    assert props_for_dbus(service_settings("vnc", inet=True))[b"RestrictAddressFamilies"] == (
+        True, [b"AF_UNIX", b"AF_NETLINK", b"AF_INET", b"AF_INET6"])
+    assert dict(service_settings("plain"))["RestrictAddressFamilies"] == ["AF_UNIX", "AF_NETLINK"]
