@@ -12,7 +12,7 @@ from .config import DEFAULT, Layered, load_layers
 from .errors import ExitStatus, KvmagentError, config_error
 from .model import (BootClass, Bus, Cache, Console, Disk, Display, Format, Guest,
                     HostConfig, Kernel, Media, Nic, NicMode, NicModel, OnPoweroff, Resources)
-from .paths import Paths
+from .paths import Paths, guest_names  # noqa: F401 - kvmagent.guests' API
 from .schema import GUEST_ARRAYS, GUEST_TABLES, GUEST_TOP, HOST_KEYS, Reader, render
 
 MAX_NICS = 16
@@ -32,17 +32,6 @@ def build_host_config(layered: Layered, config_file: Path) -> HostConfig:
     d = HostConfig()
     kw = {k: r.value(layered.data, HOST_KEYS, (), k, getattr(d, k)) for k in HOST_KEYS}
     return HostConfig(**kw, origin=r.origin)
-
-
-def guest_names(paths: Paths) -> list[str]:
-    """Names of the defined guests: guests/NAME.toml, sorted.  Symlinks
-    count (even dangling ones: loading the guest reports them); hidden
-    files, such as editors' lock files, do not."""
-    if not paths.guests_dir.is_dir():
-        return []
-    return sorted(p.name[:-5] for p in paths.guests_dir.iterdir()
-                  if p.name.endswith(".toml") and not p.name.startswith(".")
-                  and (p.is_symlink() or p.is_file()))
 
 
 def _file_name_ok(name: str) -> bool:

@@ -40,3 +40,15 @@ class Paths(NamedTuple):
 
     def guest_runtime(self, name: str) -> Path:
         return self.runtime_dir / name
+
+
+def guest_names(paths: Paths) -> list[str]:
+    """Names of the defined guests: guests/NAME.toml, sorted.  Symlinks
+    count (even dangling ones: loading the guest reports them); hidden
+    files, such as editors' lock files, do not.  Here, not in kvmagent.guests,
+    so that `kvmagent list` need not import the configuration machinery."""
+    if not paths.guests_dir.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in paths.guests_dir.iterdir()
+                  if p.name.endswith(".toml") and not p.name.startswith(".")
+                  and (p.is_symlink() or p.is_file()))

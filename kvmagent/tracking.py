@@ -21,7 +21,7 @@ from typing import Any
 
 from . import state
 from .errors import ExitStatus, KvmagentError
-from .paths import Paths
+from .paths import Paths, guest_names
 from .values import format_size, parse_size
 
 # Not imported here, to keep `list` quick: tomllib (only for a changed
@@ -37,14 +37,6 @@ _COLORS = {"running": "32", "failed": "31", "invalid": "31", "starting": "33",
 
 
 # -- what a guest's files say (cheap) -------------------------------------------------
-
-def guest_names(paths: Paths) -> list[str]:
-    try:
-        return sorted(e.name[:-5] for e in os.scandir(paths.guests_dir)
-                      if e.name.endswith(".toml") and e.is_file())
-    except FileNotFoundError:
-        return []
-
 
 def _signature(paths: Paths, name: str) -> list[int] | None:
     """What a guest's facts depend on: its file and its drop-in directory."""

@@ -238,3 +238,15 @@ def test_list_cache_follows_changed_files(conf) -> None:
     assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["state"] == "invalid"
     (conf.paths.runtime_dir / "list-cache.json").write_text("{garbage")
     assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["state"] == "invalid"
+
+
+def test_list_and_validate_agree_on_which_guests_are_defined(conf) -> None:
+    """One definition (kvmagent.paths.guest_names): an editor's lock file is
+    no guest; a dangling symlink is one, shown as invalid."""
+    conf.write("guests/web.toml", "")
+    conf.write("guests/.web.toml.swp.toml", "")
+    (conf.paths.guests_dir / "gone.toml").symlink_to(conf.paths.config_dir / "nowhere.toml")
+    rows = {r["name"]: r for r in json.loads(kvmagent(conf, "list", "--json").stdout)}
+    assert sorted(rows) == ["gone", "web"]
+    assert rows["gone"]["state"] == "invalid" and rows["web"]["state"] != "invalid"
+    assert "gone" in kvmagent(conf, "validate").stderr
