@@ -61,20 +61,19 @@ def _pidfd(pid: int, cgroups: tuple[str, ...]) -> int | None:
     return None
 
 
-def _pidfds(paths: Paths, name: str) -> tuple[int | None, int | None]:
-    """pidfds of guest NAME's supervisor and its QEMU under systemd, or None."""
-    from .names import scope_unit, service_unit
+def _supervisor_pidfd(paths: Paths, name: str) -> int | None:
+    """A pidfd of guest NAME's supervisor under systemd, or None.  (The pid
+    file's second pid, QEMU's, is for admins: the command waits for the
+    supervisor, which exits once QEMU has.)"""
+    from .names import service_unit
     from .service import oneoff_unit
     try:
         pids = [int(p) for p in (paths.guest_runtime(name) / PID_FILE).read_text().split()]
     except (OSError, ValueError):
-        return None, None
+        return None
     if not pids:
-        return None, None
-    supervisor = _pidfd(pids[0], (f"/{service_unit(name)}", f"/{oneoff_unit(name)}"))
-    qemu = _pidfd(pids[1], (f"/{scope_unit(name)}", f"/{service_unit(name)}",
-                            f"/{oneoff_unit(name)}")) if len(pids) > 1 and supervisor else None
-    return supervisor, qemu
+        return None
+    return _pidfd(pids[0], (f"/{service_unit(name)}", f"/{oneoff_unit(name)}"))
 
 
 def force_stop(paths: Paths, name: str) -> bool:
@@ -83,7 +82,7 @@ def force_stop(paths: Paths, name: str) -> bool:
     gone: until then the unit is still active, and a `start` right after
     would find the guest running and do nothing.  False if there is no
     supervisor to signal."""
-    supervisor, qemu = _pidfds(paths, name)
+    supervisor = _supervisor_pidfd(paths, name)
     if supervisor is None:
         return False
     try:
@@ -95,9 +94,7 @@ def force_stop(paths: Paths, name: str) -> bool:
         poller.register(supervisor, select.POLLIN)  # readable once it exited
         return bool(poller.poll(EXIT_WAIT * 1000))  # stuck: systemd's stop job deals with it
     finally:
-        for fd in (supervisor, qemu):
-            if fd is not None:
-                os.close(fd)
+        os.close(supervisor)
 
 
 def cmd_stop(args: argparse.Namespace, paths: Paths) -> int:

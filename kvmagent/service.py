@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .values import format_duration
+
 if TYPE_CHECKING:  # kept light: `kvmagent stop --force` imports this module
     from .model import Guest
 
@@ -175,10 +177,6 @@ def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
     return settings
 
 
-def _duration(seconds: int) -> str:
-    return f"{seconds // 60}min" if seconds and seconds % 60 == 0 else f"{seconds}s"
-
-
 def render_service(settings: Sequence[Setting]) -> list[str]:
     """Unit-file lines (no sections): what units/kvm@.service says."""
     lines = []
@@ -186,7 +184,7 @@ def render_service(settings: Sequence[Setting]) -> list[str]:
         if key == "DeviceAllow":
             lines += [f"DeviceAllow={path} {mode}" for path, mode in value]  # type: ignore[misc]
         elif key.endswith("Sec") and isinstance(value, int):
-            lines.append(f"{key}={_duration(value)}")
+            lines.append(f"{key}={format_duration(value)}")
         elif (key.endswith("Mode") or key == "UMask") and isinstance(value, int):
             lines.append(f"{key}={value:04o}")
         elif isinstance(value, bool):

@@ -143,7 +143,7 @@ def configure_taps(taps: tundev.Taps) -> tuple[None, list[int]]:
 def make_scope(plan: dict[str, Any], pid: int) -> tuple[None, list[int]]:
     """Move QEMU into its scope and register the guest with machined."""
     from . import machined, systemd  # pystemd, pydbus
-    systemd.start_scope(plan["scope_unit"], pid, plan["scope"] + [("PIDs", [pid])])
+    systemd.start_scope(plan["scope_unit"], pid, plan["scope"])
     ifindices = [socket.if_nametoindex(tap) for _, tap, _, _ in plan["taps"]]
     machined.register(plan["name"], plan["uuid"], pid, ifindices)
     return None, []

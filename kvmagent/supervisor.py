@@ -276,7 +276,7 @@ class Supervisor:
             sysd.submit("kvmagent.startup:make_scope", plan, self.qemu.pid)
         self.qmp = Qmp(qmp_ours, timeout=30)
         self.console = con_ours if plan["serial"] else None
-        self.console_log = ConsoleLog(*plan.get("console_log", (1000, 10.0)))
+        self.console_log = ConsoleLog(*plan["console_log"])
         if self.console is not None:
             self.hub = ConsoleHub(self.paths.guest_runtime(self.name) / "console.sock",
                                   self.console, plan["escape"])
@@ -391,7 +391,7 @@ class Supervisor:
                         self.qemu.kill()
                     elif signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                         self.stopping = True
-                        # admin or host shutdown: kvmagent stop-post tells them apart
+                        # admin or host shutdown: the event writer tells them apart
                         self.record("stopping", "admin")
                         self.record.flush()  # while the guest powers off
                         # A guest that is already off (on_poweroff = keep) needs no

@@ -294,12 +294,18 @@ def _clear_leftover(m: _Manager, unit: str, deadline: float) -> None:
         m.call("ResetFailedUnit", b"s", [unit])
 
 
+def _transient_args(unit: str, settings: Settings) -> list[Any]:
+    """StartTransientUnit's arguments: name, mode "fail", the properties
+    (bad ones raise here, before any call), no auxiliary units."""
+    return (apply_signature(b"ss", [unit.encode(), b"fail"])
+            + signature_array(props_for_dbus(settings))
+            + [(ord("a"), b"(sa(sv))"), (-1, None)])
+
+
 def start_scope(unit: str, pid: int, settings: Settings, *, timeout: float = 10.0) -> None:
     """Move pid into a new transient scope unit with settings; wait for its start job.
     timeout bounds the job waits; a single D-Bus call has sd-bus's own 25 s limit."""
-    props = props_for_dbus([*settings, ("PIDs", [pid])])
-    args = (apply_signature(b"ss", [unit.encode(), b"fail"]) + signature_array(props)
-            + [(ord("a"), b"(sa(sv))"), (-1, None)])  # no auxiliary units
+    args = _transient_args(unit, [*settings, ("PIDs", [pid])])
     deadline = time.monotonic() + timeout
     with _manager(watch_jobs=True) as m:
         # PID 1 garbage-collects a reset unit before it reads our next message,
@@ -402,9 +408,7 @@ def start_service(unit: str, settings: Settings, *, timeout: float = 90.0,
     A unit of that name that is running (or restarting) keeps running: only a
     start job is queued, as `systemctl start` would.  One left failed is reset
     first, so it is made again with these settings."""
-    props = props_for_dbus(settings)
-    args = (apply_signature(b"ss", [unit.encode(), b"fail"]) + signature_array(props)
-            + [(ord("a"), b"(sa(sv))"), (-1, None)])  # no auxiliary units
+    args = _transient_args(unit, settings)
     deadline = time.monotonic() + timeout
     with _manager(watch_jobs=wait) as m:
         state = _active_state(m, unit)
