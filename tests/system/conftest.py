@@ -76,3 +76,9 @@ def pytest_terminal_summary(terminalreporter):  # type: ignore[no-untyped-def]
             f"{th.name} ({th.root_dir}): boot {boots}, teardown {th.stop_seconds:.1f} s, "
             f"journal in {th.journal_dir}"
         )
+
+
+@pytest.fixture(scope="module")
+def image(guest_image):  # type: ignore[no-untyped-def]
+    """The tiny test guest (tests/conftest.py: built by make setup; a skip fails in CI)."""
+    return guest_image

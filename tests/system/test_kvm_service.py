@@ -19,11 +19,6 @@ pytestmark = pytest.mark.system
 
 
 @pytest.fixture(scope="module")
-def image(guest_image):  # type: ignore[no-untyped-def]
-    return guest_image  # tests/conftest.py: built by make setup (a skip fails in CI)
-
-
-@pytest.fixture(scope="module")
 def host(testhost: TestHost, image) -> Iterator[TestHost]:
     install_checkout(testhost)
     testhost.run(["kvmagent", "bridge", "ensure", "br-kvm", "--address", "10.77.0.1/24"])
