@@ -17,7 +17,7 @@ import pickle
 import select
 import signal
 import socket
-import traceback
+from contextlib import suppress
 from typing import Any, Callable
 
 from .errors import ExitStatus, KvmagentError
@@ -52,6 +52,7 @@ class Child:
                 os._exit(code)
         theirs.close()
         self.used = False
+        self.answered = False
         self.fn: Call = ""
 
     @staticmethod
@@ -62,6 +63,7 @@ class Child:
             for module in preload:
                 importlib.import_module(module)
         except BaseException:  # noqa: BLE001 - reported when called
+            import traceback
             failure: str | None = traceback.format_exc()
         else:
             failure = None
@@ -82,8 +84,15 @@ class Child:
         except KvmagentError as e:
             reply, fds = ("error", (e.message, e.hint, int(e.status))), []
         except BaseException:  # noqa: BLE001 - reported to the parent
+            import traceback
             reply, fds = ("crash", traceback.format_exc()), []
         socket.send_fds(sock, [pickle.dumps(reply)], fds)
+
+    def full_speed(self) -> None:
+        """Undo nice= (for root: CAP_SYS_NICE), once the child's work is
+        wanted soon."""
+        with suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, self.pid, 0)
 
     def call(self, fn: Call, *args: Any, timeout: float = 60.0) -> tuple[Any, list[int]]:
         """fn(*args) -> (picklable value, fds), run in the child.  A
@@ -110,6 +119,7 @@ class Child:
                 os.kill(self.pid, signal.SIGKILL)
                 raise KvmagentError(f"{_name(fn)} did not finish within {timeout:g} s")
             data, fds, _, _ = socket.recv_fds(self.ours, MAX_MESSAGE, MAX_FDS)
+            self.answered = True
         finally:
             self.close()
         if not data:
@@ -125,11 +135,12 @@ class Child:
         raise KvmagentError(f"internal error in {_name(fn)}:\n{value}")
 
     def close(self) -> None:
-        """Dismiss the child (killed if it was never called) and reap it."""
+        """Dismiss the child (killed unless it answered: it may still be
+        importing, or working for a caller that gave up) and reap it."""
         if self.pid:
             self.ours.close()
-            if not self.used:
-                os.kill(self.pid, signal.SIGKILL)  # it may still be importing
+            if not self.answered:
+                os.kill(self.pid, signal.SIGKILL)
             os.waitpid(self.pid, 0)
             self.pid = 0
 

@@ -7,7 +7,6 @@ name label), a file name and the stem of a network interface name.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import uuid
 
@@ -38,6 +37,7 @@ def scope_unit(name: str) -> str:
 
 
 def _digest(text: str) -> bytes:
+    import hashlib  # only for long names: loading OpenSSL costs every start ~5 ms
     return hashlib.sha256(text.encode()).digest()
 
 

@@ -5,7 +5,6 @@ into the frozen model.  docs/kvmagent.toml.5.md documents exactly these keys
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import uuid as uuidlib
@@ -301,6 +300,7 @@ def shown_key(path: tuple[str | int, ...]) -> str:
 def did_you_mean(word: str, choices: list[str]) -> str | None:
     if len(word) > 100:
         return None
+    import difflib  # for a mistake only
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else None
 

@@ -148,8 +148,9 @@ def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
         *COMMON,
         ("ExecStart", run),
         # How the run ended, when the supervisor could not record it
-        # (SIGKILL, OOM); "-": never fails the unit.
-        ("ExecStopPost", [f"-{command[0]}", *command[1:], "stop-post", name]),
+        # (SIGKILL, OOM); "-": never fails the unit; "+": outside the sandbox
+        # (kvm@.service says why).
+        ("ExecStopPost", [f"-+{command[0]}", *command[1:], "stop-post", name]),
         ("RuntimeDirectory", [f"kvmagent/{name}"]),
     ]
     if environment:

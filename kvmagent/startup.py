@@ -1,8 +1,9 @@
-"""The supervisor's start-up steps that run in short-lived forked children
-(kvmagent.forkcall), so that the long-lived supervisor never imports the
-configuration machinery, pyroute2, pystemd or pydbus.  Each step returns
-plain data (and fds): nothing that would make the parent import them when
-unpickling."""
+"""The guest's plan, made in a short-lived child of the supervisor
+(kvmagent.forkcall) so that the long-lived supervisor never imports the
+configuration machinery: load and check the guest, wait for its devices, and
+make its QEMU command line (fds as kvmagent.placeholders) and scope settings.
+The plan is plain data, so unpickling it imports nothing.  What the other
+children do while QEMU initialises is kvmagent.attach."""
 
 from __future__ import annotations
 
@@ -13,17 +14,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import names, qemuuser, tundev
+from . import names, qemuuser
 from .errors import config_error
 from .guests import load_guest, load_guest_file, load_host_config
 from .hostcheck import check_host
 from .model import Accel, Guest, HostConfig, NicMode, OnPoweroff
 from .paths import Paths
+from .placeholders import CONSOLE_FD, QMP_FD, disk_token, tap_token
 from .qemu import HostFacts, Sockets, qemu_argv
 from .scope import scope_settings
 from .sdnotify import Journal, notify
 from .service import needs_inet, oneoff_unit
-from .supervisor import CONSOLE_FD, QMP_FD, disk_token, tap_token
 
 DEVICE_POLL = 0.5
 
@@ -46,11 +47,12 @@ def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts
         time.sleep(DEVICE_POLL)
 
 
-def prepare(name: str, paths: Paths,
+def prepare(name: str, paths: Paths | None,
             guest_file: str | None = None) -> tuple[dict[str, Any], list[int]]:
     """Load and check the guest (from guest_file for a one-off guest), wait
     for its devices, and make its QEMU command line (with placeholders for
     the fds) and scope settings."""
+    paths = paths or Paths.from_env()
     host = load_host_config(paths)
     if guest_file is None:
         guest = load_guest(paths, name, host)
@@ -121,29 +123,3 @@ def qemu_user(guest: Guest, host: HostConfig, facts: HostFacts) -> qemuuser.Qemu
         qemuuser.check_access(user, [(Path(qemuuser.KVM_DEVICE), os.R_OK | os.W_OK)],
                               "KVM acceleration")
     return user
-
-
-def open_taps(taps: tundev.Taps, vhost: bool) -> tuple[dict[int, str], list[int]]:
-    """The slow way: open, check and set up each tap over netlink (a name
-    that is taken: a stale tap is replaced, a foreign interface refused)."""
-    from . import netdev  # pyroute2
-    return tundev.open_taps(taps, vhost, lambda tap, bridge, queues:
-                            netdev.open_tap(tap, bridge, queues=queues))
-
-
-def configure_taps(taps: tundev.Taps) -> tuple[None, list[int]]:
-    """Put the taps that the supervisor made (tundev.create_tap) on their
-    bridges, while QEMU initialises."""
-    from . import netdev  # pyroute2
-    for _, tap, bridge, queues in taps:
-        netdev.configure_tap(tap, bridge, queues)
-    return None, []
-
-
-def make_scope(plan: dict[str, Any], pid: int) -> tuple[None, list[int]]:
-    """Move QEMU into its scope and register the guest with machined."""
-    from . import machined, systemd  # pystemd, pydbus
-    systemd.start_scope(plan["scope_unit"], pid, plan["scope"])
-    ifindices = [socket.if_nametoindex(tap) for _, tap, _, _ in plan["taps"]]
-    machined.register(plan["name"], plan["uuid"], pid, ifindices)
-    return None, []

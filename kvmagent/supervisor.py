@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import select
 import signal
 import socket
@@ -28,7 +29,8 @@ import time
 from contextlib import ExitStack, suppress
 from typing import Any
 
-from . import __version__, forkcall, hardstop, tundev
+from . import __version__, forkcall, hardstop, placeholders, tundev
+from .placeholders import CONSOLE_FD, QMP_FD, tap_token
 from .errors import ExitStatus, KvmagentError
 from .paths import Paths
 from .consolelog import ConsoleLog
@@ -54,20 +56,6 @@ MSG_START_FAILED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b09"
 MSG_CONSOLE_DROPPED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b0a"
 # catalog/kvmagent.catalog explains each (journalctl -x); a unit test keeps
 # the two in step.
-
-
-# Placeholders in the argv that kvmagent.startup makes, for the fds whose
-# numbers only this process knows.
-QMP_FD = "\0qmp\0"
-CONSOLE_FD = "\0console\0"
-
-
-def tap_token(index: int) -> str:
-    return f"\0tap{index}\0"
-
-
-def disk_token(index: int, mode: str) -> str:
-    return f"\0disk{index}{mode}\0"
 
 
 def open_disks(disks: list[tuple[str, bool, list[str]]]) -> tuple[dict[str, str], list[int]]:
@@ -97,12 +85,6 @@ def open_disks(disks: list[tuple[str, bool, list[str]]]) -> tuple[dict[str, str]
     return fill, fds
 
 
-def _fill(arg: str, values: dict[str, str]) -> str:
-    for token, value in values.items():
-        arg = arg.replace(token, value)
-    return arg
-
-
 def systemd_booted() -> bool:
     """sd_booted(3): is this host running systemd as PID 1?"""
     return os.path.isdir("/run/systemd/system")
@@ -110,7 +92,7 @@ def systemd_booted() -> bool:
 
 # -- the supervisor ----------------------------------------------------------
 
-RECORDED_FILE = "recorded"  # in the runtime dir: the invocation whose stop is recorded
+from .cli import RECORDED_FILE  # noqa: E402 - in the runtime dir: the invocation whose stop is recorded
 
 
 class EventRecorder:
@@ -118,25 +100,37 @@ class EventRecorder:
     short-lived forked children: sqlite3 stays out of this long-lived
     process, and no write holds up a start or a stop.  Events are queued
     with the time they happened and written in batches (flush()), one
-    writer at a time, so the rows keep their order.  Reasons are
-    kvmagent.state's names."""
+    writer at a time, so the rows keep their order.  Once the guest is
+    stopping, a writer lingers with the database open for the events still
+    to come, so the supervisor's exit waits for one short write only.
+    Reasons are kvmagent.state's names."""
 
     def __init__(self, name: str, paths: Paths, log: Any) -> None:
         self.name, self.paths, self.log = name, paths, log
         self.child = 0
         self.queue: list[tuple[Any, ...]] = []
+        self.lingering: socket.socket | None = None  # to the lingering writer
 
     def __call__(self, event: str, reason: str | None = None, detail: str | None = None,
                  pid: int | None = None) -> None:
         self.queue.append((event, reason, detail, pid,
                            time.time(), time.clock_gettime(time.CLOCK_BOOTTIME)))
 
-    def flush(self) -> None:
-        """Write the queued events in a child (after the previous writer)."""
-        if not self.queue:
+    def flush(self, linger: bool = False) -> None:
+        """Write the queued events in a child (after the previous writer);
+        linger: the child stays for the events still to come (finish())."""
+        if self.lingering is not None:
+            if self.queue:
+                with suppress(OSError):  # a writer that died: nothing to do
+                    self.lingering.send(pickle.dumps(self.queue))
+                self.queue = []
+            return
+        if not self.queue and not linger:
             return
         self.wait()
         queue, self.queue = self.queue, []
+        ours, theirs = (socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if linger
+                        else (None, None))
         child = os.fork()
         if child == 0:
             code = 0
@@ -144,22 +138,36 @@ class EventRecorder:
                 signal.set_wakeup_fd(-1)  # the parent's: not ours to write to
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                     signal.signal(sig, signal.SIG_DFL)
-                from . import state, stoppost
-                record = state.Recorder(self.name, self.paths.state_dir, self.log)
-                boot = state.boot_id()
-                shutdown: bool | None = None
-                for event, reason, detail, pid, realtime, boottime in queue:
-                    if reason == "admin" and detail is None:
-                        if shutdown is None:
-                            shutdown = stoppost.host_stopping()
-                        if shutdown:  # systemctl stop, but by the host's shutdown
-                            reason = "shutdown"
-                    record(event, reason, detail, pid, at=state.Now(realtime, boottime, boot))
+                if ours is not None:
+                    ours.close()
+                self._write(queue, theirs)
             except BaseException:  # noqa: BLE001 - never the supervisor's problem
                 code = 1
             finally:
                 os._exit(code)
         self.child = child
+        if theirs is not None:
+            theirs.close()
+            self.lingering = ours
+
+    def _write(self, queue: list[tuple[Any, ...]], more: socket.socket | None) -> None:
+        """In the writer: QUEUE, then each batch from MORE until it closes."""
+        from . import state, stoppost
+        record = state.Recorder(self.name, self.paths.state_dir, self.log)
+        boot = state.boot_id()
+        shutdown: bool | None = None
+        while True:
+            for event, reason, detail, pid, realtime, boottime in queue:
+                if reason == "admin" and detail is None:
+                    if shutdown is None:
+                        shutdown = stoppost.host_stopping()
+                    if shutdown:  # systemctl stop, but by the host's shutdown
+                        reason = "shutdown"
+                record(event, reason, detail, pid, at=state.Now(realtime, boottime, boot))
+            data = more.recv(1 << 20) if more is not None else b""
+            if not data:
+                return
+            queue = pickle.loads(data)
 
     def wait(self, block: bool = True) -> None:
         """Reap the writer (block=False: only if it is done), so that no
@@ -177,6 +185,9 @@ class EventRecorder:
         then tell ExecStopPost= (kvmagent stop-post) that this run needs
         nothing more from it (RECORDED_FILE)."""
         self.flush()
+        if self.lingering is not None:
+            self.lingering.close()  # the writer's end of input
+            self.lingering = None
         self.wait()
         invocation = os.environ.get("INVOCATION_ID")
         if invocation:
@@ -207,29 +218,31 @@ class Supervisor:
         self.journal.send(message, priority, **fields)
 
     # -- start --------------------------------------------------------------
-    def start(self, stack: ExitStack) -> None:
+    def start(self, stack: ExitStack, planner: forkcall.Child) -> None:
+        """planner: the child making the guest's plan (kvmagent.run)."""
+        stack.callback(planner.close)
         hardstop.write_pid_file(self.paths, self.name)  # for kvmagent stop --force
         stack.callback(hardstop.remove_pid_file, self.paths, self.name)
-        # Fork the helpers first, so that their imports (pyroute2 ~250 ms,
-        # pystemd and pydbus ~120 ms) overlap with loading the guest.
-        # The netlink child may not be needed (no bridged NIC): niced, it
-        # takes only CPU time the others leave.
-        net = forkcall.Child(preload=("kvmagent.startup", "kvmagent.netdev"), nice=10)
-        stack.callback(net.close)
-        sysd = (forkcall.Child(preload=("kvmagent.startup", "kvmagent.systemd",
-                                        "kvmagent.machined"))
+        # The helpers' imports (pystemd and pydbus ~50 ms, pyroute2 ~250 ms)
+        # overlap with the plan: niced, they take only CPU time the planner
+        # leaves, and get their full share once it is done.  (The netlink
+        # child may not be needed at all: no bridged NIC.)
+        sysd = (forkcall.Child(preload=("kvmagent.attach", "kvmagent.systemd",
+                                        "kvmagent.machined"), nice=10)
                 if systemd_booted() else None)
         if sysd is not None:
             stack.callback(sysd.close)
-        plan, _ = forkcall.call("kvmagent.startup:prepare", self.name, self.paths,
-                                self.guest_file, timeout=86400)  # bounded by device_timeout itself
+        net = forkcall.Child(preload=("kvmagent.attach", "kvmagent.netdev"), nice=10)
+        stack.callback(net.close)
+        plan, _ = planner.result(timeout=86400)  # bounded by device_timeout itself
         self.plan = plan
+        if sysd is not None:
+            sysd.full_speed()
         self.log(f"starting guest {self.name} ({plan['cpus']} vCPU, "
                  f"{plan['memory_mib']} MiB; kvmagent {__version__})", 6, MSG_STARTING)
         configure_taps = False
         if plan["taps"]:
-            with suppress(OSError):  # needed after all: full speed (we are root)
-                os.setpriority(os.PRIO_PROCESS, net.pid, 0)
+            net.full_speed()  # needed after all
             try:
                 # Made here at once; put on their bridges over netlink while
                 # QEMU initialises (see kvmagent.tundev).
@@ -238,7 +251,7 @@ class Supervisor:
                     lambda tap, bridge, queues: tundev.create_tap(tap, queues))
                 configure_taps = True
             except tundev.TapTaken:  # stale or foreign: netlink sorts it out
-                taps, tap_fds = net.call("kvmagent.startup:open_taps", plan["taps"],
+                taps, tap_fds = net.call("kvmagent.attach:open_taps", plan["taps"],
                                          plan["vhost"])
         else:
             net.close()
@@ -250,7 +263,7 @@ class Supervisor:
         fill = {QMP_FD: str(qmp_theirs.fileno()), CONSOLE_FD: str(con_theirs.fileno())}
         fill |= {tap_token(index): opt.format(*tap_fds) for index, opt in taps.items()}
         disk_fill, disk_fds = open_disks(plan["disks"])
-        argv = [_fill(arg, fill | disk_fill) for arg in plan["argv"]]
+        argv = [placeholders.fill(arg, fill | disk_fill) for arg in plan["argv"]]
         passed = [qmp_theirs.fileno(), con_theirs.fileno(), *tap_fds, *disk_fds]
         user: dict[str, Any] = {}
         if plan["qemu_user"]:  # an unprivileged user (kvmagent.qemuuser)
@@ -271,9 +284,9 @@ class Supervisor:
         # While QEMU initialises (paused): taps onto their bridges, QEMU into
         # its scope and registered with machined, each in its own child.
         if configure_taps:
-            net.submit("kvmagent.startup:configure_taps", plan["taps"])
+            net.submit("kvmagent.attach:configure_taps", plan["taps"])
         if sysd is not None:
-            sysd.submit("kvmagent.startup:make_scope", plan, self.qemu.pid)
+            sysd.submit("kvmagent.attach:make_scope", plan, self.qemu.pid)
         self.qmp = Qmp(qmp_ours, timeout=30)
         self.console = con_ours if plan["serial"] else None
         self.console_log = ConsoleLog(*plan["console_log"])
@@ -389,11 +402,12 @@ class Supervisor:
                         self.log(f"stopping QEMU of guest {self.name} without ACPI "
                                  "(stop --force)", 5)
                         self.qemu.kill()
+                        self.record.flush(linger=True)  # while QEMU dies
                     elif signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                         self.stopping = True
                         # admin or host shutdown: the event writer tells them apart
                         self.record("stopping", "admin")
-                        self.record.flush()  # while the guest powers off
+                        self.record.flush(linger=True)  # while the guest powers off
                         # A guest that is already off (on_poweroff = keep) needs no
                         # power button: QEMU is stopped at once.
                         deadline = time.monotonic() + (
@@ -466,13 +480,15 @@ class Supervisor:
         return ExitStatus.FAILURE
 
 
-def run(name: str, paths: Paths, guest_file: str | None = None) -> int:
+def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child) -> int:
+    """Supervise guest NAME until it stops; planner: kvmagent.run's child
+    making its plan.  The exit status is the unit's (kvm@.service)."""
     sup = Supervisor(name, paths, guest_file)
     sup.record("starting")
     with ExitStack() as stack:
         stack.callback(sup.record.finish)  # the last event is written before we exit
         try:
-            sup.start(stack)
+            sup.start(stack, planner)
         except KvmagentError as e:
             sup.log(str(e), 3, MSG_START_FAILED)
             notify(f"STATUS={e.message}")
@@ -483,7 +499,3 @@ def run(name: str, paths: Paths, guest_file: str | None = None) -> int:
         sup.record("running", pid=sup.qemu.pid)
         sup.record.flush()
         return sup.run()
-
-
-def cmd_run(args: Any, paths: Paths) -> int:
-    return run(args.name, paths, getattr(args, "file", None))

@@ -13,13 +13,27 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from pystemd.dbusexc import DBusBaseError
-from pystemd.dbuslib import DBus, DbusMessage, apply_signature, path_encode
-from pystemd.systemd1.unit_signatures import KNOWN_UNIT_SIGNATURES, signature_array
+
+def _enter_pystemd() -> None:
+    """Make pystemd's package importable without running its __init__, which
+    imports the introspecting Unit/Manager API and with it lxml (~30 ms of
+    every `kvmagent list` and guest start).  kvmagent uses pystemd.dbuslib and
+    pystemd.dbusexc only; importing any other part of pystemd still works."""
+    if "pystemd" not in sys.modules:
+        spec = importlib.util.find_spec("pystemd")
+        if spec is not None and spec.submodule_search_locations is not None:
+            sys.modules["pystemd"] = importlib.util.module_from_spec(spec)
+
+
+_enter_pystemd()
+from pystemd.dbusexc import DBusBaseError  # noqa: E402
+from pystemd.dbuslib import DBus, DbusMessage, apply_signature, path_encode  # noqa: E402
 
 from .errors import ExitStatus, KvmagentError
 from .values import parse_cpu_list
@@ -47,6 +61,8 @@ SIGNATURES: dict[str, bytes] = {
     # services (kvm@NAME.service made transient; kvmagent.service)
     "Type": b"s", "NotifyAccess": b"s", "KillMode": b"s", "Restart": b"s",
     "ExecStart": b"a(sasb)", "ExecStopPost": b"a(sasb)",  # (path, argv, ignore failure)
+    # what kvmagent sends: the prefixes of a unit file's command line as flags
+    "ExecStartEx": b"a(sasas)", "ExecStopPostEx": b"a(sasas)",  # (path, argv, flags)
     "RestartUSec": b"t", "TimeoutStartUSec": b"t", "TimeoutStopUSec": b"t",
     "WatchdogUSec": b"t", "StartLimitIntervalUSec": b"t", "StartLimitBurst": b"u",
     "RestartPreventExitStatus": b"(aiai)",  # (exit statuses, signals)
@@ -66,13 +82,6 @@ SIGNATURES: dict[str, bytes] = {
 CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_SETGID": 6,
                 "CAP_SETUID": 7, "CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21,
                 "CAP_SYS_NICE": 23}
-# pystemd 0.11's table has no PIDs, CPUWeight, IOWeight, AllowedCPUs,
-# DeviceAllow, Restart, RestartUSec, StartLimit* or RuntimeDirectoryMode
-# (KeyError on use); extend it once.  setdefault keeps pystemd's own entry
-# where it has one; a unit test checks that they agree.
-for _name, _sig in SIGNATURES.items():
-    KNOWN_UNIT_SIGNATURES.setdefault(_name.encode(), _sig)
-
 Settings = Iterable[tuple[str, Any]]
 
 
@@ -121,13 +130,20 @@ def _convert(name: str, sig: bytes, value: Any) -> Any:
         return value
     if sig == b"(aiai)" and value and all(_is_int(v) and 0 <= v <= 255 for v in value):
         return (list(value), [])
-    if sig == b"a(sasb)" and value and all(isinstance(v, str) and v for v in value):
-        # argv as in a unit file: "-/usr/bin/x" ignores x's failure
-        program = value[0].removeprefix("-")
-        if program.startswith("/"):
+    if sig == b"a(sasas)" and value and all(isinstance(v, str) and v for v in value):
+        # argv as in a unit file: "-/usr/bin/x" ignores x's failure, "+" runs
+        # it with full privileges (outside the sandbox)
+        program = value[0].lstrip("".join(EXEC_PREFIXES))
+        prefixes = value[0][:len(value[0]) - len(program)]
+        if program.startswith("/") and len(set(prefixes)) == len(prefixes):
             return [(program.encode(), [program.encode(), *(v.encode() for v in value[1:])],
-                     value[0].startswith("-"))]
+                     [EXEC_PREFIXES[p].encode() for p in prefixes])]
     raise ValueError(f"not a valid value for D-Bus type {sig.decode()}")
+
+
+# systemd.service(5), "Command lines": the prefixes kvmagent uses, and
+# their names in ExecStartEx= and friends
+EXEC_PREFIXES = {"-": "ignore-failure", "+": "privileged"}
 
 
 def _is_int(value: Any) -> bool:
@@ -149,6 +165,8 @@ def props_for_dbus(settings: Settings) -> dict[bytes, Any]:
     props: dict[bytes, Any] = {}
     for key, value in settings:
         name, converted = _usec(key, value)
+        if name in ("ExecStart", "ExecStopPost"):
+            name += "Ex"  # with the prefixes as flags
         sig = SIGNATURES.get(name)
         if sig is None:
             raise KvmagentError(f"unit setting {key}= has no known D-Bus type",
@@ -294,11 +312,23 @@ def _clear_leftover(m: _Manager, unit: str, deadline: float) -> None:
         m.call("ResetFailedUnit", b"s", [unit])
 
 
+def property_array(props: dict[bytes, Any]) -> list[Any]:
+    """props_for_dbus()'s properties marshalled as a(sv) for pystemd.dbuslib.
+    (pystemd's own signature_array knows fewer properties: its table lacks
+    PIDs, CPUWeight, AllowedCPUs, DeviceAllow, Restart and more in 0.11.)"""
+    args: list[Any] = [(ord("a"), b"(sv)")]
+    for name, value in props.items():
+        sig = SIGNATURES[name.decode()]
+        args += [(ord("r"), b"sv"), (ord("s"), name), (ord("v"), sig),
+                 *apply_signature(sig, [value]), (-1, None), (-1, None)]
+    return args + [(-1, None)]
+
+
 def _transient_args(unit: str, settings: Settings) -> list[Any]:
     """StartTransientUnit's arguments: name, mode "fail", the properties
     (bad ones raise here, before any call), no auxiliary units."""
     return (apply_signature(b"ss", [unit.encode(), b"fail"])
-            + signature_array(props_for_dbus(settings))
+            + property_array(props_for_dbus(settings))
             + [(ord("a"), b"(sa(sv))"), (-1, None)])
 
 

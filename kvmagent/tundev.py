@@ -13,19 +13,21 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import platform
 import socket
 import struct
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from .errors import ExitStatus, KvmagentError, host_error
+
+if TYPE_CHECKING:  # the supervisor imports this module
+    from collections.abc import Callable
 
 TUN_PATH = "/dev/net/tun"
 VHOST_NET_PATH = "/dev/vhost-net"
 
 # <linux/if_tun.h>: _IOW('T', 202, int), _IOR('T', 210, unsigned int); the
 # direction bits differ on these architectures.
-_IOC_ALT = platform.machine().startswith(("ppc", "mips", "sparc"))
+_IOC_ALT = os.uname().machine.startswith(("ppc", "mips", "sparc"))
 TUNSETIFF = (0x80000000 if _IOC_ALT else 0x40000000) | 0x000454CA
 TUNGETIFF = (0x40000000 if _IOC_ALT else 0x80000000) | 0x000454D2
 IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, flags (40 bytes)

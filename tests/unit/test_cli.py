@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 from kvmagent import __version__
 from kvmagent.errors import EXIT_STATUS_HELP, ExitStatus
@@ -142,3 +143,16 @@ def test_config_dir_option(conf, tmp_path: Path):
 def test_no_guests(conf):
     r = kvmagent(conf, "list")
     assert r.returncode == 0 and "no guests defined" in r.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["list"], ["list", "--json"], ["--config-dir", "/x", "show", "g", "--json"],
+    ["--config-dir=/x", "validate", "a", "b", "--host"], ["stop", "--force", "g"],
+    ["start", "--transient", "/x/g.toml"], ["bridge", "ensure", "br0", "--uplink", "eth0"],
+    ["bridge", "show"], ["run", "--file", "/x/g.toml", "g"], ["stop-post", "g"],
+    ["status", "g", "-n", "3"], ["history", "g", "--since", "7d"], ["console", "g"],
+])
+def test_parser_of_one_command_parses_as_the_whole(argv: list[str]) -> None:
+    """build_parser(argv) builds only argv's command: same result."""
+    from kvmagent.parser import build_parser
+    assert build_parser(argv).parse_args(argv) == build_parser().parse_args(argv)

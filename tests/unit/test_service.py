@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pystemd.systemd1.unit_signatures import signature_array
 
 from kvmagent import control
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.paths import Paths
 from kvmagent.service import INSTANCE, oneoff_unit, render_service, service_settings
-from kvmagent.systemd import props_for_dbus
+from kvmagent.systemd import property_array, props_for_dbus
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "units" / "kvm@.service"
@@ -53,7 +52,7 @@ def test_template_agrees_with_service_settings() -> None:
 
 def test_every_template_setting_has_a_dbus_type() -> None:
     props = props_for_dbus(service_settings(INSTANCE))
-    assert signature_array(props)  # pystemd can marshal all of them
+    assert property_array(props)  # pystemd can marshal all of them
 
 
 def test_per_guest_service_as_dbus_properties() -> None:
@@ -61,8 +60,11 @@ def test_per_guest_service_as_dbus_properties() -> None:
                                 environment=["PYTHONPATH=/src/kvmagent"])
     props = props_for_dbus(settings)
     assert props[b"Description"] == b"KVM guest g"
-    assert props[b"ExecStart"] == [(b"/usr/bin/python3", [b"/usr/bin/python3", b"-m",
-                                                          b"kvmagent", b"run", b"g"], False)]
+    assert props[b"ExecStartEx"] == [(b"/usr/bin/python3", [b"/usr/bin/python3", b"-m",
+                                                            b"kvmagent", b"run", b"g"], [])]
+    assert props[b"ExecStopPostEx"] == [(b"/usr/bin/python3", [b"/usr/bin/python3", b"-m",
+                                                               b"kvmagent", b"stop-post", b"g"],
+                                         [b"ignore-failure", b"privileged"])]
     assert props[b"RuntimeDirectory"] == [b"kvmagent/g"]
     assert props[b"RuntimeDirectoryMode"] == 0o750
     assert props[b"Environment"] == [b"PYTHONPATH=/src/kvmagent"]
@@ -79,14 +81,14 @@ def test_per_guest_service_as_dbus_properties() -> None:
     assert props[b"Before"] == [b"machines.target"]
     assert (b"/dev/vhost-net", b"rw") in props[b"DeviceAllow"]
     assert b"CollectMode" not in props and b"Conflicts" not in props
-    assert signature_array(props)
+    assert property_array(props)
 
 
 def test_oneoff_service() -> None:
     settings = service_settings("g", ["/usr/bin/kvmagent"], guest_file="/root/g.toml")
     props = props_for_dbus(settings)
     assert props[b"Description"] == b"KVM guest g (one-off, /root/g.toml)"
-    assert props[b"ExecStart"][0][1] == [b"/usr/bin/kvmagent", b"run", b"--file",
+    assert props[b"ExecStartEx"][0][1] == [b"/usr/bin/kvmagent", b"run", b"--file",
                                          b"/root/g.toml", b"g"]
     assert props[b"CollectMode"] == b"inactive-or-failed"
     assert props[b"Conflicts"] == [b"kvm@g.service"]
@@ -99,16 +101,18 @@ def test_oneoff_service() -> None:
 def test_render_durations_and_modes() -> None:
     lines = render_service([("RestartSec", 2), ("TimeoutStartSec", 300), ("TimeoutStopSec", 90),
                             ("RuntimeDirectoryMode", 0o750), ("RestartPreventExitStatus", [6, 8]),
-                            ("ExecStopPost", ["-/usr/bin/kvmagent", "stop-post", "%i"])])
+                            ("ExecStopPost", ["-+/usr/bin/kvmagent", "stop-post", "%i"])])
     assert lines == ["RestartSec=2s", "TimeoutStartSec=5min", "TimeoutStopSec=90s",
                      "RuntimeDirectoryMode=0750", "RestartPreventExitStatus=6 8",
-                     "ExecStopPost=-/usr/bin/kvmagent stop-post %i"]
+                     "ExecStopPost=-+/usr/bin/kvmagent stop-post %i"]
 
 
 @pytest.mark.parametrize("setting, expect", [
-    (("ExecStopPost", ["-/usr/bin/kvmagent", "stop-post", "g"]),
-     {b"ExecStopPost": [(b"/usr/bin/kvmagent", [b"/usr/bin/kvmagent", b"stop-post", b"g"],
-                         True)]}),
+    (("ExecStopPost", ["-+/usr/bin/kvmagent", "stop-post", "g"]),
+     {b"ExecStopPostEx": [(b"/usr/bin/kvmagent", [b"/usr/bin/kvmagent", b"stop-post", b"g"],
+                           [b"ignore-failure", b"privileged"])]}),
+    (("ExecStart", ["/usr/bin/kvmagent", "run", "g"]),
+     {b"ExecStartEx": [(b"/usr/bin/kvmagent", [b"/usr/bin/kvmagent", b"run", b"g"], [])]}),
     (("WatchdogSec", 0.5), {b"WatchdogUSec": 500_000}),
     (("StartLimitBurst", 0), {b"StartLimitBurst": 0}),
 ])
@@ -118,6 +122,7 @@ def test_service_conversions(setting: tuple[str, Any], expect: dict[bytes, Any])
 
 @pytest.mark.parametrize("setting", [
     ("ExecStart", ["kvmagent", "run", "g"]),  # not an absolute path
+    ("ExecStart", ["--/usr/bin/kvmagent", "run", "g"]),  # a prefix twice
     ("ExecStart", []),
     ("RestartPreventExitStatus", [256]),
     ("RestartPreventExitStatus", []),
@@ -143,7 +148,7 @@ def test_transient_command_runs_this_checkout(tmp_path: Path) -> None:
 
 
 def test_start_needs_name_or_file(conf: Any) -> None:
-    from kvmagent.cli import build_parser
+    from kvmagent.parser import build_parser
     for argv in (["start"], ["start", "g", "--transient", "g.toml"]):
         args = build_parser().parse_args(argv)
         with pytest.raises(KvmagentError) as info:
@@ -161,7 +166,7 @@ def test_oneoff_bad_file_fails_before_systemd(conf: Any, tmp_path: Path, file: s
                                               text: str | None, message: str) -> None:
     """Exit 6 and nothing made: the file is checked before any D-Bus call
     (there is no system bus here to call)."""
-    from kvmagent.cli import build_parser
+    from kvmagent.parser import build_parser
     path = tmp_path / file
     if text is not None:
         path.write_text(text)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +17,8 @@ from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.guests import load_guest, load_host_config
 from kvmagent.scope import scope_settings
 from kvmagent.systemd import UINT64_MAX, cpu_mask, dbus_error, props_for_dbus
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_scope_settings_of_a_guest(conf: Any) -> None:
@@ -39,7 +44,7 @@ def test_scope_settings_of_a_guest(conf: Any) -> None:
         b"TasksMax": 100,
     }
     # pystemd can marshal every one of them (a missing signature is a KeyError there)
-    assert signature_array({**props, b"PIDs": [1234]})
+    assert systemd.property_array({**props, b"PIDs": [1234]})
 
 
 @pytest.mark.parametrize("value, mask", [
@@ -63,14 +68,26 @@ def test_other_types() -> None:
         b"DeviceAllow": [(b"/dev/kvm", b"rw"), (b"/dev/net/tun", b"rwm")],
         b"PIDs": [1, 2],
     }
-    assert signature_array(props)
+    assert systemd.property_array(props)
 
 
-def test_signature_table_extended_once_and_consistent() -> None:
+def test_signature_table_agrees_with_pystemd() -> None:
+    """Where pystemd's table knows a property, it has the same D-Bus type."""
     for name, sig in systemd.SIGNATURES.items():
-        assert KNOWN_UNIT_SIGNATURES[name.encode()] == sig, name
-    for name in ("PIDs", "CPUWeight", "IOWeight", "AllowedCPUs", "DeviceAllow"):
-        assert name.encode() in KNOWN_UNIT_SIGNATURES
+        theirs = KNOWN_UNIT_SIGNATURES.get(name.encode(), sig)
+        assert callable(theirs) or theirs == sig, name
+
+
+def test_property_array_marshals_like_pystemd() -> None:
+    props = {b"Description": b"d", b"MemoryMax": 5, b"After": [b"a.service"]}
+    assert systemd.property_array(props) == signature_array(props)
+
+
+def test_lean_pystemd_import() -> None:
+    """kvmagent.systemd leaves pystemd's high-level API (and lxml) unimported."""
+    code = ("import sys; import kvmagent.systemd; "
+            "assert 'lxml' not in sys.modules and 'pystemd.systemd1' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 @pytest.mark.parametrize("setting, why", [

@@ -250,3 +250,31 @@ def test_list_and_validate_agree_on_which_guests_are_defined(conf) -> None:
     assert sorted(rows) == ["gone", "web"]
     assert rows["gone"]["state"] == "invalid" and rows["web"]["state"] != "invalid"
     assert "gone" in kvmagent(conf, "validate").stderr
+
+
+def test_stop_post_short_way(tmp_path, monkeypatch) -> None:
+    """ExecStopPost= after a run that recorded its own stop reads one file
+    and imports nothing; anything else takes the long way."""
+    from kvmagent import cli, supervisor
+    assert cli.RECORDED_FILE == supervisor.RECORDED_FILE
+    runtime = tmp_path / "g"
+    runtime.mkdir()
+    (runtime / cli.RECORDED_FILE).write_text("inv1")
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime))
+    monkeypatch.setenv("INVOCATION_ID", "inv1")
+    assert cli._stop_already_recorded(["stop-post", "g"])
+    assert not cli._stop_already_recorded(["stop-post", "h"])  # not this unit's directory
+    assert not cli._stop_already_recorded(["stop-post", "g", "x"])
+    monkeypatch.setenv("INVOCATION_ID", "inv2")  # a later run: not recorded
+    assert not cli._stop_already_recorded(["stop-post", "g"])
+    monkeypatch.delenv("RUNTIME_DIRECTORY")
+    assert not cli._stop_already_recorded(["stop-post", "g"])
+
+
+def test_run_short_way() -> None:
+    from kvmagent import cli
+    assert cli._run_argv(["run", "g"]) == ("g", None)
+    assert cli._run_argv(["run", "--file", "/x/g.toml", "g"]) == ("g", "/x/g.toml")
+    for argv in (["run"], ["run", "--help"], ["run", "-x", "g"], ["run", "g", "h"],
+                 ["run", "--file", "/x/g.toml"], ["list"]):
+        assert cli._run_argv(argv) is None, argv
