@@ -13,25 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib.util
-import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from . import leanimport
 
-def _enter_pystemd() -> None:
-    """Make pystemd's package importable without running its __init__, which
-    imports the introspecting Unit/Manager API and with it lxml (~30 ms of
-    every `kvmagent list` and guest start).  kvmagent uses pystemd.dbuslib and
-    pystemd.dbusexc only; importing any other part of pystemd still works."""
-    if "pystemd" not in sys.modules:
-        spec = importlib.util.find_spec("pystemd")
-        if spec is not None and spec.submodule_search_locations is not None:
-            sys.modules["pystemd"] = importlib.util.module_from_spec(spec)
-
-
-_enter_pystemd()
+leanimport.enter("pystemd")  # no lxml: kvmagent uses pystemd.dbuslib only
 from pystemd.dbusexc import DBusBaseError  # noqa: E402
 from pystemd.dbuslib import DBus, DbusMessage, apply_signature, path_encode  # noqa: E402
 

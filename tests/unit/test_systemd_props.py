@@ -83,10 +83,12 @@ def test_property_array_marshals_like_pystemd() -> None:
     assert systemd.property_array(props) == signature_array(props)
 
 
-def test_lean_pystemd_import() -> None:
-    """kvmagent.systemd leaves pystemd's high-level API (and lxml) unimported."""
-    code = ("import sys; import kvmagent.systemd; "
-            "assert 'lxml' not in sys.modules and 'pystemd.systemd1' not in sys.modules")
+def test_lean_library_imports() -> None:
+    """kvmagent.systemd leaves pystemd's high-level API (and lxml) unimported,
+    kvmagent.netdev pyroute2's other modules (kvmagent.leanimport)."""
+    code = ("import sys; import kvmagent.systemd, kvmagent.netdev; "
+            "assert 'lxml' not in sys.modules and 'pystemd.systemd1' not in sys.modules; "
+            "assert 'pyroute2.ndb' not in sys.modules and 'pyroute2.ipdb' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
