@@ -12,6 +12,7 @@ import time
 
 sys.path.insert(0, "/src/kvmagent")
 from kvmagent.qmp import Qmp  # noqa: E402
+from kvmagent.service import SANDBOX, render_service  # noqa: E402
 
 KERNEL, INITRD, N = sys.argv[1], sys.argv[2], int(sys.argv[3])
 GUEST = "bench"
@@ -96,6 +97,20 @@ def kvmagent(graceful: bool | None, guest: str = GUEST) -> tuple[float, float]:
     return running, time.perf_counter() - t1
 
 
+def sandbox_cost() -> tuple[float, float]:
+    """What systemd takes to run /bin/true as a service: plain, and with
+    kvm@.service's sandbox (the part of a start that is systemd's alone)."""
+    props = [f"--property={line}" for line in render_service(SANDBOX)]
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(10):
+        for sandboxed in (False, True):
+            t0 = time.perf_counter()
+            subprocess.run(["systemd-run", "--quiet", "--wait", "--property=Type=oneshot",
+                            *(props if sandboxed else []), "/bin/true"], check=True)
+            times[sandboxed].append(time.perf_counter() - t0)
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
 def pss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
@@ -124,8 +139,10 @@ def main() -> None:
                                capture_output=True, text=True).stdout) for n in names]
     pss = [pss_kib(p) for p in pids]
     subprocess.run(["systemctl", "stop", *[f"kvm@{n}" for n in names]], check=True)
+    plain, sandboxed = sandbox_cost()
     print(json.dumps({k: statistics.median(v) for k, v in result.items()}
-                     | {"supervisor pss kib": statistics.mean(pss), "guests": len(pss)}))
+                     | {"supervisor pss kib": statistics.mean(pss), "guests": len(pss),
+                        "exec plain": plain, "exec sandboxed": sandboxed}))
 
 
 main()

@@ -8,7 +8,6 @@ name label), a file name and the stem of a network interface name.
 from __future__ import annotations
 
 import re
-import uuid
 
 # fullmatch, not "$": "$" also matches before a trailing newline.
 GUEST_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?", re.ASCII)
@@ -19,7 +18,7 @@ IFNAMSIZ = 15  # bytes of an interface name, without the terminating NUL
 TAP_PREFIX = "kvm-"
 
 # Namespace for the stable per-guest UUID (uuid5 of the guest name).
-_UUID_NAMESPACE = uuid.UUID("6f1d5f6e-2b0c-4f3e-9a57-6b766d616765")
+_UUID_NAMESPACE = "6f1d5f6e-2b0c-4f3e-9a57-6b766d616765"
 
 
 def valid_guest_name(name: str) -> bool:
@@ -67,4 +66,5 @@ def default_mac(guest: str, index: int) -> str:
 
 def guest_uuid(guest: str) -> str:
     """A stable SMBIOS/machined UUID for the guest."""
-    return str(uuid.uuid5(_UUID_NAMESPACE, guest))
+    import uuid  # not for every command: it imports platform (~5 ms)
+    return str(uuid.uuid5(uuid.UUID(_UUID_NAMESPACE), guest))
