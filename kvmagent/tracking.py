@@ -38,30 +38,35 @@ _COLORS = {"running": "32", "failed": "31", "invalid": "31", "starting": "33",
 
 # -- what a guest's files say (cheap) -------------------------------------------------
 
-def _signature(paths: Paths, name: str) -> list[int] | None:
-    """What a guest's facts depend on: its file and its drop-in directory."""
-    main = paths.guest_config(name)
+def _signature(guests_dir: str, name: str, dropin_dirs: set[str]) -> list[int] | None:
+    """What a guest's facts depend on: its file and its drop-in directory
+    (if guest_names() saw one)."""
+    main = f"{guests_dir}/{name}.toml"
     try:
         st = os.stat(main)
     except OSError:
         return None
     sig = [st.st_mtime_ns, st.st_size, st.st_ino]
-    try:
-        for e in os.scandir(main.with_name(main.name + ".d")):
-            if e.name.endswith(".toml"):
-                d = e.stat()
-                sig += [d.st_mtime_ns, d.st_size, d.st_ino]
-    except (FileNotFoundError, NotADirectoryError):
-        pass
+    if f"{name}.toml.d" in dropin_dirs:
+        try:
+            for e in os.scandir(f"{main}.d"):
+                if e.name.endswith(".toml"):
+                    d = e.stat()
+                    sig += [d.st_mtime_ns, d.st_size, d.st_ino]
+        except (FileNotFoundError, NotADirectoryError):
+            pass
     return sig
 
 
-def all_facts(paths: Paths, names: list[str]) -> dict[str, dict[str, Any]]:
+def all_facts(paths: Paths, names: list[str],
+              dropin_dirs: set[str] | None = None) -> dict[str, dict[str, Any]]:
     """guest_facts() of each guest (or {"error": message}), parsing only the
     guests whose files changed since the last listing: the rest comes from a
     cache in the runtime directory, keyed by each file's mtime, size and
     inode.  The cache is an optimisation only; it is rewritten atomically,
-    and a listing that cannot write it (not root) parses every file."""
+    and a listing that cannot write it (not root) parses every file.
+    dropin_dirs: the guests' NAME.toml.d directories (guest_names()); None:
+    look for each."""
     path = paths.runtime_dir / FACTS_CACHE
     try:
         with open(path) as f:
@@ -71,8 +76,11 @@ def all_facts(paths: Paths, names: list[str]) -> dict[str, dict[str, Any]]:
     except (OSError, ValueError):
         cache = {}
     out, fresh, changed = {}, {}, False
+    guests_dir = str(paths.guests_dir)
+    if dropin_dirs is None:
+        dropin_dirs = {f"{name}.toml.d" for name in names}
     for name in names:
-        sig = _signature(paths, name)
+        sig = _signature(guests_dir, name, dropin_dirs)
         hit = cache.get(name)
         if sig is not None and isinstance(hit, dict) and hit.get("sig") == sig:
             facts = hit["facts"]
@@ -249,10 +257,11 @@ def _note(text: str) -> None:
 # -- list -------------------------------------------------------------------------------
 
 def list_rows(paths: Paths) -> tuple[list[dict[str, Any]], list[str]]:
-    names = guest_names(paths)
+    dropin_dirs: set[str] = set()
+    names = guest_names(paths, dropin_dirs)
     units, enabled, note1 = systemd_view(names) if names else ({}, {}, "")
     figures, note2 = state_view(paths) if names else ({}, "")
-    facts = all_facts(paths, names)
+    facts = all_facts(paths, names, dropin_dirs)
     known = not note1
     now = state.now()
     rows = []
