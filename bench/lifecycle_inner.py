@@ -18,8 +18,8 @@ KERNEL, INITRD, N = sys.argv[1], sys.argv[2], int(sys.argv[3])
 GUEST = "bench"
 
 
-def bare_argv(qmp_fd: int, con_fd: int) -> list[str]:
-    return ["qemu-system-x86_64", "-accel", "tcg", "-m", "256", "-nodefaults",
+def bare_argv(qmp_fd: int, con_fd: int, accel: str = "tcg") -> list[str]:
+    return ["qemu-system-x86_64", "-accel", accel, "-m", "256", "-nodefaults",
             "-no-user-config", "-display", "none", "-kernel", KERNEL, "-initrd", INITRD,
             "-append", "console=ttyS0 quiet panic=-1",
             "-chardev", f"socket,id=qmp,fd={qmp_fd}", "-mon", "chardev=qmp,mode=control",
@@ -37,11 +37,12 @@ def read_until(sock: socket.socket, marker: bytes, timeout: float = 120) -> None
             pass
 
 
-def bare(graceful: bool) -> tuple[float, float]:
+def bare(graceful: bool, accel: str = "tcg") -> tuple[float, float]:
     qa, qb = socket.socketpair()
     ca, cb = socket.socketpair()
     t0 = time.perf_counter()
-    p = subprocess.Popen(bare_argv(qb.fileno(), cb.fileno()), pass_fds=[qb.fileno(), cb.fileno()])
+    p = subprocess.Popen(bare_argv(qb.fileno(), cb.fileno(), accel),
+                         pass_fds=[qb.fileno(), cb.fileno()])
     qb.close()
     cb.close()
     q = Qmp(qa)
@@ -121,7 +122,10 @@ def pss_kib(pid: int) -> int:
 
 def main() -> None:
     result: dict[str, list[float]] = {}
+    # QEMU as kvmagent runs TCG (split-wx: under MemoryDenyWriteExecute=)
+    splitwx = lambda graceful: bare(graceful, "tcg,split-wx=on")  # noqa: E731
     for label, fn, modes in (("bare", bare, (True, False)),
+                             ("splitwx", splitwx, (True, False)),
                              ("kvmagent", kvmagent, (True, False, None))):
         for graceful in modes:
             runs = [fn(graceful) for _ in range(N)]
