@@ -89,10 +89,11 @@ class Child:
         socket.send_fds(sock, [pickle.dumps(reply)], fds)
 
     def full_speed(self) -> None:
-        """Undo nice= (for root: CAP_SYS_NICE), once the child's work is
-        wanted soon."""
-        with suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, self.pid, 0)
+        """Undo nice=: the parent's own priority again (for root:
+        CAP_SYS_NICE), once the child's work is wanted soon."""
+        if self.pid:
+            with suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, self.pid, os.getpriority(os.PRIO_PROCESS, 0))
 
     def call(self, fn: Call, *args: Any, timeout: float = 60.0) -> tuple[Any, list[int]]:
         """fn(*args) -> (picklable value, fds), run in the child.  A

@@ -5,7 +5,9 @@ lxml (~30 ms); pyroute2's loads every module it has through entry points
 (~90 ms more than its IPRoute).  kvmagent uses pystemd.dbuslib and
 pyroute2.iproute.linux, on the path of every guest start and of `kvmagent
 list`.  enter(PACKAGE) makes PACKAGE's modules importable without running
-its __init__; importing any other part of the package still works."""
+its __init__; importing any other module of the package still works, but
+not a name that only the __init__ defines (`from pyroute2 import IPRoute`
+fails in that process: kvmagent imports from the modules themselves)."""
 
 from __future__ import annotations
 

@@ -38,12 +38,17 @@ class _Unused:
 
 
 def _command(argv: list[str]) -> str | None:
-    """The command word of argv (after the main parser's own options)."""
+    """The command word of argv, None for anything but --config-dir before
+    it (`kvmagent -h list` is the main help: every command)."""
     args = iter(argv)
     for arg in args:
         if arg == "--config-dir":
             next(args, None)
-        elif not arg.startswith("-"):
+        elif arg.startswith("--config-dir="):
+            continue
+        elif arg.startswith("-"):
+            return None
+        else:
             return arg
     return None
 

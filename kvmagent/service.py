@@ -142,6 +142,8 @@ def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
     collected when it stops, even failed, and gives way to kvm@NAME.service
     (Conflicts=, so the two never run the same guest name at once)."""
     run = [*command, "run", *(["--file", guest_file] if guest_file else []), name]
+    if guest_file:  # a path as it is: no $VARIABLE expanded in it by systemd
+        run[0] = f":{run[0]}"
     description = f"KVM guest {name}" + (f" (one-off, {guest_file})" if guest_file else "")
     settings: list[Setting] = [
         ("Description", description),

@@ -23,7 +23,7 @@ from .paths import Paths
 from .placeholders import CONSOLE_FD, QMP_FD, disk_token, tap_token
 from .qemu import HostFacts, Sockets, qemu_argv
 from .scope import scope_settings
-from .sdnotify import Journal, notify
+from .sdnotify import Journal
 from .service import needs_inet, oneoff_unit
 
 DEVICE_POLL = 0.5
@@ -31,8 +31,11 @@ DEVICE_POLL = 0.5
 
 def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts:
     """Bridges and block devices may appear late at boot: retry the host
-    checks until host.device_timeout, then fail naming what is missing."""
+    checks until host.device_timeout, then fail naming what is missing.
+    (This runs in a child of the supervisor, whose sd_notify STATUS= systemd
+    would drop under NotifyAccess=main: the wait is said in the journal.)"""
     deadline = time.monotonic() + host.device_timeout
+    said = ""
     while True:
         facts, problems = check_host(guest, host)
         if not problems:
@@ -43,7 +46,11 @@ def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts
             for p in problems[1:]:
                 journal.send(str(p), 3, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
             raise problems[0]
-        notify("STATUS=waiting for: " + "; ".join(p.message for p in problems))
+        waiting = "; ".join(p.message for p in problems)
+        if waiting != said:
+            journal.send(f"guest {guest.name} waits up to {host.device_timeout:g} s for: "
+                         f"{waiting}", 5, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
+            said = waiting
         time.sleep(DEVICE_POLL)
 
 

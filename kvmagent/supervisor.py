@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 import select
 import signal
 import socket
@@ -30,16 +29,19 @@ from contextlib import ExitStack, suppress
 from typing import Any
 
 from . import __version__, forkcall, hardstop, placeholders, tundev
-from .placeholders import CONSOLE_FD, QMP_FD, tap_token
-from .errors import ExitStatus, KvmagentError
-from .paths import Paths
 from .consolelog import ConsoleLog
+from .errors import ExitStatus, KvmagentError
+from .names import valid_guest_name
+from .paths import Paths
+from .placeholders import CONSOLE_FD, QMP_FD, tap_token
 from .qmp import Qmp, QmpError
+from .recorder import EventRecorder
 from .sdnotify import Journal, notify
 from .viewers import ConsoleHub
 
 # Kept to the standard library and kvmagent's light modules: the heavy
-# start-up steps are in kvmagent.startup and run in forked children.
+# start-up steps (kvmagent.startup, kvmagent.attach) and the writes to the
+# state database (kvmagent.recorder) run in forked children.
 POWERDOWN_INTERVAL = 3.0  # seconds between presses of the ACPI power button
 QUIT_GRACE = 5.0  # after `quit`, before SIGKILL
 
@@ -92,109 +94,6 @@ def systemd_booted() -> bool:
 
 # -- the supervisor ----------------------------------------------------------
 
-from .cli import RECORDED_FILE  # noqa: E402 - in the runtime dir: the invocation whose stop is recorded
-
-
-class EventRecorder:
-    """Lifecycle events into the state database (kvmagent.state), written by
-    short-lived forked children: sqlite3 stays out of this long-lived
-    process, and no write holds up a start or a stop.  Events are queued
-    with the time they happened and written in batches (flush()), one
-    writer at a time, so the rows keep their order.  Once the guest is
-    stopping, a writer lingers with the database open for the events still
-    to come, so the supervisor's exit waits for one short write only.
-    Reasons are kvmagent.state's names."""
-
-    def __init__(self, name: str, paths: Paths, log: Any) -> None:
-        self.name, self.paths, self.log = name, paths, log
-        self.child = 0
-        self.queue: list[tuple[Any, ...]] = []
-        self.lingering: socket.socket | None = None  # to the lingering writer
-
-    def __call__(self, event: str, reason: str | None = None, detail: str | None = None,
-                 pid: int | None = None) -> None:
-        self.queue.append((event, reason, detail, pid,
-                           time.time(), time.clock_gettime(time.CLOCK_BOOTTIME)))
-
-    def flush(self, linger: bool = False) -> None:
-        """Write the queued events in a child (after the previous writer);
-        linger: the child stays for the events still to come (finish())."""
-        if self.lingering is not None:
-            if self.queue:
-                with suppress(OSError):  # a writer that died: nothing to do
-                    self.lingering.send(pickle.dumps(self.queue))
-                self.queue = []
-            return
-        if not self.queue and not linger:
-            return
-        self.wait()
-        queue, self.queue = self.queue, []
-        ours, theirs = (socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if linger
-                        else (None, None))
-        child = os.fork()
-        if child == 0:
-            code = 0
-            try:
-                signal.set_wakeup_fd(-1)  # the parent's: not ours to write to
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-                    signal.signal(sig, signal.SIG_DFL)
-                if ours is not None:
-                    ours.close()
-                self._write(queue, theirs)
-            except BaseException:  # noqa: BLE001 - never the supervisor's problem
-                code = 1
-            finally:
-                os._exit(code)
-        self.child = child
-        if theirs is not None:
-            theirs.close()
-            self.lingering = ours
-
-    def _write(self, queue: list[tuple[Any, ...]], more: socket.socket | None) -> None:
-        """In the writer: QUEUE, then each batch from MORE until it closes."""
-        from . import state, stoppost
-        record = state.Recorder(self.name, self.paths.state_dir, self.log)
-        boot = state.boot_id()
-        shutdown: bool | None = None
-        while True:
-            for event, reason, detail, pid, realtime, boottime in queue:
-                if reason == "admin" and detail is None:
-                    if shutdown is None:
-                        shutdown = stoppost.host_stopping()
-                    if shutdown:  # systemctl stop, but by the host's shutdown
-                        reason = "shutdown"
-                record(event, reason, detail, pid, at=state.Now(realtime, boottime, boot))
-            data = more.recv(1 << 20) if more is not None else b""
-            if not data:
-                return
-            queue = pickle.loads(data)
-
-    def wait(self, block: bool = True) -> None:
-        """Reap the writer (block=False: only if it is done), so that no
-        defunct child hangs under the supervisor for the guest's lifetime."""
-        if self.child:
-            try:
-                done, _ = os.waitpid(self.child, 0 if block else os.WNOHANG)
-            except ChildProcessError:
-                done = self.child
-            if done:
-                self.child = 0
-
-    def finish(self) -> None:
-        """Write what is left and wait for it (the supervisor is exiting);
-        then tell ExecStopPost= (kvmagent stop-post) that this run needs
-        nothing more from it (RECORDED_FILE)."""
-        self.flush()
-        if self.lingering is not None:
-            self.lingering.close()  # the writer's end of input
-            self.lingering = None
-        self.wait()
-        invocation = os.environ.get("INVOCATION_ID")
-        if invocation:
-            with suppress(OSError):
-                (self.paths.guest_runtime(self.name) / RECORDED_FILE).write_text(invocation)
-
-
 class Supervisor:
     def __init__(self, name: str, paths: Paths, guest_file: str | None = None) -> None:
         self.name = name
@@ -221,8 +120,9 @@ class Supervisor:
     def start(self, stack: ExitStack, planner: forkcall.Child) -> None:
         """planner: the child making the guest's plan (kvmagent.run)."""
         stack.callback(planner.close)
-        hardstop.write_pid_file(self.paths, self.name)  # for kvmagent stop --force
-        stack.callback(hardstop.remove_pid_file, self.paths, self.name)
+        if valid_guest_name(self.name):  # else the plan fails, saying why: no path made of it
+            hardstop.write_pid_file(self.paths, self.name)  # for kvmagent stop --force
+            stack.callback(hardstop.remove_pid_file, self.paths, self.name)
         # The helpers' imports (pystemd and pydbus ~50 ms, pyroute2 ~250 ms)
         # overlap with the plan: niced, they take only CPU time the planner
         # leaves, and get their full share once it is done.  (The netlink

@@ -48,8 +48,8 @@ SIGNATURES: dict[str, bytes] = {
     "PIDs": b"au",
     # services (kvm@NAME.service made transient; kvmagent.service)
     "Type": b"s", "NotifyAccess": b"s", "KillMode": b"s", "Restart": b"s",
-    "ExecStart": b"a(sasb)", "ExecStopPost": b"a(sasb)",  # (path, argv, ignore failure)
-    # what kvmagent sends: the prefixes of a unit file's command line as flags
+    # ExecStart=/ExecStopPost= are sent as these, with the prefixes of a unit
+    # file's command line as flags
     "ExecStartEx": b"a(sasas)", "ExecStopPostEx": b"a(sasas)",  # (path, argv, flags)
     "RestartUSec": b"t", "TimeoutStartUSec": b"t", "TimeoutStopUSec": b"t",
     "WatchdogUSec": b"t", "StartLimitIntervalUSec": b"t", "StartLimitBurst": b"u",
@@ -80,6 +80,11 @@ def cpu_mask(value: object) -> bytes:
     for cpu in cpus:
         mask[cpu // 8] |= 1 << (cpu % 8)
     return bytes(mask)
+
+
+# systemd.service(5), "Command lines": the prefixes kvmagent uses, and
+# their names in ExecStartEx= and friends
+EXEC_PREFIXES = {"-": "ignore-failure", "+": "privileged", ":": "no-env-expand"}
 
 
 def _convert(name: str, sig: bytes, value: Any) -> Any:
@@ -129,11 +134,6 @@ def _convert(name: str, sig: bytes, value: Any) -> Any:
     raise ValueError(f"not a valid value for D-Bus type {sig.decode()}")
 
 
-# systemd.service(5), "Command lines": the prefixes kvmagent uses, and
-# their names in ExecStartEx= and friends
-EXEC_PREFIXES = {"-": "ignore-failure", "+": "privileged"}
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -153,7 +153,7 @@ def props_for_dbus(settings: Settings) -> dict[bytes, Any]:
     props: dict[bytes, Any] = {}
     for key, value in settings:
         name, converted = _usec(key, value)
-        if name in ("ExecStart", "ExecStopPost"):
+        if f"{name}Ex" in SIGNATURES:
             name += "Ex"  # with the prefixes as flags
         sig = SIGNATURES.get(name)
         if sig is None:

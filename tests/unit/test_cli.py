@@ -156,3 +156,9 @@ def test_parser_of_one_command_parses_as_the_whole(argv: list[str]) -> None:
     """build_parser(argv) builds only argv's command: same result."""
     from kvmagent.parser import build_parser
     assert build_parser(argv).parse_args(argv) == build_parser().parse_args(argv)
+
+
+def test_main_help_before_a_command_lists_every_command(conf) -> None:
+    for argv in (["-h", "list"], ["--config-dir", "/x", "--help", "list"]):
+        out = kvmagent(conf, *argv).stdout
+        assert "reset-counters" in out and "bridge" in out, argv

@@ -90,6 +90,7 @@ def test_oneoff_service() -> None:
     assert props[b"Description"] == b"KVM guest g (one-off, /root/g.toml)"
     assert props[b"ExecStartEx"][0][1] == [b"/usr/bin/kvmagent", b"run", b"--file",
                                          b"/root/g.toml", b"g"]
+    assert props[b"ExecStartEx"][0][2] == [b"no-env-expand"]  # a "$" in the path stays
     assert props[b"CollectMode"] == b"inactive-or-failed"
     assert props[b"Conflicts"] == [b"kvm@g.service"]
     # Before= given twice adds up, as in a unit file

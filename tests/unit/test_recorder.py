@@ -1,0 +1,75 @@
+"""The supervisor's event writers (kvmagent.recorder): forked children, one
+lingering through a stop; RECORDED_FILE only when every event was written,
+so that ExecStopPost= records the end of the run itself otherwise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvmagent import state
+from kvmagent.cli import RECORDED_FILE
+from kvmagent.paths import Paths
+from kvmagent.recorder import EventRecorder
+
+
+@pytest.fixture
+def paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Paths:
+    monkeypatch.setenv("INVOCATION_ID", "inv1")
+    p = Paths(config_dir=tmp_path / "etc", state_dir=tmp_path / "state",
+              runtime_dir=tmp_path / "run")
+    p.guest_runtime("g").mkdir(parents=True)
+    return p
+
+
+def _logged() -> tuple[list[str], object]:
+    lines: list[str] = []
+    return lines, lines.append
+
+
+def test_lingering_writer_takes_the_events_of_a_stop(paths: Paths) -> None:
+    lines, log = _logged()
+    rec = EventRecorder("g", paths, log)
+    rec("starting")
+    rec("running", pid=123)
+    rec.flush()
+    rec("stopping", "admin", "stop --force")  # a detail: no systemctl asked
+    rec.flush(linger=True)
+    assert rec.lingering is not None
+    rec("stopped", "admin", "stop --force")
+    rec.finish()
+    conn = state.connect(paths.state_dir)
+    assert [e.event for e in state.events(conn)] == ["starting", "running", "stopping",
+                                                     "stopped"]
+    assert (paths.guest_runtime("g") / RECORDED_FILE).read_text() == "inv1"
+    assert not lines and rec.child == 0 and rec.lingering is None
+
+
+def test_a_failed_write_leaves_the_end_to_stop_post(paths: Paths) -> None:
+    paths.state_dir.write_text("not a directory")  # every write fails
+    lines, log = _logged()
+    rec = EventRecorder("g", paths, log)
+    rec("stopping", "admin", "stop --force")
+    rec.flush(linger=True)
+    rec("stopped", "admin", "stop --force")
+    rec.finish()
+    assert rec.failed
+    assert not (paths.guest_runtime("g") / RECORDED_FILE).exists()
+
+
+def test_a_lingering_writer_that_died_is_replaced(paths: Paths) -> None:
+    import os
+    import signal
+    lines, log = _logged()
+    rec = EventRecorder("g", paths, log)
+    rec("stopping", "admin", "stop --force")
+    rec.flush(linger=True)
+    os.kill(rec.child, signal.SIGKILL)
+    os.waitid(os.P_PID, rec.child, os.WEXITED | os.WNOWAIT)  # dead, not yet reaped
+    rec("stopped", "admin", "stop --force")
+    rec.finish()
+    conn = state.connect(paths.state_dir)
+    assert "stopped" in [e.event for e in state.events(conn)]
+    assert rec.failed  # the "stopping" may be lost: stop-post checks the record
+    assert not (paths.guest_runtime("g") / RECORDED_FILE).exists()
