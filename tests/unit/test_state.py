@@ -257,6 +257,14 @@ def test_version_1_database_is_migrated_and_its_restarts_marked(tmp_path: Path) 
                      "source) VALUES ('g', ?, ?, ?, ?, 'b', 'test')", (event, reason, i, i))
     conn.close()
     conn = state.connect(tmp_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS) == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS) == 3
     assert conn.execute("SELECT id FROM events WHERE restart = 1").fetchall() == [(3,)]
     assert state.list_figures(conn, Now(0, 9, "b"))["g"].restarts == 1
+
+
+def test_list_figures_reads_an_index_not_every_row(tmp_path: Path) -> None:
+    """Years of events must not slow `kvmagent list` down row by row."""
+    conn = state.connect(tmp_path)
+    plan = " ".join(row[3] for row in conn.execute(
+        f"EXPLAIN QUERY PLAN {state.LAST_LIFECYCLE_SQL}"))
+    assert "USING INDEX events_lifecycle" in plan or "COVERING INDEX events_lifecycle" in plan
