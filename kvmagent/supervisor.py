@@ -94,6 +94,14 @@ def systemd_booted() -> bool:
 
 # -- the supervisor ----------------------------------------------------------
 
+class StoppedWhileStarting(Exception):
+    """kvmagent stop --force before the guest ran."""
+
+
+def _stopped_while_starting(signum: int, frame: Any) -> None:
+    raise StoppedWhileStarting
+
+
 class Supervisor:
     def __init__(self, name: str, paths: Paths, guest_file: str | None = None) -> None:
         self.name = name
@@ -118,7 +126,11 @@ class Supervisor:
 
     # -- start --------------------------------------------------------------
     def start(self, stack: ExitStack, planner: forkcall.Child) -> None:
-        """planner: the child making the guest's plan (kvmagent.run)."""
+        """planner: the child making the guest's plan (kvmagent.run).
+        `kvmagent stop --force` (SIGUSR1) meanwhile ends the start at once,
+        even while the guest waits for its bridge or disks: StoppedWhileStarting.
+        (SIGTERM's default action is right then: systemd is stopping the unit.)"""
+        signal.signal(signal.SIGUSR1, _stopped_while_starting)
         stack.callback(planner.close)
         if valid_guest_name(self.name):  # else the plan fails, saying why: no path made of it
             hardstop.write_pid_file(self.paths, self.name)  # for kvmagent stop --force
@@ -206,8 +218,18 @@ class Supervisor:
         status = self.qmp.execute("query-status")
         if status.get("status") != "running":
             raise KvmagentError(f"QEMU did not start the guest: status {status.get('status')}")
+        self._catch_signals()  # from here on the main loop handles them
         notify("READY=1", f"STATUS=running, QEMU pid {self.qemu.pid}")
         self.log(f"guest {self.name} running, QEMU pid {self.qemu.pid}", 6, MSG_RUNNING)
+
+    def _catch_signals(self) -> None:
+        """Signals wake the main loop through a socket (signal.set_wakeup_fd)."""
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno())
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
+            signal.signal(sig, lambda *_: None)
 
     def _reap(self) -> None:
         if self.qemu is not None and self.qemu.poll() is None:
@@ -268,12 +290,7 @@ class Supervisor:
 
     def run(self) -> int:
         assert self.qemu is not None and self.qmp is not None
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        signal.set_wakeup_fd(wake_w.fileno())
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
-            signal.signal(sig, lambda *_: None)
+        wake_r, wake_w = self.wake_r, self.wake_w
         watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
         if os.environ.get("WATCHDOG_PID") not in (None, str(os.getpid())):
             watchdog_usec = 0
@@ -389,7 +406,17 @@ def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child
         stack.callback(sup.record.finish)  # the last event is written before we exit
         try:
             sup.start(stack, planner)
+        except StoppedWhileStarting:  # QEMU, if it was started, and the helpers go with the stack
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
+            sup.log(f"guest {name} stopped while starting (stop --force)", 5)
+            sup.record("stopped", "admin", "stop --force")
+            # A Type=notify main process that exits before READY=1 is a failure
+            # to systemd (result "protocol": restarted), whatever its status:
+            # ready, then done.
+            notify("READY=1", "STATUS=stopped while starting (stop --force)")
+            return ExitStatus.OK
         except KvmagentError as e:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # exiting anyway
             sup.log(str(e), 3, MSG_START_FAILED)
             notify(f"STATUS={e.message}")
             bad = e.status in (ExitStatus.CONFIG, ExitStatus.UNKNOWN_GUEST)

@@ -170,6 +170,28 @@ def test_missing_bridge_fails_after_waiting(netns, image, tmp_path):
     assert list(links()) == ["lo"]
 
 
+def test_stop_force_while_waiting_for_the_bridge(netns, image, tmp_path):
+    """`kvmagent stop --force` (SIGUSR1) ends a start at once, successfully
+    (systemd does not restart the guest), even while it waits for devices."""
+    etc = write_guest(tmp_path, image, '[[nic]]\nbridge = "br-late"\n')
+    (etc / "kvmagent.toml").write_text('device_timeout = "60s"\nqemu_user = "nobody"\n')
+    seen: list[str] = []
+    proc = start(tmp_path, etc)
+    try:
+        read_until(proc, "waits up to 60 s for", 30, seen)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGUSR1)
+        assert proc.wait(10) == ExitStatus.OK
+        assert time.monotonic() - t0 < 5
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert "stopped while starting (stop --force)" in "".join(seen) + proc.stdout.read()  # type: ignore[union-attr]
+    assert list(links()) == ["lo"]
+    assert not (tmp_path / "run" / "demo" / "supervisor.pid").exists()
+
+
 def console(tmp: Path, etc: Path, text: str, timeout: float = 3) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO),
            "KVMAGENT_CONFIG_DIR": str(etc), "KVMAGENT_RUNTIME_DIR": str(tmp / "run")}

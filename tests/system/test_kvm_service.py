@@ -241,6 +241,25 @@ def test_kvmagent_stop_force_pulls_the_cord(host: TestHost, image) -> None:
     assert host.journal("kvm@eta.service").count("without ACPI (stop --force)") == 3
 
 
+def test_stop_force_while_the_guest_waits_for_its_bridge(host: TestHost, image) -> None:
+    """The power cord pulled during the start: the unit ends at once,
+    successfully, and systemd does not start it again."""
+    host.write_file("/etc/kvmagent/kvmagent.toml", 'accel = "tcg"\ndevice_timeout = "60s"\n')
+    try:
+        define_guest(host, "theta", guest_toml(image, nics=1, extra='bridge = "br-late"\n'))
+        host.exec(["systemctl", "start", "--no-block", "kvm@theta"])
+        wait_for(host, "kvm@theta.service", r"waits up to 60 s for: .*br-late")
+        t0 = time.monotonic()
+        host.run(["kvmagent", "stop", "--force", "theta"], timeout=60)
+        assert time.monotonic() - t0 < 10
+        time.sleep(3)  # RestartSec=2s: a restart would have happened by now
+        s = show(host, "kvm@theta.service", "ActiveState", "Result", "NRestarts")
+        assert s == {"ActiveState": "inactive", "Result": "success", "NRestarts": "0"}
+        assert "stopped while starting (stop --force)" in host.journal("kvm@theta.service")
+    finally:
+        host.write_file("/etc/kvmagent/kvmagent.toml", 'accel = "tcg"\n')
+
+
 def test_guest_poweroff_ends_the_unit_without_restart(host: TestHost, image) -> None:
     define_guest(host, "theta", guest_toml(image, nics=0, cmdline="guest.then=poweroff"))
     host.exec(["systemctl", "start", "kvm@theta"], timeout=120)
