@@ -47,9 +47,13 @@ def _interactive(sock: socket.socket, name: str, escapes: bytes) -> None:
     fd = sys.stdin.fileno()
     saved = termios.tcgetattr(fd)
     keys = " or ".join(f"Ctrl-{chr(c + 64)}" for c in escapes)
-    sys.stderr.write(f"Connected to the console of {name}; leave with {keys}.\r\n")
     try:
-        tty.setraw(fd)
+        # Raw before the greeting, and without discarding what was typed
+        # ahead (TCSAFLUSH would): once the greeting shows, every key reaches
+        # the guest.  (Typed between the two, a line was echoed by the local
+        # terminal and then dropped: seen under load in tests/net.)
+        tty.setraw(fd, termios.TCSADRAIN)
+        sys.stderr.write(f"Connected to the console of {name}; leave with {keys}.\r\n")
         while True:
             ready, _, _ = select.select([fd, sock], [], [])
             if sock in ready:
