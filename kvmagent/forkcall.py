@@ -38,7 +38,13 @@ class Child:
 
     def __init__(self, preload: tuple[str, ...] = (), nice: int = 0) -> None:
         self.ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.pid = os.fork()
+        try:
+            self.pid = os.fork()
+        except OSError as e:  # out of processes or memory: said, not a traceback
+            self.ours.close()
+            theirs.close()
+            raise KvmagentError(f"cannot start a helper process: {e.strerror}",
+                                "the host is out of processes or memory") from None
         if self.pid == 0:  # child: never return into the caller's code
             code = 0
             try:

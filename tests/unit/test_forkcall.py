@@ -72,3 +72,16 @@ def test_preloaded_child_and_a_dismissed_one():
 def test_failed_preload_is_reported():
     with pytest.raises(KvmagentError, match="No module named 'no_such_module'"):
         forkcall.Child(preload=("no_such_module",)).call(_imported, "x")
+
+
+def test_a_fork_that_fails_is_a_kvmagent_error(monkeypatch) -> None:
+    import os
+
+    from kvmagent import forkcall
+    from kvmagent.errors import KvmagentError
+
+    def no_fork() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(os, "fork", no_fork)
+    with pytest.raises(KvmagentError, match="cannot start a helper process"):
+        forkcall.Child()
