@@ -9,8 +9,8 @@ to come: the supervisor's exit then waits for one short write.  When the
 last event is written, RECORDED_FILE in the runtime directory tells
 ExecStopPost= (`kvmagent stop-post`) that this run needs nothing more from
 it; when a write failed, the file is not written and stop-post records the
-end of the run from systemd's view instead.  Reasons are kvmagent.state's
-names."""
+end of the run from systemd's view instead.  Reasons are
+kvmagent.lifecycle's names."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from contextlib import suppress
 from typing import Any, Callable
 
 from .cli import RECORDED_FILE
+from .lifecycle import ADMIN, SHUTDOWN
 from .paths import Paths
 
 Event = tuple[Any, ...]  # event, reason, detail, pid, realtime, boottime
@@ -83,11 +84,11 @@ class EventRecorder:
         shutdown: bool | None = None
         while True:
             for event, reason, detail, pid, realtime, boottime in queue:
-                if reason == "admin" and detail is None:
+                if reason == ADMIN and detail is None:
                     if shutdown is None:
                         shutdown = stoppost.host_stopping()
                     if shutdown:  # systemctl stop, but by the host's shutdown
-                        reason = "shutdown"
+                        reason = SHUTDOWN
                 record(event, reason, detail, pid, at=state.Now(realtime, boottime, boot))
             data = more.recv(1 << 20) if more is not None else b""
             if not data:

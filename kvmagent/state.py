@@ -34,25 +34,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+# The names of events and reasons, as this module's own (state.ADMIN ...).
+from .lifecycle import (  # noqa: F401
+    ADMIN, CONFIG, CRASHED, EVENTS, FAILED, FAILURES, KILLED, OOM, POWEROFF, REASONS,
+    RESTARTED, SHUTDOWN, TIMEOUT, WATCHDOG)
+
 DB_NAME = "state.db"
 BUSY_TIMEOUT_MS = 5000
-
-EVENTS = ("starting", "running", "stopping", "stopped")
-# Reasons of stopping/stopped rows (stable: they are in --json output).
-POWEROFF = "poweroff"  # the guest powered itself off
-ADMIN = "admin"  # systemctl stop, kvmagent stop [--force]
-SHUTDOWN = "shutdown"  # the host shut down or rebooted
-CRASHED = "crashed"  # QEMU exited or was killed on its own
-WATCHDOG = "watchdog"  # systemd's watchdog killed the supervisor
-CONFIG = "config"  # bad configuration or unknown guest (exit 6 or 8)
-KILLED = "killed"  # the supervisor itself was killed by a signal
-OOM = "oom"  # the kernel's OOM killer
-TIMEOUT = "timeout"  # a start or stop timeout of systemd
-FAILED = "failed"  # any other failure: host not ready (exit 5), a runtime error
-REASONS = (POWEROFF, ADMIN, SHUTDOWN, CRASHED, WATCHDOG, CONFIG, KILLED, OOM, TIMEOUT, FAILED)
-FAILURES = frozenset({CRASHED, WATCHDOG, CONFIG, KILLED, OOM, TIMEOUT, FAILED})
-# Failures systemd restarts after (RestartPreventExitStatus=6 8 stops the rest).
-RESTARTED = FAILURES - {CONFIG}
 
 # Each entry moves the schema from version N to N+1 (PRAGMA user_version).
 MIGRATIONS: tuple[str, ...] = (

@@ -31,6 +31,7 @@ from typing import Any
 from . import __version__, forkcall, hardstop, placeholders, tundev
 from .consolelog import ConsoleLog
 from .errors import ExitStatus, KvmagentError
+from .lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF
 from .names import valid_guest_name
 from .paths import Paths
 from .placeholders import CONSOLE_FD, QMP_FD, tap_token
@@ -315,7 +316,7 @@ class Supervisor:
                 for signum in wake_r.recv(64):
                     if signum == signal.SIGUSR1:  # kvmagent stop --force
                         self.stopping = True
-                        self.record("stopping", "admin", "stop --force")
+                        self.record("stopping", ADMIN, "stop --force")
                         self.log(f"stopping QEMU of guest {self.name} without ACPI "
                                  "(stop --force)", 5)
                         self.qemu.kill()
@@ -323,7 +324,7 @@ class Supervisor:
                     elif signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
                         self.stopping = True
                         # admin or host shutdown: the event writer tells them apart
-                        self.record("stopping", "admin")
+                        self.record("stopping", ADMIN)
                         self.record.flush(linger=True)  # while the guest powers off
                         # A guest that is already off (on_poweroff = keep) needs no
                         # power button: QEMU is stopped at once.
@@ -386,14 +387,14 @@ class Supervisor:
     def _verdict(self, rc: int) -> int:
         if self.stopping:
             self.log(f"guest {self.name} stopped", 6, MSG_STOPPED)
-            self.record("stopped", "admin")
+            self.record("stopped", ADMIN)
             return ExitStatus.OK
         if rc == 0 and self.guest_poweroff:
-            self.record("stopped", "poweroff")
+            self.record("stopped", POWEROFF)
             return ExitStatus.OK
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
         self.log(f"QEMU of guest {self.name} {how}", 3, MSG_CRASHED)
-        self.record("stopped", "crashed", f"QEMU {how}")
+        self.record("stopped", CRASHED, f"QEMU {how}")
         return ExitStatus.FAILURE
 
 
@@ -409,7 +410,7 @@ def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child
         except StoppedWhileStarting:  # QEMU, if it was started, and the helpers go with the stack
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
             sup.log(f"guest {name} stopped while starting (stop --force)", 5)
-            sup.record("stopped", "admin", "stop --force")
+            sup.record("stopped", ADMIN, "stop --force")
             # A Type=notify main process that exits before READY=1 is a failure
             # to systemd (result "protocol": restarted), whatever its status:
             # ready, then done.
@@ -420,7 +421,7 @@ def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child
             sup.log(str(e), 3, MSG_START_FAILED)
             notify(f"STATUS={e.message}")
             bad = e.status in (ExitStatus.CONFIG, ExitStatus.UNKNOWN_GUEST)
-            sup.record("stopped", "config" if bad else "failed", e.message)
+            sup.record("stopped", CONFIG if bad else FAILED, e.message)
             return int(e.status)
         assert sup.qemu is not None
         sup.record("running", pid=sup.qemu.pid)

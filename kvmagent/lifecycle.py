@@ -1,0 +1,22 @@
+"""The names of a guest's lifecycle events and of their reasons: what the
+state database stores (kvmagent.state) and `--json` shows.  A module of its
+own, without sqlite3, so that the long-lived supervisor names them too."""
+
+from __future__ import annotations
+
+EVENTS = ("starting", "running", "stopping", "stopped")
+# Reasons of stopping/stopped rows (stable: they are in --json output).
+POWEROFF = "poweroff"  # the guest powered itself off
+ADMIN = "admin"  # systemctl stop, kvmagent stop [--force]
+SHUTDOWN = "shutdown"  # the host shut down or rebooted
+CRASHED = "crashed"  # QEMU exited or was killed on its own
+WATCHDOG = "watchdog"  # systemd's watchdog killed the supervisor
+CONFIG = "config"  # bad configuration or unknown guest (exit 6 or 8)
+KILLED = "killed"  # the supervisor itself was killed by a signal
+OOM = "oom"  # the kernel's OOM killer
+TIMEOUT = "timeout"  # a start or stop timeout of systemd
+FAILED = "failed"  # any other failure: host not ready (exit 5), a runtime error
+REASONS = (POWEROFF, ADMIN, SHUTDOWN, CRASHED, WATCHDOG, CONFIG, KILLED, OOM, TIMEOUT, FAILED)
+FAILURES = frozenset({CRASHED, WATCHDOG, CONFIG, KILLED, OOM, TIMEOUT, FAILED})
+# Failures systemd restarts after (RestartPreventExitStatus=6 8 stops the rest).
+RESTARTED = FAILURES - {CONFIG}
