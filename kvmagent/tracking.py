@@ -59,14 +59,14 @@ def _signature(guests_dir: str, name: str, dropin_dirs: set[str]) -> list[int] |
 
 
 def all_facts(paths: Paths, names: list[str],
-              dropin_dirs: set[str] | None = None) -> dict[str, dict[str, Any]]:
+              dropin_dirs: set[str]) -> dict[str, dict[str, Any]]:
     """guest_facts() of each guest (or {"error": message}), parsing only the
     guests whose files changed since the last listing: the rest comes from a
     cache in the runtime directory, keyed by each file's mtime, size and
     inode.  The cache is an optimisation only; it is rewritten atomically,
     and a listing that cannot write it (not root) parses every file.
-    dropin_dirs: the guests' NAME.toml.d directories (guest_names()); None:
-    look for each."""
+    dropin_dirs: the guests' NAME.toml.d directories, as guest_names() found
+    them."""
     path = paths.runtime_dir / FACTS_CACHE
     try:
         with open(path) as f:
@@ -77,8 +77,6 @@ def all_facts(paths: Paths, names: list[str],
         cache = {}
     out, fresh, changed = {}, {}, False
     guests_dir = str(paths.guests_dir)
-    if dropin_dirs is None:
-        dropin_dirs = {f"{name}.toml.d" for name in names}
     for name in names:
         sig = _signature(guests_dir, name, dropin_dirs)
         hit = cache.get(name)
