@@ -24,11 +24,10 @@ from .paths import Paths
 from .values import parse_escape
 
 CTRL_Q = b"\x11"
-KEY_FILE = "console.key"  # beside console.sock: the running guest's escape key
 
 
 def _connect(paths: Paths, name: str) -> socket.socket:
-    path = paths.guest_runtime(name) / "console.sock"
+    path = paths.console_socket(name)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.connect(str(path))
@@ -92,13 +91,13 @@ def _scripted(sock: socket.socket, timeout: float) -> None:
 
 def _running_escape(paths: Paths, name: str) -> str | None:
     """The escape key of the running guest NAME, as its supervisor left it
-    beside the socket (KEY_FILE); None if it is not running.  Works for
+    beside the socket (Paths.console_key); None if it is not running.  Works for
     one-off guests too, which have no guests/NAME.toml."""
     from .names import valid_guest_name
     if not valid_guest_name(name):
         return None
     try:
-        spec = (paths.guest_runtime(name) / KEY_FILE).read_text().strip()
+        spec = paths.console_key(name).read_text().strip()
         parse_escape(spec)
     except (OSError, ValueError):
         return None

@@ -41,6 +41,14 @@ class Paths(NamedTuple):
     def guest_runtime(self, name: str) -> Path:
         return self.runtime_dir / name
 
+    def console_socket(self, name: str) -> Path:
+        """Where guest NAME's supervisor serves its serial console."""
+        return self.guest_runtime(name) / "console.sock"
+
+    def console_key(self, name: str) -> Path:
+        """Beside it: the running guest's escape key, for `kvmagent console`."""
+        return self.guest_runtime(name) / "console.key"
+
 
 def guest_names(paths: Paths, dropin_dirs: set[str] | None = None) -> list[str]:
     """Names of the defined guests: guests/NAME.toml, sorted.  Symlinks

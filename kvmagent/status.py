@@ -58,7 +58,7 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
     if guest is not None:
         nics = [{"tap": n.tap if n.bridge else None, "bridge": n.bridge, "mac": n.mac}
                 for n in guest.nics]
-    console = paths.guest_runtime(name) / "console.sock"
+    console = paths.console_socket(name)
     lines = [] if args.json else journal.tail(unit, args.lines)
     if args.json:
         doc = {"name": name, "unit": unit, "state": word, "active_state": active,

@@ -204,8 +204,8 @@ class Supervisor:
         self.console = con_ours if plan["serial"] else None
         self.console_log = ConsoleLog(*plan["console_log"])
         if self.console is not None:
-            self.hub = ConsoleHub(self.paths.guest_runtime(self.name) / "console.sock",
-                                  self.console, plan["escape"])
+            self.hub = ConsoleHub(self.paths.console_socket(self.name), self.console,
+                                  plan["escape"], self.paths.console_key(self.name))
             stack.callback(self.hub.close)
 
         if configure_taps:

@@ -17,11 +17,12 @@ MAX_VIEWERS = 8
 
 
 class ConsoleHub:
-    def __init__(self, path: Path, guest: socket.socket, escape: str = "^]") -> None:
+    def __init__(self, path: Path, guest: socket.socket, escape: str, key_file: Path) -> None:
+        """PATH: the socket; KEY_FILE gets the guest's ESCAPE key
+        (Paths.console_socket, Paths.console_key)."""
         self.path = path
         self.guest = guest
-        # the guest's escape key for `kvmagent console` (console.KEY_FILE)
-        self.key_file = path.with_name("console.key")
+        self.key_file = key_file
         path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         with suppress(FileNotFoundError):
             path.unlink()  # left by a supervisor that was killed
