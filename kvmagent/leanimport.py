@@ -7,12 +7,20 @@ pyroute2.iproute.linux, on the path of every guest start and of `kvmagent
 list`.  enter(PACKAGE) makes PACKAGE's modules importable without running
 its __init__; importing any other module of the package still works, but
 not a name that only the __init__ defines (`from pyroute2 import IPRoute`
-fails in that process: kvmagent imports from the modules themselves)."""
+fails in that process: kvmagent imports from the modules themselves).
+
+import_without(MODULE, NAME, DEPENDENCY) imports a module that takes a name
+from a dependency it needs only on a rare path: pystemd.dbuslib's `from
+pprint import pformat` (for one error message) costs ~10 ms, as pprint
+brings dataclasses and inspect."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
+import types
+from typing import Any
 
 
 def enter(package: str) -> None:
@@ -21,3 +29,25 @@ def enter(package: str) -> None:
     spec = importlib.util.find_spec(package)
     if spec is not None and spec.submodule_search_locations is not None:
         sys.modules[package] = importlib.util.module_from_spec(spec)
+
+
+def import_without(module: str, dependency: str, name: str) -> None:
+    """Import MODULE while DEPENDENCY (if nobody imported it yet) is a
+    stand-in whose NAME imports the real DEPENDENCY when first called.  The
+    stand-in is gone from sys.modules when MODULE's import returns, so any
+    other import of DEPENDENCY gets the real one."""
+    if module in sys.modules or dependency in sys.modules:
+        importlib.import_module(module)
+        return
+
+    def late(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(dependency), name)(*args, **kwargs)
+
+    stand_in = types.ModuleType(dependency, f"kvmagent's stand-in for {dependency}")
+    setattr(stand_in, name, late)
+    sys.modules[dependency] = stand_in
+    try:
+        importlib.import_module(module)
+    finally:
+        if sys.modules.get(dependency) is stand_in:
+            del sys.modules[dependency]

@@ -20,6 +20,7 @@ from typing import Any
 from . import leanimport
 
 leanimport.enter("pystemd")  # no lxml: kvmagent uses pystemd.dbuslib only
+leanimport.import_without("pystemd.dbuslib", "pprint", "pformat")  # its error path only
 from pystemd.dbusexc import DBusBaseError  # noqa: E402
 from pystemd.dbuslib import DBus, DbusMessage, apply_signature, path_encode  # noqa: E402
 

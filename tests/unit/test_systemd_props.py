@@ -92,6 +92,20 @@ def test_lean_library_imports() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
+@pytest.mark.parametrize("first", ["", "import pprint; "])
+def test_dbuslib_without_pprint(first: str) -> None:
+    """pystemd.dbuslib's `from pprint import pformat` (one error message) is
+    a stand-in until called: pprint (dataclasses, inspect: ~10 ms) stays out
+    of every kvmagent command, the stand-in out of sys.modules, and the
+    error message is the real pformat's."""
+    code = (f"import sys; {first}import kvmagent.systemd; import pystemd.dbuslib as d; "
+            f"assert ('pprint' in sys.modules) == {bool(first)}, sys.modules.get('pprint'); "
+            "x = {'a': [1] * 30}; text = d.pformat(x, width=20); "
+            "import pprint; assert hasattr(pprint, 'PrettyPrinter'); "
+            "assert text == pprint.pformat(x, width=20) and text.count(chr(10)) == 29, text")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
 @pytest.mark.parametrize("setting, why", [
     (("MemoryMax", -1), "MemoryMax=-1"),
     (("MemoryMax", 1 << 64), "MemoryMax="),
