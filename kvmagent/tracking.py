@@ -10,19 +10,21 @@ validate` does that)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sqlite3
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import state
 from .errors import ExitStatus, KvmagentError
 from .paths import Paths, guest_names
 from .values import format_size, parse_size
+
+if TYPE_CHECKING:
+    import argparse
 
 # Not imported here, to keep `list` quick: tomllib (only for a changed
 # guest file) and kvmagent.names (hashlib loads OpenSSL: ~10 ms).

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvmagent import __version__
+from kvmagent.cli import SHORT_WAYS
 from kvmagent.errors import EXIT_STATUS_HELP, ExitStatus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,6 +157,18 @@ def test_parser_of_one_command_parses_as_the_whole(argv: list[str]) -> None:
     """build_parser(argv) builds only argv's command: same result."""
     from kvmagent.parser import build_parser
     assert build_parser(argv).parse_args(argv) == build_parser().parse_args(argv)
+
+
+@pytest.mark.parametrize("argv", sorted(map(list, SHORT_WAYS)))
+def test_short_ways_parse_as_argparse_would(argv: list[str]) -> None:
+    """A command line that cli.main() takes without argparse gets the same
+    function and arguments as the parser would give it."""
+    from kvmagent.parser import build_parser
+    func, values = SHORT_WAYS[tuple(argv)]
+    parsed = vars(build_parser().parse_args(argv))
+    assert parsed.pop("func") == func and parsed.pop("config_dir") is None
+    parsed.pop("command", None)
+    assert parsed == values
 
 
 def test_main_help_before_a_command_lists_every_command(conf) -> None:
