@@ -1,23 +1,32 @@
 #!/usr/bin/python3
 """Inside the systemd test host (bench_list.py runs it): `kvmagent list`
 with SIZES defined guests, RUNNING of them started; median wall time of
-RUNS runs and the D-Bus method calls one run makes.  Prints one JSON line."""
+RUNS runs and the D-Bus method calls one run makes; with libvirt's .debs
+(DEBS, or "-"), `virsh list --all` with as many domains defined, its runs
+interleaved with kvmagent's.  Prints one JSON line."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
+from glob import glob
 
 sys.path.insert(0, "/src/kvmagent")
 from kvmagent import state  # noqa: E402
 from kvmagent.paths import Paths  # noqa: E402
 
 GUESTS = "/etc/kvmagent/guests"
+DOMAINS = "/etc/libvirt/qemu"  # libvirtd reads the domains defined here when it starts
+DOMAIN = """<domain type="qemu"><name>{name}</name><memory unit="MiB">256</memory><vcpu>2</vcpu>
+<os><type arch="x86_64" machine="pc">hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd>
+</os><devices><emulator>/usr/bin/qemu-system-x86_64</emulator>
+<interface type="bridge"><source bridge="br-kvm"/><model type="virtio"/></interface>
+</devices></domain>
+"""
 # One run of `kvmagent list` with every D-Bus method call of kvmagent.systemd
 # counted (the connection's own Hello is sd-bus's and is not counted).
 COUNTER = """
@@ -37,19 +46,53 @@ main()
 """
 
 
-def timed(argv: list[str], runs: int) -> float:
-    times = []
+def timed(argvs: list[list[str]], runs: int) -> list[float]:
+    """Median wall time of each command line, their runs interleaved (so
+    that the machine's changing load falls on each alike)."""
+    times: list[list[float]] = [[] for _ in argvs]
     for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for argv, t in zip(argvs, times):
+            t0 = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def install_libvirt(debs: str) -> None:
+    subprocess.run(["dpkg", "-i", *sorted(glob(f"{debs}/*.deb"))], check=True,
+                   stdout=subprocess.DEVNULL)
+    # the user its QEMU driver runs QEMU as (libvirt-daemon-system's postinst makes it)
+    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                    "--home-dir", "/var/lib/libvirt", "--shell", "/usr/sbin/nologin",
+                    "libvirt-qemu"], check=True)
+    os.makedirs(DOMAINS, exist_ok=True)
+
+
+def restart_libvirtd(domains: int) -> None:
+    """libvirtd as a service, started again to read the domains now defined;
+    /dev/kvm hidden from it: nested KVM hangs here, and libvirtd's probe of
+    QEMU's capabilities with it, for minutes."""
+    subprocess.run(["systemctl", "stop", "bench-libvirtd"], check=False,
+                   stderr=subprocess.DEVNULL)
+    subprocess.run(["systemd-run", "-q", "--unit=bench-libvirtd",
+                    "-p", "InaccessiblePaths=-/dev/kvm", "/usr/sbin/libvirtd"], check=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        r = subprocess.run(["virsh", "list", "--all", "--name"], capture_output=True, text=True)
+        if r.returncode == 0 and len(r.stdout.split()) == domains:
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"libvirtd did not list {domains} domains: {r.stderr.strip()}")
 
 
 def main() -> int:
     kernel, initrd, runs = sys.argv[1], sys.argv[2], int(sys.argv[3])
     sizes = [int(s) for s in sys.argv[4].split(",")]
     running = int(sys.argv[5])
+    virsh = sys.argv[6] != "-"
+    if virsh:
+        install_libvirt(sys.argv[6])
     guest = (f'memory = "256M"\n[kernel]\nimage = "{kernel}"\ninitrd = "{initrd}"\n'
              'cmdline = "console=ttyS0 quiet panic=-1"\n')
     os.makedirs(GUESTS, exist_ok=True)
@@ -68,24 +111,34 @@ def main() -> int:
     conn = state.connect(Paths.from_env().state_dir)
     out = {}
     defined = running
-    virsh = shutil.which("virsh")
     for size in sizes:
         while defined < size:  # config files only, each with a history of 10 runs
             name = f"g{defined:03d}"
             with open(f"{GUESTS}/{name}.toml", "w") as f:
                 f.write("cpus = 2\n" + guest + "[[nic]]\n")
+            if virsh:
+                with open(f"{DOMAINS}/{name}.xml", "w") as f:
+                    f.write(DOMAIN.format(name=name, kernel=kernel, initrd=initrd))
             for _ in range(10):
                 for ev, why in (("starting", None), ("running", None),
                                 ("stopped", state.ADMIN)):
                     state.insert(conn, name, ev, reason=why, source="bench")
             defined += 1
+        if virsh:
+            for i in range(running):  # as many domains as kvmagent has guests
+                with open(f"{DOMAINS}/run{i}.xml", "w") as f:
+                    f.write(DOMAIN.format(name=f"run{i}", kernel=kernel, initrd=initrd))
+            restart_libvirtd(size)
         r = subprocess.run(["/usr/bin/python3", "-c", COUNTER], capture_output=True,
                            text=True, check=True)
         calls = int(r.stderr.split("DBUS")[-1].split()[0])
         rows = len(r.stdout.splitlines()) - 1
-        out[size] = {"list_s": timed(["/usr/bin/kvmagent", "list"], runs), "dbus_calls": calls,
-                     "rows": rows,
-                     "virsh_s": timed([virsh, "list", "--all"], runs) if virsh else None}
+        argvs = [["/usr/bin/kvmagent", "list"]] + [["virsh", "list", "--all"]] * virsh
+        medians = timed(argvs, runs)
+        out[size] = {"list_s": medians[0], "dbus_calls": calls, "rows": rows,
+                     "virsh_s": medians[1] if virsh else None}
+    if virsh:
+        subprocess.run(["systemctl", "stop", "bench-libvirtd"], check=False)
     for i in range(running):
         subprocess.run(["systemctl", "kill", "-s", "SIGCONT", f"kvm-run{i}.scope"], check=False)
         subprocess.run(["systemctl", "stop", f"kvm@run{i}"], check=False, timeout=300)
