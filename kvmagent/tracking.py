@@ -188,7 +188,7 @@ def systemd_view(names: list[str]) -> tuple[dict[str, dict[str, str]], dict[str,
     return rows, enabled, ""
 
 
-def state_view(paths: Paths) -> tuple[dict[str, state.Figures], str]:
+def state_view(paths: Paths, names: list[str]) -> tuple[dict[str, state.Figures], str]:
     try:
         conn = state.connect(paths.state_dir, create=False)
     except FileNotFoundError:
@@ -196,7 +196,7 @@ def state_view(paths: Paths) -> tuple[dict[str, state.Figures], str]:
     except (sqlite3.Error, OSError) as e:
         return {}, f"no uptime record: {state.db_path(paths.state_dir)}: {e}"
     try:
-        return state.list_figures(conn, state.now()), ""
+        return state.list_figures(conn, state.now(), names), ""
     except sqlite3.Error as e:
         return {}, f"no uptime record: {state.db_path(paths.state_dir)}: {e}"
     finally:
@@ -260,7 +260,7 @@ def list_rows(paths: Paths) -> tuple[list[dict[str, Any]], list[str]]:
     dropin_dirs: set[str] = set()
     names = guest_names(paths, dropin_dirs)
     units, enabled, note1 = systemd_view(names) if names else ({}, {}, "")
-    figures, note2 = state_view(paths) if names else ({}, "")
+    figures, note2 = state_view(paths, names) if names else ({}, "")
     facts = all_facts(paths, names, dropin_dirs)
     known = not note1
     now = state.now()
