@@ -272,3 +272,20 @@ def test_list_figures_searches_an_index_per_guest(tmp_path: Path) -> None:
                or "SEARCH e USING COVERING INDEX events_lifecycle (guest=?)" in p
                for p in plan), plan
     assert not any(p.startswith("SCAN events") or p.startswith("SCAN e ") for p in plan), plan
+
+
+def test_summaries_read_only_their_guests_rows(tmp_path: Path) -> None:
+    """`kvmagent status NAME` and `history NAME` search the guest's rows
+    (events_by_guest), not every guest's years."""
+    conn = state.connect(tmp_path)
+    for guest in ("g", "h"):
+        state.insert(conn, guest, "starting", at=Now(1, 1, BOOT1))
+    statements: list[str] = []
+    conn.set_trace_callback(statements.append)
+    state.summaries(conn, ["g"], Now(2, 2, BOOT1))
+    conn.set_trace_callback(None)
+    reads = [s for s in statements if "FROM events" in s]
+    assert reads
+    for sql in reads:
+        plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
+        assert not any(p.startswith("SCAN events") for p in plan), (sql, plan)
