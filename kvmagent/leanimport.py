@@ -9,7 +9,7 @@ its __init__; importing any other module of the package still works, but
 not a name that only the __init__ defines (`from pyroute2 import IPRoute`
 fails in that process: kvmagent imports from the modules themselves).
 
-import_without(MODULE, NAME, DEPENDENCY) imports a module that takes a name
+import_without(MODULE, DEPENDENCY, NAME) imports a module that takes a name
 from a dependency it needs only on a rare path: pystemd.dbuslib's `from
 pprint import pformat` (for one error message) costs ~10 ms, as pprint
 brings dataclasses and inspect."""
@@ -34,17 +34,30 @@ def enter(package: str) -> None:
 def import_without(module: str, dependency: str, name: str) -> None:
     """Import MODULE while DEPENDENCY (if nobody imported it yet) is a
     stand-in whose NAME imports the real DEPENDENCY when first called.  The
-    stand-in is gone from sys.modules when MODULE's import returns, so any
-    other import of DEPENDENCY gets the real one."""
+    stand-in leaves sys.modules when MODULE's import returns, so a later
+    import of DEPENDENCY gets the real one; any other name asked of it (by a
+    module imported meanwhile that took it for the real one) imports the
+    real one at once."""
     if module in sys.modules or dependency in sys.modules:
         importlib.import_module(module)
         return
+    stand_in = types.ModuleType(dependency, f"kvmagent's stand-in for {dependency}")
+
+    def real() -> types.ModuleType:
+        if sys.modules.get(dependency) is stand_in:
+            del sys.modules[dependency]
+        return importlib.import_module(dependency)
 
     def late(*args: Any, **kwargs: Any) -> Any:
-        return getattr(importlib.import_module(dependency), name)(*args, **kwargs)
+        return getattr(real(), name)(*args, **kwargs)
 
-    stand_in = types.ModuleType(dependency, f"kvmagent's stand-in for {dependency}")
+    def other(attr: str) -> Any:  # the module's __getattr__ (PEP 562)
+        if attr.startswith("__"):  # the import system's questions (__path__...)
+            raise AttributeError(attr)
+        return getattr(real(), attr)
+
     setattr(stand_in, name, late)
+    setattr(stand_in, "__getattr__", other)
     sys.modules[dependency] = stand_in
     try:
         importlib.import_module(module)

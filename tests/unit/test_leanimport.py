@@ -1,0 +1,59 @@
+"""kvmagent.leanimport.import_without: a module imported with a stand-in for
+a dependency it needs only on a rare path, on made-up modules."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmagent import leanimport
+
+MODULES = ("lean_dep", "lean_mod", "lean_helper", "lean_broken")
+
+
+@pytest.fixture
+def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "lean_dep.py").write_text(
+        "LOADED = True\ndef f(x):\n    return ('real f', x)\ndef g():\n    return 'real g'\n")
+    (tmp_path / "lean_helper.py").write_text("import lean_dep\n")
+    (tmp_path / "lean_mod.py").write_text("import lean_helper\nfrom lean_dep import f\n")
+    (tmp_path / "lean_broken.py").write_text("from lean_dep import f\nraise RuntimeError('no')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in MODULES:
+        sys.modules.pop(name, None)
+
+
+def test_the_dependency_is_loaded_when_its_name_is_called(modules: Path) -> None:
+    leanimport.import_without("lean_mod", "lean_dep", "f")
+    assert "lean_mod" in sys.modules and "lean_dep" not in sys.modules
+    import lean_mod
+    assert lean_mod.f(1) == ("real f", 1)
+    assert sys.modules["lean_dep"].LOADED
+
+
+def test_a_module_imported_meanwhile_gets_the_real_names(modules: Path) -> None:
+    """lean_helper imported the dependency while the stand-in stood in for
+    it: any other name it asks for loads the real module."""
+    leanimport.import_without("lean_mod", "lean_dep", "f")
+    import lean_helper
+    assert lean_helper.lean_dep.g() == "real g"
+    assert sys.modules["lean_dep"].__file__.endswith("lean_dep.py")
+    assert lean_helper.lean_dep.f(2) == ("real f", 2)
+
+
+def test_a_failed_import_leaves_no_stand_in(modules: Path) -> None:
+    with pytest.raises(RuntimeError):
+        leanimport.import_without("lean_broken", "lean_dep", "f")
+    assert "lean_dep" not in sys.modules
+    import lean_dep
+    assert lean_dep.LOADED
+
+
+def test_an_imported_dependency_is_used_as_it_is(modules: Path) -> None:
+    import lean_dep
+    leanimport.import_without("lean_mod", "lean_dep", "f")
+    import lean_mod
+    assert lean_mod.f is lean_dep.f
