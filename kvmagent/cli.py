@@ -16,6 +16,10 @@ from __future__ import annotations
 import os
 import sys
 
+TYPE_CHECKING = False  # as typing's, without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Any
+
 # In the unit's runtime directory, written by the supervisor once it has recorded
 # the end of its run: the INVOCATION_ID of that run.
 RECORDED_FILE = "recorded"
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             return supervise.main(run[0], None, run[1])
         from .paths import Paths
         paths = Paths.from_env()
+        args: Any  # argparse's Namespace, or the same attributes without argparse
         if (short := SHORT_WAYS.get(tuple(argv))) is not None:
             from types import SimpleNamespace
             func_name, values = short

@@ -422,14 +422,15 @@ def list_figures(conn: sqlite3.Connection, at: Now, guests: Iterable[str]) -> di
     unit test holds them equal), without reading years of rows into Python:
     restarts were marked when recorded (restart = 1)."""
     import json  # here: the event writers import this module too, and need no json
+    listed = json.dumps(list(guests))
     restarts = dict(conn.execute("""
         SELECT e.guest, COUNT(*) FROM events e LEFT JOIN counters c ON c.guest = e.guest
         WHERE e.restart = 1 AND e.id > COALESCE(c.reset_after, 0)
-        GROUP BY e.guest"""))
+            AND e.guest IN (SELECT value FROM json_each(?))
+        GROUP BY e.guest""", (listed,)))
     # The run is open when the guest's last starting/running/stopped is a
     # `running` of this boot (a `stopping` does not end it).
-    last = {row[1]: Event(*row) for row in conn.execute(LAST_LIFECYCLE_SQL,
-                                                        (json.dumps(list(guests)),))}
+    last = {row[1]: Event(*row) for row in conn.execute(LAST_LIFECYCLE_SQL, (listed,))}
     out = {}
     for guest in set(restarts) | set(last):
         ev = last.get(guest)

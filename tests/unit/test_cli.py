@@ -171,6 +171,23 @@ def test_short_ways_parse_as_argparse_would(argv: list[str]) -> None:
     assert parsed == values
 
 
+@pytest.mark.parametrize("argv", sorted(map(list, SHORT_WAYS)))
+def test_short_ways_leave_argparse_unimported(conf, argv: list[str]) -> None:
+    code = ("import sys, io; from kvmagent.cli import main; out = io.StringIO(); "
+            "sys.stdout, real = out, sys.stdout; status = main(sys.argv[1:]); sys.stdout = real; "
+            "assert status == 0, status; "
+            "assert 'argparse' not in sys.modules and 'kvmagent.parser' not in sys.modules; "
+            "print(out.getvalue())")
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO),
+           "KVMAGENT_CONFIG_DIR": str(conf.paths.config_dir),
+           "KVMAGENT_STATE_DIR": str(conf.paths.state_dir),
+           "KVMAGENT_RUNTIME_DIR": str(conf.paths.runtime_dir)}
+    r = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert ("[]" in r.stdout) == ("--json" in argv), r.stdout
+
+
 def test_main_help_before_a_command_lists_every_command(conf) -> None:
     for argv in (["-h", "list"], ["--config-dir", "/x", "--help", "list"]):
         out = kvmagent(conf, *argv).stdout
