@@ -17,7 +17,10 @@ when the libvirt packages cannot be downloaded, virsh is not measured."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,23 +39,44 @@ LIBVIRT_PACKAGES = ("libvirt-daemon", "libvirt-clients")
 LIBVIRT_DEBS = Path("/var/cache/kvmagent-bench/libvirt-debs")
 
 
-def libvirt_debs() -> Path | None:
-    """The .debs that libvirt adds to this machine (what the test host's
-    overlay has), downloaded once; None (and why, printed) without them."""
-    (LIBVIRT_DEBS / "partial").mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(
-        ["apt-get", "install", "-y", "-q", "--download-only", "--no-install-recommends",
-         "-o", f"Dir::Cache::archives={LIBVIRT_DEBS}/", "-o", "APT::Sandbox::User=root",
-         *LIBVIRT_PACKAGES], capture_output=True, text=True)
-    if r.returncode != 0 or not any(LIBVIRT_DEBS.glob("libvirt-clients_*.deb")):
-        print(f"virsh not measured: apt-get could not download {' '.join(LIBVIRT_PACKAGES)}: "
+def libvirt_debs() -> str | None:
+    """Where the .debs are that libvirt adds to this machine (and so to the
+    test host's overlay): a directory keyed by the packages and versions apt
+    would install now, downloaded once; "installed" when libvirt is already
+    here; None (and why, printed) without them."""
+    if shutil.which("virsh") and os.path.exists("/usr/sbin/libvirtd"):
+        return "installed"
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+               "-o", "APT::Sandbox::User=root", *LIBVIRT_PACKAGES]
+    r = subprocess.run([*install, "--simulate"], capture_output=True, text=True)
+    wanted = sorted(line for line in r.stdout.splitlines() if line.startswith("Inst "))
+    if r.returncode != 0 or not wanted:
+        print(f"virsh not measured: apt-get cannot install {' '.join(LIBVIRT_PACKAGES)}: "
               f"{(r.stderr or r.stdout).strip().splitlines()[-1:]}")
         return None
-    return LIBVIRT_DEBS
+    key = hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:16]
+    debs = LIBVIRT_DEBS / key
+    if not debs.is_dir():
+        tmp = LIBVIRT_DEBS / f".{key}.{os.getpid()}"
+        (tmp / "partial").mkdir(parents=True)
+        r = subprocess.run([*install, "--download-only", "-o", f"Dir::Cache::archives={tmp}/"],
+                           capture_output=True, text=True)
+        if r.returncode != 0 or len(list(tmp.glob("*.deb"))) != len(wanted):
+            shutil.rmtree(tmp)
+            print(f"virsh not measured: apt-get could not download "
+                  f"{' '.join(LIBVIRT_PACKAGES)}: {(r.stderr or r.stdout).strip()}")
+            return None
+        shutil.rmtree(tmp / "partial")
+        (tmp / "lock").unlink(missing_ok=True)
+        tmp.rename(debs)
+    for old in LIBVIRT_DEBS.iterdir():  # other versions: not needed again
+        if old != debs:
+            shutil.rmtree(old, ignore_errors=True)
+    return str(debs)
 
 
 def main() -> int:
-    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 7
+    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 15
     image = find_guest()
     debs = libvirt_debs()
     with TestHost(root="host", src=REPO) as th:
@@ -61,7 +85,7 @@ def main() -> int:
                      check=False)
         out = th.run(["/usr/bin/python3", "/src/kvmagent/bench/list_inner.py",
                       str(image.kernel), str(image.initrd), str(runs),
-                      ",".join(map(str, SIZES)), "3", str(debs or "-")],
+                      ",".join(map(str, SIZES)), "3", debs or "-"],
                      timeout=1800).stdout
     r = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
     print(f"kvmagent list in the systemd test host, 3 guests running (paused); "

@@ -1,14 +1,15 @@
 #!/usr/bin/python3
 """Inside the systemd test host (bench_list.py runs it): `kvmagent list`
 with SIZES defined guests, RUNNING of them started; median wall time of
-RUNS runs and the D-Bus method calls one run makes; with libvirt's .debs
-(DEBS, or "-"), `virsh list --all` with as many domains defined, its runs
+RUNS runs and the D-Bus method calls one run makes; with libvirt (DEBS:
+a directory of its .debs, "installed", or "-" for none), `virsh list --all` with as many domains defined, its runs
 interleaved with kvmagent's.  Prints one JSON line."""
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import statistics
 import subprocess
 import sys
@@ -60,12 +61,16 @@ def timed(argvs: list[list[str]], runs: int) -> list[float]:
 
 
 def install_libvirt(debs: str) -> None:
-    subprocess.run(["dpkg", "-i", *sorted(glob(f"{debs}/*.deb"))], check=True,
-                   stdout=subprocess.DEVNULL)
+    if debs != "installed":
+        subprocess.run(["dpkg", "-i", *sorted(glob(f"{debs}/*.deb"))], check=True,
+                       stdout=subprocess.DEVNULL)
     # the user its QEMU driver runs QEMU as (libvirt-daemon-system's postinst makes it)
-    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
-                    "--home-dir", "/var/lib/libvirt", "--shell", "/usr/sbin/nologin",
-                    "libvirt-qemu"], check=True)
+    try:
+        pwd.getpwnam("libvirt-qemu")
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                        "--home-dir", "/var/lib/libvirt", "--shell", "/usr/sbin/nologin",
+                        "libvirt-qemu"], check=True)
     os.makedirs(DOMAINS, exist_ok=True)
 
 
@@ -75,7 +80,7 @@ def restart_libvirtd(domains: int) -> None:
     QEMU's capabilities with it, for minutes."""
     subprocess.run(["systemctl", "stop", "bench-libvirtd"], check=False,
                    stderr=subprocess.DEVNULL)
-    subprocess.run(["systemd-run", "-q", "--unit=bench-libvirtd",
+    subprocess.run(["systemd-run", "-q", "--collect", "--unit=bench-libvirtd",
                     "-p", "InaccessiblePaths=-/dev/kvm", "/usr/sbin/libvirtd"], check=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -133,7 +138,7 @@ def main() -> int:
                            text=True, check=True)
         calls = int(r.stderr.split("DBUS")[-1].split()[0])
         rows = len(r.stdout.splitlines()) - 1
-        argvs = [["/usr/bin/kvmagent", "list"]] + [["virsh", "list", "--all"]] * virsh
+        argvs = [["/usr/bin/kvmagent", "list"]] + ([["virsh", "list", "--all"]] if virsh else [])
         medians = timed(argvs, runs)
         out[size] = {"list_s": medians[0], "dbus_calls": calls, "rows": rows,
                      "virsh_s": medians[1] if virsh else None}
