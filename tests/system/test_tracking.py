@@ -121,3 +121,43 @@ def test_restarts_and_uptime_are_kept_across_crashes_kills_and_reboots(
         th.exec(["systemctl", "stop", UNIT], timeout=120)
         last = history(th)["events"][-1]
         assert (last["event"], last["reason"]) == ("stopped", "admin")
+
+
+def test_ten_guests_started_and_stopped_at_once_lose_no_event(
+        system_ok: None, tmp_path: Path) -> None:
+    """Ten supervisors (and their ExecStopPost= steps) write to the state
+    database at the same moments: every guest's run is there, whole and in
+    order, and the database is intact."""
+    try:
+        image = find_guest()
+    except GuestBuildError as e:
+        pytest.fail(str(e), pytrace=False)
+    names = [f"many{i}" for i in range(10)]
+    units = [f"kvm@{n}.service" for n in names]
+    with TestHost(root="host", src=REPO, journal_dir=tmp_path, stop_timeout=120) as th:
+        install_checkout(th)
+        for name in names:
+            define_guest(th, name, guest_toml(image, nics=0))
+        th.exec(["systemctl", "start", *units], timeout=300)  # one job each, all at once
+        for unit in units:
+            wait_for(th, unit, r"GUEST-READY", timeout=300)
+        th.exec(["systemctl", "stop", *units], timeout=300)
+        for unit in units:
+            assert wait_state(th, unit, ("inactive",))["Result"] == "success"
+        rows = {r["name"]: r for r in json.loads(th.run(["kvmagent", "list", "--json"]).stdout)}
+        for name in names:
+            events = history_of(th, name)["events"]
+            assert [(e["event"], e["reason"], e["source"]) for e in events] == [
+                ("starting", None, "supervisor"), ("running", None, "supervisor"),
+                ("stopping", "admin", "supervisor"), ("stopped", "admin", "supervisor")], events
+            assert len({e["invocation_id"] for e in events}) == 1
+            assert rows[name]["state"] == "stopped" and rows[name]["restarts"] == 0
+        check = th.exec(["/usr/bin/python3", "-c",
+                         "import sqlite3; c = sqlite3.connect('/var/lib/kvmagent/state.db'); "
+                         "print(c.execute('PRAGMA integrity_check').fetchone()[0], "
+                         "c.execute('SELECT COUNT(*) FROM events').fetchone()[0])"]).stdout.split()
+        assert check == ["ok", str(4 * len(names))]
+
+
+def history_of(th: TestHost, name: str) -> dict[str, Any]:
+    return json.loads(th.run(["kvmagent", "history", name, "--json"]).stdout)
