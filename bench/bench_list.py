@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """`kvmagent list` with 10, 100 and 200 defined guests (config files with a
-history of 10 runs each in the state database; 3 of them running the tiny
+history of 10 runs each in the state database, enabled at boot; 3 of them running the tiny
 guest under TCG, paused with SIGSTOP), in the systemd test host: median wall time of the whole
 command and the D-Bus method calls it makes, next to `virsh list --all`
 with libvirt 9.0 in the same test host: Debian's libvirt-daemon and

@@ -21,6 +21,8 @@ from kvmagent import state  # noqa: E402
 from kvmagent.paths import Paths  # noqa: E402
 
 GUESTS = "/etc/kvmagent/guests"
+UNITS = "/etc/systemd/system"  # where the test host has kvm@.service
+WANTS = f"{UNITS}/machines.target.wants"
 DOMAINS = "/etc/libvirt/qemu"  # libvirtd reads the domains defined here when it starts
 DOMAIN = """<domain type="qemu"><name>{name}</name><memory unit="MiB">256</memory><vcpu>2</vcpu>
 <os><type arch="x86_64" machine="pc">hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd>
@@ -101,6 +103,7 @@ def main() -> int:
     guest = (f'memory = "256M"\n[kernel]\nimage = "{kernel}"\ninitrd = "{initrd}"\n'
              'cmdline = "console=ttyS0 quiet panic=-1"\n')
     os.makedirs(GUESTS, exist_ok=True)
+    os.makedirs(WANTS, exist_ok=True)
     for i in range(running):
         with open(f"{GUESTS}/run{i}.toml", "w") as f:
             f.write(guest)
@@ -121,6 +124,8 @@ def main() -> int:
             name = f"g{defined:03d}"
             with open(f"{GUESTS}/{name}.toml", "w") as f:
                 f.write("cpus = 2\n" + guest + "[[nic]]\n")
+            # enabled at boot, as most guests of a host are (what `systemctl enable` makes)
+            os.symlink(f"{UNITS}/kvm@.service", f"{WANTS}/kvm@{name}.service")
             if virsh:
                 with open(f"{DOMAINS}/{name}.xml", "w") as f:
                     f.write(DOMAIN.format(name=name, kernel=kernel, initrd=initrd))

@@ -146,10 +146,14 @@ UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/lib/systemd/sys
 def enabled_guests(unit_dirs: tuple[str, ...] = UNIT_DIRS) -> set[str]:
     """Guests whose kvm@NAME.service is enabled: a symlink of that name in a
     *.wants/ or *.requires/ directory, which is how systemd itself finds an
-    enabled template instance.  The manager has no call that lists the
-    unit-file state of instances (ListUnitFilesByPatterns lists only
-    kvm@.service), and one GetUnitFileState per guest is what list avoids."""
+    enabled template instance (not one that leads to /dev/null: masked).
+    The manager has no call that lists the unit-file state of instances
+    (ListUnitFilesByPatterns lists only kvm@.service), and one
+    GetUnitFileState per guest is what list avoids.  The links of a host's
+    guests all lead to the same kvm@.service: each distinct one is followed
+    once (a realpath per guest was 9 ms of a listing of 200)."""
     found: set[str] = set()
+    masked: dict[str, bool] = {}  # where a link leads -> to /dev/null
     for top in unit_dirs:
         try:
             subdirs = [e.path for e in os.scandir(top)
@@ -159,10 +163,16 @@ def enabled_guests(unit_dirs: tuple[str, ...] = UNIT_DIRS) -> set[str]:
         for d in subdirs:
             try:
                 for e in os.scandir(d):
-                    if (e.name.startswith("kvm@") and e.name.endswith(".service")
-                            and e.name != "kvm@.service"
-                            and os.path.realpath(e.path) != "/dev/null"):
-                        found.add(e.name[len("kvm@"):-len(".service")])
+                    if (not e.name.startswith("kvm@") or not e.name.endswith(".service")
+                            or e.name == "kvm@.service"):
+                        continue
+                    if e.is_symlink():
+                        target = os.path.join(d, os.readlink(e.path))
+                        if target not in masked:
+                            masked[target] = os.path.realpath(target) == "/dev/null"
+                        if masked[target]:
+                            continue
+                    found.add(e.name[len("kvm@"):-len(".service")])
             except OSError:
                 continue
     return found
