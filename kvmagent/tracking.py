@@ -148,13 +148,14 @@ def enabled_guests(unit_dirs: tuple[str, ...] = UNIT_DIRS) -> set[str]:
     """Guests whose kvm@NAME.service is enabled: a symlink of that name in a
     *.wants/ or *.requires/ directory, which is how systemd itself finds an
     enabled template instance; not those masked (`systemctl mask`: a link
-    to /dev/null named kvm@NAME.service, or kvm@.service for all, in a unit
-    directory).  The manager has no call that lists the unit-file state of
+    to /dev/null named kvm@NAME.service, or kvm@.service for all, in the
+    first unit directory that has the name: UNIT_DIRS is systemd's order).  The manager has no call that lists the unit-file state of
     instances (ListUnitFilesByPatterns lists only kvm@.service), and one
     GetUnitFileState per guest is what list avoids; so is a system call per
     enabled guest (following each link was 9 ms of a listing of 200)."""
     found: set[str] = set()
     masked: set[str] = set()  # guests; "" for the template
+    named: set[str] = set()  # unit files found: the first directory (of UNIT_DIRS' order) wins
     seen: set[str] = set()
     for top in unit_dirs:
         real = os.path.realpath(top)  # /lib/systemd/system is /usr/lib/... (merged /usr)
@@ -170,10 +171,12 @@ def enabled_guests(unit_dirs: tuple[str, ...] = UNIT_DIRS) -> set[str]:
             if e.name.endswith((".wants", ".requires")) and e.is_dir():
                 wants.append(e.path)
             elif (e.name.startswith("kvm@") and e.name.endswith(".service")
-                  and e.is_symlink()):
-                with suppress(OSError):
-                    if os.readlink(e.path) == "/dev/null":
-                        masked.add(e.name[len("kvm@"):-len(".service")])
+                  and e.name not in named):
+                named.add(e.name)
+                if e.is_symlink():
+                    with suppress(OSError):
+                        if os.readlink(e.path) == "/dev/null":
+                            masked.add(e.name[len("kvm@"):-len(".service")])
         for d in wants:
             try:
                 found.update(e.name[len("kvm@"):-len(".service")] for e in os.scandir(d)

@@ -161,3 +161,41 @@ def test_ten_guests_started_and_stopped_at_once_lose_no_event(
 
 def history_of(th: TestHost, name: str) -> dict[str, Any]:
     return json.loads(th.run(["kvmagent", "history", name, "--json"]).stdout)
+
+
+def test_boot_column_agrees_with_systemctl_is_enabled(system_ok: None, tmp_path: Path) -> None:
+    """`kvmagent list` reads the unit directories itself (no D-Bus call per
+    guest): what it says of starting at boot must be what systemd says."""
+    try:
+        image = find_guest()
+    except GuestBuildError as e:
+        pytest.fail(str(e), pytrace=False)
+    names = ["on", "runtime", "off", "masked"]
+    with TestHost(root="host", src=REPO, journal_dir=tmp_path) as th:
+        install_checkout(th)
+        for name in names:
+            define_guest(th, name, guest_toml(image, nics=0))
+        th.exec(["systemctl", "enable", "kvm@on", "kvm@masked"])
+        th.exec(["systemctl", "enable", "--runtime", "kvm@runtime"])
+        th.exec(["systemctl", "mask", "kvm@masked"])
+
+        def compare() -> dict[str, str]:
+            rows = {r["name"]: r for r in json.loads(th.run(["kvmagent", "list", "--json"]).stdout)}
+            said = {}
+            for name in names:
+                said[name] = th.exec(["systemctl", "is-enabled", f"kvm@{name}"],
+                                     check=False).stdout.strip()
+                starts = said[name] in ("enabled", "enabled-runtime")
+                assert rows[name]["enabled"] is starts, (name, said[name], rows[name])
+            return said
+
+        assert compare() == {"on": "enabled", "runtime": "enabled-runtime", "off": "disabled",
+                             "masked": "masked"}
+        # the template masked for this boot: /etc/systemd/system has kvm@.service
+        # here (install_checkout), which comes first, so systemd does not mask it
+        th.exec(["systemctl", "mask", "--runtime", "kvm@.service"])
+        compare()
+        # without it, /run's mask is the first kvm@.service: every guest is masked
+        th.exec(["mv", "/etc/systemd/system/kvm@.service", "/usr/lib/systemd/system/"])
+        th.exec(["systemctl", "daemon-reload"])
+        assert set(compare().values()) <= {"masked", "masked-runtime"}

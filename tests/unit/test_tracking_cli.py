@@ -232,6 +232,11 @@ def test_enabled_guests_are_the_wants_symlinks(tmp_path) -> None:
     assert enabled_guests((str(run), str(etc), str(lib))) == {"web"}
     (run / "kvm@.service").symlink_to("/dev/null")
     assert enabled_guests((str(run), str(etc), str(lib))) == set()
+    # a mask behind a unit file of the directory before it masks nothing
+    (run / "kvm@.service").unlink()
+    (etc / "kvm@.service").write_text("[Service]\n")
+    (run / "kvm@.service").symlink_to("/dev/null")
+    assert enabled_guests((str(etc), str(run), str(lib))) == {"web"}
     # one directory reached by two names (merged /usr) is read once
     assert enabled_guests((str(lib), str(tmp_path / "lib" / ".." / "lib"))) == {"db"}
 
