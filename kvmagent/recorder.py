@@ -80,7 +80,7 @@ class EventRecorder:
         False if an event could not be written (state.Recorder logged it)."""
         from . import state, stoppost
         record = state.Recorder(self.name, self.paths.state_dir, self.log)
-        boot = state.boot_id()
+        boot = state.boot_id(str(self.paths.runtime_dir))
         shutdown: bool | None = None
         while True:
             for event, reason, detail, pid, realtime, boottime in queue:

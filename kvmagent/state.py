@@ -108,12 +108,34 @@ class Now(NamedTuple):
     boot_id: str
 
 
-def boot_id() -> str:
-    """This boot of this system: the kernel's boot time and the start of PID
-    1, which every process of the system sees alike.  Not the kernel's
-    random boot_id: under ProtectKernelTunables= (kvm@.service) a service in
-    a container reads the host's boot_id, not the container's, so the
-    supervisor and the CLI would disagree."""
+# In the runtime directory: systemd's ID of this boot, written at boot by
+# systemd-tmpfiles (tmpfiles.d/kvmagent.conf: `f /run/kvmagent/boot-id - - - - %b`)
+# before any guest starts; /run is empty again at the next boot.
+BOOT_ID_FILE = "boot-id"
+
+
+def boot_id(runtime_dir: str | None = None) -> str:
+    """This boot of this system, as every process of kvmagent sees it alike:
+    the boot ID that systemd-tmpfiles wrote into the runtime directory (in a
+    container, the container's; a service under ProtectKernelTunables= would
+    read the host's from /proc/sys/kernel/random/boot_id).  Without that
+    file (kvmagent run from a checkout): the kernel's boot time and the start
+    of PID 1, which a step of the wall clock changes (btime is derived from
+    it), so a clock set during a run splits the boot in two."""
+    directory = runtime_dir or os.environ.get("KVMAGENT_RUNTIME_DIR") or "/run/kvmagent"
+    try:
+        with open(os.path.join(directory, BOOT_ID_FILE)) as f:
+            text = f.read(100).strip()
+        if text and text.isascii() and text.isalnum():
+            return text
+    except (OSError, ValueError):
+        pass
+    return kernel_boot_id()
+
+
+def kernel_boot_id() -> str:
+    """The kernel's boot time and the start of PID 1: how kvmagent named
+    boots before the boot-id file (and still does without it)."""
     try:
         with open("/proc/stat") as f:
             btime = next(line.split()[1] for line in f if line.startswith("btime "))
@@ -122,6 +144,26 @@ def boot_id() -> str:
         return f"{btime}.{start}"
     except (OSError, StopIteration, IndexError):
         return "unknown"
+
+
+def keep_boot_id(runtime_dir: str = "/run/kvmagent") -> None:
+    """On an upgrade from a kvmagent without the boot-id file: write this
+    boot's ID as that version computed it (kernel_boot_id), so that the
+    guests running now keep their uptime; systemd-tmpfiles (which creates
+    the file only where it is missing) writes systemd's ID from the next boot
+    on.  The package's postinst calls this."""
+    os.makedirs(runtime_dir, mode=0o755, exist_ok=True)
+    path = os.path.join(runtime_dir, BOOT_ID_FILE)
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(kernel_boot_id() + "\n")
+    os.chmod(tmp, 0o644)
+    try:
+        os.link(tmp, path)  # never replaces one that is there
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
 
 
 def now() -> Now:

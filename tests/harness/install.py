@@ -34,6 +34,8 @@ def install_checkout(th: TestHost, host_config: str = 'accel = "tcg"\n') -> None
     # the user QEMU runs as, as the package's postinst makes it
     th.copy_in(REPO / "debian" / "kvmagent.sysusers", "/usr/lib/sysusers.d/kvmagent.conf", 0o644)
     th.exec(["systemd-sysusers", "kvmagent.conf"])
+    th.copy_in(REPO / "debian" / "kvmagent.tmpfiles", "/usr/lib/tmpfiles.d/kvmagent.conf", 0o644)
+    th.exec(["systemd-tmpfiles", "--create", "kvmagent.conf"])
     th.copy_in(REPO / "catalog" / "kvmagent.catalog",
                "/usr/lib/systemd/catalog/kvmagent.catalog", 0o644)
     th.exec(["journalctl", "--update-catalog"])

@@ -59,6 +59,9 @@ def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[
         assert th.exec(["systemctl", "is-enabled", "kvmagent-bridges.service"],
                        check=False).stdout.strip() == "enabled"
         assert "/usr/share/man/man5/kvmagent.toml.5.gz" in th.exec(["dpkg", "-L", "kvmagent"]).stdout
+        # postinst ran systemd-tmpfiles: the boot's ID for the uptime record
+        boot = th.exec(["cat", "/run/kvmagent/boot-id"]).stdout.strip()
+        assert boot == th.exec(["cat", "/proc/sys/kernel/random/boot_id"]).stdout.strip().replace("-", "")
         # systemd's dpkg trigger compiled the message catalog (journalctl -x)
         assert "kvmagent: Guest @GUEST@ is running" in th.exec(
             ["journalctl", "--list-catalog", "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b02"]).stdout
@@ -80,10 +83,16 @@ def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[
         before = {n: main_pid(th, f"kvm@{n}.service") for n in ("demo", "g1")}
         qemus = {n: qemu_pid(th, n) for n in ("demo", "g1")}
 
-        # upgrade under two running guests: they keep their supervisor and QEMU
+        # upgrade under two running guests: they keep their supervisor and QEMU.
+        # As from a kvmagent before /run/kvmagent/boot-id: postinst names this
+        # boot as that version did (its guests' events say so), tmpfiles does not
+        th.exec(["rm", "/run/kvmagent/boot-id"])
         th.copy_in(upgrade, f"/var/tmp/{upgrade.name}")
         th.run(["apt-get", *APT, "install", "-y", "-q", f"/var/tmp/{upgrade.name}"], env=env)
         assert th.run(["kvmagent", "--version"]).stdout == "kvmagent 0.1.0+upgrade1\n"
+        old_name = th.exec(["python3", "-c", "from kvmagent.state import kernel_boot_id; "
+                            "print(kernel_boot_id())"]).stdout.strip()
+        assert th.exec(["cat", "/run/kvmagent/boot-id"]).stdout.strip() == old_name != boot
         for name, pid in before.items():
             assert main_pid(th, f"kvm@{name}.service") == pid, name
             assert qemu_pid(th, name) == qemus[name], name

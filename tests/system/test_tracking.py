@@ -34,6 +34,14 @@ def history(th: TestHost) -> dict[str, Any]:
     return json.loads(th.run(["kvmagent", "history", NAME, "--json"]).stdout)
 
 
+def boot_id(th: TestHost) -> str:
+    """This boot's ID from /run/kvmagent/boot-id, checked against systemd's."""
+    written = th.exec(["cat", "/run/kvmagent/boot-id"]).stdout.strip()
+    kernel = th.exec(["cat", "/proc/sys/kernel/random/boot_id"]).stdout.strip()
+    assert written == kernel.replace("-", ""), (written, kernel)
+    return written
+
+
 def wait_restarts(th: TestHost, n: int, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while show(th, UNIT, "NRestarts")["NRestarts"] != str(n):
@@ -77,6 +85,9 @@ def test_restarts_and_uptime_are_kept_across_crashes_kills_and_reboots(
         assert "QEMU was killed by signal 9" in crashes[0]["detail"]
         mode = th.exec(["stat", "-c", "%a", "/var/lib/kvmagent/state.db"]).stdout.strip()
         assert mode == "600"
+        # the boot as systemd names it (systemd-tmpfiles wrote it), whichever
+        # process wrote the event: the sandboxed supervisor and the CLI agree
+        assert {e["boot_id"] for e in h["events"]} == {boot_id(th)}
 
         # the supervisor itself killed: only ExecStopPost= can record it
         th.exec(["systemctl", "reset-failed", UNIT])  # StartLimitBurst=5 in 10 min
@@ -112,7 +123,7 @@ def test_restarts_and_uptime_are_kept_across_crashes_kills_and_reboots(
         stops = [e for e in after["events"] if e["event"] == "stopped"]
         assert stops[-1]["reason"] == "shutdown", stops[-1]
         boots = {e["boot_id"] for e in after["events"]}
-        assert len(boots) == 2
+        assert len(boots) == 2 and after["events"][-1]["boot_id"] == boot_id(th)
         time.sleep(3)
         assert history(th)["cumulative_uptime_seconds"] > after["cumulative_uptime_seconds"]
 

@@ -293,3 +293,27 @@ def test_summaries_read_only_their_guests_rows(tmp_path: Path) -> None:
     for sql in reads:
         plan = [row[3] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}")]
         assert not any(re.match(r"SCAN (events|e)\b", p) for p in plan), (sql, plan)
+
+
+def test_boot_id_is_the_file_systemd_tmpfiles_wrote(tmp_path: Path) -> None:
+    """Not derived from the clock: a step of the wall clock changes the
+    kernel's btime, never this file (/run is new at every boot)."""
+    assert state.boot_id(str(tmp_path)) == state.kernel_boot_id()  # no file: the old way
+    (tmp_path / state.BOOT_ID_FILE).write_text("0f3c5a1e9b2d4c6e8a0b1c2d3e4f5a6b")
+    assert state.boot_id(str(tmp_path)) == "0f3c5a1e9b2d4c6e8a0b1c2d3e4f5a6b"
+    for bad in ("", "../x", "a b", "\u00e9t\u00e9"):
+        (tmp_path / state.BOOT_ID_FILE).write_text(bad)
+        assert state.boot_id(str(tmp_path)) == state.kernel_boot_id(), bad
+
+
+def test_an_upgrade_keeps_the_boot_it_is_in(tmp_path: Path) -> None:
+    """postinst on an upgrade: this boot keeps the name the old version gave
+    it; a file already there (systemd-tmpfiles') is never replaced."""
+    runtime = tmp_path / "run"
+    state.keep_boot_id(str(runtime))
+    assert state.boot_id(str(runtime)) == state.kernel_boot_id()
+    assert stat.S_IMODE((runtime / state.BOOT_ID_FILE).stat().st_mode) == 0o644
+    (runtime / state.BOOT_ID_FILE).write_text("abc123\n")
+    state.keep_boot_id(str(runtime))
+    assert state.boot_id(str(runtime)) == "abc123"
+    assert sorted(p.name for p in runtime.iterdir()) == [state.BOOT_ID_FILE]
