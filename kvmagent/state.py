@@ -196,17 +196,36 @@ def connect(state_dir: Path, *, create: bool = True,
     try:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         if create:
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                conn.execute("PRAGMA journal_mode = WAL")
+            _wal(conn, time.monotonic() + busy_timeout_ms / 1000)
             conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints
             migrate(conn)
-        elif conn.execute("PRAGMA user_version").fetchone()[0] > len(MIGRATIONS):
-            raise sqlite3.DatabaseError(f"{path} is of a newer kvmagent (schema version "
-                                        f"{conn.execute('PRAGMA user_version').fetchone()[0]})")
+        else:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise sqlite3.DatabaseError(f"{path} is of a newer kvmagent (schema version "
+                                            f"{version})")
+            if version < len(MIGRATIONS):
+                # A database of the version before an upgrade, which no guest
+                # has written to since: the reader brings it up to date.
+                migrate(conn)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _wal(conn: sqlite3.Connection, deadline: float) -> None:
+    """Put the database in WAL mode.  Changing the journal mode does not
+    wait for the busy timeout: while other processes have the new, empty
+    file open (every guest of a host starting at its first boot), it fails
+    at once with "database is locked", so it is tried again until DEADLINE."""
+    while conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def migrate(conn: sqlite3.Connection, migrations: tuple[str, ...] = MIGRATIONS) -> int:
