@@ -341,16 +341,34 @@ def cmd_list(args: argparse.Namespace, paths: Paths) -> int:
             print(name)
             name = ""
         if r["state"] == "invalid":
-            print(f"{name:<{w}} {paint('invalid', 'invalid', 8)} "
-                  f"(kvmagent validate {r['name']})")
+            hint = f"(kvmagent validate {r['name']})"
+            if w + 10 + len(hint) > 80:
+                hint = "(kvmagent validate NAME)"
+            print(f"{name:<{w}} {paint('invalid', 'invalid', 8)} {hint}")
             continue
         boot = "-" if r["enabled"] is None else ("yes" if r["enabled"] else "no")
         restarts = "-" if r["restarts"] is None else str(r["restarts"])
+        uptime = duration(r["uptime_seconds"])
+        if len(uptime) > 8:  # a thousand days and more: the days alone
+            uptime = uptime.split()[0]
         print(f"{name:<{w}} {paint(r['state'], r['state'], 8)} "
-              f"{duration(r['uptime_seconds']):>8} {restarts:>8} {r['cpus']:>4} "
-              f"{format_size(r['memory_bytes']):>6} {r['qemu_pid'] or '-':>7} {boot:<4} "
+              f"{uptime:>8} {restarts:>8} {r['cpus']:>4} "
+              f"{_memory(r['memory_bytes']):>6} {r['qemu_pid'] or '-':>7} {boot:<4} "
               f"{_taps(r['taps'])}")
     return ExitStatus.OK
+
+
+def _memory(nbytes: int) -> str:
+    """The size as written (512M, 2G), or rounded when that is wider than the
+    column (100000M: 97.7G)."""
+    text = format_size(nbytes)
+    if len(text) <= 6:
+        return text
+    for unit, factor in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:.1f}{unit}" if nbytes < 1000 * factor else \
+                f"{nbytes // factor}{unit}"
+    return text
 
 
 # -- status, history, reset-counters: one guest -----------------------------------------
@@ -406,11 +424,12 @@ def parse_since(text: str, now: float | None = None) -> float:
     from datetime import datetime
     now = time.time() if now is None else now
     units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-    if text[:-1].isdigit() and text[-1:] in units:
-        return now - int(text[:-1]) * units[text[-1]]
+    number = text[:-1]
+    if number.isascii() and number.isdigit() and len(number) <= 9 and text[-1:] in units:
+        return now - int(number) * units[text[-1]]
     try:
         return datetime.fromisoformat(text).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):
         raise KvmagentError(f"--since {text!r}: expected a date (2024-05-01, "
                             "\"2024-05-01 10:00\") or an age (7d, 12h, 30m)",
                             status=ExitStatus.USAGE) from None
@@ -418,7 +437,7 @@ def parse_since(text: str, now: float | None = None) -> float:
 
 def cmd_history(args: argparse.Namespace, paths: Paths) -> int:
     _known(paths, args.name)
-    since = parse_since(args.since) if args.since else None
+    since = parse_since(args.since) if args.since is not None else None
     evs, summary, note = _history(paths, args.name, since)
     _note(note)
     if args.json:
@@ -430,15 +449,23 @@ def cmd_history(args: argparse.Namespace, paths: Paths) -> int:
         print(f"no events recorded for guest {args.name}" + (" since then" if since else ""))
     else:
         print(f"{'TIME':<19}  {'EVENT':<8}  DETAIL")
+        wrap = sys.stdout.isatty()  # 80 columns on a terminal; whole lines for grep
         for e in evs:
             detail = reason_text(e) if e.reason else (f"QEMU pid {e.pid}" if e.pid else "")
-            print(f"{stamp(e.realtime):<19}  {e.event:<8}  {detail}")
+            line = f"{stamp(e.realtime):<19}  {e.event:<8}  {detail}".rstrip()
+            if wrap and len(line) > 80:
+                import textwrap
+                line = textwrap.fill(line, 80, subsequent_indent=" " * 31,
+                                     break_long_words=False, break_on_hyphens=False)
+            print(line)
         print()
     if summary is not None:
-        print(f"runs {summary.runs}, cumulative uptime {duration(summary.cumulative)}, "
-              f"longest {duration(summary.longest)}, restarts after failures "
-              f"{summary.restarts}" + (f" (since {stamp(summary.counted_since)})"
-                                       if summary.counted_since else ""))
+        line = (f"runs {summary.runs}, cumulative uptime {duration(summary.cumulative)}, "
+                f"longest {duration(summary.longest)}, restarts after failures "
+                f"{summary.restarts}")
+        if summary.counted_since:  # on a line of its own: 80 columns
+            line += f"\n(restarts counted since {stamp(summary.counted_since)})"
+        print(line)
     return ExitStatus.OK
 
 

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from kvmagent import state
 from kvmagent.errors import ExitStatus
 from kvmagent.stoppost import stop_reason
@@ -57,6 +59,37 @@ def test_list_shows_restarts_and_fits_80_columns(conf) -> None:
     assert set(rows["web"]) >= {"name", "state", "active_state", "sub_state", "enabled",
                                 "uptime_seconds", "restarts", "qemu_pid", "cpus",
                                 "memory_bytes", "taps", "description"}
+
+
+def test_list_fits_80_columns_with_extreme_values(conf) -> None:
+    """The longest valid name (invalid guest), memory that is not a round
+    number of G, an uptime of over a thousand days."""
+    longest = "a" * 30 + "-" + "b" * 33
+    conf.write(f"guests/{longest}.toml", 'cpus = "x"\n')
+    conf.write("guests/big.toml", 'cpus = 255\nmemory = "100000M"\n' + "[[nic]]\n" * 8)
+    _record(conf, "big", [("starting", None, 1200 * 86400), ("running", None, 1200 * 86400)])
+    lines = kvmagent(conf, "list").stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert lines[2].split() == ["invalid", "(kvmagent", "validate", "NAME)"]
+    assert re.match(r"big +unknown +1200d +0 +255 +97\.7G +(\d+|-) +- +kvm-big-0 \+7$",
+                    lines[3]), lines[3]
+
+
+@pytest.mark.parametrize("since", ["", "\u00b2d", "9" * 400 + "d", "9" * 5000, "0001-01-01",
+                                   "7x", "-7d"])
+def test_history_since_refused_with_a_message(conf, since: str) -> None:
+    _crashy(conf)
+    r = kvmagent(conf, "history", "web", "--since", since)
+    assert r.returncode == ExitStatus.USAGE and "Traceback" not in r.stderr, r.stderr
+    assert "--since" in r.stderr
+
+
+def test_history_after_a_reset_fits_80_columns(conf) -> None:
+    _crashy(conf)
+    kvmagent(conf, "reset-counters", "web")
+    lines = kvmagent(conf, "history", "web").stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert lines[-1].startswith("(restarts counted since ")
 
 
 def test_list_reads_drop_ins(conf) -> None:
