@@ -43,19 +43,21 @@ _COLORS = {"running": "32", "failed": "31", "invalid": "31", "starting": "33",
 
 def _signature(guests_dir: str, name: str, dropin_dirs: set[str]) -> list[int] | None:
     """What a guest's facts depend on: its file and its drop-in directory
-    (if guest_names() saw one)."""
+    (if guest_names() saw one).  The change time too: a chmod or chown
+    changes whether kvmagent trusts a file (config._check_trusted), not its
+    contents."""
     main = f"{guests_dir}/{name}.toml"
     try:
         st = os.stat(main)
     except OSError:
         return None
-    sig = [st.st_mtime_ns, st.st_size, st.st_ino]
+    sig = [st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino]
     if f"{name}.toml.d" in dropin_dirs:
         try:
             for e in os.scandir(f"{main}.d"):
                 if e.name.endswith(".toml"):
                     d = e.stat()
-                    sig += [d.st_mtime_ns, d.st_size, d.st_ino]
+                    sig += [d.st_mtime_ns, d.st_ctime_ns, d.st_size, d.st_ino]
         except (FileNotFoundError, NotADirectoryError):
             pass
     return sig

@@ -286,6 +286,13 @@ def test_list_cache_follows_changed_files(conf) -> None:
     assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["state"] == "invalid"
     (conf.paths.runtime_dir / "list-cache.json").write_text("{garbage")
     assert json.loads(kvmagent(conf, "list", "--json").stdout)[0]["state"] == "invalid"
+    # a chmod changes whether the file is trusted, not its size or mtime
+    conf.write("guests/c.toml.d/x.toml", "cpus = 4\n")
+    path = conf.paths.guests_dir / "c.toml"
+    for mode, trusted in ((0o666, False), (0o644, True), (0o666, False)):
+        path.chmod(mode)
+        row = json.loads(kvmagent(conf, "list", "--json").stdout)[0]
+        assert (row["state"] != "invalid") is trusted, (oct(mode), row)
 
 
 def test_list_and_validate_agree_on_which_guests_are_defined(conf) -> None:
