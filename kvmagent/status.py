@@ -63,14 +63,17 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
     if args.json:
         doc = {"name": name, "unit": unit, "state": word, "active_state": active,
                "sub_state": props.get("SubState"), "result": props.get("Result"),
-               "enabled": (props.get("UnitFileState") == "enabled") if props else None,
+               "enabled": (props.get("UnitFileState") in ("enabled", "enabled-runtime")
+                           if props else None),
                "invocation_id": props.get("InvocationID"),
                "supervisor_pid": props.get("MainPID") or None,
                "qemu_pid": _qemu_pid(summary), "config_error": config_problem or None,
                "cpus": guest.cpus if guest else None,
                "memory_bytes": guest.memory if guest else None,
                "nics": nics, "console_socket": str(console) if console.exists() else None,
-               **_summary_json(summary)}
+               **_summary_json(summary, known=not note2)}
+        _note(note)
+        _note(note2)
         json.dump(doc, sys.stdout, indent=2)
         print()
         return ExitStatus.OK

@@ -291,11 +291,14 @@ def list_rows(paths: Paths) -> tuple[list[dict[str, Any]], list[str]]:
     for name in names:
         unit = units.get(name)
         active = unit["active_state"] if unit else ("inactive" if known else None)
+        # Every row has every field (null where unknown): stable for scripts.
         row: dict[str, Any] = {
             "name": name, "state": STATES.get(active or "", "unknown"),
             "active_state": active, "sub_state": unit["sub_state"] if unit else None,
             "enabled": (enabled.get(name) == "enabled") if known else None,
             "uptime_seconds": None, "restarts": None, "qemu_pid": None,
+            "description": None, "cpus": None, "memory_bytes": None, "taps": None,
+            "error": None,
         }
         fig = figures.get(name)
         if fig is not None:
@@ -409,11 +412,14 @@ def _event_json(ev: state.Event) -> dict[str, Any]:
             "qemu_pid": ev.pid, "source": ev.source}
 
 
-def _summary_json(s: state.Summary | None) -> dict[str, Any]:
+def _summary_json(s: state.Summary | None, known: bool = True) -> dict[str, Any]:
+    """The figures; without a summary, zero when nothing was recorded yet
+    (KNOWN), null when the record could not be read."""
     if s is None:
-        return {"uptime_seconds": None, "cumulative_uptime_seconds": 0,
-                "longest_uptime_seconds": 0, "runs": 0, "restarts": 0, "last_failure": None,
-                "restarts_counted_since": None}
+        nothing = 0 if known else None
+        return {"uptime_seconds": None, "cumulative_uptime_seconds": nothing,
+                "longest_uptime_seconds": nothing, "runs": nothing, "restarts": nothing,
+                "last_failure": None, "restarts_counted_since": None}
     return {"uptime_seconds": None if s.uptime is None else int(s.uptime),
             "cumulative_uptime_seconds": int(s.cumulative),
             "longest_uptime_seconds": int(s.longest), "runs": s.runs, "restarts": s.restarts,
@@ -443,7 +449,7 @@ def cmd_history(args: argparse.Namespace, paths: Paths) -> int:
     evs, summary, note = _history(paths, args.name, since)
     _note(note)
     if args.json:
-        json.dump({"name": args.name, **_summary_json(summary),
+        json.dump({"name": args.name, **_summary_json(summary, known=not note),
                    "events": [_event_json(e) for e in evs]}, sys.stdout, indent=2)
         print()
         return ExitStatus.OK

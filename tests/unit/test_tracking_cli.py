@@ -108,6 +108,31 @@ def test_list_without_a_readable_database_degrades(conf) -> None:
     assert "no uptime record" in r.stderr and r.stdout.splitlines()[1].split()[3] == "-"
 
 
+def test_json_says_null_when_the_record_cannot_be_read(conf) -> None:
+    """Zero restarts is a statement; an unreadable database makes none."""
+    conf.write("guests/g.toml", "")
+    for cmd in ("status", "history"):  # nothing recorded yet: zero
+        doc = json.loads(kvmagent(conf, cmd, "g", "--json").stdout)
+        assert doc["restarts"] == 0 and doc["runs"] == 0, cmd
+    conf.paths.state_dir.mkdir(parents=True, exist_ok=True)
+    (conf.paths.state_dir / "state.db").write_text("this is not a database" * 100)
+    for cmd in ("status", "history"):
+        r = kvmagent(conf, cmd, "g", "--json")
+        doc = json.loads(r.stdout)
+        assert r.returncode == 0 and "no uptime record" in r.stderr, cmd
+        assert doc["restarts"] is None and doc["runs"] is None, cmd
+        assert doc["cumulative_uptime_seconds"] is None, cmd
+
+
+def test_list_json_rows_have_the_same_fields(conf) -> None:
+    conf.write("guests/good.toml", "cpus = 2\n")
+    conf.write("guests/bad.toml", 'cpus = "x"\n')
+    rows = {r["name"]: r for r in json.loads(kvmagent(conf, "list", "--json").stdout)}
+    assert set(rows["good"]) == set(rows["bad"])
+    assert rows["good"]["error"] is None and rows["bad"]["error"]
+    assert rows["bad"]["cpus"] is None and rows["bad"]["taps"] is None
+
+
 def test_history_and_reset_counters(conf) -> None:
     _crashy(conf)
     r = kvmagent(conf, "history", "web")
