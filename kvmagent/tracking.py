@@ -250,7 +250,7 @@ def stamp(realtime: float | None) -> str:
 
 
 def _color() -> bool:
-    return (sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    return (sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # no-color.org: non-empty
             and os.environ.get("TERM") != "dumb")
 
 

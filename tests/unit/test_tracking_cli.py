@@ -220,6 +220,7 @@ def test_color_on_a_terminal_unless_no_color(conf) -> None:
 
     assert "\x1b[31minvalid\x1b[0m" in on_tty({})
     assert "\x1b[" not in on_tty({"NO_COLOR": "1"})
+    assert "\x1b[31minvalid\x1b[0m" in on_tty({"NO_COLOR": ""})  # set but empty: colours
 
 
 def _stop_post(conf, guest: str, **env: str) -> subprocess.CompletedProcess[str]:
