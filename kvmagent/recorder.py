@@ -36,11 +36,13 @@ class EventRecorder:
         self.queue: list[Event] = []
         self.lingering: socket.socket | None = None  # to the lingering writer
         self.failed = False  # a writer exited unsuccessfully
+        self.ended = False  # the run's `stopped` is among the events
 
     def __call__(self, event: str, reason: str | None = None, detail: str | None = None,
                  pid: int | None = None) -> None:
         self.queue.append((event, reason, detail, pid,
                            time.time(), time.clock_gettime(time.CLOCK_BOOTTIME)))
+        self.ended |= event == "stopped"
 
     def flush(self, linger: bool = False) -> None:
         """Write the queued events in a child (after the previous writer);
@@ -115,12 +117,14 @@ class EventRecorder:
 
     def finish(self) -> None:
         """Write what is left and wait for it (the supervisor is exiting);
-        then, if every write succeeded, tell ExecStopPost= (kvmagent
-        stop-post) that this run needs nothing more from it."""
+        then, if every write succeeded and the run's end was among them, tell
+        ExecStopPost= (kvmagent stop-post) that this run needs nothing more
+        from it.  A supervisor that ends in an unexpected exception records
+        no `stopped`: stop-post records the end from systemd's view."""
         self.flush()
         self._let_go()
         self.wait()
         invocation = os.environ.get("INVOCATION_ID")
-        if invocation and not self.failed:
+        if invocation and not self.failed and self.ended:
             with suppress(OSError):
                 (self.paths.guest_runtime(self.name) / RECORDED_FILE).write_text(invocation)

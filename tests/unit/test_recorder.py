@@ -73,3 +73,17 @@ def test_a_lingering_writer_that_died_is_replaced(paths: Paths) -> None:
     assert "stopped" in [e.event for e in state.events(conn)]
     assert rec.failed  # the "stopping" may be lost: stop-post checks the record
     assert not (paths.guest_runtime("g") / RECORDED_FILE).exists()
+
+
+def test_a_run_that_ends_without_its_stop_leaves_the_end_to_stop_post(paths: Paths) -> None:
+    """A supervisor that ends in an unexpected exception records no
+    `stopped`: ExecStopPost= must still record the end of the run."""
+    lines, log = _logged()
+    rec = EventRecorder("g", paths, log)
+    rec("starting")
+    rec("running", pid=123)
+    rec.finish()  # as the ExitStack does when an exception escapes
+    conn = state.connect(paths.state_dir)
+    assert [e.event for e in state.events(conn)] == ["starting", "running"]
+    assert not rec.failed and not lines
+    assert not (paths.guest_runtime("g") / RECORDED_FILE).exists()
