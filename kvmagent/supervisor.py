@@ -302,15 +302,21 @@ class Supervisor:
         quit_sent = False
         while self.qemu.poll() is None:
             now = time.monotonic()
-            timers = [t for t in (next_ping if ping_every else None,
-                                  next_press if self.stopping else None,
+            # While stopping there are no pings, and after stop --force (no
+            # deadline) no presses: their times, long past, would make this a
+            # busy loop until QEMU is gone.
+            timers = [t for t in (next_ping if ping_every and not self.stopping else None,
+                                  next_press if deadline is not None else None,
                                   self.console_log.deadline()) if t is not None]
             timeout = max(0.0, min(timers) - now) if timers else None
             watch: list[Any] = [wake_r]
             watch += [self.qmp] if not self.qmp.closed else []
             watch += [self.console] if self.console else []
             watch += self.hub.sockets() if self.hub else []
-            ready, _, _ = select.select(watch, [], [], min(timeout, 1.0) if timeout is not None else 1.0)
+            # The console is watched for room while viewers' input waits for it.
+            room = [self.console] if self.console and self.hub and self.hub.pending else []
+            ready, _, _ = select.select(watch, room, [],
+                                        min(timeout, 1.0) if timeout is not None else 1.0)
             if wake_r in ready:
                 self.record.wait(block=False)  # a SIGCHLD may be the event writer's
                 for signum in wake_r.recv(64):
@@ -340,6 +346,11 @@ class Supervisor:
             if self.qmp in ready:
                 self._events()
             now = time.monotonic()
+            if (self.stopping and self.guest_poweroff and self.plan["keep"]
+                    and deadline is not None and now < deadline):
+                # on_poweroff = keep: the guest is off but QEMU stays (-no-shutdown);
+                # stopping it need not wait for the rest of stop_timeout.
+                deadline = next_press = now
             if ping_every and now >= next_ping and not self.stopping:
                 self._watchdog()
                 next_ping = now + ping_every

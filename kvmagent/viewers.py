@@ -14,6 +14,10 @@ from contextlib import suppress
 from pathlib import Path
 
 MAX_VIEWERS = 8
+# Viewers' input waiting for the guest's serial port to take it: beyond this,
+# viewers are not read (their own sends block), so that a guest that does not
+# read its console (paused, hung, in firmware) never blocks the supervisor.
+MAX_PENDING = 1 << 16
 
 
 class ConsoleHub:
@@ -37,8 +41,12 @@ class ConsoleHub:
         self.listener.listen(MAX_VIEWERS)
         self.listener.setblocking(False)
         self.viewers: list[socket.socket] = []
+        self.pending = bytearray()  # input for the guest
 
     def sockets(self) -> list[socket.socket]:
+        """What to watch for reading: viewers only while their input has room."""
+        if len(self.pending) >= MAX_PENDING:
+            return [self.listener]
         return [self.listener, *self.viewers]
 
     def handle(self, ready: list[object]) -> None:
@@ -60,8 +68,21 @@ class ConsoleHub:
             if not data:
                 self._drop(viewer)
                 continue
-            with suppress(OSError):
-                self.guest.sendall(data)
+            self.pending += data
+        self.flush()
+
+    def flush(self) -> None:
+        """Give the guest what it has room for, without waiting."""
+        if not self.pending:
+            return
+        try:
+            sent = self.guest.send(self.pending, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:  # QEMU is gone
+            self.pending.clear()
+            return
+        del self.pending[:sent]
 
     def broadcast(self, data: bytes) -> None:
         for viewer in list(self.viewers):

@@ -6,6 +6,7 @@ are asserted, not enforcement."""
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -283,6 +284,96 @@ def test_on_poweroff_keep_leaves_qemu_with_the_guest_stopped(host: TestHost, ima
     assert time.monotonic() - t0 < 10, "a powered-off guest needs no ACPI stop timeout"
     assert show(host, "kvm@iota.service", "Result")["Result"] == "success"
     assert "guest iota is powered off; stopping QEMU" in host.journal("kvm@iota.service")
+
+
+def _cpu_seconds_until_gone(host: TestHost, pid: str, timeout: float = 60) -> float:
+    """CPU time (user + system) of process PID, sampled until it exits."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seen = 0.0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = host.exec(["cat", f"/proc/{pid}/stat"], check=False)
+        if r.returncode != 0:
+            return seen
+        fields = r.stdout.rpartition(")")[2].split()
+        seen = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        time.sleep(0.2)
+    raise AssertionError(f"process {pid} still there after {timeout} s")
+
+
+def test_a_guest_that_ignores_the_power_button_is_stopped_without_spinning(
+        host: TestHost, image) -> None:
+    """acpi=off: the power button does nothing, so the supervisor presses it
+    every few seconds until [stop] timeout, then quits QEMU; meanwhile it
+    must sleep (it once looped without waiting for as long as a stop took,
+    its watchdog ping time being long past)."""
+    define_guest(host, "kappa", guest_toml(image, nics=0, cmdline="acpi=off",
+                                           extra='[stop]\ntimeout = "14s"\n'))
+    host.exec(["systemctl", "start", "kvm@kappa"], timeout=120)
+    wait_for(host, "kvm@kappa.service", r"GUEST-READY")
+    pid = show(host, "kvm@kappa.service", "MainPID")["MainPID"]
+    t0 = time.monotonic()
+    host.exec(["systemctl", "stop", "--no-block", "kvm@kappa"])
+    cpu = _cpu_seconds_until_gone(host, pid)
+    took = time.monotonic() - t0
+    assert 14 <= took < 40, took
+    assert cpu < 1.5, f"the supervisor used {cpu:.1f} s of CPU in a {took:.1f} s stop"
+    wait_state(host, "kvm@kappa.service", ("inactive",))
+    journal = host.journal("kvm@kappa.service")
+    assert "did not power off within 14 s; stopping QEMU" in journal, journal[-2000:]
+
+
+def test_on_poweroff_keep_guest_stopped_while_running_needs_no_stop_timeout(
+        host: TestHost, image) -> None:
+    """The power button turns the guest off and QEMU stays (-no-shutdown):
+    QEMU is stopped then, not when [stop] timeout has passed."""
+    define_guest(host, "lambda", guest_toml(image, nics=0, top='on_poweroff = "keep"',
+                                            extra='[stop]\ntimeout = "60s"\n'))
+    host.exec(["systemctl", "start", "kvm@lambda"], timeout=120)
+    wait_for(host, "kvm@lambda.service", r"GUEST-READY")
+    t0 = time.monotonic()
+    host.exec(["systemctl", "stop", "kvm@lambda"], timeout=120)
+    took = time.monotonic() - t0
+    journal = host.journal("kvm@lambda.service")
+    assert "GUEST-POWEROFF" in journal and "is powered off; stopping QEMU" in journal
+    assert took < 15, f"{took:.1f} s: the stop waited for the stop timeout"
+    assert show(host, "kvm@lambda.service", "Result")["Result"] == "success"
+
+
+FLOOD = """
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.setblocking(False)
+sent, end = 0, time.monotonic() + 5
+while time.monotonic() < end:
+    try:
+        sent += s.send(b"x" * 65536)
+    except BlockingIOError:
+        time.sleep(0.05)
+print(sent)
+"""
+
+
+def test_console_input_the_guest_does_not_read_never_blocks_the_supervisor(
+        host: TestHost, image) -> None:
+    """The guest never opens its serial port (its console is tty0), so QEMU
+    stops taking input; a viewer pastes megabytes.  The supervisor must go
+    on (it once blocked writing that input: no watchdog pings, no stop)."""
+    define_guest(host, "mu", guest_toml(image, nics=0, cmdline="console=tty0 guest.shell=0"))
+    host.exec(["systemctl", "start", "kvm@mu"], timeout=120)
+    time.sleep(3)
+    pid = show(host, "kvm@mu.service", "MainPID")["MainPID"]
+    sent = int(host.exec(["/usr/bin/python3", "-c", FLOOD,
+                          "/run/kvmagent/mu/console.sock"], timeout=60).stdout)
+    assert sent > 1 << 16  # the supervisor took what it has room for
+    t0 = time.monotonic()
+    host.exec(["systemctl", "stop", "kvm@mu"], timeout=150)
+    took = time.monotonic() - t0
+    s = show(host, "kvm@mu.service", "Result", "NRestarts", "MainPID")
+    assert took < 20, f"{took:.1f} s to stop: the supervisor was blocked"
+    assert s["Result"] == "success" and s["NRestarts"] == "0", s
+    assert pid != "0"
 
 
 def test_guest_kernel_panic_is_a_failure(host: TestHost, image) -> None:
