@@ -53,40 +53,46 @@ def _interactive(sock: socket.socket, name: str, escapes: bytes) -> None:
         # terminal and then dropped: seen under load in tests/net.)
         tty.setraw(fd, termios.TCSADRAIN)
         sys.stderr.write(f"Connected to the console of {name}; leave with {keys}.\r\n")
-        while True:
-            ready, _, _ = select.select([fd, sock], [], [])
-            if sock in ready:
-                data = sock.recv(65536)
-                if not data:
-                    sys.stderr.write(f"\r\nThe console of {name} closed.\r\n")
-                    return
-                os.write(sys.stdout.fileno(), data)
-            if fd in ready:
-                data = os.read(fd, 1024)
-                cut = min((data.index(bytes([e])) for e in escapes if bytes([e]) in data),
-                          default=-1)
-                if cut >= 0:
-                    sock.sendall(data[:cut])
-                    return
-                if not data:
-                    return
-                sock.sendall(data)
+        try:
+            while True:
+                ready, _, _ = select.select([fd, sock], [], [])
+                if sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    os.write(sys.stdout.fileno(), data)
+                if fd in ready:
+                    data = os.read(fd, 1024)
+                    cut = min((data.index(bytes([e])) for e in escapes if bytes([e]) in data),
+                              default=-1)
+                    if cut >= 0:
+                        sock.sendall(data[:cut])
+                        return
+                    if not data:
+                        return
+                    sock.sendall(data)
+        except ConnectionError:  # reset by the supervisor (the guest stopped), typed input unread
+            pass
+        sys.stderr.write(f"\r\nThe console of {name} closed.\r\n")
     finally:
         termios.tcsetattr(fd, termios.TCSAFLUSH, saved)
         sys.stderr.write("\n")
 
 
 def _scripted(sock: socket.socket, timeout: float) -> None:
-    sock.sendall(sys.stdin.buffer.read())
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        ready, _, _ = select.select([sock], [], [], left)
-        if not ready:
-            break
-        data = sock.recv(65536)
-        if not data:
-            break
-        os.write(sys.stdout.fileno(), data)
+    try:
+        sock.sendall(sys.stdin.buffer.read())
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([sock], [], [], left)
+            if not ready:
+                break
+            data = sock.recv(65536)
+            if not data:
+                break
+            os.write(sys.stdout.fileno(), data)
+    except ConnectionError:  # the console closed (the guest stopped): what came is out
+        pass
 
 
 def _running_escape(paths: Paths, name: str) -> str | None:
