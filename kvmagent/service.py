@@ -95,7 +95,7 @@ COMMON: list[Setting] = [
     ("TimeoutStartSec", 300),
     ("TimeoutStopSec", 90),
     ("WatchdogSec", 30),
-    ("TasksMax", 64),
+    ("TasksMax", 1024),  # as kvm@.service: QEMU starts here, vCPU threads and all
     ("RuntimeDirectoryMode", 0o750),
     ("StateDirectory", ["kvmagent"]),
     ("DevicePolicy", "closed"),

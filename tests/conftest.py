@@ -25,7 +25,7 @@ NOT_EXERCISED = (
     "KVM acceleration (-accel kvm, -cpu host): /dev/kvm here runs a test vCPU ~1000x "
     "too slowly (nested); guests ran under TCG",
     "vhost-net: /dev/vhost-net is absent here",
-    "enforcement of cgroup limits (MemoryMax, CPUWeight, AllowedCPUs, IOWeight): "
+    "enforcement of cgroup limits (MemoryMax, CPUWeight, AllowedCPUs, IOWeight, TasksMax): "
     "set and read back, not enforced by this kernel's hybrid cgroup setup",
 )
 

@@ -77,7 +77,7 @@ def test_per_guest_service_as_dbus_properties() -> None:
     assert props[b"StartLimitIntervalUSec"] == 600_000_000
     assert props[b"StartLimitBurst"] == 5
     assert props[b"RestartPreventExitStatus"] == ([6, 8], [])
-    assert props[b"TasksMax"] == 64
+    assert props[b"TasksMax"] == 1024
     assert props[b"Before"] == [b"machines.target"]
     assert (b"/dev/vhost-net", b"rw") in props[b"DeviceAllow"]
     assert b"CollectMode" not in props and b"Conflicts" not in props
@@ -213,3 +213,17 @@ def test_ip_sockets_only_for_guests_that_need_them(conf, tmp_path: Path) -> None
     assert props_for_dbus(service_settings("vnc", inet=True))[b"RestrictAddressFamilies"] == (
         True, [b"AF_UNIX", b"AF_NETLINK", b"AF_INET", b"AF_INET6"])
     assert dict(service_settings("plain"))["RestrictAddressFamilies"] == ["AF_UNIX", "AF_NETLINK"]
+
+
+def test_service_tasks_max_allows_qemu_before_it_is_in_its_scope() -> None:
+    """QEMU starts in the service's cgroup and makes its vCPU threads (and
+    its I/O thread pool, up to 64) before the supervisor has moved it into
+    kvm-NAME.scope.  The test host does not enforce TasksMax= (its pids
+    controller is not delegated), so this is checked here: the most vCPUs
+    the configuration allows must fit."""
+    from kvmagent import schema
+    most = int(schema.GUEST_TOP["cpus"].type.rpartition("-")[2])  # "integer 1-255"
+    for line in (REPO / "units" / "kvm@.service").read_text().splitlines():
+        if line.startswith("TasksMax="):
+            assert int(line.partition("=")[2]) >= most + 64 + 16
+    assert dict(service_settings("g"))["TasksMax"] >= most + 64 + 16
