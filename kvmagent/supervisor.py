@@ -321,6 +321,9 @@ class Supervisor:
                 self.record.wait(block=False)  # a SIGCHLD may be the event writer's
                 for signum in wake_r.recv(64):
                     if signum == signal.SIGUSR1:  # kvmagent stop --force
+                        # systemd did not ask for this stop: tell it, so that the
+                        # unit is stopping (no watchdog while QEMU dies, no restart)
+                        notify("STOPPING=1", "STATUS=stopping QEMU (stop --force)")
                         self.stopping = True
                         self.record("stopping", ADMIN, "stop --force")
                         self.log(f"stopping QEMU of guest {self.name} without ACPI "
@@ -328,6 +331,7 @@ class Supervisor:
                         self.qemu.kill()
                         self.record.flush(linger=True)  # while QEMU dies
                     elif signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
+                        notify("STOPPING=1")
                         self.stopping = True
                         # admin or host shutdown: the event writer tells them apart
                         self.record("stopping", ADMIN)
