@@ -118,6 +118,11 @@ class Child:
             self.close()
             raise
 
+    def done(self, timeout: float) -> bool:
+        """Whether the answer is there, waiting up to TIMEOUT seconds for it."""
+        ready, _, _ = select.select([self.ours], [], [], timeout)
+        return bool(ready)
+
     def result(self, timeout: float = 60.0) -> tuple[Any, list[int]]:
         fn = self.fn
         try:

@@ -45,6 +45,9 @@ from .viewers import ConsoleHub
 # state database (kvmagent.recorder) run in forked children.
 POWERDOWN_INTERVAL = 3.0  # seconds between presses of the ACPI power button
 QUIT_GRACE = 5.0  # after `quit`, before SIGKILL
+# While the plan waits for devices: how often the start timeout is extended
+# (by three times this), so that no TimeoutStartSec= cuts device_timeout short.
+PLAN_PATIENCE = 2.0
 
 # MESSAGE_IDs of the lifecycle messages: journalctl MESSAGE_ID=... finds them.
 MSG_STARTING = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b01"
@@ -147,7 +150,13 @@ class Supervisor:
             stack.callback(sysd.close)
         net = forkcall.Child(preload=("kvmagent.attach", "kvmagent.netdev"), nice=10)
         stack.callback(net.close)
-        plan, _ = planner.result(timeout=86400)  # bounded by device_timeout itself
+        # The plan may wait up to device_timeout (up to an hour) for bridges
+        # and disks that come late at boot; the planner cannot extend the
+        # start's timeout itself (NotifyAccess=main), so the supervisor does.
+        while not planner.done(PLAN_PATIENCE):
+            notify(f"EXTEND_TIMEOUT_USEC={int(PLAN_PATIENCE * 3e6)}",
+                   "STATUS=waiting for the guest's bridges and disks")
+        plan, _ = planner.result(timeout=0)
         self.plan = plan
         if sysd is not None:
             sysd.full_speed()

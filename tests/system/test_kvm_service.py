@@ -261,6 +261,25 @@ def test_stop_force_while_the_guest_waits_for_its_bridge(host: TestHost, image) 
         host.write_file("/etc/kvmagent/kvmagent.toml", 'accel = "tcg"\n')
 
 
+def test_a_device_wait_longer_than_the_start_timeout(host: TestHost, image) -> None:
+    """device_timeout may be longer than TimeoutStartSec= (up to an hour, vs
+    5 min): the supervisor extends the start while its planner waits."""
+    host.write_file("/etc/kvmagent/kvmagent.toml", 'accel = "tcg"\ndevice_timeout = "60s"\n')
+    try:
+        define_guest(host, "iota2", guest_toml(image, nics=1, extra='bridge = "br-later"\n'),
+                     unit_dropin="[Service]\nTimeoutStartSec=4s\n")
+        host.exec(["systemctl", "start", "--no-block", "kvm@iota2"])
+        wait_for(host, "kvm@iota2.service", r"waits up to 60 s for: .*br-later")
+        time.sleep(8)  # twice TimeoutStartSec=
+        host.run(["kvmagent", "bridge", "ensure", "br-later"])
+        s = wait_state(host, "kvm@iota2.service", ("active", "failed"), timeout=60)
+        assert s["ActiveState"] == "active" and s["NRestarts"] == "0", \
+            (s, host.journal("kvm@iota2.service")[-3000:])
+        host.run(["kvmagent", "stop", "--force", "iota2"], timeout=60)
+    finally:
+        host.write_file("/etc/kvmagent/kvmagent.toml", 'accel = "tcg"\n')
+
+
 def test_guest_poweroff_ends_the_unit_without_restart(host: TestHost, image) -> None:
     define_guest(host, "theta", guest_toml(image, nics=0, cmdline="guest.then=poweroff"))
     host.exec(["systemctl", "start", "kvm@theta"], timeout=120)

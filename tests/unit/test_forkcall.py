@@ -85,3 +85,17 @@ def test_a_fork_that_fails_is_a_kvmagent_error(monkeypatch) -> None:
     monkeypatch.setattr(os, "fork", no_fork)
     with pytest.raises(KvmagentError, match="cannot start a helper process"):
         forkcall.Child()
+
+
+def _naps():
+    import time
+    time.sleep(0.5)
+    return "rested", []
+
+
+def test_done_waits_for_the_answer_at_most_so_long():
+    child = forkcall.Child()
+    child.submit(_naps)
+    assert not child.done(0.05)  # still asleep
+    assert child.done(5)
+    assert child.result(timeout=0) == ("rested", [])
