@@ -26,6 +26,7 @@ class Qmp:
         self.buffer = b""
         self.events: list[dict[str, Any]] = []
         self.closed = False
+        self.last_id = 0  # of the commands sent; replies carry it back
         self.greeting = self._read(timeout)
         if "QMP" not in self.greeting:
             raise QmpError(f"not a QMP greeting: {self.greeting!r}")
@@ -69,7 +70,11 @@ class Qmp:
                 raise QmpError("QEMU closed the QMP connection")
 
     def execute(self, command: str, timeout: float = 10.0, **arguments: Any) -> Any:
-        request: dict[str, Any] = {"execute": command}
+        """COMMAND's return value.  Every command has an id, so that the reply
+        to one that timed out, when it comes late, is not taken for this
+        one's."""
+        self.last_id += 1
+        request: dict[str, Any] = {"execute": command, "id": self.last_id}
         if arguments:
             request["arguments"] = arguments
         try:
@@ -81,6 +86,8 @@ class Qmp:
             message = self._read(deadline - time.monotonic())
             if "event" in message:
                 self.events.append(message)
+            elif message.get("id", self.last_id) != self.last_id:
+                continue  # the late reply to a command that timed out
             elif "error" in message:
                 raise QmpError(f"QMP {command}: {message['error'].get('desc', message['error'])}")
             elif "return" in message:
