@@ -48,6 +48,8 @@ QUIT_GRACE = 5.0  # after `quit`, before SIGKILL
 # While the plan waits for devices: how often the start timeout is extended
 # (by three times this), so that no TimeoutStartSec= cuts device_timeout short.
 PLAN_PATIENCE = 2.0
+# Messages (console lines mostly) kept while journald does not take them.
+JOURNAL_BACKLOG = 4096
 
 # MESSAGE_IDs of the lifecycle messages: journalctl MESSAGE_ID=... finds them.
 MSG_STARTING = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b01"
@@ -111,7 +113,7 @@ class Supervisor:
         self.name = name
         self.paths = paths
         self.guest_file = guest_file  # a one-off guest's file (run --file)
-        self.journal = Journal()
+        self.journal = Journal(backlog=JOURNAL_BACKLOG)  # never waits for journald
         self.qemu: subprocess.Popen[bytes] | None = None
         self.qmp: Qmp | None = None
         self.console: socket.socket | None = None
@@ -322,10 +324,15 @@ class Supervisor:
             watch += [self.qmp] if not self.qmp.closed else []
             watch += [self.console] if self.console else []
             watch += self.hub.sockets() if self.hub else []
-            # The console is watched for room while viewers' input waits for it.
+            # The console is watched for room while viewers' input waits for
+            # it, the journal while messages wait for journald.
             room = [self.console] if self.console and self.hub and self.hub.pending else []
+            room += [self.journal] if self.journal.backlog else []
             ready, _, _ = select.select(watch, room, [],
                                         min(timeout, 1.0) if timeout is not None else 1.0)
+            if lost := self.journal.flush():
+                self.log(f"{lost} messages of guest {self.name} lost: journald did not "
+                         "take them", 4, MSG_CONSOLE_DROPPED)
             if wake_r in ready:
                 self.record.wait(block=False)  # a SIGCHLD may be the event writer's
                 for signum in wake_r.recv(64):
@@ -428,6 +435,7 @@ def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child
     sup = Supervisor(name, paths, guest_file)
     sup.record("starting")
     with ExitStack() as stack:
+        stack.callback(sup.journal.drain, 2.0)  # last: what journald has not taken yet
         stack.callback(sup.record.finish)  # the last event is written before we exit
         try:
             sup.start(stack, planner)

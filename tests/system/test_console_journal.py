@@ -13,7 +13,7 @@ import pytest
 
 from tests.harness import TestHost
 from tests.harness.install import define_guest, guest_toml, install_checkout
-from tests.system.test_kvm_service import wait_for
+from tests.system.test_kvm_service import wait_for, wait_state
 
 pytestmark = pytest.mark.system
 
@@ -79,3 +79,28 @@ def test_flooding_guest_is_rate_limited(host: TestHost, guest_image) -> None:
     assert 50 <= logged <= 50 * (len(reports) + 2)
     assert "Subject: Console lines of guest fld were not logged" in explained
     assert listed < 10 and stopped < 30
+
+
+def test_a_stalled_journal_does_not_stall_the_supervisor(host: TestHost, guest_image) -> None:
+    """journald stopped (SIGSTOP) while the guest prints: its socket's queue
+    fills at once, and the supervisor must not wait on it (it did: no
+    watchdog ping, no stop until journald went on).  The lines it could not
+    log are counted, and said once journald takes messages again."""
+    define_guest(host, "jst", guest_toml(guest_image, nics=0))
+    host.exec(["systemctl", "start", "kvm@jst"], timeout=120)
+    wait_for(host, "kvm@jst.service", r"Enter 'help'")
+    host.exec(["systemctl", "kill", "-s", "SIGSTOP", "systemd-journald"])
+    try:
+        type_in(host, "jst", "i=0; while [ $i -lt 300 ]; do echo STALLED-$i; i=$((i+1)); done\n")
+        # stop --force returns when the supervisor has exited; run directly
+        # (nsenter), as systemd-run needs the journal for its output
+        t0 = time.monotonic()
+        host.exec(["kvmagent", "stop", "--force", "jst"], timeout=60)
+        took = time.monotonic() - t0
+        time.sleep(1)
+    finally:
+        host.exec(["systemctl", "kill", "-s", "SIGCONT", "systemd-journald"])
+    assert took < 10, f"stop --force took {took:.1f} s while journald was stopped"
+    wait_state(host, "kvm@jst.service", ("inactive", "failed"))
+    s = host.exec(["systemctl", "show", "kvm@jst", "-p", "Result", "-p", "NRestarts"]).stdout
+    assert "Result=success" in s and "NRestarts=0" in s, s

@@ -1,0 +1,61 @@
+"""kvmagent.sdnotify.Journal with a backlog (the supervisor's): never waits
+for a journald that does not read; keeps the order; counts what it lost."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+from kvmagent.sdnotify import Journal
+
+
+def test_a_journal_that_does_not_read_never_blocks(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal")
+    journald = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journald.bind(path)
+    journal = Journal(path, backlog=50)
+    t0 = time.monotonic()
+    for i in range(200):  # journald does not read: its queue fills at once
+        journal.send(f"line {i}", 6, GUEST="g")
+    assert time.monotonic() - t0 < 2
+    queued = 200 - len(journal.backlog) - journal.lost
+    assert len(journal.backlog) == 50 and journal.lost == 150 - queued > 0
+    lost = journal.lost
+    assert journal.flush() == 0  # nothing read yet: nothing more sent, nothing said
+    got, said = [], 0
+    journald.setblocking(False)
+    while len(got) < queued + 50:
+        try:
+            got.append(journald.recv(65536))
+        except BlockingIOError:
+            said += journal.flush()
+    said += journal.flush()
+    messages = [g.split(b"\n")[0] for g in got]
+    assert messages == [f"MESSAGE=line {i}".encode() for i in range(queued + 50)]
+    assert said == lost and journal.lost == 0  # the loss is told once, when all is sent
+    journald.close()
+
+
+def test_what_waits_is_sent_before_what_comes_next(tmp_path: Path) -> None:
+    path = str(tmp_path / "journal")
+    journald = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journald.bind(path)
+    journal = Journal(path, backlog=1000)
+    n = 0
+    while not journal.backlog:  # fill journald's queue
+        journal.send(f"m{n}")
+        n += 1
+    journal.send(f"m{n}")
+    journald.setblocking(False)
+    got = []
+    while True:
+        try:
+            got.append(journald.recv(65536).split(b"\n")[0])
+        except BlockingIOError:
+            if not journal.backlog:
+                break
+            journal.flush()
+    journal.send("last")
+    got.append(journald.recv(65536).split(b"\n")[0])
+    assert got == [f"MESSAGE=m{i}".encode() for i in range(n + 1)] + [b"MESSAGE=last"]
