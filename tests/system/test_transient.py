@@ -61,7 +61,7 @@ def test_start_without_the_template_makes_kvm_service_transient(host: TestHost, 
         "notify", "main", "mixed", "on-failure")
     assert (s["RestartUSec"], s["WatchdogUSec"], s["TimeoutStopUSec"]) == ("2s", "30s", "1min 30s")
     assert s["Slice"] == "machine.slice" and s["RuntimeDirectory"] == "kvmagent/tless"
-    assert s["TasksMax"] == "64" and s["DevicePolicy"] == "closed"
+    assert s["TasksMax"] == "1024" and s["DevicePolicy"] == "closed"
     assert s["RestartPreventExitStatus"] == "6 8" and s["StartLimitBurst"] == "5"
     assert s["PartOf"] == "machines.target"
     # this checkout's kvmagent, run by this interpreter
