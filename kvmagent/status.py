@@ -72,6 +72,10 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
                "memory_bytes": guest.memory if guest else None,
                "nics": nics, "console_socket": str(console) if console.exists() else None,
                **_summary_json(summary, known=not note2)}
+        if props and active not in ("active", "reloading", "deactivating"):
+            # systemd says it does not run: a run left open in the record
+            # (both the supervisor's and stop-post's writes lost) is no uptime
+            doc["uptime_seconds"] = doc["qemu_pid"] = None
         _note(note)
         _note(note2)
         json.dump(doc, sys.stdout, indent=2)

@@ -202,6 +202,18 @@ def test_boot_column_agrees_with_systemctl_is_enabled(system_ok: None, tmp_path:
 
         assert compare() == {"on": "enabled", "runtime": "enabled-runtime", "off": "disabled",
                              "masked": "masked"}
+        # a run left open in the record (both writes of its end lost): systemd
+        # says the guest does not run, so neither list nor status shows uptime
+        th.exec(["/usr/bin/python3", "-c",
+                 "import sys; sys.path.insert(0, '/src/kvmagent'); from kvmagent import state; "
+                 "c = state.connect('/var/lib/kvmagent'); state.insert(c, 'off', 'starting'); "
+                 "state.insert(c, 'off', 'running', pid=1)"])
+        doc = json.loads(th.run(["kvmagent", "status", "off", "--json"]).stdout)
+        assert doc["state"] == "stopped" and doc["uptime_seconds"] is None, doc
+        assert doc["qemu_pid"] is None and doc["runs"] == 1
+        rows = {r["name"]: r for r in json.loads(th.run(["kvmagent", "list", "--json"]).stdout)}
+        assert rows["off"]["uptime_seconds"] is None and rows["off"]["qemu_pid"] is None
+
         # the template masked for this boot: /etc/systemd/system has kvm@.service
         # here (install_checkout), which comes first, so systemd does not mask it
         th.exec(["systemctl", "mask", "--runtime", "kvm@.service"])
