@@ -52,8 +52,9 @@ def load_bridge(path: Path) -> dict[str, Any]:
 
 
 def persist(paths: Paths, name: str, settings: dict[str, Any]) -> Path:
-    """Write bridges/NAME.toml atomically (the admin's edits are replaced:
-    this file is kvmagent's record of `bridge ensure --persist`)."""
+    """Write bridges/NAME.toml atomically (comments are not kept: this file
+    is kvmagent's record of `bridge ensure --persist`; SETTINGS are the
+    recorded ones with this command's on top, see cmd_ensure)."""
     directory = bridges_dir(paths)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{name}.toml"
@@ -85,13 +86,24 @@ def cmd_ensure(args: argparse.Namespace, paths: Paths) -> int:
         files = sorted(bridges_dir(paths).glob("*.toml")) if bridges_dir(paths).is_dir() else []
         defs = [load_bridge(p) for p in files]  # all checked before any change
         wait = load_host_config(paths).device_timeout
+        # At boot: a bridge that cannot be made (its uplink missing) must not
+        # keep the others from being made; each failure is said, the worst
+        # status is the exit status.
+        status = ExitStatus.OK
         for kw in defs:
-            for line in _ensure(kw, wait):
-                print(f"{kw['name']}: {line}")
-        return ExitStatus.OK
+            try:
+                for line in _ensure(kw, wait):
+                    print(f"{kw['name']}: {line}")
+            except KvmagentError as e:
+                print(f"kvmagent: {e}", file=sys.stderr)
+                status = max(status, e.status)
+        return status
     host = load_host_config(paths)
     name = args.name or host.bridge
-    kw: dict[str, Any] = {"name": name}
+    # The recorded definition (--persist) is the starting point: a plain
+    # `ensure NAME` keeps its stp and timers, and a later --persist adds to it.
+    recorded = bridges_dir(paths) / f"{name}.toml"
+    kw: dict[str, Any] = load_bridge(recorded) if recorded.is_file() else {"name": name}
     if args.uplink:
         kw["uplink"] = args.uplink
     if args.address:

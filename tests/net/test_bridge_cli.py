@@ -79,3 +79,39 @@ def test_bad_address(netns, tmp_path):
     assert r.returncode == ExitStatus.CONFIG
     assert "10.0.0.300/24" in r.stderr
     assert netdev.bridge_report() == []
+
+
+def test_persist_adds_to_the_record(netns, tmp_path):
+    """Two `--persist` commands, one after the other (as docs/bridges.md
+    shows them): the record keeps both, and the bridge comes back whole."""
+    etc = tmp_path / "etc"
+    with IPRoute() as ipr:
+        ipr.link("add", ifname="eth-up", kind="veth", peer="eth-peer")
+    assert kvmagent(etc, "bridge", "ensure", "--uplink", "eth-up", "--persist").returncode == 0
+    r = kvmagent(etc, "bridge", "ensure", "--address", "10.77.0.1/24", "--persist")
+    assert r.returncode == 0, r.stderr
+    record = (etc / "bridges" / "br-kvm.toml").read_text()
+    assert 'uplink = "eth-up"' in record and 'address = "10.77.0.1/24"' in record
+    (etc / "bridges" / "br-kvm.toml").write_text(record + "stp = true\n")
+    assert kvmagent(etc, "bridge", "ensure").stdout == "br-kvm: set stp on\n"  # the record's
+    with IPRoute() as ipr:
+        ipr.link("del", ifname="br-kvm")
+    assert kvmagent(etc, "bridge", "ensure", "--all").returncode == 0
+    (br,) = netdev.bridge_report()
+    assert [p.name for p in br.ports] == ["eth-up"] and br.addresses == ("10.77.0.1/24",)
+    assert br.stp
+
+
+def test_ensure_all_makes_every_bridge_it_can(netns, tmp_path):
+    """At boot: one bridge's uplink missing must not keep the others from
+    being made; the failure is said and is the exit status."""
+    etc = tmp_path / "etc"
+    (etc / "bridges").mkdir(parents=True)
+    (etc / "kvmagent.toml").write_text('device_timeout = "1s"\n')
+    (etc / "bridges" / "a-br.toml").write_text('uplink = "eth9"\n')
+    (etc / "bridges" / "br-kvm.toml").write_text('address = "10.77.0.1/24"\n')
+    r = kvmagent(etc, "bridge", "ensure", "--all")
+    assert r.returncode == ExitStatus.HOST_NOT_READY and "eth9" in r.stderr, r.stderr
+    assert "br-kvm: created bridge br-kvm" in r.stdout
+    names = [b.name for b in netdev.bridge_report()]
+    assert "br-kvm" in names
