@@ -339,12 +339,22 @@ def _enslave_uplink(ipr: IPRoute, br: Any, bridge: str, uplink: str) -> list[str
 
 def _ensure_address(ipr: IPRoute, index: int,
                     iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> list[str]:
-    for a in ipr.get_addr(index=index):
-        if (str(iface.ip) in (a.get_attr("IFA_LOCAL"), a.get_attr("IFA_ADDRESS"))
-                and a["prefixlen"] == iface.network.prefixlen):
-            return []
+    """The bridge has address IFACE: added, or changed from the same IP with
+    another prefix length (which IPv4 would take as a second address and
+    IPv6 refuse).  Other addresses are the admin's: left alone."""
+    family = socket.AF_INET if iface.version == 4 else socket.AF_INET6
+    old = None
+    for a in ipr.get_addr(index=index, family=family):
+        if str(iface.ip) in (a.get_attr("IFA_LOCAL"), a.get_attr("IFA_ADDRESS")):
+            if a["prefixlen"] == iface.network.prefixlen:
+                return []
+            old = a["prefixlen"]
+    if old is not None:
+        ipr.addr("del", index=index, address=str(iface.ip), prefixlen=old, family=family)
     ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen,
-             family=socket.AF_INET if iface.version == 4 else socket.AF_INET6)
+             family=family)
+    if old is not None:
+        return [f"changed address {iface.ip}/{old} to {iface.with_prefixlen}"]
     return [f"added address {iface.with_prefixlen}"]
 
 

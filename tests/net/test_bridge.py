@@ -56,6 +56,14 @@ def test_ensure_bridge_uplink_and_address(netns, ipr):
     assert netdev.ensure_bridge(uplink="eth-up", address="10.0.0.1/24") == []
     assert netdev.ensure_bridge(address="fd00::1/64") == ["added address fd00::1/64"]
     assert netdev.ensure_bridge(address="fd00::1/64") == []
+    # the same IP with another prefix: changed, not a second address (nor EEXIST)
+    assert netdev.ensure_bridge(address="10.0.0.1/16") == [
+        "changed address 10.0.0.1/24 to 10.0.0.1/16"]
+    assert netdev.ensure_bridge(address="fd00::1/56") == [
+        "changed address fd00::1/64 to fd00::1/56"]
+    assert sorted((a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                  for a in ipr.get_addr(index=br["index"]) if a["scope"] == 0) == [
+        ("10.0.0.1", 16), ("fd00::1", 56)]
 
 
 def test_bridge_mac_does_not_follow_its_taps(netns, ipr):
