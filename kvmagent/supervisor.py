@@ -180,26 +180,32 @@ class Supervisor:
         else:
             net.close()
             taps, tap_fds = {}, []
-        qmp_ours, qmp_theirs = socket.socketpair()
-        con_ours, con_theirs = socket.socketpair()
-        for s in (qmp_ours, con_ours):
-            stack.callback(s.close)
-        fill = {QMP_FD: str(qmp_theirs.fileno()), CONSOLE_FD: str(con_theirs.fileno())}
-        fill |= {tap_token(index): opt.format(*tap_fds) for index, opt in taps.items()}
-        disk_fill, disk_fds = open_disks(plan["disks"])
-        argv = [placeholders.fill(arg, fill | disk_fill) for arg in plan["argv"]]
-        passed = [qmp_theirs.fileno(), con_theirs.fileno(), *tap_fds, *disk_fds]
-        user: dict[str, Any] = {}
-        if plan["qemu_user"]:  # an unprivileged user (kvmagent.qemuuser)
-            uid, gid, groups = plan["qemu_user"]
-            user = {"user": uid, "group": gid, "extra_groups": groups}
+        theirs: list[socket.socket] = []
+        disk_fds: list[int] = []
         try:
+            qmp_ours, qmp_theirs = socket.socketpair()
+            stack.callback(qmp_ours.close)
+            theirs.append(qmp_theirs)
+            con_ours, con_theirs = socket.socketpair()
+            stack.callback(con_ours.close)
+            theirs.append(con_theirs)
+            fill = {QMP_FD: str(qmp_theirs.fileno()), CONSOLE_FD: str(con_theirs.fileno())}
+            fill |= {tap_token(index): opt.format(*tap_fds) for index, opt in taps.items()}
+            disk_fill, disk_fds = open_disks(plan["disks"])
+            argv = [placeholders.fill(arg, fill | disk_fill) for arg in plan["argv"]]
+            passed = [qmp_theirs.fileno(), con_theirs.fileno(), *tap_fds, *disk_fds]
+            user: dict[str, Any] = {}
+            if plan["qemu_user"]:  # an unprivileged user (kvmagent.qemuuser)
+                uid, gid, groups = plan["qemu_user"]
+                user = {"user": uid, "group": gid, "extra_groups": groups}
             self.qemu = subprocess.Popen(argv, pass_fds=passed, stdin=subprocess.DEVNULL,
                                          **user)
         finally:
-            # QEMU holds them now; our copies would keep taps alive after it exits.
-            qmp_theirs.close()
-            con_theirs.close()
+            # QEMU holds them now; our copies would keep taps alive after it
+            # exits.  Without QEMU (a disk that cannot be opened, a stop while
+            # starting), closing them is what removes the taps at once.
+            for sock in theirs:
+                sock.close()
             for fd in tap_fds + disk_fds:
                 os.close(fd)
         stack.callback(self._reap)
