@@ -391,13 +391,19 @@ def ensure_bridge(name: str = "br-kvm", *, uplink: str | None = None,
     with in_netns(netns), IPRoute() as ipr:
         try:
             link = _link(ipr, name)
+            created = False
             if link is None:
                 mac = {} if uplink else {"address": _bridge_mac(name)}
-                ipr.link("add", ifname=name, kind="bridge", **mac,
-                         **{a[5:].lower(): v for a, v in wanted.items()})
-                changes.append(f"created bridge {name}")
+                try:
+                    ipr.link("add", ifname=name, kind="bridge", **mac,
+                             **{a[5:].lower(): v for a, v in wanted.items()})
+                    created = True
+                    changes.append(f"created bridge {name}")
+                except NetlinkError as e:
+                    if e.code != errno.EEXIST:
+                        raise  # (EEXIST: made meanwhile by another `bridge ensure`)
                 link = ipr.link("get", ifname=name)[0]
-            else:
+            if not created:
                 have = _info_data(_bridge(link, name))
                 diff = {a: v for a, v in wanted.items() if have.get(a) != v}
                 if diff:
