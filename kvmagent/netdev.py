@@ -351,8 +351,16 @@ def _ensure_address(ipr: IPRoute, index: int,
             old = a["prefixlen"]
     if old is not None:
         ipr.addr("del", index=index, address=str(iface.ip), prefixlen=old, family=family)
-    ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen,
-             family=family)
+    try:
+        ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen,
+                 family=family)
+    except NetlinkError as e:
+        if e.code == errno.EACCES and iface.version == 6:  # not a permission: IPv6 is off
+            name = ipr.link("get", index=index)[0].get_attr("IFLA_IFNAME")
+            raise host_error(f"cannot add address {iface.with_prefixlen} to {name}: IPv6 is "
+                             f"disabled there (net.ipv6.conf.{name}.disable_ipv6 = 1)",
+                             "enable IPv6 on the bridge, or give it an IPv4 address") from None
+        raise
     if old is not None:
         return [f"changed address {iface.ip}/{old} to {iface.with_prefixlen}"]
     return [f"added address {iface.with_prefixlen}"]

@@ -195,3 +195,13 @@ def _ensure_quietly(name: str) -> str:
         return "ok"
     except Exception as e:  # reported, so that the test says which
         return repr(e)
+
+
+def test_an_ipv6_address_where_ipv6_is_disabled(netns, ipr):
+    netdev.ensure_bridge("br6")
+    with open("/proc/sys/net/ipv6/conf/br6/disable_ipv6", "w") as f:
+        f.write("1")
+    with pytest.raises(KvmagentError) as e:
+        netdev.ensure_bridge("br6", address="fd00::1/64")
+    assert e.value.status == ExitStatus.HOST_NOT_READY
+    assert "IPv6 is disabled there (net.ipv6.conf.br6.disable_ipv6 = 1)" in e.value.message
