@@ -38,6 +38,7 @@ from typing import NamedTuple
 from .lifecycle import (  # noqa: F401
     ADMIN, CONFIG, CRASHED, EVENTS, FAILED, FAILURES, KILLED, OOM, POWEROFF, REASONS,
     RESTARTED, SHUTDOWN, TIMEOUT, WATCHDOG)
+from .paths import Paths
 
 DB_NAME = "state.db"
 BUSY_TIMEOUT_MS = 5000
@@ -114,7 +115,7 @@ class Now(NamedTuple):
 BOOT_ID_FILE = "boot-id"
 
 
-def boot_id(runtime_dir: str | None = None) -> str:
+def boot_id(runtime_dir: str | Path | None = None) -> str:
     """This boot of this system, as every process of kvmagent sees it alike:
     the boot ID that systemd-tmpfiles wrote into the runtime directory (in a
     container, the container's; a service under ProtectKernelTunables= would
@@ -122,7 +123,7 @@ def boot_id(runtime_dir: str | None = None) -> str:
     file (kvmagent run from a checkout): the kernel's boot time and the start
     of PID 1, which a step of the wall clock changes (btime is derived from
     it), so a clock set during a run splits the boot in two."""
-    directory = runtime_dir or os.environ.get("KVMAGENT_RUNTIME_DIR") or "/run/kvmagent"
+    directory = runtime_dir or Paths.from_env().runtime_dir
     try:
         with open(os.path.join(directory, BOOT_ID_FILE)) as f:
             text = f.read(100).strip()
@@ -146,12 +147,13 @@ def kernel_boot_id() -> str:
         return "unknown"
 
 
-def keep_boot_id(runtime_dir: str = "/run/kvmagent") -> None:
+def keep_boot_id(runtime_dir: str | None = None) -> None:
     """On an upgrade from a kvmagent without the boot-id file: write this
     boot's ID as that version computed it (kernel_boot_id), so that the
     guests running now keep their uptime; systemd-tmpfiles (which creates
     the file only where it is missing) writes systemd's ID from the next boot
     on.  The package's postinst calls this."""
+    runtime_dir = runtime_dir or str(Paths.from_env().runtime_dir)
     os.makedirs(runtime_dir, mode=0o755, exist_ok=True)
     path = os.path.join(runtime_dir, BOOT_ID_FILE)
     tmp = f"{path}.{os.getpid()}"
