@@ -14,8 +14,8 @@ from . import journal
 from .errors import ExitStatus, KvmagentError
 from .names import scope_unit, service_unit
 from .paths import Paths
-from .tracking import (STATES, _history, _note, _summary_json, duration, paint, reason_text,
-                       stamp)
+from .tracking import (STATES, UP_STATES, _history, _note, _summary_json, duration, paint,
+                       reason_text, stamp)
 from .values import format_size
 
 PROPERTIES = ("ActiveState", "SubState", "Result", "MainPID", "InvocationID",
@@ -72,7 +72,7 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
                "memory_bytes": guest.memory if guest else None,
                "nics": nics, "console_socket": str(console) if console.exists() else None,
                **_summary_json(summary, known=not note2)}
-        if props and active not in ("active", "reloading", "deactivating"):
+        if props and active not in UP_STATES:
             # systemd says it does not run: a run left open in the record
             # (both the supervisor's and stop-post's writes lost) is no uptime
             doc["uptime_seconds"] = doc["qemu_pid"] = None

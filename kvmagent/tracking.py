@@ -34,6 +34,8 @@ FACTS_CACHE = "list-cache.json"  # in the runtime directory
 # systemd's ActiveState -> the word shown for a guest.
 STATES = {"active": "running", "reloading": "running", "inactive": "stopped",
           "failed": "failed", "activating": "starting", "deactivating": "stopping"}
+# systemd's ActiveStates in which a guest's run goes on: its uptime counts.
+UP_STATES = ("active", "reloading", "deactivating")
 NAME_WIDTH = 12  # so that a row fits 80 columns
 _COLORS = {"running": "32", "failed": "31", "invalid": "31", "starting": "33",
            "stopping": "33"}
@@ -67,8 +69,8 @@ def all_facts(paths: Paths, names: list[str],
               dropin_dirs: set[str]) -> dict[str, dict[str, Any]]:
     """guest_facts() of each guest (or {"error": message}), parsing only the
     guests whose files changed since the last listing: the rest comes from a
-    cache in the runtime directory, keyed by each file's mtime, size and
-    inode.  The cache is an optimisation only; it is rewritten atomically,
+    cache in the runtime directory, keyed by each file's mtime, ctime, size
+    and inode (_signature).  The cache is an optimisation only; it is rewritten atomically,
     and a listing that cannot write it (not root) parses every file.
     dropin_dirs: the guests' NAME.toml.d directories, as guest_names() found
     them."""
@@ -151,8 +153,9 @@ def enabled_guests(unit_dirs: tuple[str, ...] = UNIT_DIRS) -> set[str]:
     *.wants/ or *.requires/ directory, which is how systemd itself finds an
     enabled template instance; not those masked (`systemctl mask`: a link
     to /dev/null named kvm@NAME.service, or kvm@.service for all, in the
-    first unit directory that has the name: UNIT_DIRS is systemd's order).  The manager has no call that lists the unit-file state of
-    instances (ListUnitFilesByPatterns lists only kvm@.service), and one
+    first unit directory that has the name: UNIT_DIRS is systemd's order).
+    The manager has no call that lists the unit-file state of instances
+    (ListUnitFilesByPatterns lists only kvm@.service), and one
     GetUnitFileState per guest is what list avoids; so is a system call per
     enabled guest (following each link was 9 ms of a listing of 200)."""
     found: set[str] = set()
@@ -304,7 +307,7 @@ def list_rows(paths: Paths) -> tuple[list[dict[str, Any]], list[str]]:
         if fig is not None:
             row["restarts"] = fig.restarts
             run = fig.running_since
-            if run is not None and active in ("active", "reloading", "deactivating", None):
+            if run is not None and (active in UP_STATES or active is None):
                 row["uptime_seconds"] = int(max(0.0, now.boottime - run.boottime))
                 if run.pid and os.path.exists(f"/proc/{run.pid}"):
                     row["qemu_pid"] = run.pid
@@ -458,11 +461,12 @@ def cmd_history(args: argparse.Namespace, paths: Paths) -> int:
     else:
         print(f"{'TIME':<19}  {'EVENT':<8}  DETAIL")
         wrap = sys.stdout.isatty()  # 80 columns on a terminal; whole lines for grep
+        if wrap:
+            import textwrap
         for e in evs:
             detail = reason_text(e) if e.reason else (f"QEMU pid {e.pid}" if e.pid else "")
             line = f"{stamp(e.realtime):<19}  {e.event:<8}  {detail}".rstrip()
             if wrap and len(line) > 80:
-                import textwrap
                 line = textwrap.fill(line, 80, subsequent_indent=" " * 31,
                                      break_long_words=False, break_on_hyphens=False)
             print(line)
