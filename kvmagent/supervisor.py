@@ -358,10 +358,7 @@ class Supervisor:
                         # admin or host shutdown: the event writer tells them apart
                         self.record("stopping", ADMIN)
                         self.record.flush(linger=True)  # while the guest powers off
-                        # A guest that is already off (on_poweroff = keep) needs no
-                        # power button: QEMU is stopped at once.
-                        deadline = time.monotonic() + (
-                            0 if self.guest_poweroff else self.plan["stop_timeout"])
+                        deadline = time.monotonic() + self.plan["stop_timeout"]
                         next_press = time.monotonic()
             if self.console is not None and self.console in ready:
                 self._console_data()
@@ -374,8 +371,9 @@ class Supervisor:
             now = time.monotonic()
             if (self.stopping and self.guest_poweroff and self.plan["keep"]
                     and deadline is not None and now < deadline):
-                # on_poweroff = keep: the guest is off but QEMU stays (-no-shutdown);
-                # stopping it need not wait for the rest of stop_timeout.
+                # on_poweroff = keep: the guest is off (before the stop or by its
+                # power button) but QEMU stays (-no-shutdown); no press, no wait
+                # for the rest of stop_timeout: QEMU is stopped at once.
                 deadline = next_press = now
             if ping_every and now >= next_ping and not self.stopping:
                 self._watchdog()
