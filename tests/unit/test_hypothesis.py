@@ -217,7 +217,8 @@ def guest_doc(draw: Any) -> dict[str, Any]:
     if clean:  # the rules between keys, so that most clean guests are valid
         if "kernel" in doc:
             doc["kernel"].setdefault("image", "/vmlinuz")
-        doc["disk"] = [d for d in doc["disk"] if "path" in d]
+        for disk in doc["disk"]:  # a disk needs its path (as many guests with disks
+            disk.setdefault("path", draw(VALID["disk.path"]))  # whatever Hypothesis draws)
         for nic in doc["nic"]:
             if nic.get("mode") == "user":
                 nic.pop("bridge", None)
