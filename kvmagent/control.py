@@ -143,10 +143,10 @@ def start_oneoff(args: argparse.Namespace, paths: Paths) -> int:
     """`kvmagent start --transient FILE`: the guest of FILE, checked like any
     (nothing is made when it is bad), as the transient kvm-oneoff@NAME.service,
     collected when it stops."""
-    from . import systemd
     path = Path(args.transient).resolve()
     host = load_host_config(paths)
     guest = load_guest_file(path, host)  # exit 6 before touching systemd
+    from . import systemd  # pystemd: not even imported for a bad file
     unit = oneoff_unit(guest.name)
     _refuse_if_running(service_unit(guest.name), guest.name, "a defined guest")
     _refuse_if_running(unit, guest.name, "a one-off guest")

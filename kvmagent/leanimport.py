@@ -12,7 +12,12 @@ fails in that process: kvmagent imports from the modules themselves).
 import_without(MODULE, DEPENDENCY, NAME) imports a module that takes a name
 from a dependency it needs only on a rare path: pystemd.dbuslib's `from
 pprint import pformat` (for one error message) costs ~10 ms, as pprint
-brings dataclasses and inspect."""
+brings dataclasses and inspect.
+
+Both reach past a library's public face, so another version of it may lack
+what kvmagent takes: missing() turns that ImportError into a host error that
+names the library, its version and what is missing (tests/libs run against
+Debian 12's and 13's versions)."""
 
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ import importlib.util
 import sys
 import types
 from typing import Any
+
+from .errors import KvmagentError, host_error
 
 
 def enter(package: str) -> None:
@@ -64,3 +71,16 @@ def import_without(module: str, dependency: str, name: str) -> None:
     finally:
         if sys.modules.get(dependency) is stand_in:
             del sys.modules[dependency]
+
+
+def missing(package: str, exc: ImportError) -> KvmagentError:
+    """A host error (exit 5) for an installed PACKAGE that lacks a module or
+    name kvmagent imports from it."""
+    try:
+        import importlib.metadata  # only on this path: ~10 ms
+        version = importlib.metadata.version(package)
+    except Exception:  # not installed as a distribution at all
+        version = "(version unknown)"
+    return host_error(f"the installed {package} {version} lacks what kvmagent uses: {exc}",
+                      f"kvmagent works with the {package} of Debian 12 and 13: install "
+                      f"python3-{package} from this release")

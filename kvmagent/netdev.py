@@ -35,8 +35,11 @@ from typing import Any
 from . import leanimport
 
 leanimport.enter("pyroute2")  # its IPRoute without every other module (~90 ms)
-from pyroute2.iproute.linux import IPRoute  # noqa: E402
-from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
+try:
+    from pyroute2.iproute.linux import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+except ImportError as e:  # a pyroute2 laid out otherwise than Debian 12's and 13's
+    raise leanimport.missing("pyroute2", e) from None
 
 from .errors import ExitStatus, KvmagentError, config_error, host_error
 from .names import IFNAMSIZ, TAP_PREFIX, tap_name, valid_guest_name

@@ -72,7 +72,7 @@ SANDBOX: list[Setting] = [
 # The settings every guest's service has, whatever its name and however it
 # was made: units/kvm@.service without its per-guest lines.  A line added to
 # the template goes here too (and, if it is new to kvmagent, its D-Bus type
-# into kvmagent.systemd.SIGNATURES), or the transient services would lack it.
+# into kvmagent.unitprops.SIGNATURES), or the transient services would lack it.
 COMMON: list[Setting] = [
     ("Documentation", ["man:kvm@.service(8)", "man:kvmagent(1)", "man:kvmagent.toml(5)"]),
     ("PartOf", ["machines.target"]),

@@ -57,3 +57,24 @@ def test_an_imported_dependency_is_used_as_it_is(modules: Path) -> None:
     leanimport.import_without("lean_mod", "lean_dep", "f")
     import lean_mod
     assert lean_mod.f is lean_dep.f
+
+
+def test_a_library_without_what_kvmagent_takes_is_a_host_error(tmp_path: Path) -> None:
+    """Another pystemd or pyroute2 than Debian 12's and 13's: a host error
+    (exit 5) naming the library and what it lacks, not a traceback."""
+    import subprocess
+    fake = tmp_path / "pystemd"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "dbusexc.py").write_text("class DBusBaseError(Exception):\n    pass\n")
+    (fake / "dbuslib.py").write_text("class DBus: pass\nclass DbusMessage: pass\n"
+                                     "def path_encode(p): return p\n")  # no apply_signature
+    repo = Path(__file__).resolve().parents[2]
+    code = ("from kvmagent.errors import KvmagentError\n"
+            "try:\n    import kvmagent.systemd\n"
+            "except KvmagentError as e:\n    print(int(e.status), e.message, '|', e.hint)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": f"{tmp_path}:{repo}"}, check=True).stdout
+    assert out.startswith("5 the installed pystemd "), out
+    assert "cannot import name 'apply_signature' from 'pystemd.dbuslib'" in out
+    assert "install python3-pystemd from this release" in out

@@ -1,4 +1,5 @@
-"""scope_settings() -> StartTransientUnit properties, and D-Bus error mapping (no bus, no root)."""
+"""scope_settings() and service_settings() -> StartTransientUnit properties
+marshalled by pystemd's D-Bus module, and D-Bus error mapping (no bus, no root)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from kvmagent import machined, systemd
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.guests import load_guest, load_host_config
 from kvmagent.scope import scope_settings
-from kvmagent.systemd import UINT64_MAX, cpu_mask, dbus_error, props_for_dbus
+from kvmagent.service import INSTANCE, service_settings
+from kvmagent.systemd import dbus_error
+from kvmagent.unitprops import SIGNATURES, UINT64_MAX, cpu_mask, props_for_dbus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,9 +74,17 @@ def test_other_types() -> None:
     assert systemd.property_array(props)
 
 
+def test_every_service_setting_marshals() -> None:
+    """The template's settings, and a per-guest service's, as pystemd sends them."""
+    assert systemd.property_array(props_for_dbus(service_settings(INSTANCE)))
+    settings = service_settings("g", ["/usr/bin/python3", "-m", "kvmagent"],
+                                environment=["PYTHONPATH=/src/kvmagent"])
+    assert systemd.property_array(props_for_dbus(settings))
+
+
 def test_signature_table_agrees_with_pystemd() -> None:
     """Where pystemd's table knows a property, it has the same D-Bus type."""
-    for name, sig in systemd.SIGNATURES.items():
+    for name, sig in SIGNATURES.items():
         theirs = KNOWN_UNIT_SIGNATURES.get(name.encode(), sig)
         assert callable(theirs) or theirs == sig, name
 
