@@ -98,8 +98,11 @@ def convert(markdown: str) -> str:
             out.append(_line(line.strip()))
         i += 1
     text = "\n".join(out)
-    return re.sub(r"(\.PP\n)+", ".PP\n", text).replace(".PP\n.SH", ".SH").replace(
+    text = re.sub(r"(\.PP\n)+", ".PP\n", text).replace(".PP\n.SH", ".SH").replace(
         ".PP\n.SS", ".SS") + "\n"
+    # man(1) runs tbl only on pages that ask for it in their first line
+    # (groff then warns "tbl preprocessor failed": Debian 13's lintian, groff-message)
+    return "'\\\" t\n" + text if ".TS\n" in text else text
 
 
 def pages() -> list[Path]:

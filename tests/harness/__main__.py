@@ -1,11 +1,15 @@
 """CLI for the test host.  From the checkout, as root, with Debian's python:
 
-    /usr/bin/python3 -m tests.harness setup [--force]   build/refresh debian root + offline debs
-    /usr/bin/python3 -m tests.harness boot [--root host|debian] NAME   Ctrl-C or `stop` ends it
+    /usr/bin/python3 -m tests.harness setup [--release R] [--force]   build/refresh the roots
+        of the test hosts and their offline debs, and the clean build roots (every release)
+    /usr/bin/python3 -m tests.harness boot [--root host|bookworm|trixie] NAME   Ctrl-C or `stop`
     /usr/bin/python3 -m tests.harness run [--exec] NAME -- CMD...   as a unit (--exec: nsenter)
     /usr/bin/python3 -m tests.harness stop NAME
     /usr/bin/python3 -m tests.harness cleanup [--force]   leftovers of dead owners (--force: all)
-    /usr/bin/python3 -m tests.harness demo [--keep]   guest demo as kvm@demo (README's main job)
+    /usr/bin/python3 -m tests.harness deb [--release R] [--out DIR]   the package of HEAD,
+        built in the clean build root of each release with its tests, and lintian-checked
+    /usr/bin/python3 -m tests.harness demo [--release R] [--keep]   guest demo as kvm@demo
+        (README's main job; R: bookworm = Debian 12, the default, or trixie = Debian 13)
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import logging
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import FrameType
 
-from . import rootfs
+from . import buildroot, rootfs
 from .sysutil import (
     CLEAN_ENV, STATE_ROOT, HarnessError, log, procs_mentioning, proc_alive, safe_rmtree, terminate,
 )
@@ -49,12 +54,18 @@ def _find(name: str) -> Record:
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    t0 = time.monotonic()
-    info = rootfs.build(force=args.force)
-    info["setup_seconds"] = round(time.monotonic() - t0, 1)
-    info["root_mb"] = rootfs.size_mb(Path(str(info["root"])))
-    info["debs_mb"] = rootfs.size_mb(Path(str(info["debs"])))
-    print(json.dumps(info, indent=1))
+    for release in args.release or list(rootfs.RELEASES):
+        t0 = time.monotonic()
+        info = rootfs.build(release, force=args.force)
+        info["setup_seconds"] = round(time.monotonic() - t0, 1)
+        info["root_mb"] = rootfs.size_mb(Path(str(info["root"])))
+        info["debs_mb"] = rootfs.size_mb(Path(str(info["debs"])))
+        print(json.dumps(info, indent=1), flush=True)
+        t0 = time.monotonic()
+        info = buildroot.build(release, force=args.force)
+        info["setup_seconds"] = round(time.monotonic() - t0, 1)
+        info["root_mb"] = rootfs.size_mb(Path(str(info["root"])))
+        print(json.dumps(info, indent=1), flush=True)
     return 0
 
 
@@ -134,9 +145,29 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_deb(args: argparse.Namespace) -> int:
+    """The committed tree (git archive HEAD), as Debian's builders would build it."""
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".src-", dir=out) as tmp:
+        src = Path(tmp) / "kvmagent"
+        src.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+        for release in args.release or list(rootfs.RELEASES):
+            t0 = time.monotonic()
+            deb, lint = buildroot.build_package(release, src, out / release)
+            print(f"== {release} (Debian {rootfs.RELEASES[release]}): {deb} in "
+                  f"{time.monotonic() - t0:.0f} s, build-time tests passed; lintian --pedantic "
+                  f"(fails on {buildroot.LINTIAN_FAIL_ON}):\n{lint.rstrip() or '(nothing)'}",
+                  flush=True)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import demo
-    return demo(keep=args.keep)
+    return demo(release=args.release, keep=args.keep)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,11 +175,14 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="action", required=True)
-    s = sub.add_parser("setup", help="build/refresh the debian root and offline debs")
+    s = sub.add_parser("setup", help="build/refresh the roots and offline debs of every release")
+    s.add_argument("--release", action="append", choices=list(rootfs.RELEASES),
+                   help="only this release (repeatable; default: all)")
     s.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
     s.set_defaults(func=cmd_setup)
     s = sub.add_parser("boot", help="boot a test host and wait for Ctrl-C or `stop`")
-    s.add_argument("--root", choices=["host", "debian"], default="host")
+    s.add_argument("--root", choices=["host", "debian", *rootfs.RELEASES], default="host",
+                   help="host: this machine's / under an overlay; a release: its cached root")
     s.add_argument("--journal-dir")
     s.add_argument("name")
     s.set_defaults(func=cmd_boot)
@@ -161,7 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("stop", help="stop a test host booted by `boot`")
     s.add_argument("name")
     s.set_defaults(func=cmd_stop)
+    s = sub.add_parser("deb", help="build HEAD's package in each release's clean build root")
+    s.add_argument("--release", action="append", choices=list(rootfs.RELEASES),
+                   help="only this release (repeatable; default: all)")
+    s.add_argument("--out", default=str(REPO / "build"), help="where the packages go")
+    s.set_defaults(func=cmd_deb)
     s = sub.add_parser("demo", help="the README's main job: guest demo as kvm@demo in a test host")
+    s.add_argument("--release", choices=list(rootfs.RELEASES), default="bookworm",
+                   help="the test host's Debian: bookworm (12, the default) or trixie (13)")
     s.add_argument("--keep", action="store_true", help="keep it running until Ctrl-C")
     s.set_defaults(func=cmd_demo)
     s = sub.add_parser("cleanup", help="remove leftovers of ours")

@@ -1,10 +1,11 @@
 """The README's main job: guest `demo` as kvm@demo.service in a throwaway
 systemd host, its serial console in the journal.
 
-    /usr/bin/python3 -m tests.harness demo [--keep]
+    /usr/bin/python3 -m tests.harness demo [--release bookworm|trixie] [--keep]
 
-Builds the Debian package from this tree, boots a test host
-(systemd-nspawn, private network), installs the package with apt, creates br-kvm, defines the tiny test guest as `demo`, then
+Builds the Debian package from this tree in a clean build root of the
+release, boots a test host of that release (systemd-nspawn, private
+network), installs the package with apt, creates br-kvm, defines the tiny test guest as `demo`, then
 shows what an admin would look at: systemctl status, machinectl list, the
 bridge and its tap, journalctl -u kvm@demo (the guest's console), and a
 graceful `systemctl stop`.  --keep leaves the host up until Ctrl-C."""
@@ -18,7 +19,9 @@ import time
 from pathlib import Path
 
 from tests.guest.build import find_guest
-from tests.harness.install import REPO, build_deb, define_guest, guest_toml, install_package
+from tests.harness import rootfs
+from tests.harness.install import (REPO, build_deb, copy_guest, define_guest, guest_toml,
+                                   install_package)
 from tests.harness.testhost import TestHost
 
 
@@ -42,17 +45,22 @@ def _wait_journal(th: TestHost, marker: str, timeout: float) -> bool:
     return False
 
 
-def demo(keep: bool = False) -> int:
+def demo(release: str = "bookworm", keep: bool = False) -> int:
     image = find_guest()
-    _say("== the Debian package, built from this tree")
+    version = rootfs.RELEASES[release]
+    _say(f"== the Debian package, built from this tree in a clean Debian {version} build root")
     work = Path(tempfile.mkdtemp(prefix="kvmagent-demo-"))
-    deb = build_deb(work)
+    deb = build_deb(work, release=release)
     print(deb.name)
-    _say("== a throwaway systemd host (systemd-nspawn, systemd as PID 1, private network)")
-    with TestHost(root="host", name="kvmagent-demo", src=REPO) as th:
+    _say(f"== a throwaway Debian {version} ({release}) systemd host "
+         "(systemd-nspawn, systemd as PID 1, private network)")
+    with TestHost(root=release, name="kvmagent-demo", src=REPO,
+                  bind_ro=[(rootfs.cached_debs(release), "/mnt/debs")]) as th:
         print(f"booted {th.name} in {th.boot_seconds[-1]:.1f} s; enter it with: "
               f"nsenter -t {th.leader} -a /bin/bash")
+        _show(th, ["systemctl", "--version"])
         install_package(th, deb)
+        image = copy_guest(th, image)
         _show(th, ["dpkg-query", "-W", "kvmagent"])
         _say("== a bridge for the guest, over netlink")
         _show(th, ["kvmagent", "bridge", "ensure", "br-kvm", "--address", "10.77.0.1/24"],

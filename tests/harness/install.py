@@ -5,16 +5,17 @@ config); and guests made from the tiny test guest."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
 from tests.guest.build import GuestImage
+from tests.harness import buildroot, rootfs
 from tests.harness.testhost import TestHost
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"  # never a pyenv python3 in the build
 
 WRAPPER = """#!/usr/bin/python3
 # kvmagent from the checkout bound at /src/kvmagent (test host only)
@@ -59,43 +60,80 @@ def define_guest(th: TestHost, name: str, toml: str, unit_dropin: str | None = N
         th.exec(["systemctl", "daemon-reload"])
 
 
-def build_deb(work: Path, version: str | None = None) -> Path:
-    """The package of this tree (its tracked files, as they are now), as
-    VERSION if given (with a changed unit file, for upgrade tests); built
-    without its tests (DEB_BUILD_OPTIONS=nocheck): they run on their own."""
+def source_tree(work: Path, version: str | None = None) -> Path:
+    """This tree's tracked files (as they are now) copied under work; as VERSION if
+    given, with a changed unit file too (upgrade tests: systemd must reload it)."""
     src = work / f"kvmagent-{version or 'tree'}"
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True,
                            capture_output=True).stdout.decode().split("\0")
     for name in filter(None, files):
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, src / name)
+        if (REPO / name).exists():  # not a file deleted in the work tree
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, src / name)
     if version is None:
-        return _dpkg_buildpackage(src, work)
+        return src
     init = src / "kvmagent" / "__init__.py"
     init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"',
                            init.read_text()))
-    unit = src / "units" / "kvm@.service"  # a changed unit file: systemd must reload it
+    unit = src / "units" / "kvm@.service"
     unit.write_text(unit.read_text() + f"# kvmagent {version}\n")
     changelog = src / "debian" / "changelog"
     changelog.write_text(re.sub(r"^kvmagent \([^)]*\)", f"kvmagent ({version})",
                                 changelog.read_text()))
-    return _dpkg_buildpackage(src, work)
+    return src
 
 
-def _dpkg_buildpackage(src: Path, work: Path) -> Path:
-    before = set(work.glob("kvmagent_*_all.deb"))
-    subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=src, check=True,
-                   capture_output=True, env={"PATH": BUILD_PATH, "DEB_BUILD_OPTIONS": "nocheck",
-                                             "HOME": str(work)})
-    (built,) = set(work.glob("kvmagent_*_all.deb")) - before
-    return built
+def build_deb(work: Path, version: str | None = None, release: str = "debian", *,
+              check: bool = False, lint: bool = False) -> Path:
+    """The package of this tree, built in the clean build root of release
+    (tests/harness/buildroot.py), into work/RELEASE/.  By default without its
+    build-time tests and lintian: test_package.py runs those on their own."""
+    release = rootfs.resolve(release)
+    deb, _ = buildroot.build_package(release, source_tree(work, version), work / release,
+                                     check=check, lint=lint)
+    return deb
+
+
+# apt inside a test host of a release's root (no network): the offline repository
+# of kvmagent's runtime dependencies, bound at /mnt/debs (rootfs.cached_debs), is
+# its only source.
+OFFLINE_APT = ["-o", "Dir::Etc::SourceList=/etc/apt/offline.list", "-o", "Dir::Etc::SourceParts=-",
+               "-o", "Dir::State::Lists=/var/tmp/offline-lists"]
+APT_ENV = {"DEBIAN_FRONTEND": "noninteractive"}
+
+
+def offline_apt(th: TestHost) -> None:
+    """Point apt at /mnt/debs alone (once per test host)."""
+    th.write_file("/etc/apt/offline.list", "deb [trusted=yes] file:/mnt/debs ./\n")
+    th.exec(["mkdir", "-p", "/var/tmp/offline-lists/partial"])
+    th.run(["apt-get", *OFFLINE_APT, "update", "-q"])
+
+
+def apt_install(th: TestHost, deb: Path) -> str:
+    """Install the .deb with apt, its Depends from the offline repository; apt's output."""
+    th.copy_in(deb, f"/var/tmp/{deb.name}", 0o644)
+    return str(th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q", "--no-install-recommends",
+                       f"/var/tmp/{deb.name}"], env=APT_ENV, timeout=600).stdout)
 
 
 def install_package(th: TestHost, deb: Path, host_config: str = 'accel = "tcg"\n') -> None:
-    """Install the .deb with dpkg: its dependencies are on the host root that
-    this test host overlays (tests/system/test_package.py installs it with
-    apt on a clean root, where they are not)."""
-    th.copy_in(deb, f"/var/tmp/{deb.name}", 0o644)
-    th.run(["dpkg", "-i", f"/var/tmp/{deb.name}"], env={"DEBIAN_FRONTEND": "noninteractive"},
-           timeout=600)
+    """Install the .deb: with dpkg where the test host overlays this machine's root
+    (its dependencies are there), with apt from the offline repository on a
+    release's root (tests/system/test_package.py checks that path in detail)."""
+    if th.root_dir == Path("/"):
+        th.copy_in(deb, f"/var/tmp/{deb.name}", 0o644)
+        th.run(["dpkg", "-i", f"/var/tmp/{deb.name}"], env=APT_ENV, timeout=600)
+    else:
+        offline_apt(th)
+        apt_install(th, deb)
     th.write_file("/etc/kvmagent/kvmagent.toml.d/50-test.toml", host_config)
+
+
+def copy_guest(th: TestHost, image: GuestImage) -> GuestImage:
+    """The tiny guest's kernel and initrd inside the test host (a release's root
+    does not see this machine's cache), at the paths a host's guests use."""
+    inside = dataclasses.replace(image, kernel=Path("/var/lib/guests/vmlinuz"),
+                                 initrd=Path("/var/lib/guests/initrd.gz"))
+    th.copy_in(image.kernel, str(inside.kernel), 0o644)
+    th.copy_in(image.initrd, str(inside.initrd), 0o644)
+    return inside

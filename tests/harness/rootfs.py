@@ -1,6 +1,8 @@
-"""The cached Debian 12 root for `root="debian"` test hosts, and an offline apt repository.
+"""The cached Debian roots of the test hosts, one per release, each with an
+offline apt repository of kvmagent's runtime dependencies.
 
-Built only by `/usr/bin/python3 -m tests.harness setup` (= `make setup`), never by a
+A test host boots the root of a release (`root="bookworm"` or `root="trixie"`;
+`"debian"` is the release of this machine).  Built only by `/usr/bin/python3 -m tests.harness setup` (= `make setup`), never by a
 test: a test that finds the cache missing fails and says so.  The cache key hashes
 the package lists, the apt sources and this file, so editing any of them makes the
 next setup build a fresh tree; the build goes into a temp dir that is renamed into
@@ -20,9 +22,10 @@ from pathlib import Path
 
 from .sysutil import CACHE_ROOT, HarnessError, log, mounts_under, proc_alive, run_cmd, safe_rmtree
 
-RELEASE = "bookworm"
-ROOTFS_DIR = CACHE_ROOT / "rootfs"
-DEBS_DIR = CACHE_ROOT / "debs"
+# The releases kvmagent supports: Debian 12 (oldstable) and Debian 13 (stable).
+RELEASES = {"bookworm": "12", "trixie": "13"}
+ROOTFS_DIR = CACHE_ROOT / "rootfs"  # ROOTFS_DIR/RELEASE/KEY
+DEBS_DIR = CACHE_ROOT / "debs"  # DEBS_DIR/RELEASE/KEY
 STAMP = "etc/kvmagent-tests-rootfs.json"  # inside the root: tells a test which tree it runs on
 
 # What debootstrap puts in (enough to boot), then what apt adds (what kvmagent and the tests use).
@@ -30,6 +33,8 @@ INCLUDE = ("systemd", "systemd-sysv", "dbus", "python3")
 EXTRA = (
     "python3-pystemd", "python3-pydbus", "python3-pyroute2", "python3-systemd",
     "iproute2", "procps", "systemd-container", "qemu-system-x86",
+    # the unit tests, run inside a test host: its Python and libraries, systemd as PID 1
+    "python3-pytest", "python3-hypothesis",
 )
 # kvmagent's runtime Depends (keep in step with debian/control): their closure against the
 # bare debootstrap root is kept as an offline repo, because containers have no network.
@@ -40,8 +45,31 @@ RUNTIME_DEPS = (
 SETUP_HINT = "run `make setup` (or: /usr/bin/python3 -m tests.harness setup) as root"
 
 
-def apt_sources(paths: Sequence[Path] = ()) -> list[tuple[str, str]]:
-    """(uri, suite) pairs for RELEASE* from the host's deb822 and one-line apt sources."""
+def host_release(os_release: Path = Path("/etc/os-release")) -> str:
+    """This machine's release (its VERSION_CODENAME); HarnessError if not one of RELEASES."""
+    fields = dict(re.findall(r'^([A-Z_]+)="?([^"\n]*)"?$', os_release.read_text(), re.M))
+    release = fields.get("VERSION_CODENAME", "")
+    if release not in RELEASES:
+        raise HarnessError(f"this machine runs {fields.get('PRETTY_NAME', release)!r}; "
+                           f"the test hosts are built from Debian {' or '.join(RELEASES)}")
+    return release
+
+
+def resolve(release: str) -> str:
+    """A release's codename from a codename, Debian's version number or "debian" (this machine's)."""
+    if release == "debian":
+        return host_release()
+    by_version = {v: name for name, v in RELEASES.items()}
+    if release in by_version:
+        return by_version[release]
+    if release not in RELEASES:
+        raise HarnessError(f"unknown release {release!r}: one of {', '.join(RELEASES)}")
+    return release
+
+
+def apt_sources(release: str, paths: Sequence[Path] = ()) -> list[tuple[str, str]]:
+    """(uri, suite) pairs for RELEASE (main, -updates, -security): the host's deb822
+    and one-line sources of its own release, with that release's name put in."""
     if not paths:
         paths = sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
         paths = [*paths, *sorted(Path("/etc/apt/sources.list.d").glob("*.list"))]
@@ -61,32 +89,38 @@ def apt_sources(paths: Sequence[Path] = ()) -> list[tuple[str, str]]:
         else:
             for m in re.finditer(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", text, re.M):
                 pairs.append((m[1], m[2]))
-    pairs = [(u.rstrip("/"), s) for u, s in pairs if s.split("-")[0] == RELEASE]
-    if not any(s == RELEASE for _, s in pairs):
-        raise HarnessError(f"no apt source for {RELEASE} in {[str(p) for p in paths]}")
-    return list(dict.fromkeys(pairs))
+    # The mirrors that serve this machine's release serve the others too.
+    own = {s.split("-")[0] for _, s in pairs} & set(RELEASES)
+    mapped = [(u.rstrip("/"), release + s[len(s.split("-")[0]):]) for u, s in pairs
+              if s.split("-")[0] in own]
+    if not any(s == release for _, s in mapped):
+        raise HarnessError(f"no apt source for Debian {' or '.join(RELEASES)} in "
+                           f"{[str(p) for p in paths]}")
+    return list(dict.fromkeys(mapped))
 
 
-def cache_key(sources: Sequence[tuple[str, str]]) -> str:
+def cache_key(release: str, sources: Sequence[tuple[str, str]]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([RELEASE, INCLUDE, EXTRA, RUNTIME_DEPS, list(sources)]).encode())
+    h.update(json.dumps([release, INCLUDE, EXTRA, RUNTIME_DEPS, list(sources)]).encode())
     h.update(Path(__file__).read_bytes())
     return h.hexdigest()[:16]
 
 
-def cached_root() -> Path:
-    """The built debian root; HarnessError with the setup hint if it is missing or stale."""
-    key = cache_key(apt_sources())
-    root = ROOTFS_DIR / key
+def cached_root(release: str = "debian") -> Path:
+    """The built root of a release; HarnessError with the setup hint if it is missing or stale."""
+    release = resolve(release)
+    root = ROOTFS_DIR / release / cache_key(release, apt_sources(release))
     if not (root / STAMP).is_file():
-        raise HarnessError(f"no debian test root at {root} (missing or stale cache): {SETUP_HINT}")
+        raise HarnessError(f"no Debian {RELEASES[release]} ({release}) test root at {root} "
+                           f"(missing or stale cache): {SETUP_HINT}")
     return root
 
 
-def cached_debs() -> Path:
-    repo = DEBS_DIR / cache_key(apt_sources())
+def cached_debs(release: str = "debian") -> Path:
+    release = resolve(release)
+    repo = DEBS_DIR / release / cache_key(release, apt_sources(release))
     if not (repo / "Packages").is_file():
-        raise HarnessError(f"no offline deb repository at {repo}: {SETUP_HINT}")
+        raise HarnessError(f"no offline deb repository for {release} at {repo}: {SETUP_HINT}")
     return repo
 
 
@@ -160,34 +194,39 @@ def _remove_stale(parent: Path, keep: str) -> None:
             safe_rmtree(entry)
 
 
-def build(force: bool = False) -> dict[str, object]:
-    """Build (or keep) the debian root and the offline repo; return timings and paths."""
-    sources = apt_sources()
-    key = cache_key(sources)
-    root, repo = ROOTFS_DIR / key, DEBS_DIR / key
+def debootstrap(release: str, target: Path, sources: Sequence[tuple[str, str]],
+                variant: str, include: Sequence[str] = ()) -> None:
+    """A fresh root of release at target, its apt sources set (main, -updates, -security)."""
+    mirror = next(u for u, s in sources if s == release)
+    run_cmd(["debootstrap", f"--variant={variant}",
+             *([f"--include={','.join(include)}"] if include else []),
+             release, str(target), mirror], timeout=3600)
+    # The suites of a current Debian (updates, security), not just the release as it came out.
+    (target / "etc/apt/sources.list").write_text("".join(f"deb {u} {s} main\n" for u, s in sources))
+
+
+def build(release: str = "debian", force: bool = False) -> dict[str, object]:
+    """Build (or keep) a release's root and offline repo; return timings and paths."""
+    release = resolve(release)
+    sources = apt_sources(release)
+    key = cache_key(release, sources)
+    root_dir, debs_dir = ROOTFS_DIR / release, DEBS_DIR / release
+    root, repo = root_dir / key, debs_dir / key
+    _remove_old_layout()
     if not force and (root / STAMP).is_file() and (repo / "Packages").is_file():
         info = json.loads((root / STAMP).read_text())
-        _remove_stale(ROOTFS_DIR, key)
-        _remove_stale(DEBS_DIR, key)
+        _remove_stale(root_dir, key)
+        _remove_stale(debs_dir, key)
         return {**info, "root": str(root), "debs": str(repo), "rebuilt": False}
 
-    ROOTFS_DIR.mkdir(parents=True, exist_ok=True)
-    DEBS_DIR.mkdir(parents=True, exist_ok=True)
-    tmp_root = ROOTFS_DIR / f".build-{key}-{os.getpid()}"
-    tmp_repo = DEBS_DIR / f".build-{key}-{os.getpid()}"
-    mirror = next(u for u, s in sources if s == RELEASE)
+    root_dir.mkdir(parents=True, exist_ok=True)
+    debs_dir.mkdir(parents=True, exist_ok=True)
+    tmp_root = root_dir / f".build-{key}-{os.getpid()}"
+    tmp_repo = debs_dir / f".build-{key}-{os.getpid()}"
     try:
         t0 = time.monotonic()
-        run_cmd(
-            ["debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}",
-             RELEASE, str(tmp_root), mirror],
-            timeout=3600,
-        )
+        debootstrap(release, tmp_root, sources, "minbase", INCLUDE)
         t_debootstrap = time.monotonic() - t0
-        # The same suites as the host (updates, security), so versions match a current Debian 12.
-        (tmp_root / "etc/apt/sources.list").write_text(
-            "".join(f"deb {u} {s} main\n" for u, s in sources)
-        )
         t1 = time.monotonic()
         (tmp_repo / "partial").mkdir(parents=True)
         _nspawn(tmp_root, ["apt-get", "update", "-q"])
@@ -214,7 +253,7 @@ def build(force: bool = False) -> dict[str, object]:
         # named after its machine name (nspawn sets the hostname).
         (tmp_root / "etc/hostname").unlink(missing_ok=True)
         info: dict[str, object] = {
-            "key": key, "release": RELEASE, "sources": sources, "built": time.time(),
+            "key": key, "release": release, "sources": sources, "built": time.time(),
             "debootstrap_seconds": round(t_debootstrap, 1), "apt_seconds": round(t_apt, 1),
             "offline_debs": n_debs,
         }
@@ -233,9 +272,15 @@ def build(force: bool = False) -> dict[str, object]:
                     log.error("not removing %s: mounts left under it", tmp)
                 else:
                     safe_rmtree(tmp)
-    _remove_stale(ROOTFS_DIR, key)
-    _remove_stale(DEBS_DIR, key)
+    _remove_stale(root_dir, key)
+    _remove_stale(debs_dir, key)
     return {**info, "root": str(root), "debs": str(repo), "rebuilt": True}
+
+
+def _remove_old_layout() -> None:
+    """Trees of the time when there was one release (ROOTFS_DIR/KEY, DEBS_DIR/KEY)."""
+    for parent in (ROOTFS_DIR, DEBS_DIR):
+        _remove_stale(parent, keep="")
 
 
 def size_mb(path: Path) -> int:

@@ -168,17 +168,21 @@ class TestHost:
         stop_timeout: float = 30.0,
         nspawn_args: Sequence[str] = (),
     ) -> None:
-        """root: "host" (the host's / under an overlay), "debian" (the cached debootstrap
-        root; HarnessError telling to run setup if missing) or a directory.
+        """root: "host" (the host's / under an overlay), a release ("bookworm", "trixie";
+        "debian" is this machine's: the cached debootstrap root, HarnessError telling to
+        run setup if missing) or a directory.
         src: the project checkout, bound read-only at /src/kvmagent.
         persistent: mount the overlay ourselves with upper/work in persist_dir (default: in
         the scratch dir) so reboot() keeps state; otherwise --volatile=overlay (tmpfs)."""
         if root == "host":
             self.root_dir = Path("/")
-        elif root == "debian":
-            self.root_dir = rootfs.cached_root()
+            self.release = rootfs.host_release()
+        elif root == "debian" or root in rootfs.RELEASES:
+            self.release = rootfs.resolve(str(root))
+            self.root_dir = rootfs.cached_root(self.release)
         else:
             self.root_dir = Path(root)
+            self.release = rootfs.host_release(self.root_dir / "etc/os-release")
         self.name = name or f"kt{os.getpid()}-{next(_names)}"
         self.scratch = STATE_ROOT / self.name
         self.persistent = persistent

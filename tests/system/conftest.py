@@ -1,8 +1,8 @@
 """Fixtures for system tests: throwaway systemd hosts booted with systemd-nspawn.
 
 `testhost` boots the host's own / under an overlay (nothing to build, ~3 s);
-`debian_testhost` boots the cached debootstrap root (`make setup` builds it; a missing
-cache is a failure, never a silent skip).  Both bind this checkout read-only at
+`debian_testhost` boots the cached debootstrap root of each release, Debian 12 and 13
+(`make setup` builds them; a missing cache is a failure, never a silent skip).  Both bind this checkout read-only at
 /src/kvmagent and save the container's journal into the pytest tmp dir on teardown.
 """
 
@@ -50,20 +50,23 @@ def testhost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestHost]:
                               journal_dir=tmp_path_factory.mktemp("testhost-journal")))
 
 
-@pytest.fixture(scope="session")
-def debian_testhost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestHost]:
-    """The debootstrap root, with the offline repo of kvmagent's runtime deps at /mnt/debs."""
+@pytest.fixture(scope="session", params=list(rootfs.RELEASES))
+def debian_testhost(request: pytest.FixtureRequest,
+                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestHost]:
+    """The debootstrap root of each release (Debian 12, Debian 13), with the offline
+    repo of kvmagent's runtime deps at /mnt/debs."""
     require_system()
+    release = request.param
     try:
-        root, debs = rootfs.cached_root(), rootfs.cached_debs()
+        root, debs = rootfs.cached_root(release), rootfs.cached_debs(release)
     except HarnessError as exc:
         missing = str(exc)
     else:
         missing = ""
     if missing:  # outside the except: one clear message, no chained traceback
         pytest.fail(missing, pytrace=False)
-    yield from _boot(TestHost(root=root, src=REPO, bind_ro=[(debs, "/mnt/debs")],
-                              journal_dir=tmp_path_factory.mktemp("debian-testhost-journal")))
+    yield from _boot(TestHost(root=release, src=REPO, bind_ro=[(debs, "/mnt/debs")],
+                              journal_dir=tmp_path_factory.mktemp(f"{release}-testhost-journal")))
 
 
 def pytest_terminal_summary(terminalreporter):  # type: ignore[no-untyped-def]

@@ -1,60 +1,105 @@
-"""The Debian package on a clean Debian 12: built from this tree, installed
-with apt into a fresh systemd test host on the debootstrap root whose only
-package source is the offline repository of Debian packages made by `make
-setup` (the container has no network).  The runtime dependencies are
-purged first, so apt must bring every one of them in through Depends."""
+"""The Debian package on a clean Debian 12 and a clean Debian 13.
+
+Built as Debian's builders build it, in a clean build root of each release
+(tests/harness/buildroot.py: only build-essential and the Build-Depends, as
+a user who is not root, no network), with its build-time tests, and
+lintian --pedantic of that release on the result.  Then installed with apt
+into a fresh systemd test host on that release's debootstrap root, whose
+only package source is the offline repository of Debian packages made by
+`make setup` (the container has no network); the runtime dependencies are
+purged first, so apt must bring every one of them in through Depends.  A
+guest's whole life follows: start, its console in the journal, ACPI stop, a
+crash restarted and counted, an upgrade under running guests, a reboot of
+the host with an enabled guest, remove and purge.
+
+On Debian 13 the package first installed is the one built on Debian 12
+(admins copy packages between hosts); the upgrade is to the one built on 13.
+"""
 
 from __future__ import annotations
 
-import shutil
+import re
 from pathlib import Path
 
 import pytest
 
-from tests.harness import HarnessError, TestHost, rootfs
-from tests.harness.install import BUILD_PATH, REPO, build_deb, guest_toml
-from tests.system.test_kvm_service import qemu_pid, show, wait_for
+from tests.harness import HarnessError, TestHost, buildroot, rootfs
+from tests.harness.install import (APT_ENV, OFFLINE_APT, REPO, apt_install, build_deb,
+                                   copy_guest, guest_toml, offline_apt, source_tree)
+from tests.system.test_kvm_service import qemu_pid, show, wait_for, wait_state
 
 pytestmark = pytest.mark.system
-APT = ["-o", "Dir::Etc::SourceList=/etc/apt/offline.list", "-o", "Dir::Etc::SourceParts=-",
-       "-o", "Dir::State::Lists=/var/tmp/offline-lists"]
 RUNTIME = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
            "systemd-container"]
+RELEASES = list(rootfs.RELEASES)
+FIRST = RELEASES[0]  # the package every release installs first: built on Debian 12
 
 
 @pytest.fixture(scope="module")
-def debs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    if shutil.which("dpkg-buildpackage", path=BUILD_PATH) is None:
-        pytest.fail("dpkg-buildpackage is missing: run `make setup`", pytrace=False)
-    work = tmp_path_factory.mktemp("deb")
-    return build_deb(work, "0.1.0"), build_deb(work, "0.1.0+upgrade1")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("deb")
+
+
+_clean: dict[str, tuple[Path, str]] = {}
+
+
+def clean_build(work: Path, release: str) -> tuple[Path, str]:
+    """0.1.0 as Debian's builders would build it, tests run, then lintian (once per
+    release): the .deb and lintian's report."""
+    if release not in _clean:
+        try:
+            _clean[release] = buildroot.build_package(
+                release, source_tree(work / "src", "0.1.0"), work / release)
+        except HarnessError as e:
+            pytest.fail(str(e), pytrace=False)
+    return _clean[release]
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_builds_in_a_clean_root_with_its_tests_and_passes_lintian(
+        system_ok: None, work: Path, release: str) -> None:
+    deb, report = clean_build(work, release)
+    assert deb.name == "kvmagent_0.1.0_all.deb"
+    # --fail-on error,warning would have failed the build: nothing of either, and the
+    # files live under /usr/lib (Debian 13's lintian: aliased-location under /lib)
+    assert not re.search(r"^[EW]: ", report, re.M), report
+    assert re.search(r"^build-time tests: +\d+ passed", report, re.M), report
+    assert "failed" not in report.splitlines()[0], report
+    assert "usr/lib/systemd/system/kvm@.service" in deb_contents(deb)
+    print(f"lintian --pedantic on {release}:\n{report or '(nothing)'}")
+
+
+def deb_contents(deb: Path) -> str:
+    import subprocess
+    return subprocess.run(["dpkg-deb", "--contents", str(deb)], check=True,
+                          capture_output=True, text=True).stdout
 
 
 def main_pid(th: TestHost, unit: str) -> str:
     return show(th, unit, "MainPID")["MainPID"]
 
 
-def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[Path, Path],
-                                                   guest_image, tmp_path: Path) -> None:
-    deb, upgrade = debs
+@pytest.mark.parametrize("release", RELEASES)
+def test_a_guests_life_on_a_clean_host(system_ok: None, work: Path, guest_image, release: str,
+                                       tmp_path: Path) -> None:
+    deb, _ = clean_build(work, FIRST)
     try:
-        debs = rootfs.cached_debs()
+        upgrade = build_deb(work, "0.1.0+upgrade1", release)
+        debs = rootfs.cached_debs(release)
     except HarnessError as e:
         pytest.fail(str(e), pytrace=False)
-    env = {"DEBIAN_FRONTEND": "noninteractive"}
-    with TestHost(root="debian", bind_ro=[(debs, "/mnt/debs")], journal_dir=tmp_path) as th:
-        th.run(["apt-get", "purge", "-y", "-q", *RUNTIME], env=env)
-        th.run(["apt-get", "autoremove", "--purge", "-y", "-q"], env=env)
+    with TestHost(root=release, bind_ro=[(debs, "/mnt/debs")], journal_dir=tmp_path,
+                  persistent=True, persist_dir=tmp_path / "persist", stop_timeout=120) as th:
+        assert f'VERSION_ID="{rootfs.RELEASES[release]}"' in th.exec(
+            ["cat", "/etc/os-release"]).stdout
+        th.run(["apt-get", "purge", "-y", "-q", *RUNTIME], env=APT_ENV)
+        th.run(["apt-get", "autoremove", "--purge", "-y", "-q"], env=APT_ENV)
         assert th.exec(["test", "-e", "/usr/lib/python3/dist-packages/pyroute2"],
                        check=False).returncode == 1
-        th.write_file("/etc/apt/offline.list", "deb [trusted=yes] file:/mnt/debs ./\n")
-        th.exec(["mkdir", "-p", "/var/tmp/offline-lists/partial"])
-        th.run(["apt-get", *APT, "update", "-q"])
-        th.copy_in(deb, f"/var/tmp/{deb.name}")
-        install = th.run(["apt-get", *APT, "install", "-y", "-q", "--no-install-recommends",
-                          f"/var/tmp/{deb.name}"], env=env, timeout=600)
+        offline_apt(th)
+        install = apt_install(th, deb)
         for dep in RUNTIME:
-            assert f"Setting up {dep} " in install.stdout, dep
+            assert f"Setting up {dep} " in install, dep
         assert not th.exec(["systemctl", "list-units", "--no-legend", "kvm@*"]).stdout.strip()
         assert th.exec(["systemctl", "is-enabled", "kvmagent-bridges.service"],
                        check=False).stdout.strip() == "enabled"
@@ -66,20 +111,25 @@ def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[
         assert "kvmagent: Guest @GUEST@ is running" in th.exec(
             ["journalctl", "--list-catalog", "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b02"]).stdout
         # a guest, with nothing else installed by hand
-        th.copy_in(guest_image.kernel, "/var/lib/guests/vmlinuz", 0o644)
-        th.copy_in(guest_image.initrd, "/var/lib/guests/initrd.gz", 0o644)
+        image = copy_guest(th, guest_image)
         th.write_file("/etc/kvmagent/kvmagent.toml.d/50-test.toml", 'accel = "tcg"\n')
-        toml = guest_toml(guest_image, nics=0).replace(str(guest_image.kernel),
-                                                       "/var/lib/guests/vmlinuz")
-        th.write_file("/etc/kvmagent/guests/demo.toml",
-                      toml.replace(str(guest_image.initrd), "/var/lib/guests/initrd.gz"))
+        th.write_file("/etc/kvmagent/guests/demo.toml", guest_toml(image, nics=0))
         assert th.run(["kvmagent", "validate", "--host"]).stdout == "demo: ok\n"
         for name in ("g1", "g2", "g3"):
             th.exec(["cp", "/etc/kvmagent/guests/demo.toml", f"/etc/kvmagent/guests/{name}.toml"])
         for name in ("demo", "g1"):
             th.exec(["systemctl", "start", f"kvm@{name}"], timeout=120)
-            wait_for(th, f"kvm@{name}.service", "GUEST-READY")
+            wait_for(th, f"kvm@{name}.service", "GUEST-READY")  # the console, in the journal
         assert "demo" in th.exec(["machinectl", "list", "--no-legend"]).stdout
+
+        # QEMU dies: systemd restarts the guest and counts it
+        first = qemu_pid(th, "g1")
+        th.exec(["kill", "-9", str(first)])
+        wait_for(th, "kvm@g1.service", "was killed by signal 9")
+        wait_state(th, "kvm@g1.service", ("active",))
+        assert show(th, "kvm@g1.service", "NRestarts")["NRestarts"] == "1"
+        assert qemu_pid(th, "g1") != first
+        wait_for(th, "kvm@g1.service", "GUEST-READY(.|\n)*GUEST-READY")  # booted again
         before = {n: main_pid(th, f"kvm@{n}.service") for n in ("demo", "g1")}
         qemus = {n: qemu_pid(th, n) for n in ("demo", "g1")}
 
@@ -87,8 +137,7 @@ def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[
         # As from a kvmagent before /run/kvmagent/boot-id: postinst names this
         # boot as that version did (its guests' events say so), tmpfiles does not
         th.exec(["rm", "/run/kvmagent/boot-id"])
-        th.copy_in(upgrade, f"/var/tmp/{upgrade.name}")
-        th.run(["apt-get", *APT, "install", "-y", "-q", f"/var/tmp/{upgrade.name}"], env=env)
+        apt_install(th, upgrade)
         assert th.run(["kvmagent", "--version"]).stdout == "kvmagent 0.1.0+upgrade1\n"
         old_name = th.exec(["python3", "-c", "from kvmagent.state import kernel_boot_id; "
                             "print(kernel_boot_id())"]).stdout.strip()
@@ -108,6 +157,7 @@ def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[
         for name in ("demo", "g1"):
             journal = th.journal(f"kvm@{name}.service")
             assert "GUEST-POWEROFF" in journal and f"guest {name} stopped" in journal, name
+            assert show(th, f"kvm@{name}.service", "Result")["Result"] == "success", name
 
         # the autopkgtest, and bash completion of guest names
         th.copy_in(REPO / "debian" / "tests" / "smoke", "/var/tmp/smoke", 0o755)
@@ -117,18 +167,30 @@ def test_install_upgrade_and_purge_on_clean_debian(system_ok: None, debs: tuple[
                          'echo "${COMPREPLY[@]}"']).stdout.split()
         assert words == ["g1", "g2", "g3"]
 
+        # a host reboot: the running guest is powered off over ACPI, and an
+        # enabled guest comes back at boot
+        th.exec(["systemctl", "enable", "kvm@g3", "machines.target"])
+        th.exec(["mkdir", "-p", "/var/log/journal"])  # keep this boot's journal
+        th.exec(["systemctl", "restart", "systemd-journald"])
+        th.reboot()
+        previous = th.exec(["journalctl", "-b", "-1", "--no-pager", "-u", "kvm@g2"]).stdout
+        assert "GUEST-POWEROFF" in previous and "guest g2 stopped" in previous, previous[-3000:]
+        wait_state(th, "kvm@g3.service", ("active",), timeout=120)
+        wait_for(th, "kvm@g3.service", "GUEST-READY")
+        assert th.exec(["systemctl", "is-active", "kvm@g2"], check=False).stdout == "inactive\n"
+
         # remove leaves a running guest running; reinstall; it still stops cleanly
-        pid = main_pid(th, "kvm@g2.service")
-        th.run(["apt-get", *APT, "remove", "-y", "-q", "kvmagent"], env=env)
+        pid = main_pid(th, "kvm@g3.service")
+        th.run(["apt-get", *OFFLINE_APT, "remove", "-y", "-q", "kvmagent"], env=APT_ENV)
         assert th.exec(["test", "-e", "/usr/bin/kvmagent"], check=False).returncode == 1
-        assert main_pid(th, "kvm@g2.service") == pid
-        th.run(["apt-get", *APT, "install", "-y", "-q", f"/var/tmp/{upgrade.name}"], env=env)
-        th.exec(["systemctl", "stop", "kvm@g2"], timeout=120)
-        assert "guest g2 stopped" in th.journal("kvm@g2.service")
+        assert main_pid(th, "kvm@g3.service") == pid
+        apt_install(th, upgrade)
+        th.exec(["systemctl", "stop", "kvm@g3"], timeout=120)
+        assert "guest g3 stopped" in th.journal("kvm@g3.service")
 
         # purge: kvmagent's state and conffiles go, the admin's guest file stays
         th.exec(["mkdir", "-p", "/var/lib/kvmagent"])
-        th.run(["dpkg", "--purge", "kvmagent"], env=env)
+        th.run(["dpkg", "--purge", "kvmagent"], env=APT_ENV)
         assert th.exec(["test", "-e", "/var/lib/kvmagent"], check=False).returncode == 1
         assert th.exec(["test", "-e", "/etc/kvmagent/kvmagent.toml"], check=False).returncode == 1
         assert th.exec(["test", "-e", "/etc/kvmagent/guests/demo.toml"]).returncode == 0

@@ -144,7 +144,9 @@ def test_debian_root_boots_with_python_deps(debian_testhost: TestHost) -> None:
     assert th.exec(["cat", "/proc/1/comm"]).stdout.strip() == "systemd"
     assert th.boot_state in ("running", "degraded")
     stamp = json.loads(th.exec(["cat", "/" + rootfs.STAMP]).stdout)
-    assert stamp["release"] == "bookworm"
+    assert stamp["release"] == th.release in rootfs.RELEASES
+    os_release = th.exec(["cat", "/etc/os-release"]).stdout
+    assert f'VERSION_ID="{rootfs.RELEASES[th.release]}"' in os_release, os_release
     assert th.exec(["test", "-e", "/root/.pyenv"], check=False).returncode != 0  # not the host
     th.run([PY, "-c", "import pystemd.systemd1, pystemd.daemon, pydbus, pyroute2, systemd.journal"])
 
@@ -165,7 +167,7 @@ def test_offline_repo_installs_without_network(debian_testhost: TestHost) -> Non
             "python3-pyroute2"], env={"DEBIAN_FRONTEND": "noninteractive"})
 
 
-@pytest.mark.parametrize("root", ["host", "debian"])
+@pytest.mark.parametrize("root", ["host", *rootfs.RELEASES])
 def test_reboot_keeps_persistent_state(system_ok: None, tmp_path: Path, root: str) -> None:
     state = tmp_path / "state"  # the caller's dir holds the overlay's upper layer
     with TestHost(root=root, persistent=True, persist_dir=state, journal_dir=tmp_path) as th:
