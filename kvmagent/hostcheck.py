@@ -18,7 +18,7 @@ from .errors import KvmagentError, host_error
 from .model import Accel, Cache, Guest, HostConfig, NicMode
 from .paths import Paths
 from .qemu import HostFacts
-from .qemucaps import QemuCaps, capabilities, qemu_problems
+from .qemucaps import QemuCaps, capabilities, qemu_notices, qemu_problems
 from .values import format_size
 
 KvmProbe = Callable[[], tuple[bool, str]]
@@ -176,12 +176,17 @@ def check_host(guest: Guest, host: HostConfig, *,
                 "(or in systemd-networkd / ifupdown, see README)"))
     accel = resolve_accel(guest, host, kvm_probe, permanent, notices)
     vhost = os.path.exists("/dev/vhost-net")
-    facts = HostFacts(accel, direct, vhost, tuple(notices), frozenset(block))
+    caps = None
     if qemu_ok:
         try:
-            permanent += qemu_problems(guest, host, facts, caps_probe(host.qemu))
+            caps = caps_probe(host.qemu)
         except KvmagentError as e:
             permanent.append(e)
+        else:
+            notices += qemu_notices(guest, caps)
+    facts = HostFacts(accel, direct, vhost, tuple(notices), frozenset(block))
+    if caps is not None:
+        permanent += qemu_problems(guest, host, facts, caps)
     if lasting is not None:
         lasting += permanent
     return facts, problems + permanent

@@ -61,6 +61,7 @@ class QemuCaps:
     package: str  # e.g. "Debian 1:7.2+dfsg-7+deb12u18"
     machines: frozenset[str]  # names and their aliases ("pc", "q35")
     aliases: dict[str, str]  # alias -> machine type ("pc" -> "pc-i440fx-7.2")
+    deprecated: frozenset[str]  # machine types QEMU will remove in a coming release
     devices: frozenset[str]  # device types that can be created
     accels: frozenset[str]  # "kvm", "tcg"
     options: frozenset[str]  # option groups of the command line ("sandbox", "vnc", ...)
@@ -122,6 +123,7 @@ def parse_transcript(binary: str, transcript: str) -> QemuCaps:
     q = version["qemu"]
     names = {m["name"] for m in machines}
     aliases = {m["alias"]: m["name"] for m in machines if m.get("alias")}
+    deprecated = frozenset(m["name"] for m in machines if m.get("deprecated"))
     sandbox: frozenset[str] = frozenset()
     for opt in options:
         if opt["option"] == "sandbox":
@@ -132,6 +134,7 @@ def parse_transcript(binary: str, transcript: str) -> QemuCaps:
         package=version.get("package", "").strip(),
         machines=frozenset(names | set(aliases)),
         aliases=aliases,
+        deprecated=deprecated,
         devices=frozenset(t["name"] for t in devices),
         accels=frozenset(t["name"].removesuffix("-accel") for t in accels
                          if t["name"] != "accel"),
@@ -203,7 +206,8 @@ def _from_json(doc: dict[str, Any]) -> QemuCaps:
     return QemuCaps(
         binary=str(doc["binary"]), version=tuple(doc["version"]),  # type: ignore[arg-type]
         package=str(doc["package"]), machines=frozenset(doc["machines"]),
-        aliases=dict(doc["aliases"]), devices=frozenset(doc["devices"]),
+        aliases=dict(doc["aliases"]), deprecated=frozenset(doc["deprecated"]),
+        devices=frozenset(doc["devices"]),
         accels=frozenset(doc["accels"]), options=frozenset(doc["options"]),
         sandbox=frozenset(doc["sandbox"]), panic_actions=frozenset(doc["panic_actions"]),
         netdevs=frozenset(doc["netdevs"]))
@@ -266,6 +270,19 @@ def capabilities(qemu: Path, cache_dir: Path) -> QemuCaps:
 
 
 # ---------------------------------------------------------------- the check
+
+def qemu_notices(guest: Guest, caps: QemuCaps) -> list[str]:
+    """What works today but will not with a coming QEMU: a deprecated
+    machine type (QEMU deprecates versioned ones after three years and
+    removes them after six; Debian 13's 10.0 has none of pc-i440fx-2.0's
+    age).  A notice, not a problem: the guest starts."""
+    machine = caps.aliases.get(guest.machine, guest.machine)
+    if machine not in caps.deprecated:
+        return []
+    return [f"{guest.origin_of('machine')}: machine = \"{guest.machine}\" is deprecated in "
+            f"{caps.name} and will be removed from a coming release; "
+            f"\"pc\" or \"q35\" is its newest"]
+
 
 # The options kvmagent writes without an argument; every other takes one
 # (which may itself start with "-", as a kernel command line can).

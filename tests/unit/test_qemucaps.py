@@ -70,6 +70,8 @@ def test_the_recorded_answer_of_qemu_7_2():
     assert caps.version == (7, 2, 22) and caps.package.startswith("Debian 1:7.2")
     assert caps.name == f"QEMU 7.2.22 ({QEMU}, {caps.package})"
     assert caps.aliases["pc"] == "pc-i440fx-7.2" and caps.aliases["q35"] == "pc-q35-7.2"
+    assert caps.deprecated == {"pc-i440fx-1.4", "pc-i440fx-1.5", "pc-i440fx-1.6",
+                               "pc-i440fx-1.7"}
     assert {"pc", "q35", "pc-i440fx-2.0", "pc-q35-7.2"} <= caps.machines
     assert {"virtio-blk-pci", "virtio-net-pci", "ide-hd", "scsi-cd", "pvpanic",
             "rtl8139"} <= caps.devices
@@ -102,6 +104,21 @@ def test_a_machine_type_that_qemu_10_removed(conf):
     assert err.message == (f'{path}: machine = "pc-i440fx-2.0": QEMU 10.0.0 ({QEMU}) '
                            "has no such machine type")
     assert err.hint == 'use a machine type it has: "pc" (pc-i440fx-7.2), "q35" (pc-q35-7.2)'
+
+
+def test_a_deprecated_machine_type_is_a_notice(conf):
+    conf.write("kvmagent.toml", f'qemu = "{sys.executable}"\n')
+    path = conf.write("guests/g.toml", 'accel = "tcg"\nmachine = "pc-i440fx-1.4"\n')
+    facts, problems = check_host(conf.guest(), load_host_config(conf.paths),
+                                 caps_probe=lambda q: qemu_7_2())
+    assert problems == []
+    assert facts.notices == (f'{path}: machine = "pc-i440fx-1.4" is deprecated in '
+                             f'{qemu_7_2().name} and will be removed from a coming release; '
+                             '"pc" or "q35" is its newest',)
+    conf.write("guests/g.toml", 'accel = "tcg"\n')
+    facts, _ = check_host(conf.guest(), load_host_config(conf.paths),
+                          caps_probe=lambda q: qemu_7_2())
+    assert facts.notices == ()
 
 
 def test_a_machine_type_set_for_every_guest_names_kvmagent_toml(conf):
