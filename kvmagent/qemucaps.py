@@ -253,7 +253,10 @@ def capabilities(qemu: Path, cache_dir: Path) -> QemuCaps:
     """QEMU's answer: from this process's memory, else the cache, else the
     binary itself (then cached).  A start waiting for its devices checks
     again every half second: it stats the binary, nothing more."""
-    key = binary_key(qemu)
+    try:
+        key = binary_key(qemu)
+    except OSError as e:  # gone since the host checks saw it (an upgrade under way)
+        raise host_error(f"{qemu}: {e.strerror}", "apt-get install qemu-system-x86") from None
     memo = tuple(key)
     if memo in _MEMO:
         return _MEMO[memo]

@@ -313,6 +313,13 @@ def test_the_cache_is_keyed_by_the_binarys_stat(tmp_path, counted, monkeypatch):
     assert counted[3:] == [copy] and len(list(cache.iterdir())) == 2
 
 
+def test_a_binary_gone_meanwhile_is_a_host_error(tmp_path, counted):
+    with pytest.raises(KvmagentError) as e:
+        qemucaps.capabilities(tmp_path / "qemu", tmp_path)
+    assert e.value.message == f"{tmp_path}/qemu: No such file or directory"
+    assert e.value.status == ExitStatus.HOST_NOT_READY and counted == []
+
+
 @pytest.mark.parametrize("damage", [
     b"", b"{not json", b'{"format": 1}', b"[1, 2]", b'{"format": 999, "key": [], "caps": {}}',
     b"\xff\xfe",
