@@ -1,7 +1,8 @@
 """Second-stage checks: does this host have what the guest needs?  QEMU,
 kernel and disk files, a working /dev/kvm, the bridges.  Read-only: nothing
 is created or changed.  The result is plain data (HostFacts) for the pure
-argv generation, plus the problems found, each a KvmagentError."""
+argv generation, plus the problems found, each a KvmagentError.  What the
+installed QEMU supports is asked of it (kvmagent.qemucaps, cached)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from typing import Callable
 
 from .errors import KvmagentError, host_error
 from .model import Accel, Cache, Guest, HostConfig, NicMode
+from .paths import Paths
 from .qemu import HostFacts
+from .qemucaps import QemuCaps, capabilities, qemu_notices, qemu_problems
 from .values import format_size
 
 KvmProbe = Callable[[], tuple[bool, str]]
+CapsProbe = Callable[[Path], QemuCaps]  # may raise a host error
 
 
 def probe_direct_io(path: Path) -> bool:
@@ -42,6 +46,12 @@ def default_kvm_probe() -> tuple[bool, str]:
     would otherwise pay that for every check."""
     from .kvmprobe import kvm_usable  # forks a child; only when needed
     return kvm_usable()
+
+
+def default_caps_probe(qemu: Path) -> QemuCaps:
+    """Cached in the state directory: kvm@.service's sandbox can write
+    there (StateDirectory=), not to /run/kvmagent (ProtectSystem=strict)."""
+    return capabilities(qemu, Paths.from_env().state_dir)
 
 
 def resolve_accel(guest: Guest, host: HostConfig, probe: KvmProbe,
@@ -105,12 +115,18 @@ def interface_exists(name: str) -> bool:
 
 def check_host(guest: Guest, host: HostConfig, *,
                kvm_probe: KvmProbe = default_kvm_probe,
+               caps_probe: CapsProbe = default_caps_probe,
+               lasting: list[KvmagentError] | None = None,
                ) -> tuple[HostFacts, list[KvmagentError]]:
     """All second-stage checks.  Returns the facts and every problem found
-    (an empty list means the guest can start here)."""
+    (an empty list means the guest can start here).  Problems that waiting
+    for devices cannot solve (KVM not working, QEMU lacking what the guest
+    needs) are also added to LASTING, if given."""
     problems: list[KvmagentError] = []
+    permanent: list[KvmagentError] = []
     notices: list[str] = []
-    if not os.access(host.qemu, os.X_OK):
+    qemu_ok = os.access(host.qemu, os.X_OK)
+    if not qemu_ok:
         problems.append(host_error(
             f"{host.origin.get('qemu', 'kvmagent.toml')}: qemu = \"{host.qemu}\": "
             "no such executable", "apt-get install qemu-system-x86"))
@@ -158,6 +174,19 @@ def check_host(guest: Guest, host: HostConfig, *,
                 f"{guest.origin_of(key)}: {key} = \"{nic.bridge}\": no such bridge",
                 f"create it with: kvmagent bridge ensure {nic.bridge} "
                 "(or in systemd-networkd / ifupdown, see README)"))
-    accel = resolve_accel(guest, host, kvm_probe, problems, notices)
+    accel = resolve_accel(guest, host, kvm_probe, permanent, notices)
     vhost = os.path.exists("/dev/vhost-net")
-    return HostFacts(accel, direct, vhost, tuple(notices), frozenset(block)), problems
+    caps = None
+    if qemu_ok:
+        try:
+            caps = caps_probe(host.qemu)
+        except KvmagentError as e:
+            permanent.append(e)
+        else:
+            notices += qemu_notices(guest, caps)
+    facts = HostFacts(accel, direct, vhost, tuple(notices), frozenset(block))
+    if caps is not None:
+        permanent += qemu_problems(guest, host, facts, caps)
+    if lasting is not None:
+        lasting += permanent
+    return facts, problems + permanent

@@ -1,7 +1,9 @@
 """The QEMU command line of a guest: a pure function from the validated
 guest (plus what the host checks found) to an argv list.  Never a shell
-string.  QEMU 7.2 syntax: -drive if=none + -device, -netdev + -device,
--chardev, bootindex."""
+string.  -drive if=none + -device, -netdev + -device, -chardev, bootindex:
+one command line for QEMU 7.2 (Debian 12) and 10.0 (Debian 13), as nothing
+it uses is in QEMU's list of features removed up to 10.0.  Whether the
+installed QEMU has each of them is asked of it (kvmagent.qemucaps)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import names, qemuuser
-from .errors import config_error
+from .errors import KvmagentError, config_error
 from .guests import load_guest, load_guest_file, load_host_config
 from .hostcheck import check_host
 from .model import Accel, Guest, HostConfig, NicMode, OnPoweroff
@@ -33,19 +33,24 @@ def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts
     """Bridges and block devices may appear late at boot: retry the host
     checks until host.device_timeout, then fail naming what is missing.
     (This runs in a child of the supervisor, whose sd_notify STATUS= systemd
-    would drop under NotifyAccess=main: the wait is said in the journal.)"""
+    would drop under NotifyAccess=main: the wait is said in the journal.)
+    What no wait can bring (a working KVM, a QEMU that has what the guest
+    needs) fails at once."""
     deadline = time.monotonic() + host.device_timeout
     said = ""
     while True:
-        facts, problems = check_host(guest, host)
+        lasting: list[KvmagentError] = []
+        facts, problems = check_host(guest, host, lasting=lasting)
         if not problems:
             for n in facts.notices:
                 journal.send(n, 5, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
             return facts
-        if time.monotonic() >= deadline or any("KVM" in p.message for p in problems):
-            for p in problems[1:]:
-                journal.send(str(p), 3, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
-            raise problems[0]
+        if time.monotonic() >= deadline or lasting:
+            first = (lasting or problems)[0]
+            for p in problems:
+                if p is not first:
+                    journal.send(str(p), 3, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
+            raise first
         waiting = "; ".join(p.message for p in problems)
         if waiting != said:
             journal.send(f"guest {guest.name} waits up to {host.device_timeout:g} s for: "

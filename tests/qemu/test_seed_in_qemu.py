@@ -25,6 +25,7 @@ from kvmagent.hostcheck import check_host
 from kvmagent.model import Accel, Kernel, Media, NicMode
 from kvmagent.paths import Paths
 from kvmagent.qemu import Sockets, qemu_argv
+from kvmagent.qemucaps import capabilities
 from tests.guest.qemu_helpers import Console, Qmp, connect_unix
 
 pytestmark = pytest.mark.qemu
@@ -64,7 +65,8 @@ def test_seed_configuration_starts_paused(name: str, image, tmp_path: Path) -> N
     vnc = f"unix:{tmp_path}/vnc.sock" if guest.display.vnc else None
     guest = dataclasses.replace(guest, disks=tuple(disks), kernel=kernel,
                                 display=dataclasses.replace(guest.display, vnc=vnc))
-    facts, problems = check_host(guest, host, kvm_probe=lambda: (False, "not used"))
+    facts, problems = check_host(guest, host, kvm_probe=lambda: (False, "not used"),
+                                 caps_probe=lambda q: capabilities(q, tmp_path))
     # Only KVM (not usable here) and the bridge (not on this machine; QEMU
     # makes the tap itself inside a throwaway netns below) may be missing.
     assert not [p for p in problems if "KVM" not in p.message
@@ -116,7 +118,7 @@ bus = "ide"
     paths = Paths(etc, tmp_path / "state", tmp_path / "run")
     host = load_host_config(paths)
     guest = load_guest(paths, "demo", host)
-    facts, problems = check_host(guest, host)
+    facts, problems = check_host(guest, host, caps_probe=lambda q: capabilities(q, tmp_path))
     assert problems == [] and facts.accel is Accel.TCG
     argv = qemu_argv(guest, host, facts, Sockets.in_dir(tmp_path))
     proc = _start(argv, tmp_path)

@@ -21,8 +21,15 @@ from kvmagent.guests import check_unique, load_guest, load_host_config
 from kvmagent.hostcheck import check_host, host_memory
 from kvmagent.model import Accel
 from kvmagent.qemu import HostFacts, Sockets, qemu_argv
+from kvmagent.qemucaps import QemuCaps, parse_transcript
 
 KVM = HostFacts(Accel.KVM)
+
+
+def recorded_qemu(qemu: Path) -> QemuCaps:
+    """What QEMU 7.2 answered (test_qemucaps.py): no QEMU run, no cache."""
+    return parse_transcript(str(qemu), (Path(__file__).parent / "data" / "qemucaps"
+                                        / "qemu-7.2.qmp").read_text())
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int, int]]:
@@ -267,13 +274,15 @@ def test_memory_larger_than_the_host_is_a_host_check(conf):
     path = conf.write("guests/g.toml", 'memory = "16T"\n')
     g = conf.guest()
     assert host_memory() < g.memory
-    _, problems = check_host(g, load_host_config(conf.paths), kvm_probe=lambda: (True, ""))
+    _, problems = check_host(g, load_host_config(conf.paths), kvm_probe=lambda: (True, ""),
+                             caps_probe=recorded_qemu)
     mem = [p for p in problems if "memory" in p.message]
     assert len(mem) == 1 and mem[0].status == ExitStatus.HOST_NOT_READY
     assert mem[0].message.startswith(f'{path}: memory = "16T": more than this host\'s ')
     conf.write("guests/g.toml", 'memory = "16M"\n')
     _, problems = check_host(conf.guest(), load_host_config(conf.paths),
-                             kvm_probe=lambda: (True, ""))
+                             kvm_probe=lambda: (True, ""),
+                             caps_probe=recorded_qemu)
     assert not [p for p in problems if "memory" in p.message]
 
 
