@@ -25,7 +25,9 @@ def test_a_journal_that_does_not_read_never_blocks(tmp_path: Path) -> None:
     assert journal.flush() == 0  # nothing read yet: nothing more sent, nothing said
     got, said = [], 0
     journald.setblocking(False)
+    deadline = time.monotonic() + 30
     while len(got) < queued + 50:
+        assert time.monotonic() < deadline, f"{len(got)} of {queued + 50} messages came"
         try:
             got.append(journald.recv(65536))
         except BlockingIOError:
@@ -44,12 +46,15 @@ def test_what_waits_is_sent_before_what_comes_next(tmp_path: Path) -> None:
     journal = Journal(path, backlog=1000)
     n = 0
     while not journal.backlog:  # fill journald's queue
+        assert n < 100_000, "sending never blocked: no backlog"
         journal.send(f"m{n}")
         n += 1
     journal.send(f"m{n}")
     journald.setblocking(False)
     got = []
+    deadline = time.monotonic() + 30
     while True:
+        assert time.monotonic() < deadline, f"{len(journal.backlog)} messages still wait"
         try:
             got.append(journald.recv(65536).split(b"\n")[0])
         except BlockingIOError:
