@@ -4,20 +4,45 @@ Tests are split by what they need: tests/unit (no root, pure logic),
 tests/net (root, a throwaway network namespace), tests/qemu (the real
 qemu-system-x86_64 under TCG) and tests/system (root, a throwaway systemd
 host booted with systemd-nspawn, and the tiny real guest).  Markers select
-them.  In CI (CI=true) or with KVMAGENT_STRICT=1 a skipped net/qemu/system
-test is turned into a failure: a test that silently skips in CI proves
-nothing.
+them.  A test that needs a property of the machine says so with a marker
+(`root`, `kvm`) and is skipped, with the reason, where the property is
+missing.  In CI (CI=true) or with KVMAGENT_STRICT=1 every skip, at
+collection or in a test, is turned into a failure: a test that silently
+skips in CI proves nothing.  A machine that lacks a property deselects the
+tests that need it by name (`-m "not kvm"`), in plain sight.
+
+Every test has a time limit (TIME_LIMITS); going over it fails the test
+with a message, and its fixtures are still torn down.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
+from collections.abc import Iterator
 
 import pytest
 
 STRICT = os.environ.get("CI") == "true" or os.environ.get("KVMAGENT_STRICT") == "1"
-REAL_MARKERS = ("net", "qemu", "system")
+
+# Machine properties a test can need: marker -> (check, what is missing).
+MACHINE_MARKERS = {
+    "root": (lambda: os.geteuid() == 0, "needs root"),
+    "kvm": (lambda: _can_open("/dev/kvm"), "needs /dev/kvm that this user can open read-write"),
+}
+
+# Seconds a test may take for its setup plus call, by marker (the first that
+# applies), on a busy 2-core machine running TCG guests; a test can set its
+# own with @pytest.mark.timeout(SECONDS).  Teardown has its own limit.
+# KVMAGENT_TIME_SCALE multiplies them all (a slower machine).
+TIME_LIMITS = (("system", 900.0), ("qemu", 600.0), ("net", 600.0))
+DEFAULT_TIME_LIMIT = 120.0
+TEARDOWN_TIME_LIMIT = 300.0
+TIME_SCALE = float(os.environ.get("KVMAGENT_TIME_SCALE") or 1)
+TIMEOUT_SIGNAL = signal.SIGUSR2  # nothing in kvmagent or the tests uses it
+REPEAT_AFTER = 30.0  # a test that swallows the first interruption gets another
 
 # What these machines cannot exercise at all; covered by unit tests of the
 # generated argv and settings only (printed at the end of every run).
@@ -30,6 +55,14 @@ NOT_EXERCISED = (
 )
 
 
+def _can_open(path: str) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -39,16 +72,114 @@ def pytest_configure(config: pytest.Config) -> None:
     # fixture teardown: network namespaces, test hosts and guests would be
     # left behind.  As an interrupt, the teardown runs.
     signal.signal(signal.SIGTERM, _interrupt)
+    config.addinivalue_line("markers", "root: needs root (skipped, with the reason, without)")
+    config.addinivalue_line("markers", "kvm: needs a /dev/kvm this user can open")
+    config.addinivalue_line("markers", "timeout(seconds): this test's own time limit "
+                            "(setup and call)")
+
+
+# -- time limits ------------------------------------------------------------------------
+
+def time_limit(item: pytest.Item) -> float:
+    own = item.get_closest_marker("timeout")
+    if own is not None:
+        return float(own.args[0]) * TIME_SCALE
+    for marker, seconds in TIME_LIMITS:
+        if item.get_closest_marker(marker):
+            return seconds * TIME_SCALE
+    return DEFAULT_TIME_LIMIT * TIME_SCALE
+
+
+@contextlib.contextmanager
+def limited(seconds: float, what: str) -> Iterator[None]:
+    """Fail (pytest.fail, which is no Exception: `except Exception` does not
+    swallow it) what runs in the main thread if it takes longer than seconds.
+
+    A watchdog thread signals the main thread: a blocking call (read, wait,
+    select, sleep, a lock) is interrupted and the handler raises there, so the
+    traceback shows where the test waited.  Not SIGALRM: tests use alarm(2)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    done = threading.Event()
+
+    def expired(signum: int, frame: object) -> None:
+        if not done.is_set():
+            pytest.fail(f"TIME LIMIT: {what} took longer than {seconds:.0f} s "
+                        "(a hang, or a machine slower than the limit allows: "
+                        "KVMAGENT_TIME_SCALE)", pytrace=True)
+
+    def watchdog() -> None:
+        if done.wait(seconds):
+            return
+        while not done.is_set():
+            signal.pthread_kill(threading.main_thread().ident or 0, TIMEOUT_SIGNAL)
+            done.wait(REPEAT_AFTER)
+
+    old = signal.signal(TIMEOUT_SIGNAL, expired)
+    thread = threading.Thread(target=watchdog, name="time-limit", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        signal.signal(TIMEOUT_SIGNAL, old)
+
+
+def _missing(item: pytest.Item) -> list[str]:
+    return [f"{missing} (marker {marker!r})" for marker, (have, missing)
+            in MACHINE_MARKERS.items() if item.get_closest_marker(marker) and not have()]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):  # type: ignore[no-untyped-def]
+    missing = _missing(item)
+    if missing:
+        pytest.skip("NOT RUN: " + "; ".join(missing))
+    with limited(time_limit(item), f"{item.nodeid} (setup)"):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):  # type: ignore[no-untyped-def]
+    with limited(time_limit(item), item.nodeid):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item):  # type: ignore[no-untyped-def]
+    # Fixture teardown bounds its own waits (test hosts, netns); this catches a
+    # hang there, at the price of what the interrupted teardown leaves behind
+    # (make clean-tests removes it).
+    with limited(TEARDOWN_TIME_LIMIT * TIME_SCALE, f"{item.nodeid} (teardown)"):
+        yield
+
+
+# -- skips in CI ------------------------------------------------------------------------
+
+def _strict_failure(report) -> None:  # type: ignore[no-untyped-def]
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+    reason = str(reason).removeprefix("Skipped: ")
+    report.outcome = "failed"
+    report.longrepr = f"skipped in CI, which counts as a failure: {reason}"
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     outcome = yield
     report = outcome.get_result()
-    if STRICT and report.skipped and any(item.get_closest_marker(m) for m in REAL_MARKERS):
-        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
-        report.outcome = "failed"
-        report.longrepr = f"skipped in CI, which counts as a failure: {reason}"
+    if STRICT and report.skipped:
+        _strict_failure(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):  # type: ignore[no-untyped-def]
+    """A module-level pytest.skip() or importorskip() skips at collection."""
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT and report.skipped:
+        _strict_failure(report)
 
 
 def pytest_terminal_summary(terminalreporter):  # type: ignore[no-untyped-def]

@@ -82,7 +82,9 @@ def test_flooding_guest_is_rate_limited_and_supervisor_responsive(netns, image, 
             v.settimeout(5)
             got = b""
             while got.count(b"FLOOD\r\n") < 2000:
-                got += v.recv(65536)
+                chunk = v.recv(65536)  # each within 5 s, or TimeoutError
+                assert chunk, f"the console closed after {got.count(b'FLOOD')} lines"
+                got += chunk
         read_until(proc, "not logged", 10, seen)
         time.sleep(4)
         read_until(proc, "not logged", 10, seen)  # reported again, once per interval

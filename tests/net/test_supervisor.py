@@ -254,7 +254,9 @@ def test_console_viewers(netns, image, tmp_path):
         for v in (a, b):
             got = b""
             while b"BOTH-5" not in got.replace(b"BOTH-$((2+3))", b""):
-                got += v.recv(4096)
+                chunk = v.recv(4096)  # each within 10 s, or TimeoutError
+                assert chunk, f"the console closed before the answer: {got!r}"
+                got += chunk
             v.close()
         # interactively, in a pty: Ctrl-] and Ctrl-Q (the seed's socat key)
         # leave, and the terminal is restored

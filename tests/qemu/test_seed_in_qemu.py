@@ -26,13 +26,14 @@ from kvmagent.model import Accel, Kernel, Media, NicMode
 from kvmagent.paths import Paths
 from kvmagent.qemu import Sockets, qemu_argv
 from kvmagent.qemucaps import capabilities
+from tests import seed
 from tests.guest.qemu_helpers import Console, Qmp, connect_unix
 
 pytestmark = pytest.mark.qemu
 
-DATA = Path(__file__).parent.parent / "data"
-SEED = Paths(DATA / "seed", Path("/nonexistent/state"), Path("/nonexistent/run"))
-SEED_GUESTS = ["clone", "arkani", "arkani-serial", "arkani-virtio", "arkani-net", "fukano"]
+# a private copy: the trust check must not depend on who owns the checkout
+SEED = seed.copy(Path("/nonexistent/state"), Path("/nonexistent/run"))
+SEED_GUESTS = seed.SEED_GUESTS
 
 
 @pytest.fixture(scope="module")

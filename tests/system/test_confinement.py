@@ -66,6 +66,15 @@ def test_supervisor_keeps_only_the_capabilities_it_needs(host: TestHost) -> None
     # its mount namespace: the system read-only, home directories gone
     mounts = host.exec(["cat", f"/proc/{main}/mountinfo"]).stdout
     assert re.search(r" /usr ro[, ]", mounts) or re.search(r" / ro[, ]", mounts), mounts[:2000]
+    # ProtectHome=yes: what the host has in /root and /home is not there
+    in_unit = ["nsenter", "-t", str(main), "-m", "--"]
+    for home in ("/root", "/home"):
+        host.exec(["mkdir", "-p", home])
+        host.write_file(f"{home}/kvmagent-canary", "x")
+        assert host.exec(["test", "-e", f"{home}/kvmagent-canary"], check=False).returncode == 0
+        assert host.exec([*in_unit, "test", "-e", f"{home}/kvmagent-canary"],
+                         check=False).returncode == 1, home
+        assert host.exec([*in_unit, "find", home, "-mindepth", "1"], check=False).stdout == ""
 
 
 def test_exposure_score_is_ok_and_below_nspawns(host: TestHost) -> None:

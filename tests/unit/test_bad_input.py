@@ -62,7 +62,7 @@ CASES = [
     ("nic-mac-dup", '[[nic]]\nmac = "52:54:00:00:00:01"\n[[nic]]\nmac = "52:54:00:00:00:01"\n',
      ['nic[1].mac: "52:54:00:00:00:01" is already the MAC of nic[0]']),
     ("nic-bridge-name", '[[nic]]\nbridge = "br kvm; reboot"\n', ['nic[0].bridge = "br kvm; reboot": expected an interface name']),
-    ("nic-bridge-long", '[[nic]]\nbridge = "a-very-long-bridge-name"\n', ["longer than 15 characters"]),
+    ("nic-bridge-long", '[[nic]]\nbridge = "a-very-long-bridge-name"\n', ['nic[0].bridge = "a-very-long-bridge-name": longer than 15 characters']),
     ("user-with-bridge", '[[nic]]\nmode = "user"\nbridge = "br0"\n', ['nic[0].bridge: a mode = "user" NIC has no bridge']),
     ("queues-model", 'cpus = 4\n[[nic]]\nmodel = "e1000"\nqueues = 2\n',
      ['nic[0].queues: multiqueue needs model = "virtio" and mode = "bridge"']),
@@ -95,8 +95,20 @@ def test_bad_guest(conf, case, toml, expected):
     assert str(path) in err.message
 
 
-def test_at_least_30_cases():
+def test_the_cases_are_30_different_ones():
+    """At least 30 cases, each a different input with its own id, and each
+    expecting a message that names a key of that input (a TOML syntax error:
+    the line)."""
     assert len(CASES) >= 30
+    assert len({c[0] for c in CASES}) == len(CASES), "two cases share an id"
+    assert len({c[1] for c in CASES}) == len(CASES), "two cases test the same input"
+    for case, toml, expected in CASES:
+        assert expected, case
+        keys = {word.strip("[]") for line in toml.splitlines()
+                for word in [line.partition("=")[0].strip()] if word}
+        said = " ".join(expected)
+        assert any(key.split(".")[-1] in said for key in keys) or "line 1" in said, \
+            (case, keys, expected)
 
 
 def test_error_in_dropin_names_the_dropin(conf):

@@ -15,17 +15,26 @@ def test_a_journal_that_does_not_read_never_blocks(tmp_path: Path) -> None:
     journald = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     journald.bind(path)
     journal = Journal(path, backlog=50)
+    # journald does not read: the socket's queue fills (net.unix.max_dgram_qlen
+    # datagrams: 10 by the kernel's default, 512 where systemd set it), then
+    # the backlog, then lines are lost; 100 more after the first loss
     t0 = time.monotonic()
-    for i in range(200):  # journald does not read: its queue fills at once
-        journal.send(f"line {i}", 6, GUEST="g")
+    sent = 0
+    while journal.lost < 100:
+        assert sent < 100_000, f"nothing lost after {sent} lines"
+        journal.send(f"line {sent}", 6, GUEST="g")
+        sent += 1
     assert time.monotonic() - t0 < 2
-    queued = 200 - len(journal.backlog) - journal.lost
-    assert len(journal.backlog) == 50 and journal.lost == 150 - queued > 0
+    queued = sent - len(journal.backlog) - journal.lost
+    assert len(journal.backlog) == 50 and journal.lost == sent - 50 - queued == 100
+    assert queued > 0
     lost = journal.lost
     assert journal.flush() == 0  # nothing read yet: nothing more sent, nothing said
     got, said = [], 0
     journald.setblocking(False)
+    deadline = time.monotonic() + 30
     while len(got) < queued + 50:
+        assert time.monotonic() < deadline, f"{len(got)} of {queued + 50} messages came"
         try:
             got.append(journald.recv(65536))
         except BlockingIOError:
@@ -44,12 +53,15 @@ def test_what_waits_is_sent_before_what_comes_next(tmp_path: Path) -> None:
     journal = Journal(path, backlog=1000)
     n = 0
     while not journal.backlog:  # fill journald's queue
+        assert n < 100_000, "sending never blocked: no backlog"
         journal.send(f"m{n}")
         n += 1
     journal.send(f"m{n}")
     journald.setblocking(False)
     got = []
+    deadline = time.monotonic() + 30
     while True:
+        assert time.monotonic() < deadline, f"{len(journal.backlog)} messages still wait"
         try:
             got.append(journald.recv(65536).split(b"\n")[0])
         except BlockingIOError:

@@ -7,28 +7,25 @@ KVMAGENT_REGEN_GOLDEN=1 and review the diff."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
 
 from kvmagent.guests import guest_names, load_guest, load_host_config
 from kvmagent.model import Accel
-from kvmagent.paths import Paths
 from kvmagent.qemu import HostFacts, Sockets, boot_indexes, qemu_argv, quote
 from kvmagent.scope import render_settings, scope_settings
 
-DATA = Path(__file__).parent.parent / "data"
-SEED = Paths(DATA / "seed", Path("/var/lib/kvmagent"), Path("/run/kvmagent"))
-GOLDEN = DATA / "golden"
-SEED_GUESTS = ["clone", "arkani", "arkani-serial", "arkani-virtio", "arkani-net", "fukano"]
-KVM = HostFacts(Accel.KVM)
+from tests import seed
+
+SEED = seed.copy(Path("/var/lib/kvmagent"), Path("/run/kvmagent"))
+GOLDEN = seed.GOLDEN
+SEED_GUESTS = seed.SEED_GUESTS
+KVM = seed.KVM
 
 
 def seed_argv(name: str, facts: HostFacts = KVM) -> list[str]:
-    host = load_host_config(SEED)
-    guest = load_guest(SEED, name, host)
-    return qemu_argv(guest, host, facts, Sockets.in_dir(SEED.guest_runtime(name)))
+    return seed.seed_argv(SEED, name, facts)
 
 
 def test_all_seed_guests_have_golden_files():
@@ -39,10 +36,8 @@ def test_all_seed_guests_have_golden_files():
 def test_golden(name):
     argv = seed_argv(name)
     golden = GOLDEN / f"{name}.argv"
-    if os.environ.get("KVMAGENT_REGEN_GOLDEN") == "1":
-        golden.parent.mkdir(exist_ok=True)
-        golden.write_text("\n".join(argv) + "\n")
-    assert argv == golden.read_text().splitlines()
+    assert argv == golden.read_text().splitlines(), \
+        "after a deliberate change: /usr/bin/python3 -m tests.seed --regen-golden"
 
 
 def test_arkani_reads_like_the_seed():

@@ -223,7 +223,7 @@ def test_service_tasks_max_allows_qemu_before_it_is_in_its_scope() -> None:
     the configuration allows must fit."""
     from kvmagent import schema
     most = int(schema.GUEST_TOP["cpus"].type.rpartition("-")[2])  # "integer 1-255"
-    for line in (REPO / "units" / "kvm@.service").read_text().splitlines():
-        if line.startswith("TasksMax="):
-            assert int(line.partition("=")[2]) >= most + 64 + 16
+    (line,) = [line for line in (REPO / "units" / "kvm@.service").read_text().splitlines()
+               if line.startswith("TasksMax=")]  # exactly one: systemd's default is too low
+    assert int(line.partition("=")[2]) >= most + 64 + 16
     assert dict(service_settings("g"))["TasksMax"] >= most + 64 + 16
