@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -90,40 +92,90 @@ def time_limit(item: pytest.Item) -> float:
     return DEFAULT_TIME_LIMIT * TIME_SCALE
 
 
+class Watchdog:
+    """Signals this process when a time limit runs out.  A process, forked
+    at start-up while pytest is single-threaded, not a thread: a thread
+    would make every fork() the tests and kvmagent make a fork of a
+    multi-threaded process (unsafe; Python 3.12+ warns on each one).
+
+    The parent writes "ARM SECONDS\n" or "OFF\n" down a pipe; once armed
+    time has run out, the watchdog sends TIMEOUT_SIGNAL, and again every
+    REPEAT_AFTER seconds until it is told OFF.  It ends when the pipe
+    closes (pytest exited)."""
+
+    def __init__(self) -> None:
+        r, w = os.pipe()
+        self.parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the watchdog itself
+            os.close(w)
+            try:
+                for sig in (signal.SIGINT, signal.SIGTERM, TIMEOUT_SIGNAL):
+                    signal.signal(sig, signal.SIG_IGN)
+                self._watch(r)
+            finally:
+                os._exit(0)
+        os.close(r)
+        self.pipe, self.pid = w, pid
+
+    def _watch(self, r: int) -> None:
+        deadline: float | None = None
+        buf = b""
+        while True:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([r], [], [], wait)
+            if not ready:
+                try:
+                    os.kill(self.parent, TIMEOUT_SIGNAL)
+                except ProcessLookupError:
+                    return
+                deadline = time.monotonic() + REPEAT_AFTER
+                continue
+            data = os.read(r, 4096)
+            if not data:
+                return
+            buf += data
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                word, _, arg = line.decode().partition(" ")
+                deadline = time.monotonic() + float(arg) if word == "ARM" else None
+
+    def send(self, line: str) -> None:
+        os.write(self.pipe, line.encode() + b"\n")
+
+
+_watchdog: list[Watchdog] = []  # the one of this pytest process, made on first use
+_armed: list[str] = []  # what is being timed now, for the signal handler
+
+
+def _expired(signum: int, frame: object) -> None:
+    if _armed:
+        what, seconds = _armed[-1].rsplit("\0", 1)
+        pytest.fail(f"TIME LIMIT: {what} took longer than {float(seconds):.0f} s "
+                    "(a hang, or a machine slower than the limit allows: "
+                    "KVMAGENT_TIME_SCALE)", pytrace=True)
+
+
 @contextlib.contextmanager
 def limited(seconds: float, what: str) -> Iterator[None]:
     """Fail (pytest.fail, which is no Exception: `except Exception` does not
-    swallow it) what runs in the main thread if it takes longer than seconds.
-
-    A watchdog thread signals the main thread: a blocking call (read, wait,
-    select, sleep, a lock) is interrupted and the handler raises there, so the
-    traceback shows where the test waited.  Not SIGALRM: tests use alarm(2)."""
+    swallow it) what runs if it takes longer than seconds.  The signal
+    interrupts a blocking call (read, wait, select, sleep) and the handler
+    raises there, so the traceback shows where the test waited.  Not
+    SIGALRM: tests use alarm(2)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    done = threading.Event()
-
-    def expired(signum: int, frame: object) -> None:
-        if not done.is_set():
-            pytest.fail(f"TIME LIMIT: {what} took longer than {seconds:.0f} s "
-                        "(a hang, or a machine slower than the limit allows: "
-                        "KVMAGENT_TIME_SCALE)", pytrace=True)
-
-    def watchdog() -> None:
-        if done.wait(seconds):
-            return
-        while not done.is_set():
-            signal.pthread_kill(threading.main_thread().ident or 0, TIMEOUT_SIGNAL)
-            done.wait(REPEAT_AFTER)
-
-    old = signal.signal(TIMEOUT_SIGNAL, expired)
-    thread = threading.Thread(target=watchdog, name="time-limit", daemon=True)
-    thread.start()
+    if not _watchdog or _watchdog[0].parent != os.getpid():
+        _watchdog[:] = [Watchdog()]
+    old = signal.signal(TIMEOUT_SIGNAL, _expired)
+    _armed.append(f"{what}\0{seconds}")
+    _watchdog[0].send(f"ARM {seconds}")
     try:
         yield
     finally:
-        done.set()
-        thread.join()
+        _armed.clear()  # first: a signal already on its way finds nothing armed
+        _watchdog[0].send("OFF")
         signal.signal(TIMEOUT_SIGNAL, old)
 
 
