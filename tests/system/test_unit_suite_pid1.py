@@ -23,14 +23,15 @@ PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def run_unit_tests(th: TestHost, *, user: str = "root", checkout: str = SRC,
+                   paths: tuple[str, ...] = ("tests/unit",),
                    timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    """`/usr/bin/python3 -m pytest tests/unit` in th as a transient unit of
-    user, on checkout (read-only: no cache, a writable basetemp and
+    """`/usr/bin/python3 -m pytest tests/unit` (or paths) in th as a transient
+    unit of user, on checkout (read-only: no cache, a writable basetemp and
     Hypothesis database under /var/tmp)."""
     work = f"/var/tmp/unit-tests-{user}"
     th.exec(["install", "-d", "-o", user, "-m", "0700", work])
     argv = ["/usr/bin/python3", "-m", "pytest", "-q", "-p", "no:cacheprovider",
-            "--basetemp", f"{work}/basetemp", "-o", "console_output_style=classic", "tests/unit"]
+            "--basetemp", f"{work}/basetemp", "-o", "console_output_style=classic", *paths]
     return th.run(argv, cwd=checkout, timeout=timeout, check=False,
                   props=[f"User={user}", "StandardError=journal"],
                   env={"PATH": PATH, "HOME": work, "PYTHONDONTWRITEBYTECODE": "1",
@@ -72,3 +73,11 @@ def test_unit_tests_pass_as_a_user_on_a_checkout_owned_by_root(host: str, reques
     skipped = [ln for ln in r.stdout.splitlines() if ln.startswith("SKIPPED")]
     assert all("NOT RUN: needs" in ln for ln in skipped), skipped
     print(f"tests/unit with systemd as PID 1, as nobody: {counts}")
+
+
+def test_unit_and_library_tests_pass_on_each_release(debian_testhost: TestHost) -> None:
+    """Debian 12's and 13's own root: Python 3.11 and 3.13, pystemd 0.11 and
+    0.13, pyroute2 0.7.2 and 0.7.7 (tests/libs reach into them), systemd as PID 1."""
+    th = debian_testhost
+    counts = assert_all_passed(run_unit_tests(th, paths=("tests/unit", "tests/libs")))
+    print(f"tests/unit and tests/libs on {th.release}: {counts}")
