@@ -117,15 +117,11 @@ def apt_install(th: TestHost, deb: Path) -> str:
 
 
 def install_package(th: TestHost, deb: Path, host_config: str = 'accel = "tcg"\n') -> None:
-    """Install the .deb: with dpkg where the test host overlays this machine's root
-    (its dependencies are there), with apt from the offline repository on a
-    release's root (tests/system/test_package.py checks that path in detail)."""
-    if th.root_dir == Path("/"):
-        th.copy_in(deb, f"/var/tmp/{deb.name}", 0o644)
-        th.run(["dpkg", "-i", f"/var/tmp/{deb.name}"], env=APT_ENV, timeout=600)
-    else:
-        offline_apt(th)
-        apt_install(th, deb)
+    """Install the .deb into a test host of a release's root (with the offline
+    repository at /mnt/debs), as an admin would: apt, its Depends from the
+    repository; and a host configuration for the test guests."""
+    offline_apt(th)
+    apt_install(th, deb)
     th.write_file("/etc/kvmagent/kvmagent.toml.d/50-test.toml", host_config)
 
 
