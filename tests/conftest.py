@@ -65,7 +65,18 @@ def _can_open(path: str) -> bool:
     return True
 
 
+_PYTEST_PID = os.getpid()
+
+
 def _interrupt(signum: int, frame: object) -> None:
+    if os.getpid() != _PYTEST_PID:
+        # A process a test forked (a multiprocessing worker, a forkcall child)
+        # inherits this handler: it must die of SIGTERM as it would anywhere
+        # else (a pool worker that raised instead hung in its exit handlers,
+        # and Pool.terminate() waited for it forever).
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     raise KeyboardInterrupt(f"signal {signum}")
 
 

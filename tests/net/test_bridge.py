@@ -179,13 +179,32 @@ def test_tap_guest_hashed_names():
 def test_two_ensures_at_once_both_succeed(netns, ipr):
     """Two `bridge ensure` of the same new bridge at the same moment: the
     one that loses the race to create it adjusts it instead (it failed with
-    "File exists" about one round in ten)."""
-    import multiprocessing
-    ctx = multiprocessing.get_context("fork")
+    "File exists" about one round in ten).  Two forked children, let go at
+    once by one write (not a multiprocessing pool: its threads and its
+    SIGTERM at the end made the test hang now and then)."""
     for _ in range(20):
-        with ctx.Pool(2) as pool:
-            results = pool.map(_ensure_quietly, ["br-race", "br-race"])
-        assert all(r == "ok" for r in results), results
+        go_r, go_w = os.pipe()
+        children = []
+        for _ in range(2):
+            out_r, out_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                try:
+                    os.read(go_r, 1)
+                    os.write(out_w, _ensure_quietly("br-race").encode())
+                finally:
+                    os._exit(0)
+            os.close(out_w)
+            children.append((pid, out_r))
+        os.close(go_r)
+        os.write(go_w, b"gg")  # one byte each
+        os.close(go_w)
+        results = []
+        for pid, out_r in children:
+            with os.fdopen(out_r, "rb") as out:
+                results.append(out.read().decode())  # EOF when the child has exited
+            os.waitpid(pid, 0)
+        assert results == ["ok", "ok"], results
         ipr.link("del", ifname="br-race")
 
 
