@@ -98,7 +98,7 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
              "restarts, vCPUs, memory, QEMU PID, enabled at boot, taps")
     sp.add_argument("--json", action="store_true",
                     help="machine-readable output (seconds, bytes)")
-    sp = add(sub, "status", "tracking:cmd_status", "show guest NAME's state, uptime, restarts, "
+    sp = add(sub, "status", "status:cmd_status", "show guest NAME's state, uptime, restarts, "
              "last failure, taps, console socket and last journal lines")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--lines", "-n", type=int, default=10, metavar="N",

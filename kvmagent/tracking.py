@@ -496,9 +496,3 @@ def cmd_reset_counters(args: argparse.Namespace, paths: Paths) -> int:
         raise KvmagentError(f"cannot write {state.db_path(paths.state_dir)}: {e}") from None
     print(f"{args.name}: restart counter reset")
     return ExitStatus.OK
-
-
-def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
-    from .status import status
-    _known(paths, args.name)
-    return status(args, paths)
