@@ -86,12 +86,13 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
             sp.set_defaults(func=fn)
         return sp
 
-    sp = add(sub, "validate", "commands:cmd_validate", "check guest definitions (all, or the named ones)")
+    sp = add(sub, "validate", "commands:cmd_validate",
+             "check guest definitions (all, or the named ones)")
     sp.add_argument("names", nargs="*", metavar="NAME")
     sp.add_argument("--host", action="store_true",
                     help="also check this host: QEMU, disks, kernel files, bridges, /dev/kvm")
-    sp = add(sub, "show", "commands:cmd_show", "show a guest's merged configuration (with the file of "
-             "each value), QEMU command line and systemd settings")
+    sp = add(sub, "show", "commands:cmd_show", "show a guest's merged configuration (with the "
+             "file of each value), QEMU command line and systemd settings")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp = add(sub, "list", "tracking:cmd_list", "list the defined guests: state, uptime, "

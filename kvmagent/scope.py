@@ -6,6 +6,8 @@ the two can never disagree."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from .model import Guest, HostConfig
 from .qemu import HostFacts
 from .names import service_unit
@@ -54,7 +56,9 @@ def render_settings(settings: list[Setting]) -> list[str]:
     lines = []
     for key, value in settings:
         if key == "DeviceAllow":
-            lines += [f"DeviceAllow={path} {mode}" for path, mode in value]  # type: ignore[misc]
+            # scope_settings gives DeviceAllow as (path, mode) pairs
+            pairs = cast("list[tuple[str, str]]", value)
+            lines += [f"DeviceAllow={path} {mode}" for path, mode in pairs]
         elif isinstance(value, list):
             lines.append(f"{key}={' '.join(map(str, value))}")
         else:

@@ -348,7 +348,8 @@ class Supervisor:
             watch += self.hub.sockets() if self.hub else []
             # The console is watched for room while viewers' input waits for
             # it, the journal while messages wait for journald.
-            room = [self.console] if self.console and self.hub and self.hub.pending else []
+            room: list[Any] = ([self.console] if self.console and self.hub and self.hub.pending
+                               else [])
             room += [self.journal] if self.journal.backlog else []
             ready, _, _ = select.select(watch, room, [],
                                         min(timeout, 1.0) if timeout is not None else 1.0)
@@ -479,3 +480,6 @@ def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child
         sup.record("running", pid=sup.qemu.pid)
         sup.record.flush()
         return sup.run()
+    # Not reached: an ExitStack passes on every exception its callbacks do
+    # not raise themselves, which a type checker cannot know.
+    raise AssertionError("unreachable")

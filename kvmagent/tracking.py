@@ -16,7 +16,6 @@ import sqlite3
 import sys
 import time
 from contextlib import suppress
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import state
