@@ -26,9 +26,10 @@ def scope_settings(guest: Guest, host: HostConfig, facts: HostFacts | None = Non
         ("Slice", "machine.slice"),
         ("BindsTo", [service]),
         ("PartOf", [service]),
-        # Before=, not After=: at shutdown the supervisor must be told first,
-        # while QEMU is still alive, so it can power the guest off (harness
-        # notes, section 6).
+        # Before=, not After=: systemd stops units in the reverse of their
+        # start order, so at shutdown the supervisor is told first, while
+        # QEMU is still alive, and can power the guest off; with After= the
+        # scope (and QEMU) would be killed before the guest had a chance.
         ("Before", [service]),
         ("CollectMode", "inactive-or-failed"),
         ("MemoryMax", guest.memory + host.memory_overhead),
