@@ -2,15 +2,14 @@
 
 The supervisor writes its pid to RUNTIME_DIR/NAME/supervisor.pid
 (Paths.supervisor_pid: in the unit's RuntimeDirectory=, removed with the
-unit).  The command checks that
-the pid still is kvm@NAME.service's process (its cgroup), holds it as a
-pidfd so that the pid cannot be reused under it, sends SIGUSR1 — the
-supervisor kills QEMU at once and exits successfully, so systemd does not
-restart the guest — and waits until the supervisor is gone.  No D-Bus, no
-configuration: a hard stop is the tool for a guest that is in trouble, and
-it costs a few milliseconds.  Without the pid file (a supervisor not under
-systemd, or one of an older version) it is the same SIGUSR1 through
-systemd (KillUnit), then the stop job."""
+unit).  The command checks that the pid still is kvm@NAME.service's
+process (its cgroup), holds it as a pidfd so that the pid cannot be reused
+under it, sends SIGUSR1 — the supervisor kills QEMU at once and exits
+successfully, so systemd does not restart the guest — and waits until the
+supervisor is gone.  No D-Bus, no configuration: a hard stop is the tool
+for a guest that is in trouble, and it costs a few milliseconds.  Without
+the pid file (a supervisor not under systemd, or one of an older version)
+it is the same SIGUSR1 through systemd (KillUnit), then the stop job."""
 
 from __future__ import annotations
 
