@@ -9,12 +9,13 @@ export DEBIAN_FRONTEND := noninteractive
 # What the project and its tests need, from Debian only.
 DEB_DEPS := python3-pystemd python3-pydbus python3-pyroute2 python3-systemd python3-gi \
 	python3-pytest qemu-system-x86 qemu-utils ipxe-qemu seabios systemd systemd-container \
-	dbus debootstrap busybox-static iproute2 python3-hypothesis man-db
+	dbus debootstrap busybox-static iproute2 python3-hypothesis man-db \
+	python3-mypy python3-flake8
 # The package is built in a clean build root of each release (debootstrap, then
 # its Build-Depends), never with what this machine has: the host needs git only.
 DEB_BUILD_DEPS := git
 
-.PHONY: setup check unit demo bench deb clean-tests
+.PHONY: setup check lint unit demo bench deb clean-tests
 
 setup:
 	apt-get install -y -q --no-install-recommends $(DEB_DEPS) $(DEB_BUILD_DEPS)
@@ -22,7 +23,14 @@ setup:
 	$(PYTHON) -m tests.harness setup
 
 check: setup
+	$(MAKE) --no-print-directory lint
 	$(PYTHON) -m pytest tests
+
+# Types (mypy, configured in pyproject.toml) and flake8 (.flake8), Debian's own
+# versions; kvmagent/ is kept clean on Debian 12's and 13's.
+lint:
+	$(PYTHON) -m mypy
+	$(PYTHON) -m flake8 kvmagent tests bench docs
 
 unit:
 	$(PYTHON) -m pytest tests/unit

@@ -90,10 +90,10 @@ def cmd_ensure(args: argparse.Namespace, paths: Paths) -> int:
         # keep the others from being made; each failure is said, the worst
         # status is the exit status.
         status = ExitStatus.OK
-        for kw in defs:
+        for definition in defs:
             try:
-                for line in _ensure(kw, wait):
-                    print(f"{kw['name']}: {line}")
+                for line in _ensure(definition, wait):
+                    print(f"{definition['name']}: {line}")
             except KvmagentError as e:
                 print(f"kvmagent: {e}", file=sys.stderr)
                 status = max(status, e.status)

@@ -16,19 +16,19 @@ from __future__ import annotations
 import os
 import sys
 
+# A module that imports nothing: stop-post's short way needs this one name.
+from .lifecycle import RECORDED_FILE
+
 TYPE_CHECKING = False  # as typing's, without importing typing (mypy knows the name)
 if TYPE_CHECKING:
     from typing import Any
-
-# In the unit's runtime directory, written by the supervisor once it has recorded
-# the end of its run: the INVOCATION_ID of that run.
-RECORDED_FILE = "recorded"
 
 
 def _stop_already_recorded(argv: list[str]) -> bool:
     """`kvmagent stop-post NAME` (ExecStopPost=) after a run whose supervisor
     recorded its stop itself, as it does unless it was killed: nothing to
-    do.  It runs in every stop, so it reads one file and imports nothing;
+    do.  It runs in every stop, so it reads one file and imports nothing
+    (but kvmagent.lifecycle, for the file's name);
     the unit's runtime directory is in $RUNTIME_DIRECTORY (RuntimeDirectory=
     kvmagent/NAME); anything else takes the long way."""
     invocation = os.environ.get("INVOCATION_ID")

@@ -95,4 +95,3 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
     for p in problems:
         print(f"\n# host not ready: {p}")
     return ExitStatus.OK
-

@@ -222,7 +222,7 @@ def _forget(origin: dict[str, str], path: tuple[str | int, ...]) -> None:
 
 def merge_into(layered: Layered, overlay: dict[str, Any], source: str,
                path: tuple[str | int, ...] = ()) -> None:
-    target: dict[str, Any] = layered.data
+    target: Any = layered.data  # dicts and lists, as the TOML has them
     for part in path:
         target = target[part]
     for key, value in overlay.items():

@@ -3,9 +3,10 @@ file descriptors) back.
 
 The supervisor lives as long as its guest.  Heavy libraries (pyroute2,
 pystemd's manager bindings, pydbus) are needed only for a moment at start;
-importing them in a forked child keeps the long-lived process small
-(harness notes, section 9: ~28 MiB with them), and fds the child opens
-(taps) come back over SCM_RIGHTS.  A child can be forked early with the
+importing them in a forked child keeps the long-lived process small (its
+modules alone: ~12 MiB resident, ~7 MiB PSS; with those libraries imported
+as well: ~32 MiB resident, ~22 MiB PSS, measured with Debian 12's), and fds
+the child opens (taps) come back over SCM_RIGHTS.  A child can be forked early with the
 modules it will need (Child(preload=...)), so their import overlaps with
 the parent's own work and the call itself is quick."""
 

@@ -179,7 +179,8 @@ def _nics(r: Reader, name: str, host: HostConfig, items: list[dict[str, Any]],
     out: list[Nic] = []
     macs: dict[str, int] = {}
     for i, item in enumerate(items):
-        v = lambda key, default, o=DEFAULT: r.value(item, keys, ("nic", i), key, default, o)  # noqa: E731
+        v = lambda key, default, o=DEFAULT: r.value(  # noqa: E731
+            item, keys, ("nic", i), key, default, o)
         mode = v("mode", NicMode.BRIDGE)
         if mode is NicMode.USER and "bridge" in item:
             raise r.fail(("nic", i, "bridge"), 'a mode = "user" NIC has no bridge',

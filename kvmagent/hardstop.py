@@ -1,48 +1,31 @@
 """`kvmagent stop --force NAME`: pull the power cord, fast.
 
-The supervisor writes its pid to RUNTIME_DIR/NAME/supervisor.pid (the
-unit's RuntimeDirectory=, removed with the unit).  The command checks that
-the pid still is kvm@NAME.service's process (its cgroup), holds it as a
-pidfd so that the pid cannot be reused under it, sends SIGUSR1 — the
-supervisor kills QEMU at once and exits successfully, so systemd does not
-restart the guest — and waits until the supervisor is gone.  No D-Bus, no
-configuration: a hard stop is the tool for a guest that is in trouble, and
-it costs a few milliseconds.  Without the pid file (a supervisor not under
-systemd, or one of an older version) it is the same SIGUSR1 through
-systemd (KillUnit), then the stop job."""
+The supervisor writes its pid to RUNTIME_DIR/NAME/supervisor.pid
+(Paths.supervisor_pid: in the unit's RuntimeDirectory=, removed with the
+unit).  The command checks that the pid still is kvm@NAME.service's
+process (its cgroup), holds it as a pidfd so that the pid cannot be reused
+under it, sends SIGUSR1 — the supervisor kills QEMU at once and exits
+successfully, so systemd does not restart the guest — and waits until the
+supervisor is gone.  No D-Bus, no configuration: a hard stop is the tool
+for a guest that is in trouble, and it costs a few milliseconds.  Without
+the pid file (a supervisor not under systemd, or one of an older version)
+it is the same SIGUSR1 through systemd (KillUnit), then the stop job."""
 
 from __future__ import annotations
 
 import os
 import select
 import signal
-from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from .errors import ExitStatus, KvmagentError
 
-if TYPE_CHECKING:  # the supervisor imports this module: only what it needs
+if TYPE_CHECKING:
     import argparse
 
     from .paths import Paths
 
-PID_FILE = "supervisor.pid"
 EXIT_WAIT = 30.0  # seconds for the supervisor to reap QEMU and exit
-
-
-def write_pid_file(paths: Paths, name: str, qemu: int | None = None) -> None:
-    """Called by the supervisor at start, and again with QEMU's pid once QEMU
-    runs (the file is replaced atomically): "SUPERVISOR [QEMU]"."""
-    directory = paths.guest_runtime(name)
-    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-    tmp = directory / f".{PID_FILE}.tmp"
-    tmp.write_text(f"{os.getpid()}" + (f" {qemu}" if qemu else "") + "\n")
-    os.replace(tmp, directory / PID_FILE)
-
-
-def remove_pid_file(paths: Paths, name: str) -> None:
-    with suppress(FileNotFoundError):
-        (paths.guest_runtime(name) / PID_FILE).unlink()
 
 
 def _pidfd(pid: int, cgroups: tuple[str, ...]) -> int | None:
@@ -68,7 +51,7 @@ def _supervisor_pidfd(paths: Paths, name: str) -> int | None:
     from .names import service_unit
     from .service import oneoff_unit
     try:
-        pids = [int(p) for p in (paths.guest_runtime(name) / PID_FILE).read_text().split()]
+        pids = [int(p) for p in paths.supervisor_pid(name).read_text().split()]
     except (OSError, ValueError):
         return None
     if not pids:

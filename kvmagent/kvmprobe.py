@@ -118,7 +118,8 @@ def _run_test_guest(device: str, code: bytes) -> str:
     _direction, size, port, _count, offset = struct.unpack_from("=BBHIQ", run, RUN_IO)
     value = run[offset] if size == 1 and offset < run_size else None
     if port != TEST_PORT or value != TEST_VALUE:
-        return f"a test vCPU wrote {value!r} to port {port:#x}, expected {TEST_VALUE:#x} to {TEST_PORT:#x}"
+        return (f"a test vCPU wrote {value!r} to port {port:#x}, "
+                f"expected {TEST_VALUE:#x} to {TEST_PORT:#x}")
     return "ok"
 
 

@@ -27,25 +27,24 @@ import ipaddress
 import os
 import re
 import socket
-import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from . import leanimport
-
-leanimport.enter("pyroute2")  # its IPRoute without every other module (~90 ms)
-try:
-    from pyroute2.iproute.linux import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-except ImportError as e:  # a pyroute2 laid out otherwise than Debian 12's and 13's
-    raise leanimport.missing("pyroute2", e) from None
-
 from .errors import ExitStatus, KvmagentError, config_error, host_error
 from .names import IFNAMSIZ, TAP_PREFIX, tap_name, valid_guest_name
 from .tundev import attach as _attach, in_use as _in_use
 from .tundev import ifindex as _index, open_tun as _open_tun, persistent, tap_flags
 from .tundev import vhost_fd  # noqa: F401 - kvmagent's tap API is here
+
+# pyroute2 is imported after this call, on purpose (E402): see kvmagent.leanimport.
+leanimport.enter("pyroute2")  # its IPRoute without every other module (~90 ms)
+try:
+    from pyroute2.iproute.linux import IPRoute  # noqa: E402
+    from pyroute2.netlink.exceptions import NetlinkError  # noqa: E402
+except ImportError as e:  # a pyroute2 laid out otherwise than Debian 12's and 13's
+    raise leanimport.missing("pyroute2", e) from None
 
 NETNS_DIR = "/run/netns"
 TAP_ALIAS = "kvmagent"  # IFLA_IFALIAS of the taps open_tap() made

@@ -86,19 +86,20 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
             sp.set_defaults(func=fn)
         return sp
 
-    sp = add(sub, "validate", "commands:cmd_validate", "check guest definitions (all, or the named ones)")
+    sp = add(sub, "validate", "commands:cmd_validate",
+             "check guest definitions (all, or the named ones)")
     sp.add_argument("names", nargs="*", metavar="NAME")
     sp.add_argument("--host", action="store_true",
                     help="also check this host: QEMU, disks, kernel files, bridges, /dev/kvm")
-    sp = add(sub, "show", "commands:cmd_show", "show a guest's merged configuration (with the file of "
-             "each value), QEMU command line and systemd settings")
+    sp = add(sub, "show", "commands:cmd_show", "show a guest's merged configuration (with the "
+             "file of each value), QEMU command line and systemd settings")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp = add(sub, "list", "tracking:cmd_list", "list the defined guests: state, uptime, "
              "restarts, vCPUs, memory, QEMU PID, enabled at boot, taps")
     sp.add_argument("--json", action="store_true",
                     help="machine-readable output (seconds, bytes)")
-    sp = add(sub, "status", "tracking:cmd_status", "show guest NAME's state, uptime, restarts, "
+    sp = add(sub, "status", "status:cmd_status", "show guest NAME's state, uptime, restarts, "
              "last failure, taps, console socket and last journal lines")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--lines", "-n", type=int, default=10, metavar="N",

@@ -49,6 +49,11 @@ class Paths(NamedTuple):
         """Beside it: the running guest's escape key, for `kvmagent console`."""
         return self.guest_runtime(name) / "console.key"
 
+    def supervisor_pid(self, name: str) -> Path:
+        """Guest NAME's supervisor's pid, and QEMU's once it runs: written by
+        the supervisor, read by `kvmagent stop --force` (kvmagent.hardstop)."""
+        return self.guest_runtime(name) / "supervisor.pid"
+
 
 def guest_names(paths: Paths, dropin_dirs: set[str] | None = None) -> list[str]:
     """Names of the defined guests: guests/NAME.toml, sorted.  Symlinks

@@ -22,8 +22,7 @@ import time
 from contextlib import suppress
 from typing import Any, Callable
 
-from .cli import RECORDED_FILE
-from .lifecycle import ADMIN, SHUTDOWN
+from .lifecycle import ADMIN, RECORDED_FILE, SHUTDOWN
 from .paths import Paths
 
 Event = tuple[Any, ...]  # event, reason, detail, pid, realtime, boottime

@@ -6,6 +6,8 @@ the two can never disagree."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from .model import Guest, HostConfig
 from .qemu import HostFacts
 from .names import service_unit
@@ -24,9 +26,10 @@ def scope_settings(guest: Guest, host: HostConfig, facts: HostFacts | None = Non
         ("Slice", "machine.slice"),
         ("BindsTo", [service]),
         ("PartOf", [service]),
-        # Before=, not After=: at shutdown the supervisor must be told first,
-        # while QEMU is still alive, so it can power the guest off (harness
-        # notes, section 6).
+        # Before=, not After=: systemd stops units in the reverse of their
+        # start order, so at shutdown the supervisor is told first, while
+        # QEMU is still alive, and can power the guest off; with After= the
+        # scope (and QEMU) would be killed before the guest had a chance.
         ("Before", [service]),
         ("CollectMode", "inactive-or-failed"),
         ("MemoryMax", guest.memory + host.memory_overhead),
@@ -54,7 +57,9 @@ def render_settings(settings: list[Setting]) -> list[str]:
     lines = []
     for key, value in settings:
         if key == "DeviceAllow":
-            lines += [f"DeviceAllow={path} {mode}" for path, mode in value]  # type: ignore[misc]
+            # scope_settings gives DeviceAllow as (path, mode) pairs
+            pairs = cast("list[tuple[str, str]]", value)
+            lines += [f"DeviceAllow={path} {mode}" for path, mode in pairs]
         elif isinstance(value, list):
             lines.append(f"{key}={' '.join(map(str, value))}")
         else:

@@ -1,8 +1,10 @@
 """sd_notify(3) and the native journal protocol, in the stdlib.
 
 The supervisor lives as long as its guest (hundreds of days); keeping it
-to the standard library keeps it small (harness notes, section 9) and
-keeps it working after a package upgrade replaced other modules."""
+to the standard library keeps it small (no binding to libsystemd, whose
+sd_notify and sd_journal_send are a few lines of socket code here:
+kvmagent.forkcall says what libraries would cost it) and keeps it working
+after a package upgrade replaced other modules."""
 
 from __future__ import annotations
 

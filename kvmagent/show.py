@@ -32,8 +32,9 @@ def effective_config(g: Guest) -> dict[str, Any]:
         out["display"] = {"vnc": g.display.vnc}
     out["stop"] = {"timeout": format_duration(g.stop_timeout)}
     r = g.resources
-    res = {k: v for k, v in (("cpu_weight", r.cpu_weight), ("io_weight", r.io_weight),
-                             ("tasks_max", r.tasks_max)) if v is not None}
+    weights = (("cpu_weight", r.cpu_weight), ("io_weight", r.io_weight),
+               ("tasks_max", r.tasks_max))
+    res: dict[str, int | str] = {k: v for k, v in weights if v is not None}
     if r.cpu_affinity is not None:
         res["cpu_affinity"] = format_cpu_list(r.cpu_affinity)
     if res:
@@ -99,4 +100,3 @@ def render_argv(argv: list[str]) -> list[str]:
         i += 1
     return [("    " if n else "") + line + (" \\" if n < len(lines) - 1 else "")
             for n, line in enumerate(lines)]
-

@@ -14,8 +14,8 @@ from . import journal
 from .errors import ExitStatus, KvmagentError
 from .names import scope_unit, service_unit
 from .paths import Paths
-from .tracking import (STATES, UP_STATES, _history, _note, _summary_json, duration, paint,
-                       reason_text, stamp)
+from .tracking import (STATES, UP_STATES, _history, _known, _note, _summary_json, duration,
+                       paint, reason_text, stamp)
 from .values import format_size
 
 PROPERTIES = ("ActiveState", "SubState", "Result", "MainPID", "InvocationID",
@@ -141,3 +141,7 @@ def _qemu_pid(summary: Any) -> int | None:
         return int(run.pid)
     return None
 
+
+def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
+    _known(paths, args.name)
+    return status(args, paths)

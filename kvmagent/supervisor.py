@@ -28,7 +28,7 @@ import time
 from contextlib import ExitStack, suppress
 from typing import Any
 
-from . import __version__, forkcall, hardstop, placeholders, tundev
+from . import __version__, forkcall, placeholders, tundev
 from .consolelog import ConsoleLog
 from .errors import ExitStatus, KvmagentError
 from .lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF
@@ -93,6 +93,22 @@ def open_disks(disks: list[tuple[str, bool, list[str]]]) -> tuple[dict[str, str]
     return fill, fds
 
 
+def write_pid_file(paths: Paths, name: str, qemu: int | None = None) -> None:
+    """For `kvmagent stop --force` (kvmagent.hardstop, which reads it): at
+    start, and again with QEMU's pid once QEMU runs (the file is replaced
+    atomically): "SUPERVISOR [QEMU]"."""
+    path = paths.supervisor_pid(name)
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{os.getpid()}" + (f" {qemu}" if qemu else "") + "\n")
+    os.replace(tmp, path)
+
+
+def remove_pid_file(paths: Paths, name: str) -> None:
+    with suppress(FileNotFoundError):
+        paths.supervisor_pid(name).unlink()
+
+
 def systemd_booted() -> bool:
     """sd_booted(3): is this host running systemd as PID 1?"""
     return os.path.isdir("/run/systemd/system")
@@ -139,8 +155,8 @@ class Supervisor:
         signal.signal(signal.SIGUSR1, _stopped_while_starting)
         stack.callback(planner.close)
         if valid_guest_name(self.name):  # else the plan fails, saying why: no path made of it
-            hardstop.write_pid_file(self.paths, self.name)  # for kvmagent stop --force
-            stack.callback(hardstop.remove_pid_file, self.paths, self.name)
+            write_pid_file(self.paths, self.name)  # for kvmagent stop --force
+            stack.callback(remove_pid_file, self.paths, self.name)
         # The helpers' imports (pystemd and pydbus ~50 ms, pyroute2 ~250 ms)
         # overlap with the plan: niced, they take only CPU time the planner
         # leaves, and get their full share once it is done.  (The netlink
@@ -210,7 +226,7 @@ class Supervisor:
                 os.close(fd)
         stack.callback(self._reap)
         self.started = time.monotonic()
-        hardstop.write_pid_file(self.paths, self.name, self.qemu.pid)
+        write_pid_file(self.paths, self.name, self.qemu.pid)
         # While QEMU initialises (paused): taps onto their bridges, QEMU into
         # its scope and registered with machined, each in its own child.
         if configure_taps:
@@ -332,7 +348,8 @@ class Supervisor:
             watch += self.hub.sockets() if self.hub else []
             # The console is watched for room while viewers' input waits for
             # it, the journal while messages wait for journald.
-            room = [self.console] if self.console and self.hub and self.hub.pending else []
+            room: list[Any] = ([self.console] if self.console and self.hub and self.hub.pending
+                               else [])
             room += [self.journal] if self.journal.backlog else []
             ready, _, _ = select.select(watch, room, [],
                                         min(timeout, 1.0) if timeout is not None else 1.0)
@@ -463,3 +480,6 @@ def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child
         sup.record("running", pid=sup.qemu.pid)
         sup.record.flush()
         return sup.run()
+    # Not reached: an ExitStack passes on every exception its callbacks do
+    # not raise themselves, which a type checker cannot know.
+    raise AssertionError("unreachable")

@@ -14,26 +14,28 @@ from __future__ import annotations
 import contextlib
 import errno
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from . import leanimport
+from .errors import ExitStatus, KvmagentError
+from .unitprops import SIGNATURES, Settings, props_for_dbus
 
+# pystemd is imported after these calls, on purpose (E402): see kvmagent.leanimport.
 leanimport.enter("pystemd")  # no lxml: kvmagent uses pystemd.dbuslib only
 try:
     leanimport.import_without("pystemd.dbuslib", "pprint", "pformat")  # its error path only
-    from pystemd.dbusexc import DBusBaseError
-    from pystemd.dbuslib import DBus, DbusMessage, apply_signature, path_encode
+    from pystemd.dbusexc import DBusBaseError  # noqa: E402
+    from pystemd.dbuslib import DBus, DbusMessage, apply_signature, path_encode  # noqa: E402
 except ImportError as e:  # a pystemd laid out otherwise than Debian 12's and 13's
     raise leanimport.missing("pystemd", e) from None
-
-from .errors import ExitStatus, KvmagentError
-from .unitprops import SIGNATURES, Settings, props_for_dbus
 
 DEST = b"org.freedesktop.systemd1"
 ROOT = b"/org/freedesktop/systemd1"
 MANAGER = b"org.freedesktop.systemd1.Manager"
 UNIT_PATH = b"/org/freedesktop/systemd1/unit"
+
+
 # -- errors -------------------------------------------------------------------------------
 
 def _error_name(exc: DBusBaseError) -> str:

@@ -16,7 +16,6 @@ import sqlite3
 import sys
 import time
 from contextlib import suppress
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import state
@@ -496,9 +495,3 @@ def cmd_reset_counters(args: argparse.Namespace, paths: Paths) -> int:
         raise KvmagentError(f"cannot write {state.db_path(paths.state_dir)}: {e}") from None
     print(f"{args.name}: restart counter reset")
     return ExitStatus.OK
-
-
-def cmd_status(args: argparse.Namespace, paths: Paths) -> int:
-    from .status import status
-    _known(paths, args.name)
-    return status(args, paths)

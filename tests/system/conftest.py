@@ -58,7 +58,8 @@ def debian_testhost(request: pytest.FixtureRequest,
     require_system()
     release = request.param
     try:
-        root, debs = rootfs.cached_root(release), rootfs.cached_debs(release)
+        rootfs.cached_root(release)  # that it is there: TestHost finds it by release
+        debs = rootfs.cached_debs(release)
     except HarnessError as exc:
         missing = str(exc)
     else:

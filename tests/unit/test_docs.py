@@ -56,3 +56,15 @@ def test_shipped_example_guest_is_valid(conf):
     from kvmagent.guests import guest_names
     conf.write("guests/example.toml.sample", sample)
     assert guest_names(conf.paths) == ["arkani"]
+
+
+def test_readme_layout_names_every_module():
+    """A newcomer finds every module of kvmagent/ in README's Layout, and
+    what it is for."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("\n## Layout\n")
+    end = readme.find("\n## ", start + 1)
+    layout = readme[start:end if end > 0 else None]
+    missing = [p.stem for p in sorted((REPO / "kvmagent").glob("*.py"))
+               if p.stem != "__init__" and f"`{p.stem}`" not in layout]
+    assert not missing, f"README's Layout does not name: {', '.join(missing)}"

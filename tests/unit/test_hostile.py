@@ -339,7 +339,7 @@ def test_megabyte_of_dotted_key_is_refused_quickly(conf, key):
     start = time.monotonic()
     assert "nested more than 16 deep" in refused(conf).message
     assert time.monotonic() - start < 1.0
-    conf.write("guests/g.toml", f"[[disk]]\npath = \"/a.b.c.d.e.f.g.h.i.j.k.l.m.n.o\"\n")
+    conf.write("guests/g.toml", "[[disk]]\npath = \"/a.b.c.d.e.f.g.h.i.j.k.l.m.n.o\"\n")
     assert conf.guest().disks[0].path == Path("/a.b.c.d.e.f.g.h.i.j.k.l.m.n.o")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvmagent import state
-from kvmagent.cli import RECORDED_FILE
+from kvmagent.lifecycle import RECORDED_FILE
 from kvmagent.paths import Paths
 from kvmagent.recorder import EventRecorder
 

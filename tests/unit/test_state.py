@@ -5,7 +5,6 @@ many processes writing at once."""
 from __future__ import annotations
 
 import multiprocessing
-import os
 import re
 import sqlite3
 import stat

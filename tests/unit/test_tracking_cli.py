@@ -365,10 +365,10 @@ def test_list_and_validate_agree_on_which_guests_are_defined(conf) -> None:
 def test_stop_post_short_way(tmp_path, monkeypatch) -> None:
     """ExecStopPost= after a run that recorded its own stop reads one file
     and imports nothing; anything else takes the long way."""
-    from kvmagent import cli
+    from kvmagent import cli, lifecycle
     runtime = tmp_path / "g"
     runtime.mkdir()
-    (runtime / cli.RECORDED_FILE).write_text("inv1")
+    (runtime / lifecycle.RECORDED_FILE).write_text("inv1")
     monkeypatch.setenv("RUNTIME_DIRECTORY", str(runtime))
     monkeypatch.setenv("INVOCATION_ID", "inv1")
     assert cli._stop_already_recorded(["stop-post", "g"])

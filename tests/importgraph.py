@@ -1,0 +1,160 @@
+"""The imports of kvmagent's modules, read from their source with `ast`
+(nothing is imported): which module imports which, at module level (when
+it is imported) or inside a function (when that function runs).  Imports
+under `if TYPE_CHECKING:` are the type checker's only and are marked so.
+Dynamic imports (importlib with a name in a string, as kvmagent.cli's
+commands and kvmagent.forkcall's children do) are not seen here."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "kvmagent"
+
+
+@dataclass(frozen=True)
+class Import:
+    target: str  # "kvmagent.NAME" for kvmagent's own modules, else the dotted name
+    in_function: bool  # inside a def or lambda: imported when it runs
+    type_checking: bool  # under `if TYPE_CHECKING:`: never at run time
+    line: int
+
+
+def modules() -> list[str]:
+    """kvmagent's modules: "kvmagent" (its __init__) and "kvmagent.NAME"."""
+    return sorted("kvmagent" if p.stem == "__init__" else f"kvmagent.{p.stem}"
+                  for p in PACKAGE.glob("*.py"))
+
+
+def _own(name: str) -> str:
+    """A name below kvmagent ("config", "config.read_toml" for a name taken
+    from a module) -> the module imported."""
+    first = name.split(".")[0]
+    return f"kvmagent.{first}" if (PACKAGE / f"{first}.py").exists() else "kvmagent"
+
+
+def _targets(node: ast.Import | ast.ImportFrom) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [_own(a.name[len("kvmagent."):]) if a.name.startswith("kvmagent.")
+                else a.name for a in node.names]
+    if node.module == "__future__":
+        return []
+    if node.level == 0 and node.module != "kvmagent" and not (
+            node.module or "").startswith("kvmagent."):
+        return [node.module or ""]
+    if node.level > 1:
+        raise ValueError(f"line {node.lineno}: kvmagent has no subpackages")
+    module = node.module or ""
+    if module.startswith("kvmagent"):
+        module = module[len("kvmagent"):].lstrip(".")
+    if module:  # from .config import read_toml
+        return [_own(module)]
+    return [_own(a.name) for a in node.names]  # from . import config, __version__
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return ((isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+            or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def imports(module: str) -> list[Import]:
+    """The imports in MODULE's source ("kvmagent" or "kvmagent.NAME")."""
+    stem = "__init__" if module == "kvmagent" else module[len("kvmagent."):]
+    path = PACKAGE / f"{stem}.py"
+    found: list[Import] = []
+
+    def visit(node: ast.AST, in_function: bool, type_checking: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                found.extend(Import(t, in_function, type_checking, child.lineno)
+                             for t in _targets(child))
+            elif isinstance(child, ast.If) and _is_type_checking(child.test):
+                for part in child.body:
+                    visit(ast.Module(body=[part], type_ignores=[]), in_function, True)
+                for part in child.orelse:
+                    visit(ast.Module(body=[part], type_ignores=[]), in_function, type_checking)
+            else:
+                # A class body runs when its module is imported; a function's when called.
+                visit(child, in_function or isinstance(
+                    child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)), type_checking)
+
+    visit(ast.parse(path.read_text(), str(path)), False, False)
+    return found
+
+
+def graph(in_functions: bool = True) -> dict[str, dict[str, Import]]:
+    """module -> {kvmagent module it imports at run time -> where}; with
+    in_functions False, the module-level imports only."""
+    edges: dict[str, dict[str, Import]] = {}
+    for module in modules():
+        edges[module] = {}
+        for imp in imports(module):
+            if (imp.target.startswith("kvmagent") and not imp.type_checking
+                    and imp.target != module and (in_functions or not imp.in_function)):
+                edges[module].setdefault(imp.target, imp)
+    return edges
+
+
+def cycles(edges: dict[str, dict[str, Import]]) -> list[list[str]]:
+    """Every strongly connected set of more than one module (Tarjan), each
+    as one cycle through it, from its first module back to it."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10 * len(edges) + 100))
+
+    def strong(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges.get(v, {}):
+            if w not in index:
+                strong(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(_cycle_through(sorted(component), edges))
+
+    for v in sorted(edges):
+        if v not in index:
+            strong(v)
+    return found
+
+
+def _cycle_through(component: list[str], edges: dict[str, dict[str, Import]]) -> list[str]:
+    """A path from component[0] back to it, inside the component (breadth first)."""
+    start, members = component[0], set(component)
+    paths = {start: [start]}
+    queue = [start]
+    while queue:
+        v = queue.pop(0)
+        for w in sorted(edges[v]):
+            if w == start:
+                return paths[v] + [start]
+            if w in members and w not in paths:
+                paths[w] = paths[v] + [w]
+                queue.append(w)
+    return component  # unreachable for a strongly connected component
+
+
+def describe(cycle: list[str], edges: dict[str, dict[str, Import]]) -> str:
+    """"a -> b (line 12, in a function) -> a (line 3)"."""
+    parts = [cycle[0]]
+    for v, w in zip(cycle, cycle[1:]):
+        imp = edges[v][w]
+        parts.append(f"{w} ({v} line {imp.line}{', in a function' if imp.in_function else ''})")
+    return " -> ".join(parts)
