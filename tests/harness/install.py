@@ -60,16 +60,23 @@ def define_guest(th: TestHost, name: str, toml: str, unit_dropin: str | None = N
         th.exec(["systemctl", "daemon-reload"])
 
 
-def source_tree(work: Path, version: str | None = None) -> Path:
-    """This tree's tracked files (as they are now) copied under work; as VERSION if
-    given, with a changed unit file too (upgrade tests: systemd must reload it)."""
+def source_tree(work: Path, version: str | None = None, commit: str | None = None) -> Path:
+    """This tree's tracked files (as they are now), or those of an earlier commit,
+    copied under work; as VERSION if given, with a changed unit file too
+    (upgrade tests: systemd must reload it)."""
     src = work / f"kvmagent-{version or 'tree'}"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True,
-                           capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        if (REPO / name).exists():  # not a file deleted in the work tree
-            (src / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, src / name)
+    if commit is not None:
+        src.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", commit], cwd=REPO, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
+    else:
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True,
+                               capture_output=True).stdout.decode().split("\0")
+        for name in filter(None, files):
+            if (REPO / name).exists():  # not a file deleted in the work tree
+                (src / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO / name, src / name)
     if version is None:
         return src
     init = src / "kvmagent" / "__init__.py"
@@ -84,13 +91,13 @@ def source_tree(work: Path, version: str | None = None) -> Path:
 
 
 def build_deb(work: Path, version: str | None = None, release: str = "debian", *,
-              check: bool = False, lint: bool = False) -> Path:
-    """The package of this tree, built in the clean build root of release
-    (tests/harness/buildroot.py), into work/RELEASE/.  By default without its
-    build-time tests and lintian: test_package.py runs those on their own."""
+              commit: str | None = None, check: bool = False, lint: bool = False) -> Path:
+    """The package of this tree (or of an earlier commit), built in the clean build
+    root of release (tests/harness/buildroot.py), into work/RELEASE/.  By default
+    without its build-time tests and lintian: test_package.py runs those on their own."""
     release = rootfs.resolve(release)
-    deb, _ = buildroot.build_package(release, source_tree(work, version), work / release,
-                                     check=check, lint=lint)
+    deb, _ = buildroot.build_package(release, source_tree(work, version, commit),
+                                     work / release, check=check, lint=lint)
     return deb
 
 
