@@ -50,8 +50,11 @@ def kvmagent(conf, *args: str) -> subprocess.CompletedProcess[str]:
 def _record(conf, guest: str, rows: list[tuple[str, str | None, float]]) -> None:
     conn = state.connect(conf.paths.state_dir)
     now = state.now()
+    # this boot as the kvmagent runs below name it (their runtime directory:
+    # /run/kvmagent/boot-id of a host with kvmagent installed is not theirs)
+    boot = state.boot_id(conf.paths.runtime_dir)
     for event, reason, ago in rows:
-        at = state.Now(now.realtime - ago, now.boottime - ago, now.boot_id)
+        at = state.Now(now.realtime - ago, now.boottime - ago, boot)
         state.insert(conn, guest, event, reason=reason, at=at, pid=os.getpid()
                      if event == "running" else None, detail="QEMU was killed by signal 9"
                      if reason == state.CRASHED else None)
