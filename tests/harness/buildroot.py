@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from . import rootfs
-from .sysutil import CACHE_ROOT, HarnessError, log, mounts_under, run_cmd, safe_rmtree
+from .sysutil import (CACHE_ROOT, HarnessError, forget_build_host, log, nspawn_run,
+                      put_in_place, remove_unfinished, safe_rmtree)
 
 BUILDROOT_DIR = CACHE_ROOT / "buildroot"  # BUILDROOT_DIR/RELEASE/KEY
 REPO = Path(__file__).resolve().parents[2]
@@ -62,26 +63,6 @@ def cached(release: str) -> Path:
     return root
 
 
-def _nspawn(root: Path, argv: list[str], *, binds: list[str] = (), network: bool,  # type: ignore[assignment]
-            volatile: bool = False, timeout: float = 1800):  # type: ignore[no-untyped-def]
-    """Run argv in root, not booted: with the host's network to fill a root, or on a
-    throwaway overlay without network for a build."""
-    machine = f"ktpkg{os.getpid()}"
-    try:
-        return run_cmd(
-            ["systemd-nspawn", "--quiet", f"--directory={root}", f"--machine={machine}",
-             "--register=no", "--keep-unit", "--setenv=DEBIAN_FRONTEND=noninteractive",
-             "--setenv=LANG=C.UTF-8", *(["--volatile=overlay"] if volatile else []),
-             *([] if network else ["--private-network"]), *binds, "--", *argv],
-            timeout=timeout)
-    finally:
-        # nspawn leaves this empty dir behind on a /run that is not tmpfs
-        try:
-            (Path("/run/systemd/nspawn/propagate") / machine).rmdir()
-        except OSError:
-            pass
-
-
 def build(release: str, force: bool = False) -> dict[str, object]:
     """Build (or keep) the clean build root of release; return timings and its path."""
     release = rootfs.resolve(release)
@@ -101,37 +82,28 @@ def build(release: str, force: bool = False) -> dict[str, object]:
         t_debootstrap = time.monotonic() - t0
         (control / "debian").mkdir()
         shutil.copy(REPO / "debian" / "control", control / "debian" / "control")
-        _nspawn(tmp, ["apt-get", "update", "-q"], network=True)
-        _nspawn(tmp, ["apt-get", "build-dep", "-y", "-q", "--no-install-recommends", "/mnt/src"],
+        nspawn_run(tmp, ["apt-get", "update", "-q"], network=True)
+        nspawn_run(tmp, ["apt-get", "build-dep", "-y", "-q", "--no-install-recommends", "/mnt/src"],
                 binds=[f"--bind-ro={control}:/mnt/src"], network=True)
         (tmp / LINTIAN_DEBS / "partial").mkdir(parents=True)
-        _nspawn(tmp, ["apt-get", "install", "-y", "-q", "--no-install-recommends",
+        nspawn_run(tmp, ["apt-get", "install", "-y", "-q", "--no-install-recommends",
                       "--download-only", "-o", f"Dir::Cache::archives=/{LINTIAN_DEBS}/",
                       "lintian"], network=True)
         (tmp / LINTIAN_DEBS / "partial").rmdir()
-        _nspawn(tmp, ["apt-get", "clean"], network=True)
-        _nspawn(tmp, ["useradd", "--system", "--no-create-home", "--home-dir",
+        nspawn_run(tmp, ["apt-get", "clean"], network=True)
+        nspawn_run(tmp, ["useradd", "--system", "--no-create-home", "--home-dir",
                       "/nonexistent", BUILDER], network=False)
-        (tmp / "etc/machine-id").write_text("")
-        (tmp / "etc/hostname").unlink(missing_ok=True)
+        forget_build_host(tmp)
         info: dict[str, object] = {
             "key": key, "release": release, "sources": sources, "built": time.time(),
             "build_depends": build_depends(), "debootstrap_seconds": round(t_debootstrap, 1),
             "apt_seconds": round(time.monotonic() - t0 - t_debootstrap, 1),
         }
         (tmp / STAMP).write_text(json.dumps(info, indent=1) + "\n")
-        if root.exists():
-            old = root.with_name(f".old-{key}-{os.getpid()}")
-            root.rename(old)
-            safe_rmtree(old)
-        tmp.rename(root)
+        put_in_place(tmp, root, key)
     finally:
         shutil.rmtree(control, ignore_errors=True)
-        if tmp.exists():
-            if mounts_under(tmp):
-                log.error("not removing %s: mounts left under it", tmp)
-            else:
-                safe_rmtree(tmp)
+        remove_unfinished(tmp)
     _remove_stale(parent, key)
     return {**info, "root": str(root), "rebuilt": True}
 
@@ -180,7 +152,7 @@ def build_package(release: str, src: Path, out: Path, *, check: bool = True,
                                      options="" if check else "nocheck", debs=LINTIAN_DEBS,
                                      fail_on=LINTIAN_FAIL_ON)
         try:
-            done = _nspawn(root, ["sh", "-c", script], binds=[f"--bind={work}:/build"],
+            done = nspawn_run(root, ["sh", "-c", script], binds=[f"--bind={work}:/build"],
                            network=False, volatile=True, timeout=1800)
         except HarnessError as e:
             raise HarnessError(f"building {src} in the clean {release} root failed: {e}") from None

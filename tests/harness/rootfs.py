@@ -12,6 +12,7 @@ place, so an interrupted build never looks complete.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -20,7 +21,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .sysutil import CACHE_ROOT, HarnessError, log, mounts_under, proc_alive, run_cmd, safe_rmtree
+from .sysutil import (CACHE_ROOT, HarnessError, forget_build_host, log, nspawn_run, proc_alive,
+                      put_in_place, remove_unfinished, run_cmd, safe_rmtree)
 
 # The releases kvmagent supports: Debian 12 (oldstable) and Debian 13 (stable).
 RELEASES = {"bookworm": "12", "trixie": "13"}
@@ -102,7 +104,8 @@ def apt_sources(release: str, paths: Sequence[Path] = ()) -> list[tuple[str, str
 def cache_key(release: str, sources: Sequence[tuple[str, str]]) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([release, INCLUDE, EXTRA, RUNTIME_DEPS, list(sources)]).encode())
-    h.update(Path(__file__).read_bytes())
+    # what makes the root, not the rest of this file
+    h.update((inspect.getsource(debootstrap) + inspect.getsource(build)).encode())
     return h.hexdigest()[:16]
 
 
@@ -122,28 +125,6 @@ def cached_debs(release: str = "debian") -> Path:
     if not (repo / "Packages").is_file():
         raise HarnessError(f"no offline deb repository for {release} at {repo}: {SETUP_HINT}")
     return repo
-
-
-def _nspawn(root: Path, argv: Sequence[str], binds: Sequence[str] = (), timeout: float = 1800) -> None:
-    """Run argv in root (not booted) with the host's network, for apt."""
-    machine = f"ktbuild{os.getpid()}"
-    try:
-        run_cmd(
-            ["systemd-nspawn", "--quiet", f"--directory={root}", f"--machine={machine}",
-             "--register=no", "--keep-unit", "--setenv=DEBIAN_FRONTEND=noninteractive",
-             *binds, "--", *argv],
-            timeout=timeout,
-        )
-    finally:
-        # nspawn leaves this empty dir behind on a /run that is not tmpfs (harness.md §1).
-        _rmdir_quiet(Path("/run/systemd/nspawn/propagate") / machine)
-
-
-def _rmdir_quiet(path: Path) -> None:
-    try:
-        path.rmdir()
-    except (FileNotFoundError, OSError):
-        pass
 
 
 def write_repo_index(repo: Path) -> int:
@@ -229,9 +210,9 @@ def build(release: str = "debian", force: bool = False) -> dict[str, object]:
         t_debootstrap = time.monotonic() - t0
         t1 = time.monotonic()
         (tmp_repo / "partial").mkdir(parents=True)
-        _nspawn(tmp_root, ["apt-get", "update", "-q"])
+        nspawn_run(tmp_root, ["apt-get", "update", "-q"])
         # Download the runtime closure against the *bare* root: that is what a clean host needs.
-        _nspawn(
+        nspawn_run(
             tmp_root,
             ["apt-get", "install", "-y", "-q", "--no-install-recommends", "--download-only",
              "-o", "Dir::Cache::archives=/mnt/debs/", *RUNTIME_DEPS],
@@ -243,15 +224,10 @@ def build(release: str = "debian", force: bool = False) -> dict[str, object]:
         archives = tmp_root / "var/cache/apt/archives"  # a plain dir in a fresh debootstrap
         for deb in tmp_repo.glob("*.deb"):
             shutil.copyfile(deb, archives / deb.name)
-        _nspawn(tmp_root, ["apt-get", "install", "-y", "-q", "--no-install-recommends", *EXTRA])
-        _nspawn(tmp_root, ["apt-get", "clean"])
+        nspawn_run(tmp_root, ["apt-get", "install", "-y", "-q", "--no-install-recommends", *EXTRA])
+        nspawn_run(tmp_root, ["apt-get", "clean"])
         t_apt = time.monotonic() - t1
-        # An empty machine-id makes every boot generate its own (debootstrap's systemd
-        # postinst wrote one, which all test hosts would otherwise share).
-        (tmp_root / "etc/machine-id").write_text("")
-        # debootstrap copies the build host's /etc/hostname; without it each test host is
-        # named after its machine name (nspawn sets the hostname).
-        (tmp_root / "etc/hostname").unlink(missing_ok=True)
+        forget_build_host(tmp_root)
         info: dict[str, object] = {
             "key": key, "release": release, "sources": sources, "built": time.time(),
             "debootstrap_seconds": round(t_debootstrap, 1), "apt_seconds": round(t_apt, 1),
@@ -259,19 +235,11 @@ def build(release: str = "debian", force: bool = False) -> dict[str, object]:
         }
         (tmp_root / STAMP).write_text(json.dumps(info, indent=1) + "\n")
         # Rename the repo first: a root without its repo is incomplete, the reverse is not used.
-        for tmp, final in ((tmp_repo, repo), (tmp_root, root)):
-            if final.exists():
-                old = final.with_name(f".old-{key}-{os.getpid()}")
-                final.rename(old)
-                safe_rmtree(old)
-            tmp.rename(final)
+        put_in_place(tmp_repo, repo, key)
+        put_in_place(tmp_root, root, key)
     finally:
-        for tmp in (tmp_root, tmp_repo):
-            if tmp.exists():
-                if mounts_under(tmp):
-                    log.error("not removing %s: mounts left under it", tmp)
-                else:
-                    safe_rmtree(tmp)
+        remove_unfinished(tmp_root)
+        remove_unfinished(tmp_repo)
     _remove_stale(root_dir, key)
     _remove_stale(debs_dir, key)
     return {**info, "root": str(root), "debs": str(repo), "rebuilt": True}

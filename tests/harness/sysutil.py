@@ -198,3 +198,52 @@ def systemd_is_pid1() -> bool:
     except OSError:
         return False
     return os.path.exists("/run/systemd/system") and comm == "systemd"
+
+
+# -- cached trees (rootfs.py, buildroot.py) ----------------------------------------------
+
+def nspawn_run(root: Path, argv: Sequence[str], *, binds: Sequence[str] = (),
+               network: bool = True, volatile: bool = False,
+               timeout: float = 1800) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+    """Run argv in root, not booted: with the host's network to fill a root,
+    or (network=False, volatile=True) on a throwaway overlay without network."""
+    machine = f"ktbuild{os.getpid()}"
+    try:
+        return run_cmd(
+            ["systemd-nspawn", "--quiet", f"--directory={root}", f"--machine={machine}",
+             "--register=no", "--keep-unit", "--setenv=DEBIAN_FRONTEND=noninteractive",
+             "--setenv=LANG=C.UTF-8", *(["--volatile=overlay"] if volatile else []),
+             *([] if network else ["--private-network"]), *binds, "--", *argv],
+            timeout=timeout)
+    finally:
+        # nspawn leaves this empty dir behind on a /run that is not tmpfs
+        try:
+            (Path("/run/systemd/nspawn/propagate") / machine).rmdir()
+        except OSError:
+            pass
+
+
+def forget_build_host(root: Path) -> None:
+    """An empty machine-id makes every boot of a copy generate its own (debootstrap's
+    systemd postinst wrote one, which all would share); without /etc/hostname each
+    test host is named after its machine name (debootstrap copied the build host's)."""
+    (root / "etc/machine-id").write_text("")
+    (root / "etc/hostname").unlink(missing_ok=True)
+
+
+def put_in_place(tmp: Path, final: Path, tag: str) -> None:
+    """Rename a finished tree to its final name, an older one of that name removed."""
+    if final.exists():
+        old = final.with_name(f".old-{tag}-{os.getpid()}")
+        final.rename(old)
+        safe_rmtree(old)
+    tmp.rename(final)
+
+
+def remove_unfinished(tmp: Path) -> None:
+    """What an interrupted or failed build left, unless something is mounted in it."""
+    if tmp.exists():
+        if mounts_under(tmp):
+            log.error("not removing %s: mounts left under it", tmp)
+        else:
+            safe_rmtree(tmp)
