@@ -65,6 +65,7 @@ def source_tree(work: Path, version: str | None = None, commit: str | None = Non
     copied under work; as VERSION if given, with a changed unit file too
     (upgrade tests: systemd must reload it)."""
     src = work / f"kvmagent-{version or 'tree'}"
+    shutil.rmtree(src, ignore_errors=True)  # a copy an earlier, failed build left
     if commit is not None:
         src.mkdir(parents=True)
         archive = subprocess.run(["git", "archive", commit], cwd=REPO, check=True,

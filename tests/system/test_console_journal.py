@@ -33,21 +33,29 @@ def test_viewers_coming_and_going_lose_no_line(host: TestHost, guest_image) -> N
                                          extra="[console]\nlog_burst = 100000\n"))
     host.exec(["systemctl", "start", "kvm@cnt"], timeout=120)
     wait_for(host, "kvm@cnt.service", r"Enter 'help'")
-    # viewers attach and leave all the time, in the test host, while it counts
+    # viewers attach and leave all the time, in the test host, while it counts;
+    # each writes its exit status and how many COUNT lines it saw
     host.exec(["systemd-run", "--unit=viewers", "sh", "-c",
-               "while :; do kvmagent console cnt --timeout 0.2 </dev/null >/dev/null; done"])
-    type_in(host, "cnt", "i=0; while [ $i -lt 4000 ]; do echo COUNT-$i; i=$((i+1)); done;"
-                         " echo COUNT-$((1000*1000))\n")
+               "while :; do out=$(kvmagent console cnt --timeout 0.2 </dev/null); "
+               "echo \"$? $(printf '%s\\n' \"$out\" | grep -c COUNT-)\" >>/run/viewers.txt; done"])
+    # the count takes some seconds (a pause every 400 lines), so that many
+    # viewers come and go while it runs
+    type_in(host, "cnt", "i=0; while [ $i -lt 4000 ]; do echo COUNT-$i; i=$((i+1)); "
+                         "[ $((i % 400)) = 0 ] && sleep 1; done; echo COUNT-$((1000*1000))\n")
     wait_for(host, "kvm@cnt.service", r"COUNT-1000000", timeout=180)
     host.exec(["systemctl", "stop", "viewers"])
-    viewers = host.exec(["journalctl", "-u", "viewers", "-o", "cat", "--no-pager"]).stdout
+    viewers = [ln.split() for ln in host.exec(["cat", "/run/viewers.txt"]).stdout.splitlines()]
+    finished = [v for v in viewers if len(v) == 2]  # the last may have been cut short
+    assert len(finished) >= 5 and all(v[0] == "0" for v in finished), viewers[-20:]
+    saw = sum(1 for v in finished if int(v[1]) > 0)
+    assert saw >= 3, f"only {saw} of {len(finished)} viewers saw the guest count"
     lines = host.exec(["journalctl", "GUEST=cnt", "SYSLOG_IDENTIFIER=cnt-console", "-o", "cat",
                        "--no-pager"]).stdout.splitlines()
     counts = [int(m.group(1)) for line in lines if (m := re.fullmatch(r"COUNT-(\d+)", line))]
     assert counts[:-1] == list(range(4000)), f"{len(counts)} lines"
     host.exec(["systemctl", "stop", "kvm@cnt"], timeout=120)
-    print(f"4000 console lines in the journal, none lost or doubled, viewers cycling "
-          f"({viewers.count('Started') or 'many'} runs)")
+    print(f"4000 console lines in the journal, none lost or doubled, while {len(finished)} "
+          f"viewers came and went ({saw} saw the count)")
 
 
 def test_flooding_guest_is_rate_limited(host: TestHost, guest_image) -> None:
@@ -84,8 +92,9 @@ def test_flooding_guest_is_rate_limited(host: TestHost, guest_image) -> None:
 def test_a_stalled_journal_does_not_stall_the_supervisor(host: TestHost, guest_image) -> None:
     """journald stopped (SIGSTOP) while the guest prints: its socket's queue
     fills at once, and the supervisor must not wait on it (it did: no
-    watchdog ping, no stop until journald went on).  The lines it could not
-    log are counted, and said once journald takes messages again."""
+    watchdog ping, no stop until journald went on).  That the lines it could
+    not log are counted, and said once journald takes messages again: the
+    test below."""
     define_guest(host, "jst", guest_toml(guest_image, nics=0))
     host.exec(["systemctl", "start", "kvm@jst"], timeout=120)
     wait_for(host, "kvm@jst.service", r"Enter 'help'")
@@ -104,3 +113,38 @@ def test_a_stalled_journal_does_not_stall_the_supervisor(host: TestHost, guest_i
     wait_state(host, "kvm@jst.service", ("inactive", "failed"))
     s = host.exec(["systemctl", "show", "kvm@jst", "-p", "Result", "-p", "NRestarts"]).stdout
     assert "Result=success" in s and "NRestarts=0" in s, s
+
+
+def test_lines_lost_to_a_stalled_journal_are_counted_and_said_once(host: TestHost,
+                                                                 guest_image) -> None:
+    """journald stopped while the guest prints more than its socket's queue
+    and the supervisor's backlog (4096) hold: once journald goes on, one
+    message says how many were lost, and those logged and those lost are all
+    the guest printed.  A viewer shows when the guest has printed them all
+    (the journal cannot, while it is stopped)."""
+    define_guest(host, "jlo", guest_toml(guest_image, nics=0,
+                                         extra="[console]\nlog_burst = 100000\n"))
+    host.exec(["systemctl", "start", "kvm@jlo"], timeout=120)
+    wait_for(host, "kvm@jlo.service", r"Enter 'help'")
+    host.exec(["systemctl", "kill", "-s", "SIGSTOP", "systemd-journald"])
+    try:
+        seen = host.exec(["kvmagent", "console", "jlo", "--timeout", "30"], timeout=90,
+                         input="i=0; while [ $i -lt 12000 ]; do echo LOST-$i; i=$((i+1)); "
+                               "done; echo LOST-END\n").stdout
+    finally:
+        host.exec(["systemctl", "kill", "-s", "SIGCONT", "systemd-journald"])
+    assert "LOST-11999" in seen and "LOST-END" in seen, seen[-500:]
+    wait_for(host, "kvm@jlo.service", r"LOST-END", timeout=120)
+    text = wait_for(host, "kvm@jlo.service", r"messages of guest jlo lost", timeout=60)
+    time.sleep(3)  # a second report would come within the supervisor's next turns
+    text = host.exec(["journalctl", "-u", "kvm@jlo", "-o", "cat", "--no-pager"]).stdout
+    reports = re.findall(r"^(\d+) messages of guest jlo lost: journald did not take them",
+                         text, re.M)
+    assert len(reports) == 1, reports
+    lost = int(reports[0])
+    logged = len(re.findall(r"^LOST-\d+$", text, re.M))
+    print(f"journald stopped: {logged} console lines logged, {lost} messages lost, said once")
+    assert lost > 0 and logged < 12000
+    # the lost ones may include the echo of the typed line and a prompt
+    assert 12000 <= logged + lost <= 12000 + 5, (logged, lost)
+    host.exec(["systemctl", "stop", "kvm@jlo"], timeout=120)
