@@ -26,6 +26,7 @@ from pathlib import Path
 from types import FrameType
 
 from . import buildroot, rootfs
+from .install import GIT
 from .sysutil import (
     CLEAN_ENV, STATE_ROOT, HarnessError, log, procs_mentioning, proc_alive, safe_rmtree, terminate,
 )
@@ -152,7 +153,7 @@ def cmd_deb(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix=".src-", dir=out) as tmp:
         src = Path(tmp) / "kvmagent"
         src.mkdir()
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", "HEAD"], check=True,
+        archive = subprocess.run([*GIT, "archive", "HEAD"], check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
         for release in args.release or list(rootfs.RELEASES):

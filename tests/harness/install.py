@@ -16,6 +16,9 @@ from tests.harness import buildroot, rootfs
 from tests.harness.testhost import TestHost
 
 REPO = Path(__file__).resolve().parents[2]
+# git on this checkout, whoever owns it: `sudo make check` in one's own clone
+# runs git as root on a tree root does not own, which git refuses otherwise
+GIT = ["git", "-c", f"safe.directory={REPO}", "-C", str(REPO)]
 
 WRAPPER = """#!/usr/bin/python3
 # kvmagent from the checkout bound at /src/kvmagent (test host only)
@@ -68,11 +71,11 @@ def source_tree(work: Path, version: str | None = None, commit: str | None = Non
     shutil.rmtree(src, ignore_errors=True)  # a copy an earlier, failed build left
     if commit is not None:
         src.mkdir(parents=True)
-        archive = subprocess.run(["git", "archive", commit], cwd=REPO, check=True,
+        archive = subprocess.run([*GIT, "archive", commit], check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", str(src)], input=archive, check=True)
     else:
-        files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True,
+        files = subprocess.run([*GIT, "ls-files", "-z"], check=True,
                                capture_output=True).stdout.decode().split("\0")
         for name in filter(None, files):
             if (REPO / name).exists():  # not a file deleted in the work tree
