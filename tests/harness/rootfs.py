@@ -2,11 +2,12 @@
 offline apt repository of kvmagent's runtime dependencies.
 
 A test host boots the root of a release (`root="bookworm"` or `root="trixie"`;
-`"debian"` is the release of this machine).  Built only by `/usr/bin/python3 -m tests.harness setup` (= `make setup`), never by a
-test: a test that finds the cache missing fails and says so.  The cache key hashes
-the package lists, the apt sources and this file, so editing any of them makes the
-next setup build a fresh tree; the build goes into a temp dir that is renamed into
-place, so an interrupted build never looks complete.
+`"debian"` is the release of this machine).  Built only by `/usr/bin/python3 -m
+tests.harness setup` (= `make setup`), never by a test: a test that finds the
+cache missing fails and says so.  The cache key hashes the package lists, the
+apt sources and the code that builds the tree, so changing any of them makes
+the next setup build a fresh tree; the build goes into a temp dir that is
+renamed into place, so an interrupted build never looks complete.
 """
 
 from __future__ import annotations
