@@ -14,15 +14,14 @@ import pytest
 from kvmagent import qemucaps
 from kvmagent.guests import load_guest, load_host_config
 from kvmagent.model import Accel
-from kvmagent.paths import Paths
 from kvmagent.qemu import HostFacts
+from tests import seed
 from tests.guest.qemu_helpers import qemu_available
 
 pytestmark = pytest.mark.qemu
 
-DATA = Path(__file__).parent.parent / "data"
-SEED = Paths(DATA / "seed", Path("/nonexistent/state"), Path("/nonexistent/run"))
-SEED_GUESTS = ["clone", "arkani", "arkani-serial", "arkani-virtio", "arkani-net", "fukano"]
+SEED = seed.copy(Path("/nonexistent/state"), Path("/nonexistent/run"))  # whoever owns the checkout
+SEED_GUESTS = seed.SEED_GUESTS
 RECORDED = Path(__file__).parent.parent / "unit" / "data" / "qemucaps" / "qemu-7.2.qmp"
 
 

@@ -26,14 +26,13 @@ from kvmagent.errors import ExitStatus, KvmagentError, host_error
 from kvmagent.guests import load_guest, load_host_config
 from kvmagent.hostcheck import check_host
 from kvmagent.model import Accel
-from kvmagent.paths import Paths
 from kvmagent.qemu import HostFacts
 from kvmagent.qemucaps import QemuCaps, parse_transcript, qemu_problems
+from tests import seed
 
 DATA = Path(__file__).parent / "data" / "qemucaps"
-SEED = Paths(Path(__file__).parent.parent / "data" / "seed", Path("/var/lib/kvmagent"),
-             Path("/run/kvmagent"))
-SEED_GUESTS = ["clone", "arkani", "arkani-serial", "arkani-virtio", "arkani-net", "fukano"]
+SEED = seed.copy(Path("/var/lib/kvmagent"), Path("/run/kvmagent"))  # whoever owns the checkout
+SEED_GUESTS = seed.SEED_GUESTS
 QEMU = "/usr/bin/qemu-system-x86_64"
 OLD_MACHINE = re.compile(r"pc-(i440fx-[12]\.|q35-2\.)")
 

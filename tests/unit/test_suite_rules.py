@@ -7,6 +7,7 @@ property named."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -118,3 +119,13 @@ def test_machine_properties_are_named_in_the_skip(tmp_path: Path) -> None:
         assert line.startswith("SKIPPED") and "2 skipped" in r.stdout, r.stdout
         assert ("needs root" in line) == (not root), line
         assert ("/dev/kvm" in line) == (not kvm), line
+
+
+def test_seed_configurations_are_loaded_through_their_private_copy() -> None:
+    """kvmagent refuses configuration files other users can change, so a test
+    that loads tests/data/seed in place fails in a checkout owned by another
+    user (`sudo make check` in one's own clone): tests/seed.py copies them."""
+    offenders = [str(path.relative_to(REPO)) for path in sorted((REPO / "tests").rglob("*.py"))
+                 if path != REPO / "tests" / "seed.py"
+                 and re.search(r"""["']seed["']\s*[,)]|/ *["']seed["']""", path.read_text())]
+    assert offenders == [], f"load the seed files with tests.seed.copy(): {offenders}"
