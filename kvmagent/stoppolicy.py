@@ -1,0 +1,145 @@
+"""How a guest is stopped: pure logic (no I/O, the clock passed in), so the
+supervisor only carries out what it returns.
+
+- SIGTERM (systemctl stop, host shutdown): the ACPI power button, pressed
+  again every POWERDOWN_INTERVAL seconds (an early press is lost) until the
+  guest's stop timeout, each press extending systemd's stop timeout; then
+  QMP `quit`; QUIT_GRACE seconds later, SIGKILL.  A later SIGTERM changes
+  nothing.
+- SIGUSR1 (`kvmagent stop --force`): SIGKILL at once, whatever came before;
+  no press after it.
+- on_poweroff = "keep" (QEMU runs -no-shutdown): a guest that is off, before
+  the stop or by its power button, needs no more presses and no wait for the
+  rest of the stop timeout: `quit` at once.
+- The exit: stopped (by either signal), powered off by the guest itself
+  (QEMU exited 0 after the guest's shutdown), or crashed (anything else:
+  systemd restarts the unit)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Union
+
+POWERDOWN_INTERVAL = 3.0  # seconds between presses of the ACPI power button
+QUIT_GRACE = 5.0  # after `quit`, before SIGKILL
+EXTEND_SLACK = 10.0  # seconds a stop timeout extension adds beyond what is left
+
+
+class Phase(enum.Enum):
+    RUNNING = "running"  # no stop asked
+    POWERING_OFF = "powering off"  # pressing the power button
+    QUITTING = "quitting"  # `quit` sent, waiting QUIT_GRACE
+    KILLED = "killed"  # SIGKILL sent: waiting for QEMU to be gone
+
+
+class Outcome(enum.Enum):
+    STOPPED = "stopped"  # by SIGTERM or SIGUSR1
+    POWERED_OFF = "powered off"  # the guest turned itself off
+    CRASHED = "crashed"  # QEMU died otherwise
+
+
+@dataclass(frozen=True)
+class Stopping:
+    """A stop (SIGTERM) begins: tell systemd and record it."""
+
+
+@dataclass(frozen=True)
+class ForceStop:
+    """stop --force (SIGUSR1): tell systemd, record and log it, SIGKILL QEMU."""
+
+
+@dataclass(frozen=True)
+class Press:
+    """Extend systemd's stop timeout by extend_usec, then press the power
+    button; `left`: seconds of the stop timeout left (for the status)."""
+    left: float
+    extend_usec: int
+
+
+@dataclass(frozen=True)
+class Quit:
+    """QMP `quit`; powered_off: the guest is off (on_poweroff = keep), else
+    it did not power off within the stop timeout (which the log says)."""
+    powered_off: bool
+
+
+@dataclass(frozen=True)
+class Kill:
+    """SIGKILL QEMU (`quit` was not enough)."""
+
+
+Action = Union[Stopping, ForceStop, Press, Quit, Kill]
+
+
+class StopPolicy:
+    def __init__(self, stop_timeout: float, keep: bool) -> None:
+        self.stop_timeout = stop_timeout  # seconds of presses before `quit`
+        self.keep = keep  # on_poweroff = keep: QEMU outlives the guest
+        self.phase = Phase.RUNNING
+        self.guest_off = False  # the guest shut itself down (QMP SHUTDOWN)
+        self.deadline = 0.0  # the end of the presses
+        self.next_step = 0.0  # when tick() has something to do
+
+    @property
+    def stopping(self) -> bool:
+        return self.phase is not Phase.RUNNING
+
+    def sigterm(self, now: float) -> list[Action]:
+        """SIGTERM or SIGINT: the first begins the ACPI stop (tick() presses)."""
+        if self.stopping:
+            return []
+        self.phase = Phase.POWERING_OFF
+        self.deadline = now + self.stop_timeout
+        self.next_step = now
+        return [Stopping()]
+
+    def sigusr1(self, now: float) -> list[Action]:
+        """SIGUSR1, at any time: QEMU is killed at once, nothing more is pressed."""
+        self.phase = Phase.KILLED
+        return [ForceStop()]
+
+    def shutdown(self, reason: str) -> bool | None:
+        """QMP SHUTDOWN caused by the guest, with its reason.  Whether the
+        guest is off now and QEMU kept (on_poweroff = keep and no stop
+        asked: it waits for one); None when the guest is not off (a reset)."""
+        self.guest_off = reason == "guest-shutdown"
+        if not self.guest_off:
+            return None
+        return self.keep and not self.stopping
+
+    def tick(self, now: float) -> list[Action]:
+        """After each wake-up: what is due now."""
+        if (self.phase is Phase.POWERING_OFF and self.guest_off and self.keep
+                and now < self.deadline):
+            # The guest is off but QEMU stays (-no-shutdown): no press, no
+            # wait for the rest of the stop timeout.
+            self.deadline = self.next_step = now
+        if self.phase in (Phase.RUNNING, Phase.KILLED) or now < self.next_step:
+            return []
+        if self.phase is Phase.POWERING_OFF and now < self.deadline:
+            left = self.deadline - now
+            self.next_step = now + POWERDOWN_INTERVAL
+            return [Press(left, int((left + QUIT_GRACE + EXTEND_SLACK) * 1e6))]
+        if self.phase is Phase.POWERING_OFF:
+            self.phase = Phase.QUITTING
+            self.next_step = now + QUIT_GRACE
+            return [Quit(self.guest_off)]
+        self.phase = Phase.KILLED
+        return [Kill()]
+
+    def wakeup(self) -> float | None:
+        """When tick() has something to do next, if nothing happens before;
+        after a tick(now), never at or before now (a time in the past would
+        make the supervisor's loop spin)."""
+        if self.phase in (Phase.POWERING_OFF, Phase.QUITTING):
+            return self.next_step
+        return None
+
+    def outcome(self, returncode: int) -> Outcome:
+        """QEMU has exited with returncode (negative: killed by a signal)."""
+        if self.stopping:
+            return Outcome.STOPPED
+        if returncode == 0 and self.guest_off:
+            return Outcome.POWERED_OFF
+        return Outcome.CRASHED
