@@ -14,7 +14,8 @@ pressed again every few seconds (an early press is lost), until the guest's
 stop timeout, extending systemd's stop timeout as it goes; then `quit`, then
 SIGKILL.  SIGUSR1 (`kvmagent stop --force`): QEMU is killed at once, no
 ACPI.  Exit 0 when the guest powered itself off or was stopped, 1 when QEMU
-died otherwise (systemd restarts it)."""
+died otherwise (systemd restarts it).  kvmagent.stoppolicy decides each step
+of a stop and the exit; this module carries them out."""
 
 from __future__ import annotations
 
@@ -38,13 +39,12 @@ from .placeholders import CONSOLE_FD, QMP_FD, tap_token
 from .qmp import Qmp, QmpError
 from .recorder import EventRecorder
 from .sdnotify import Journal, notify
+from .stoppolicy import Action, ForceStop, Kill, Outcome, Press, Quit, Stopping, StopPolicy
 from .viewers import ConsoleHub
 
 # Kept to the standard library and kvmagent's light modules: the heavy
 # start-up steps (kvmagent.startup, kvmagent.attach) and the writes to the
 # state database (kvmagent.recorder) run in forked children.
-POWERDOWN_INTERVAL = 3.0  # seconds between presses of the ACPI power button
-QUIT_GRACE = 5.0  # after `quit`, before SIGKILL
 # While the plan waits for devices: how often the start timeout is extended
 # (by three times this), so that no TimeoutStartSec= cuts device_timeout short.
 PLAN_PATIENCE = 2.0
@@ -135,8 +135,7 @@ class Supervisor:
         self.console: socket.socket | None = None
         self.console_log = ConsoleLog()
         self.hub: ConsoleHub | None = None
-        self.stopping = False
-        self.guest_poweroff = False
+        self.stop = StopPolicy(stop_timeout=0.0, keep=False)  # the plan's, once made
         self.started = 0.0
         self.record = EventRecorder(name, paths, lambda text: self.log(text, 4))
 
@@ -176,6 +175,7 @@ class Supervisor:
                    "STATUS=waiting for the guest's bridges and disks")
         plan, _ = planner.result(timeout=0)
         self.plan = plan
+        self.stop = StopPolicy(plan["stop_timeout"], plan["keep"])
         if sysd is not None:
             sysd.full_speed()
         self.log(f"starting guest {self.name} ({plan['cpus']} vCPU, "
@@ -298,11 +298,10 @@ class Supervisor:
         for event in self.qmp.poll():
             kind, data = event.get("event"), event.get("data", {})
             if kind == "SHUTDOWN" and data.get("guest"):
-                self.guest_poweroff = data.get("reason") == "guest-shutdown"
-                if self.guest_poweroff:
-                    keep = self.plan["keep"] and not self.stopping
+                kept = self.stop.shutdown(data.get("reason", ""))
+                if kept is not None:
                     self.log(f"guest {self.name} powered off" +
-                             ("; QEMU kept (on_poweroff = keep)" if keep else ""),
+                             ("; QEMU kept (on_poweroff = keep)" if kept else ""),
                              6, MSG_POWEREDOFF)
             elif kind == "RESET":
                 self.log(f"guest {self.name} reset ({data.get('reason', '?')})", 6)
@@ -330,16 +329,13 @@ class Supervisor:
             watchdog_usec = 0
         ping_every = watchdog_usec / 3e6 if watchdog_usec else None
         next_ping = time.monotonic()
-        deadline: float | None = None
-        next_press = 0.0
-        quit_sent = False
         while self.qemu.poll() is None:
             now = time.monotonic()
-            # While stopping there are no pings, and after stop --force (no
-            # deadline) no presses: their times, long past, would make this a
-            # busy loop until QEMU is gone.
-            timers = [t for t in (next_ping if ping_every and not self.stopping else None,
-                                  next_press if deadline is not None else None,
+            # While stopping there are no pings (their time, long past, would
+            # make this a busy loop until QEMU is gone); the stop's own next
+            # step is never in the past once it has been taken.
+            timers = [t for t in (next_ping if ping_every and not self.stop.stopping else None,
+                                  self.stop.wakeup(),
                                   self.console_log.deadline()) if t is not None]
             timeout = max(0.0, min(timers) - now) if timers else None
             watch: list[Any] = [wake_r]
@@ -360,23 +356,9 @@ class Supervisor:
                 self.record.wait(block=False)  # a SIGCHLD may be the event writer's
                 for signum in wake_r.recv(64):
                     if signum == signal.SIGUSR1:  # kvmagent stop --force
-                        # systemd did not ask for this stop: tell it, so that the
-                        # unit is stopping (no watchdog while QEMU dies, no restart)
-                        notify("STOPPING=1", "STATUS=stopping QEMU (stop --force)")
-                        self.stopping = True
-                        self.record("stopping", ADMIN, "stop --force")
-                        self.log(f"stopping QEMU of guest {self.name} without ACPI "
-                                 "(stop --force)", 5)
-                        self.qemu.kill()
-                        self.record.flush(linger=True)  # while QEMU dies
-                    elif signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
-                        notify("STOPPING=1")
-                        self.stopping = True
-                        # admin or host shutdown: the event writer tells them apart
-                        self.record("stopping", ADMIN)
-                        self.record.flush(linger=True)  # while the guest powers off
-                        deadline = time.monotonic() + self.plan["stop_timeout"]
-                        next_press = time.monotonic()
+                        self._carry_out(self.stop.sigusr1(time.monotonic()))
+                    elif signum in (signal.SIGTERM, signal.SIGINT):
+                        self._carry_out(self.stop.sigterm(time.monotonic()))
             if self.console is not None and self.console in ready:
                 self._console_data()
             if self.hub is not None:
@@ -386,35 +368,10 @@ class Supervisor:
             if self.qmp in ready:
                 self._events()
             now = time.monotonic()
-            if (self.stopping and self.guest_poweroff and self.plan["keep"]
-                    and deadline is not None and now < deadline):
-                # on_poweroff = keep: the guest is off (before the stop or by its
-                # power button) but QEMU stays (-no-shutdown); no press, no wait
-                # for the rest of stop_timeout: QEMU is stopped at once.
-                deadline = next_press = now
-            if ping_every and now >= next_ping and not self.stopping:
+            if ping_every and now >= next_ping and not self.stop.stopping:
                 self._watchdog()
                 next_ping = now + ping_every
-            if self.stopping and deadline is not None and now >= next_press:
-                if now < deadline:
-                    left = deadline - now
-                    notify(f"EXTEND_TIMEOUT_USEC={int((left + QUIT_GRACE + 10) * 1e6)}",
-                           f"STATUS=powering off, {int(left)} s left")
-                    self._press_power_button()
-                    next_press = now + POWERDOWN_INTERVAL
-                elif not quit_sent:
-                    if self.guest_poweroff:
-                        self.log(f"guest {self.name} is powered off; stopping QEMU", 6)
-                    else:
-                        self.log(f"guest {self.name} did not power off within "
-                                 f"{self.plan['stop_timeout']:g} s; stopping QEMU", 4)
-                    with suppress(KvmagentError, OSError):
-                        self.qmp.execute("quit", timeout=2.0)
-                    quit_sent = True
-                    next_press = now + QUIT_GRACE
-                else:
-                    self.qemu.kill()
-                    next_press = now + 3600
+            self._carry_out(self.stop.tick(now))
         if self.console is not None:
             while self.console is not None and select.select([self.console], [], [], 0)[0]:
                 self._console_data()  # what the guest said last
@@ -428,6 +385,39 @@ class Supervisor:
         wake_w.close()
         return self._verdict(self.qemu.wait())
 
+    def _carry_out(self, actions: list[Action]) -> None:
+        """What kvmagent.stoppolicy decided."""
+        assert self.qemu is not None and self.qmp is not None
+        for action in actions:
+            if isinstance(action, Stopping):  # SIGTERM
+                notify("STOPPING=1")
+                # admin or host shutdown: the event writer tells them apart
+                self.record("stopping", ADMIN)
+                self.record.flush(linger=True)  # while the guest powers off
+            elif isinstance(action, ForceStop):  # kvmagent stop --force
+                # systemd did not ask for this stop: tell it, so that the
+                # unit is stopping (no watchdog while QEMU dies, no restart)
+                notify("STOPPING=1", "STATUS=stopping QEMU (stop --force)")
+                self.record("stopping", ADMIN, "stop --force")
+                self.log(f"stopping QEMU of guest {self.name} without ACPI "
+                         "(stop --force)", 5)
+                self.qemu.kill()
+                self.record.flush(linger=True)  # while QEMU dies
+            elif isinstance(action, Press):
+                notify(f"EXTEND_TIMEOUT_USEC={action.extend_usec}",
+                       f"STATUS=powering off, {int(action.left)} s left")
+                self._press_power_button()
+            elif isinstance(action, Quit):
+                if action.powered_off:
+                    self.log(f"guest {self.name} is powered off; stopping QEMU", 6)
+                else:
+                    self.log(f"guest {self.name} did not power off within "
+                             f"{self.stop.stop_timeout:g} s; stopping QEMU", 4)
+                with suppress(KvmagentError, OSError):
+                    self.qmp.execute("quit", timeout=2.0)
+            elif isinstance(action, Kill):
+                self.qemu.kill()
+
     def _press_power_button(self) -> None:
         assert self.qmp is not None
         try:
@@ -437,11 +427,12 @@ class Supervisor:
             pass  # QEMU is exiting
 
     def _verdict(self, rc: int) -> int:
-        if self.stopping:
+        outcome = self.stop.outcome(rc)
+        if outcome is Outcome.STOPPED:
             self.log(f"guest {self.name} stopped", 6, MSG_STOPPED)
             self.record("stopped", ADMIN)
             return ExitStatus.OK
-        if rc == 0 and self.guest_poweroff:
+        if outcome is Outcome.POWERED_OFF:
             self.record("stopped", POWEROFF)
             return ExitStatus.OK
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"

@@ -39,7 +39,7 @@ RUN_BEFORE_FORK = {"kvmagent", "kvmagent.cli", "kvmagent.errors", "kvmagent.fork
 SUPERVISOR = RUN_BEFORE_FORK | {
     "kvmagent.consolelog", "kvmagent.names", "kvmagent.paths",
     "kvmagent.placeholders", "kvmagent.qmp", "kvmagent.recorder", "kvmagent.sdnotify",
-    "kvmagent.supervisor", "kvmagent.tundev", "kvmagent.viewers"}
+    "kvmagent.stoppolicy", "kvmagent.supervisor", "kvmagent.tundev", "kvmagent.viewers"}
 # Imports inside a supervisor module's functions that run in a forked child
 # only: module -> what it may import there.
 IN_CHILDREN_ONLY = {"kvmagent.recorder": {"kvmagent.state", "kvmagent.stoppost"}}
