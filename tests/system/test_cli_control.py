@@ -107,8 +107,19 @@ def test_status_prints_journal_lines_and_the_console_socket(host: TestHost, imag
     kvmagent(host, "start", "st")
     wait_for(host, unit, "GUEST-READY")
     try:
+        def newest() -> str:
+            return str(host.exec(["journalctl", "-u", unit, "-n", "1", "-o", "cat",
+                                  "--no-pager"]).stdout.strip())
+
         for args, n in ((["-n", "3"], 3), (["--lines", "1"], 1), ([], 10)):
-            out = kvmagent(host, "status", "st", *args)
+            # the guest may still be writing (its prompt comes a moment after
+            # GUEST-READY): compare with a journal that did not change meanwhile
+            for _ in range(20):
+                last = newest()
+                out = kvmagent(host, "status", "st", *args)
+                if newest() == last:
+                    break
+                time.sleep(0.5)
             head, sep, tail = out.partition("\n\n")
             assert sep, out
             assert "   Console: /run/kvmagent/st/console.sock (kvmagent console st)" in head, head
@@ -116,8 +127,6 @@ def test_status_prints_journal_lines_and_the_console_socket(host: TestHost, imag
             lines = tail.rstrip("\n").splitlines()
             assert len(lines) == n, (args, lines)
             # the guest's last journal lines, the newest last
-            last = host.exec(["journalctl", "-u", unit, "-n", "1", "-o", "cat",
-                              "--no-pager"]).stdout.strip()
             assert lines[-1].rstrip().endswith(last), (lines[-1], last)
         out = kvmagent(host, "status", "st", "-n", "0")
         assert "\n\n" not in out.rstrip("\n")
