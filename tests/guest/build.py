@@ -3,8 +3,8 @@
     /usr/bin/python3 tests/guest/build.py [--cache-dir DIR] [--print]
 
 The kernel is the Debian cloud kernel (KERNEL_PACKAGE), the userland is
-busybox-static, and /init is tests/guest/rootfs/init (see
-/work/shared/notes/guest.md, "What /init does").  The result is cached in
+busybox-static, and /init is tests/guest/rootfs/init (its comments say what
+it does).  The result is cached in
 CACHE/guest/<key>/ (the .debs in CACHE/guest/.debs/), where key hashes the package versions, the files under
 rootfs/ and this source, so a change to any of them means a rebuild.
 

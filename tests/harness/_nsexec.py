@@ -22,7 +22,7 @@ def main(args: list[str]) -> int:
     while i < len(opts):
         if opts[i] == "--bind":
             # Non-recursive: a recursive bind of / drags the host's /dev, /proc and /run
-            # into the container (harness.md §1: --volatile=state then fails on /dev).
+            # into the container (--volatile=state then fails on /dev).
             mounts.append(["mount", "--bind", opts[i + 1], opts[i + 2]])
             i += 3
         elif opts[i] == "--overlay":

@@ -24,7 +24,7 @@ CACHE_ROOT = Path("/var/cache/kvmagent-tests")  # debootstrap roots and offline 
 PYTHON = "/usr/bin/python3"  # Debian's; the pyenv python3 first on PATH must never be used
 
 # A fixed environment: the caller's PATH may start with pyenv shims (they hijack
-# python3.11 inside pybuild, harness.md pitfall 3) and LANG changes tool output.
+# python3.11 inside pybuild) and LANG changes tool output.
 CLEAN_ENV: dict[str, str] = {
     "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
     "LANG": "C.UTF-8",

@@ -1,4 +1,4 @@
-"""TestHost: a throwaway systemd host booted with systemd-nspawn (harness.md §1, §7, §8).
+"""TestHost: a throwaway systemd host booted with systemd-nspawn.
 
     with TestHost(root="host", src=repo, journal_dir=tmp_path) as th:
         th.run(["systemctl", "is-system-running"])      # as a unit inside the container
@@ -254,11 +254,12 @@ class TestHost:
             mounts += ["--overlay", str(lower), str(upper), str(work), str(merged)]
             directory, volatile = merged, []
         else:
-            # nspawn refuses --volatile=overlay on "/" itself, hence the bind (harness.md §1).
+            # nspawn refuses --volatile=overlay on "/" itself, hence the bind.
             directory, volatile = lower, ["--volatile=overlay"]
         nspawn = [
             "systemd-nspawn", f"--directory={directory}", *volatile,
-            # No init on this host: no machined to register with, no scope to create (§10).
+            # Not registered with the host's machined, and left in the caller's own unit:
+            # where systemd is not PID 1 there is neither a machined nor a scope to make.
             "--register=no", "--keep-unit", "--boot", f"--machine={self.name}",
             "--console=read-only", "--private-network", *self._bind_args, *self._extra,
             "--", "systemd.firstboot=off", "systemd.unit=multi-user.target",

@@ -2,7 +2,8 @@
 test host.  The code under test runs inside the host as a unit (PYTHONPATH=/src/kvmagent),
 like the supervisor; the checks use systemctl and machinectl.
 
-cgroup limits are set and read back but not enforced on this machine (harness.md §8):
+cgroup limits are set and read back but not enforced on this machine (its
+hybrid cgroup setup leaves the v1 controllers read-only in the container):
 these tests assert properties and placement only."""
 
 from __future__ import annotations
