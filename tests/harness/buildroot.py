@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from . import rootfs
-from .sysutil import (CACHE_ROOT, HarnessError, forget_build_host, log, nspawn_run,
+from .sysutil import (CACHE_ROOT, HarnessError, forget_build_host, nspawn_run,
                       put_in_place, remove_unfinished, safe_rmtree)
 
 BUILDROOT_DIR = CACHE_ROOT / "buildroot"  # BUILDROOT_DIR/RELEASE/KEY
@@ -109,10 +109,8 @@ def build(release: str, force: bool = False) -> dict[str, object]:
 
 
 def _remove_stale(parent: Path, keep: str) -> None:
-    for entry in sorted(parent.iterdir()):
-        if entry.name != keep and (entry / STAMP).is_file() and not entry.is_symlink():
-            log.info("removing stale %s", entry)
-            safe_rmtree(entry)
+    """Build roots of other keys, and what builds that were killed left."""
+    rootfs._remove_stale(parent, keep, STAMP)
 
 
 # What runs inside the overlay: the build as the unprivileged builder with a

@@ -154,24 +154,26 @@ def write_repo_index(repo: Path) -> int:
     return len(stanzas)
 
 
-def _ours(entry: Path) -> bool:
-    """Only trees this module built: the cache root is shared with other test helpers
+def _ours(entry: Path, stamp: str = STAMP) -> bool:
+    """Only trees this package built: the cache root is shared with other test helpers
     (loose kernel .debs live in debs/ too), so never judge an entry by its name alone."""
     if not entry.is_dir() or entry.is_symlink():
         return False
-    stamp, release = entry / STAMP, entry / "Release"
-    return (stamp.is_file() or (release.is_file()
+    release = entry / "Release"
+    return ((entry / stamp).is_file() or (release.is_file()
             and release.read_text(errors="replace").startswith("Origin: kvmagent-tests\n")))
 
 
-def _remove_stale(parent: Path, keep: str) -> None:
-    """Remove our trees of other keys, and temp dirs of builds whose process is gone."""
+def _remove_stale(parent: Path, keep: str, stamp: str = STAMP) -> None:
+    """Remove our trees of other keys (those with STAMP, or offline repos), and
+    temp dirs of builds whose process is gone.  buildroot.py's trees too."""
     for entry in sorted(parent.iterdir()) if parent.is_dir() else []:
         m = re.fullmatch(r"\.(?:build|old)-[0-9a-f]{16}-(\d+)", entry.name)
         if m and entry.is_dir() and not proc_alive(int(m[1]), None):
             log.info("removing %s (its build process is gone)", entry)
             safe_rmtree(entry)
-        elif re.fullmatch(r"[0-9a-f]{16}", entry.name) and entry.name != keep and _ours(entry):
+        elif (re.fullmatch(r"[0-9a-f]{16}", entry.name) and entry.name != keep
+              and _ours(entry, stamp)):
             log.info("removing stale %s", entry)
             safe_rmtree(entry)
 
