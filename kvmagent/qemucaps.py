@@ -21,7 +21,7 @@ import contextlib
 import json
 import os
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -202,15 +202,14 @@ def _to_json(caps: QemuCaps) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, frozenset) else v for k, v in asdict(caps).items()}
 
 
+_KINDS: dict[str, Any] = {"str": str, "tuple": tuple, "dict": dict, "frozenset": frozenset}
+
+
 def _from_json(doc: dict[str, Any]) -> QemuCaps:
-    return QemuCaps(
-        binary=str(doc["binary"]), version=tuple(doc["version"]),  # type: ignore[arg-type]
-        package=str(doc["package"]), machines=frozenset(doc["machines"]),
-        aliases=dict(doc["aliases"]), deprecated=frozenset(doc["deprecated"]),
-        devices=frozenset(doc["devices"]),
-        accels=frozenset(doc["accels"]), options=frozenset(doc["options"]),
-        sandbox=frozenset(doc["sandbox"]), panic_actions=frozenset(doc["panic_actions"]),
-        netdevs=frozenset(doc["netdevs"]))
+    """_to_json's inverse, each field made the kind QemuCaps declares (a
+    field added there needs nothing here)."""
+    return QemuCaps(**{f.name: _KINDS[str(f.type).partition("[")[0]](doc[f.name])
+                       for f in fields(QemuCaps)})
 
 
 def read_cache(path: Path, key: list[Any]) -> QemuCaps | None:
