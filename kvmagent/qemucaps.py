@@ -157,25 +157,67 @@ def probe_argv(qemu: Path) -> list[str]:
             "-qmp", "stdio"]
 
 
+def _answered(out: bytes) -> bool:
+    """Whether OUT holds a reply (return or error) to every probe command.
+    QEMU stops at the end of its QMP input even with replies still unwritten
+    (a pipe holds 64 KiB; the answers are ~300 KiB): its input stays open
+    until they are all read."""
+    replies = 0
+    for line in out.splitlines(keepends=True):
+        if line.endswith(b"\n") and (line.startswith(b'{"return"') or line.startswith(b'{"error"')):
+            replies += 1
+    return replies >= len(PROBE_COMMANDS)
+
+
 def probe(qemu: Path, timeout: float = PROBE_TIMEOUT) -> QemuCaps:
     """Ask QEMU itself.  An argv, never a shell; a fixed locale, so that
     its messages are the same everywhere; killed after TIMEOUT."""
+    import select
     import subprocess  # only here: a start that finds the cache never needs it (~2 ms)
+    import time
     session = "".join(json.dumps(c) + "\n" for c in PROBE_COMMANDS)
     env = {"LANG": "C", "LC_ALL": "C", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
     why = "kvmagent asks it what it supports before it starts a guest"
     try:
-        proc = subprocess.run(probe_argv(qemu), input=session.encode(), capture_output=True,
-                              timeout=timeout, env=env, check=False)
-    except subprocess.TimeoutExpired:
-        raise host_error(f"{qemu}: QEMU did not answer within {timeout:g} s", why) from None
+        proc = subprocess.Popen(probe_argv(qemu), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env)
     except OSError as e:
         raise host_error(f"{qemu}: cannot run QEMU: {e.strerror}", why) from None
-    stderr = proc.stderr.decode(errors="replace").strip()
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    out, err = bytearray(), bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(session.encode())
+            proc.stdin.flush()
+        streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
+        while streams and not _answered(bytes(out)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise host_error(f"{qemu}: QEMU did not answer within {timeout:g} s", why)
+            for fd in select.select(list(streams), [], [], left)[0]:
+                data = os.read(fd, 65536)
+                if data:
+                    streams[fd] += data
+                else:
+                    del streams[fd]
+        proc.stdin.close()  # QEMU ends at the end of its input
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise host_error(f"{qemu}: QEMU did not answer within {timeout:g} s", why) from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                f.close()
+    stderr = err.decode(errors="replace").strip()
     try:
         if proc.returncode != 0:
             raise ValueError(f"exit status {proc.returncode}")
-        return parse_transcript(str(qemu), proc.stdout.decode(errors="replace"))
+        return parse_transcript(str(qemu), out.decode(errors="replace"))
     except (ValueError, KeyError, TypeError) as e:
         detail = f": {stderr.splitlines()[-1]}" if stderr else ""
         raise host_error(f"{qemu}: QEMU did not say what it supports ({e}){detail}",

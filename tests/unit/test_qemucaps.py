@@ -370,9 +370,14 @@ def test_the_probe_reads_qmp_on_stdio_in_a_fixed_locale(tmp_path):
     qemu = fake_qemu(tmp_path, f"""
 assert sys.argv[1:] == {qemucaps.probe_argv(Path('x'))[1:]!r}, sys.argv
 assert os.environ["LC_ALL"] == "C" and os.environ["LANG"] == "C"
-n = sum(1 for line in sys.stdin if line.strip())
-assert n == {len(qemucaps.PROBE_COMMANDS)}
+n = 0
+while n < {len(qemucaps.PROBE_COMMANDS)}:  # every command, before any answer
+    line = sys.stdin.readline()
+    assert line, n
+    n += bool(line.strip())
 sys.stdout.write(open({str(DATA / 'qemu-7.2.qmp')!r}).read())
+sys.stdout.flush()
+assert sys.stdin.read() == ""  # like QEMU, it ends at the end of its input: no more commands
 """)
     caps = qemucaps.probe(qemu)
     assert caps.binary == str(qemu) and caps.devices == qemu_7_2().devices
