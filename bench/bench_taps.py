@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pyroute2 import IPRoute  # noqa: E402
 from pyroute2 import netns as pr_netns  # noqa: E402
 
-from kvmagent import netdev  # noqa: E402
+from kvmagent.host import netdev  # noqa: E402
 
 BRIDGE, TAP, MTU = "br-bench", "kvm-bench-0", 1400
 

@@ -11,8 +11,8 @@ import sys
 import time
 
 sys.path.insert(0, "/src/kvmagent")
-from kvmagent.qmp import Qmp  # noqa: E402
-from kvmagent.service import SANDBOX, render_service  # noqa: E402
+from kvmagent.host.qmp import Qmp  # noqa: E402
+from kvmagent.render.service import SANDBOX, render_service  # noqa: E402
 
 KERNEL, INITRD, N = sys.argv[1], sys.argv[2], int(sys.argv[3])
 GUEST = "bench"

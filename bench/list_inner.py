@@ -17,7 +17,7 @@ import time
 from glob import glob
 
 sys.path.insert(0, "/src/kvmagent")
-from kvmagent import state  # noqa: E402
+from kvmagent.host import state  # noqa: E402
 from kvmagent.paths import Paths  # noqa: E402
 
 GUESTS = "/etc/kvmagent/guests"
@@ -30,12 +30,12 @@ DOMAIN = """<domain type="qemu"><name>{name}</name><memory unit="MiB">256</memor
 <interface type="bridge"><source bridge="br-kvm"/><model type="virtio"/></interface>
 </devices></domain>
 """
-# One run of `kvmagent list` with every D-Bus method call of kvmagent.systemd
+# One run of `kvmagent list` with every D-Bus method call of kvmagent.host.systemd
 # counted (the connection's own Hello is sd-bus's and is not counted).
 COUNTER = """
 import sys, atexit
 sys.path.insert(0, "/src/kvmagent")
-from kvmagent import systemd
+from kvmagent.host import systemd
 calls = []
 real = systemd._Manager.call_raw
 def counted(self, method, *a, **k):
@@ -43,7 +43,7 @@ def counted(self, method, *a, **k):
     return real(self, method, *a, **k)
 systemd._Manager.call_raw = counted
 atexit.register(lambda: print("DBUS", len(calls), file=sys.stderr))
-from kvmagent.cli import main
+from kvmagent.cli.main import main
 sys.argv = ["kvmagent", "list"]
 main()
 """

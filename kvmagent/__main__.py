@@ -1,5 +1,5 @@
 import sys
 
-from kvmagent.cli import main
+from kvmagent.cli.main import main
 
 sys.exit(main())

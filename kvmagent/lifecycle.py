@@ -1,5 +1,5 @@
 """The names of a guest's lifecycle events and of their reasons: what the
-state database stores (kvmagent.state) and `--json` shows; and the file by
+state database stores (kvmagent.host.state) and `--json` shows; and the file by
 which a run tells its ExecStopPost= that it recorded its own end.  A module
 of its own that imports nothing, so that the long-lived supervisor, the
 event writer and the command line's short ways share these names without
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 # In the unit's runtime directory, written by the supervisor's event writer
 # once it has recorded the end of its run: the INVOCATION_ID of that run.
-# `kvmagent stop-post` (kvmagent.cli's short way) then has nothing to do.
+# `kvmagent stop-post` (kvmagent.cli.main's short way) then has nothing to do.
 RECORDED_FILE = "recorded"
 
 EVENTS = ("starting", "running", "stopping", "stopped")

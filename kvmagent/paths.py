@@ -51,14 +51,14 @@ class Paths(NamedTuple):
 
     def supervisor_pid(self, name: str) -> Path:
         """Guest NAME's supervisor's pid, and QEMU's once it runs: written by
-        the supervisor, read by `kvmagent stop --force` (kvmagent.hardstop)."""
+        the supervisor, read by `kvmagent stop --force` (kvmagent.cli.hardstop)."""
         return self.guest_runtime(name) / "supervisor.pid"
 
 
 def guest_names(paths: Paths, dropin_dirs: set[str] | None = None) -> list[str]:
     """Names of the defined guests: guests/NAME.toml, sorted.  Symlinks
     count (even dangling ones: loading the guest reports them); hidden
-    files, such as editors' lock files, do not.  Here, not in kvmagent.guests,
+    files, such as editors' lock files, do not.  Here, not in kvmagent.config.guests,
     so that `kvmagent list` need not import the configuration machinery.
     dropin_dirs, if given, gets the names of the NAME.toml.d directories
     found on the way (one read of the directory, no stat per guest)."""

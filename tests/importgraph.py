@@ -2,8 +2,8 @@
 (nothing is imported): which module imports which, at module level (when
 it is imported) or inside a function (when that function runs).  Imports
 under `if TYPE_CHECKING:` are the type checker's only and are marked so.
-Dynamic imports (importlib with a name in a string, as kvmagent.cli's
-commands and kvmagent.forkcall's children do) are not seen here."""
+Dynamic imports (importlib with a name in a string, as kvmagent.cli.main's
+commands and kvmagent.unit.forkcall's children do) are not seen here."""
 
 from __future__ import annotations
 
@@ -17,42 +17,57 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kvmagent"
 
 @dataclass(frozen=True)
 class Import:
-    target: str  # "kvmagent.NAME" for kvmagent's own modules, else the dotted name
+    target: str  # "kvmagent.config.guests" for kvmagent's own modules, else the dotted name
     in_function: bool  # inside a def or lambda: imported when it runs
     type_checking: bool  # under `if TYPE_CHECKING:`: never at run time
     line: int
 
 
 def modules() -> list[str]:
-    """kvmagent's modules: "kvmagent" (its __init__) and "kvmagent.NAME"."""
-    return sorted("kvmagent" if p.stem == "__init__" else f"kvmagent.{p.stem}"
-                  for p in PACKAGE.glob("*.py"))
+    """kvmagent's modules and packages, dotted: "kvmagent", "kvmagent.errors",
+    "kvmagent.config" (its __init__), "kvmagent.config.guests", ..."""
+    found = []
+    for p in PACKAGE.rglob("*.py"):
+        parts = p.relative_to(PACKAGE.parent).with_suffix("").parts
+        found.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return sorted(found)
 
 
-def _own(name: str) -> str:
-    """A name below kvmagent ("config", "config.read_toml" for a name taken
-    from a module) -> the module imported."""
-    first = name.split(".")[0]
-    return f"kvmagent.{first}" if (PACKAGE / f"{first}.py").exists() else "kvmagent"
+def source(module: str) -> Path:
+    """The file of MODULE ("kvmagent.config" is its package's __init__)."""
+    base = PACKAGE.parent.joinpath(*module.split("."))
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
 
 
-def _targets(node: ast.Import | ast.ImportFrom) -> list[str]:
+def _own(dotted: str) -> str:
+    """A dotted name below kvmagent, perhaps ending in a name taken from a
+    module ("kvmagent.config.layers.read_toml") -> the module imported."""
+    parts = dotted.split(".")
+    while len(parts) > 1 and not (source(".".join(parts)).exists()):
+        parts.pop()
+    return ".".join(parts)
+
+
+def _package_of(module: str) -> str:
+    return module if source(module).name == "__init__.py" else module.rpartition(".")[0]
+
+
+def _targets(node: ast.Import | ast.ImportFrom, module: str) -> list[str]:
     if isinstance(node, ast.Import):
-        return [_own(a.name[len("kvmagent."):]) if a.name.startswith("kvmagent.")
-                else a.name for a in node.names]
+        return [_own(a.name) if a.name.split(".")[0] == "kvmagent" else a.name
+                for a in node.names]
     if node.module == "__future__":
         return []
-    if node.level == 0 and node.module != "kvmagent" and not (
-            node.module or "").startswith("kvmagent."):
-        return [node.module or ""]
-    if node.level > 1:
-        raise ValueError(f"line {node.lineno}: kvmagent has no subpackages")
-    module = node.module or ""
-    if module.startswith("kvmagent"):
-        module = module[len("kvmagent"):].lstrip(".")
-    if module:  # from .config import read_toml
-        return [_own(module)]
-    return [_own(a.name) for a in node.names]  # from . import config, __version__
+    if node.level:  # relative: from the importing module's package up
+        base = _package_of(module).split(".")
+        base = base[:len(base) - (node.level - 1)]
+        absolute = ".".join(base + ([node.module] if node.module else []))
+    else:
+        absolute = node.module or ""
+    if absolute.split(".")[0] != "kvmagent":
+        return [absolute]
+    # from kvmagent.config import guests (a module), from kvmagent.paths import Paths (a name)
+    return [_own(f"{absolute}.{a.name}") for a in node.names]
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -61,16 +76,15 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 def imports(module: str) -> list[Import]:
-    """The imports in MODULE's source ("kvmagent" or "kvmagent.NAME")."""
-    stem = "__init__" if module == "kvmagent" else module[len("kvmagent."):]
-    path = PACKAGE / f"{stem}.py"
+    """The imports in MODULE's source ("kvmagent", "kvmagent.config.guests")."""
+    path = source(module)
     found: list[Import] = []
 
     def visit(node: ast.AST, in_function: bool, type_checking: bool) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.Import, ast.ImportFrom)):
                 found.extend(Import(t, in_function, type_checking, child.lineno)
-                             for t in _targets(child))
+                             for t in _targets(child, module))
             elif isinstance(child, ast.If) and _is_type_checking(child.test):
                 for part in child.body:
                     visit(ast.Module(body=[part], type_ignores=[]), in_function, True)

@@ -2,7 +2,7 @@
 command lines (tests/data/golden).
 
 kvmagent refuses a configuration file that a user other than root and
-itself could change (kvmagent.config), so tests never load the files where
+itself could change (kvmagent.config.layers), so tests never load the files where
 the checkout lies: that depends on who owns it.  copy() puts them in a
 private temporary directory owned by whoever runs the tests.
 
@@ -20,10 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kvmagent.guests import load_guest, load_host_config
-from kvmagent.model import Accel
+from kvmagent.config.guests import load_guest, load_host_config
+from kvmagent.config.model import Accel
 from kvmagent.paths import Paths
-from kvmagent.qemu import HostFacts, Sockets, qemu_argv
+from kvmagent.render.qemu import HostFacts, Sockets, qemu_argv
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden"

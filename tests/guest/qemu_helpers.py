@@ -3,7 +3,7 @@
 * Console: the client end of QEMU's serial `-chardev socket`; collects
   everything into a buffer and matches markers in text without \\r and
   ANSI escapes.
-* Qmp: kvmagent's QMP client (kvmagent.qmp), plus poll_events().
+* Qmp: kvmagent's QMP client (kvmagent.host.qmp), plus poll_events().
 * boot(): starts QEMU with the baseline command of guest.md, connects both,
   and kills QEMU on the way out whatever happened.
 
@@ -22,8 +22,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from kvmagent.qmp import Qmp as _Qmp
-from kvmagent.qmp import QmpError
+from kvmagent.host.qmp import Qmp as _Qmp
+from kvmagent.host.qmp import QmpError
 from tests.guest.build import GuestImage
 
 QEMU = "qemu-system-x86_64"

@@ -24,7 +24,7 @@ WRAPPER = """#!/usr/bin/python3
 # kvmagent from the checkout bound at /src/kvmagent (test host only)
 import sys
 sys.path.insert(0, "/src/kvmagent")
-from kvmagent.cli import main
+from kvmagent.cli.main import main
 sys.exit(main())
 """
 
@@ -34,7 +34,7 @@ def install_checkout(th: TestHost, host_config: str = 'accel = "tcg"\n') -> None
     for unit in sorted((REPO / "units").glob("*.service")):
         th.copy_in(unit, f"/etc/systemd/system/{unit.name}", 0o644)
     th.write_file("/etc/systemd/system-generators/kvmagent-generator",
-                  WRAPPER.replace("kvmagent.cli", "kvmagent.generator"), 0o755)
+                  WRAPPER.replace("kvmagent.cli.main", "kvmagent.cli.generator"), 0o755)
     # the user QEMU runs as, as the package's postinst makes it
     th.copy_in(REPO / "debian" / "kvmagent.sysusers", "/usr/lib/sysusers.d/kvmagent.conf", 0o644)
     th.exec(["systemd-sysusers", "kvmagent.conf"])

@@ -13,13 +13,13 @@ from gi.repository import GLib
 from pystemd.dbusexc import DBusError
 from pystemd.systemd1.unit_signatures import KNOWN_UNIT_SIGNATURES, signature_array
 
-from kvmagent import machined, systemd
+from kvmagent.host import machined, systemd
 from kvmagent.errors import ExitStatus, KvmagentError
-from kvmagent.guests import load_guest, load_host_config
-from kvmagent.scope import scope_settings
-from kvmagent.service import INSTANCE, service_settings
-from kvmagent.systemd import dbus_error
-from kvmagent.unitprops import SIGNATURES, UINT64_MAX, cpu_mask, props_for_dbus
+from kvmagent.config.guests import load_guest, load_host_config
+from kvmagent.render.scope import scope_settings
+from kvmagent.render.service import INSTANCE, service_settings
+from kvmagent.host.systemd import dbus_error
+from kvmagent.render.unitprops import SIGNATURES, UINT64_MAX, cpu_mask, props_for_dbus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,9 +99,9 @@ def test_property_array_marshals_like_pystemd() -> None:
 
 
 def test_lean_library_imports() -> None:
-    """kvmagent.systemd leaves pystemd's high-level API (and lxml) unimported,
-    kvmagent.netdev pyroute2's other modules (kvmagent.leanimport)."""
-    code = ("import sys; import kvmagent.systemd, kvmagent.netdev; "
+    """kvmagent.host.systemd leaves pystemd's high-level API (and lxml) unimported,
+    kvmagent.host.netdev pyroute2's other modules (kvmagent.host.leanimport)."""
+    code = ("import sys; import kvmagent.host.systemd, kvmagent.host.netdev; "
             "assert 'lxml' not in sys.modules and 'pystemd.systemd1' not in sys.modules; "
             "assert 'pyroute2.ndb' not in sys.modules and 'pyroute2.ipdb' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
@@ -113,7 +113,7 @@ def test_dbuslib_without_pprint(first: str) -> None:
     a stand-in until called: pprint (dataclasses, inspect: ~10 ms) stays out
     of every kvmagent command, the stand-in out of sys.modules, and the
     error message is the real pformat's."""
-    code = (f"import sys; {first}import kvmagent.systemd; import pystemd.dbuslib as d; "
+    code = (f"import sys; {first}import kvmagent.host.systemd; import pystemd.dbuslib as d; "
             f"assert ('pprint' in sys.modules) == {bool(first)}, sys.modules.get('pprint'); "
             "x = {'a': [1] * 30}; text = d.pformat(x, width=20); "
             "import pprint; assert hasattr(pprint, 'PrettyPrinter'); "

@@ -21,7 +21,7 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kvmagent import netdev
+from kvmagent.host import netdev
 
 NOT_ROOT = ("NOT RUN: tests/net needs root (network namespaces, taps, bridges); "
             "run it as root: /usr/bin/python3 -m pytest -m net tests/net")

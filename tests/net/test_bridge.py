@@ -7,7 +7,7 @@ import os
 import pytest
 from pyroute2 import IPRoute
 
-from kvmagent import netdev
+from kvmagent.host import netdev
 from kvmagent.errors import ExitStatus, KvmagentError
 
 pytestmark = pytest.mark.net

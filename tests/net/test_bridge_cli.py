@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
-from kvmagent import netdev
+from kvmagent.host import netdev
 from kvmagent.errors import ExitStatus
 
 pytestmark = pytest.mark.net

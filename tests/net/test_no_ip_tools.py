@@ -1,5 +1,5 @@
 """The product rule: kvmagent/ never runs ip, brctl, tunctl or an ifup script;
-networking is netlink via pyroute2, in-process (kvmagent/netdev.py).
+networking is netlink via pyroute2, in-process (kvmagent/host/netdev.py).
 
 Pure source scans: no root, no namespace needed.
 """
@@ -32,7 +32,7 @@ def _strings(tree: ast.AST) -> list[tuple[int, str]]:
 
 def test_package_names_no_network_tool():
     sources = sorted(PACKAGE.glob("**/*.py"))
-    assert PACKAGE / "netdev.py" in sources
+    assert PACKAGE / "host" / "netdev.py" in sources
     found = []
     for path in sources:
         for line, text in _strings(ast.parse(path.read_text(), str(path))):
@@ -50,7 +50,7 @@ def test_package_names_no_network_tool():
 
 
 def test_netdev_spawns_nothing():
-    text = (PACKAGE / "netdev.py").read_text()
+    text = (PACKAGE / "host" / "netdev.py").read_text()
     for pattern in (r"\bsubprocess\b", r"\bbrctl\b", r"\btunctl\b", r"[\"']ip[\"']",
                     r"\bos\.(system|popen|exec\w*|spawn\w*|posix_spawn\w*)\b",
                     r"\bpty\b", r"shell\s*="):
@@ -69,7 +69,8 @@ def test_netdev_spawns_nothing():
     ("ipv6", False), ("ip address of the bridge is missing", False),
 ])
 def test_scan_rule(text, bad, tmp_path, monkeypatch):
-    (tmp_path / "netdev.py").write_text("")
+    (tmp_path / "host").mkdir()
+    (tmp_path / "host" / "netdev.py").write_text("")
     (tmp_path / "mod.py").write_text(f'"""docstring: brctl addif"""\nX = {text!r}\n')
     monkeypatch.setattr(__import__(__name__), "PACKAGE", tmp_path)
     if bad:

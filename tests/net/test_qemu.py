@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pyroute2 import IPRoute
 
-from kvmagent import netdev
+from kvmagent.host import netdev
 
 pytestmark = [pytest.mark.net, pytest.mark.qemu]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmagent import netdev
+from kvmagent.host import netdev
 from kvmagent.errors import ExitStatus
 
 pytestmark = [pytest.mark.net, pytest.mark.qemu]

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from pyroute2 import IPRoute
 
-from kvmagent import netdev, tundev
+from kvmagent.host import netdev, tundev
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.names import tap_name
 

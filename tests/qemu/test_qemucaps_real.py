@@ -1,4 +1,4 @@
-"""kvmagent.qemucaps against the real qemu-system-x86_64 of this host: the
+"""kvmagent.host.qemucaps against the real qemu-system-x86_64 of this host: the
 probe answers, its answer has everything the command line of every seed
 configuration uses, and the recorded answer the unit tests use is still
 what this QEMU says (when it is the recorded version)."""
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmagent import qemucaps
-from kvmagent.guests import load_guest, load_host_config
-from kvmagent.model import Accel
-from kvmagent.qemu import HostFacts
+from kvmagent.host import qemucaps
+from kvmagent.config.guests import load_guest, load_host_config
+from kvmagent.config.model import Accel
+from kvmagent.render.qemu import HostFacts
 from tests import seed
 from tests.guest.qemu_helpers import qemu_available
 

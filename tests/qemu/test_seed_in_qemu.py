@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from kvmagent.guests import load_guest, load_host_config
-from kvmagent.hostcheck import check_host
-from kvmagent.model import Accel, Kernel, Media, NicMode
+from kvmagent.config.guests import load_guest, load_host_config
+from kvmagent.host.hostcheck import check_host
+from kvmagent.config.model import Accel, Kernel, Media, NicMode
 from kvmagent.paths import Paths
-from kvmagent.qemu import Sockets, qemu_argv
-from kvmagent.qemucaps import capabilities
+from kvmagent.render.qemu import Sockets, qemu_argv
+from kvmagent.host.qemucaps import capabilities
 from tests import seed
 from tests.guest.qemu_helpers import Console, Qmp, connect_unix
 

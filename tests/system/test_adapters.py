@@ -1,4 +1,4 @@
-"""kvmagent.systemd and kvmagent.machined against the real systemd 252 and machined of a
+"""kvmagent.host.systemd and kvmagent.host.machined against the real systemd 252 and machined of a
 test host.  The code under test runs inside the host as a unit (PYTHONPATH=/src/kvmagent),
 like the supervisor; the checks use systemctl and machinectl.
 
@@ -29,7 +29,7 @@ SCOPE = "kvm-t.scope"
 SUPERVISOR = textwrap.dedent(f"""
     import json, signal, subprocess, sys, time
     from pystemd.daemon import notify
-    from kvmagent import machined, systemd
+    from kvmagent.host import machined, systemd
     from kvmagent.names import guest_uuid
 
     child = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL,
@@ -57,7 +57,7 @@ SUPERVISOR = textwrap.dedent(f"""
 # A scope left over from a crashed run, in state failed (its RuntimeMaxSec= ran out).
 LEFTOVER = textwrap.dedent("""
     import subprocess
-    from kvmagent import systemd
+    from kvmagent.host import systemd
     child = subprocess.Popen(["sleep", "300"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     systemd.start_scope("kvm-t2.scope", child.pid, [("Slice", "machine.slice")])
@@ -68,7 +68,7 @@ LEFTOVER = textwrap.dedent("""
 
 BAD_VALUE = textwrap.dedent("""
     import subprocess
-    from kvmagent import systemd
+    from kvmagent.host import systemd
     from kvmagent.errors import KvmagentError
     child = subprocess.Popen(["sleep", "300"], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
@@ -83,7 +83,7 @@ BAD_VALUE = textwrap.dedent("""
 
 JOBS = textwrap.dedent("""
     import json
-    from kvmagent import systemd
+    from kvmagent.host import systemd
     calls = []
     real = systemd._Manager.call_raw
     def counted(self, method, *args, **kw):

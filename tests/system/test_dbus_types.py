@@ -1,5 +1,5 @@
 """The D-Bus types kvmagent marshals unit properties with
-(kvmagent.systemd.SIGNATURES) are the ones the real systemd declares: read
+(kvmagent.host.systemd.SIGNATURES) are the ones the real systemd declares: read
 from its introspection data in the test host, for every property, also
 those pystemd's own table does not know."""
 
@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from kvmagent import systemd
+from kvmagent.host import systemd
 
 pytestmark = pytest.mark.system
 

@@ -166,7 +166,7 @@ def test_a_guests_life_on_a_clean_host(system_ok: None, work: Path, guest_image,
         th.exec(["rm", "/run/kvmagent/boot-id"])
         apt_install(th, upgrade)
         assert th.run(["kvmagent", "--version"]).stdout == "kvmagent 0.1.0+upgrade1\n"
-        old_name = th.exec(["python3", "-c", "from kvmagent.state import kernel_boot_id; "
+        old_name = th.exec(["python3", "-c", "from kvmagent.host.state import kernel_boot_id; "
                             "print(kernel_boot_id())"]).stdout.strip()
         assert th.exec(["cat", "/run/kvmagent/boot-id"]).stdout.strip() == old_name != boot
         for name, pid in before.items():

@@ -211,7 +211,7 @@ def test_systemctl_start_of_the_defined_guest_stops_the_oneoff_first(host: TestH
 
 def test_transient_kvm_service_is_refused_where_the_template_exists(host: TestHost) -> None:
     code = ("import sys\nfrom kvmagent import systemd\nfrom kvmagent.errors import KvmagentError\n"
-            "from kvmagent.service import service_settings\n"
+            "from kvmagent.render.service import service_settings\n"
             "try:\n    systemd.start_service('kvm@nope.service', service_settings('nope'))\n"
             "except KvmagentError as e:\n    print(e.message)\n    sys.exit(int(e.status))\n")
     r = host.run(["/usr/bin/python3", "-c", code], check=False, env={"PYTHONPATH": "/src/kvmagent"})

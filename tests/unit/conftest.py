@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmagent.guests import load_guest, load_host_config
-from kvmagent.model import Guest
+from kvmagent.config.guests import load_guest, load_host_config
+from kvmagent.config.model import Guest
 from kvmagent.paths import Paths
 
 

@@ -168,7 +168,7 @@ def test_unknown_guest(conf):
 
 
 def test_cross_guest_duplicates(conf):
-    from kvmagent.guests import check_unique
+    from kvmagent.config.guests import check_unique
     conf.write("guests/a.toml", '[[nic]]\nmac = "52:54:00:00:00:01"\n[[disk]]\npath = "/x"\n')
     b = conf.write("guests/b.toml", '[[nic]]\nmac = "52:54:00:00:00:01"\n')
     c = conf.write("guests/c.toml", '[[disk]]\npath = "/x"\n')

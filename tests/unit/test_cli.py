@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kvmagent import __version__
-from kvmagent.cli import SHORT_WAYS
+from kvmagent.cli.main import SHORT_WAYS
 from kvmagent.errors import EXIT_STATUS_HELP, ExitStatus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,7 +156,7 @@ def test_no_guests(conf):
 ])
 def test_parser_of_one_command_parses_as_the_whole(argv: list[str]) -> None:
     """build_parser(argv) builds only argv's command: same result."""
-    from kvmagent.parser import build_parser
+    from kvmagent.cli.parser import build_parser
     assert build_parser(argv).parse_args(argv) == build_parser().parse_args(argv)
 
 
@@ -164,7 +164,7 @@ def test_parser_of_one_command_parses_as_the_whole(argv: list[str]) -> None:
 def test_short_ways_parse_as_argparse_would(argv: list[str]) -> None:
     """A command line that cli.main() takes without argparse gets the same
     function and arguments as the parser would give it."""
-    from kvmagent.parser import build_parser
+    from kvmagent.cli.parser import build_parser
     func, values = SHORT_WAYS[tuple(argv)]
     parsed = vars(build_parser().parse_args(argv))
     assert parsed.pop("func") == func and parsed.pop("config_dir") is None
@@ -174,10 +174,10 @@ def test_short_ways_parse_as_argparse_would(argv: list[str]) -> None:
 
 @pytest.mark.parametrize("argv", sorted(map(list, SHORT_WAYS)))
 def test_short_ways_leave_argparse_unimported(conf, argv: list[str]) -> None:
-    code = ("import sys, io; from kvmagent.cli import main; out = io.StringIO(); "
+    code = ("import sys, io; from kvmagent.cli.main import main; out = io.StringIO(); "
             "sys.stdout, real = out, sys.stdout; status = main(sys.argv[1:]); sys.stdout = real; "
             "assert status == 0, status; "
-            "assert 'argparse' not in sys.modules and 'kvmagent.parser' not in sys.modules; "
+            "assert 'argparse' not in sys.modules and 'kvmagent.cli.parser' not in sys.modules; "
             "print(out.getvalue())")
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONPATH": str(REPO),
            "KVMAGENT_CONFIG_DIR": str(conf.paths.config_dir),

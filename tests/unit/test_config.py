@@ -3,7 +3,7 @@ arrays of tables are replaced whole, and every value knows its file."""
 
 from pathlib import Path
 
-from kvmagent.model import Accel, Bus, Cache, NicMode, OnPoweroff
+from kvmagent.config.model import Accel, Bus, Cache, NicMode, OnPoweroff
 
 
 def test_defaults(conf):

@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from kvmagent import console
+from kvmagent.cli import console
 
 
 def test_a_reset_connection_is_the_console_closing(monkeypatch: pytest.MonkeyPatch,

@@ -1,7 +1,7 @@
 """The console's journal copy: escapes, partial lines, the rate limit
-(kvmagent.consolelog, pure, with the clock passed in)."""
+(kvmagent.unit.consolelog, pure, with the clock passed in)."""
 
-from kvmagent.consolelog import MAX_LINE, PARTIAL_FLUSH, ConsoleLog, console_text
+from kvmagent.unit.consolelog import MAX_LINE, PARTIAL_FLUSH, ConsoleLog, console_text
 
 
 def test_escape_sequences_and_controls_are_dropped() -> None:
@@ -73,7 +73,7 @@ def test_the_catalog_explains_every_message_id() -> None:
     import re
     from pathlib import Path
 
-    from kvmagent import supervisor
+    from kvmagent.unit import supervisor
     ids = {v for k, v in vars(supervisor).items() if k.startswith("MSG_")}
     text = (Path(__file__).parents[2] / "catalog" / "kvmagent.catalog").read_text()
     entries = re.findall(r"^-- ([0-9a-f]{32})\nSubject: .+\nDefined-By: kvmagent\n", text, re.M)

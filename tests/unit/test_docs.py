@@ -4,7 +4,7 @@ has: a renamed or added key without docs fails here."""
 from pathlib import Path
 
 from kvmagent.errors import EXIT_STATUS_HELP, ExitStatus
-from kvmagent.schema import BRIDGE_KEYS, GUEST_ARRAYS, GUEST_TABLES, GUEST_TOP, HOST_KEYS
+from kvmagent.config.schema import BRIDGE_KEYS, GUEST_ARRAYS, GUEST_TABLES, GUEST_TOP, HOST_KEYS
 
 REPO = Path(__file__).resolve().parents[2]
 MAN5 = (REPO / "docs" / "kvmagent.toml.5.md").read_text()
@@ -53,7 +53,7 @@ def test_shipped_example_guest_is_valid(conf):
     guest = conf.guest("arkani")
     assert guest.cpus == 2 and guest.nics[0].bridge == "br-kvm"
     # the sample itself is not a guest: only *.toml files are
-    from kvmagent.guests import guest_names
+    from kvmagent.config.guests import guest_names
     conf.write("guests/example.toml.sample", sample)
     assert guest_names(conf.paths) == ["arkani"]
 
@@ -65,6 +65,8 @@ def test_readme_layout_names_every_module():
     start = readme.index("\n## Layout\n")
     end = readme.find("\n## ", start + 1)
     layout = readme[start:end if end > 0 else None]
-    missing = [p.stem for p in sorted((REPO / "kvmagent").glob("*.py"))
+    missing = [str(p.relative_to(REPO)) for p in sorted((REPO / "kvmagent").rglob("*.py"))
                if p.stem != "__init__" and f"`{p.stem}`" not in layout]
+    missing += [f"{p.parent.name}/" for p in sorted((REPO / "kvmagent").glob("*/__init__.py"))
+                if f"`{p.parent.name}/`" not in layout]
     assert not missing, f"README's Layout does not name: {', '.join(missing)}"

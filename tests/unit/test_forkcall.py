@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from kvmagent import forkcall
+from kvmagent.unit import forkcall
 from kvmagent.errors import ExitStatus, KvmagentError, host_error
 
 
@@ -78,7 +78,7 @@ def test_failed_preload_is_reported():
 def test_a_fork_that_fails_is_a_kvmagent_error(monkeypatch) -> None:
     import os
 
-    from kvmagent import forkcall
+    from kvmagent.unit import forkcall
     from kvmagent.errors import KvmagentError
 
     def no_fork() -> int:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from kvmagent import config, names
+from kvmagent.config import layers as config
+from kvmagent import names
 from kvmagent.errors import ExitStatus, KvmagentError
-from kvmagent.guests import check_unique, load_guest, load_host_config
-from kvmagent.hostcheck import check_host, host_memory
-from kvmagent.model import Accel
-from kvmagent.qemu import HostFacts, Sockets, qemu_argv
-from kvmagent.qemucaps import QemuCaps, parse_transcript
+from kvmagent.config.guests import check_unique, load_guest, load_host_config
+from kvmagent.host.hostcheck import check_host, host_memory
+from kvmagent.config.model import Accel
+from kvmagent.render.qemu import HostFacts, Sockets, qemu_argv
+from kvmagent.host.qemucaps import QemuCaps, parse_transcript
 
 KVM = HostFacts(Accel.KVM)
 
@@ -321,7 +322,7 @@ def test_parser_bombs(conf, toml, expected):
 
 
 def test_bridge_files_are_checked_too(conf):
-    from kvmagent.bridges import load_bridge
+    from kvmagent.cli.bridges import load_bridge
     path = conf.write("bridges/br0.toml", 'uplink = "eth0"\n')
     assert load_bridge(path) == {"name": "br0", "uplink": "eth0"}
     path.chmod(0o666)

@@ -21,13 +21,13 @@ from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 from kvmagent import names
-from kvmagent.config import Layered, merge_into, parse_toml
+from kvmagent.config.layers import Layered, merge_into, parse_toml
 from kvmagent.errors import ExitStatus, KvmagentError
-from kvmagent.guests import build_guest, build_host_config, check_unique
-from kvmagent.model import Accel, Guest
-from kvmagent.qemu import HostFacts, Sockets, qemu_argv
-from kvmagent.schema import GUEST_ARRAYS, GUEST_TABLES, GUEST_TOP, HOST_KEYS
-from kvmagent.scope import render_settings, scope_settings
+from kvmagent.config.guests import build_guest, build_host_config, check_unique
+from kvmagent.config.model import Accel, Guest
+from kvmagent.render.qemu import HostFacts, Sockets, qemu_argv
+from kvmagent.config.schema import GUEST_ARRAYS, GUEST_TABLES, GUEST_TOP, HOST_KEYS
+from kvmagent.render.scope import render_settings, scope_settings
 
 # Hypothesis caches Unicode tables in .hypothesis/ of the working directory;
 # not in the checkout (or a package build tree), please.

@@ -1,14 +1,30 @@
 """No import circles among kvmagent's modules (tests/importgraph.py reads
 their imports from the source).  A circle makes the order of imports
 matter, and let the long-lived supervisor import a command's module
-through a shared name (kvmagent.recorder once took the name of the file it
-writes from kvmagent.cli, which imports the supervisor): a name that two
+through a shared name (kvmagent.unit.recorder once took the name of the file it
+writes from kvmagent.cli.main, which imports the supervisor): a name that two
 modules share belongs to a lower module that imports neither
 (kvmagent.lifecycle, kvmagent.paths)."""
 
 from __future__ import annotations
 
 from tests import importgraph
+
+# kvmagent's layers, lowest first: a module imports from its own layer or a
+# lower one, never a higher one.  The top-level modules (errors, paths, names,
+# lifecycle) are the names every layer shares; README's Layout says the rest.
+LAYERS = ("kvmagent", "kvmagent.config", "kvmagent.render", "kvmagent.host", "kvmagent.unit",
+          "kvmagent.cli")
+
+
+def layer(module: str) -> int:
+    """The index in LAYERS of MODULE's layer ("kvmagent.errors": 0);
+    `python3 -m kvmagent` (kvmagent.__main__) is the command line's."""
+    if module == "kvmagent.__main__":
+        return LAYERS.index("kvmagent.cli")
+    parts = module.split(".")
+    return LAYERS.index(".".join(parts[:2]) if len(parts) > 2 or (
+        len(parts) == 2 and importgraph.source(module).name == "__init__.py") else "kvmagent")
 
 
 def test_no_circle_among_module_level_imports() -> None:
@@ -38,12 +54,44 @@ def test_the_graph_sees_a_circle() -> None:
 def test_the_graph_reads_every_kind_of_import() -> None:
     """`from . import x`, `from .x import y`, a function's import, and one
     under TYPE_CHECKING (not a run-time edge) are all read."""
-    recorder = {i.target: i for i in importgraph.imports("kvmagent.recorder")}
+    recorder = {i.target: i for i in importgraph.imports("kvmagent.unit.recorder")}
     assert not recorder["kvmagent.lifecycle"].in_function
-    assert recorder["kvmagent.state"].in_function
-    run = importgraph.imports("kvmagent.run")
+    assert recorder["kvmagent.host.state"].in_function
+    run = importgraph.imports("kvmagent.unit.run")
     assert any(i.target == "kvmagent.paths" and i.type_checking for i in run)
-    assert any(i.target == "kvmagent.supervisor" and i.in_function for i in run)
-    assert "kvmagent.paths" in importgraph.graph()["kvmagent.run"]
-    supervisor = {i.target for i in importgraph.imports("kvmagent.supervisor")}
-    assert {"kvmagent", "kvmagent.forkcall", "kvmagent.qmp", "subprocess"} <= supervisor
+    assert any(i.target == "kvmagent.unit.supervisor" and i.in_function for i in run)
+    assert "kvmagent.paths" in importgraph.graph()["kvmagent.unit.run"]
+    supervisor = {i.target for i in importgraph.imports("kvmagent.unit.supervisor")}
+    assert {"kvmagent", "kvmagent.unit.forkcall", "kvmagent.host.qmp", "subprocess"} <= supervisor
+
+
+def test_every_module_has_a_layer() -> None:
+    """A new subpackage is a new layer: it goes into LAYERS (and README's
+    Layout) on purpose."""
+    packages = {m for m in importgraph.modules() if importgraph.source(m).name == "__init__.py"}
+    assert packages == set(LAYERS)
+
+
+def test_imports_go_down_the_layers() -> None:
+    """Configuration needs nothing but the shared names; rendering turns a
+    guest into QEMU's argv and systemd's settings; the host adapters may
+    use both; the unit's processes (the supervisor and its helpers) use the
+    adapters; the command line sits on top.  The supervisor thus never
+    imports a command's module, and the pure layers no adapter."""
+    wrong = [f"{module} (line {imp.line}) imports {target}"
+             for module, targets in importgraph.graph().items()
+             for target, imp in targets.items() if layer(target) > layer(module)]
+    assert not wrong, "imports up the layers:\n" + "\n".join(wrong)
+
+
+def test_the_layer_rule_sees_an_import_up() -> None:
+    assert layer("kvmagent.errors") == 0 < layer("kvmagent.config") == layer(
+        "kvmagent.config.guests") < layer("kvmagent.cli.main")
+
+
+def test_packages_import_nothing() -> None:
+    """A subpackage's __init__ is its docstring: importing one module of a
+    layer brings no other."""
+    busy = {m: [i.target for i in importgraph.imports(m)]
+            for m in LAYERS[1:] if importgraph.imports(m)}
+    assert not busy

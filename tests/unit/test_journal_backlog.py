@@ -1,4 +1,4 @@
-"""kvmagent.sdnotify.Journal with a backlog (the supervisor's): never waits
+"""kvmagent.host.sdnotify.Journal with a backlog (the supervisor's): never waits
 for a journald that does not read; keeps the order; counts what it lost."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import socket
 import time
 from pathlib import Path
 
-from kvmagent.sdnotify import Journal
+from kvmagent.host.sdnotify import Journal
 
 
 def test_a_journal_that_does_not_read_never_blocks(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""kvmagent.kvmprobe: ioctl numbers, the test program, and real probes.
+"""kvmagent.host.kvmprobe: ioctl numbers, the test program, and real probes.
 
 The ioctl numbers and struct sizes below were printed by a C program
 compiled against linux-libc-dev 6.1 (<linux/kvm.h>) on x86_64.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmagent import kvmprobe
+from kvmagent.host import kvmprobe
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,7 +90,7 @@ def test_permission_denied_for_an_unprivileged_user() -> None:
         (top / "kvmagent").chmod(0o755)
         device = top / "kvm"
         os.mknod(device, stat.S_IFCHR | 0o600, os.makedev(10, 232))  # /dev/kvm's numbers
-        code = f"from kvmagent.kvmprobe import kvm_usable; print(kvm_usable(device={str(device)!r}))"
+        code = f"from kvmagent.host.kvmprobe import kvm_usable; print(kvm_usable(device={str(device)!r}))"
         result = subprocess.run(
             [sys.executable, "-c", code], user=65534, group=65534, extra_groups=[], cwd=top,
             capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": tmp},

@@ -1,4 +1,4 @@
-"""kvmagent.leanimport.import_without: a module imported with a stand-in for
+"""kvmagent.host.leanimport.import_without: a module imported with a stand-in for
 a dependency it needs only on a rare path, on made-up modules."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmagent import leanimport
+from kvmagent.host import leanimport
 
 MODULES = ("lean_dep", "lean_mod", "lean_helper", "lean_broken")
 
@@ -71,7 +71,7 @@ def test_a_library_without_what_kvmagent_takes_is_a_host_error(tmp_path: Path) -
                                      "def path_encode(p): return p\n")  # no apply_signature
     repo = Path(__file__).resolve().parents[2]
     code = ("from kvmagent.errors import KvmagentError\n"
-            "try:\n    import kvmagent.systemd\n"
+            "try:\n    import kvmagent.host.systemd\n"
             "except KvmagentError as e:\n    print(int(e.status), e.message, '|', e.hint)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"PYTHONPATH": f"{tmp_path}:{repo}"}, check=True).stdout

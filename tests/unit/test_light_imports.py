@@ -1,5 +1,5 @@
 """What `kvmagent run` (the long-lived supervisor of a guest) and the short
-ways of kvmagent.cli import, measured: each runs for real in a fresh
+ways of kvmagent.cli.main import, measured: each runs for real in a fresh
 /usr/bin/python3, and sys.modules is read where it matters.
 
 `run NAME` for a guest that does not exist goes the supervisor's own way
@@ -32,34 +32,39 @@ from tests import importgraph
 REPO = Path(__file__).resolve().parents[2]
 
 # kvmagent run NAME, when it forks the planner: the command line only.
-RUN_BEFORE_FORK = {"kvmagent", "kvmagent.cli", "kvmagent.errors", "kvmagent.forkcall",
-                   "kvmagent.lifecycle", "kvmagent.run"}
+RUN_BEFORE_FORK = {"kvmagent", "kvmagent.cli", "kvmagent.cli.main", "kvmagent.errors",
+                   "kvmagent.lifecycle", "kvmagent.unit", "kvmagent.unit.forkcall",
+                   "kvmagent.unit.run"}
 # ... and the supervisor for the rest of the guest's life: standard library
 # and kvmagent's light modules, no third-party module at all.
 SUPERVISOR = RUN_BEFORE_FORK | {
-    "kvmagent.consolelog", "kvmagent.names", "kvmagent.paths",
-    "kvmagent.placeholders", "kvmagent.qmp", "kvmagent.recorder", "kvmagent.sdnotify",
-    "kvmagent.stoppolicy", "kvmagent.supervisor", "kvmagent.tundev", "kvmagent.viewers"}
+    "kvmagent.names", "kvmagent.paths",
+    "kvmagent.render", "kvmagent.render.placeholders",
+    "kvmagent.host", "kvmagent.host.qmp", "kvmagent.host.sdnotify", "kvmagent.host.tundev",
+    "kvmagent.unit.consolelog", "kvmagent.unit.recorder", "kvmagent.unit.stoppolicy",
+    "kvmagent.unit.supervisor", "kvmagent.unit.viewers"}
 # Imports inside a supervisor module's functions that run in a forked child
 # only: module -> what it may import there.
-IN_CHILDREN_ONLY = {"kvmagent.recorder": {"kvmagent.state", "kvmagent.stoppost"}}
+IN_CHILDREN_ONLY = {"kvmagent.unit.recorder": {"kvmagent.host.state", "kvmagent.unit.stoppost"}}
 # The entry of the process: its imports on the way to the supervisor are all
 # seen by the measurement (straight-line code); its other ways are not this one.
-ENTRY = {"kvmagent.cli", "kvmagent.run"}
+ENTRY = {"kvmagent.cli.main", "kvmagent.unit.run"}
 
 # kvmagent list [--json]: systemd asked over pystemd's D-Bus module alone.
-LIST = {"kvmagent", "kvmagent.cli", "kvmagent.errors", "kvmagent.leanimport",
-        "kvmagent.lifecycle", "kvmagent.paths", "kvmagent.state", "kvmagent.systemd",
-        "kvmagent.tracking", "kvmagent.unitprops", "kvmagent.values"}
+LIST = {"kvmagent", "kvmagent.errors", "kvmagent.lifecycle", "kvmagent.paths",
+        "kvmagent.cli", "kvmagent.cli.main", "kvmagent.cli.tracking",
+        "kvmagent.config", "kvmagent.config.values",
+        "kvmagent.host", "kvmagent.host.leanimport", "kvmagent.host.state", "kvmagent.host.systemd",
+        "kvmagent.render", "kvmagent.render.unitprops"}
 # ... when a guest's file changed since the last listing: it is read again.
-LIST_CHANGED = LIST | {"kvmagent.config", "kvmagent.names"}
+LIST_CHANGED = LIST | {"kvmagent.config.layers", "kvmagent.names"}
 # pystemd's modules that its D-Bus module brings (Debian 12's pystemd 0.11
 # and 13's 0.13), and the runtime of the Cython that built it.
 PYSTEMD = {"pystemd", "pystemd.dbusexc", "pystemd.dbuslib", "pystemd.utils"}
 CYTHON_RUNTIME = re.compile(r"_cython_[0-9_]+|cython_runtime")
 
 # kvmagent stop-post NAME after a run that recorded its own stop: one file read.
-STOP_POST_DONE = {"kvmagent", "kvmagent.cli", "kvmagent.lifecycle"}
+STOP_POST_DONE = {"kvmagent", "kvmagent.cli", "kvmagent.cli.main", "kvmagent.lifecycle"}
 
 # Run in a fresh interpreter: PROBE OUT REPO MODE ARGV...  Imports nothing
 # beyond what the interpreter has at start (os, sys), before kvmagent.
@@ -96,7 +101,7 @@ sys.addaudithook(no_journal)
 if mode == "systemd":  # as on a host booted with systemd, wherever this runs
     real_isdir = os.path.isdir
     os.path.isdir = lambda p: p == "/run/systemd/system" or real_isdir(p)
-from kvmagent.cli import main
+from kvmagent.cli.main import main
 status = main(argv)
 dump("after")
 sys.exit(status)
@@ -167,8 +172,7 @@ def test_the_supervisor_holds_no_command_module() -> None:
     brings what the command needs; the supervisor takes shared names from
     the lower modules instead.  Only its own entry (cli, run) is one."""
     commands = {m for m in importgraph.modules()
-                if re.search(r"^def cmd_", (importgraph.PACKAGE / f"{m[9:]}.py").read_text()
-                             if m != "kvmagent" else "", re.M)}
+                if re.search(r"^def cmd_", importgraph.source(m).read_text(), re.M)}
     assert commands & SUPERVISOR == ENTRY & commands
 
 
@@ -207,11 +211,12 @@ def test_the_rule_catches_a_heavy_import(tmp_path: Path) -> None:
     copy = tmp_path / "repo"
     shutil.copytree(REPO / "kvmagent", copy / "kvmagent",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    source = copy / "kvmagent" / "supervisor.py"
+    source = copy / "kvmagent" / "unit" / "supervisor.py"
     source.write_text(source.read_text().replace(
-        "from .consolelog import", "from . import config  # noqa: F401\nfrom .consolelog import",
-        1))
+        "from kvmagent.errors import",
+        "from kvmagent.config import layers  # noqa: F401\nfrom kvmagent.errors import", 1))
     guests(tmp_path)
     found = probe(tmp_path, "plain", "run", "nosuch", repo=copy)
     assert found["status"] == {"8"}
-    assert own_and_third_party(found["after"]) - SUPERVISOR == {"kvmagent.config"}
+    assert own_and_third_party(found["after"]) - SUPERVISOR == {"kvmagent.config",
+                                                                "kvmagent.config.layers"}

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmagent.guests import guest_names, load_guest, load_host_config
-from kvmagent.model import Accel
-from kvmagent.qemu import HostFacts, Sockets, boot_indexes, qemu_argv, quote
-from kvmagent.scope import render_settings, scope_settings
+from kvmagent.config.guests import guest_names, load_guest, load_host_config
+from kvmagent.config.model import Accel
+from kvmagent.render.qemu import HostFacts, Sockets, boot_indexes, qemu_argv, quote
+from kvmagent.render.scope import render_settings, scope_settings
 
 from tests import seed
 

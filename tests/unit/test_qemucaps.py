@@ -1,4 +1,4 @@
-"""What the installed QEMU supports (kvmagent.qemucaps): recorded answers of
+"""What the installed QEMU supports (kvmagent.host.qemucaps): recorded answers of
 real QEMUs parsed, the pure check of a guest's command line against them,
 the cache keyed by the binary's stat, and the probe's failures.
 
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from kvmagent import qemucaps
+from kvmagent.host import qemucaps
 from kvmagent.errors import ExitStatus, KvmagentError, host_error
-from kvmagent.guests import load_guest, load_host_config
-from kvmagent.hostcheck import check_host
-from kvmagent.model import Accel
-from kvmagent.qemu import HostFacts
-from kvmagent.qemucaps import QemuCaps, parse_transcript, qemu_problems
+from kvmagent.config.guests import load_guest, load_host_config
+from kvmagent.host.hostcheck import check_host
+from kvmagent.config.model import Accel
+from kvmagent.render.qemu import HostFacts
+from kvmagent.host.qemucaps import QemuCaps, parse_transcript, qemu_problems
 from tests import seed
 
 DATA = Path(__file__).parent / "data" / "qemucaps"
@@ -231,8 +231,8 @@ def test_no_probe_without_an_executable_qemu(conf, tmp_path):
 
 
 def test_a_start_fails_at_once_on_what_qemu_lacks(conf, monkeypatch):
-    """kvmagent.startup waits for disks and bridges, not for another QEMU."""
-    from kvmagent import startup
+    """kvmagent.unit.startup waits for disks and bridges, not for another QEMU."""
+    from kvmagent.unit import startup
     conf.write("kvmagent.toml", "device_timeout = 60\n")
     conf.write("guests/g.toml", "")
     missing = host_error("nic[0].bridge: no such bridge")

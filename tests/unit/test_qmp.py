@@ -1,4 +1,4 @@
-"""kvmagent.qmp against a scripted peer on a socketpair (the protocol logic;
+"""kvmagent.host.qmp against a scripted peer on a socketpair (the protocol logic;
 tests/qemu and the system tests talk to real QEMU)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from kvmagent.qmp import Qmp, QmpError
+from kvmagent.host.qmp import Qmp, QmpError
 
 
 def _send(sock: socket.socket, *messages: dict) -> None:

@@ -1,4 +1,4 @@
-"""The supervisor's event writers (kvmagent.recorder): forked children, one
+"""The supervisor's event writers (kvmagent.unit.recorder): forked children, one
 lingering through a stop; RECORDED_FILE only when every event was written,
 so that ExecStopPost= records the end of the run itself otherwise."""
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from kvmagent import state
+from kvmagent.host import state
 from kvmagent.lifecycle import RECORDED_FILE
 from kvmagent.paths import Paths
-from kvmagent.recorder import EventRecorder
+from kvmagent.unit.recorder import EventRecorder
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from kvmagent import control
+from kvmagent.cli import control
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.paths import Paths
-from kvmagent.service import INSTANCE, oneoff_unit, render_service, service_settings
-from kvmagent.unitprops import props_for_dbus
+from kvmagent.render.service import INSTANCE, oneoff_unit, render_service, service_settings
+from kvmagent.render.unitprops import props_for_dbus
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "units" / "kvm@.service"
@@ -47,7 +47,7 @@ def test_template_agrees_with_service_settings() -> None:
     shipped = parse_unit(UNIT.read_text().splitlines())
     generated = parse_unit(render_service(service_settings(INSTANCE)))
     assert shipped == generated, (
-        "units/kvm@.service and kvmagent.service.service_settings() differ: a line added "
+        "units/kvm@.service and kvmagent.render.service.service_settings() differ: a line added "
         "to one belongs in the other (COMMON), or in FILE_ONLY_* here")
 
 
@@ -149,7 +149,7 @@ def test_transient_command_runs_this_checkout(tmp_path: Path) -> None:
 
 
 def test_start_needs_name_or_file(conf: Any) -> None:
-    from kvmagent.parser import build_parser
+    from kvmagent.cli.parser import build_parser
     for argv in (["start"], ["start", "g", "--transient", "g.toml"]):
         args = build_parser().parse_args(argv)
         with pytest.raises(KvmagentError) as info:
@@ -167,7 +167,7 @@ def test_oneoff_bad_file_fails_before_systemd(conf: Any, tmp_path: Path, file: s
                                               text: str | None, message: str) -> None:
     """Exit 6 and nothing made: the file is checked before any D-Bus call
     (there is no system bus here to call)."""
-    from kvmagent.parser import build_parser
+    from kvmagent.cli.parser import build_parser
     path = tmp_path / file
     if text is not None:
         path.write_text(text)
@@ -179,7 +179,7 @@ def test_oneoff_bad_file_fails_before_systemd(conf: Any, tmp_path: Path, file: s
 
 
 def test_oneoff_guest_loads_from_its_file_with_dropins(conf: Any, tmp_path: Path) -> None:
-    from kvmagent.guests import load_guest_file, load_host_config
+    from kvmagent.config.guests import load_guest_file, load_host_config
     (tmp_path / "quick.toml").write_text('memory = "1G"\n[[nic]]\n')
     (tmp_path / "quick.toml.d").mkdir()
     (tmp_path / "quick.toml.d" / "10-more.toml").write_text("cpus = 2\n")
@@ -191,9 +191,9 @@ def test_oneoff_guest_loads_from_its_file_with_dropins(conf: Any, tmp_path: Path
 def test_ip_sockets_only_for_guests_that_need_them(conf, tmp_path: Path) -> None:
     """VNC on TCP or user-mode networking: AF_INET/AF_INET6 for that guest
     (the generator's drop-in, or the transient unit's setting); nobody else."""
-    from kvmagent.generator import DROPIN, generate
-    from kvmagent.guests import load_guest, load_host_config
-    from kvmagent.service import needs_inet
+    from kvmagent.cli.generator import DROPIN, generate
+    from kvmagent.config.guests import load_guest, load_host_config
+    from kvmagent.render.service import needs_inet
     conf.write("guests/plain.toml", "[[nic]]\n")
     conf.write("guests/vnc.toml", '[display]\nvnc = "127.0.0.1:1"\n')
     conf.write("guests/unixvnc.toml", '[display]\nvnc = "unix:/run/kvmagent/unixvnc/vnc"\n')
@@ -221,7 +221,7 @@ def test_service_tasks_max_allows_qemu_before_it_is_in_its_scope() -> None:
     kvm-NAME.scope.  The test host does not enforce TasksMax= (its pids
     controller is not delegated), so this is checked here: the most vCPUs
     the configuration allows must fit."""
-    from kvmagent import schema
+    from kvmagent.config import schema
     most = int(schema.GUEST_TOP["cpus"].type.rpartition("-")[2])  # "integer 1-255"
     (line,) = [line for line in (REPO / "units" / "kvm@.service").read_text().splitlines()
                if line.startswith("TasksMax=")]  # exactly one: systemd's default is too low

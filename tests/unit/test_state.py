@@ -1,4 +1,4 @@
-"""The state database (kvmagent.state): schema and migrations on real files
+"""The state database (kvmagent.host.state): schema and migrations on real files
 in tmp_path, the derivation of uptimes and restarts from event rows, and
 many processes writing at once."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmagent import state
-from kvmagent.state import Event, Now, derive
+from kvmagent.host import state
+from kvmagent.host.state import Event, Now, derive
 
 BOOT1, BOOT2 = "boot-1", "boot-2"
 

@@ -1,5 +1,5 @@
 """How a guest is stopped: presses, `quit`, SIGKILL, the exit status
-(kvmagent.stoppolicy, pure, with the clock passed in)."""
+(kvmagent.unit.stoppolicy, pure, with the clock passed in)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from kvmagent.stoppolicy import (
+from kvmagent.unit.stoppolicy import (
     EXTEND_SLACK, POWERDOWN_INTERVAL, QUIT_GRACE, Action, ForceStop, Kill, Outcome, Phase, Press,
     Quit, Stopping, StopPolicy)
 

@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from kvmagent import state
+from kvmagent.host import state
 from kvmagent.errors import ExitStatus
-from kvmagent.stoppost import stop_reason
-from kvmagent.tracking import duration, enabled_guests, parse_since
+from kvmagent.unit.stoppost import stop_reason
+from kvmagent.cli.tracking import duration, enabled_guests, parse_since
 
 from test_cli import REPO
 
@@ -29,7 +29,7 @@ NO_SYSTEMD = """
 import os, sys
 isdir = os.path.isdir
 os.path.isdir = lambda p: os.fspath(p) != "/run/systemd/system" and isdir(p)
-from kvmagent.cli import main
+from kvmagent.cli.main import main
 sys.exit(main())
 """
 
@@ -368,7 +368,8 @@ def test_list_and_validate_agree_on_which_guests_are_defined(conf) -> None:
 def test_stop_post_short_way(tmp_path, monkeypatch) -> None:
     """ExecStopPost= after a run that recorded its own stop reads one file
     and imports nothing; anything else takes the long way."""
-    from kvmagent import cli, lifecycle
+    from kvmagent.cli import main as cli
+    from kvmagent import lifecycle
     runtime = tmp_path / "g"
     runtime.mkdir()
     (runtime / lifecycle.RECORDED_FILE).write_text("inv1")
@@ -384,7 +385,7 @@ def test_stop_post_short_way(tmp_path, monkeypatch) -> None:
 
 
 def test_run_short_way() -> None:
-    from kvmagent import cli
+    from kvmagent.cli import main as cli
     assert cli._run_argv(["run", "g"]) == ("g", None)
     assert cli._run_argv(["run", "--file", "/x/g.toml", "g"]) == ("g", "/x/g.toml")
     for argv in (["run"], ["run", "--help"], ["run", "-x", "g"], ["run", "g", "h"],

@@ -1,6 +1,6 @@
 import pytest
 
-from kvmagent import values
+from kvmagent.config import values
 
 
 @pytest.mark.parametrize("text,expected", [

@@ -1,0 +1,97 @@
+"""kvmagent validate|show: reading guest definitions (list: kvmagent.cli.tracking)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from kvmagent.config.guests import check_unique, guest_names, load_guest, load_host_config
+from kvmagent.config.model import Guest, HostConfig
+from kvmagent.errors import ExitStatus, KvmagentError
+from kvmagent.host.hostcheck import check_host
+from kvmagent.names import scope_unit
+from kvmagent.paths import Paths
+from kvmagent.render.qemu import Sockets, qemu_argv
+from kvmagent.render.scope import render_settings, scope_settings
+from kvmagent.render.show import effective_config, render_argv, render_config
+
+
+def _err(text: str) -> None:
+    print(f"kvmagent: {text}", file=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace, paths: Paths) -> int:
+    host = load_host_config(paths)
+    names = args.names or guest_names(paths)
+    status = ExitStatus.OK
+    good: list[Guest] = []
+    for name in names:
+        try:
+            guest = load_guest(paths, name, host)
+            if args.host:
+                _, problems = check_host(guest, host)
+                if problems:
+                    for p in problems:
+                        _err(str(p))
+                    status = max(status, ExitStatus.HOST_NOT_READY)
+                    continue
+        except KvmagentError as e:
+            _err(str(e))
+            status = max(status, e.status)
+            continue
+        good.append(guest)
+        print(f"{name}: ok")
+    # Cross-guest checks (MACs, taps, disks) always look at every defined
+    # guest, so validating one guest catches a clash with another.
+    others = [] if not args.names else _load_quietly(paths, host, set(args.names))
+    try:
+        check_unique(others + good)
+    except KvmagentError as e:
+        _err(str(e))
+        status = max(status, e.status)
+    if not names:
+        print(f"no guests defined in {paths.guests_dir}")
+    return status
+
+
+def _load_quietly(paths: Paths, host: HostConfig, skip: set[str]) -> list[Guest]:
+    out = []
+    for name in guest_names(paths):
+        if name not in skip:
+            try:
+                out.append(load_guest(paths, name, host))
+            except KvmagentError:
+                pass  # reported when that guest itself is validated
+    return out
+
+
+def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
+    host = load_host_config(paths)
+    guest = load_guest(paths, args.name, host)
+    facts, problems = check_host(guest, host)
+    argv = qemu_argv(guest, host, facts, Sockets.in_dir(paths.guest_runtime(guest.name)))
+    settings = scope_settings(guest, host, facts)
+    if args.json:
+        doc: dict[str, Any] = {
+            "name": guest.name, "config_file": str(guest.config_file),
+            "config": effective_config(guest), "origin": guest.origin,
+            "accel": str(facts.accel), "argv": argv,
+            "scope": {"unit": scope_unit(guest.name), "settings": dict(settings)},
+            "notices": list(facts.notices), "problems": [str(p) for p in problems],
+        }
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+        return ExitStatus.OK
+    print(f"# guest {guest.name}: {guest.config_file}")
+    print("\n".join(render_config(guest, paths.config_dir)))
+    print(f"\n# QEMU command line (accel {facts.accel})")
+    print("\n".join(render_argv(argv)))
+    print(f"\n# systemd settings of {scope_unit(guest.name)}")
+    print("\n".join(render_settings(settings)))
+    for n in facts.notices:
+        print(f"\n# notice: {n}")
+    for p in problems:
+        print(f"\n# host not ready: {p}")
+    return ExitStatus.OK

@@ -1,0 +1,101 @@
+"""The kvmagent command line.  Every expected failure is a KvmagentError,
+printed as one message (plus a hint) with a documented exit status.
+
+Command implementations are imported only when their command runs:
+`kvmagent run` is the long-lived supervisor of a guest, and must not carry
+the configuration machinery or pyroute2/pystemd/pydbus for its lifetime.
+The two commands that systemd runs in every start and stop of a guest take
+a short way, without argparse (kvmagent.cli.parser) and its imports: `run NAME`
+(ExecStart=) as kvm@.service and kvm-oneoff@.service give it, and
+`stop-post NAME` (ExecStopPost=) when there is nothing for it to do.  So
+does `kvmagent list [--json]`, which admins and monitoring run often
+(argparse, gettext and the parser cost ~15 ms of a ~110 ms listing)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# A module that imports nothing: stop-post's short way needs this one name.
+from kvmagent.lifecycle import RECORDED_FILE
+
+TYPE_CHECKING = False  # as typing's, without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    from typing import Any
+
+
+def _stop_already_recorded(argv: list[str]) -> bool:
+    """`kvmagent stop-post NAME` (ExecStopPost=) after a run whose supervisor
+    recorded its stop itself, as it does unless it was killed: nothing to
+    do.  It runs in every stop, so it reads one file and imports nothing
+    (but kvmagent.lifecycle, for the file's name);
+    the unit's runtime directory is in $RUNTIME_DIRECTORY (RuntimeDirectory=
+    kvmagent/NAME); anything else takes the long way."""
+    invocation = os.environ.get("INVOCATION_ID")
+    directory = os.environ.get("RUNTIME_DIRECTORY", "")
+    if (len(argv) != 2 or argv[0] != "stop-post" or not invocation
+            or os.path.basename(directory) != argv[1]):
+        return False
+    try:
+        with open(os.path.join(directory, RECORDED_FILE)) as f:
+            return f.read() == invocation
+    except (OSError, ValueError):
+        return False
+
+
+def _run_argv(argv: list[str]) -> tuple[str, str | None] | None:
+    """(NAME, FILE) of `run NAME` and `run --file FILE NAME`, as the units
+    give them; anything else goes through argparse."""
+    match argv:
+        case ["run", name] if not name.startswith("-"):
+            return name, None
+        case ["run", "--file", file, name] if not name.startswith("-"):
+            return name, file
+    return None
+
+
+# Exact command lines taken without argparse: argv -> (module:function, the
+# arguments argparse would give it).  tests/unit/test_cli.py checks that the
+# parser gives the same.
+SHORT_WAYS: dict[tuple[str, ...], tuple[str, dict[str, object]]] = {
+    ("list",): ("cli.tracking:cmd_list", {"json": False}),
+    ("list", "--json"): ("cli.tracking:cmd_list", {"json": True}),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _stop_already_recorded(argv):
+        return 0
+    import importlib
+
+    from kvmagent.errors import ExitStatus, KvmagentError
+    try:
+        if (run := _run_argv(argv)) is not None:
+            from kvmagent.unit import run as supervise
+            return supervise.main(run[0], None, run[1])
+        from kvmagent.paths import Paths
+        paths = Paths.from_env()
+        args: Any  # argparse's Namespace, or the same attributes without argparse
+        if (short := SHORT_WAYS.get(tuple(argv))) is not None:
+            from types import SimpleNamespace
+            func_name, values = short
+            args = SimpleNamespace(func=func_name, config_dir=None, **values)
+        else:
+            from kvmagent.cli.parser import build_parser
+            args = build_parser(argv).parse_args(argv)
+        if args.config_dir:
+            paths = Paths(config_dir=paths.config_dir.__class__(args.config_dir),
+                          state_dir=paths.state_dir, runtime_dir=paths.runtime_dir)
+        module, _, function = args.func.partition(":")
+        func = getattr(importlib.import_module(f"kvmagent.{module}"), function)
+        return int(func(args, paths))
+    except KvmagentError as e:
+        print(f"kvmagent: {e}", file=sys.stderr)
+        return int(e.status)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `kvmagent list | head`: not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitStatus.OK

@@ -1,0 +1,167 @@
+"""kvmagent's command line grammar (argparse): every command, its options
+and its help.  Commands are named as "module:function" of kvmagent, which
+kvmagent.cli.main imports only when the command runs.  Only the parser of the
+command being run is built (all of them for --help, or a mistake): building
+the others would cost every command ~12 ms."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from kvmagent import __version__
+from kvmagent.errors import EXIT_STATUS_HELP, ExitStatus
+
+
+def _err(text: str) -> None:
+    print(f"kvmagent: {text}", file=sys.stderr)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        _err(message)
+        sys.exit(ExitStatus.USAGE)
+
+
+class _Unused:
+    """Stands in for the parser of a command that is not being run."""
+
+    required = False
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_subparsers(self, *args: Any, **kwargs: Any) -> _Unused:
+        return self
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command word of argv, None for anything but --config-dir before
+    it (`kvmagent -h list` is the main help: every command)."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--config-dir":
+            next(args, None)
+        elif arg.startswith("--config-dir="):
+            continue
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for argv (None: with every command)."""
+    only = _command(argv) if argv is not None else None
+    p, built = _build(only)
+    return p if only is None or only in built else _build(None)[0]
+
+
+def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
+    fmt = argparse.RawDescriptionHelpFormatter
+    epilog = ("environment:\n  KVMAGENT_CONFIG_DIR (/etc/kvmagent), KVMAGENT_STATE_DIR "
+              "(/var/lib/kvmagent),\n  KVMAGENT_RUNTIME_DIR (/run/kvmagent)\n\n"
+              + EXIT_STATUS_HELP)
+    p = _Parser(prog="kvmagent", formatter_class=fmt, epilog=epilog,
+                description="Run KVM/QEMU guests as systemd services (kvm@NAME.service).")
+    p.add_argument("--version", action="version", version=f"kvmagent {__version__}")
+    p.add_argument("--config-dir", metavar="DIR",
+                   help="configuration directory (default $KVMAGENT_CONFIG_DIR or /etc/kvmagent)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    built: set[str] = set()
+
+    def add(subparsers: Any, name: str, fn: str | None, help: str) -> Any:
+        """fn: "module:function" of kvmagent, imported when the command runs."""
+        if isinstance(subparsers, _Unused) or (subparsers is sub and only not in (None, name)):
+            return _Unused()
+        built.add(name)
+        sp = subparsers.add_parser(name, help=help, description=help, epilog=EXIT_STATUS_HELP,
+                                   formatter_class=fmt)
+        if fn is not None:
+            sp.set_defaults(func=fn)
+        return sp
+
+    sp = add(sub, "validate", "cli.commands:cmd_validate",
+             "check guest definitions (all, or the named ones)")
+    sp.add_argument("names", nargs="*", metavar="NAME")
+    sp.add_argument("--host", action="store_true",
+                    help="also check this host: QEMU, disks, kernel files, bridges, /dev/kvm")
+    sp = add(sub, "show", "cli.commands:cmd_show", "show a guest's merged configuration (with the "
+             "file of each value), QEMU command line and systemd settings")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = add(sub, "list", "cli.tracking:cmd_list", "list the defined guests: state, uptime, "
+             "restarts, vCPUs, memory, QEMU PID, enabled at boot, taps")
+    sp.add_argument("--json", action="store_true",
+                    help="machine-readable output (seconds, bytes)")
+    sp = add(sub, "status", "cli.status:cmd_status", "show guest NAME's state, uptime, restarts, "
+             "last failure, taps, console socket and last journal lines")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--lines", "-n", type=int, default=10, metavar="N",
+                    help="journal lines to show (default 10)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = add(sub, "history", "cli.tracking:cmd_history", "show guest NAME's recorded lifecycle "
+             "events, its cumulative and longest uptime")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--since", metavar="WHEN",
+                    help="only events since a date (2024-05-01) or an age (7d, 12h, 30m)")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = add(sub, "reset-counters", "cli.tracking:cmd_reset_counters",
+             "set guest NAME's count of restarts after failures back to zero")
+    sp.add_argument("name", metavar="NAME")
+    for name, text in (
+            ("start", "start guest NAME (kvm@NAME.service) and wait until it runs"),
+            ("stop", "stop guest NAME: ACPI power button, then QEMU is stopped after its "
+             "stop timeout"),
+            ("restart", "stop, then start guest NAME")):
+        # stop: kvmagent.cli.hardstop first (stop --force needs neither D-Bus nor the config)
+        sp = add(sub, name, "cli.hardstop:cmd_stop" if name == "stop"
+                 else f"cli.control:cmd_{name}", text)
+        sp.add_argument("name", metavar="NAME", nargs="?" if name == "start" else None)
+        sp.add_argument("--no-block", action="store_true", help="do not wait for the job")
+        if name == "start":
+            sp.add_argument("--transient", metavar="FILE",
+                            help="run a one-off guest straight from FILE (NAME.toml) as the "
+                            "transient kvm-oneoff@NAME.service, gone when it stops")
+        if name == "stop":
+            sp.add_argument("--force", action="store_true",
+                            help="stop QEMU at once, without the ACPI power button "
+                            "(like pulling the power cord)")
+    sp = add(sub, "console", "cli.console:cmd_console",
+             "attach to guest NAME's serial console (leave with Ctrl-] or Ctrl-Q); "
+             "without a terminal, type stdin and print the output for --timeout seconds")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--timeout", type=float, metavar="SECONDS",
+                    help="scripted use: print the output for this long (default 5 without "
+                    "a terminal)")
+    bridge = add(sub, "bridge", None, "create or show the bridges guests attach to")
+    bsub = bridge.add_subparsers(dest="bridge_command", metavar="COMMAND", parser_class=_Parser)
+    bsub.required = True
+    sp = add(bsub, "ensure", "cli.bridges:cmd_ensure",
+             "create or adjust a bridge (default: the host's bridge, br-kvm) with the "
+             "seed's settings: STP off, forward delay 9 s, hello 2 s, max age 12 s")
+    sp.add_argument("name", nargs="?", metavar="NAME")
+    sp.add_argument("--uplink", metavar="IFACE", help="enslave this interface")
+    sp.add_argument("--address", metavar="CIDR", help="give the bridge this address")
+    sp.add_argument("--persist", action="store_true",
+                    help="record it in /etc/kvmagent/bridges/NAME.toml, created at boot")
+    sp.add_argument("--all", action="store_true",
+                    help="ensure every bridge recorded in /etc/kvmagent/bridges/")
+    sp = add(bsub, "show", "cli.bridges:cmd_show",
+             "list bridges with their ports and the guests of taps")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = add(sub, "run", "unit.run:cmd_run",
+             "supervise guest NAME in the foreground: the ExecStart= of "
+             "kvm@NAME.service (start guests with systemctl start kvm@NAME)")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--file", metavar="FILE", help="load the guest from FILE, not from "
+                    "guests/NAME.toml (a one-off guest: kvmagent start --transient)")
+    sp = add(sub, "stop-post", "unit.stoppost:cmd_stop_post", "record how guest NAME's run ended, "
+             "from systemd's $SERVICE_RESULT: the ExecStopPost= of kvm@NAME.service")
+    sp.add_argument("name", metavar="NAME")
+    return p, built

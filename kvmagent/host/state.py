@@ -1,0 +1,519 @@
+"""The state database: every guest's lifecycle events, kept across reboots.
+
+systemd knows only the current run of a unit (ActiveEnterTimestamp,
+NRestarts, both reset by a manual restart and by a reboot); this record is
+kvmagent's.  $KVMAGENT_STATE_DIR/state.db is SQLite (the standard library,
+so the supervisor may import this module), in WAL mode with a busy timeout:
+many writers at once are normal (every guest's supervisor, the
+ExecStopPost= step, the CLI), each writing one short transaction.
+
+One row per lifecycle event: starting, running, stopping, stopped.  A row
+keeps the wall clock (realtime) and CLOCK_BOOTTIME with the boot ID, so
+durations within one boot do not jump with the clock and runs of different
+boots are told apart; and systemd's InvocationID of the run.
+
+Everything shown (uptimes, restarts, the last failure) is derived from the
+rows by derive(), a pure function.
+
+Counting restarts: a restart is a `starting` event that follows, for the
+same guest and in the same boot, a `stopped` event whose reason is one
+systemd restarts after (Restart=on-failure): crashed, watchdog, killed, oom,
+timeout, failed.  A bad configuration (exit 6) is never restarted by
+systemd, so a start after it is not counted.  A start after a failure
+counts even when an admin, not systemd, started the guest (after systemd
+gave up at StartLimitBurst=): it is a restart after a failure all the same.
+Only `kvmagent reset-counters NAME` sets the count back to zero.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+# The names of events and reasons, as this module's own (state.ADMIN ...).
+from kvmagent.lifecycle import (  # noqa: F401
+    ADMIN, CONFIG, CRASHED, EVENTS, FAILED, FAILURES, KILLED, OOM, POWEROFF, REASONS,
+    RESTARTED, SHUTDOWN, TIMEOUT, WATCHDOG)
+from kvmagent.paths import Paths
+
+DB_NAME = "state.db"
+BUSY_TIMEOUT_MS = 5000
+
+# Each entry moves the schema from version N to N+1 (PRAGMA user_version).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        guest TEXT NOT NULL,
+        event TEXT NOT NULL CHECK (event IN ('starting', 'running', 'stopping', 'stopped')),
+        reason TEXT,
+        detail TEXT,
+        realtime REAL NOT NULL,
+        boottime REAL NOT NULL,
+        boot_id TEXT NOT NULL,
+        invocation TEXT,
+        pid INTEGER,
+        source TEXT NOT NULL
+    );
+    CREATE INDEX events_by_guest ON events (guest, id);
+    CREATE INDEX events_by_invocation ON events (invocation);
+    CREATE TABLE counters (
+        guest TEXT PRIMARY KEY,
+        reset_after INTEGER NOT NULL,
+        reset_realtime REAL NOT NULL
+    );
+    """,
+    # 2: `restart` marks each start that is a restart, set when the start is
+    # recorded, so `kvmagent list` counts them through a small partial index
+    # instead of walking every guest's history.  Rows already there are
+    # marked by the same rule (restarts_sql).
+    """
+    ALTER TABLE events ADD COLUMN restart INTEGER NOT NULL DEFAULT 0;
+    UPDATE events SET restart = 1 WHERE id IN (RESTARTS_SQL);
+    CREATE INDEX events_restarts ON events (guest, id) WHERE restart = 1
+    """,
+    # 3: each guest's last start, run or stop (list_figures) from an index
+    # search per guest, not a look at every row.
+    """
+    CREATE INDEX events_lifecycle ON events (guest, id)
+        WHERE event IN ('starting', 'running', 'stopped')
+    """,
+)
+
+
+class Event(NamedTuple):
+    # A NamedTuple, not a dataclass: the supervisor imports this module.
+    id: int
+    guest: str
+    event: str
+    reason: str | None
+    detail: str | None
+    realtime: float
+    boottime: float
+    boot_id: str
+    invocation: str | None
+    pid: int | None
+    source: str
+
+
+_COLUMNS = ", ".join(Event._fields)
+
+
+class Now(NamedTuple):
+    realtime: float
+    boottime: float
+    boot_id: str
+
+
+# In the runtime directory: systemd's ID of this boot, written at boot by
+# systemd-tmpfiles (tmpfiles.d/kvmagent.conf: `f /run/kvmagent/boot-id - - - - %b`)
+# before any guest starts; /run is empty again at the next boot.
+BOOT_ID_FILE = "boot-id"
+
+
+def boot_id(runtime_dir: str | Path | None = None) -> str:
+    """This boot of this system, as every process of kvmagent sees it alike:
+    the boot ID that systemd-tmpfiles wrote into the runtime directory (in a
+    container, the container's; a service under ProtectKernelTunables= would
+    read the host's from /proc/sys/kernel/random/boot_id).  Without that
+    file (kvmagent run from a checkout): the kernel's boot time and the start
+    of PID 1, which a step of the wall clock changes (btime is derived from
+    it), so a clock set during a run splits the boot in two."""
+    directory = runtime_dir or Paths.from_env().runtime_dir
+    try:
+        with open(os.path.join(directory, BOOT_ID_FILE)) as f:
+            text = f.read(100).strip()
+        if text and text.isascii() and text.isalnum():
+            return text
+    except (OSError, ValueError):
+        pass
+    return kernel_boot_id()
+
+
+def kernel_boot_id() -> str:
+    """The kernel's boot time and the start of PID 1: how kvmagent named
+    boots before the boot-id file (and still does without it)."""
+    try:
+        with open("/proc/stat") as f:
+            btime = next(line.split()[1] for line in f if line.startswith("btime "))
+        with open("/proc/1/stat") as f:
+            start = f.read().rpartition(")")[2].split()[19]  # field 22: starttime
+        return f"{btime}.{start}"
+    except (OSError, StopIteration, IndexError):
+        return "unknown"
+
+
+def keep_boot_id(runtime_dir: str | None = None) -> None:
+    """On an upgrade from a kvmagent without the boot-id file: write this
+    boot's ID as that version computed it (kernel_boot_id), so that the
+    guests running now keep their uptime; systemd-tmpfiles (which creates
+    the file only where it is missing) writes systemd's ID from the next boot
+    on.  The package's postinst calls this."""
+    runtime_dir = runtime_dir or str(Paths.from_env().runtime_dir)
+    os.makedirs(runtime_dir, mode=0o755, exist_ok=True)
+    path = os.path.join(runtime_dir, BOOT_ID_FILE)
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(kernel_boot_id() + "\n")
+    os.chmod(tmp, 0o644)
+    try:
+        os.link(tmp, path)  # never replaces one that is there
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
+def now() -> Now:
+    return Now(time.time(), time.clock_gettime(time.CLOCK_BOOTTIME), boot_id())
+
+
+# -- the database ----------------------------------------------------------------
+
+def db_path(state_dir: Path) -> Path:
+    return Path(state_dir) / DB_NAME
+
+
+def connect(state_dir: Path, *, create: bool = True,
+            busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """Open (with create: make and migrate) the database.  sqlite3.Error or
+    OSError when it cannot be; FileNotFoundError when it does not exist and
+    create is false."""
+    path = db_path(state_dir)
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Created 0600 before SQLite opens it (the -wal and -shm files take
+        # the mode of the database): the history is root's business.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    elif not path.exists():
+        raise FileNotFoundError(str(path))
+    # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so
+    # a writer takes the lock up front and waits for it with the busy timeout
+    # instead of failing to upgrade a read lock.
+    conn = sqlite3.connect(path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if create:
+            _wal(conn, time.monotonic() + busy_timeout_ms / 1000)
+            conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints
+            migrate(conn)
+        else:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > len(MIGRATIONS):
+                raise sqlite3.DatabaseError(f"{path} is of a newer kvmagent (schema version "
+                                            f"{version})")
+            if version < len(MIGRATIONS):
+                # A database of the version before an upgrade, which no guest
+                # has written to since: the reader brings it up to date.
+                migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _wal(conn: sqlite3.Connection, deadline: float) -> None:
+    """Put the database in WAL mode.  Changing the journal mode does not
+    wait for the busy timeout: while other processes have the new, empty
+    file open (every guest of a host starting at its first boot), it fails
+    at once with "database is locked", so it is tried again until DEADLINE."""
+    while conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def migrate(conn: sqlite3.Connection, migrations: tuple[str, ...] = MIGRATIONS) -> int:
+    """Bring the schema up to date; returns the version.  Concurrent openers
+    are serialised by BEGIN IMMEDIATE, and each re-reads the version inside
+    the transaction, so a migration runs exactly once."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] == len(migrations):
+        return len(migrations)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(migrations):
+            raise sqlite3.DatabaseError(f"the state database has schema version {version}; "
+                                        f"this kvmagent knows {len(migrations)}")
+        for number, script in enumerate(migrations[version:], version + 1):
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement.replace("RESTARTS_SQL", restarts_sql()))
+            conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(migrations)
+
+
+def restarts_sql() -> str:
+    """The ids of the `starting` events that are restarts (see the module's
+    docstring): the starting/stopped event before them is a stop for a
+    failure systemd restarts after, in the same boot."""
+    failures = ", ".join(f"'{r}'" for r in sorted(RESTARTED))
+    return f"""
+        SELECT id FROM (
+            SELECT id, event, boot_id, LAG(event) OVER w AS prev_event,
+                   LAG(reason) OVER w AS prev_reason, LAG(boot_id) OVER w AS prev_boot
+            FROM events WHERE event IN ('starting', 'stopped')
+            WINDOW w AS (PARTITION BY guest ORDER BY id))
+        WHERE event = 'starting' AND prev_event = 'stopped'
+          AND prev_reason IN ({failures}) AND prev_boot = boot_id"""
+
+
+def insert(conn: sqlite3.Connection, guest: str, event: str, *, reason: str | None = None,
+           detail: str | None = None, pid: int | None = None, source: str = "supervisor",
+           invocation: str | None = None, at: Now | None = None) -> int:
+    if event not in EVENTS:
+        raise ValueError(f"unknown event {event!r}")
+    if reason is not None and reason not in REASONS:
+        raise ValueError(f"unknown reason {reason!r}")
+    at = at or now()
+    with _transaction(conn):
+        restart = 0
+        if event == "starting":
+            prev = conn.execute("SELECT event, reason, boot_id FROM events WHERE guest = ? AND "
+                                "event IN ('starting', 'stopped') ORDER BY id DESC LIMIT 1",
+                                (guest,)).fetchone()
+            restart = int(prev is not None and prev[0] == "stopped" and prev[1] in RESTARTED
+                          and prev[2] == at.boot_id)
+        cur = conn.execute(
+            "INSERT INTO events (guest, event, reason, detail, realtime, boottime, boot_id, "
+            "invocation, pid, source, restart) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (guest, event, reason, detail, at.realtime, at.boottime, at.boot_id, invocation,
+             pid, source, restart))
+    return int(cur.lastrowid or 0)
+
+
+class _transaction:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+def events(conn: sqlite3.Connection, guests: Iterable[str] | None = None,
+           since: float | None = None) -> list[Event]:
+    """Events of the given guests (or all), oldest first."""
+    where: list[str] = []
+    args: list[object] = []
+    if guests is not None:
+        names = list(guests)
+        where.append(f"guest IN ({', '.join('?' * len(names))})")
+        args += names
+    if since is not None:
+        where.append("realtime >= ?")
+        args.append(since)
+    sql = f"SELECT {_COLUMNS} FROM events"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    return [Event(*row) for row in conn.execute(sql + " ORDER BY id", args)]
+
+
+def reset_marks(conn: sqlite3.Connection) -> dict[str, int]:
+    """guest -> the last event id before its counters were reset."""
+    return dict(conn.execute("SELECT guest, reset_after FROM counters"))
+
+
+def reset_counters(conn: sqlite3.Connection, guest: str) -> None:
+    with _transaction(conn):
+        last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+        conn.execute("INSERT OR REPLACE INTO counters (guest, reset_after, reset_realtime) "
+                     "VALUES (?, ?, ?)", (guest, last, time.time()))
+
+
+def stopped_in(conn: sqlite3.Connection, invocation: str) -> Event | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM events WHERE invocation = ? AND "
+                       "event = 'stopped' ORDER BY id DESC LIMIT 1", (invocation,)).fetchone()
+    return Event(*row) if row else None
+
+
+def mark_shutdown(conn: sqlite3.Connection, invocation: str) -> int:
+    """The stop of this run was the host's shutdown, not an admin's."""
+    with _transaction(conn):
+        return conn.execute("UPDATE events SET reason = ? WHERE invocation = ? AND reason = ?",
+                            (SHUTDOWN, invocation, ADMIN)).rowcount
+
+
+# -- the supervisor's recorder ------------------------------------------------------
+
+class Recorder:
+    """Writes one guest's events; a database error is logged, never raised:
+    the record must not stop a guest from running."""
+
+    def __init__(self, guest: str, state_dir: Path, log: Callable[[str], None],
+                 source: str = "supervisor") -> None:
+        self.guest = guest
+        self.state_dir = state_dir
+        self.log = log
+        self.source = source
+        self.invocation = os.environ.get("INVOCATION_ID") or None
+        self.failed = False
+
+    def __call__(self, event: str, reason: str | None = None, detail: str | None = None,
+                 pid: int | None = None, at: Now | None = None) -> bool:
+        try:
+            # A connection per event: nothing held open for hundreds of days,
+            # and a short busy timeout, so that a stuck writer cannot hold up
+            # a guest's stop.
+            conn = connect(self.state_dir, busy_timeout_ms=2000)
+            try:
+                insert(conn, self.guest, event, reason=reason, detail=detail, pid=pid,
+                       source=self.source, invocation=self.invocation, at=at)
+            finally:
+                conn.close()
+        except (sqlite3.Error, OSError, ValueError) as e:
+            if not self.failed:  # once per run is enough
+                self.log(f"cannot record event {event} of guest {self.guest} in "
+                         f"{db_path(self.state_dir)}: {e}")
+            self.failed = True
+            return False
+        return True
+
+
+# -- derived figures ----------------------------------------------------------------
+
+class Summary(NamedTuple):
+    guest: str
+    running_since: Event | None  # the `running` event of the open run of this boot
+    uptime: float | None  # of that run, seconds
+    cumulative: float  # all runs, the open one included
+    longest: float
+    runs: int
+    restarts: int
+    last_failure: Event | None
+    last_event: Event | None
+    counted_since: float | None  # realtime of the last reset-counters
+
+
+def _span(start: Event, end: Event) -> float:
+    if start.boot_id == end.boot_id:
+        return max(0.0, end.boottime - start.boottime)
+    return max(0.0, end.realtime - start.realtime)
+
+
+def derive(guest: str, rows: Iterable[Event], at: Now, reset_after: int = 0,
+           reset_realtime: float | None = None) -> Summary:
+    """The figures of one guest from its events (oldest first).  Pure.
+
+    A run lasts from `running` to the `stopped` that follows (or, when the
+    supervisor died without a trace and ExecStopPost did not run either, to
+    the last event seen of that run).  A run still open in this boot is
+    counted up to now; one left open in an earlier boot (a host crash) ends
+    at its last event."""
+    open_run: Event | None = None
+    last_of_run: Event | None = None
+    cumulative = longest = 0.0
+    runs = restarts = 0
+    previous_stop: Event | None = None
+    last_failure: Event | None = None
+    last: Event | None = None
+
+    def close(end: Event) -> None:
+        nonlocal open_run, cumulative, longest, runs
+        if open_run is not None:
+            span = _span(open_run, end)
+            cumulative += span
+            longest = max(longest, span)
+            runs += 1
+        open_run = None
+
+    for ev in rows:
+        last = ev
+        if ev.event == "starting":
+            if open_run is not None and last_of_run is not None:
+                close(last_of_run)
+            if (previous_stop is not None and previous_stop.reason in RESTARTED
+                    and previous_stop.boot_id == ev.boot_id and ev.id > reset_after):
+                restarts += 1
+            previous_stop = None
+        elif ev.event == "running":
+            if open_run is not None and last_of_run is not None:
+                close(last_of_run)
+            open_run = ev
+        elif ev.event == "stopped":
+            close(ev)
+            previous_stop = ev
+            if ev.reason in FAILURES:
+                last_failure = ev
+        last_of_run = ev
+
+    uptime = None
+    running_since = None
+    if open_run is not None:
+        if open_run.boot_id == at.boot_id:
+            uptime = max(0.0, at.boottime - open_run.boottime)
+            running_since = open_run
+            cumulative += uptime
+            longest = max(longest, uptime)
+            runs += 1
+        elif last_of_run is not None:
+            close(last_of_run)
+    return Summary(guest, running_since, uptime, cumulative, longest, runs, restarts,
+                   last_failure, last, reset_realtime)
+
+
+class Figures(NamedTuple):
+    restarts: int
+    running_since: Event | None  # as Summary.running_since
+
+
+# The last starting/running/stopped of each guest named in a JSON array (the
+# parameter): one search of events_lifecycle per guest, so a listing costs
+# the same after years of events (a scan of that index grew with every run:
+# 1.3 ms at 10 runs per guest, 8.5 ms at 100, for 200 guests).
+LAST_LIFECYCLE_SQL = f"""WITH listed(guest) AS (SELECT value FROM json_each(?))
+    SELECT {_COLUMNS} FROM events WHERE id IN (
+        SELECT (SELECT MAX(id) FROM events e WHERE e.guest = listed.guest
+                AND e.event IN ('starting', 'running', 'stopped')) FROM listed)"""
+
+
+def list_figures(conn: sqlite3.Connection, at: Now, guests: Iterable[str]) -> dict[str, Figures]:
+    """What `kvmagent list` shows of each of these guests that has a record,
+    computed by SQLite: the same restarts and open run as derive() gives (a
+    unit test holds them equal), without reading years of rows into Python:
+    restarts were marked when recorded (restart = 1)."""
+    import json  # here: the event writers import this module too, and need no json
+    listed = json.dumps(list(guests))
+    restarts = dict(conn.execute("""
+        SELECT e.guest, COUNT(*) FROM events e LEFT JOIN counters c ON c.guest = e.guest
+        WHERE e.restart = 1 AND e.id > COALESCE(c.reset_after, 0)
+            AND e.guest IN (SELECT value FROM json_each(?))
+        GROUP BY e.guest""", (listed,)))
+    # The run is open when the guest's last starting/running/stopped is a
+    # `running` of this boot (a `stopping` does not end it).
+    last = {row[1]: Event(*row) for row in conn.execute(LAST_LIFECYCLE_SQL, (listed,))}
+    out = {}
+    for guest in set(restarts) | set(last):
+        ev = last.get(guest)
+        open_run = ev if ev is not None and ev.event == "running" and \
+            ev.boot_id == at.boot_id else None
+        out[guest] = Figures(restarts.get(guest, 0), open_run)
+    return out
+
+
+def summaries(conn: sqlite3.Connection, guests: Iterable[str], at: Now) -> dict[str, Summary]:
+    """Summary of each named guest, from its rows only (events_by_guest):
+    `kvmagent status NAME` does not read the other guests' years."""
+    names = list(guests)
+    by_guest: dict[str, list[Event]] = {n: [] for n in names}
+    for ev in events(conn, names):
+        by_guest[ev.guest].append(ev)
+    marks = dict(((g, (a, r)) for g, a, r in conn.execute(
+        "SELECT guest, reset_after, reset_realtime FROM counters")))
+    out = {}
+    for name in names:
+        after, when = marks.get(name, (0, None))
+        out[name] = derive(name, by_guest[name], at, after, when)
+    return out

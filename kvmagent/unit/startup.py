@@ -1,0 +1,138 @@
+"""The guest's plan, made in a short-lived child of the supervisor
+(kvmagent.unit.forkcall) so that the long-lived supervisor never imports the
+configuration machinery: load and check the guest, wait for its devices, and
+make its QEMU command line (fds as kvmagent.render.placeholders) and scope settings.
+The plan is plain data, so unpickling it imports nothing.  What the other
+children do while QEMU initialises is kvmagent.unit.attach."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from kvmagent import names
+from kvmagent.config.guests import load_guest, load_guest_file, load_host_config
+from kvmagent.config.model import Accel, Guest, HostConfig, NicMode, OnPoweroff
+from kvmagent.errors import KvmagentError, config_error
+from kvmagent.host import qemuuser
+from kvmagent.host.hostcheck import check_host
+from kvmagent.host.sdnotify import Journal
+from kvmagent.paths import Paths
+from kvmagent.render.placeholders import CONSOLE_FD, QMP_FD, disk_token, tap_token
+from kvmagent.render.qemu import HostFacts, Sockets, qemu_argv
+from kvmagent.render.scope import scope_settings
+from kvmagent.render.service import needs_inet, oneoff_unit
+
+DEVICE_POLL = 0.5
+
+
+def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts:
+    """Bridges and block devices may appear late at boot: retry the host
+    checks until host.device_timeout, then fail naming what is missing.
+    (This runs in a child of the supervisor, whose sd_notify STATUS= systemd
+    would drop under NotifyAccess=main: the wait is said in the journal.)
+    What no wait can bring (a working KVM, a QEMU that has what the guest
+    needs) fails at once."""
+    deadline = time.monotonic() + host.device_timeout
+    said = ""
+    while True:
+        lasting: list[KvmagentError] = []
+        facts, problems = check_host(guest, host, lasting=lasting)
+        if not problems:
+            for n in facts.notices:
+                journal.send(n, 5, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
+            return facts
+        if time.monotonic() >= deadline or lasting:
+            first = (lasting or problems)[0]
+            for p in problems:
+                if p is not first:
+                    journal.send(str(p), 3, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
+            raise first
+        waiting = "; ".join(p.message for p in problems)
+        if waiting != said:
+            journal.send(f"guest {guest.name} waits up to {host.device_timeout:g} s for: "
+                         f"{waiting}", 5, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
+            said = waiting
+        time.sleep(DEVICE_POLL)
+
+
+def prepare(name: str, paths: Paths | None,
+            guest_file: str | None = None) -> tuple[dict[str, Any], list[int]]:
+    """Load and check the guest (from guest_file for a one-off guest), wait
+    for its devices, and make its QEMU command line (with placeholders for
+    the fds) and scope settings."""
+    paths = paths or Paths.from_env()
+    host = load_host_config(paths)
+    if guest_file is None:
+        guest = load_guest(paths, name, host)
+        service = names.service_unit(name)
+    else:
+        guest = load_guest_file(Path(guest_file), host)
+        if guest.name != name:
+            raise config_error(f"{guest_file}: defines guest {guest.name}, not {name}",
+                               "the guest is named after its file")
+        service = oneoff_unit(name)
+    check_inet(guest, service)
+    facts = wait_for_host(guest, host, Journal())
+    user = qemu_user(guest, host, facts)
+    bridged = [n for n in guest.nics if n.mode is NicMode.BRIDGE]
+    # The disks are opened by the supervisor and passed in: read-write ones
+    # as an O_RDWR and an O_RDONLY fd (QEMU picks by the mode it opens with).
+    disks = [(str(d.path), d.readonly,
+              [disk_token(i, "ro")] if d.readonly else [disk_token(i, "rw"), disk_token(i, "ro")])
+             for i, d in enumerate(guest.disks)]
+    sockets = Sockets(qmp=f"fd={QMP_FD}",
+                      console=f"fd={CONSOLE_FD}" if guest.console.serial else None,
+                      taps={n.index: tap_token(n.index) for n in bridged},
+                      disk_fds={d.node: tokens for d, (_, _, tokens) in zip(guest.disks, disks)})
+    argv = qemu_argv(guest, host, facts, sockets)
+    argv.insert(1, "-S")
+    plan = {
+        "name": guest.name, "uuid": guest.uuid, "cpus": guest.cpus,
+        "memory_mib": guest.memory >> 20, "stop_timeout": guest.stop_timeout,
+        "keep": guest.on_poweroff is OnPoweroff.KEEP, "serial": guest.console.serial,
+        "console_log": (guest.console.log_burst, guest.console.log_interval),
+        "escape": guest.console.escape,
+        "argv": argv, "vhost": facts.vhost_net, "disks": disks,
+        "qemu_user": None if user.is_root else (user.uid, user.gid, list(user.groups)),
+        "taps": [(n.index, n.tap, str(n.bridge), n.queues) for n in bridged],
+        "scope_unit": names.scope_unit(guest.name),
+        "scope": scope_settings(guest, host, facts, service=service),
+    }
+    return plan, []
+
+
+def check_inet(guest: Guest, service: str) -> None:
+    """A guest whose QEMU needs IP sockets (VNC on TCP, user networking) in a
+    service that does not allow them: its drop-in from kvmagent-generator is
+    missing (the guest was changed without a daemon-reload)."""
+    if not needs_inet(guest):
+        return
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+    except OSError as e:
+        if e.errno not in (errno.EAFNOSUPPORT, errno.EPERM, errno.EACCES):
+            raise
+        raise config_error(
+            f"{guest.config_file}: guest {guest.name} needs IP sockets (VNC on TCP or "
+            f"user-mode networking), which {service} does not allow",
+            "run systemctl daemon-reload (kvmagent-generator then adds them for this "
+            "guest), and start it again") from None
+
+
+def qemu_user(guest: Guest, host: HostConfig, facts: HostFacts) -> qemuuser.QemuUser:
+    """The user QEMU will run as, once it is sure that QEMU can read what it
+    opens by name: the kernel and initrd, and /dev/kvm for KVM."""
+    user = qemuuser.resolve(host.qemu_user, host.origin.get("qemu_user", "default"))
+    if guest.kernel is not None:
+        files = [(guest.kernel.image, os.R_OK)]
+        files += [(guest.kernel.initrd, os.R_OK)] if guest.kernel.initrd else []
+        qemuuser.check_access(user, files, "[kernel] of guest " + guest.name)
+    if facts.accel is Accel.KVM:
+        qemuuser.check_access(user, [(Path(qemuuser.KVM_DEVICE), os.R_OK | os.W_OK)],
+                              "KVM acceleration")
+    return user

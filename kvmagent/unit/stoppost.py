@@ -1,0 +1,86 @@
+"""kvmagent stop-post NAME: the ExecStopPost= of kvm@NAME.service.
+
+Records how a run ended when the supervisor could not (killed by SIGKILL,
+the OOM killer, systemd's watchdog), from systemd's $SERVICE_RESULT,
+$EXIT_CODE and $EXIT_STATUS, and marks a stop during host shutdown as
+such.  Runs after every run, so it adds a `stopped` row only when the
+supervisor did not record one for this invocation ($INVOCATION_ID)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+
+from kvmagent.errors import ExitStatus
+from kvmagent.host import state
+from kvmagent.paths import Paths
+
+
+def stop_reason(result: str, code: str, status: str) -> tuple[str, str | None]:
+    """systemd's $SERVICE_RESULT, $EXIT_CODE, $EXIT_STATUS -> (reason, detail)
+    for a run the supervisor could not record itself.  Pure."""
+    if result == "success":
+        return state.ADMIN, None
+    if result == "watchdog":
+        return state.WATCHDOG, "no watchdog ping from the supervisor"
+    if result == "oom-kill":
+        return state.OOM, "killed by the OOM killer"
+    if result in ("timeout", "start-limit-hit"):
+        return state.TIMEOUT, result
+    if code in ("killed", "dumped") or result in ("signal", "core-dump"):
+        return state.KILLED, f"supervisor killed by signal {status or '?'}"
+    if code == "exited" and status in ("6", "8"):
+        return state.CONFIG, f"supervisor exited with status {status}"
+    return state.FAILED, (f"supervisor exited with status {status}" if status
+                          else f"service result {result or '?'}")
+
+
+def host_stopping() -> bool:
+    """Is the host shutting down?  While it is, shutdown.target has a start
+    job queued and systemd's SystemState is "stopping".  Asked here, in
+    ExecStopPost=, which runs while the guest's stop job (part of that
+    shutdown) is still running; the supervisor, standard library only,
+    cannot ask cheaply.  Through `systemctl is-system-running`, not the
+    system bus: at shutdown dbus.service may be gone already (kvm@ is not
+    ordered after it), and systemctl, as root, talks to PID 1 over its
+    private socket."""
+    import subprocess
+    if not os.path.isdir("/run/systemd/system"):
+        return False
+    try:
+        r = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True,
+                           timeout=10, stdin=subprocess.DEVNULL,
+                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.stdout.strip() == "stopping"
+
+
+def cmd_stop_post(args: argparse.Namespace, paths: Paths) -> int:
+    env = os.environ
+    invocation = env.get("INVOCATION_ID") or None
+    result, code, status = (env.get("SERVICE_RESULT", ""), env.get("EXIT_CODE", ""),
+                            env.get("EXIT_STATUS", ""))
+    try:
+        conn = state.connect(paths.state_dir)
+    except (sqlite3.Error, OSError) as e:
+        print(f"kvmagent: cannot record the stop of guest {args.name}: {e}", file=sys.stderr)
+        return ExitStatus.FAILURE
+    try:
+        done = state.stopped_in(conn, invocation) if invocation else None
+        if done is None:
+            reason, detail = stop_reason(result, code, status)
+            state.insert(conn, args.name, "stopped", reason=reason, detail=detail,
+                         source="stop-post", invocation=invocation)
+            if reason == state.ADMIN and host_stopping():
+                state.mark_shutdown(conn, invocation or "")
+        elif done.reason == state.ADMIN and invocation and host_stopping():
+            state.mark_shutdown(conn, invocation)
+    except sqlite3.Error as e:
+        print(f"kvmagent: cannot record the stop of guest {args.name}: {e}", file=sys.stderr)
+        return ExitStatus.FAILURE
+    finally:
+        conn.close()
+    return ExitStatus.OK

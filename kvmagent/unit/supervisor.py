@@ -1,0 +1,480 @@
+"""`kvmagent run NAME`: the supervisor, ExecStart= of kvm@NAME.service.
+
+It lives as long as its guest, so it holds only the standard library and
+kvmagent's pure modules.  Heavy, once-only work runs in short-lived forked
+children (kvmagent.unit.forkcall): opening and enslaving the taps (pyroute2),
+creating QEMU's scope and registering the machine (pystemd, pydbus).
+
+Start: load and validate (exit 6 on a bad config), wait a bounded time for
+bridges and disks (exit 5), open taps, start QEMU paused (-S) with QMP and
+the serial console on socketpairs, move QEMU into kvm-NAME.scope, register
+with machined, `cont`, READY=1.  Run: the console goes to the journal;
+WATCHDOG=1 only while QMP answers.  Stop (SIGTERM): the ACPI power button,
+pressed again every few seconds (an early press is lost), until the guest's
+stop timeout, extending systemd's stop timeout as it goes; then `quit`, then
+SIGKILL.  SIGUSR1 (`kvmagent stop --force`): QEMU is killed at once, no
+ACPI.  Exit 0 when the guest powered itself off or was stopped, 1 when QEMU
+died otherwise (systemd restarts it).  kvmagent.unit.stoppolicy decides each step
+of a stop and the exit; this module carries them out."""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import socket
+import subprocess
+import time
+from contextlib import ExitStack, suppress
+from typing import Any
+
+from kvmagent import __version__
+from kvmagent.errors import ExitStatus, KvmagentError
+from kvmagent.host import tundev
+from kvmagent.host.qmp import Qmp, QmpError
+from kvmagent.host.sdnotify import Journal, notify
+from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF
+from kvmagent.names import valid_guest_name
+from kvmagent.paths import Paths
+from kvmagent.render import placeholders
+from kvmagent.render.placeholders import CONSOLE_FD, QMP_FD, tap_token
+from kvmagent.unit import forkcall
+from kvmagent.unit.consolelog import ConsoleLog
+from kvmagent.unit.recorder import EventRecorder
+from kvmagent.unit.stoppolicy import (Action, ForceStop, Kill, Outcome, Press, Quit, Stopping,
+                                      StopPolicy)
+from kvmagent.unit.viewers import ConsoleHub
+
+# Kept to the standard library and kvmagent's light modules: the heavy
+# start-up steps (kvmagent.unit.startup, kvmagent.unit.attach) and the writes to the
+# state database (kvmagent.unit.recorder) run in forked children.
+# While the plan waits for devices: how often the start timeout is extended
+# (by three times this), so that no TimeoutStartSec= cuts device_timeout short.
+PLAN_PATIENCE = 2.0
+# Messages (console lines mostly) kept while journald does not take them.
+JOURNAL_BACKLOG = 4096
+
+# MESSAGE_IDs of the lifecycle messages: journalctl MESSAGE_ID=... finds them.
+MSG_STARTING = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b01"
+MSG_RUNNING = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b02"
+MSG_POWERDOWN = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b03"
+MSG_POWEREDOFF = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b04"
+MSG_CRASHED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b05"
+MSG_WATCHDOG = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b06"
+MSG_PANIC = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b07"
+MSG_STOPPED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b08"
+MSG_START_FAILED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b09"
+MSG_CONSOLE_DROPPED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b0a"
+# catalog/kvmagent.catalog explains each (journalctl -x); a unit test keeps
+# the two in step.
+
+
+def open_disks(disks: list[tuple[str, bool, list[str]]]) -> tuple[dict[str, str], list[int]]:
+    """Open the guest's disks for QEMU (it may run as a user who could not):
+    token -> fd number, and the fds (O_CLOEXEC; Popen's pass_fds passes them)."""
+    fill: dict[str, str] = {}
+    fds: list[int] = []
+    try:
+        for path, _, tokens in disks:
+            for token in tokens:
+                mode = os.O_RDONLY if token.endswith("ro\0") else os.O_RDWR
+                try:
+                    fds.append(os.open(path, mode | os.O_CLOEXEC))
+                except OSError as e:
+                    hint = None
+                    if e.errno == errno.EROFS:  # kvm@.service's ProtectSystem=strict
+                        hint = ("kvm@.service can write disk images only below "
+                                "/var/lib/kvmagent; move it there, or add "
+                                "ReadWritePaths=DIR with: systemctl edit kvm@GUEST")
+                    raise KvmagentError(f"cannot open disk {path}: {e.strerror}", hint,
+                                        ExitStatus.HOST_NOT_READY) from None
+                fill[token] = str(fds[-1])
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fill, fds
+
+
+def write_pid_file(paths: Paths, name: str, qemu: int | None = None) -> None:
+    """For `kvmagent stop --force` (kvmagent.cli.hardstop, which reads it): at
+    start, and again with QEMU's pid once QEMU runs (the file is replaced
+    atomically): "SUPERVISOR [QEMU]"."""
+    path = paths.supervisor_pid(name)
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(f"{os.getpid()}" + (f" {qemu}" if qemu else "") + "\n")
+    os.replace(tmp, path)
+
+
+def remove_pid_file(paths: Paths, name: str) -> None:
+    with suppress(FileNotFoundError):
+        paths.supervisor_pid(name).unlink()
+
+
+def systemd_booted() -> bool:
+    """sd_booted(3): is this host running systemd as PID 1?"""
+    return os.path.isdir("/run/systemd/system")
+
+
+# -- the supervisor ----------------------------------------------------------
+
+class StoppedWhileStarting(Exception):
+    """kvmagent stop --force before the guest ran."""
+
+
+def _stopped_while_starting(signum: int, frame: Any) -> None:
+    raise StoppedWhileStarting
+
+
+class Supervisor:
+    def __init__(self, name: str, paths: Paths, guest_file: str | None = None) -> None:
+        self.name = name
+        self.paths = paths
+        self.guest_file = guest_file  # a one-off guest's file (run --file)
+        self.journal = Journal(backlog=JOURNAL_BACKLOG)  # never waits for journald
+        self.qemu: subprocess.Popen[bytes] | None = None
+        self.qmp: Qmp | None = None
+        self.console: socket.socket | None = None
+        self.console_log = ConsoleLog()
+        self.hub: ConsoleHub | None = None
+        self.stop = StopPolicy(stop_timeout=0.0, keep=False)  # the plan's, once made
+        self.started = 0.0
+        self.record = EventRecorder(name, paths, lambda text: self.log(text, 4))
+
+    def log(self, message: str, priority: int = 6, message_id: str | None = None) -> None:
+        fields = {"GUEST": self.name, "SYSLOG_IDENTIFIER": "kvmagent"}
+        if message_id:
+            fields["MESSAGE_ID"] = message_id
+        self.journal.send(message, priority, **fields)
+
+    # -- start --------------------------------------------------------------
+    def start(self, stack: ExitStack, planner: forkcall.Child) -> None:
+        """planner: the child making the guest's plan (kvmagent.unit.run).
+        `kvmagent stop --force` (SIGUSR1) meanwhile ends the start at once,
+        even while the guest waits for its bridge or disks: StoppedWhileStarting.
+        (SIGTERM's default action is right then: systemd is stopping the unit.)"""
+        signal.signal(signal.SIGUSR1, _stopped_while_starting)
+        stack.callback(planner.close)
+        if valid_guest_name(self.name):  # else the plan fails, saying why: no path made of it
+            write_pid_file(self.paths, self.name)  # for kvmagent stop --force
+            stack.callback(remove_pid_file, self.paths, self.name)
+        # The helpers' imports (pystemd and pydbus ~50 ms, pyroute2 ~250 ms)
+        # overlap with the plan: niced, they take only CPU time the planner
+        # leaves, and get their full share once it is done.  (The netlink
+        # child may not be needed at all: no bridged NIC.)
+        sysd = (forkcall.Child(preload=("kvmagent.unit.attach", "kvmagent.host.systemd",
+                                        "kvmagent.host.machined"), nice=10)
+                if systemd_booted() else None)
+        if sysd is not None:
+            stack.callback(sysd.close)
+        net = forkcall.Child(preload=("kvmagent.unit.attach", "kvmagent.host.netdev"), nice=10)
+        stack.callback(net.close)
+        # The plan may wait up to device_timeout (up to an hour) for bridges
+        # and disks that come late at boot; the planner cannot extend the
+        # start's timeout itself (NotifyAccess=main), so the supervisor does.
+        while not planner.done(PLAN_PATIENCE):
+            notify(f"EXTEND_TIMEOUT_USEC={int(PLAN_PATIENCE * 3e6)}",
+                   "STATUS=waiting for the guest's bridges and disks")
+        plan, _ = planner.result(timeout=0)
+        self.plan = plan
+        self.stop = StopPolicy(plan["stop_timeout"], plan["keep"])
+        if sysd is not None:
+            sysd.full_speed()
+        self.log(f"starting guest {self.name} ({plan['cpus']} vCPU, "
+                 f"{plan['memory_mib']} MiB; kvmagent {__version__})", 6, MSG_STARTING)
+        configure_taps = False
+        if plan["taps"]:
+            net.full_speed()  # needed after all
+            try:
+                # Made here at once; put on their bridges over netlink while
+                # QEMU initialises (see kvmagent.host.tundev).
+                taps, tap_fds = tundev.open_taps(
+                    plan["taps"], plan["vhost"],
+                    lambda tap, bridge, queues: tundev.create_tap(tap, queues))
+                configure_taps = True
+            except tundev.TapTaken:  # stale or foreign: netlink sorts it out
+                taps, tap_fds = net.call("kvmagent.unit.attach:open_taps", plan["taps"],
+                                         plan["vhost"])
+        else:
+            net.close()
+            taps, tap_fds = {}, []
+        theirs: list[socket.socket] = []
+        disk_fds: list[int] = []
+        try:
+            qmp_ours, qmp_theirs = socket.socketpair()
+            stack.callback(qmp_ours.close)
+            theirs.append(qmp_theirs)
+            con_ours, con_theirs = socket.socketpair()
+            stack.callback(con_ours.close)
+            theirs.append(con_theirs)
+            fill = {QMP_FD: str(qmp_theirs.fileno()), CONSOLE_FD: str(con_theirs.fileno())}
+            fill |= {tap_token(index): opt.format(*tap_fds) for index, opt in taps.items()}
+            disk_fill, disk_fds = open_disks(plan["disks"])
+            argv = [placeholders.fill(arg, fill | disk_fill) for arg in plan["argv"]]
+            passed = [qmp_theirs.fileno(), con_theirs.fileno(), *tap_fds, *disk_fds]
+            user: dict[str, Any] = {}
+            if plan["qemu_user"]:  # an unprivileged user (kvmagent.host.qemuuser)
+                uid, gid, groups = plan["qemu_user"]
+                user = {"user": uid, "group": gid, "extra_groups": groups}
+            self.qemu = subprocess.Popen(argv, pass_fds=passed, stdin=subprocess.DEVNULL,
+                                         **user)
+        finally:
+            # QEMU holds them now; our copies would keep taps alive after it
+            # exits.  Without QEMU (a disk that cannot be opened, a stop while
+            # starting), closing them is what removes the taps at once.
+            for sock in theirs:
+                sock.close()
+            for fd in tap_fds + disk_fds:
+                os.close(fd)
+        stack.callback(self._reap)
+        self.started = time.monotonic()
+        write_pid_file(self.paths, self.name, self.qemu.pid)
+        # While QEMU initialises (paused): taps onto their bridges, QEMU into
+        # its scope and registered with machined, each in its own child.
+        if configure_taps:
+            net.submit("kvmagent.unit.attach:configure_taps", plan["taps"])
+        if sysd is not None:
+            sysd.submit("kvmagent.unit.attach:make_scope", plan, self.qemu.pid)
+        self.qmp = Qmp(qmp_ours, timeout=30)
+        self.console = con_ours if plan["serial"] else None
+        self.console_log = ConsoleLog(*plan["console_log"])
+        if self.console is not None:
+            self.hub = ConsoleHub(self.paths.console_socket(self.name), self.console,
+                                  plan["escape"], self.paths.console_key(self.name))
+            stack.callback(self.hub.close)
+
+        if configure_taps:
+            net.result()
+        if sysd is not None:
+            sysd.result()
+        else:
+            self.log("not booted with systemd: QEMU stays in this process's cgroup, "
+                     "no machined registration", 4)
+        self.qmp.execute("cont")
+        status = self.qmp.execute("query-status")
+        if status.get("status") != "running":
+            raise KvmagentError(f"QEMU did not start the guest: status {status.get('status')}")
+        self._catch_signals()  # from here on the main loop handles them
+        notify("READY=1", f"STATUS=running, QEMU pid {self.qemu.pid}")
+        self.log(f"guest {self.name} running, QEMU pid {self.qemu.pid}", 6, MSG_RUNNING)
+
+    def _catch_signals(self) -> None:
+        """Signals wake the main loop through a socket (signal.set_wakeup_fd)."""
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        signal.set_wakeup_fd(self.wake_w.fileno())
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
+            signal.signal(sig, lambda *_: None)
+
+    def _reap(self) -> None:
+        if self.qemu is not None and self.qemu.poll() is None:
+            self.qemu.kill()
+            self.qemu.wait()
+
+    # -- run ------------------------------------------------------------------
+    def _console_data(self) -> None:
+        assert self.console is not None
+        try:
+            data = self.console.recv(65536)
+        except OSError:
+            data = b""
+        if not data:
+            self.console = None
+            return
+        if self.hub is not None:
+            self.hub.broadcast(data)
+        self._console_log(*self.console_log.feed(data, time.monotonic()))
+
+    def _console_log(self, lines: list[bytes], dropped: int) -> None:
+        for line in lines:
+            self.journal.send(line, 6, GUEST=self.name,
+                              SYSLOG_IDENTIFIER=f"{self.name}-console")
+        if dropped:
+            self.log(f"{dropped} console lines of guest {self.name} not logged "
+                     f"(more than {self.console_log.burst} in "
+                     f"{self.console_log.interval:g} s)", 4, MSG_CONSOLE_DROPPED)
+
+    def _events(self) -> None:
+        assert self.qmp is not None
+        for event in self.qmp.poll():
+            kind, data = event.get("event"), event.get("data", {})
+            if kind == "SHUTDOWN" and data.get("guest"):
+                kept = self.stop.shutdown(data.get("reason", ""))
+                if kept is not None:
+                    self.log(f"guest {self.name} powered off" +
+                             ("; QEMU kept (on_poweroff = keep)" if kept else ""),
+                             6, MSG_POWEREDOFF)
+            elif kind == "RESET":
+                self.log(f"guest {self.name} reset ({data.get('reason', '?')})", 6)
+            elif kind == "GUEST_PANICKED":
+                self.log(f"guest {self.name} kernel panic", 3, MSG_PANIC)
+
+    def _watchdog(self) -> None:
+        assert self.qmp is not None
+        try:
+            self.qmp.execute("query-status", timeout=2.0)
+        except QmpError as e:
+            self.log(f"QEMU does not answer on QMP ({e.message}); no watchdog ping", 4,
+                     MSG_WATCHDOG)
+            return
+        uptime = int(time.monotonic() - self.started)
+        notify("WATCHDOG=1", f"STATUS=running, QEMU pid {self.qemu.pid if self.qemu else '?'}, "
+                             f"up {uptime // 86400}d {uptime % 86400 // 3600}h "
+                             f"{uptime % 3600 // 60}min")
+
+    def run(self) -> int:
+        assert self.qemu is not None and self.qmp is not None
+        wake_r, wake_w = self.wake_r, self.wake_w
+        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        if os.environ.get("WATCHDOG_PID") not in (None, str(os.getpid())):
+            watchdog_usec = 0
+        ping_every = watchdog_usec / 3e6 if watchdog_usec else None
+        next_ping = time.monotonic()
+        while self.qemu.poll() is None:
+            now = time.monotonic()
+            # While stopping there are no pings (their time, long past, would
+            # make this a busy loop until QEMU is gone); the stop's own next
+            # step is never in the past once it has been taken.
+            timers = [t for t in (next_ping if ping_every and not self.stop.stopping else None,
+                                  self.stop.wakeup(),
+                                  self.console_log.deadline()) if t is not None]
+            timeout = max(0.0, min(timers) - now) if timers else None
+            watch: list[Any] = [wake_r]
+            watch += [self.qmp] if not self.qmp.closed else []
+            watch += [self.console] if self.console else []
+            watch += self.hub.sockets() if self.hub else []
+            # The console is watched for room while viewers' input waits for
+            # it, the journal while messages wait for journald.
+            room: list[Any] = ([self.console] if self.console and self.hub and self.hub.pending
+                               else [])
+            room += [self.journal] if self.journal.backlog else []
+            ready, _, _ = select.select(watch, room, [],
+                                        min(timeout, 1.0) if timeout is not None else 1.0)
+            if lost := self.journal.flush():
+                self.log(f"{lost} messages of guest {self.name} lost: journald did not "
+                         "take them", 4, MSG_CONSOLE_DROPPED)
+            if wake_r in ready:
+                self.record.wait(block=False)  # a SIGCHLD may be the event writer's
+                for signum in wake_r.recv(64):
+                    if signum == signal.SIGUSR1:  # kvmagent stop --force
+                        self._carry_out(self.stop.sigusr1(time.monotonic()))
+                    elif signum in (signal.SIGTERM, signal.SIGINT):
+                        self._carry_out(self.stop.sigterm(time.monotonic()))
+            if self.console is not None and self.console in ready:
+                self._console_data()
+            if self.hub is not None:
+                self.hub.handle(ready)
+            if (t := self.console_log.deadline()) is not None and time.monotonic() >= t:
+                self._console_log(*self.console_log.tick(time.monotonic()))
+            if self.qmp in ready:
+                self._events()
+            now = time.monotonic()
+            if ping_every and now >= next_ping and not self.stop.stopping:
+                self._watchdog()
+                next_ping = now + ping_every
+            self._carry_out(self.stop.tick(now))
+        if self.console is not None:
+            while self.console is not None and select.select([self.console], [], [], 0)[0]:
+                self._console_data()  # what the guest said last
+        self._console_log(*self.console_log.flush(time.monotonic()))
+        with suppress(KvmagentError, OSError, ValueError):
+            self._events()
+        # The wake-up socket goes with this frame: no signal may write to it now
+        # (SIGCHLD of the last event's writer would, and Python complains).
+        signal.set_wakeup_fd(-1)
+        wake_r.close()
+        wake_w.close()
+        return self._verdict(self.qemu.wait())
+
+    def _carry_out(self, actions: list[Action]) -> None:
+        """What kvmagent.unit.stoppolicy decided."""
+        assert self.qemu is not None and self.qmp is not None
+        for action in actions:
+            if isinstance(action, Stopping):  # SIGTERM
+                notify("STOPPING=1")
+                # admin or host shutdown: the event writer tells them apart
+                self.record("stopping", ADMIN)
+                self.record.flush(linger=True)  # while the guest powers off
+            elif isinstance(action, ForceStop):  # kvmagent stop --force
+                # systemd did not ask for this stop: tell it, so that the
+                # unit is stopping (no watchdog while QEMU dies, no restart)
+                notify("STOPPING=1", "STATUS=stopping QEMU (stop --force)")
+                self.record("stopping", ADMIN, "stop --force")
+                self.log(f"stopping QEMU of guest {self.name} without ACPI "
+                         "(stop --force)", 5)
+                self.qemu.kill()
+                self.record.flush(linger=True)  # while QEMU dies
+            elif isinstance(action, Press):
+                notify(f"EXTEND_TIMEOUT_USEC={action.extend_usec}",
+                       f"STATUS=powering off, {int(action.left)} s left")
+                self._press_power_button()
+            elif isinstance(action, Quit):
+                if action.powered_off:
+                    self.log(f"guest {self.name} is powered off; stopping QEMU", 6)
+                else:
+                    self.log(f"guest {self.name} did not power off within "
+                             f"{self.stop.stop_timeout:g} s; stopping QEMU", 4)
+                with suppress(KvmagentError, OSError):
+                    self.qmp.execute("quit", timeout=2.0)
+            elif isinstance(action, Kill):
+                self.qemu.kill()
+
+    def _press_power_button(self) -> None:
+        assert self.qmp is not None
+        try:
+            self.qmp.execute("system_powerdown", timeout=2.0)
+            self.log(f"ACPI power button pressed for guest {self.name}", 6, MSG_POWERDOWN)
+        except QmpError:
+            pass  # QEMU is exiting
+
+    def _verdict(self, rc: int) -> int:
+        outcome = self.stop.outcome(rc)
+        if outcome is Outcome.STOPPED:
+            self.log(f"guest {self.name} stopped", 6, MSG_STOPPED)
+            self.record("stopped", ADMIN)
+            return ExitStatus.OK
+        if outcome is Outcome.POWERED_OFF:
+            self.record("stopped", POWEROFF)
+            return ExitStatus.OK
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+        self.log(f"QEMU of guest {self.name} {how}", 3, MSG_CRASHED)
+        self.record("stopped", CRASHED, f"QEMU {how}")
+        return ExitStatus.FAILURE
+
+
+def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child) -> int:
+    """Supervise guest NAME until it stops; planner: kvmagent.unit.run's child
+    making its plan.  The exit status is the unit's (kvm@.service)."""
+    sup = Supervisor(name, paths, guest_file)
+    sup.record("starting")
+    with ExitStack() as stack:
+        stack.callback(sup.journal.drain, 2.0)  # last: what journald has not taken yet
+        stack.callback(sup.record.finish)  # the last event is written before we exit
+        try:
+            sup.start(stack, planner)
+        except StoppedWhileStarting:  # QEMU, if it was started, and the helpers go with the stack
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
+            sup.log(f"guest {name} stopped while starting (stop --force)", 5)
+            sup.record("stopped", ADMIN, "stop --force")
+            # A Type=notify main process that exits before READY=1 is a failure
+            # to systemd (result "protocol": restarted), whatever its status:
+            # ready, then done.
+            notify("READY=1", "STATUS=stopped while starting (stop --force)")
+            return ExitStatus.OK
+        except KvmagentError as e:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # exiting anyway
+            sup.log(str(e), 3, MSG_START_FAILED)
+            notify(f"STATUS={e.message}")
+            bad = e.status in (ExitStatus.CONFIG, ExitStatus.UNKNOWN_GUEST)
+            sup.record("stopped", CONFIG if bad else FAILED, e.message)
+            return int(e.status)
+        assert sup.qemu is not None
+        sup.record("running", pid=sup.qemu.pid)
+        sup.record.flush()
+        return sup.run()
+    # Not reached: an ExitStack passes on every exception its callbacks do
+    # not raise themselves, which a type checker cannot know.
+    raise AssertionError("unreachable")
