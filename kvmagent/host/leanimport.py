@@ -12,7 +12,9 @@ fails in that process: kvmagent imports from the modules themselves).
 import_without(MODULE, DEPENDENCY, NAME) imports a module that takes a name
 from a dependency it needs only on a rare path: pystemd.dbuslib's `from
 pprint import pformat` (for one error message) costs ~10 ms, as pprint
-brings dataclasses and inspect.
+brings dataclasses and inspect (measured on Debian 12: importing
+kvmagent.host.systemd takes 31 ms and 12.4 MiB with the stand-in, 42 ms and
+13.8 MiB without; tests/libs fails when pystemd stops taking pformat).
 
 Both reach past a library's public face, so another version of it may lack
 what kvmagent takes: missing() turns that ImportError into a host error that

@@ -9,7 +9,11 @@ to come: the supervisor's exit then waits for one short write.  When the
 last event is written, RECORDED_FILE in the runtime directory tells
 ExecStopPost= (`kvmagent stop-post`) that this run needs nothing more from
 it; when a write failed, the file is not written and stop-post records the
-end of the run from systemd's view instead.  Reasons are
+end of the run from systemd's view instead, and the supervisor says so in
+the journal.  The writer imports kvmagent.host.state when it runs: after
+an upgrade of the package, a supervisor started before it loads the new
+package's modules there (or fails to, if they moved), and a failure is
+said in the journal with its reason, never hidden.  Reasons are
 kvmagent.lifecycle's names."""
 
 from __future__ import annotations
@@ -69,6 +73,10 @@ class EventRecorder:
                 if ours is not None:
                     ours.close()
                 code = 0 if self._write(queue, theirs) else 1
+            except BaseException as e:  # said, not hidden by os._exit
+                with suppress(BaseException):
+                    self.log(f"cannot record guest {self.name}'s events: "
+                             f"{type(e).__name__}: {e}")
             finally:
                 os._exit(code)
         self.child = child
@@ -125,6 +133,9 @@ class EventRecorder:
         self._let_go()
         self.wait()
         invocation = os.environ.get("INVOCATION_ID")
+        if self.failed:
+            self.log("the state database has not every event of this run; kvmagent "
+                     "stop-post records its end from systemd's view")
         if invocation and not self.failed and self.ended:
             with suppress(OSError):
                 (self.paths.guest_runtime(self.name) / RECORDED_FILE).write_text(invocation)

@@ -56,6 +56,40 @@ def test_a_failed_write_leaves_the_end_to_stop_post(paths: Paths) -> None:
     rec.finish()
     assert rec.failed
     assert not (paths.guest_runtime("g") / RECORDED_FILE).exists()
+    assert any("stop-post records its end" in line for line in lines), lines
+
+
+def test_a_writer_that_cannot_import_says_why(paths: Paths,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A supervisor started before an upgrade that moved kvmagent's modules:
+    its writer's import fails, and the journal says so (never hidden by the
+    child's os._exit); stop-post records the end."""
+    import builtins
+    real_import = builtins.__import__
+
+    def moved(name: str, *args: object, **kw: object) -> object:
+        if name == "kvmagent.host" or name.startswith("kvmagent.host."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return real_import(name, *args, **kw)  # type: ignore[arg-type]
+
+    said = paths.runtime_dir / "said"  # the writer is a child: its lines come through a file
+
+    def log(text: str) -> None:
+        with said.open("a") as f:
+            f.write(text + "\n")
+
+    rec = EventRecorder("g", paths, log)
+    monkeypatch.setattr(builtins, "__import__", moved)
+    rec("stopped", "admin", "stop --force")
+    rec.flush()
+    rec.finish()
+    monkeypatch.undo()
+    assert rec.failed
+    assert not (paths.guest_runtime("g") / RECORDED_FILE).exists()
+    lines = said.read_text().splitlines()
+    assert lines[0] == ("cannot record guest g's events: ModuleNotFoundError: "
+                        "No module named 'kvmagent.host'"), lines
+    assert "stop-post records its end" in lines[1]
 
 
 def test_a_lingering_writer_that_died_is_replaced(paths: Paths) -> None:
