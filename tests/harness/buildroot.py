@@ -123,6 +123,7 @@ runuser -u {builder} -- env -i PATH={path} HOME=/nonexistent LANG=C.UTF-8 \\
     >/build/build.log 2>&1 || {{ tail -n 80 /build/build.log; exit 1; }}
 echo "build-time tests: $(grep -E '^=+ .*(passed|failed|skipped|no tests ran)' /build/build.log \
     | tr -d = || echo none)"
+echo "build-time types: $(grep -E '^Success: no issues found' /build/build.log || echo none)"
 if [ {lint} = yes ]; then
     apt-get install -y -q --no-install-recommends --no-download \
         -o Dir::Cache::archives=/{debs}/ lintian >/dev/null 2>&1
