@@ -18,6 +18,7 @@ import struct
 from typing import TYPE_CHECKING
 
 from kvmagent.errors import ExitStatus, KvmagentError, host_error
+from kvmagent.render.plan import Tap
 
 if TYPE_CHECKING:  # the supervisor imports this module
     from collections.abc import Callable
@@ -125,7 +126,7 @@ def vhost_fd() -> int | None:
         raise KvmagentError(f"cannot open {VHOST_NET_PATH}: {e.strerror}") from None
 
 
-Taps = list[tuple[int, str, str, int]]  # (nic index, tap name, bridge, queues)
+Taps = list[Tap]  # kvmagent.render.plan's
 
 
 def open_taps(taps: Taps, vhost: bool,

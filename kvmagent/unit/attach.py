@@ -9,9 +9,8 @@ only when a step runs, never by the long-lived supervisor."""
 from __future__ import annotations
 
 import socket
-from typing import Any
-
 from kvmagent.host import tundev
+from kvmagent.render.plan import Plan
 
 
 def open_taps(taps: tundev.Taps, vhost: bool) -> tuple[dict[int, str], list[int]]:
@@ -26,15 +25,15 @@ def configure_taps(taps: tundev.Taps) -> tuple[None, list[int]]:
     """Put the taps that the supervisor made (tundev.create_tap) on their
     bridges, while QEMU initialises."""
     from kvmagent.host import netdev  # pyroute2
-    for _, tap, bridge, queues in taps:
-        netdev.configure_tap(tap, bridge, queues)
+    for tap in taps:
+        netdev.configure_tap(tap.name, tap.bridge, tap.queues)
     return None, []
 
 
-def make_scope(plan: dict[str, Any], pid: int) -> tuple[None, list[int]]:
+def make_scope(plan: Plan, pid: int) -> tuple[None, list[int]]:
     """Move QEMU into its scope and register the guest with machined."""
     from kvmagent.host import machined, systemd  # pystemd, pydbus
-    systemd.start_scope(plan["scope_unit"], pid, plan["scope"])
-    ifindices = [socket.if_nametoindex(tap) for _, tap, _, _ in plan["taps"]]
-    machined.register(plan["name"], plan["uuid"], pid, ifindices)
+    systemd.start_scope(plan.scope_unit, pid, plan.scope)
+    ifindices = [socket.if_nametoindex(tap.name) for tap in plan.taps]
+    machined.register(plan.name, plan.uuid, pid, ifindices)
     return None, []

@@ -1,8 +1,9 @@
 """The guest's plan, made in a short-lived child of the supervisor
 (kvmagent.unit.forkcall) so that the long-lived supervisor never imports the
 configuration machinery: load and check the guest, wait for its devices, and
-make its QEMU command line (fds as kvmagent.render.placeholders) and scope settings.
-The plan is plain data, so unpickling it imports nothing.  What the other
+make its QEMU command line (fds as placeholders) and scope settings: a
+kvmagent.render.plan.Plan, typed records of plain data, so that unpickling
+it imports that module alone.  What the other
 children do while QEMU initialises is kvmagent.unit.attach."""
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 from kvmagent import names
 from kvmagent.config.guests import load_guest, load_guest_file, load_host_config
@@ -22,7 +22,8 @@ from kvmagent.host import qemuuser
 from kvmagent.host.hostcheck import check_host
 from kvmagent.host.sdnotify import Journal
 from kvmagent.paths import Paths
-from kvmagent.render.placeholders import CONSOLE_FD, QMP_FD, disk_token, tap_token
+from kvmagent.render.plan import (CONSOLE_FD, QMP_FD, Disk, Plan, QemuUser, Tap, disk_token,
+                                  tap_token)
 from kvmagent.render.qemu import HostFacts, Sockets, qemu_argv
 from kvmagent.render.scope import scope_settings
 from kvmagent.render.service import needs_inet, oneoff_unit
@@ -61,7 +62,7 @@ def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts
 
 
 def prepare(name: str, paths: Paths | None,
-            guest_file: str | None = None) -> tuple[dict[str, Any], list[int]]:
+            guest_file: str | None = None) -> tuple[Plan, list[int]]:
     """Load and check the guest (from guest_file for a one-off guest), wait
     for its devices, and make its QEMU command line (with placeholders for
     the fds) and scope settings."""
@@ -82,27 +83,25 @@ def prepare(name: str, paths: Paths | None,
     bridged = [n for n in guest.nics if n.mode is NicMode.BRIDGE]
     # The disks are opened by the supervisor and passed in: read-write ones
     # as an O_RDWR and an O_RDONLY fd (QEMU picks by the mode it opens with).
-    disks = [(str(d.path), d.readonly,
-              [disk_token(i, "ro")] if d.readonly else [disk_token(i, "rw"), disk_token(i, "ro")])
+    disks = [Disk(str(d.path), d.readonly, (disk_token(i, "ro"),) if d.readonly
+                  else (disk_token(i, "rw"), disk_token(i, "ro")))
              for i, d in enumerate(guest.disks)]
     sockets = Sockets(qmp=f"fd={QMP_FD}",
                       console=f"fd={CONSOLE_FD}" if guest.console.serial else None,
                       taps={n.index: tap_token(n.index) for n in bridged},
-                      disk_fds={d.node: tokens for d, (_, _, tokens) in zip(guest.disks, disks)})
+                      disk_fds={d.node: list(disk.tokens) for d, disk in zip(guest.disks, disks)})
     argv = qemu_argv(guest, host, facts, sockets)
     argv.insert(1, "-S")
-    plan = {
-        "name": guest.name, "uuid": guest.uuid, "cpus": guest.cpus,
-        "memory_mib": guest.memory >> 20, "stop_timeout": guest.stop_timeout,
-        "keep": guest.on_poweroff is OnPoweroff.KEEP, "serial": guest.console.serial,
-        "console_log": (guest.console.log_burst, guest.console.log_interval),
-        "escape": guest.console.escape,
-        "argv": argv, "vhost": facts.vhost_net, "disks": disks,
-        "qemu_user": None if user.is_root else (user.uid, user.gid, list(user.groups)),
-        "taps": [(n.index, n.tap, str(n.bridge), n.queues) for n in bridged],
-        "scope_unit": names.scope_unit(guest.name),
-        "scope": scope_settings(guest, host, facts, service=service),
-    }
+    plan = Plan(
+        name=guest.name, uuid=guest.uuid, cpus=guest.cpus, memory_mib=guest.memory >> 20,
+        stop_timeout=guest.stop_timeout, keep=guest.on_poweroff is OnPoweroff.KEEP,
+        serial=guest.console.serial, console_burst=guest.console.log_burst,
+        console_interval=guest.console.log_interval, escape=guest.console.escape,
+        argv=argv, vhost=facts.vhost_net, disks=disks,
+        qemu_user=None if user.is_root else QemuUser(user.uid, user.gid, tuple(user.groups)),
+        taps=[Tap(n.index, n.tap, str(n.bridge), n.queues) for n in bridged],
+        scope_unit=names.scope_unit(guest.name),
+        scope=scope_settings(guest, host, facts, service=service))
     return plan, []
 
 

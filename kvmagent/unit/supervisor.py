@@ -37,8 +37,7 @@ from kvmagent.host.sdnotify import Journal, notify
 from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
-from kvmagent.render import placeholders
-from kvmagent.render.placeholders import CONSOLE_FD, QMP_FD, tap_token
+from kvmagent.render.plan import CONSOLE_FD, QMP_FD, Disk, Plan, fill_in, tap_token
 from kvmagent.unit import forkcall
 from kvmagent.unit.consolelog import ConsoleLog
 from kvmagent.unit.recorder import EventRecorder
@@ -70,7 +69,7 @@ MSG_CONSOLE_DROPPED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b0a"
 # the two in step.
 
 
-def open_disks(disks: list[tuple[str, bool, list[str]]]) -> tuple[dict[str, str], list[int]]:
+def open_disks(disks: list[Disk]) -> tuple[dict[str, str], list[int]]:
     """Open the guest's disks for QEMU (it may run as a user who could not):
     token -> fd number, and the fds (O_CLOEXEC; Popen's pass_fds passes them)."""
     fill: dict[str, str] = {}
@@ -178,25 +177,27 @@ class Supervisor:
             notify(f"EXTEND_TIMEOUT_USEC={int(PLAN_PATIENCE * 3e6)}",
                    "STATUS=waiting for the guest's bridges and disks")
         plan, _ = planner.result(timeout=0)
-        self.plan = plan
-        self.stop = StopPolicy(plan["stop_timeout"], plan["keep"])
+        if not isinstance(plan, Plan):  # typed across the fork: a planner of other code
+            raise KvmagentError(f"the planner of guest {self.name} sent {type(plan).__name__}, "
+                                "not a plan")
+        self.stop = StopPolicy(plan.stop_timeout, plan.keep)
         if sysd is not None:
             sysd.full_speed()
-        self.log(f"starting guest {self.name} ({plan['cpus']} vCPU, "
-                 f"{plan['memory_mib']} MiB; kvmagent {__version__})", 6, MSG_STARTING)
+        self.log(f"starting guest {self.name} ({plan.cpus} vCPU, "
+                 f"{plan.memory_mib} MiB; kvmagent {__version__})", 6, MSG_STARTING)
         configure_taps = False
-        if plan["taps"]:
+        if plan.taps:
             net.full_speed()  # needed after all
             try:
                 # Made here at once; put on their bridges over netlink while
                 # QEMU initialises (see kvmagent.host.tundev).
                 taps, tap_fds = tundev.open_taps(
-                    plan["taps"], plan["vhost"],
+                    plan.taps, plan.vhost,
                     lambda tap, bridge, queues: tundev.create_tap(tap, queues))
                 configure_taps = True
             except tundev.TapTaken:  # stale or foreign: netlink sorts it out
-                taps, tap_fds = net.call("kvmagent.unit.attach:open_taps", plan["taps"],
-                                         plan["vhost"])
+                taps, tap_fds = net.call("kvmagent.unit.attach:open_taps", plan.taps,
+                                         plan.vhost)
         else:
             net.close()
             taps, tap_fds = {}, []
@@ -211,12 +212,12 @@ class Supervisor:
             theirs.append(con_theirs)
             fill = {QMP_FD: str(qmp_theirs.fileno()), CONSOLE_FD: str(con_theirs.fileno())}
             fill |= {tap_token(index): opt.format(*tap_fds) for index, opt in taps.items()}
-            disk_fill, disk_fds = open_disks(plan["disks"])
-            argv = [placeholders.fill(arg, fill | disk_fill) for arg in plan["argv"]]
+            disk_fill, disk_fds = open_disks(plan.disks)
+            argv = [fill_in(arg, fill | disk_fill) for arg in plan.argv]
             passed = [qmp_theirs.fileno(), con_theirs.fileno(), *tap_fds, *disk_fds]
             user: dict[str, Any] = {}
-            if plan["qemu_user"]:  # an unprivileged user (kvmagent.host.qemuuser)
-                uid, gid, groups = plan["qemu_user"]
+            if plan.qemu_user:  # an unprivileged user (kvmagent.host.qemuuser)
+                uid, gid, groups = plan.qemu_user
                 user = {"user": uid, "group": gid, "extra_groups": groups}
             self.qemu = subprocess.Popen(argv, pass_fds=passed, stdin=subprocess.DEVNULL,
                                          **user)
@@ -234,15 +235,15 @@ class Supervisor:
         # While QEMU initialises (paused): taps onto their bridges, QEMU into
         # its scope and registered with machined, each in its own child.
         if configure_taps:
-            net.submit("kvmagent.unit.attach:configure_taps", plan["taps"])
+            net.submit("kvmagent.unit.attach:configure_taps", plan.taps)
         if sysd is not None:
             sysd.submit("kvmagent.unit.attach:make_scope", plan, self.qemu.pid)
         self.qmp = Qmp(qmp_ours, timeout=30)
-        self.console = con_ours if plan["serial"] else None
-        self.console_log = ConsoleLog(*plan["console_log"])
+        self.console = con_ours if plan.serial else None
+        self.console_log = ConsoleLog(plan.console_burst, plan.console_interval)
         if self.console is not None:
             self.hub = ConsoleHub(self.paths.console_socket(self.name), self.console,
-                                  plan["escape"], self.paths.console_key(self.name))
+                                  plan.escape, self.paths.console_key(self.name))
             stack.callback(self.hub.close)
 
         if configure_taps:

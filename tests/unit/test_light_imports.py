@@ -39,7 +39,7 @@ RUN_BEFORE_FORK = {"kvmagent", "kvmagent.cli", "kvmagent.cli.main", "kvmagent.er
 # and kvmagent's light modules, no third-party module at all.
 SUPERVISOR = RUN_BEFORE_FORK | {
     "kvmagent.names", "kvmagent.paths",
-    "kvmagent.render", "kvmagent.render.placeholders",
+    "kvmagent.render", "kvmagent.render.plan",
     "kvmagent.host", "kvmagent.host.qmp", "kvmagent.host.sdnotify", "kvmagent.host.tundev",
     "kvmagent.unit.consolelog", "kvmagent.unit.recorder", "kvmagent.unit.stoppolicy",
     "kvmagent.unit.supervisor", "kvmagent.unit.viewers"}
