@@ -106,6 +106,7 @@ class _Reader:
         out: list[Command] = []
         words: list[Word] = []
         start, line, chained = self.i, self.line, False
+        and_at = (0, 1)
         while True:
             self.skip_blanks()
             c = self.peek()
@@ -123,8 +124,9 @@ class _Reader:
                     out.append(Command(tuple(words), line, self.s[start:self.i].strip(),
                                        op, chained))
                     chained = op == "&&"
+                    and_at = (start, line)
                 elif op == "" and chained:
-                    raise self.fail("'&&' without a command after it")
+                    raise self.fail("'&&' without a command after it", *and_at)
                 elif op in (";", "&", "&&"):
                     raise self.fail(f"'{op}' without a command before it")
                 if c == "":
