@@ -138,7 +138,7 @@ class XenDisk:
 
 
 _PREFIXES = {"phy": "", "file": "", "tap": "", "tap2": "", "tapdisk": "", "aio": "",
-             "raw": "raw", "qcow2": "qcow2"}
+             "raw": "raw", "qcow2": "qcow2", "qcow": "qcow", "vhd": "vhd", "vmdk": "vmdk"}
 
 
 def parse_disk(spec: str, fail: Callable[[str], Exception]) -> XenDisk | None:
