@@ -155,6 +155,16 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp = add(bsub, "show", "cli.bridges:cmd_show",
              "list bridges with their ports and the guests of taps")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = add(sub, "import", "cli.importcmd:cmd_import", "translate a hand-written kvm start script "
+             "or a Xen domain configuration into a guest file (printed, or --write)")
+    sp.add_argument("format", choices=["kvm-script", "xen"], metavar="kvm-script|xen")
+    sp.add_argument("file", metavar="FILE")
+    sp.add_argument("--name", metavar="NAME", help="the guest's name (default: the one in FILE)")
+    sp.add_argument("--bridge", metavar="BRIDGE", help="kvm-script: the bridge of its taps "
+                    "(default: the one its ifup script names)")
+    sp.add_argument("--write", action="store_true", help="write guests/NAME.toml instead of "
+                    "printing it")
+    sp.add_argument("--force", action="store_true", help="with --write: replace an existing file")
     sp = add(sub, "run", "unit.run:cmd_run",
              "supervise guest NAME in the foreground: the ExecStart= of "
              "kvm@NAME.service (start guests with systemctl start kvm@NAME)")

@@ -13,8 +13,8 @@ from tests import importgraph
 # kvmagent's layers, lowest first: a module imports from its own layer or a
 # lower one, never a higher one.  The top-level modules (errors, paths, names,
 # lifecycle) are the names every layer shares; README's Layout says the rest.
-LAYERS = ("kvmagent", "kvmagent.config", "kvmagent.render", "kvmagent.host", "kvmagent.unit",
-          "kvmagent.cli")
+LAYERS = ("kvmagent", "kvmagent.config", "kvmagent.foreign", "kvmagent.render", "kvmagent.host",
+          "kvmagent.unit", "kvmagent.cli")
 
 
 def layer(module: str) -> int:
