@@ -97,7 +97,7 @@ def start_scope(pid: int) -> None:
              ["Description", "s", f"stand-in guest {NAME}"],
              *([dep, "as", "1", SERVICE] for dep in deps)]
     deadline = time.monotonic() + 10
-    while True:  # the previous guest's scope may not be collected yet ("already exists")
+    while True:  # the previous guest's scope may not be gone yet ("already exists/loaded")
         r = subprocess.run(["busctl", "call", "org.freedesktop.systemd1",
                             "/org/freedesktop/systemd1", "org.freedesktop.systemd1.Manager",
                             "StartTransientUnit", "ssa(sv)a(sa(sv))", SCOPE, "fail",
@@ -105,7 +105,7 @@ def start_scope(pid: int) -> None:
                            capture_output=True, text=True)
         if r.returncode == 0:
             break
-        if "already exists" not in r.stderr or time.monotonic() > deadline:
+        if "already" not in r.stderr or time.monotonic() > deadline:
             raise RuntimeError(f"StartTransientUnit {SCOPE}: {r.stderr.strip()}")
         log("scope-exists")
         time.sleep(0.05)
