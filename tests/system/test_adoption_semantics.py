@@ -9,8 +9,8 @@ What kvmagent relies on, each asserted below on both releases:
   a crash of the supervisor (SIGKILL, exit status 1) and its auto-restart leave the
   scope and its process alone; `systemctl stop` stops the scope only after the
   supervisor's own stop finished; at host shutdown the same order holds;
-- `systemctl restart` of the service does not reach the scope (PartOf= and BindsTo=
-  alike): ending the guest on SIGTERM is the supervisor's own job;
+- `systemctl restart` of the service does not reach the scope through PartOf= (nor,
+  measured, through BindsTo=): ending the guest on SIGTERM is the supervisor's job;
 - the file descriptor store keeps the supervisor's end of a socketpair across a crash
   (the guest sees no EOF) and hands it back in LISTEN_FDS; it drops it on a stop;
 - RuntimeDirectoryPreserve=restart keeps the runtime directory across an auto-restart;
@@ -279,7 +279,7 @@ def test_binds_to_and_stop_propagated_from_end_the_guest_on_auto_restart(
 def test_restart_reaches_the_guest_only_through_the_supervisor_and_a_stop_in_the_gap(
         host: TestHost) -> None:
     """(c) `systemctl restart` stops and starts the service but sends the scope no job
-    (PartOf= as BindsTo=): a supervisor that leaves the guest running on SIGTERM gets
+    through PartOf=: a supervisor that leaves the guest running on SIGTERM gets
     it back to adopt; one that ends it (as kvmagent's does) restarts the guest.
     (5) a stop while the service waits to be restarted stops the scope at once with
     SIGTERM: no supervisor runs to stop the guest gracefully; the fd store is emptied."""
