@@ -49,6 +49,11 @@ class Paths(NamedTuple):
         """Beside it: the running guest's escape key, for `kvmagent console`."""
         return self.guest_runtime(name) / "console.key"
 
+    def running_record(self, name: str) -> Path:
+        """The running guest's QEMU and how its supervisor started it, for the
+        supervisor that takes it over (kvmagent.unit.adopt)."""
+        return self.guest_runtime(name) / "running.json"
+
     def supervisor_pid(self, name: str) -> Path:
         """Guest NAME's supervisor's pid, and QEMU's once it runs: written by
         the supervisor, read by `kvmagent stop --force` (kvmagent.cli.hardstop)."""

@@ -171,6 +171,9 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--file", metavar="FILE", help="load the guest from FILE, not from "
                     "guests/NAME.toml (a one-off guest: kvmagent start --transient)")
+    sp = add(sub, "stop-orphan", "unit.orphan:cmd_stop_orphan", "stop guest NAME's QEMU once "
+             "systemd gave up restarting its supervisor: kvmagent-orphan@NAME.service")
+    sp.add_argument("name", metavar="NAME")
     sp = add(sub, "stop-post", "unit.stoppost:cmd_stop_post", "record how guest NAME's run ended, "
              "from systemd's $SERVICE_RESULT: the ExecStopPost= of kvm@NAME.service")
     sp.add_argument("name", metavar="NAME")

@@ -21,12 +21,21 @@ class QmpError(KvmagentError):
 
 
 class Qmp:
-    def __init__(self, sock: socket.socket, timeout: float = 10.0) -> None:
+    def __init__(self, sock: socket.socket, timeout: float = 10.0,
+                 adopted: bool = False) -> None:
+        """adopted: a connection that another supervisor opened (kept in
+        systemd's fd store): no greeting, capabilities negotiated already, and
+        perhaps a reply to that supervisor's last command still to come —
+        this one's ids start where no earlier one can have been."""
         self.sock = sock
         self.buffer = b""
         self.events: list[dict[str, Any]] = []
         self.closed = False
-        self.last_id = 0  # of the commands sent; replies carry it back
+        # of the commands sent; replies carry it back
+        self.last_id = time.time_ns() // 1000 if adopted else 0
+        if adopted:
+            self.greeting: dict[str, Any] = {}
+            return
         self.greeting = self._read(timeout)
         if "QMP" not in self.greeting:
             raise QmpError(f"not a QMP greeting: {self.greeting!r}")

@@ -33,6 +33,47 @@ def notify(*fields: str) -> bool:
     return True
 
 
+def store_fd(fd: int, name: str) -> bool:
+    """Hand FD to systemd's file descriptor store (FileDescriptorStoreMax=)
+    as NAME: systemd keeps it while the unit's main process is restarted and
+    gives it back in LISTEN_FDS (listen_fds()).  False when not under systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        try:
+            s.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()],
+                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))],
+                      0, address)
+        except OSError:
+            return False
+    return True
+
+
+def listen_fds(environ: dict[str, str] | None = None) -> dict[str, int]:
+    """sd_listen_fds_with_names(3): the fds systemd passed this process (from
+    its fd store), by name; consumed (the variables are removed, the fds made
+    close-on-exec) so that no child takes them for its own."""
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        return {}
+    try:
+        count = int(env.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return {}
+    names = env.get("LISTEN_FDNAMES", "").split(":")
+    fds: dict[str, int] = {}
+    for i in range(count):
+        fd = 3 + i  # SD_LISTEN_FDS_START
+        os.set_inheritable(fd, False)
+        fds[names[i] if i < len(names) and names[i] else f"fd{i}"] = fd
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(key, None)
+    return fds
+
+
 def _field(key: str, value: str | bytes) -> bytes:
     data = value.encode() if isinstance(value, str) else value
     if b"\n" in data:  # binary-safe form: KEY\n<le64 length><data>\n

@@ -9,6 +9,7 @@ fd numbers, and fills them in when it starts QEMU."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple
 
 QMP_FD = "\0qmp\0"
@@ -70,3 +71,56 @@ class Plan(NamedTuple):
     taps: list[Tap]
     scope_unit: str  # kvm-NAME.scope
     scope: list[tuple[str, Any]]  # its settings (kvmagent.render.scope)
+
+
+class Running(NamedTuple):
+    """What a supervisor leaves in the runtime directory for the one that
+    takes its guest over (kvmagent.unit.adopt): the QEMU it runs and the
+    part of the plan it started with (a changed configuration applies at
+    the guest's next start, not to a QEMU that is already running)."""
+    name: str
+    uuid: str
+    qemu_pid: int
+    since: float  # when QEMU was started, CLOCK_REALTIME
+    stop_timeout: float
+    keep: bool
+    serial: bool
+    console_burst: int
+    console_interval: float
+    escape: str
+    taps: list[str]
+    version: str  # the kvmagent that started QEMU
+
+    @classmethod
+    def from_plan(cls, plan: Plan, qemu_pid: int, since: float, version: str) -> Running:
+        return cls(plan.name, plan.uuid, qemu_pid, since, plan.stop_timeout, plan.keep,
+                   plan.serial, plan.console_burst, plan.console_interval, plan.escape,
+                   [t.name for t in plan.taps], version)
+
+    def to_json(self) -> str:
+        return json.dumps(self._asdict())
+
+    @classmethod
+    def from_json(cls, text: str) -> Running:
+        """ValueError naming the field when TEXT is not such a record."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        values: list[Any] = []
+        for field, kind in zip(cls._fields, _RUNNING_KINDS):
+            value = data.get(field)
+            ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)
+                  if kind is list else
+                  isinstance(value, (int, float)) and not isinstance(value, bool)
+                  if kind is float else
+                  isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+            if not ok:
+                raise ValueError(f"{field}: {value!r} is not {kind.__name__}")
+            values.append(float(value) if kind is float and value is not None else value)
+        return cls(*values)
+
+
+# Running's field types, in order, for reading it back (NamedTuple's own
+# annotations are strings here).
+_RUNNING_KINDS: tuple[type, ...] = (str, str, int, float, float, bool, bool, int, float, str,
+                                    list, str)

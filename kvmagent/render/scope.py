@@ -24,7 +24,9 @@ def scope_settings(guest: Guest, host: HostConfig, facts: HostFacts | None = Non
         ("Description", f"QEMU of {guest.description}" if guest.description
          else f"QEMU of guest {guest.name}"),
         ("Slice", "machine.slice"),
-        ("BindsTo", [service]),
+        # PartOf=, not BindsTo=: QEMU outlives a supervisor that dies (systemd
+        # restarts it, and the new one takes the guest over), and is stopped
+        # with the service.
         ("PartOf", [service]),
         # Before=, not After=: systemd stops units in the reverse of their
         # start order, so at shutdown the supervisor is told first, while

@@ -90,13 +90,19 @@ COMMON: list[Setting] = [
     ("KillMode", "mixed"),
     ("Slice", "machine.slice"),
     ("Restart", "on-failure"),
-    ("RestartSec", 2),
+    # At once: while no supervisor runs, a stop cannot power the guest off.
+    ("RestartSec", 0),
     ("RestartPreventExitStatus", [6, 8]),
     ("TimeoutStartSec", 300),
     ("TimeoutStopSec", 90),
     ("WatchdogSec", 30),
     ("TasksMax", 1024),  # as kvm@.service: QEMU starts here, vCPU threads and all
     ("RuntimeDirectoryMode", 0o750),
+    # A supervisor that dies leaves its guest running: its successor finds
+    # QMP and the console in the fd store, the running record in the runtime
+    # directory (kvmagent.unit.adopt).
+    ("FileDescriptorStoreMax", 8),
+    ("RuntimeDirectoryPreserve", "restart"),
     ("StateDirectory", ["kvmagent"]),
     ("DevicePolicy", "closed"),
     ("DeviceAllow", [("/dev/kvm", "rw"), ("/dev/net/tun", "rw"), ("/dev/vhost-net", "rw"),
@@ -154,6 +160,9 @@ def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
         # (kvm@.service says why).
         ("ExecStopPost", [f"-+{command[0]}", *command[1:], "stop-post", name]),
         ("RuntimeDirectory", [f"kvmagent/{name}"]),
+        # Past the start limit: the guest's QEMU, which outlives its
+        # supervisor, is stopped (kvmagent.unit.orphan).
+        ("OnFailure", [f"kvmagent-orphan@{name}.service"]),
     ]
     if environment:
         settings.append(("Environment", list(environment)))

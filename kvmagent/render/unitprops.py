@@ -25,6 +25,7 @@ _INFINITY_OK = {"MemoryMax", "MemoryHigh", "TasksMax"}  # (for CPUWeight it mean
 SIGNATURES: dict[str, bytes] = {
     "Description": b"s", "Slice": b"s", "CollectMode": b"s", "DevicePolicy": b"s",
     "BindsTo": b"as", "PartOf": b"as", "Before": b"as", "After": b"as", "Wants": b"as",
+    "OnFailure": b"as", "FileDescriptorStoreMax": b"u", "RuntimeDirectoryPreserve": b"s",
     "Conflicts": b"as", "Documentation": b"as", "RequiresMountsFor": b"as",
     "MemoryMax": b"t", "MemoryHigh": b"t", "CPUWeight": b"t", "IOWeight": b"t",
     "TasksMax": b"t",

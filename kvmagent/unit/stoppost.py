@@ -4,7 +4,9 @@ Records how a run ended when the supervisor could not (killed by SIGKILL,
 the OOM killer, systemd's watchdog), from systemd's $SERVICE_RESULT,
 $EXIT_CODE and $EXIT_STATUS, and marks a stop during host shutdown as
 such.  Runs after every run, so it adds a `stopped` row only when the
-supervisor did not record one for this invocation ($INVOCATION_ID)."""
+supervisor did not record one for this invocation ($INVOCATION_ID), and
+none at all when the guest's QEMU outlived its supervisor (the guest runs
+on, and the supervisor that systemd starts next takes it over)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import os
 import sqlite3
 import sys
 
-from kvmagent.errors import ExitStatus
+from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import state
 from kvmagent.paths import Paths
+from kvmagent.unit import adopt
 
 
 def stop_reason(result: str, code: str, status: str) -> tuple[str, str | None]:
@@ -58,11 +61,49 @@ def host_stopping() -> bool:
     return r.stdout.strip() == "stopping"
 
 
+def qemu_runs_on(paths: Paths, name: str) -> int | None:
+    """The pid of the guest's QEMU if it outlived its supervisor (the guest
+    did not stop: no `stopped` is recorded, a new supervisor takes it over,
+    or kvmagent-orphan@NAME.service stops it past the start limit)."""
+    try:
+        running = adopt.read_running(paths, name)
+        qemu = adopt.AdoptedQemu.find(running) if running is not None else None
+    except KvmagentError:
+        return None
+    if qemu is None:
+        return None
+    qemu.close()
+    return qemu.pid
+
+
+def kill_qemu(paths: Paths, name: str) -> None:
+    """SIGKILL to the guest's QEMU (this guest's, checked), and wait for it."""
+    try:
+        running = adopt.read_running(paths, name)
+        qemu = adopt.AdoptedQemu.find(running) if running is not None else None
+    except KvmagentError:
+        return
+    if qemu is not None:
+        qemu.kill()
+        qemu.wait(10.0)
+        qemu.close()
+
+
 def cmd_stop_post(args: argparse.Namespace, paths: Paths) -> int:
     env = os.environ
     invocation = env.get("INVOCATION_ID") or None
     result, code, status = (env.get("SERVICE_RESULT", ""), env.get("EXIT_CODE", ""),
                             env.get("EXIT_STATUS", ""))
+    if result == "watchdog" and (pid := qemu_runs_on(paths, args.name)) is not None:
+        # The supervisor stopped pinging because QEMU did not answer QMP: a
+        # hung guest, which no new supervisor could take over.  It ends here.
+        print(f"kvmagent: QEMU of guest {args.name} (pid {pid}) does not answer: killing it",
+              file=sys.stderr)
+        kill_qemu(paths, args.name)
+    elif result != "success" and (pid := qemu_runs_on(paths, args.name)) is not None:
+        print(f"kvmagent: the supervisor of guest {args.name} ended ({result or '?'}); its "
+              f"QEMU (pid {pid}) runs on for the next supervisor to take over", file=sys.stderr)
+        return ExitStatus.OK
     try:
         conn = state.connect(paths.state_dir)
     except (sqlite3.Error, OSError) as e:

@@ -33,11 +33,13 @@ from kvmagent import __version__
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import tundev
 from kvmagent.host.qmp import Qmp, QmpError
-from kvmagent.host.sdnotify import Journal, notify
-from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF
+from kvmagent.host.sdnotify import Journal, listen_fds, notify, store_fd
+from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF, WATCHDOG
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
-from kvmagent.render.plan import CONSOLE_FD, QMP_FD, Disk, Plan, fill_in, tap_token
+from kvmagent.render.plan import CONSOLE_FD, QMP_FD, Disk, Plan, Running, fill_in, tap_token
+from kvmagent.unit import adopt
+from kvmagent.unit.adopt import AdoptedQemu
 from kvmagent.unit import forkcall
 from kvmagent.unit.consolelog import ConsoleLog
 from kvmagent.unit.recorder import EventRecorder
@@ -65,6 +67,7 @@ MSG_PANIC = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b07"
 MSG_STOPPED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b08"
 MSG_START_FAILED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b09"
 MSG_CONSOLE_DROPPED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b0a"
+MSG_ADOPTED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b0b"
 # catalog/kvmagent.catalog explains each (journalctl -x); a unit test keeps
 # the two in step.
 
@@ -133,7 +136,7 @@ class Supervisor:
         self.paths = paths
         self.guest_file = guest_file  # a one-off guest's file (run --file)
         self.journal = Journal(backlog=JOURNAL_BACKLOG)  # never waits for journald
-        self.qemu: subprocess.Popen[bytes] | None = None
+        self.qemu: subprocess.Popen[bytes] | AdoptedQemu | None = None
         self.qmp: Qmp | None = None
         self.console: socket.socket | None = None
         self.console_log = ConsoleLog()
@@ -258,8 +261,70 @@ class Supervisor:
         if status.get("status") != "running":
             raise KvmagentError(f"QEMU did not start the guest: status {status.get('status')}")
         self._catch_signals()  # from here on the main loop handles them
+        # For the supervisor that takes over if this one dies: QEMU's ends
+        # of QMP and the console stay open in systemd's fd store (QEMU sees
+        # no EOF), and the record says which QEMU it is.
+        store_fd(qmp_ours.fileno(), adopt.QMP_FDNAME)
+        store_fd(con_ours.fileno(), adopt.CONSOLE_FDNAME)
+        adopt.write_running(self.paths, Running.from_plan(plan, self.qemu.pid, time.time(),
+                                                          __version__))
         notify("READY=1", f"STATUS=running, QEMU pid {self.qemu.pid}")
         self.log(f"guest {self.name} running, QEMU pid {self.qemu.pid}", 6, MSG_RUNNING)
+
+    def take_over(self, stack: ExitStack, planner: forkcall.Child) -> bool:
+        """If systemd gave back a dead supervisor's QMP and console (its fd
+        store) and that supervisor's QEMU still runs: supervise it (True).
+        False: no QEMU to take over; the fds are closed and a normal start
+        follows."""
+        fds = listen_fds()
+        if adopt.QMP_FDNAME not in fds or not valid_guest_name(self.name):
+            for fd in fds.values():
+                os.close(fd)
+            return False
+        socks = {name: socket.socket(fileno=fd) for name, fd in fds.items()}
+        for sock in socks.values():
+            stack.callback(sock.close)
+        running = adopt.read_running(self.paths, self.name)
+        qemu = AdoptedQemu.find(running) if running is not None else None
+        if running is None or qemu is None:
+            self.log(f"guest {self.name}: the QEMU of the last run is gone; starting it", 5)
+            for sock in socks.values():
+                sock.close()
+            return False
+        planner.close()  # the configuration applies at the guest's next start
+        stack.callback(qemu.close)
+        self.qemu = qemu
+        stack.callback(self._reap)
+        write_pid_file(self.paths, self.name, qemu.pid)
+        stack.callback(remove_pid_file, self.paths, self.name)
+        self.started = time.monotonic() - max(0.0, time.time() - running.since)
+        self.stop = StopPolicy(running.stop_timeout, running.keep)
+        self.qmp = Qmp(socks[adopt.QMP_FDNAME], timeout=10, adopted=True)
+        console = socks.get(adopt.CONSOLE_FDNAME)
+        self.console = console if running.serial else None
+        self.console_log = ConsoleLog(running.console_burst, running.console_interval)
+        if self.console is not None:
+            self.hub = ConsoleHub(self.paths.console_socket(self.name), self.console,
+                                  running.escape, self.paths.console_key(self.name))
+            stack.callback(self.hub.close)
+        try:
+            status = self.qmp.execute("query-status")
+        except QmpError as e:  # a hung guest, as the watchdog would find it
+            self.log(f"QEMU of guest {self.name} (pid {qemu.pid}) does not answer on QMP "
+                     f"({e.message}): killing it", 3, MSG_WATCHDOG)
+            qemu.kill()
+            qemu.wait(10.0)
+            self.record("stopped", WATCHDOG, "QEMU did not answer when taken over")
+            raise KvmagentError(f"guest {self.name}'s QEMU did not answer; it was killed and "
+                                "starts again", None, ExitStatus.FAILURE) from None
+        self._catch_signals()
+        for name, sock in socks.items():  # stored again: systemd keeps one copy of each
+            store_fd(sock.fileno(), name)
+        notify("READY=1", f"STATUS=running, QEMU pid {qemu.pid} (taken over)")
+        self.log(f"guest {self.name} taken over: QEMU pid {qemu.pid} ({status.get('status')}), "
+                 f"started by kvmagent {running.version}; this supervisor: kvmagent "
+                 f"{__version__}", 5, MSG_ADOPTED)
+        return True
 
     def _catch_signals(self) -> None:
         """Signals wake the main loop through a socket (signal.set_wakeup_fd)."""
@@ -344,6 +409,7 @@ class Supervisor:
                                   self.console_log.deadline()) if t is not None]
             timeout = max(0.0, min(timers) - now) if timers else None
             watch: list[Any] = [wake_r]
+            watch += [self.qemu] if isinstance(self.qemu, AdoptedQemu) else []
             watch += [self.qmp] if not self.qmp.closed else []
             watch += [self.console] if self.console else []
             watch += self.hub.sockets() if self.hub else []
@@ -388,6 +454,8 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         wake_r.close()
         wake_w.close()
+        with suppress(FileNotFoundError):
+            self.paths.running_record(self.name).unlink()
         return self._verdict(self.qemu.wait())
 
     def _carry_out(self, actions: list[Action]) -> None:
@@ -440,7 +508,9 @@ class Supervisor:
         if outcome is Outcome.POWERED_OFF:
             self.record("stopped", POWEROFF)
             return ExitStatus.OK
-        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+        how = (f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
+               if not isinstance(self.qemu, AdoptedQemu) else "ended (taken over from another "
+               "supervisor: its exit status is not known)")
         self.log(f"QEMU of guest {self.name} {how}", 3, MSG_CRASHED)
         self.record("stopped", CRASHED, f"QEMU {how}")
         return ExitStatus.FAILURE
@@ -450,10 +520,18 @@ def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child
     """Supervise guest NAME until it stops; planner: kvmagent.unit.run's child
     making its plan.  The exit status is the unit's (kvm@.service)."""
     sup = Supervisor(name, paths, guest_file)
-    sup.record("starting")
     with ExitStack() as stack:
         stack.callback(sup.journal.drain, 2.0)  # last: what journald has not taken yet
         stack.callback(sup.record.finish)  # the last event is written before we exit
+        try:
+            stack.callback(planner.close)
+            if sup.take_over(stack, planner):
+                return sup.run()  # the guest's start was recorded by its first supervisor
+        except KvmagentError as e:
+            sup.log(str(e), 3, MSG_START_FAILED)
+            notify(f"STATUS={e.message}")
+            return int(e.status)
+        sup.record("starting")
         try:
             sup.start(stack, planner)
         except StoppedWhileStarting:  # QEMU, if it was started, and the helpers go with the stack

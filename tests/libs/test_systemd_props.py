@@ -34,7 +34,6 @@ def test_scope_settings_of_a_guest(conf: Any) -> None:
     assert props == {
         b"Description": b"QEMU of web",
         b"Slice": b"machine.slice",
-        b"BindsTo": [b"kvm@g.service"],
         b"PartOf": [b"kvm@g.service"],
         b"Before": [b"kvm@g.service"],
         b"CollectMode": b"inactive-or-failed",

@@ -71,7 +71,8 @@ def test_per_guest_service_as_dbus_properties() -> None:
     assert props[b"Environment"] == [b"PYTHONPATH=/src/kvmagent"]
     assert props[b"Type"] == b"notify" and props[b"NotifyAccess"] == b"main"
     assert props[b"KillMode"] == b"mixed" and props[b"Restart"] == b"on-failure"
-    assert props[b"RestartUSec"] == 2_000_000
+    assert props[b"RestartUSec"] == 0
+    assert props[b"OnFailure"] == [b"kvmagent-orphan@g.service"]
     assert props[b"TimeoutStartUSec"] == 300_000_000
     assert props[b"TimeoutStopUSec"] == 90_000_000
     assert props[b"WatchdogUSec"] == 30_000_000

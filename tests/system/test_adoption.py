@@ -1,0 +1,98 @@
+"""A guest outlives its supervisor: kill -9 of kvm@NAME.service's main
+process, and the supervisor that systemd starts next takes the running
+QEMU over — same QEMU pid, no second boot, the console back in the journal,
+QMP answering (the graceful stop at the end goes through it), taps where
+they were, no restart counted.  On each release's own root (systemd 252
+and 257)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from tests.harness import TestHost
+from tests.harness.install import (APT_ENV, OFFLINE_APT, copy_guest, define_guest, guest_toml,
+                                   install_checkout, offline_apt)
+from tests.system.test_kvm_service import qemu_pid, show, wait_for
+
+pytestmark = pytest.mark.system
+
+RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
+                   "systemd-container"]
+
+
+def prepare(th: TestHost) -> None:
+    if th.exec(["test", "-e", "/usr/bin/kvmagent"], check=False).returncode != 0:
+        offline_apt(th)
+        th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q", "--no-install-recommends",
+                *RUNTIME_DEPENDS], env=APT_ENV, timeout=600)
+        install_checkout(th)
+        th.run(["kvmagent", "bridge", "ensure", "br-kvm", "--address", "10.77.0.1/24"])
+
+
+def console_counts(th: TestHost, name: str) -> list[int]:
+    lines = th.exec(["journalctl", f"GUEST={name}", f"SYSLOG_IDENTIFIER={name}-console",
+                     "-o", "cat", "--no-pager"]).stdout.splitlines()
+    return [int(m.group(1)) for line in lines if (m := re.fullmatch(r"COUNT-(\d+)", line))]
+
+
+def test_a_killed_supervisor_is_replaced_and_the_guest_runs_on(debian_testhost: TestHost,
+                                                                guest_image) -> None:  # type: ignore[no-untyped-def]
+    th = debian_testhost
+    prepare(th)
+    name, unit = "adopt", "kvm@adopt.service"
+    define_guest(th, name, guest_toml(copy_guest(th, guest_image), nics=1,
+                                      extra="[console]\nlog_burst = 100000\n"))
+    th.exec(["systemctl", "start", unit], timeout=120)
+    wait_for(th, unit, r"Enter 'help'")
+    qemu = qemu_pid(th, name)
+    taps = th.exec(["ip", "-o", "link", "show", "master", "br-kvm"]).stdout
+    boots = th.journal(unit).count("Enter 'help'")
+    th.run(["kvmagent", "console", name, "--timeout", "0.5"],
+           input="i=0; while [ $i -lt 200 ]; do echo COUNT-$i; i=$((i+1)); sleep 0.05; done; "
+                 "echo COUNT-1000000\n")
+    kills = 2
+    took = []
+    for n in range(kills):
+        time.sleep(2)
+        main = show(th, unit, "MainPID")["MainPID"]
+        t0 = time.monotonic()
+        th.exec(["kill", "-9", main])
+        deadline = time.monotonic() + 30
+        while True:
+            s = show(th, unit, "MainPID", "ActiveState", "SubState", "NRestarts")
+            if s["MainPID"] not in ("0", main) and s["ActiveState"] == "active":
+                break
+            assert time.monotonic() < deadline, s
+            time.sleep(0.05)
+        took.append(time.monotonic() - t0)
+        assert s["NRestarts"] == str(n + 1)
+        assert qemu_pid(th, name) == qemu, "the guest's QEMU changed"
+    wait_for(th, unit, r"(?m)-console\[\d+\]: COUNT-1000000$", timeout=120)
+    journal = th.journal(unit)
+    assert journal.count("taken over: QEMU pid") == kills, journal[-3000:]
+    assert journal.count("Enter 'help'") == boots, "the guest booted again"
+    counts = console_counts(th, name)
+    missing = sorted(set(range(200)) - set(counts))
+    # a kill in the middle of a line loses that line's start (at most one per kill)
+    assert len(missing) <= kills, f"console lines lost: {missing}"
+    assert th.exec(["ip", "-o", "link", "show", "master", "br-kvm"]).stdout == taps
+    # the console and QMP of the adopted guest: typed in, seen in the journal
+    th.run(["kvmagent", "console", name, "--timeout", "0.5"], input="echo AFTER-$((6*7))\n")
+    wait_for(th, unit, r"AFTER-42", timeout=30)
+    listed = json.loads(th.run(["kvmagent", "list", "--json"]).stdout)
+    (guest,) = [g for g in listed if g["name"] == name]
+    # the guest did not restart: no restart counted, its uptime goes on
+    assert guest["restarts"] == 0 and guest["qemu_pid"] == qemu, guest
+    print(f"{th.release}: supervisor replaced in {', '.join(f'{t * 1000:.0f}' for t in took)} "
+          f"ms; {len(missing)} console lines lost; listed: {guest}")
+    t0 = time.monotonic()
+    th.exec(["systemctl", "stop", unit], timeout=150)
+    journal = th.journal(unit)
+    assert "ACPI power button pressed for guest adopt" in journal
+    assert show(th, f"kvm-{name}.scope", "ActiveState")["ActiveState"] in ("inactive", "")
+    assert th.exec(["ip", "-o", "link", "show", "master", "br-kvm"]).stdout == ""
+    print(f"{th.release}: graceful stop of the adopted guest in {time.monotonic() - t0:.1f} s")

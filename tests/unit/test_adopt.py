@@ -1,0 +1,133 @@
+"""Taking over a running guest (kvmagent.unit.adopt): the running record,
+which process is this guest's QEMU, a QEMU watched through a pidfd, the fds
+systemd gives back, and when kvmagent-orphan@ acts (kvmagent.unit.orphan)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kvmagent.errors import KvmagentError
+from kvmagent.host.sdnotify import listen_fds
+from kvmagent.paths import Paths
+from kvmagent.render.plan import Running
+from kvmagent.unit import adopt
+from kvmagent.unit.orphan import orphaned
+
+RUNNING = Running("g", "8a1f1c43-2b6c-4a4e-9d3e-111111111111", 1234, 1.7e9, 90.0, False, True,
+                  10, 1.0, "^]", ["kvm-g-0"], "0.1.0")
+CMDLINE = ["/usr/bin/qemu-system-x86_64", "-S", "-name", "guest=g,debug-threads=on",
+           "-uuid", RUNNING.uuid, "-m", "256"]
+CGROUP = "0::/machine.slice/kvm-g.scope\n"
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    p = Paths(tmp_path / "etc", tmp_path / "state", tmp_path / "run")
+    p.guest_runtime("g").mkdir(parents=True)
+    return p
+
+
+def test_the_running_record_round_trips(paths: Paths) -> None:
+    adopt.write_running(paths, RUNNING)
+    assert adopt.read_running(paths, "g") == RUNNING
+    assert adopt.read_running(paths, "other") is None  # a first start
+
+
+@pytest.mark.parametrize("change, why", [
+    ({"qemu_pid": "1234"}, "qemu_pid: '1234' is not int"),
+    ({"keep": 1}, "keep: 1 is not bool"),
+    ({"since": True}, "since: True is not float"),
+    ({"taps": ["a", 1]}, "taps: ['a', 1] is not list"),
+    ({"uuid": None}, "uuid: None is not str"),
+])
+def test_a_damaged_record_is_refused_naming_the_field(paths: Paths, change: dict[str, object],
+                                                      why: str) -> None:
+    paths.running_record("g").write_text(json.dumps({**RUNNING._asdict(), **change}))
+    with pytest.raises(KvmagentError) as e:
+        adopt.read_running(paths, "g")
+    assert e.value.message.endswith(f"unreadable running record: {why}")
+
+
+def test_a_record_of_another_guest_is_refused(paths: Paths) -> None:
+    paths.running_record("g").write_text(RUNNING._replace(name="h").to_json())
+    with pytest.raises(KvmagentError, match="the running record of guest h, not g"):
+        adopt.read_running(paths, "g")
+
+
+@pytest.mark.parametrize("cmdline, cgroup, problem", [
+    (CMDLINE, CGROUP, None),
+    (CMDLINE, "0::/machine.slice/kvm-gg.scope\n", "it is not in kvm-g.scope"),
+    (CMDLINE, "0::/system.slice/cron.service\n", "it is not in kvm-g.scope"),
+    ([a.replace("111111111111", "222222222222") for a in CMDLINE], CGROUP,
+     "its -uuid is '8a1f1c43-2b6c-4a4e-9d3e-222222222222', not " + RUNNING.uuid),
+    ([a.replace("guest=g,", "guest=h,") for a in CMDLINE], CGROUP,
+     "its -name is 'guest=h,debug-threads=on', not guest=g"),
+    (["/bin/sleep", "1000"], CGROUP, f"its -uuid is None, not {RUNNING.uuid}"),
+])
+def test_only_this_guests_qemu_is_taken_over(cmdline: list[str], cgroup: str,
+                                             problem: str | None) -> None:
+    assert adopt.identity_problem(RUNNING, cmdline, cgroup) == problem
+
+
+def test_a_qemu_that_is_gone_means_a_normal_start() -> None:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    assert adopt.AdoptedQemu.find(RUNNING._replace(qemu_pid=child.pid)) is None
+
+
+def test_a_process_outside_the_guests_scope_is_not_taken_over() -> None:
+    """A pid that is reused by another process: not this guest's QEMU, and
+    not in its scope — a normal start, not an error."""
+    with subprocess.Popen(["sleep", "30"]) as child:
+        try:
+            assert adopt.AdoptedQemu.find(RUNNING._replace(qemu_pid=child.pid)) is None
+        finally:
+            child.kill()
+
+
+def test_an_adopted_process_is_watched_and_killed_through_its_pidfd() -> None:
+    with subprocess.Popen(["sleep", "30"]) as child:
+        qemu = adopt.AdoptedQemu(child.pid)
+        assert qemu.poll() is None
+        qemu.kill()
+        child.wait()  # reaped by its parent, as systemd reaps an adopted QEMU
+        assert qemu.wait(5.0) == 0 and qemu.poll() == 0
+        qemu.close()
+
+
+def test_fds_given_back_by_systemd_are_found_by_name() -> None:
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    try:
+        # where systemd puts them: from fd 3 on
+        os.dup2(a.fileno(), 3)
+        os.dup2(c.fileno(), 4)
+        env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "2",
+               "LISTEN_FDNAMES": "qmp:console"}
+        assert listen_fds(env) == {"qmp": 3, "console": 4}
+        assert env == {}  # consumed: no child takes them for its own
+        assert not os.get_inheritable(3)
+        assert listen_fds({"LISTEN_PID": "1", "LISTEN_FDS": "2"}) == {}  # not ours
+    finally:
+        for s in (a, b, c, d):
+            s.close()
+
+
+@pytest.mark.parametrize("services, scope, acts", [
+    (["failed", None], "active", True),  # past the start limit
+    (["inactive", None], "active", True),
+    (["activating", None], "active", False),  # 257: before an automatic restart
+    (["active", None], "active", False),
+    ([None, "active"], "active", False),  # a one-off guest's supervisor runs
+    (["failed", None], None, False),  # QEMU is gone already
+    (["failed", None], "inactive", False),
+])
+def test_the_orphan_unit_acts_only_without_a_supervisor(services: list[str | None],
+                                                        scope: str | None, acts: bool) -> None:
+    assert orphaned(services, scope) is acts
