@@ -3,8 +3,9 @@
 at the command line.  The TOML is checked as `kvmagent validate` checks a
 guest before it is printed or written; on any error nothing is written.
 Before --write it is checked against the guests already defined too (MACs,
-taps, writable disks: check_unique), and a clash is an error; without
---write the TOML is printed for editing and a clash is said on stderr.
+taps, writable disks: check_unique) and for files kvm@.service cannot see
+(/home), and either is an error; without --write the TOML is printed for
+editing and the problem said on stderr.
 --write puts it into guests/NAME.toml, never over an existing file without
 --force, and never half-written (a temporary file in the same directory,
 then linked or renamed into place)."""
@@ -17,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kvmagent.config.guests import build_guest, check_unique, guest_names, load_guest
+from kvmagent.config.guests import build_guest, check_hidden_paths, check_unique, guest_names
+from kvmagent.config.guests import load_guest
 from kvmagent.config.guests import load_host_config
 from kvmagent.config.layers import Layered, parse_toml
 from kvmagent.config.model import Guest, HostConfig
@@ -69,7 +71,7 @@ def run_import(args: argparse.Namespace, paths: Paths) -> tuple[Imported, Path]:
     host = load_host_config(paths)
     guest = build_guest(imported.name, Layered(data=parse_toml(imported.toml.encode(), target)),
                         host, target)
-    clash = find_clash(guest, paths, host, file)
+    clash = find_problem(guest, paths, host, file)
     if clash is not None:
         if args.write:
             raise config_error(f"{clash.message}; nothing written", clash.hint)
@@ -89,14 +91,21 @@ CLASH_HINTS = (
 )
 
 
-def find_clash(guest: Guest, paths: Paths, host: HostConfig,
-               source: Path) -> KvmagentError | None:
-    """The imported GUEST's MACs, taps and writable disks against every
-    defined guest but the one of its own name (which --write --force
-    replaces, and --write alone refuses to touch): the first clash, as an
-    error (exit 6) naming the imported file, the key and value, and the
-    other guest; None if there is none.  A defined guest that does not load
-    is left out, as validate leaves it out of its cross-guest checks."""
+def find_problem(guest: Guest, paths: Paths, host: HostConfig,
+                 source: Path) -> KvmagentError | None:
+    """What keeps the imported GUEST from running as a defined guest
+    beside the others, as an error (exit 6) naming the imported file, the
+    key and value (and the other guest); None if nothing does.  A file in a
+    directory that kvm@.service hides (check_hidden_paths), and a clash of
+    its MACs, taps and writable disks with a defined guest other than the
+    one of its own name (which --write --force replaces, and --write alone
+    refuses to touch).  A defined guest that does not load is left out, as
+    validate leaves it out of its cross-guest checks."""
+    try:
+        check_hidden_paths(guest)
+    except KvmagentError as e:
+        message = e.message.removeprefix(f"{guest.config_file}: ")
+        return config_error(f"{source}: imported as guest {guest.name}, its {message}", e.hint)
     others = []
     for name in guest_names(paths):
         if name != guest.name:

@@ -63,7 +63,39 @@ def load_guest(paths: Paths, name: str, host: HostConfig) -> Guest:
         raise KvmagentError(f"unknown guest {name!r}: {main} does not exist",
                             "kvmagent list shows the defined guests",
                             ExitStatus.UNKNOWN_GUEST)
-    return build_guest(name, load_layers(main, required=True), host, main)
+    guest = build_guest(name, load_layers(main, required=True), host, main)
+    check_hidden_paths(guest)
+    return guest
+
+
+# What kvm@.service's ProtectHome=yes hides: empty for a defined guest's
+# supervisor and QEMU.  (A one-off guest's service has ProtectHome=read-only.)
+HIDDEN_DIRS = ("/home", "/root", "/run/user")
+
+
+def check_hidden_paths(guest: Guest) -> None:
+    """A defined guest runs in kvm@NAME.service, which hides the home
+    directories: a disk, kernel or initrd there (lexically: no file is
+    looked at) is a configuration error naming the key, not a "no such
+    file" at start.  Not handled with ProtectHome=read-only for that guest:
+    it would show every home directory to a long-running service that
+    handles guest input."""
+    files = [(f"disk[{d.index}].path", d.path) for d in guest.disks]
+    if guest.kernel is not None:
+        files.append(("kernel.image", guest.kernel.image))
+        if guest.kernel.initrd is not None:
+            files.append(("kernel.initrd", guest.kernel.initrd))
+    for key, path in files:
+        norm = os.path.normpath(path)
+        top = next((d for d in HIDDEN_DIRS if norm == d or norm.startswith(d + "/")), None)
+        if top is not None:
+            raise config_error(
+                f"{guest.origin_of(key)}: {key} = {render(str(path))}: lies in {top}, which "
+                "kvm@.service hides from every guest (ProtectHome=yes)",
+                "move it out of /home, /root and /run/user (e.g. to /var/lib/kvmagent/images, "
+                "or /srv: kvmagent-generator makes a writable image file there writable for "
+                "this guest alone), or run the guest as a one-off: kvmagent start --transient "
+                "FILE")
 
 
 def load_guest_file(path: Path, host: HostConfig) -> Guest:
