@@ -22,7 +22,7 @@ from kvmagent.config.model import Guest
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.names import service_unit, valid_guest_name
 from kvmagent.paths import Paths
-from kvmagent.render.service import needs_inet, oneoff_unit, service_settings
+from kvmagent.render.service import needs_inet, oneoff_unit, service_settings, writable_images
 
 RESULT_HINT = "see: systemctl status {unit}; journalctl -u {unit}"
 ONEOFF_STOP_WAIT = 1800.0  # stop: the supervisor extends systemd's own stop timeout as it goes
@@ -154,9 +154,8 @@ def start_oneoff(args: argparse.Namespace, paths: Paths) -> int:
     # defined guest that is stopped may well share them: a copy of its file).
     check_unique([*_running_guests(paths, host), guest])
     command, env = kvmagent_command(paths)
-    writable = [str(d.path) for d in guest.disks
-                if not d.readonly and not str(d.path).startswith("/dev/")]
-    settings = service_settings(guest.name, command, guest_file=str(path), writable=writable,
+    settings = service_settings(guest.name, command, guest_file=str(path),
+                                writable=writable_images(guest),
                                 environment=env, inet=needs_inet(guest))
     result = systemd.start_service(unit, settings, wait=not args.no_block,
                                    timeout=host.device_timeout + 60)

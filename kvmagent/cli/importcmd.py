@@ -2,6 +2,10 @@
 [--write [--force]]`: the importers (kvmagent.foreign.kvmscript, kvmagent.foreign.xenconfig)
 at the command line.  The TOML is checked as `kvmagent validate` checks a
 guest before it is printed or written; on any error nothing is written.
+Before --write it is checked against the guests already defined too (MACs,
+taps, writable disks: check_unique) and for files kvm@.service cannot see
+(/home), and either is an error; without --write the TOML is printed for
+editing and the problem said on stderr.
 --write puts it into guests/NAME.toml, never over an existing file without
 --force, and never half-written (a temporary file in the same directory,
 then linked or renamed into place)."""
@@ -14,8 +18,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kvmagent.config.guests import build_guest, load_host_config
+from kvmagent.config.guests import build_guest, check_hidden_paths, check_unique, guest_names
+from kvmagent.config.guests import load_guest
+from kvmagent.config.guests import load_host_config
 from kvmagent.config.layers import Layered, parse_toml
+from kvmagent.config.model import Guest, HostConfig
 from kvmagent.errors import ExitStatus, KvmagentError, config_error
 from kvmagent.foreign.importtoml import Imported
 from kvmagent.foreign.kvmscript import import_kvm_script
@@ -62,9 +69,58 @@ def run_import(args: argparse.Namespace, paths: Paths) -> tuple[Imported, Path]:
         imported = import_xen(text, str(file), name=args.name)
     target = paths.guest_config(imported.name)
     host = load_host_config(paths)
-    build_guest(imported.name, Layered(data=parse_toml(imported.toml.encode(), target)),
-                host, target)
+    guest = build_guest(imported.name, Layered(data=parse_toml(imported.toml.encode(), target)),
+                        host, target)
+    clash = find_problem(guest, paths, host, file)
+    if clash is not None:
+        if args.write:
+            raise config_error(f"{clash.message}; nothing written", clash.hint)
+        print(f"kvmagent: {clash}", file=sys.stderr)
     return imported, target
+
+
+# What helps with each kind of clash (kvmagent.config.guests.check_unique's messages).
+CLASH_HINTS = (
+    (" is also a MAC of guest ", "if it is the same guest, it is defined already; else give "
+     "this one another MAC: change it in the file, or save the TOML that import prints "
+     "without --write, with mac changed in that [[nic]] (or removed: kvmagent derives one "
+     "from the name)"),
+    (" is also used by guest ", "import it under another name (--name NAME)"),
+    (" of guest ", "if it is the same guest, it is defined already; else one writable disk "
+     "can belong to one guest only"),
+)
+
+
+def find_problem(guest: Guest, paths: Paths, host: HostConfig,
+                 source: Path) -> KvmagentError | None:
+    """What keeps the imported GUEST from running as a defined guest
+    beside the others, as an error (exit 6) naming the imported file, the
+    key and value (and the other guest); None if nothing does.  A file in a
+    directory that kvm@.service hides (check_hidden_paths), and a clash of
+    its MACs, taps and writable disks with a defined guest other than the
+    one of its own name (which --write --force replaces, and --write alone
+    refuses to touch).  A defined guest that does not load is left out, as
+    validate leaves it out of its cross-guest checks."""
+    try:
+        check_hidden_paths(guest)
+    except KvmagentError as e:
+        message = e.message.removeprefix(f"{guest.config_file}: ")
+        return config_error(f"{source}: imported as guest {guest.name}, its {message}", e.hint)
+    others = []
+    for name in guest_names(paths):
+        if name != guest.name:
+            try:
+                others.append(load_guest(paths, name, host))
+            except KvmagentError:
+                pass
+    try:
+        check_unique([*others, guest])
+    except KvmagentError as e:
+        # check_unique names the guest's file, which is not written yet
+        message = e.message.removeprefix(f"{guest.config_file}: ")
+        hint = next((h for text, h in CLASH_HINTS if text in message), e.hint)
+        return config_error(f"{source}: imported as guest {guest.name}, its {message}", hint)
+    return None
 
 
 def write_guest(target: Path, text: str, force: bool) -> None:

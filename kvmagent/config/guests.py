@@ -63,7 +63,39 @@ def load_guest(paths: Paths, name: str, host: HostConfig) -> Guest:
         raise KvmagentError(f"unknown guest {name!r}: {main} does not exist",
                             "kvmagent list shows the defined guests",
                             ExitStatus.UNKNOWN_GUEST)
-    return build_guest(name, load_layers(main, required=True), host, main)
+    guest = build_guest(name, load_layers(main, required=True), host, main)
+    check_hidden_paths(guest)
+    return guest
+
+
+# What kvm@.service's ProtectHome=yes hides: empty for a defined guest's
+# supervisor and QEMU.  (A one-off guest's service has ProtectHome=read-only.)
+HIDDEN_DIRS = ("/home", "/root", "/run/user")
+
+
+def check_hidden_paths(guest: Guest) -> None:
+    """A defined guest runs in kvm@NAME.service, which hides the home
+    directories: a disk, kernel or initrd there (lexically: no file is
+    looked at) is a configuration error naming the key, not a "no such
+    file" at start.  Not handled with ProtectHome=read-only for that guest:
+    it would show every home directory to a long-running service that
+    handles guest input."""
+    files = [(f"disk[{d.index}].path", d.path) for d in guest.disks]
+    if guest.kernel is not None:
+        files.append(("kernel.image", guest.kernel.image))
+        if guest.kernel.initrd is not None:
+            files.append(("kernel.initrd", guest.kernel.initrd))
+    for key, path in files:
+        norm = os.path.normpath(path)
+        top = next((d for d in HIDDEN_DIRS if norm == d or norm.startswith(d + "/")), None)
+        if top is not None:
+            raise config_error(
+                f"{guest.origin_of(key)}: {key} = {render(str(path))}: lies in {top}, which "
+                "kvm@.service hides from every guest (ProtectHome=yes)",
+                "move it out of /home, /root and /run/user (e.g. to /var/lib/kvmagent/images, "
+                "or /srv: kvmagent-generator makes a writable image file there writable for "
+                "this guest alone), or run the guest as a one-off: kvmagent start --transient "
+                "FILE")
 
 
 def load_guest_file(path: Path, host: HostConfig) -> Guest:
@@ -164,7 +196,8 @@ def _disks(r: Reader, items: list[dict[str, Any]]) -> tuple[Disk, ...]:
                          "remove readonly = false")
         if path in seen:
             raise r.fail(("disk", i, "path"), f"{render(str(path))} is already disk[{seen[path]}]",
-                         "one image attached twice would be corrupted")
+                         f"remove one of the two [[disk]] tables (disk[{seen[path]}] or "
+                         f"disk[{i}]): one image attached twice would be corrupted")
         seen[path] = i
         out.append(Disk(index=i, path=path, bus=bus, media=media,
                         format=v("format", Format.RAW), readonly=readonly,
@@ -190,7 +223,9 @@ def _nics(r: Reader, name: str, host: HostConfig, items: list[dict[str, Any]],
                   if mode is NicMode.BRIDGE else None)
         mac = v("mac", names.default_mac(name, i))
         if mac in macs:
-            raise r.fail(("nic", i, "mac"), f"{render(mac)} is already the MAC of nic[{macs[mac]}]")
+            raise r.fail(("nic", i, "mac"), f"{render(mac)} is already the MAC of nic[{macs[mac]}]",
+                         "change one of the two, or remove mac from one: kvmagent then "
+                         "derives one from the guest name and the NIC's index")
         macs[mac] = i
         model = v("model", NicModel.VIRTIO)
         queues = v("queues", 1)
@@ -216,28 +251,38 @@ def _check_boot(r: Reader, g: Guest) -> None:
         for cls in g.boot:
             if cls not in present:
                 what = "[[nic]]" if cls is BootClass.NETWORK else f'[[disk]] with media = "{cls}"'
-                raise r.fail(("boot",), f'lists "{cls}" but the guest has no {what}')
+                raise r.fail(("boot",), f'lists "{cls}" but the guest has no {what}',
+                             f'remove "{cls}" from boot, or add a {what}')
     for cls in (BootClass.DISK, BootClass.CDROM):
         flagged = [d for d in g.disks if d.boot_class is cls and d.boot]
-        if flagged and (g.kernel or cls not in g.boot):
-            d = flagged[0]
-            why = ("direct kernel boot ([kernel] image) is used" if g.kernel else
-                   f'boot = {render([str(b) for b in g.boot])} does not list "{cls}"')
-            raise r.fail(("disk", d.index, "boot"), f"is true but {why}",
-                         f'add "{cls}" to boot, or remove boot = true')
+        if flagged and g.kernel:
+            # boot itself is refused with [kernel] (above): adding to it cannot help
+            raise r.fail(("disk", flagged[0].index, "boot"),
+                         "is true but direct kernel boot ([kernel] image) is used: the guest "
+                         "starts that kernel, never a drive's boot loader",
+                         "remove boot = true (the kernel finds its root file system by "
+                         "[kernel] cmdline, root=...), or remove [kernel] to boot from the "
+                         "drive's own boot loader")
+        if flagged and cls not in g.boot:
+            raise r.fail(("disk", flagged[0].index, "boot"),
+                         f'is true but boot = {render([str(b) for b in g.boot])} does not '
+                         f'list "{cls}"', f'add "{cls}" to boot, or remove boot = true')
         if len(flagged) > 1:
             raise r.fail(("disk", flagged[1].index, "boot"),
                          f"disk[{flagged[0].index}] is already the boot {cls}",
-                         "mark one drive per class with boot = true")
+                         f"remove boot = true from all {cls} drives but the one to boot from")
 
 
 def _check_ide(r: Reader, g: Guest) -> None:
     ide = [d for d in g.disks if d.bus is Bus.IDE]
     slots = IDE_SLOTS["q35" if "q35" in g.machine else "pc"]
     if len(ide) > slots:
+        # virtio has no CD-ROM drive: a CD-ROM can only move to SCSI
+        buses = ('"virtio" (disks) or "scsi" (disks and CD-ROMs; virtio has no CD-ROM drive)'
+                 if any(d.media is Media.CDROM for d in ide) else '"virtio" or "scsi"')
         raise r.fail(("disk", ide[slots].index, "bus"),
                      f"{len(ide)} IDE drives; machine {render(g.machine)} has {slots} IDE slots",
-                     'use bus = "virtio" or "scsi" for the others')
+                     f"keep {slots} drives on IDE and give the others bus = {buses}")
 
 
 def check_unique(guests: list[Guest]) -> None:

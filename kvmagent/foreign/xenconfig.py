@@ -250,7 +250,8 @@ class _Xen:
                               "from its disk; under KVM the BIOS boots the disk.")
             self.warn("pygrub is gone: the guest's disk needs a boot loader in its MBR "
                       "(grub-install in the guest), or boot a kernel copied out of the guest "
-                      "([kernel] image, see `kvmagent kernel`)" + (
+                      "(its vmlinuz and initrd.img, e.g. in /boot/kvm/NAME/, as [kernel] image "
+                      "and initrd)" + (
                           f"; {part[0].vdev}{part[0].part} is a partition without a "
                           "partition table, which no BIOS boots: copy the kernel out."
                           if part else "."))

@@ -17,6 +17,7 @@ seconds for every *Sec key (systemd's own naming rule), modes as ints.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +40,10 @@ INSTALLED_COMMAND = ("/usr/bin/kvmagent",)
 # drop-in from kvmagent's generator, or the transient unit's own setting.
 # systemd and machined accept the scope and machine from uid 0 without
 # CAP_SYS_ADMIN (measured on systemd 252).  MemoryDenyWriteExecute= holds for TCG
-# too, with -accel tcg,split-wx=on.  ProtectSystem=strict: image files must be
-# in /var/lib/kvmagent (e.g. images/) or a ReadWritePaths= drop-in; LVM
-# volumes and other block devices are not affected.  No IPAddressDeny=: QEMU
+# too, with -accel tcg,split-wx=on.  ProtectSystem=strict: a guest's writable
+# image files outside /var/lib/kvmagent get ReadWritePaths= in a drop-in from
+# kvmagent's generator (images_dropin()), or in the transient unit's own
+# settings; LVM volumes and other block devices are not affected.  No IPAddressDeny=: QEMU
 # opens its VNC socket before it leaves this cgroup for its scope.
 SANDBOX: list[Setting] = [
     ("CapabilityBoundingSet", ["CAP_NET_ADMIN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL",
@@ -128,6 +130,49 @@ def inet_dropin() -> str:
     """What kvmagent's generator writes for such a guest's kvm@NAME.service."""
     return ("# kvmagent-generator: this guest's QEMU needs IP sockets (VNC on TCP or\n"
             "# user-mode networking)\n[Service]\nRestrictAddressFamilies=AF_INET AF_INET6\n")
+
+
+# Writable in every guest's service: StateDirectory=kvmagent.  Device nodes
+# (LVM volumes and other block devices) are not affected by ProtectSystem=.
+STATE_DIRECTORY = "/var/lib/kvmagent"
+UNPROTECTED = ("/dev", STATE_DIRECTORY)
+IMAGES_DROPIN = "50-kvmagent-images.conf"
+
+
+def _below(path: str, tops: Sequence[str]) -> bool:
+    norm = os.path.normpath(path)  # lexically: no file system is touched
+    return any(norm == top or norm.startswith(top + "/") for top in tops)
+
+
+def writable_images(guest: Guest) -> list[str]:
+    """The guest's image files that QEMU writes and that ProtectSystem=strict
+    leaves read-only: its writable disks outside /dev and /var/lib/kvmagent,
+    each once, as the guest file names them.  (A read-only disk needs
+    nothing: ProtectSystem= leaves reading alone.)"""
+    out = [str(d.path) for d in guest.disks
+           if not d.readonly and not _below(str(d.path), UNPROTECTED)]
+    return list(dict.fromkeys(out))
+
+
+def _unit_word(path: str) -> str:
+    """PATH with systemd's "-" prefix (a missing file is ignored) as one word
+    of a unit file's path list: "%" doubled (no specifier), quoted with
+    C-style escapes where it has a space, quote or backslash."""
+    word = "-" + path.replace("%", "%%")
+    if any(ch in word for ch in ' \t"\'\\'):
+        word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return word
+
+
+def images_dropin(paths: Sequence[str]) -> str:
+    """What kvmagent's generator writes for a guest with image files outside
+    /var/lib/kvmagent: ReadWritePaths= for exactly those files ("-": a file
+    that is missing, e.g. on an NFS mount that is not there yet, does not
+    fail the unit; kvmagent says what is missing).  The rest of the system
+    stays read-only for the guest."""
+    return ("# kvmagent-generator: this guest's writable image files outside "
+            f"{STATE_DIRECTORY}\n[Service]\n"
+            f"ReadWritePaths={' '.join(_unit_word(p) for p in paths)}\n")
 
 
 def oneoff_unit(name: str) -> str:

@@ -86,9 +86,10 @@ def open_disks(disks: list[Disk]) -> tuple[dict[str, str], list[int]]:
                 except OSError as e:
                     hint = None
                     if e.errno == errno.EROFS:  # kvm@.service's ProtectSystem=strict
-                        hint = ("kvm@.service can write disk images only below "
-                                "/var/lib/kvmagent; move it there, or add "
-                                "ReadWritePaths=DIR with: systemctl edit kvm@GUEST")
+                        hint = ("kvmagent-generator makes a guest's writable image files "
+                                "writable in its kvm@NAME.service: run systemctl "
+                                "daemon-reload after adding or moving a disk, and start "
+                                "the guest again")
                     raise KvmagentError(f"cannot open disk {path}: {e.strerror}", hint,
                                         ExitStatus.HOST_NOT_READY) from None
                 fill[token] = str(fds[-1])

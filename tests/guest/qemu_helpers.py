@@ -6,6 +6,10 @@
 * Qmp: kvmagent's QMP client (kvmagent.host.qmp), plus poll_events().
 * boot(): starts QEMU with the baseline command of guest.md, connects both,
   and kills QEMU on the way out whatever happened.
+* on_scratch() and start_paused(): a guest kvmagent loaded, its disks
+  pointed at throwaway images and its kernel at the tiny guest's, started
+  paused (-S) from kvmagent's own argv, so that no option kvmagent writes
+  is invented (tests/qemu).
 
 """
 
@@ -22,8 +26,13 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from kvmagent.config.model import Accel, Format, Guest as GuestConfig, HostConfig
+from kvmagent.config.model import Kernel, Media, NicMode
+from kvmagent.host.hostcheck import check_host
+from kvmagent.host.qemucaps import capabilities
 from kvmagent.host.qmp import Qmp as _Qmp
 from kvmagent.host.qmp import QmpError
+from kvmagent.render.qemu import Sockets, qemu_argv
 from tests.guest.build import GuestImage
 
 QEMU = "qemu-system-x86_64"
@@ -185,3 +194,54 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
 
 def qemu_available() -> bool:
     return any(os.access(Path(d) / QEMU, os.X_OK) for d in os.get_exec_path())
+
+
+def on_scratch(guest: GuestConfig, image: GuestImage, tmp: Path) -> GuestConfig:
+    """GUEST with each disk replaced by a throwaway image in TMP (16 MiB,
+    a CD-ROM 1 MiB, qcow2 where the disk says so), its kernel and initrd
+    (if it boots one) by the tiny guest's, and VNC on a socket in TMP."""
+    disks = []
+    for d in guest.disks:
+        scratch = tmp / f"{d.node}.img"
+        size = (1 if d.media is Media.CDROM else 16) << 20
+        if d.format is Format.QCOW2:
+            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(scratch), str(size)],
+                           check=True)
+        else:
+            with open(scratch, "wb") as f:
+                f.truncate(size)
+        disks.append(dataclasses.replace(d, path=scratch))
+    kernel = guest.kernel and Kernel(image.kernel, image.initrd, guest.kernel.cmdline)
+    vnc = f"unix:{tmp}/vnc.sock" if guest.display.vnc else None
+    return dataclasses.replace(guest, disks=tuple(disks), kernel=kernel,
+                               display=dataclasses.replace(guest.display, vnc=vnc))
+
+
+def start_paused(guest: GuestConfig, host: HostConfig, tmp: Path) -> str:
+    """Start GUEST paused (-S) under TCG from kvmagent's argv, sockets in
+    TMP; check over QMP that it is in "prelaunch" with all its disks, quit;
+    QEMU's stderr.  Only KVM and the bridges may be missing on this host
+    (QEMU makes a bridged NIC's tap itself, in a throwaway netns)."""
+    facts, problems = check_host(guest, host, kvm_probe=lambda: (False, "not used"),
+                                 caps_probe=lambda q: capabilities(q, tmp))
+    assert not [p for p in problems if "KVM" not in p.message
+                and "no such bridge" not in p.message], problems
+    facts = dataclasses.replace(facts, accel=Accel.TCG)
+    argv = qemu_argv(guest, host, facts, Sockets.in_dir(tmp))
+    argv.insert(1, "-S")
+    if any(n.mode is NicMode.BRIDGE for n in guest.nics):
+        argv = ["unshare", "--net", "--", *argv]  # the tap stays in a throwaway netns
+    with open(tmp / "qemu.stderr", "wb") as stderr:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=stderr)
+    try:
+        qmp = Qmp(connect_unix(tmp / "qmp.sock", 20, proc))
+        status = qmp.execute("query-status")
+        assert status["status"] == "prelaunch" and status["running"] is False
+        blocks = {b["device"] or b["qdev"]: b for b in qmp.execute("query-block")}
+        assert len(blocks) == len(guest.disks)
+        qmp.execute("quit")
+        assert proc.wait(20) == 0
+    finally:
+        _kill(proc)
+    return (tmp / "qemu.stderr").read_text()

@@ -13,7 +13,6 @@ golden files in tests/unit/test_qemu_argv.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 from pathlib import Path
@@ -22,12 +21,12 @@ import pytest
 
 from kvmagent.config.guests import load_guest, load_host_config
 from kvmagent.host.hostcheck import check_host
-from kvmagent.config.model import Accel, Kernel, Media, NicMode
+from kvmagent.config.model import Accel, NicMode
 from kvmagent.paths import Paths
 from kvmagent.render.qemu import Sockets, qemu_argv
 from kvmagent.host.qemucaps import capabilities
 from tests import seed
-from tests.guest.qemu_helpers import Console, Qmp, connect_unix
+from tests.guest.qemu_helpers import Console, Qmp, connect_unix, on_scratch, start_paused
 
 pytestmark = pytest.mark.qemu
 
@@ -55,42 +54,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @pytest.mark.parametrize("name", SEED_GUESTS)
 def test_seed_configuration_starts_paused(name: str, image, tmp_path: Path) -> None:
     host = load_host_config(SEED)
-    guest = load_guest(SEED, name, host)
-    disks = []
-    for d in guest.disks:
-        scratch = tmp_path / f"{d.node}.img"
-        with open(scratch, "wb") as f:
-            f.truncate((1 if d.media is Media.CDROM else 16) << 20)
-        disks.append(dataclasses.replace(d, path=scratch))
-    kernel = guest.kernel and Kernel(image.kernel, image.initrd, guest.kernel.cmdline)
-    vnc = f"unix:{tmp_path}/vnc.sock" if guest.display.vnc else None
-    guest = dataclasses.replace(guest, disks=tuple(disks), kernel=kernel,
-                                display=dataclasses.replace(guest.display, vnc=vnc))
-    facts, problems = check_host(guest, host, kvm_probe=lambda: (False, "not used"),
-                                 caps_probe=lambda q: capabilities(q, tmp_path))
-    # Only KVM (not usable here) and the bridge (not on this machine; QEMU
-    # makes the tap itself inside a throwaway netns below) may be missing.
-    assert not [p for p in problems if "KVM" not in p.message
-                and "no such bridge" not in p.message], problems
-    facts = dataclasses.replace(facts, accel=Accel.TCG)
-    argv = qemu_argv(guest, host, facts, Sockets.in_dir(tmp_path))
-    argv.insert(1, "-S")
-    if any(n.mode is NicMode.BRIDGE for n in guest.nics):
-        if os.geteuid() != 0:
-            pytest.skip("a bridged NIC needs root (QEMU creates the tap in a private netns)")
-        argv = ["unshare", "--net", "--", *argv]  # the tap stays in a throwaway netns
-    proc = _start(argv, tmp_path)
-    try:
-        qmp = Qmp(connect_unix(tmp_path / "qmp.sock", 20, proc))
-        status = qmp.execute("query-status")
-        assert status["status"] == "prelaunch" and status["running"] is False
-        blocks = {b["device"] or b["qdev"]: b for b in qmp.execute("query-block")}
-        assert len(blocks) == len(guest.disks)
-        qmp.execute("quit")
-        assert proc.wait(20) == 0
-    finally:
-        _stop(proc)
-    stderr = (tmp_path / "qemu.stderr").read_text()
+    guest = on_scratch(load_guest(SEED, name, host), image, tmp_path)
+    if any(n.mode is NicMode.BRIDGE for n in guest.nics) and os.geteuid() != 0:
+        pytest.skip("a bridged NIC needs root (QEMU creates the tap in a private netns)")
+    stderr = start_paused(guest, host, tmp_path)
     assert "warning" not in stderr.lower() or name == "fukano", stderr
 
 

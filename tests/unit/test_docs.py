@@ -70,3 +70,42 @@ def test_readme_layout_names_every_module():
     missing += [f"{p.parent.name}/" for p in sorted((REPO / "kvmagent").glob("*/__init__.py"))
                 if f"`{p.parent.name}/`" not in layout]
     assert not missing, f"README's Layout does not name: {', '.join(missing)}"
+
+
+def test_readme_import_example_is_the_real_output():
+    """README's "Coming from kvm scripts or from Xen": the seed's arkani
+    script, and what `kvmagent import kvm-script` prints for it, to the
+    letter."""
+    import re
+
+    from kvmagent.foreign.kvmscript import import_kvm_script
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("\n## Coming from kvm scripts or from Xen\n")
+    section = readme[start:readme.index("\n## ", start + 1)]
+    blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)
+    script = (REPO / "tests" / "data" / "import" / "kvm-scripts" / "arkani.bash").read_text()
+    assert ("sh", script) in blocks
+    imported = import_kvm_script(script, "kvm-server.bash", read=lambda path: None)
+    assert ("toml", imported.toml) in blocks
+    command = next(b for kind, b in blocks if b.startswith("$ kvmagent import kvm-script"))
+    assert command.splitlines()[1:] == [f"kvmagent: arkani: to do: {w}"
+                                        for w in imported.warnings]
+
+
+def test_every_command_in_the_man_page():
+    """kvmagent(1) has every command of the parser in its SYNOPSIS and its
+    COMMANDS, with the command's options."""
+    from kvmagent.cli.parser import build_parser
+    man1 = (REPO / "docs" / "kvmagent.1.md").read_text()
+    synopsis = man1[man1.index("# SYNOPSIS"):man1.index("# DESCRIPTION")]
+    commands = man1[man1.index("# COMMANDS"):man1.index("\n# ", man1.index("# COMMANDS") + 1)]
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    for name, sp in sub.choices.items():  # type: ignore[union-attr]
+        assert any(name in line.replace("|", " ").split() for line in synopsis.splitlines()
+                   if line.strip().startswith("kvmagent ")), name
+        assert f"**{name}**" in commands or f"**{name} " in commands, name
+        for action in sp._actions:
+            for option in action.option_strings:
+                if option.startswith("--") and option != "--help":
+                    assert option in synopsis, (name, option)

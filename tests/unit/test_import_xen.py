@@ -87,6 +87,9 @@ def test_pygrub():
     assert len(guest.nics) == 2 and guest.nics[1].bridge == "br-kvm"  # the host's default
     assert "bootloader = pygrub dropped" in flat(imported.toml)
     assert any("pygrub is gone" in w for w in imported.warnings)
+    # the advice names what exists today: no command that is not there
+    assert not any("kvmagent kernel" in w for w in imported.warnings)
+    assert any("as [kernel] image and initrd" in w for w in imported.warnings)
     assert "bootindex=1" in argv(guest)
 
 

@@ -106,7 +106,7 @@ boot = ["network", "cdrom", "disk"]
 path = "/data"
 boot = false
 [[disk]]
-path = "/root"
+path = "/srv/root.img"
 [[disk]]
 path = "/cd.iso"
 bus = "scsi"
