@@ -49,6 +49,10 @@ class Paths(NamedTuple):
         """Beside it: the running guest's escape key, for `kvmagent console`."""
         return self.guest_runtime(name) / "console.key"
 
+    def control_socket(self, name: str) -> Path:
+        """Guest NAME's supervisor's control channel (kvmagent.unit.channel)."""
+        return self.guest_runtime(name) / "control.sock"
+
     def running_record(self, name: str) -> Path:
         """The running guest's QEMU and how its supervisor started it, for the
         supervisor that takes it over (kvmagent.unit.adopt)."""

@@ -165,6 +165,10 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("--write", action="store_true", help="write guests/NAME.toml instead of "
                     "printing it")
     sp.add_argument("--force", action="store_true", help="with --write: replace an existing file")
+    sp = add(sub, "reload", "cli.reload:cmd_reload", "move the supervisors of guests NAME (all "
+             "running guests if none is named) to the installed kvmagent, the guests untouched")
+    sp.add_argument("names", metavar="NAME", nargs="*")
+    sp.add_argument("--quiet", action="store_true", help="say nothing when no guest runs")
     sp = add(sub, "run", "unit.run:cmd_run",
              "supervise guest NAME in the foreground: the ExecStart= of "
              "kvm@NAME.service (start guests with systemctl start kvm@NAME)")

@@ -13,6 +13,7 @@ from typing import Any
 from kvmagent.cli.tracking import (STATES, UP_STATES, _history, _known, _note, _summary_json,
                                    duration, paint, reason_text, stamp)
 from kvmagent.config.values import format_size
+from kvmagent.unit import channel
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import journal
 from kvmagent.names import scope_unit, service_unit
@@ -46,6 +47,17 @@ def _guest(paths: Paths, name: str) -> tuple[Any, str]:
         return None, e.message
 
 
+def supervisor(paths: Paths, name: str) -> channel.Status | None:
+    """What the running supervisor says of itself (None: no answer)."""
+    path = paths.control_socket(name)
+    if not path.is_socket():
+        return None
+    try:
+        return channel.Status.from_json(channel.ask(path, "status", timeout=2.0))
+    except (KvmagentError, ValueError):
+        return None
+
+
 def status(args: argparse.Namespace, paths: Paths) -> int:
     name = args.name
     unit = service_unit(name)
@@ -59,6 +71,7 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
         nics = [{"tap": n.tap if n.bridge else None, "bridge": n.bridge, "mac": n.mac}
                 for n in guest.nics]
     console = paths.console_socket(name)
+    sup = supervisor(paths, name) if active in UP_STATES else None
     lines = [] if args.json else journal.tail(unit, args.lines)
     if args.json:
         doc = {"name": name, "unit": unit, "state": word, "active_state": active,
@@ -71,6 +84,10 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
                "cpus": guest.cpus if guest else None,
                "memory_bytes": guest.memory if guest else None,
                "nics": nics, "console_socket": str(console) if console.exists() else None,
+               "supervisor": None if sup is None else {
+                   "kvmagent_version": sup.version, "since": sup.supervising_since,
+                   "qemu_started_by": sup.started_by, "qemu_since": sup.qemu_since,
+                   "takeovers": sup.takeovers},
                **_summary_json(summary, known=not note2)}
         if props and active not in UP_STATES:
             # systemd says it does not run: a run left open in the record
@@ -120,6 +137,11 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
     if props.get("MainPID"):
         out.append(("PIDs", f"supervisor {props['MainPID']}, QEMU {pid or '-'} "
                             f"(in {scope_unit(name)})"))
+    if sup is not None:
+        out.append(("Supervisor", f"kvmagent {sup.version} since "
+                                  f"{stamp(sup.supervising_since)} (QEMU started by kvmagent "
+                                  f"{sup.started_by} {stamp(sup.qemu_since)}; "
+                                  f"{sup.takeovers} takeovers since)"))
     for n in nics:
         where = f"{n['tap']} on {n['bridge']}" if n["tap"] else "user-mode network"
         out.append(("NIC", f"{where}, MAC {n['mac']}"))

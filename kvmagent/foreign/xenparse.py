@@ -77,6 +77,8 @@ def read_settings(text: str, file: str) -> tuple[dict[str, Setting], list[str]]:
     def line_text(n: int) -> str:
         return lines[n - 1] if 0 < n <= len(lines) else ""
 
+    if "\0" in text:  # said the same on every Python (3.11's ast and 3.13's differ here)
+        raise config_error(f"{file}: not a Xen configuration (it contains a NUL byte)")
     try:
         tree = ast.parse(text, filename=file)
     except SyntaxError as e:

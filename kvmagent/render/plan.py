@@ -90,6 +90,7 @@ class Running(NamedTuple):
     escape: str
     taps: list[str]
     version: str  # the kvmagent that started QEMU
+    takeovers: int = 0  # supervisors that took QEMU over since (deaths and reloads)
 
     @classmethod
     def from_plan(cls, plan: Plan, qemu_pid: int, since: float, version: str) -> Running:
@@ -103,24 +104,30 @@ class Running(NamedTuple):
     @classmethod
     def from_json(cls, text: str) -> Running:
         """ValueError naming the field when TEXT is not such a record."""
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        values: list[Any] = []
-        for field, kind in zip(cls._fields, _RUNNING_KINDS):
-            value = data.get(field)
-            ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)
-                  if kind is list else
-                  isinstance(value, (int, float)) and not isinstance(value, bool)
-                  if kind is float else
-                  isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
-            if not ok:
-                raise ValueError(f"{field}: {value!r} is not {kind.__name__}")
-            values.append(float(value) if kind is float and value is not None else value)
-        return cls(*values)
+        return cls(*read_fields(cls._fields, _RUNNING_KINDS, json.loads(text)))
+
+
+def read_fields(fields: tuple[str, ...], kinds: tuple[type, ...], data: object) -> list[Any]:
+    """The values of a typed record's FIELDS (of KINDS: str, int, float,
+    bool, list of str) from a JSON object, checked: ValueError naming the
+    field when one is missing or of another type."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    values: list[Any] = []
+    for field, kind in zip(fields, kinds):
+        value = data.get(field)
+        ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)
+              if kind is list else
+              isinstance(value, (int, float)) and not isinstance(value, bool)
+              if kind is float else
+              isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
+        if not ok:
+            raise ValueError(f"{field}: {value!r} is not {kind.__name__}")
+        values.append(float(value) if kind is float and value is not None else value)
+    return values
 
 
 # Running's field types, in order, for reading it back (NamedTuple's own
 # annotations are strings here).
 _RUNNING_KINDS: tuple[type, ...] = (str, str, int, float, float, bool, bool, int, float, str,
-                                    list, str)
+                                    list, str, int)

@@ -204,6 +204,8 @@ def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
         # (SIGKILL, OOM); "-": never fails the unit; "+": outside the sandbox
         # (kvm@.service says why).
         ("ExecStopPost", [f"-+{command[0]}", *command[1:], "stop-post", name]),
+        # systemctl reload: the supervisor runs the installed code, its guest untouched
+        ("ExecReload", [*command, "reload", name]),
         ("RuntimeDirectory", [f"kvmagent/{name}"]),
         # Past the start limit: the guest's QEMU, which outlives its
         # supervisor, is stopped (kvmagent.unit.orphan).

@@ -36,7 +36,8 @@ SIGNATURES: dict[str, bytes] = {
     "Type": b"s", "NotifyAccess": b"s", "KillMode": b"s", "Restart": b"s",
     # ExecStart=/ExecStopPost= are sent as these, with the prefixes of a unit
     # file's command line as flags
-    "ExecStartEx": b"a(sasas)", "ExecStopPostEx": b"a(sasas)",  # (path, argv, flags)
+    "ExecStartEx": b"a(sasas)", "ExecStopPostEx": b"a(sasas)",
+    "ExecReloadEx": b"a(sasas)",  # (path, argv, flags)
     "RestartUSec": b"t", "TimeoutStartUSec": b"t", "TimeoutStopUSec": b"t",
     "WatchdogUSec": b"t", "StartLimitIntervalUSec": b"t", "StartLimitBurst": b"u",
     "RestartPreventExitStatus": b"(aiai)",  # (exit statuses, signals)

@@ -25,6 +25,7 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import time
 from contextlib import ExitStack, suppress
 from typing import Any
@@ -38,7 +39,7 @@ from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF, WATCHDO
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
 from kvmagent.render.plan import CONSOLE_FD, QMP_FD, Disk, Plan, Running, fill_in, tap_token
-from kvmagent.unit import adopt
+from kvmagent.unit import adopt, channel
 from kvmagent.unit.adopt import AdoptedQemu
 from kvmagent.unit import forkcall
 from kvmagent.unit.consolelog import ConsoleLog
@@ -68,6 +69,9 @@ MSG_STOPPED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b08"
 MSG_START_FAILED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b09"
 MSG_CONSOLE_DROPPED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b0a"
 MSG_ADOPTED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b0b"
+MSG_RELOADED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b0c"
+# Set for the code a reload executes: the version it replaces.
+RELOAD_ENV = "KVMAGENT_RELOADED_FROM"
 # catalog/kvmagent.catalog explains each (journalctl -x); a unit test keeps
 # the two in step.
 
@@ -144,6 +148,10 @@ class Supervisor:
         self.hub: ConsoleHub | None = None
         self.stop = StopPolicy(stop_timeout=0.0, keep=False)  # the plan's, once made
         self.started = 0.0
+        self.since = time.time()  # when this supervisor started or took the guest over
+        self.running: Running | None = None  # what the next supervisor needs
+        self.channel: socket.socket | None = None  # kvmagent.unit.channel
+        self.kept: dict[str, socket.socket] = {}  # in systemd's fd store, by name
         self.record = EventRecorder(name, paths, lambda text: self.log(text, 4))
 
     def log(self, message: str, priority: int = 6, message_id: str | None = None) -> None:
@@ -265,10 +273,14 @@ class Supervisor:
         # For the supervisor that takes over if this one dies: QEMU's ends
         # of QMP and the console stay open in systemd's fd store (QEMU sees
         # no EOF), and the record says which QEMU it is.
-        store_fd(qmp_ours.fileno(), adopt.QMP_FDNAME)
-        store_fd(con_ours.fileno(), adopt.CONSOLE_FDNAME)
-        adopt.write_running(self.paths, Running.from_plan(plan, self.qemu.pid, time.time(),
-                                                          __version__))
+        self.channel = channel.listen(self.paths.control_socket(self.name))
+        stack.callback(self.channel.close)
+        self.kept = {adopt.QMP_FDNAME: qmp_ours, adopt.CONSOLE_FDNAME: con_ours,
+                     channel.CONTROL_FDNAME: self.channel}
+        for fdname, sock in self.kept.items():
+            store_fd(sock.fileno(), fdname)
+        self.running = Running.from_plan(plan, self.qemu.pid, time.time(), __version__)
+        adopt.write_running(self.paths, self.running)
         notify("READY=1", f"STATUS=running, QEMU pid {self.qemu.pid}")
         self.log(f"guest {self.name} running, QEMU pid {self.qemu.pid}", 6, MSG_RUNNING)
 
@@ -319,13 +331,77 @@ class Supervisor:
             raise KvmagentError(f"guest {self.name}'s QEMU did not answer; it was killed and "
                                 "starts again", None, ExitStatus.FAILURE) from None
         self._catch_signals()
-        for name, sock in socks.items():  # stored again: systemd keeps one copy of each
-            store_fd(sock.fileno(), name)
+        if channel.CONTROL_FDNAME in socks:
+            self.channel = socks[channel.CONTROL_FDNAME]
+            self.channel.setblocking(False)
+        else:  # taken over from a supervisor of a kvmagent without one
+            self.channel = channel.listen(self.paths.control_socket(self.name))
+            stack.callback(self.channel.close)
+            socks[channel.CONTROL_FDNAME] = self.channel
+        self.kept = socks
+        for fdname, sock in socks.items():  # stored again: systemd keeps one copy of each
+            store_fd(sock.fileno(), fdname)
+        self.running = running._replace(takeovers=running.takeovers + 1)
+        adopt.write_running(self.paths, self.running)
+        reloaded = os.environ.pop(RELOAD_ENV, None)
         notify("READY=1", f"STATUS=running, QEMU pid {qemu.pid} (taken over)")
-        self.log(f"guest {self.name} taken over: QEMU pid {qemu.pid} ({status.get('status')}), "
-                 f"started by kvmagent {running.version}; this supervisor: kvmagent "
-                 f"{__version__}", 5, MSG_ADOPTED)
+        if reloaded is not None:
+            self.log(f"guest {self.name}: supervisor reloaded, kvmagent {reloaded} -> "
+                     f"{__version__}; QEMU pid {qemu.pid} ({status.get('status')}) "
+                     f"untouched", 5, MSG_RELOADED)
+        else:
+            self.log(f"guest {self.name} taken over: QEMU pid {qemu.pid} "
+                     f"({status.get('status')}), started by kvmagent {running.version}; "
+                     f"this supervisor: kvmagent {__version__}", 5, MSG_ADOPTED)
         return True
+
+    # -- the control channel ----------------------------------------------------
+    def _control(self) -> None:
+        assert self.channel is not None and self.qemu is not None
+        request = channel.receive(self.channel)
+        if request is None:
+            return
+        conn, command = request
+        if command == "status" or self.running is None:
+            running = self.running
+            channel.answer(conn, {"ok": True, **channel.Status(
+                self.name, __version__, os.getpid(), self.since, self.qemu.pid,
+                running.since if running else self.since,
+                running.version if running else __version__,
+                running.takeovers if running else 0)._asdict()})
+            return
+        if self.stop.stopping:
+            channel.answer(conn, {"ok": False, "error": "the guest is stopping"})
+            return
+        # reload: systemd's unit is "reloading" until the new code says READY=1
+        now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}", "STATUS=reloading the supervisor")
+        channel.answer(conn, {"ok": True})
+        self._reexec()
+
+    def _reexec(self) -> None:
+        """Run the installed kvmagent in this process (same pid: systemd sees
+        nothing but RELOADING=1 and READY=1), handing it QMP, the console and
+        the control channel as systemd's fd store would; it takes the guest
+        over.  Never returns: if the exec fails, exiting hands the guest over
+        through systemd's fd store instead."""
+        self.log(f"guest {self.name}: reloading the supervisor (kvmagent {__version__})", 6)
+        self.record.flush()
+        self.record.wait()
+        self.journal.drain(2.0)
+        import fcntl
+        names = list(self.kept)
+        high = [fcntl.fcntl(self.kept[n].fileno(), fcntl.F_DUPFD_CLOEXEC, 100) for n in names]
+        env = dict(os.environ)
+        env.update({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": str(len(names)),
+                    "LISTEN_FDNAMES": ":".join(names), RELOAD_ENV: __version__})
+        try:
+            for i, fd in enumerate(high):  # SD_LISTEN_FDS_START: 3
+                os.dup2(fd, 3 + i, inheritable=True)
+            os.execve(sys.executable, sys.orig_argv, env)
+        except OSError as e:
+            self.log(f"cannot reload the supervisor of guest {self.name}: {e}", 3)
+        os._exit(ExitStatus.FAILURE)
 
     def _catch_signals(self) -> None:
         """Signals wake the main loop through a socket (signal.set_wakeup_fd)."""
@@ -411,6 +487,7 @@ class Supervisor:
             timeout = max(0.0, min(timers) - now) if timers else None
             watch: list[Any] = [wake_r]
             watch += [self.qemu] if isinstance(self.qemu, AdoptedQemu) else []
+            watch += [self.channel] if self.channel is not None else []
             watch += [self.qmp] if not self.qmp.closed else []
             watch += [self.console] if self.console else []
             watch += self.hub.sockets() if self.hub else []
@@ -439,6 +516,8 @@ class Supervisor:
                 self._console_log(*self.console_log.tick(time.monotonic()))
             if self.qmp in ready:
                 self._events()
+            if self.channel is not None and self.channel in ready:
+                self._control()
             now = time.monotonic()
             if ping_every and now >= next_ping and not self.stop.stopping:
                 self._watchdog()

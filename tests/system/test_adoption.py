@@ -2,7 +2,8 @@
 process, and the supervisor that systemd starts next takes the running
 QEMU over — same QEMU pid, no second boot, the console back in the journal,
 QMP answering (the graceful stop at the end goes through it), taps where
-they were, no restart counted.  On each release's own root (systemd 252
+they were, no restart counted.  A reload (kvmagent reload, systemctl
+reload) does the same in the supervisor's own process.  On each release's own root (systemd 252
 and 257)."""
 
 from __future__ import annotations
@@ -80,6 +81,22 @@ def test_a_killed_supervisor_is_replaced_and_the_guest_runs_on(debian_testhost: 
     # a kill in the middle of a line loses that line's start (at most one per kill)
     assert len(missing) <= kills, f"console lines lost: {missing}"
     assert th.exec(["ip", "-o", "link", "show", "master", "br-kvm"]).stdout == taps
+    # new code without an outage: `kvmagent reload` and `systemctl reload`
+    # re-execute the supervisor in its process, which takes the guest over
+    main = show(th, unit, "MainPID")["MainPID"]
+    t0 = time.monotonic()
+    out = th.run(["kvmagent", "reload", name]).stdout
+    reload_took = time.monotonic() - t0
+    assert f"QEMU pid {qemu} untouched" in out, out
+    th.exec(["systemctl", "reload", unit], timeout=60)
+    s = show(th, unit, "MainPID", "ActiveState", "NRestarts")
+    assert (s["MainPID"], s["ActiveState"], s["NRestarts"]) == (main, "active", str(kills)), s
+    assert qemu_pid(th, name) == qemu
+    assert th.journal(unit).count("supervisor reloaded, kvmagent") == 2
+    status = th.run(["kvmagent", "status", name]).stdout
+    assert re.search(r"Supervisor: kvmagent \S+ since .*; 4 takeovers since\)", status), status
+    doc = json.loads(th.run(["kvmagent", "status", "--json", name]).stdout)
+    assert doc["supervisor"]["takeovers"] == 4 and doc["qemu_pid"] == qemu, doc
     # the console and QMP of the adopted guest: typed in, seen in the journal
     th.run(["kvmagent", "console", name, "--timeout", "0.5"], input="echo AFTER-$((6*7))\n")
     wait_for(th, unit, r"AFTER-42", timeout=30)
@@ -88,7 +105,8 @@ def test_a_killed_supervisor_is_replaced_and_the_guest_runs_on(debian_testhost: 
     # the guest did not restart: no restart counted, its uptime goes on
     assert guest["restarts"] == 0 and guest["qemu_pid"] == qemu, guest
     print(f"{th.release}: supervisor replaced in {', '.join(f'{t * 1000:.0f}' for t in took)} "
-          f"ms; {len(missing)} console lines lost; listed: {guest}")
+          f"ms; {len(missing)} console lines lost; kvmagent reload {reload_took * 1000:.0f} ms; "
+          f"listed: {guest}")
     t0 = time.monotonic()
     th.exec(["systemctl", "stop", unit], timeout=150)
     journal = th.journal(unit)

@@ -212,16 +212,29 @@ def test_a_guests_life_on_a_clean_host(system_ok: None, work: Path, guest_image,
         wait_for(th, "kvm@g3.service", "GUEST-READY")
         assert th.exec(["systemctl", "is-active", "kvm@g2"], check=False).stdout == "inactive\n"
 
-        # remove leaves a running guest running; the package built on this host's
-        # own release goes in, the guest still stops cleanly, and a guest runs on it
-        pid = main_pid(th, "kvm@g3.service")
+        # remove leaves running guests running; the package built on this host's
+        # own release goes in: its postinst moves the three supervisors to its
+        # code (kvmagent reload), the guests untouched; they still stop cleanly
+        running = ("g3", "demo", "g1")
+        for name in running[1:]:
+            th.exec(["systemctl", "start", f"kvm@{name}"], timeout=120)
+        pids = {n: (main_pid(th, f"kvm@{n}.service"), qemu_pid(th, n)) for n in running}
         th.run(["apt-get", *OFFLINE_APT, "remove", "-y", "-q", "kvmagent"], env=APT_ENV)
         assert th.exec(["test", "-e", "/usr/bin/kvmagent"], check=False).returncode == 1
-        assert main_pid(th, "kvm@g3.service") == pid
+        assert {n: (main_pid(th, f"kvm@{n}.service"), qemu_pid(th, n)) for n in running} == pids
         apt_install(th, own)
         assert th.run(["kvmagent", "--version"]).stdout == "kvmagent 0.1.0\n"
-        th.exec(["systemctl", "stop", "kvm@g3"], timeout=120)
-        assert "guest g3 stopped" in th.journal("kvm@g3.service")
+        for name in running:
+            assert (main_pid(th, f"kvm@{name}.service"), qemu_pid(th, name)) == pids[name]
+            doc = json.loads(th.run(["kvmagent", "status", "--json", name]).stdout)
+            assert doc["supervisor"]["kvmagent_version"] == "0.1.0", (name, doc)
+            assert doc["supervisor"]["qemu_started_by"] == "0.1.0+upgrade1", (name, doc)
+            assert doc["restarts"] == (1 if name == "g1" else 0), (name, doc)
+            assert ("supervisor reloaded, kvmagent 0.1.0+upgrade1 -> 0.1.0"
+                    in th.journal(f"kvm@{name}.service")), name
+        th.exec(["systemctl", "stop", *(f"kvm@{n}" for n in running)], timeout=120)
+        for name in running:
+            assert f"guest {name} stopped" in th.journal(f"kvm@{name}.service"), name
         th.exec(["systemctl", "start", "kvm@g2"], timeout=120)
         wait_for(th, "kvm@g2.service", r"kvmagent 0\.1\.0\)(.|\n)*GUEST-READY")
         th.exec(["systemctl", "stop", "kvm@g2"], timeout=120)

@@ -164,7 +164,7 @@ BAD: list[tuple[str, str, list[str]]] = [
     ("hvm-model", "name = 'g'\nbuilder = 'hvm'\nvif = ['model=ne2k_pci']\n", ["{f}:3: vif: model=ne2k_pci"]),
     ("lambda", OK + "extra = (lambda: 'x')()\n", ["{f}:4: extra is not a plain value"]),
     ("fstring", OK + "root = f'/dev/{x}'\n", ["{f}:4: root is not a plain value"]),
-    ("null-byte", OK + "root = '/dev/x'\0\n", ["{f}: not a Xen configuration"]),
+    ("null-byte", OK + "root = '/dev/x'\0\n", ["{f}: not a Xen configuration (it contains a NUL byte)"]),
 ]
 
 

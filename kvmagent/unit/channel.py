@@ -1,0 +1,112 @@
+"""The control channel of a running supervisor: /run/kvmagent/NAME/control.sock,
+AF_UNIX SOCK_SEQPACKET, root only (0600 in a 0750 directory).  One request,
+one reply, each a JSON object of a typed record below; the command line
+talks to the supervisor only this way, never to QEMU's QMP.
+
+The listening socket lives as long as the guest: it is kept in systemd's
+file descriptor store like QMP and the console, so a supervisor that takes
+the guest over (kvmagent.unit.adopt) or reloads its code serves on the
+same socket.  Commands: "status" (Status: which kvmagent code runs, since
+when), "reload" (the supervisor re-executes itself, the new code taking
+its guest over: no guest outage)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+from typing import NamedTuple
+
+from kvmagent.errors import ExitStatus, KvmagentError
+from kvmagent.render.plan import read_fields
+
+CONTROL_FDNAME = "control"
+COMMANDS = ("status", "reload")
+MAX_MESSAGE = 65536
+
+
+class Status(NamedTuple):
+    """The supervisor's answer to "status"."""
+    name: str
+    version: str  # the kvmagent code this supervisor runs
+    supervisor_pid: int
+    supervising_since: float  # CLOCK_REALTIME: when this code took the guest over or started it
+    qemu_pid: int
+    qemu_since: float  # CLOCK_REALTIME: when QEMU was started
+    started_by: str  # the kvmagent version that started QEMU
+    takeovers: int  # supervisors before this one in QEMU's life (deaths and reloads)
+
+    @classmethod
+    def from_json(cls, data: object) -> Status:
+        return cls(*read_fields(cls._fields, (str, str, int, float, int, float, str, int), data))
+
+
+def listen(path: Path) -> socket.socket:
+    """The channel's listening socket (a stale one is replaced)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        if path.is_socket():
+            path.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        sock.listen(8)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def receive(listener: socket.socket, timeout: float = 1.0) -> tuple[socket.socket, str] | None:
+    """Accept one client and read its command (None: nothing there, or a
+    client that sent no valid request; it is answered and closed)."""
+    try:
+        conn, _ = listener.accept()
+    except (BlockingIOError, InterruptedError):
+        return None
+    conn.settimeout(timeout)
+    try:
+        data = json.loads(conn.recv(MAX_MESSAGE) or b"null")
+        command = data.get("command") if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        command = None
+    if command not in COMMANDS:
+        answer(conn, {"ok": False, "error": f"unknown request (commands: {', '.join(COMMANDS)})"})
+        return None
+    return conn, str(command)
+
+
+def answer(conn: socket.socket, reply: dict[str, object]) -> None:
+    try:
+        conn.send(json.dumps(reply).encode())
+    except OSError:
+        pass  # the client gave up
+    finally:
+        conn.close()
+
+
+def ask(path: Path, command: str, timeout: float = 10.0) -> dict[str, object]:
+    """The client: COMMAND's reply; KvmagentError when no supervisor answers."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+        sock.send(json.dumps({"command": command}).encode())
+        data = json.loads(sock.recv(MAX_MESSAGE) or b"null")
+    except (OSError, ValueError) as e:
+        raise KvmagentError(f"no answer from the supervisor at {path}: "
+                            f"{getattr(e, 'strerror', None) or e}",
+                            "is the guest running? (systemctl status kvm@NAME)",
+                            ExitStatus.FAILURE) from None
+    finally:
+        sock.close()
+    if not isinstance(data, dict):
+        raise KvmagentError(f"{path}: not a reply: {data!r}", None, ExitStatus.FAILURE)
+    if not data.get("ok", False):
+        raise KvmagentError(f"the supervisor at {path} refused {command}: "
+                            f"{data.get('error', '?')}", None, ExitStatus.FAILURE)
+    return data
