@@ -19,7 +19,7 @@ CREATION_ONLY = {"PIDs": b"au"}
 # Exec*Ex= are set as (path, argv, flags) and read back with the status of
 # the last run appended (sd-bus's bus_append_exec_command; kvmagent's transient
 # units with them start in tests/system/test_transient.py).
-SET_AS_PREFIX = {"ExecStartEx", "ExecStopPostEx"}
+SET_AS_PREFIX = {"ExecStartEx", "ExecStopPostEx", "ExecReloadEx"}
 OBJECTS = ("/org/freedesktop/systemd1/unit/systemd_2djournald_2eservice",
            "/org/freedesktop/systemd1/unit/init_2escope")
 
