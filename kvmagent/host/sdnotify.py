@@ -18,38 +18,33 @@ from collections import deque
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 
 
-def notify(*fields: str) -> bool:
-    """Send KEY=VALUE lines to $NOTIFY_SOCKET; False when not under systemd."""
+def _send(payload: bytes, fds: tuple[int, ...] = ()) -> bool:
+    """One datagram to $NOTIFY_SOCKET (an abstract address when it starts
+    with "@"), with FDS attached; False when not under systemd or refused."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         try:
-            s.sendto("\n".join(fields).encode(), address)
+            s.sendmsg([payload], ancillary if fds else [], 0, address)
         except OSError:
             return False
     return True
+
+
+def notify(*fields: str) -> bool:
+    """Send KEY=VALUE lines to $NOTIFY_SOCKET; False when not under systemd."""
+    return _send("\n".join(fields).encode())
 
 
 def store_fd(fd: int, name: str) -> bool:
     """Hand FD to systemd's file descriptor store (FileDescriptorStoreMax=)
     as NAME: systemd keeps it while the unit's main process is restarted and
     gives it back in LISTEN_FDS (listen_fds()).  False when not under systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return False
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-        try:
-            s.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()],
-                      [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))],
-                      0, address)
-        except OSError:
-            return False
-    return True
+    return _send(f"FDSTORE=1\nFDNAME={name}".encode(), (fd,))
 
 
 def listen_fds(environ: dict[str, str] | None = None) -> dict[str, int]:

@@ -131,3 +131,31 @@ def test_fds_given_back_by_systemd_are_found_by_name() -> None:
 def test_the_orphan_unit_acts_only_without_a_supervisor(services: list[str | None],
                                                         scope: str | None, acts: bool) -> None:
     assert orphaned(services, scope) is acts
+
+
+def test_notify_and_store_fd_reach_a_notify_socket(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """What systemd's $NOTIFY_SOCKET receives: a path or an abstract ("@")
+    address; store_fd's datagram carries the fd itself (SCM_RIGHTS)."""
+    import array
+
+    from kvmagent.host import sdnotify
+
+    for address in (str(tmp_path / "notify"), f"@kvmagent-test-{os.getpid()}"):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+            server.bind(address if address[0] != "@" else "\0" + address[1:])
+            monkeypatch.setenv("NOTIFY_SOCKET", address)
+            assert sdnotify.notify("READY=1", "STATUS=up")
+            assert server.recv(100) == b"READY=1\nSTATUS=up"
+            r, w = os.pipe()
+            assert sdnotify.store_fd(w, "qmp")
+            os.close(w)
+            fds = array.array("i")
+            data, ancillary, _, _ = server.recvmsg(100, socket.CMSG_SPACE(fds.itemsize))
+            assert data == b"FDSTORE=1\nFDNAME=qmp"
+            fds.frombytes(ancillary[0][2])
+            os.write(fds[0], b"x")  # the same pipe, received as a new fd
+            assert os.read(r, 1) == b"x"
+            os.close(fds[0])
+            os.close(r)
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not sdnotify.notify("READY=1") and not sdnotify.store_fd(0, "x")
