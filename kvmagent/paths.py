@@ -63,6 +63,11 @@ class Paths(NamedTuple):
         the supervisor, read by `kvmagent stop --force` (kvmagent.cli.hardstop)."""
         return self.guest_runtime(name) / "supervisor.pid"
 
+    def supervisor_lock(self, name: str) -> Path:
+        """Locked by guest NAME's supervisor for as long as it runs (and
+        across its reload): a second one cannot start (kvmagent.unit.adopt)."""
+        return self.guest_runtime(name) / "supervisor.lock"
+
 
 def guest_names(paths: Paths, dropin_dirs: set[str] | None = None) -> list[str]:
     """Names of the defined guests: guests/NAME.toml, sorted.  Symlinks

@@ -91,12 +91,14 @@ class Running(NamedTuple):
     taps: list[str]
     version: str  # the kvmagent that started QEMU
     takeovers: int = 0  # supervisors that took QEMU over since (deaths and reloads)
+    qemu_uid: int = -1  # the user QEMU runs as (-1: not recorded, kvmagent 0.1.0)
 
     @classmethod
     def from_plan(cls, plan: Plan, qemu_pid: int, since: float, version: str) -> Running:
         return cls(plan.name, plan.uuid, qemu_pid, since, plan.stop_timeout, plan.keep,
                    plan.serial, plan.console_burst, plan.console_interval, plan.escape,
-                   [t.name for t in plan.taps], version)
+                   [t.name for t in plan.taps], version, 0,
+                   plan.qemu_user.uid if plan.qemu_user else 0)
 
     def to_json(self) -> str:
         return json.dumps(self._asdict())
@@ -104,17 +106,24 @@ class Running(NamedTuple):
     @classmethod
     def from_json(cls, text: str) -> Running:
         """ValueError naming the field when TEXT is not such a record."""
-        return cls(*read_fields(cls._fields, _RUNNING_KINDS, json.loads(text)))
+        return cls(*read_fields(cls._fields, _RUNNING_KINDS, json.loads(text),
+                                cls._field_defaults))
 
 
-def read_fields(fields: tuple[str, ...], kinds: tuple[type, ...], data: object) -> list[Any]:
+def read_fields(fields: tuple[str, ...], kinds: tuple[type, ...], data: object,
+                defaults: dict[str, Any] | None = None) -> list[Any]:
     """The values of a typed record's FIELDS (of KINDS: str, int, float,
     bool, list of str) from a JSON object, checked: ValueError naming the
-    field when one is missing or of another type."""
+    field when one is missing or of another type.  A field in DEFAULTS may
+    be missing (a record written by an older kvmagent: a reload reads its
+    predecessor's)."""
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     values: list[Any] = []
     for field, kind in zip(fields, kinds):
+        if defaults and field in defaults and field not in data:
+            values.append(defaults[field])
+            continue
         value = data.get(field)
         ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)
               if kind is list else
@@ -130,4 +139,4 @@ def read_fields(fields: tuple[str, ...], kinds: tuple[type, ...], data: object) 
 # Running's field types, in order, for reading it back (NamedTuple's own
 # annotations are strings here).
 _RUNNING_KINDS: tuple[type, ...] = (str, str, int, float, float, bool, bool, int, float, str,
-                                    list, str, int)
+                                    list, str, int, int)

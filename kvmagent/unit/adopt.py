@@ -10,10 +10,13 @@ the QEMU and how it was started.
 An adopted QEMU is not the new supervisor's child: it is watched through a
 pidfd (its exit status is not known; QMP's SHUTDOWN event says whether the
 guest powered off).  Before anything is taken over, the process must be
-this guest's QEMU: in kvm-NAME.scope, with the guest's -name and -uuid."""
+this guest's QEMU: in kvm-NAME.scope, with the guest's -name and -uuid,
+running as the user it was started as.  And only one supervisor runs per
+guest: each holds a lock in the runtime directory (lock())."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import signal
@@ -54,9 +57,55 @@ def read_running(paths: Paths, name: str) -> Running | None:
     return running
 
 
-def identity_problem(running: Running, cmdline: list[str], cgroup: str) -> str | None:
-    """Why the process with this command line and /proc/PID/cgroup is not
-    the QEMU of the running record (None: it is).  Pure."""
+# Set by a reloading supervisor for the code it executes: the fd of its lock.
+LOCK_ENV = "KVMAGENT_SUPERVISOR_LOCK_FD"
+LOCK_FD_MIN = 64
+
+
+def lock(paths: Paths, name: str) -> int:
+    """Lock guest NAME's supervisor lock for this process (a POSIX record
+    lock: released by the kernel when the process dies, not inherited by
+    its forked helpers, kept across execve, so a reload keeps it: the fd
+    is passed on in LOCK_ENV).  KvmagentError naming the other supervisor
+    when one holds it."""
+    inherited = os.environ.pop(LOCK_ENV, None)
+    if inherited is not None and inherited.isdigit():
+        fd = int(inherited)
+        with suppress(OSError):
+            if os.fstat(fd).st_ino == os.stat(paths.supervisor_lock(name)).st_ino:
+                os.set_inheritable(fd, False)
+                return fd
+    path = paths.supervisor_lock(name)
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    low = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Above the fds a reload places at 3, 4, … (SD_LISTEN_FDS_START): closing
+    # any fd of the file would release the lock.
+    fd = fcntl.fcntl(low, fcntl.F_DUPFD_CLOEXEC, LOCK_FD_MIN)
+    os.close(low)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        other = ""
+        with suppress(OSError, ValueError):
+            other = f" (pid {paths.supervisor_pid(name).read_text().split()[0]})"
+        os.close(fd)
+        raise KvmagentError(f"guest {name} already has a supervisor{other}",
+                            f"it runs as kvm@{name}.service or kvm-oneoff@{name}.service "
+                            "(systemctl status); a guest has one supervisor", ExitStatus.FAILURE
+                            ) from None
+    return fd
+
+
+def pass_lock(fd: int, environ: dict[str, str]) -> None:
+    """For a reload: the lock's fd stays open across execve (LOCK_ENV)."""
+    os.set_inheritable(fd, True)
+    environ[LOCK_ENV] = str(fd)
+
+
+def identity_problem(running: Running, cmdline: list[str], cgroup: str,
+                     uid: int | None = None) -> str | None:
+    """Why the process with this command line, /proc/PID/cgroup and real
+    UID is not the QEMU of the running record (None: it is).  Pure."""
     if f"/{scope_unit(running.name)}" not in cgroup:
         return f"it is not in {scope_unit(running.name)}"
     args = dict(zip(cmdline, cmdline[1:]))
@@ -65,6 +114,8 @@ def identity_problem(running: Running, cmdline: list[str], cgroup: str) -> str |
     name = args.get("-name", "")
     if f"guest={running.name}" not in name.split(","):
         return f"its -name is {name!r}, not guest={running.name}"
+    if running.qemu_uid >= 0 and uid is not None and uid != running.qemu_uid:
+        return f"it runs as uid {uid}, not {running.qemu_uid}"
     return None
 
 
@@ -93,10 +144,13 @@ class AdoptedQemu:
                 cmdline = [a.decode(errors="replace") for a in f.read().split(b"\0")]
             with open(f"/proc/{pid}/cgroup") as f:
                 cgroup = f.read()
+            with open(f"/proc/{pid}/status") as f:  # not /proc/PID's owner: root
+                uid = next(int(line.split()[1]) for line in f  # when not dumpable
+                           if line.startswith("Uid:"))
         except (FileNotFoundError, ProcessLookupError):
             qemu.close()
             return None
-        problem = identity_problem(running, cmdline, cgroup)
+        problem = identity_problem(running, cmdline, cgroup, uid)
         if problem is not None and f"/{scope_unit(running.name)}" not in cgroup:
             qemu.close()  # the pid is another process's now: QEMU is gone
             return None

@@ -152,6 +152,7 @@ class Supervisor:
         self.running: Running | None = None  # what the next supervisor needs
         self.channel: socket.socket | None = None  # kvmagent.unit.channel
         self.kept: dict[str, socket.socket] = {}  # in systemd's fd store, by name
+        self.lock = -1  # kvmagent.unit.adopt.lock: one supervisor per guest
         self.record = EventRecorder(name, paths, lambda text: self.log(text, 4))
 
     def log(self, message: str, priority: int = 6, message_id: str | None = None) -> None:
@@ -395,6 +396,7 @@ class Supervisor:
         env = dict(os.environ)
         env.update({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": str(len(names)),
                     "LISTEN_FDNAMES": ":".join(names), RELOAD_ENV: __version__})
+        adopt.pass_lock(self.lock, env)
         try:
             for i, fd in enumerate(high):  # SD_LISTEN_FDS_START: 3
                 os.dup2(fd, 3 + i, inheritable=True)
@@ -605,6 +607,7 @@ def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child
         stack.callback(sup.record.finish)  # the last event is written before we exit
         try:
             stack.callback(planner.close)
+            sup.lock = adopt.lock(paths, name)  # released by the kernel at exit
             if sup.take_over(stack, planner):
                 return sup.run()  # the guest's start was recorded by its first supervisor
         except KvmagentError as e:

@@ -97,6 +97,12 @@ def test_a_killed_supervisor_is_replaced_and_the_guest_runs_on(debian_testhost: 
     assert re.search(r"Supervisor: kvmagent \S+ since .*; 4 takeovers since\)", status), status
     doc = json.loads(th.run(["kvmagent", "status", "--json", name]).stdout)
     assert doc["supervisor"]["takeovers"] == 4 and doc["qemu_pid"] == qemu, doc
+    # one supervisor per guest, also after the reloads: one run by hand is refused
+    second = th.exec(["kvmagent", "run", name], check=False, timeout=60)
+    assert second.returncode == 1, second
+    assert re.search(rf"guest {name} already has a supervisor \(pid {main}\)",
+                     th.exec(["journalctl", f"GUEST={name}", "-o", "cat"]).stdout)
+    assert show(th, unit, "MainPID")["MainPID"] == main and qemu_pid(th, name) == qemu
     # the console and QMP of the adopted guest: typed in, seen in the journal
     th.run(["kvmagent", "console", name, "--timeout", "0.5"], input="echo AFTER-$((6*7))\n")
     wait_for(th, unit, r"AFTER-42", timeout=30)

@@ -75,6 +75,69 @@ def test_only_this_guests_qemu_is_taken_over(cmdline: list[str], cgroup: str,
     assert adopt.identity_problem(RUNNING, cmdline, cgroup) == problem
 
 
+def test_the_qemu_runs_as_the_user_it_was_started_as() -> None:
+    running = RUNNING._replace(qemu_uid=64055)
+    assert adopt.identity_problem(running, CMDLINE, CGROUP, 64055) is None
+    assert adopt.identity_problem(running, CMDLINE, CGROUP, 0) == "it runs as uid 0, not 64055"
+    assert adopt.identity_problem(RUNNING, CMDLINE, CGROUP, 0) is None  # not recorded
+
+
+def test_a_record_of_an_older_kvmagent_is_read(paths: Paths) -> None:
+    """A reload reads what the supervisor it replaces wrote: fields added
+    since (with a default) may be missing."""
+    older = {k: v for k, v in RUNNING._asdict().items() if k not in ("takeovers", "qemu_uid")}
+    paths.running_record("g").write_text(json.dumps(older))
+    assert adopt.read_running(paths, "g") == RUNNING._replace(takeovers=0, qemu_uid=-1)
+
+
+LOCK_CHILD = """
+import os, sys
+from pathlib import Path
+from kvmagent.errors import KvmagentError
+from kvmagent.paths import Paths
+from kvmagent.unit import adopt
+p = Paths(*(Path(a) for a in sys.argv[1:4]))
+try:
+    fd = adopt.lock(p, "g")
+except KvmagentError as e:
+    print("refused:", e.message, "|", e.hint)
+else:
+    print("locked", fd, os.get_inheritable(fd))
+"""
+
+
+def _lock_in_child(paths: Paths, env: dict[str, str] | None = None,
+                   pass_fds: tuple[int, ...] = ()) -> str:
+    import sys
+    return subprocess.run(
+        [sys.executable, "-c", LOCK_CHILD, str(paths.config_dir), str(paths.state_dir),
+         str(paths.runtime_dir)], capture_output=True, text=True, check=True,
+        env={**os.environ, **(env or {})}, pass_fds=pass_fds,
+        cwd=Path(__file__).parents[2]).stdout.strip()
+
+
+def test_one_supervisor_per_guest(paths: Paths) -> None:
+    """A second supervisor (another process) is refused, naming the first;
+    a reload (execve with the fd in the environment) keeps the lock."""
+    paths.supervisor_pid("g").write_text("4321 5678\n")
+    assert _lock_in_child(paths).startswith("locked ")
+    fd = adopt.lock(paths, "g")
+    try:
+        assert fd >= adopt.LOCK_FD_MIN and not os.get_inheritable(fd)
+        assert _lock_in_child(paths) == (
+            "refused: guest g already has a supervisor (pid 4321) | it runs as "
+            "kvm@g.service or kvm-oneoff@g.service (systemctl status); a guest has one supervisor")
+        env: dict[str, str] = {}
+        adopt.pass_lock(fd, env)
+        assert os.get_inheritable(fd) and env == {adopt.LOCK_ENV: str(fd)}
+        # what the reloaded code does with it (here in a child, which cannot
+        # hold this process's lock: it is handed the fd, and finds it is the lock's)
+        assert _lock_in_child(paths, env, (fd,)) == f"locked {fd} False"
+    finally:
+        os.close(fd)
+    assert _lock_in_child(paths).startswith("locked ")  # the kernel released it
+
+
 def test_a_qemu_that_is_gone_means_a_normal_start() -> None:
     child = subprocess.Popen(["true"])
     child.wait()
