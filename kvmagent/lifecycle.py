@@ -12,7 +12,13 @@ from __future__ import annotations
 # `kvmagent stop-post` (kvmagent.cli.main's short way) then has nothing to do.
 RECORDED_FILE = "recorded"
 
-EVENTS = ("starting", "running", "stopping", "stopped")
+# A guest's run: starting, running, stopping, stopped.  Within a run, a new
+# supervisor may take the running QEMU over (the last one died: taken-over)
+# or the supervisor may move to the installed code (reloaded): the guest runs
+# on, so these neither end its run nor start one, and are never a restart.
+TAKEN_OVER = "taken-over"
+RELOADED = "reloaded"
+EVENTS = ("starting", "running", "stopping", "stopped", TAKEN_OVER, RELOADED)
 # Reasons of stopping/stopped rows (stable: they are in --json output).
 POWEROFF = "poweroff"  # the guest powered itself off
 ADMIN = "admin"  # systemctl stop, kvmagent stop [--force]

@@ -8,10 +8,11 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from kvmagent.cli.tracking import (STATES, UP_STATES, _history, _known, _note, _summary_json,
-                                   duration, paint, reason_text, stamp)
+                                   duration, paint, qemu_of, reason_text, stamp)
 from kvmagent.config.values import format_size
 from kvmagent.unit import channel
 from kvmagent.errors import ExitStatus, KvmagentError
@@ -72,6 +73,18 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
                 for n in guest.nics]
     console = paths.console_socket(name)
     sup = supervisor(paths, name) if active in UP_STATES else None
+    qemu_pid = _qemu_pid(summary)
+    since = summary.running_since.realtime if summary is not None and \
+        summary.running_since is not None else None
+    uptime = summary.uptime if summary is not None else None
+    if active in UP_STATES and (qemu_pid is None or since is None):
+        # the record says nothing of this run (a damaged database started
+        # anew): what systemd knows of QEMU's scope
+        scope = scope_view(name)
+        if scope is not None:
+            qemu_pid = qemu_pid or qemu_of(name, scope.processes)
+            if since is None and scope.since is not None:
+                since, uptime = scope.since, max(0.0, time.time() - scope.since)
     lines = [] if args.json else journal.tail(unit, args.lines)
     if args.json:
         doc = {"name": name, "unit": unit, "state": word, "active_state": active,
@@ -80,7 +93,7 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
                            if props else None),
                "invocation_id": props.get("InvocationID"),
                "supervisor_pid": props.get("MainPID") or None,
-               "qemu_pid": _qemu_pid(summary), "config_error": config_problem or None,
+               "qemu_pid": qemu_pid, "config_error": config_problem or None,
                "cpus": guest.cpus if guest else None,
                "memory_bytes": guest.memory if guest else None,
                "nics": nics, "console_socket": str(console) if console.exists() else None,
@@ -89,6 +102,8 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
                    "qemu_started_by": sup.started_by, "qemu_since": sup.qemu_since,
                    "takeovers": sup.takeovers},
                **_summary_json(summary, known=not note2)}
+        if doc["uptime_seconds"] is None and uptime is not None:
+            doc["uptime_seconds"] = int(uptime)
         if props and active not in UP_STATES:
             # systemd says it does not run: a run left open in the record
             # (both the supervisor's and stop-post's writes lost) is no uptime
@@ -108,9 +123,8 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
         state_text += f" ({active}/{props.get('SubState')})"
         if active == "failed":
             state_text += f", result {props.get('Result')}"
-    if summary is not None and summary.running_since is not None and active == "active":
-        state_text += (f" since {stamp(summary.running_since.realtime)}; "
-                       f"up {duration(summary.uptime)}")
+    if since is not None and active == "active":
+        state_text += f" since {stamp(since)}; up {duration(uptime)}"
     out.append(("State", state_text))
     if props.get("StatusText"):
         out.append(("Status", str(props["StatusText"])))
@@ -133,9 +147,8 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
             out.append(("Failure", f"{stamp(f.realtime)} {reason_text(f)}"))
     else:
         out.append(("Restarts", "no record yet"))
-    pid = _qemu_pid(summary)
     if props.get("MainPID"):
-        out.append(("PIDs", f"supervisor {props['MainPID']}, QEMU {pid or '-'} "
+        out.append(("PIDs", f"supervisor {props['MainPID']}, QEMU {qemu_pid or '-'} "
                             f"(in {scope_unit(name)})"))
     if sup is not None:
         out.append(("Supervisor", f"kvmagent {sup.version} since "
@@ -155,6 +168,16 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
         print()
         print("\n".join(lines))
     return ExitStatus.OK
+
+
+def scope_view(name: str) -> Any:
+    """systemd's view of the guest's QEMU scope (host.systemd.Scope), or None."""
+    from kvmagent.host import systemd
+    try:
+        scope = systemd.scopes([scope_unit(name)]).get(scope_unit(name))
+    except KvmagentError:
+        return None
+    return scope if scope is not None and scope.active_state in UP_STATES else None
 
 
 def _qemu_pid(summary: Any) -> int | None:

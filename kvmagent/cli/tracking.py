@@ -16,7 +16,7 @@ import sqlite3
 import sys
 import time
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from kvmagent.config.values import format_size, parse_size
 from kvmagent.errors import ExitStatus, KvmagentError
@@ -274,6 +274,15 @@ def reason_text(ev: state.Event) -> str:
     return f"{text}: {ev.detail}" if ev.detail else text
 
 
+def event_text(ev: state.Event) -> str:
+    """The DETAIL of a history line: the reason of a stop, QEMU's pid of a
+    run, and of a takeover or reload both QEMU's pid and what happened."""
+    if ev.reason:
+        return reason_text(ev)
+    qemu = f"QEMU pid {ev.pid}" if ev.pid else ""
+    return "; ".join(t for t in (qemu, ev.detail) if t)
+
+
 def _note(text: str) -> None:
     if text:
         print(f"kvmagent: {text}", file=sys.stderr)
@@ -317,7 +326,45 @@ def list_rows(paths: Paths) -> tuple[list[dict[str, Any]], list[str]]:
         else:
             row |= facts[name]
         rows.append(row)
-    return rows, [n for n in (note1, note2) if n]
+    unknown = [r for r in rows if r["active_state"] in UP_STATES and r["qemu_pid"] is None]
+    note3 = from_systemd(unknown, now.realtime) if unknown and known else ""
+    return rows, [n for n in (note1, note2, note3) if n]
+
+
+def qemu_of(name: str, processes: list[tuple[int, str]]) -> int | None:
+    """The QEMU among the processes of guest NAME's scope: the one started
+    with -name guest=NAME (the scope holds QEMU alone, but a helper it
+    started would be there too).  Pure."""
+    for pid, cmdline in processes:
+        if any(f"guest={name}" in word.split(",") for word in cmdline.split()):
+            return pid
+    return processes[0][0] if len(processes) == 1 else None
+
+
+def from_systemd(rows: list[dict[str, Any]], now: float,
+                 scopes: Callable[[list[str]], dict[str, Any]] | None = None) -> str:
+    """For running guests that the record says nothing of (the state
+    database was damaged and started anew, or its events were lost): QEMU's
+    pid and the uptime as systemd knows them, from the guest's scope (its
+    processes, and since when it is active: a supervisor taken over or
+    reloaded leaves the scope as it is).  Only these guests cost a D-Bus
+    call; a note when systemd could not be asked."""
+    from kvmagent.names import scope_unit
+    if scopes is None:
+        from kvmagent.host import systemd
+        scopes = systemd.scopes
+    try:
+        found = scopes([scope_unit(r["name"]) for r in rows])
+    except KvmagentError as e:
+        return f"QEMU unknown: {e.message}"
+    for row in rows:
+        scope = found.get(scope_unit(row["name"]))
+        if scope is None or scope.active_state not in UP_STATES:
+            continue
+        row["qemu_pid"] = qemu_of(row["name"], scope.processes)
+        if row["uptime_seconds"] is None and scope.since is not None:
+            row["uptime_seconds"] = int(max(0.0, now - scope.since))
+    return ""
 
 
 def _taps(taps: list[str], room: int = 15) -> str:
@@ -458,15 +505,14 @@ def cmd_history(args: argparse.Namespace, paths: Paths) -> int:
     if not evs:
         print(f"no events recorded for guest {args.name}" + (" since then" if since else ""))
     else:
-        print(f"{'TIME':<19}  {'EVENT':<8}  DETAIL")
+        print(f"{'TIME':<19}  {'EVENT':<10}  DETAIL")
         wrap = sys.stdout.isatty()  # 80 columns on a terminal; whole lines for grep
         if wrap:
             import textwrap
         for e in evs:
-            detail = reason_text(e) if e.reason else (f"QEMU pid {e.pid}" if e.pid else "")
-            line = f"{stamp(e.realtime):<19}  {e.event:<8}  {detail}".rstrip()
+            line = f"{stamp(e.realtime):<19}  {e.event:<10}  {event_text(e)}".rstrip()
             if wrap and len(line) > 80:
-                line = textwrap.fill(line, 80, subsequent_indent=" " * 31,
+                line = textwrap.fill(line, 80, subsequent_indent=" " * 33,
                                      break_long_words=False, break_on_hyphens=False)
             print(line)
         print()

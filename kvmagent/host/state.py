@@ -7,7 +7,11 @@ so the supervisor may import this module), in WAL mode with a busy timeout:
 many writers at once are normal (every guest's supervisor, the
 ExecStopPost= step, the CLI), each writing one short transaction.
 
-One row per lifecycle event: starting, running, stopping, stopped.  A row
+One row per lifecycle event: starting, running, stopping, stopped; and,
+within a run, taken-over (a new supervisor took the running QEMU over after
+the last one died) and reloaded (the supervisor moved to the installed
+code): the guest ran on, so these neither end a run nor start one, and are
+never a restart.  A row
 keeps the wall clock (realtime) and CLOCK_BOOTTIME with the boot ID, so
 durations within one boot do not jump with the clock and runs of different
 boots are told apart; and systemd's InvocationID of the run.
@@ -34,55 +38,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+# The schema, version by version (PRAGMA user_version), as this module's own.
+from kvmagent.host.migrations import MIGRATIONS, migrate, restarts_sql  # noqa: F401
 # The names of events and reasons, as this module's own (state.ADMIN ...).
 from kvmagent.lifecycle import (  # noqa: F401
     ADMIN, CONFIG, CRASHED, EVENTS, FAILED, FAILURES, KILLED, OOM, POWEROFF, REASONS,
-    RESTARTED, SHUTDOWN, TIMEOUT, WATCHDOG)
+    RELOADED, RESTARTED, SHUTDOWN, TAKEN_OVER, TIMEOUT, WATCHDOG)
 from kvmagent.paths import Paths
 
 DB_NAME = "state.db"
 BUSY_TIMEOUT_MS = 5000
-
-# Each entry moves the schema from version N to N+1 (PRAGMA user_version).
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        guest TEXT NOT NULL,
-        event TEXT NOT NULL CHECK (event IN ('starting', 'running', 'stopping', 'stopped')),
-        reason TEXT,
-        detail TEXT,
-        realtime REAL NOT NULL,
-        boottime REAL NOT NULL,
-        boot_id TEXT NOT NULL,
-        invocation TEXT,
-        pid INTEGER,
-        source TEXT NOT NULL
-    );
-    CREATE INDEX events_by_guest ON events (guest, id);
-    CREATE INDEX events_by_invocation ON events (invocation);
-    CREATE TABLE counters (
-        guest TEXT PRIMARY KEY,
-        reset_after INTEGER NOT NULL,
-        reset_realtime REAL NOT NULL
-    );
-    """,
-    # 2: `restart` marks each start that is a restart, set when the start is
-    # recorded, so `kvmagent list` counts them through a small partial index
-    # instead of walking every guest's history.  Rows already there are
-    # marked by the same rule (restarts_sql).
-    """
-    ALTER TABLE events ADD COLUMN restart INTEGER NOT NULL DEFAULT 0;
-    UPDATE events SET restart = 1 WHERE id IN (RESTARTS_SQL);
-    CREATE INDEX events_restarts ON events (guest, id) WHERE restart = 1
-    """,
-    # 3: each guest's last start, run or stop (list_figures) from an index
-    # search per guest, not a look at every row.
-    """
-    CREATE INDEX events_lifecycle ON events (guest, id)
-        WHERE event IN ('starting', 'running', 'stopped')
-    """,
-)
 
 
 class Event(NamedTuple):
@@ -178,19 +143,36 @@ def db_path(state_dir: Path) -> Path:
     return Path(state_dir) / DB_NAME
 
 
-def connect(state_dir: Path, *, create: bool = True,
-            busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+def connect(state_dir: Path, *, create: bool = True, busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+            guest: str | None = None) -> sqlite3.Connection:
     """Open (with create: make and migrate) the database.  sqlite3.Error or
     OSError when it cannot be; FileNotFoundError when it does not exist and
-    create is false."""
+    create is false.  With create (a writer), a database that cannot be
+    read is moved aside and a fresh one made (kvmagent.host.statefile; GUEST
+    is named in the journal message); a reader only gets the error."""
     path = db_path(state_dir)
-    if create:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if not create:
+        if not path.exists():
+            raise FileNotFoundError(str(path))
+        return _open(path, False, busy_timeout_ms)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in (1, 2):
         # Created 0600 before SQLite opens it (the -wal and -shm files take
         # the mode of the database): the history is root's business.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    elif not path.exists():
-        raise FileNotFoundError(str(path))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        st = os.fstat(fd)
+        os.close(fd)
+        try:
+            return _open(path, True, busy_timeout_ms)
+        except sqlite3.DatabaseError as e:
+            from kvmagent.host import statefile  # the rare way: not in every listing
+            if attempt == 2 or not statefile.damaged(e):
+                raise
+            statefile.move_aside(path, (st.st_dev, st.st_ino), e, guest)
+    raise AssertionError("unreachable")
+
+
+def _open(path: Path, create: bool, busy_timeout_ms: int) -> sqlite3.Connection:
     # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE), so
     # a writer takes the lock up front and waits for it with the busy timeout
     # instead of failing to upgrade a read lock.
@@ -228,44 +210,6 @@ def _wal(conn: sqlite3.Connection, deadline: float) -> None:
             if "locked" not in str(e) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
-
-
-def migrate(conn: sqlite3.Connection, migrations: tuple[str, ...] = MIGRATIONS) -> int:
-    """Bring the schema up to date; returns the version.  Concurrent openers
-    are serialised by BEGIN IMMEDIATE, and each re-reads the version inside
-    the transaction, so a migration runs exactly once."""
-    if conn.execute("PRAGMA user_version").fetchone()[0] == len(migrations):
-        return len(migrations)
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(migrations):
-            raise sqlite3.DatabaseError(f"the state database has schema version {version}; "
-                                        f"this kvmagent knows {len(migrations)}")
-        for number, script in enumerate(migrations[version:], version + 1):
-            for statement in filter(str.strip, script.split(";")):
-                conn.execute(statement.replace("RESTARTS_SQL", restarts_sql()))
-            conn.execute(f"PRAGMA user_version = {number}")
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    return len(migrations)
-
-
-def restarts_sql() -> str:
-    """The ids of the `starting` events that are restarts (see the module's
-    docstring): the starting/stopped event before them is a stop for a
-    failure systemd restarts after, in the same boot."""
-    failures = ", ".join(f"'{r}'" for r in sorted(RESTARTED))
-    return f"""
-        SELECT id FROM (
-            SELECT id, event, boot_id, LAG(event) OVER w AS prev_event,
-                   LAG(reason) OVER w AS prev_reason, LAG(boot_id) OVER w AS prev_boot
-            FROM events WHERE event IN ('starting', 'stopped')
-            WINDOW w AS (PARTITION BY guest ORDER BY id))
-        WHERE event = 'starting' AND prev_event = 'stopped'
-          AND prev_reason IN ({failures}) AND prev_boot = boot_id"""
 
 
 def insert(conn: sqlite3.Connection, guest: str, event: str, *, reason: str | None = None,
@@ -364,15 +308,32 @@ class Recorder:
     def __call__(self, event: str, reason: str | None = None, detail: str | None = None,
                  pid: int | None = None, at: Now | None = None) -> bool:
         try:
-            # A connection per event: nothing held open for hundreds of days,
-            # and a short busy timeout, so that a stuck writer cannot hold up
-            # a guest's stop.
-            conn = connect(self.state_dir, busy_timeout_ms=2000)
-            try:
-                insert(conn, self.guest, event, reason=reason, detail=detail, pid=pid,
-                       source=self.source, invocation=self.invocation, at=at)
-            finally:
-                conn.close()
+            for attempt in (1, 2):
+                # Which file it is before it is opened: if it is damaged
+                # beyond what opening it reads (kvmagent.host.statefile), this
+                # one is moved aside, never one another writer made since.
+                path = db_path(self.state_dir)
+                try:
+                    st = os.stat(path)
+                    found: tuple[int, int] | None = (st.st_dev, st.st_ino)
+                except FileNotFoundError:
+                    found = None
+                # A connection per event: nothing held open for hundreds of
+                # days, and a short busy timeout, so that a stuck writer
+                # cannot hold up a guest's stop.
+                conn = connect(self.state_dir, busy_timeout_ms=2000, guest=self.guest)
+                try:
+                    insert(conn, self.guest, event, reason=reason, detail=detail, pid=pid,
+                           source=self.source, invocation=self.invocation, at=at)
+                    break
+                except sqlite3.DatabaseError as e:
+                    from kvmagent.host import statefile
+                    if attempt == 2 or not statefile.damaged(e):
+                        raise
+                    conn.close()
+                    statefile.move_aside(path, found, e, self.guest)
+                finally:
+                    conn.close()
         except (sqlite3.Error, OSError, ValueError) as e:
             if not self.failed:  # once per run is enough
                 self.log(f"cannot record event {event} of guest {self.guest} in "
@@ -411,7 +372,9 @@ def derive(guest: str, rows: Iterable[Event], at: Now, reset_after: int = 0,
     supervisor died without a trace and ExecStopPost did not run either, to
     the last event seen of that run).  A run still open in this boot is
     counted up to now; one left open in an earlier boot (a host crash) ends
-    at its last event."""
+    at its last event.  `taken-over` and `reloaded` (a new supervisor, the
+    same QEMU) neither end the run nor start one: the uptime goes on across
+    them, and they only show that the run lasted at least until then."""
     open_run: Event | None = None
     last_of_run: Event | None = None
     cumulative = longest = 0.0

@@ -15,7 +15,7 @@ import contextlib
 import errno
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import leanimport
@@ -248,6 +248,39 @@ def list_units(patterns: Sequence[str]) -> list[dict[str, str]]:
         rows = m.call("ListUnitsByPatterns", b"asas", [[], [p.encode() for p in patterns]])
     return [{"name": r[0], "description": r[1], "load_state": r[2], "active_state": r[3],
              "sub_state": r[4]} for r in _text(rows or [])]
+
+
+class Scope(NamedTuple):
+    """What systemd knows of a running scope (QEMU's kvm-NAME.scope)."""
+    active_state: str
+    since: float | None  # ActiveEnterTimestamp, CLOCK_REALTIME seconds
+    processes: list[tuple[int, str]]  # pid, command line
+
+
+def scopes(units: Sequence[str]) -> dict[str, Scope]:
+    """The scopes among UNITS that systemd has loaded, each with its
+    processes (GetUnitProcesses) and since when it is active; over one
+    connection.  For when kvmagent's own record says nothing of a running
+    guest: systemd's view of its QEMU."""
+    out = {}
+    with _manager() as m:
+        for unit in units:
+            try:
+                path = m.call("GetUnit", b"s", [unit])
+            except DBusBaseError as e:
+                if _error_name(e).endswith(".NoSuchUnit"):
+                    continue
+                raise dbus_error(f"cannot look up {unit}", e) from None
+            with _errors(f"cannot read the state of {unit}"):
+                props = m.call("GetAll", b"s", [b"org.freedesktop.systemd1.Unit"], path=path,
+                               iface=b"org.freedesktop.DBus.Properties")
+                procs = m.call("GetUnitProcesses", b"s", [unit])
+            props = props if isinstance(props, dict) else {}
+            usec = props.get(b"ActiveEnterTimestamp") or 0
+            out[unit] = Scope(_text(props.get(b"ActiveState", b"")),
+                              usec / 1e6 if usec else None,
+                              [(int(pid), str(cmdline)) for _, pid, cmdline in _text(procs or [])])
+    return out
 
 
 def template_installed(name: str = "kvm@.service") -> bool:

@@ -35,7 +35,8 @@ from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import tundev
 from kvmagent.host.qmp import Qmp, QmpError
 from kvmagent.host.sdnotify import Journal, listen_fds, notify, store_fd
-from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF, WATCHDOG
+from kvmagent.lifecycle import (ADMIN, CONFIG, CRASHED, FAILED, POWEROFF, RELOADED, TAKEN_OVER,
+                                WATCHDOG)
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
 from kvmagent.render.plan import CONSOLE_FD, QMP_FD, Disk, Plan, Running, fill_in, tap_token
@@ -113,6 +114,14 @@ def write_pid_file(paths: Paths, name: str, qemu: int | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(f"{os.getpid()}" + (f" {qemu}" if qemu else "") + "\n")
     os.replace(tmp, path)
+
+
+def read_pid_file(paths: Paths, name: str) -> int | None:
+    """The supervisor's pid in the file (a dead one's, when taking over)."""
+    try:
+        return int(paths.supervisor_pid(name).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def remove_pid_file(paths: Paths, name: str) -> None:
@@ -309,6 +318,7 @@ class Supervisor:
         stack.callback(qemu.close)
         self.qemu = qemu
         stack.callback(self._reap)
+        last_supervisor = read_pid_file(self.paths, self.name)
         write_pid_file(self.paths, self.name, qemu.pid)
         stack.callback(remove_pid_file, self.paths, self.name)
         self.started = time.monotonic() - max(0.0, time.time() - running.since)
@@ -346,6 +356,14 @@ class Supervisor:
         adopt.write_running(self.paths, self.running)
         reloaded = os.environ.pop(RELOAD_ENV, None)
         notify("READY=1", f"STATUS=running, QEMU pid {qemu.pid} (taken over)")
+        # In the record as events of the run (neither a stop nor a start):
+        # the guest's uptime goes on, no restart is counted.
+        if reloaded is not None:
+            self.record(RELOADED, detail=f"kvmagent {reloaded} -> {__version__}, supervisor "
+                        f"pid {os.getpid()}", pid=qemu.pid)
+        else:
+            self.record(TAKEN_OVER, detail=f"supervisor pid {last_supervisor or '?'} ended; "
+                        f"pid {os.getpid()} took over (kvmagent {__version__})", pid=qemu.pid)
         if reloaded is not None:
             self.log(f"guest {self.name}: supervisor reloaded, kvmagent {reloaded} -> "
                      f"{__version__}; QEMU pid {qemu.pid} ({status.get('status')}) "
@@ -609,7 +627,10 @@ def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child
             stack.callback(planner.close)
             sup.lock = adopt.lock(paths, name)  # released by the kernel at exit
             if sup.take_over(stack, planner):
-                return sup.run()  # the guest's start was recorded by its first supervisor
+                # The guest's start was recorded by its first supervisor; this
+                # one's takeover or reload is written now.
+                sup.record.flush()
+                return sup.run()
         except KvmagentError as e:
             sup.log(str(e), 3, MSG_START_FAILED)
             notify(f"STATUS={e.message}")

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import re
 import time
+from typing import Any
 
 import pytest
 
+from kvmagent.host.statefile import MSG_DAMAGED
 from tests.harness import TestHost
 from tests.harness.install import (APT_ENV, OFFLINE_APT, copy_guest, define_guest, guest_toml,
                                    install_checkout, offline_apt)
@@ -21,6 +23,7 @@ from tests.system.test_kvm_service import qemu_pid, show, wait_for
 
 pytestmark = pytest.mark.system
 
+STATE_DB = "/var/lib/kvmagent/state.db"
 RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
                    "systemd-container"]
 
@@ -32,6 +35,12 @@ def prepare(th: TestHost) -> None:
                 *RUNTIME_DEPENDS], env=APT_ENV, timeout=600)
         install_checkout(th)
         th.run(["kvmagent", "bridge", "ensure", "br-kvm", "--address", "10.77.0.1/24"])
+
+
+def listed(th: TestHost, name: str) -> dict[str, Any]:
+    rows = json.loads(th.run(["kvmagent", "list", "--json"]).stdout)
+    (row,) = [r for r in rows if r["name"] == name]
+    return dict(row)
 
 
 def console_counts(th: TestHost, name: str) -> list[int]:
@@ -48,6 +57,7 @@ def test_a_killed_supervisor_is_replaced_and_the_guest_runs_on(debian_testhost: 
     define_guest(th, name, guest_toml(copy_guest(th, guest_image), nics=1,
                                       extra="[console]\nlog_burst = 100000\n"))
     th.exec(["systemctl", "start", unit], timeout=120)
+    started = time.monotonic()
     wait_for(th, unit, r"Enter 'help'")
     qemu = qemu_pid(th, name)
     taps = th.exec(["ip", "-o", "link", "show", "master", "br-kvm"]).stdout
@@ -106,13 +116,40 @@ def test_a_killed_supervisor_is_replaced_and_the_guest_runs_on(debian_testhost: 
     # the console and QMP of the adopted guest: typed in, seen in the journal
     th.run(["kvmagent", "console", name, "--timeout", "0.5"], input="echo AFTER-$((6*7))\n")
     wait_for(th, unit, r"AFTER-42", timeout=30)
-    listed = json.loads(th.run(["kvmagent", "list", "--json"]).stdout)
-    (guest,) = [g for g in listed if g["name"] == name]
+    guest = listed(th, name)
     # the guest did not restart: no restart counted, its uptime goes on
     assert guest["restarts"] == 0 and guest["qemu_pid"] == qemu, guest
+    assert guest["uptime_seconds"] >= int(time.monotonic() - started) - 2, guest
+    # the record: each takeover and reload an event of the run, none a restart
+    h = json.loads(th.run(["kvmagent", "history", "--json", name]).stdout)
+    kinds = [e["event"] for e in h["events"]]
+    assert kinds == ["starting", "running"] + ["taken-over"] * kills + ["reloaded"] * 2, kinds
+    assert {e["qemu_pid"] for e in h["events"][1:]} == {qemu}, h["events"]
+    assert all(e["source"] == "supervisor" for e in h["events"]), h["events"]
+    assert re.fullmatch(r"supervisor pid \d+ ended; pid \d+ took over \(kvmagent \S+\)",
+                        h["events"][2]["detail"]), h["events"][2]
+    assert re.fullmatch(rf"kvmagent \S+ -> \S+, supervisor pid {main}",
+                        h["events"][-1]["detail"]), h["events"][-1]
+    assert (h["runs"], h["restarts"]) == (1, 0), h
+    assert h["uptime_seconds"] >= int(time.monotonic() - started) - 2, h
+    text = th.run(["kvmagent", "history", name]).stdout
+    assert text.count(" taken-over  QEMU pid") == kills and text.count(" reloaded ") == 2, text
     print(f"{th.release}: supervisor replaced in {', '.join(f'{t * 1000:.0f}' for t in took)} "
           f"ms; {len(missing)} console lines lost; kvmagent reload {reload_took * 1000:.0f} ms; "
           f"listed: {guest}")
+    # the record damaged under the running guest: list and status show what
+    # systemd knows; the next event moves the file aside and starts anew
+    th.exec(["dd", "if=/dev/urandom", f"of={STATE_DB}", "bs=4096", "count=8", "status=none"])
+    garbage = th.exec(["sha256sum", STATE_DB]).stdout.split()[0]
+    r = th.run(["kvmagent", "list", "--json"])
+    assert "file is not a database" in r.stderr, r.stderr
+    (guest,) = [g for g in json.loads(r.stdout) if g["name"] == name]
+    assert (guest["state"], guest["qemu_pid"]) == ("running", qemu), guest
+    assert guest["uptime_seconds"] >= int(time.monotonic() - started) - 2, guest
+    assert re.search(rf"(?m)^{name} +running +\S+( \S+)? +- +1 +256M +{qemu} ",
+                     th.run(["kvmagent", "list"]).stdout)
+    doc = json.loads(th.run(["kvmagent", "status", "--json", name]).stdout)
+    assert doc["qemu_pid"] == qemu and doc["uptime_seconds"] is not None, doc
     t0 = time.monotonic()
     th.exec(["systemctl", "stop", unit], timeout=150)
     journal = th.journal(unit)
@@ -120,3 +157,24 @@ def test_a_killed_supervisor_is_replaced_and_the_guest_runs_on(debian_testhost: 
     assert show(th, f"kvm-{name}.scope", "ActiveState")["ActiveState"] in ("inactive", "")
     assert th.exec(["ip", "-o", "link", "show", "master", "br-kvm"]).stdout == ""
     print(f"{th.release}: graceful stop of the adopted guest in {time.monotonic() - t0:.1f} s")
+    found = th.exec(["journalctl", f"MESSAGE_ID={MSG_DAMAGED}", "-o", "json",
+                     "--no-pager"]).stdout
+    (moved,) = [json.loads(line) for line in found.splitlines()]
+    assert moved["_SYSTEMD_UNIT"] == unit and moved["GUEST"] == name, moved
+    assert moved["STATE_DB"] == STATE_DB and "file is not a database" in moved["MESSAGE"]
+    assert re.fullmatch(rf"{STATE_DB}\.damaged-\d{{8}}T\d{{6}}", moved["DAMAGED_DB"]), moved
+    assert th.exec(["sha256sum", moved["DAMAGED_DB"]]).stdout.split()[0] == garbage
+    h = json.loads(th.run(["kvmagent", "history", "--json", name]).stdout)
+    assert [(e["event"], e["reason"]) for e in h["events"]] == [("stopping", "admin"),
+                                                                ("stopped", "admin")], h
+    # started again: the fresh record has the new run, list its QEMU
+    th.exec(["systemctl", "start", unit], timeout=120)
+    deadline = time.monotonic() + 30
+    while (guest := listed(th, name))["qemu_pid"] is None:  # the writer is a forked child
+        assert time.monotonic() < deadline, guest
+        time.sleep(0.2)
+    assert guest["qemu_pid"] == qemu_pid(th, name) != qemu and guest["restarts"] == 0, guest
+    h = json.loads(th.run(["kvmagent", "history", "--json", name]).stdout)
+    assert [e["event"] for e in h["events"]][2:] == ["starting", "running"], h
+    assert h["events"][-1]["qemu_pid"] == guest["qemu_pid"] and h["runs"] == 1, h  # anew
+    th.exec(["systemctl", "stop", unit], timeout=150)

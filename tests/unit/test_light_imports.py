@@ -53,10 +53,13 @@ IN_CHILDREN_ONLY = {"kvmagent.unit.recorder": {"kvmagent.host.state", "kvmagent.
 ENTRY = {"kvmagent.cli.main", "kvmagent.unit.run"}
 
 # kvmagent list [--json]: systemd asked over pystemd's D-Bus module alone.
+# (kvmagent.host.migrations: the state database's schema, which state.py
+# held before it grew a fourth version; the reader checks the version.)
 LIST = {"kvmagent", "kvmagent.errors", "kvmagent.lifecycle", "kvmagent.paths",
         "kvmagent.cli", "kvmagent.cli.main", "kvmagent.cli.tracking",
         "kvmagent.config", "kvmagent.config.values",
-        "kvmagent.host", "kvmagent.host.leanimport", "kvmagent.host.state", "kvmagent.host.systemd",
+        "kvmagent.host", "kvmagent.host.leanimport", "kvmagent.host.migrations",
+        "kvmagent.host.state", "kvmagent.host.systemd",
         "kvmagent.render", "kvmagent.render.unitprops"}
 # ... when a guest's file changed since the last listing: it is read again.
 LIST_CHANGED = LIST | {"kvmagent.config.layers", "kvmagent.names"}

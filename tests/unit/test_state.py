@@ -221,6 +221,33 @@ def test_start_that_failed_has_no_uptime() -> None:
     assert s.runs == 0 and s.cumulative == 0 and s.last_failure is not None
 
 
+def test_takeovers_and_reloads_are_neither_a_stop_nor_a_start() -> None:
+    """A supervisor killed (taken-over) or reloaded: the same QEMU runs on,
+    so the run goes on, one run, no restart, its uptime unbroken."""
+    rows = [ev(1, "starting", 0), ev(2, "running", 1, pid=99),
+            ev(3, state.TAKEN_OVER, 50, pid=99), ev(4, state.TAKEN_OVER, 60, pid=99),
+            ev(5, state.RELOADED, 70, pid=99), ev(6, state.RELOADED, 80, pid=99)]
+    s = derive("g", rows, at(101))
+    assert s.uptime == 100 and s.cumulative == 100 and s.runs == 1 and s.restarts == 0
+    assert s.running_since is not None and s.running_since.id == 2
+    assert s.last_event is not None and s.last_event.event == state.RELOADED
+    # the same run, ended by an admin, then a start: still no restart, one run
+    rows += [ev(7, "stopping", 200, state.ADMIN), ev(8, "stopped", 201, state.ADMIN)]
+    rows += [ev(9, "starting", 300), ev(10, "running", 301)]
+    s = derive("g", rows, at(311))
+    assert s.cumulative == 200 + 10 and s.longest == 200 and s.runs == 2 and s.restarts == 0
+    # a run left open by a host crash lasted at least until its last takeover
+    crash = rows[:4] + [ev(11, "starting", 1000, boot=BOOT2)]
+    assert derive("g", crash, at(1001, BOOT2)).cumulative == 59
+
+
+def test_a_takeover_after_a_crash_is_not_a_restart_either() -> None:
+    """Between a failure and the next start, nothing but a start counts."""
+    rows = run(1, 0, 10, state.CRASHED) + [ev(4, "starting", 12), ev(5, "running", 13),
+                                           ev(6, state.TAKEN_OVER, 20)]
+    assert derive("g", rows, at(30)).restarts == 1
+
+
 
 def test_list_figures_agree_with_derive(tmp_path: Path) -> None:
     """The SQL of `kvmagent list` and the pure derivation give the same
@@ -261,9 +288,61 @@ def test_version_1_database_is_migrated_and_its_restarts_marked(tmp_path: Path) 
                      "source) VALUES ('g', ?, ?, ?, ?, 'b', 'test')", (event, reason, i, i))
     conn.close()
     conn = state.connect(tmp_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS) == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS) == 4
     assert conn.execute("SELECT id FROM events WHERE restart = 1").fetchall() == [(3,)]
     assert state.list_figures(conn, Now(0, 9, "b"), ["g"])["g"].restarts == 1
+
+
+def _old_database(path: Path, version: int) -> sqlite3.Connection:
+    """A database as kvmagent of schema VERSION made it, in WAL mode."""
+    conn = sqlite3.connect(path / "state.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    state.migrate(conn, state.MIGRATIONS[:version])
+    return conn
+
+
+@pytest.mark.parametrize("version", [1, 3])
+def test_an_old_database_migrates_in_place_and_keeps_its_rows(tmp_path: Path,
+                                                              version: int) -> None:
+    """Version 3 (before takeovers and reloads were events) and version 1:
+    every row, its id and the counters are kept; the new events are taken;
+    the indexes `list` searches are there again."""
+    conn = _old_database(tmp_path, version)
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+        conn.execute("INSERT INTO events (guest, event, realtime, boottime, boot_id, source) "
+                     "VALUES ('g', 'taken-over', 0, 0, 'b', 'test')")
+    history = [("starting", None), ("running", None), ("stopped", "crashed"),
+               ("starting", None), ("running", None)]
+    for i, (event, reason) in enumerate(history * 3):
+        conn.execute("INSERT INTO events (guest, event, reason, detail, realtime, boottime, "
+                     "boot_id, invocation, pid, source) VALUES (?, ?, ?, ?, ?, ?, 'b', ?, ?, ?)",
+                     ("g" if i < 10 else "h", event, reason, f"d{i}", 1000 + i, i, f"inv{i}",
+                      100 + i, "supervisor"))
+    conn.execute("DELETE FROM events WHERE id = 15")  # a gap at the end: ids stay ahead
+    conn.execute("INSERT INTO counters VALUES ('g', 4, 1234.5)")
+    before = conn.execute("SELECT * FROM events ORDER BY id").fetchall()
+    conn.close()
+    conn = state.connect(tmp_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS) == 4
+    after = conn.execute("SELECT * FROM events ORDER BY id").fetchall()
+    if version == 1:  # migration 2 added the restart marks
+        assert [r[:-1] for r in after] == before
+        assert [r[0] for r in after if r[-1]] == [4, 9, 14]
+    else:
+        assert after == before
+    assert conn.execute("SELECT * FROM counters").fetchall() == [("g", 4, 1234.5)]
+    indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"events_by_guest", "events_by_invocation", "events_restarts",
+            "events_lifecycle"} <= indexes
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    new = state.insert(conn, "g", state.TAKEN_OVER, detail="supervisor pid 7 ended", pid=109)
+    assert new == 16  # AUTOINCREMENT: never an id used before
+    state.insert(conn, "g", state.RELOADED, detail="kvmagent 1 -> 2", pid=109)
+    with pytest.raises(sqlite3.IntegrityError):
+        conn.execute("INSERT INTO events (guest, event, realtime, boottime, boot_id, source) "
+                     "VALUES ('g', 'exploded', 0, 0, 'b', 'test')")
+    s = state.summaries(conn, ["g"], Now(0, 20, "b"))["g"]
+    assert s.restarts == 1 and s.counted_since == 1234.5 and s.running_since is not None
 
 
 def test_list_figures_searches_an_index_per_guest(tmp_path: Path) -> None:

@@ -186,6 +186,68 @@ def test_history_and_reset_counters(conf) -> None:
     assert doc["restarts"] == 0 and len(doc["events"]) == 8 and doc["restarts_counted_since"]
 
 
+def test_history_shows_takeovers_and_reloads_as_events_of_the_run(conf) -> None:
+    """A supervisor killed and one reloaded: lines of their own, with QEMU's
+    pid and what happened; one run, no restart, the uptime unbroken."""
+    _record(conf, "web", [("starting", None, 1000), ("running", None, 990)])
+    conn = state.connect(conf.paths.state_dir)
+    boot = state.boot_id(conf.paths.runtime_dir)
+    now = state.now()
+    for event, detail, ago in [(state.TAKEN_OVER, "supervisor pid 41 ended; pid 57 took over "
+                                "(kvmagent 1.0)", 500),
+                               (state.RELOADED, "kvmagent 1.0 -> 1.1, supervisor pid 57", 100)]:
+        state.insert(conn, "web", event, detail=detail, pid=4242,
+                     at=state.Now(now.realtime - ago, now.boottime - ago, boot))
+    conn.close()
+    conf.write("guests/web.toml", "")
+    r = kvmagent(conf, "history", "web")
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0 and lines[0].split() == ["TIME", "EVENT", "DETAIL"], r.stderr
+    assert re.search(r"  taken-over  QEMU pid 4242; supervisor pid 41 ended; pid 57 took over "
+                     r"\(kvmagent 1\.0\)$", lines[3]), lines
+    assert lines[4].endswith("  reloaded    QEMU pid 4242; kvmagent 1.0 -> 1.1, supervisor pid 57")
+    assert lines[-1].startswith("runs 1, cumulative uptime 16m 3") and \
+        lines[-1].endswith("restarts after failures 0"), lines[-1]
+    doc = json.loads(kvmagent(conf, "history", "web", "--json").stdout)
+    assert [e["event"] for e in doc["events"]] == ["starting", "running", "taken-over",
+                                                   "reloaded"]
+    assert doc["events"][2]["qemu_pid"] == 4242 and doc["runs"] == 1 and doc["restarts"] == 0
+    assert doc["uptime_seconds"] in (990, 991)
+    (row,) = json.loads(kvmagent(conf, "list", "--json").stdout)
+    assert row["restarts"] == 0 and row["uptime_seconds"] in (990, 991)
+
+
+def test_a_running_guest_without_a_record_is_shown_as_systemd_knows_it() -> None:
+    """The record was damaged and started anew: QEMU's pid and the uptime
+    come from the guest's scope (fed here as systemd's answer would be)."""
+    from kvmagent.cli.tracking import from_systemd, qemu_of
+    from kvmagent.host.systemd import Scope
+
+    qemu = "/usr/bin/qemu-system-x86_64 -name guest=web,debug-threads=on -uuid 1"
+    assert qemu_of("web", [(7, "/bin/helper"), (42, qemu)]) == 42
+    assert qemu_of("we", [(42, qemu)]) == 42  # the scope's only process
+    assert qemu_of("we", [(7, "/bin/helper"), (42, qemu)]) is None
+    assert qemu_of("web", []) is None
+    rows = [{"name": n, "qemu_pid": None, "uptime_seconds": None} for n in ("web", "gone", "db")]
+    rows[2]["uptime_seconds"] = 5  # the record knows its run, not its QEMU
+    asked: list[list[str]] = []
+
+    def scopes(units: list[str]) -> dict[str, Scope]:
+        asked.append(units)
+        return {"kvm-web.scope": Scope("active", 1000.0, [(42, qemu)]),
+                "kvm-db.scope": Scope("active", 900.0, [(43, "qemu -name guest=db")])}
+    assert from_systemd(rows, 1100.5, scopes) == ""
+    assert asked == [["kvm-web.scope", "kvm-gone.scope", "kvm-db.scope"]]
+    assert rows[0] == {"name": "web", "qemu_pid": 42, "uptime_seconds": 100}
+    assert rows[1] == {"name": "gone", "qemu_pid": None, "uptime_seconds": None}
+    assert rows[2] == {"name": "db", "qemu_pid": 43, "uptime_seconds": 5}
+
+    def no_bus(units: list[str]) -> dict[str, Scope]:
+        from kvmagent.errors import KvmagentError
+        raise KvmagentError("cannot connect to the system bus")
+    assert from_systemd(rows, 0.0, no_bus) == "QEMU unknown: cannot connect to the system bus"
+
+
 def test_unknown_guest_and_no_state_yet(conf) -> None:
     for cmd in ("status", "history", "reset-counters"):
         r = kvmagent(conf, cmd, "nosuch")
