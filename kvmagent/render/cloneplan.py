@@ -120,7 +120,10 @@ def plan_clone(src: Guest, data: dict[str, Any], files: list[Path], new: str,
     steps: list[Step] = []
     taken: set[Path] = set()
     notes: list[str] = []
-    has_lv = False
+    if snapshot is not None and not any(facts[d.index].kind is Kind.LV and not d.readonly
+                                        for d in src.disks):
+        raise _usage(f"--snapshot SIZE is for LVM volumes; guest {src.name} has no writable "
+                     "one", "leave it out")
     for d in src.disks:
         if d.readonly:
             steps.append(Step(d.index, Action.SHARE, d.path, d.path, str(d.format)))
@@ -133,7 +136,6 @@ def plan_clone(src: Guest, data: dict[str, Any], files: list[Path], new: str,
                                "copy it by hand, or clone a guest whose disk is an image file "
                                "or an LV")
         if fact.kind is Kind.LV:
-            has_lv = True
             if not full_copy and snapshot is None:
                 raise _usage(f"{where}: an LVM volume: clone it with --snapshot SIZE (an LVM "
                              "snapshot with room for SIZE of changes) or --copy",
@@ -182,9 +184,6 @@ def plan_clone(src: Guest, data: dict[str, Any], files: list[Path], new: str,
         steps = [_overlay(s, src, new, taken) if s.action is Action.SHARE and facts.get(
             s.index, DiskFacts(Kind.FILE)).kind is Kind.FILE and str(
                 src.disks[s.index].media) == "disk" else s for s in steps]
-    if snapshot is not None and not has_lv:
-        raise _usage(f"--snapshot SIZE is for LVM volumes; guest {src.name} has none",
-                     "leave it out: image files get a qcow2 overlay")
     freeze = running and any(s.action is Action.SNAPSHOT for s in steps)
     if freeze:
         notes.append(f"guest {src.name} is running: its LVM snapshots are taken with it paused "
