@@ -7,12 +7,14 @@ writes the file.
 
 The choices, documented in kvmagent(1):
 
-- a read-only disk (a CD-ROM, a template's image) is shared: both guests
-  name the same file;
-- a writable image file gets a qcow2 overlay, NEW's image beside SRC's
-  (`qemu-img create -f qcow2 -b SRC_IMAGE -F FORMAT`): only when SRC's disk
-  is read-only, a template — SRC writing its image again would corrupt the
-  overlay silently; --copy copies it (`cp --sparse=always`, any format);
+- a read-only disk (a CD-ROM, a shared image) is shared: both guests name
+  the same file;
+- SRC a template (every disk read-only): each image file gets a qcow2
+  overlay that NEW writes, beside SRC's image
+  (`qemu-img create -f qcow2 -b SRC_IMAGE -F FORMAT`);
+- a writable image file is copied with --copy (`cp --sparse=always`, any
+  format) and refused without: an overlay on an image that SRC writes
+  again would be corrupted silently;
 - a writable LVM volume gets an LVM snapshot with --snapshot SIZE
   (`lvcreate -s -L SIZE`), or with --copy a new volume of the same size in
   the same volume group and a byte copy (`dd`);
