@@ -7,7 +7,7 @@ export PATH := /usr/sbin:/usr/bin:/sbin:/bin
 export DEBIAN_FRONTEND := noninteractive
 
 # What the project and its tests need, from Debian only.
-DEB_DEPS := python3-pystemd python3-pydbus python3-pyroute2 python3-systemd python3-gi \
+DEB_DEPS := python3-pystemd python3-pydbus python3-pyroute2 python3-systemd python3-gi lvm2 \
 	python3-pytest qemu-system-x86 qemu-utils ipxe-qemu seabios systemd systemd-container \
 	dbus debootstrap busybox-static iproute2 python3-hypothesis man-db \
 	python3-mypy python3-flake8

@@ -19,13 +19,21 @@ _kvmagent() {
     done
     case $cmd in
         "")
-            COMPREPLY=($(compgen -W "validate show list start stop restart console bridge run
+            COMPREPLY=($(compgen -W "validate show list start stop restart console bridge clone kernel run
                                      --help --version --config-dir" -- "$cur")) ;;
         validate) COMPREPLY=($(compgen -W "--host --help $(_kvmagent_guests)" -- "$cur")) ;;
         show) COMPREPLY=($(compgen -W "--json --help $(_kvmagent_guests)" -- "$cur")) ;;
         start|restart|run) COMPREPLY=($(compgen -W "--no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
         stop) COMPREPLY=($(compgen -W "--force --no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
         console) COMPREPLY=($(compgen -W "--timeout --help $(_kvmagent_guests)" -- "$cur")) ;;
+        clone) COMPREPLY=($(compgen -W "--snapshot --copy --help $(_kvmagent_guests)" -- "$cur")) ;;
+        kernel)
+            if [[ ${COMP_WORDS[COMP_CWORD-1]} == --from-host ]]; then
+                local v
+                COMPREPLY=($(for v in /boot/vmlinuz-*; do [ -e "$v" ] && printf '%s\n' "${v#/boot/vmlinuz-}"; done | grep -- "^$cur"))
+            else
+                COMPREPLY=($(compgen -W "--from-host --help $(_kvmagent_guests)" -- "$cur"))
+            fi ;;
         list) COMPREPLY=($(compgen -W "--json --help" -- "$cur")) ;;
         bridge)
             if ((COMP_CWORD == i + 1)); then

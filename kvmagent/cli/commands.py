@@ -5,14 +5,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from kvmagent.config.guests import check_unique, guest_names, load_guest, load_host_config
 from kvmagent.config.model import Guest, HostConfig
 from kvmagent.errors import ExitStatus, KvmagentError
+from kvmagent.host import dpkgfiles
 from kvmagent.host.hostcheck import check_host
 from kvmagent.names import scope_unit
 from kvmagent.paths import Paths
+from kvmagent.render import hostkernel
 from kvmagent.render.qemu import Sockets, qemu_argv
 from kvmagent.render.scope import render_settings, scope_settings
 from kvmagent.render.show import effective_config, render_argv, render_config
@@ -43,6 +46,9 @@ def cmd_validate(args: argparse.Namespace, paths: Paths) -> int:
             continue
         good.append(guest)
         print(f"{name}: ok")
+        if args.host:
+            for warning in package_kernels(guest):
+                _err(f"warning: {warning}")
     # Cross-guest checks (MACs, taps, disks) always look at every defined
     # guest, so validating one guest catches a clash with another.
     others = [] if not args.names else _load_quietly(paths, host, set(args.names))
@@ -54,6 +60,27 @@ def cmd_validate(args: argparse.Namespace, paths: Paths) -> int:
     if not names:
         print(f"no guests defined in {paths.guests_dir}")
     return status
+
+
+def package_kernels(guest: Guest, boot: Path = hostkernel.BOOT,
+                    info: Path = dpkgfiles.INFO) -> list[str]:
+    """Warnings for a guest that boots a kernel straight out of /boot that a
+    Debian package owns: an apt upgrade or autoremove removes it under the
+    guest."""
+    if guest.kernel is None:
+        return []
+    out = []
+    for key, path, packaged in hostkernel.package_kernel_paths(guest.kernel.image,
+                                                               guest.kernel.initrd, boot):
+        package = dpkgfiles.owner(packaged, info)
+        if package is None:
+            continue
+        version = packaged.name.removeprefix("vmlinuz-")
+        whose = "" if packaged == path else f" (made for {packaged}, removed with it)"
+        out.append(f"{guest.origin_of(key)}: {key} = \"{path}\"{whose} belongs to package "
+                   f"{package}: an apt upgrade or autoremove can remove it under guest "
+                   f"{guest.name}; copy it: kvmagent kernel {guest.name} --from-host {version}")
+    return out
 
 
 def _load_quietly(paths: Paths, host: HostConfig, skip: set[str]) -> list[Guest]:

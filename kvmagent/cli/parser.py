@@ -36,6 +36,9 @@ class _Unused:
     def add_subparsers(self, *args: Any, **kwargs: Any) -> _Unused:
         return self
 
+    def add_mutually_exclusive_group(self, *args: Any, **kwargs: Any) -> _Unused:
+        return self
+
 
 def _command(argv: list[str]) -> str | None:
     """The command word of argv, None for anything but --config-dir before
@@ -165,6 +168,24 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("--write", action="store_true", help="write guests/NAME.toml instead of "
                     "printing it")
     sp.add_argument("--force", action="store_true", help="with --write: replace an existing file")
+    sp = add(sub, "clone", "cli.clone:cmd_clone", "define guest NEW as a copy of guest SRC: "
+             "new name, MACs and UUID; its disks a qcow2 overlay (a template's image files), "
+             "an LVM snapshot (--snapshot SIZE) or a full copy (--copy)")
+    sp.add_argument("src", metavar="SRC")
+    sp.add_argument("new", metavar="NEW")
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--snapshot", metavar="SIZE", help="LVM volumes: a snapshot with room "
+                     "for SIZE of changes (lvcreate -s -L SIZE); a running SRC is paused for "
+                     "that instant")
+    how.add_argument("--copy", action="store_true", help="copy writable disks whole "
+                     "(SRC stopped)")
+    sp = add(sub, "kernel", "cli.kernel:cmd_kernel", "copy one of the host's kernels and its "
+             "initrd into /boot/kvm/NAME/ and point guest NAME at them (a drop-in, "
+             "NAME.toml.d/kernel.toml)")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--from-host", nargs="?", const="", metavar="VERSION",
+                    help="the host's /boot/vmlinuz-VERSION (default: the running kernel, "
+                    "or the newest installed)")
     sp = add(sub, "reload", "cli.reload:cmd_reload", "move the supervisors of guests NAME (all "
              "running guests if none is named) to the installed kvmagent, the guests untouched")
     sp.add_argument("names", metavar="NAME", nargs="*")

@@ -11,10 +11,12 @@ from __future__ import annotations
 import re
 import textwrap
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvmagent.errors import KvmagentError, config_error
 
-TomlValue = str | int | bool | list[str]
+# (lists of strings, or of numbers: a cloned guest's cpu_affinity = [0, 1])
+TomlValue = str | int | float | bool | list[Any]
 
 # C0 and C1 controls and DEL: TOML allows none of them raw in a basic string
 # (tab aside), and a comment must stay on its line.
@@ -51,10 +53,10 @@ def toml_string(value: str) -> str:
 def toml_value(value: TomlValue) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, (int, float)):
+        return repr(value)
     if isinstance(value, list):
-        return "[" + ", ".join(toml_string(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     return toml_string(value)
 
 

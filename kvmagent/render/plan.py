@@ -24,6 +24,11 @@ def disk_token(index: int, mode: str) -> str:
     return f"\0disk{index}{mode}\0"
 
 
+def backing_token(index: int, depth: int) -> str:
+    """A read-only fd of backing file DEPTH (0: the nearest) of disk INDEX."""
+    return f"\0disk{index}b{depth}ro\0"
+
+
 def fill_in(arg: str, values: dict[str, str]) -> str:
     for token, value in values.items():
         arg = arg.replace(token, value)
@@ -40,7 +45,8 @@ class Tap(NamedTuple):
 
 class Disk(NamedTuple):
     """A disk the supervisor opens for QEMU: one fd per token (a read-write
-    disk gets an O_RDWR and an O_RDONLY fd: QEMU picks by its open mode)."""
+    disk gets an O_RDWR and an O_RDONLY fd: QEMU picks by its open mode).
+    A qcow2 image's backing files are Disks too, read-only, one token each."""
     path: str
     readonly: bool
     tokens: tuple[str, ...]

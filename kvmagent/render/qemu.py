@@ -46,6 +46,9 @@ class Sockets:
     # disk node -> the fds QEMU gets for it (-add-fd, one fd set per disk):
     # the supervisor opens the disks, so an unprivileged QEMU needs no access
     disk_fds: dict[str, list[str]] = field(default_factory=dict)
+    # disk node -> its qcow2 backing chain, nearest first: (read-only fd, format)
+    # each; QEMU would open them by the path in the image, and could not
+    backing_fds: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
     @classmethod
     def in_dir(cls, rundir: Path) -> "Sockets":
@@ -125,6 +128,11 @@ def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets
             file = f"/dev/fdset/{n}"
         drive = [f"file={file}", f"format={d.format}", "if=none",
                  f"id={d.node}", f"cache={cache}"]
+        for depth, (fd, fmt) in enumerate(sockets.backing_fds.get(d.node, [])):
+            fdset = n + 100 * (depth + 1)  # MAX_DISKS < 100
+            argv += ["-add-fd", f"fd={fd},set={fdset}"]
+            node = "backing." * (depth + 1)
+            drive += [f"{node}driver={fmt}", f"{node}file.filename=/dev/fdset/{fdset}"]
         if cache in (Cache.NONE, Cache.DIRECTSYNC):
             drive.append("aio=native")
         if d.readonly:

@@ -8,7 +8,10 @@ file descriptor store like QMP and the console, so a supervisor that takes
 the guest over (kvmagent.unit.adopt) or reloads its code serves on the
 same socket.  Commands: "status" (Status: which kvmagent code runs, since
 when), "reload" (the supervisor re-executes itself, the new code taking
-its guest over: no guest outage)."""
+its guest over: no guest outage), "freeze" with "seconds" (the guest is
+paused, QEMU's "stop", for a crash-consistent snapshot of its disks, and
+resumed by the supervisor itself after at most that long: a client that
+dies never leaves it paused) and "thaw" (resumed at once)."""
 
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.render.plan import read_fields
 
 CONTROL_FDNAME = "control"
-COMMANDS = ("status", "reload")
+COMMANDS = ("status", "reload", "freeze", "thaw")
 MAX_MESSAGE = 65536
+# The longest a guest is paused for a snapshot (freeze's "seconds").
+MAX_FREEZE = 60.0
 
 
 class Status(NamedTuple):
@@ -61,9 +66,11 @@ def listen(path: Path) -> socket.socket:
     return sock
 
 
-def receive(listener: socket.socket, timeout: float = 1.0) -> tuple[socket.socket, str] | None:
-    """Accept one client and read its command (None: nothing there, or a
-    client that sent no valid request; it is answered and closed)."""
+def receive(listener: socket.socket,
+            timeout: float = 1.0) -> tuple[socket.socket, str, dict[str, object]] | None:
+    """Accept one client and read its command and the request's other
+    fields (None: nothing there, or a client that sent no valid request;
+    it is answered and closed)."""
     try:
         conn, _ = listener.accept()
     except (BlockingIOError, InterruptedError):
@@ -77,7 +84,16 @@ def receive(listener: socket.socket, timeout: float = 1.0) -> tuple[socket.socke
     if command not in COMMANDS:
         answer(conn, {"ok": False, "error": f"unknown request (commands: {', '.join(COMMANDS)})"})
         return None
-    return conn, str(command)
+    return conn, str(command), data
+
+
+def freeze_seconds(request: dict[str, object]) -> float | str:
+    """A freeze request's time limit, or why it is not one."""
+    seconds = request.get("seconds")
+    if (not isinstance(seconds, (int, float)) or isinstance(seconds, bool)
+            or not 0 < seconds <= MAX_FREEZE):
+        return f"freeze needs seconds, more than 0 and at most {MAX_FREEZE:g}"
+    return float(seconds)
 
 
 def answer(conn: socket.socket, reply: dict[str, object]) -> None:
@@ -89,13 +105,14 @@ def answer(conn: socket.socket, reply: dict[str, object]) -> None:
         conn.close()
 
 
-def ask(path: Path, command: str, timeout: float = 10.0) -> dict[str, object]:
+def ask(path: Path, command: str, timeout: float = 10.0,
+        **fields: object) -> dict[str, object]:
     """The client: COMMAND's reply; KvmagentError when no supervisor answers."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
-        sock.send(json.dumps({"command": command}).encode())
+        sock.send(json.dumps({"command": command, **fields}).encode())
         data = json.loads(sock.recv(MAX_MESSAGE) or b"null")
     except (OSError, ValueError) as e:
         raise KvmagentError(f"no answer from the supervisor at {path}: "

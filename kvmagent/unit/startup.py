@@ -16,14 +16,15 @@ from pathlib import Path
 
 from kvmagent import names
 from kvmagent.config.guests import load_guest, load_guest_file, load_host_config
-from kvmagent.config.model import Accel, Guest, HostConfig, NicMode, OnPoweroff
+from kvmagent.config.model import Accel, Format, Guest, HostConfig, NicMode, OnPoweroff
 from kvmagent.errors import KvmagentError, config_error
 from kvmagent.host import qemuuser
 from kvmagent.host.hostcheck import check_host
+from kvmagent.host.imagechain import backing_chain
 from kvmagent.host.sdnotify import Journal
 from kvmagent.paths import Paths
-from kvmagent.render.plan import (CONSOLE_FD, QMP_FD, Disk, Plan, QemuUser, Tap, disk_token,
-                                  tap_token)
+from kvmagent.render.plan import (CONSOLE_FD, QMP_FD, Disk, Plan, QemuUser, Tap, backing_token,
+                                  disk_token, tap_token)
 from kvmagent.render.qemu import HostFacts, Sockets, qemu_argv
 from kvmagent.render.scope import scope_settings
 from kvmagent.render.service import needs_inet, oneoff_unit
@@ -86,10 +87,20 @@ def prepare(name: str, paths: Paths | None,
     disks = [Disk(str(d.path), d.readonly, (disk_token(i, "ro"),) if d.readonly
                   else (disk_token(i, "rw"), disk_token(i, "ro")))
              for i, d in enumerate(guest.disks)]
+    disk_fds = {d.node: list(disk.tokens) for d, disk in zip(guest.disks, disks)}
+    # A qcow2 image's backing files (a clone's overlay): opened read-only by
+    # the supervisor too, as QEMU could not open them by their path.
+    backing: dict[str, list[tuple[str, str]]] = {}
+    for i, d in enumerate(guest.disks):
+        if d.format is Format.QCOW2:
+            key = f"disk[{i}].path"
+            for depth, (path, fmt) in enumerate(backing_chain(d.path, guest.origin_of(key), key)):
+                disks.append(Disk(str(path), True, (backing_token(i, depth),)))
+                backing.setdefault(d.node, []).append((backing_token(i, depth), fmt))
     sockets = Sockets(qmp=f"fd={QMP_FD}",
                       console=f"fd={CONSOLE_FD}" if guest.console.serial else None,
                       taps={n.index: tap_token(n.index) for n in bridged},
-                      disk_fds={d.node: list(disk.tokens) for d, disk in zip(guest.disks, disks)})
+                      disk_fds=disk_fds, backing_fds=backing)
     argv = qemu_argv(guest, host, facts, sockets)
     argv.insert(1, "-S")
     plan = Plan(

@@ -162,6 +162,7 @@ class Supervisor:
         self.channel: socket.socket | None = None  # kvmagent.unit.channel
         self.kept: dict[str, socket.socket] = {}  # in systemd's fd store, by name
         self.lock = -1  # kvmagent.unit.adopt.lock: one supervisor per guest
+        self.thaw_at: float | None = None  # paused for a snapshot until (monotonic)
         self.record = EventRecorder(name, paths, lambda text: self.log(text, 4))
 
     def log(self, message: str, priority: int = 6, message_id: str | None = None) -> None:
@@ -341,6 +342,13 @@ class Supervisor:
             self.record("stopped", WATCHDOG, "QEMU did not answer when taken over")
             raise KvmagentError(f"guest {self.name}'s QEMU did not answer; it was killed and "
                                 "starts again", None, ExitStatus.FAILURE) from None
+        if status.get("status") == "paused":
+            # kvmagent pauses a running guest only for a snapshot (freeze),
+            # and resumes it: a supervisor that died meanwhile left it so
+            with suppress(QmpError):
+                self.qmp.execute("cont")
+                self.log(f"guest {self.name} was paused (a snapshot's freeze, or a start, "
+                         "that its last supervisor did not finish): resumed", 4)
         self._catch_signals()
         if channel.CONTROL_FDNAME in socks:
             self.channel = socks[channel.CONTROL_FDNAME]
@@ -380,7 +388,10 @@ class Supervisor:
         request = channel.receive(self.channel)
         if request is None:
             return
-        conn, command = request
+        conn, command, fields = request
+        if command in ("freeze", "thaw"):
+            self._freeze(conn, command, fields)
+            return
         if command == "status" or self.running is None:
             running = self.running
             channel.answer(conn, {"ok": True, **channel.Status(
@@ -392,11 +403,59 @@ class Supervisor:
         if self.stop.stopping:
             channel.answer(conn, {"ok": False, "error": "the guest is stopping"})
             return
+        if self.thaw_at is not None:
+            channel.answer(conn, {"ok": False, "error": "the guest is paused for a snapshot"})
+            return
         # reload: systemd's unit is "reloading" until the new code says READY=1
         now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}", "STATUS=reloading the supervisor")
         channel.answer(conn, {"ok": True})
         self._reexec()
+
+    def _freeze(self, conn: socket.socket, command: str, fields: dict[str, object]) -> None:
+        """freeze: pause the guest (QEMU's "stop" drains its disk I/O) for at
+        most the request's seconds, so that a snapshot of its disks is
+        crash-consistent; thaw: resume it.  The supervisor resumes it by
+        itself at the limit (_thaw from run()'s loop): a client that dies
+        never leaves the guest paused."""
+        assert self.qmp is not None
+        if command == "thaw":
+            was = self.thaw_at is not None
+            if was:
+                self._thaw("the snapshot is taken")
+            channel.answer(conn, {"ok": True, "resumed": was})
+            return
+        seconds = channel.freeze_seconds(fields)
+        if isinstance(seconds, str):
+            channel.answer(conn, {"ok": False, "error": seconds})
+            return
+        if self.stop.stopping or self.thaw_at is not None:
+            channel.answer(conn, {"ok": False, "error": "the guest is stopping" if
+                                  self.stop.stopping else "the guest is paused already"})
+            return
+        try:
+            state = self.qmp.execute("query-status", timeout=2.0).get("status")
+            if state != "running":
+                channel.answer(conn, {"ok": False, "error": f"the guest is {state}, not running"})
+                return
+            self.qmp.execute("stop", timeout=5.0)
+        except QmpError as e:
+            channel.answer(conn, {"ok": False, "error": e.message})
+            return
+        self.thaw_at = time.monotonic() + seconds
+        self.log(f"guest {self.name} paused for a snapshot of its disks (at most "
+                 f"{seconds:g} s)", 5)
+        channel.answer(conn, {"ok": True, "seconds": seconds})
+
+    def _thaw(self, why: str) -> None:
+        assert self.qmp is not None
+        self.thaw_at = None
+        try:
+            self.qmp.execute("cont", timeout=5.0)
+        except QmpError as e:
+            self.log(f"guest {self.name}: cannot resume it after the snapshot: {e.message}", 3)
+            return
+        self.log(f"guest {self.name} resumed: {why}", 5)
 
     def _reexec(self) -> None:
         """Run the installed kvmagent in this process (same pid: systemd sees
@@ -502,7 +561,7 @@ class Supervisor:
             # make this a busy loop until QEMU is gone); the stop's own next
             # step is never in the past once it has been taken.
             timers = [t for t in (next_ping if ping_every and not self.stop.stopping else None,
-                                  self.stop.wakeup(),
+                                  self.stop.wakeup(), self.thaw_at,
                                   self.console_log.deadline()) if t is not None]
             timeout = max(0.0, min(timers) - now) if timers else None
             watch: list[Any] = [wake_r]
@@ -539,6 +598,8 @@ class Supervisor:
             if self.channel is not None and self.channel in ready:
                 self._control()
             now = time.monotonic()
+            if self.thaw_at is not None and now >= self.thaw_at:
+                self._thaw("its time for the snapshot is up (the client did not resume it)")
             if ping_every and now >= next_ping and not self.stop.stopping:
                 self._watchdog()
                 next_ping = now + ping_every
@@ -564,6 +625,8 @@ class Supervisor:
         for action in actions:
             if isinstance(action, Stopping):  # SIGTERM
                 notify("STOPPING=1")
+                if self.thaw_at is not None:  # a paused guest cannot power off
+                    self._thaw("the guest is stopping")
                 # admin or host shutdown: the event writer tells them apart
                 self.record("stopping", ADMIN)
                 self.record.flush(linger=True)  # while the guest powers off

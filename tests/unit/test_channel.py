@@ -23,7 +23,7 @@ def serve(listener: socket.socket, reply: dict[str, object], seen: list[str]) ->
         select.select([listener], [], [], 5)
         request = channel.receive(listener)
         if request is not None:
-            conn, command = request
+            conn, command, _ = request
             seen.append(command)
             channel.answer(conn, reply)
     thread = threading.Thread(target=one)
