@@ -200,14 +200,17 @@ def systemd_view(names: list[str]) -> tuple[dict[str, dict[str, str]], dict[str,
         return {}, {}, "systemd is not running on this host (not PID 1): states unknown"
     from kvmagent.host import systemd  # pystemd, for these commands only
     try:
-        units = systemd.list_units(["kvm@*.service"])
+        units = systemd.list_units(["kvm@*.service", "kvm-oneoff@*.service"])
     except KvmagentError as e:
         return {}, {}, f"states unknown: {e.message}"
     wanted = set(names)
     rows = {}
     for u in units:
-        guest = u["name"][len("kvm@"):-len(".service")]
-        if guest in wanted:
+        guest = u["name"].partition("@")[2].removesuffix(".service")
+        # A defined guest runs as kvm@NAME.service, or as kvm-oneoff@NAME.service
+        # (its install run, or a one-off from a copy of its file), one at a time:
+        # the one that is not inactive shows.
+        if guest in wanted and (guest not in rows or u["active_state"] != "inactive"):
             rows[guest] = u
     enabled = {g: "enabled" for g in enabled_guests() if g in wanted}
     return rows, enabled, ""
