@@ -19,13 +19,20 @@ _kvmagent() {
     done
     case $cmd in
         "")
-            COMPREPLY=($(compgen -W "validate show list start stop restart console bridge run
-                                     --help --version --config-dir" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "validate show list start stop restart install console bridge
+                                     run --help --version --config-dir" -- "$cur")) ;;
         validate) COMPREPLY=($(compgen -W "--host --help $(_kvmagent_guests)" -- "$cur")) ;;
         show) COMPREPLY=($(compgen -W "--json --help $(_kvmagent_guests)" -- "$cur")) ;;
         start|restart|run) COMPREPLY=($(compgen -W "--no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
         stop) COMPREPLY=($(compgen -W "--force --no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
         console) COMPREPLY=($(compgen -W "--timeout --help $(_kvmagent_guests)" -- "$cur")) ;;
+        install)
+            if [ "${COMP_WORDS[COMP_CWORD - 1]}" = --iso ]; then
+                COMPREPLY=($(compgen -f -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "--iso --console --vnc --no-block --help
+                                         $(_kvmagent_guests)" -- "$cur"))
+            fi ;;
         list) COMPREPLY=($(compgen -W "--json --help" -- "$cur")) ;;
         bridge)
             if ((COMP_CWORD == i + 1)); then
