@@ -6,11 +6,13 @@ PYTHON := /usr/bin/python3
 export PATH := /usr/sbin:/usr/bin:/sbin:/bin
 export DEBIAN_FRONTEND := noninteractive
 
-# What the project and its tests need, from Debian only.
+# What the project and its tests need, from Debian only (xorriso, isolinux and
+# syslinux-common: the installer ISO that tests/system/test_install.py builds;
+# lvm2: clone's volumes).
 DEB_DEPS := python3-pystemd python3-pydbus python3-pyroute2 python3-systemd python3-gi lvm2 \
 	python3-pytest qemu-system-x86 qemu-utils ipxe-qemu seabios systemd systemd-container \
 	dbus debootstrap busybox-static iproute2 python3-hypothesis man-db \
-	python3-mypy python3-flake8
+	python3-mypy python3-flake8 xorriso isolinux syslinux-common
 # The package is built in a clean build root of each release (debootstrap, then
 # its Build-Depends), never with what this machine has: the host needs git only.
 DEB_BUILD_DEPS := git

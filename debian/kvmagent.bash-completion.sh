@@ -19,8 +19,8 @@ _kvmagent() {
     done
     case $cmd in
         "")
-            COMPREPLY=($(compgen -W "validate show list start stop restart console bridge clone kernel run
-                                     --help --version --config-dir" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "validate show list start stop restart install console bridge clone
+                                     kernel run --help --version --config-dir" -- "$cur")) ;;
         validate) COMPREPLY=($(compgen -W "--host --help $(_kvmagent_guests)" -- "$cur")) ;;
         show) COMPREPLY=($(compgen -W "--json --help $(_kvmagent_guests)" -- "$cur")) ;;
         start|restart|run) COMPREPLY=($(compgen -W "--no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
@@ -33,6 +33,13 @@ _kvmagent() {
                 COMPREPLY=($(for v in /boot/vmlinuz-*; do [ -e "$v" ] && printf '%s\n' "${v#/boot/vmlinuz-}"; done | grep -- "^$cur"))
             else
                 COMPREPLY=($(compgen -W "--from-host --help $(_kvmagent_guests)" -- "$cur"))
+            fi ;;
+        install)
+            if [ "${COMP_WORDS[COMP_CWORD - 1]}" = --iso ]; then
+                COMPREPLY=($(compgen -f -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "--iso --console --vnc --no-block --help
+                                         $(_kvmagent_guests)" -- "$cur"))
             fi ;;
         list) COMPREPLY=($(compgen -W "--json --help" -- "$cur")) ;;
         bridge)

@@ -42,14 +42,14 @@ def kvmagent_command(paths: Paths) -> tuple[list[str], list[str]]:
     return [sys.executable, "-m", "kvmagent"], env
 
 
-def _refuse_if_running(unit: str, name: str, as_what: str) -> None:
+def refuse_if_running(unit: str, name: str, as_what: str) -> None:
     from kvmagent.host import systemd
     if systemd.active_state(unit) in systemd.RUNNING_STATES:
         raise KvmagentError(f"guest {name} is already running as {as_what} ({unit})",
                             f"stop it first: kvmagent stop {name}")
 
 
-def _report(action: str, unit: str, result: str | None, no_block: bool) -> int:
+def report(action: str, unit: str, result: str | None, no_block: bool) -> int:
     if no_block:
         print(f"{unit}: {action} queued")
         return ExitStatus.OK
@@ -65,7 +65,7 @@ def _stop(unit: str, args: argparse.Namespace, timeout: float) -> int:
     if systemd.active_state(unit) is None:
         # Not loaded: stopped already (and, without the template, systemd
         # would not even know the name).
-        return _report("stop", unit, "done", False)
+        return report("stop", unit, "done", False)
     if args.force:
         # SIGUSR1 first: the supervisor stops QEMU at once, no ACPI (the
         # power cord); the stop job then only waits for it to exit.
@@ -73,7 +73,7 @@ def _stop(unit: str, args: argparse.Namespace, timeout: float) -> int:
         if systemd.unit_properties(unit, ["ActiveState"])["ActiveState"] == "active":
             systemd.kill_unit(unit, "main", signal.SIGUSR1)
     result = systemd.stop_unit(unit, wait=not args.no_block, timeout=timeout)
-    return _report("stop", unit, result, args.no_block)
+    return report("stop", unit, result, args.no_block)
 
 
 def _job(action: str, args: argparse.Namespace, paths: Paths) -> int:
@@ -87,7 +87,7 @@ def _job(action: str, args: argparse.Namespace, paths: Paths) -> int:
             return _stop(oneoff, args, ONEOFF_STOP_WAIT)
         result = systemd.restart_unit(oneoff, wait=not args.no_block,
                                       timeout=ONEOFF_STOP_WAIT + 300)
-        return _report(action, oneoff, result, args.no_block)
+        return report(action, oneoff, result, args.no_block)
     if action == "stop":
         # No configuration needed: a guest whose file has gone bad can still
         # be stopped.  The supervisor extends systemd's stop timeout itself.
@@ -100,7 +100,7 @@ def _job(action: str, args: argparse.Namespace, paths: Paths) -> int:
     unit = service_unit(guest.name)
     timeout = {"start": host.device_timeout + 60}.get(
         action, host.device_timeout + guest.stop_timeout + 120)
-    _refuse_if_running(oneoff, guest.name, "a one-off guest")
+    refuse_if_running(oneoff, guest.name, "a one-off guest")
     if not systemd.template_installed():
         # No kvm@.service (a checkout, a pip install): make kvm@NAME.service
         # ourselves, with the template's settings.
@@ -112,14 +112,15 @@ def _job(action: str, args: argparse.Namespace, paths: Paths) -> int:
                                                                   environment=env,
                                                                   inet=needs_inet(guest)),
                                            wait=not args.no_block, timeout=timeout)
-        return _report(action, unit, result, args.no_block)
+        return report(action, unit, result, args.no_block)
     job: dict[str, Any] = {"start": systemd.start_unit, "restart": systemd.restart_unit}
     result = job[action](unit, wait=not args.no_block, timeout=timeout)
-    return _report(action, unit, result, args.no_block)
+    return report(action, unit, result, args.no_block)
 
 
-def _running_guests(paths: Paths, host: Any) -> list[Guest]:
-    """The guests running now, defined or one-off (those whose file still loads)."""
+def running_guests(paths: Paths, host: Any) -> list[Guest]:
+    """The guests running now, defined, one-off or installing (those whose
+    file still loads)."""
     from kvmagent.host import systemd
     out = []
     for row in systemd.list_units(["kvm@*.service", "kvm-oneoff@*.service"]):
@@ -133,6 +134,9 @@ def _running_guests(paths: Paths, host: Any) -> list[Guest]:
                 continue
             (exec_start, *_), = systemd.unit_properties(row["name"], ["ExecStart"]).values()
             argv = list(exec_start[1])  # (path, argv, ignore failure, ...)
+            if "--install" in argv:  # an install run: the guest's own file (and a CD-ROM)
+                out.append(load_guest(paths, name, host))
+                continue
             out.append(load_guest_file(Path(argv[argv.index("--file") + 1]), host))
         except (KvmagentError, ValueError, IndexError):
             pass  # changed or removed since it started: nothing to compare with
@@ -148,18 +152,18 @@ def start_oneoff(args: argparse.Namespace, paths: Paths) -> int:
     guest = load_guest_file(path, host)  # exit 6 before touching systemd
     from kvmagent.host import systemd  # pystemd: not even imported for a bad file
     unit = oneoff_unit(guest.name)
-    _refuse_if_running(service_unit(guest.name), guest.name, "a defined guest")
-    _refuse_if_running(unit, guest.name, "a one-off guest")
+    refuse_if_running(service_unit(guest.name), guest.name, "a defined guest")
+    refuse_if_running(unit, guest.name, "a one-off guest")
     # Its MACs, taps and writable disks against the guests running now (a
     # defined guest that is stopped may well share them: a copy of its file).
-    check_unique([*_running_guests(paths, host), guest])
+    check_unique([*running_guests(paths, host), guest])
     command, env = kvmagent_command(paths)
     settings = service_settings(guest.name, command, guest_file=str(path),
                                 writable=writable_images(guest),
                                 environment=env, inet=needs_inet(guest))
     result = systemd.start_service(unit, settings, wait=not args.no_block,
                                    timeout=host.device_timeout + 60)
-    return _report("start", unit, result, args.no_block)
+    return report("start", unit, result, args.no_block)
 
 
 def cmd_start(args: argparse.Namespace, paths: Paths) -> int:

@@ -6,7 +6,8 @@ Command implementations are imported only when their command runs:
 the configuration machinery or pyroute2/pystemd/pydbus for its lifetime.
 The two commands that systemd runs in every start and stop of a guest take
 a short way, without argparse (kvmagent.cli.parser) and its imports: `run NAME`
-(ExecStart=) as kvm@.service and kvm-oneoff@.service give it, and
+(ExecStart=) as kvm@.service and kvm-oneoff@.service give it (one-off
+guests and install runs alike), and
 `stop-post NAME` (ExecStopPost=) when there is nothing for it to do.  So
 does `kvmagent list [--json]`, which admins and monitoring run often
 (argparse, gettext and the parser cost ~15 ms of a ~110 ms listing)."""
@@ -43,14 +44,19 @@ def _stop_already_recorded(argv: list[str]) -> bool:
         return False
 
 
-def _run_argv(argv: list[str]) -> tuple[str, str | None] | None:
-    """(NAME, FILE) of `run NAME` and `run --file FILE NAME`, as the units
-    give them; anything else goes through argparse."""
+def _run_argv(argv: list[str]) -> tuple[str, str | None, str | None, str | None] | None:
+    """(NAME, FILE, ISO, VNC) of `run NAME`, `run --file FILE NAME` and
+    `run --install ISO [--vnc ADDR] NAME`, as the units give them; anything
+    else goes through argparse."""
     match argv:
         case ["run", name] if not name.startswith("-"):
-            return name, None
+            return name, None, None, None
         case ["run", "--file", file, name] if not name.startswith("-"):
-            return name, file
+            return name, file, None, None
+        case ["run", "--install", iso, name] if not name.startswith("-"):
+            return name, None, iso, None
+        case ["run", "--install", iso, "--vnc", vnc, name] if not name.startswith("-"):
+            return name, None, iso, vnc
     return None
 
 
@@ -73,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (run := _run_argv(argv)) is not None:
             from kvmagent.unit import run as supervise
-            return supervise.main(run[0], None, run[1])
+            return supervise.main(run[0], None, *run[1:])
         from kvmagent.paths import Paths
         paths = Paths.from_env()
         args: Any  # argparse's Namespace, or the same attributes without argparse

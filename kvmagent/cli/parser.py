@@ -135,6 +135,20 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
             sp.add_argument("--force", action="store_true",
                             help="stop QEMU at once, without the ACPI power button "
                             "(like pulling the power cord)")
+    sp = add(sub, "install", "cli.install:cmd_install",
+             "boot guest NAME once from an installer ISO (as a CD-ROM, first in the boot "
+             "order) as the transient kvm-oneoff@NAME.service, which ends when the guest "
+             "powers off; guests/NAME.toml is not changed")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--iso", metavar="FILE", required=True,
+                    help="the installer's ISO image (or a CD-ROM device), read-only")
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--console", action="store_true",
+                     help="attach to the guest's serial console once it runs (leaving it "
+                     "leaves the install running)")
+    how.add_argument("--vnc", metavar="ADDR", help='a VNC display for a graphical installer: '
+                     '"127.0.0.1:1" (port 5901) or "unix:/PATH"')
+    sp.add_argument("--no-block", action="store_true", help="do not wait for the guest to run")
     sp = add(sub, "console", "cli.console:cmd_console",
              "attach to guest NAME's serial console (leave with Ctrl-] or Ctrl-Q); "
              "without a terminal, type stdin and print the output for --timeout seconds")
@@ -196,6 +210,9 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--file", metavar="FILE", help="load the guest from FILE, not from "
                     "guests/NAME.toml (a one-off guest: kvmagent start --transient)")
+    sp.add_argument("--install", metavar="ISO", help="guest NAME's install run: boot from "
+                    "ISO as a CD-ROM (kvmagent install)")
+    sp.add_argument("--vnc", metavar="ADDR", help="with --install: a VNC display")
     sp = add(sub, "stop-orphan", "unit.orphan:cmd_stop_orphan", "stop guest NAME's QEMU once "
              "systemd gave up restarting its supervisor: kvmagent-orphan@NAME.service")
     sp.add_argument("name", metavar="NAME")

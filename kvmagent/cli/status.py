@@ -64,6 +64,12 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
     unit = service_unit(name)
     guest, config_problem = _guest(paths, name)
     props, note = unit_view(unit)
+    if not note and props.get("ActiveState") not in UP_STATES:
+        # Its install run (or a one-off from a copy of its file) instead?
+        from kvmagent.render.service import oneoff_unit
+        other, note3 = unit_view(oneoff_unit(name))
+        if not note3 and other.get("ActiveState") in (*UP_STATES, "activating"):
+            unit, props = oneoff_unit(name), other
     _, summary, note2 = _history(paths, name)
     active = props.get("ActiveState")
     word = STATES.get(active or "", "unknown")

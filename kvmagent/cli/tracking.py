@@ -193,6 +193,10 @@ def enabled_guests(unit_dirs: tuple[str, ...] = UNIT_DIRS) -> set[str]:
     return found - masked
 
 
+def _rank(unit: dict[str, str]) -> int:
+    return {"inactive": 0, "failed": 1}.get(unit["active_state"], 2)
+
+
 def systemd_view(names: list[str]) -> tuple[dict[str, dict[str, str]], dict[str, str], str]:
     """(unit rows by guest, unit-file state by guest, a note when systemd
     could not be asked).  Degrades, never fails: `list` still lists."""
@@ -200,14 +204,19 @@ def systemd_view(names: list[str]) -> tuple[dict[str, dict[str, str]], dict[str,
         return {}, {}, "systemd is not running on this host (not PID 1): states unknown"
     from kvmagent.host import systemd  # pystemd, for these commands only
     try:
-        units = systemd.list_units(["kvm@*.service"])
+        units = systemd.list_units(["kvm@*.service", "kvm-oneoff@*.service"])
     except KvmagentError as e:
         return {}, {}, f"states unknown: {e.message}"
     wanted = set(names)
-    rows = {}
+    rows: dict[str, dict[str, str]] = {}
     for u in units:
-        guest = u["name"][len("kvm@"):-len(".service")]
-        if guest in wanted:
+        guest = u["name"].partition("@")[2].removesuffix(".service")
+        # A defined guest runs as kvm@NAME.service, or as kvm-oneoff@NAME.service
+        # (its install run, or a one-off from a copy of its file), one at a time:
+        # the one running shows, else a failed one, kvm@NAME.service first.
+        have = rows.get(guest)
+        if guest in wanted and (have is None or (_rank(u), u["name"].startswith("kvm@")) >
+                                (_rank(have), have["name"].startswith("kvm@"))):
             rows[guest] = u
     enabled = {g: "enabled" for g in enabled_guests() if g in wanted}
     return rows, enabled, ""

@@ -129,7 +129,8 @@ def _uuid(v: Any) -> str:
         raise ValueError("expected a UUID such as 6f1d5f6e-2b0c-4f3e-9a57-6b766d616765") from None
 
 
-def _vnc(v: Any) -> str:
+def parse_vnc(v: Any) -> str:
+    """[display] vnc (and `kvmagent install --vnc`): ValueError with a reason."""
     # No "," or "=" in the socket path: QEMU would read "unix:/a=b" as an
     # option named "unix:/a".
     return _text(256, r"unix:/[^,=]+|(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]*):[0-9]{1,4}",
@@ -223,7 +224,7 @@ GUEST_TABLES: dict[str, dict[str, Key]] = {
     ]},
     "display": {k.name: k for k in [
         Key("vnc", "string", "", 'VNC display, "127.0.0.1:1" or "unix:/PATH"; none: headless.',
-            _vnc),
+            parse_vnc),
     ]},
     "stop": {k.name: k for k in [
         Key("timeout", "duration", "host stop_timeout",

@@ -154,11 +154,11 @@ def writable_images(guest: Guest) -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def _unit_word(path: str) -> str:
+def _unit_word(path: str, prefix: str = "-") -> str:
     """PATH with systemd's "-" prefix (a missing file is ignored) as one word
     of a unit file's path list: "%" doubled (no specifier), quoted with
     C-style escapes where it has a space, quote or backslash."""
-    word = "-" + path.replace("%", "%%")
+    word = prefix + path.replace("%", "%%")
     if any(ch in word for ch in ' \t"\'\\'):
         word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return word
@@ -176,26 +176,33 @@ def images_dropin(paths: Sequence[str]) -> str:
 
 
 def oneoff_unit(name: str) -> str:
-    """The service of a one-off guest (kvmagent start --transient FILE).
-    Not kvm@NAME.service: systemd refuses a transient unit of that name
-    where the kvm@.service template exists."""
+    """The service of a one-off guest (kvmagent start --transient FILE) and
+    of a guest's install run (kvmagent install NAME --iso FILE).  Not
+    kvm@NAME.service: systemd refuses a transient unit of that name where
+    the kvm@.service template exists."""
     return f"kvm-oneoff@{name}.service"
 
 
 def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
                      guest_file: str | None = None, writable: Sequence[str] = (),
-                     environment: Sequence[str] = (), inet: bool = False) -> list[Setting]:
+                     environment: Sequence[str] = (), inet: bool = False,
+                     iso: str | None = None, vnc: str | None = None) -> list[Setting]:
     """The settings of guest NAME's service ("%i": the template's).
 
     command runs kvmagent (the installed /usr/bin/kvmagent, or python3 -m
     kvmagent from a checkout, with environment such as PYTHONPATH).  With
-    guest_file the guest is a one-off loaded from that file: its service is
-    collected when it stops, even failed, and gives way to kvm@NAME.service
-    (Conflicts=, so the two never run the same guest name at once)."""
-    run = [*command, "run", *(["--file", guest_file] if guest_file else []), name]
-    if guest_file:  # a path as it is: no $VARIABLE expanded in it by systemd
+    guest_file the guest is a one-off loaded from that file; with iso it is
+    the install run of guest NAME (from guests/NAME.toml, booting from ISO,
+    with the VNC display vnc, if any).  Either service is collected when it
+    stops, even failed, and gives way to kvm@NAME.service (Conflicts=, so
+    the two never run the same guest name at once)."""
+    run = [*command, "run", *(["--file", guest_file] if guest_file else []),
+           *(["--install", iso] if iso else []), *(["--vnc", vnc] if iso and vnc else []), name]
+    oneoff = bool(guest_file or iso)
+    if oneoff:  # a path as it is: no $VARIABLE expanded in it by systemd
         run[0] = f":{run[0]}"
-    description = f"KVM guest {name}" + (f" (one-off, {guest_file})" if guest_file else "")
+    description = f"KVM guest {name}" + (f" (one-off, {guest_file})" if guest_file else
+                                         f" (install from {iso})" if iso else "")
     settings: list[Setting] = [
         ("Description", description),
         *COMMON,
@@ -216,7 +223,7 @@ def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
     if inet:  # one allow list (D-Bus would not add up two)
         settings = [(key, value + INET_FAMILIES if key == "RestrictAddressFamilies" else value)
                     for key, value in settings]
-    if guest_file:
+    if oneoff:
         # A one-off guest's file and images may be anywhere, a home directory
         # included: readable, and its writable images writable ("-": a
         # missing one is QEMU's error to report, not systemd's).
@@ -224,6 +231,11 @@ def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
                     for key, value in settings]
         if writable:
             settings.append(("ReadWritePaths", [f"-{path}" for path in writable]))
+        if iso:
+            # The ISO wherever it is, /tmp and /var/tmp included, which
+            # PrivateTmp= would hide: bound read-only at its own path, where
+            # the supervisor opens it for QEMU as it opens every disk.
+            settings.append(("BindReadOnlyPaths", [(iso, iso)]))
         defined = f"kvm@{name}.service"
         settings += [
             ("CollectMode", "inactive-or-failed"),
@@ -242,6 +254,10 @@ def render_service(settings: Sequence[Setting]) -> list[str]:
     for key, value in settings:
         if key == "DeviceAllow":
             lines += [f"DeviceAllow={path} {mode}" for path, mode in value]  # type: ignore[misc]
+        elif key == "BindReadOnlyPaths":  # (source, destination): here always the same
+            for src, _ in value:
+                escaped = src.replace(":", "\\:")  # a colon would begin the destination
+                lines.append(f"BindReadOnlyPaths={_unit_word(escaped, '')}")
         elif key.endswith("Sec") and isinstance(value, int):
             lines.append(f"{key}={format_duration(value)}")
         elif (key.endswith("Mode") or key == "UMask") and isinstance(value, int):

@@ -16,6 +16,7 @@ from kvmagent.config.values import parse_cpu_list
 from kvmagent.errors import KvmagentError
 
 UINT64_MAX = (1 << 64) - 1  # "infinity"
+MS_REC = 16384  # <sys/mount.h>: BindReadOnlyPaths= binds recursively, as a unit file's
 _INFINITY_OK = {"MemoryMax", "MemoryHigh", "TasksMax"}  # (for CPUWeight it means "unset")
 
 # D-Bus type of every property kvmagent puts on a transient unit (systemd 252,
@@ -52,6 +53,7 @@ SIGNATURES: dict[str, bytes] = {
     "RestrictRealtime": b"b", "RestrictSUIDSGID": b"b", "MemoryDenyWriteExecute": b"b",
     "RestrictAddressFamilies": b"(bas)", "SystemCallFilter": b"(bas)",  # (allow list, items)
     "SystemCallArchitectures": b"as", "SystemCallErrorNumber": b"i", "ReadWritePaths": b"as",
+    "BindReadOnlyPaths": b"a(ssbt)",  # (source, destination, ignore if missing, mount flags)
 }
 # <linux/capability.h>: the capabilities kvmagent names (CapabilityBoundingSet=).
 CAPABILITIES = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_KILL": 5, "CAP_SETGID": 6,
@@ -106,6 +108,10 @@ def _convert(name: str, sig: bytes, value: Any) -> Any:
         pairs = [tuple(v.split(None, 1)) if isinstance(v, str) else tuple(v) for v in value]
         if all(len(p) == 2 and all(isinstance(x, str) for x in p) for p in pairs):
             return [(p.encode(), perm.encode()) for p, perm in pairs]
+    if sig == b"a(ssbt)" and all(isinstance(v, tuple) and len(v) == 2 and
+                                 all(isinstance(p, str) and p.startswith("/") for p in v)
+                                 for v in value):
+        return [(src.encode(), dst.encode(), False, MS_REC) for src, dst in value]
     if sig == b"u" and _is_int(value) and 0 <= value < 1 << 32:
         return value
     if sig == b"(aiai)" and value and all(_is_int(v) and 0 <= v <= 255 for v in value):

@@ -18,11 +18,13 @@ if TYPE_CHECKING:
     from kvmagent.paths import Paths
 
 
-def main(name: str, paths: Paths | None, guest_file: str | None = None) -> NoReturn:
+def main(name: str, paths: Paths | None, guest_file: str | None = None,
+         iso: str | None = None, vnc: str | None = None) -> NoReturn:
     """paths None: from the environment (kvmagent.paths), in both processes;
-    not imported before the fork, so that the planner starts sooner."""
+    not imported before the fork, so that the planner starts sooner.
+    iso (and vnc): guest NAME's install run (kvmagent install)."""
     planner = forkcall.Child(preload=("kvmagent.unit.startup",))
-    planner.submit("kvmagent.unit.startup:prepare", name, paths, guest_file)
+    planner.submit("kvmagent.unit.startup:prepare", name, paths, guest_file, iso, vnc)
     from kvmagent.paths import Paths
     from kvmagent.unit.supervisor import run
     status = run(name, paths or Paths.from_env(), guest_file, planner)
@@ -35,4 +37,4 @@ def main(name: str, paths: Paths | None, guest_file: str | None = None) -> NoRet
 
 
 def cmd_run(args: Any, paths: Paths) -> NoReturn:
-    main(args.name, paths, args.file)
+    main(args.name, paths, args.file, args.install, args.vnc)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kvmagent import names
 from kvmagent.config.guests import load_guest, load_guest_file, load_host_config
+from kvmagent.config.install import check_vnc, install_guest
 from kvmagent.config.model import Accel, Format, Guest, HostConfig, NicMode, OnPoweroff
 from kvmagent.errors import KvmagentError, config_error
 from kvmagent.host import qemuuser
@@ -62,14 +63,21 @@ def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts
         time.sleep(DEVICE_POLL)
 
 
-def prepare(name: str, paths: Paths | None,
-            guest_file: str | None = None) -> tuple[Plan, list[int]]:
-    """Load and check the guest (from guest_file for a one-off guest), wait
-    for its devices, and make its QEMU command line (with placeholders for
-    the fds) and scope settings."""
+def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
+            iso: str | None = None, vnc: str | None = None) -> tuple[Plan, list[int]]:
+    """Load and check the guest (from guest_file for a one-off guest; with
+    iso, its install run: kvmagent.config.install), wait for its devices,
+    and make its QEMU command line (with placeholders for the fds) and
+    scope settings."""
     paths = paths or Paths.from_env()
     host = load_host_config(paths)
-    if guest_file is None:
+    if iso is not None:
+        guest, notes = install_guest(load_guest(paths, name, host), Path(iso),
+                                     None if vnc is None else check_vnc(vnc))
+        service = oneoff_unit(name)
+        for note in [f"guest {name}: install run from {iso}", *notes]:
+            Journal().send(note, 5, GUEST=name, SYSLOG_IDENTIFIER="kvmagent")
+    elif guest_file is None:
         guest = load_guest(paths, name, host)
         service = names.service_unit(name)
     else:

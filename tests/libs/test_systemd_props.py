@@ -79,6 +79,10 @@ def test_every_service_setting_marshals() -> None:
     settings = service_settings("g", ["/usr/bin/python3", "-m", "kvmagent"],
                                 environment=["PYTHONPATH=/src/kvmagent"])
     assert systemd.property_array(props_for_dbus(settings))
+    # an install run: BindReadOnlyPaths= (a(ssbt)), which pystemd's table lacks
+    install = service_settings("g", iso="/var/tmp/d.iso", vnc="127.0.0.1:1",
+                               writable=["/srv/g.img"], inet=True)
+    assert systemd.property_array(props_for_dbus(install))
 
 
 def test_signature_table_agrees_with_pystemd() -> None:

@@ -153,6 +153,9 @@ def test_no_guests(conf):
     ["start", "--transient", "/x/g.toml"], ["bridge", "ensure", "br0", "--uplink", "eth0"],
     ["bridge", "show"], ["run", "--file", "/x/g.toml", "g"], ["stop-post", "g"],
     ["status", "g", "-n", "3"], ["history", "g", "--since", "7d"], ["console", "g"],
+    ["install", "g", "--iso", "/x/i.iso", "--vnc", "127.0.0.1:1"],
+    ["install", "g", "--iso", "/x/i.iso", "--console"],
+    ["run", "--install", "/x/i.iso", "--vnc", "127.0.0.1:1", "g"],
 ])
 def test_parser_of_one_command_parses_as_the_whole(argv: list[str]) -> None:
     """build_parser(argv) builds only argv's command: same result."""

@@ -448,8 +448,13 @@ def test_stop_post_short_way(tmp_path, monkeypatch) -> None:
 
 def test_run_short_way() -> None:
     from kvmagent.cli import main as cli
-    assert cli._run_argv(["run", "g"]) == ("g", None)
-    assert cli._run_argv(["run", "--file", "/x/g.toml", "g"]) == ("g", "/x/g.toml")
+    assert cli._run_argv(["run", "g"]) == ("g", None, None, None)
+    assert cli._run_argv(["run", "--file", "/x/g.toml", "g"]) == ("g", "/x/g.toml", None, None)
+    assert cli._run_argv(["run", "--install", "/x/i.iso", "g"]) == ("g", None, "/x/i.iso", None)
+    assert cli._run_argv(["run", "--install", "/x/i.iso", "--vnc", "127.0.0.1:1", "g"]) == (
+        "g", None, "/x/i.iso", "127.0.0.1:1")
     for argv in (["run"], ["run", "--help"], ["run", "-x", "g"], ["run", "g", "h"],
-                 ["run", "--file", "/x/g.toml"], ["list"]):
+                 ["run", "--file", "/x/g.toml"], ["run", "--install", "/x/i.iso"],
+                 ["run", "--vnc", "127.0.0.1:1", "--install", "/x/i.iso", "g"],
+                 ["run", "--install", "/x/i.iso", "--vnc", "127.0.0.1:1", "-g"], ["list"]):
         assert cli._run_argv(argv) is None, argv
