@@ -7,7 +7,7 @@ export PATH := /usr/sbin:/usr/bin:/sbin:/bin
 export DEBIAN_FRONTEND := noninteractive
 
 # What the project and its tests need, from Debian only (xorriso, isolinux and
-# syslinux-common: the installer ISO that tests/system/test_install.py builds;
+# syslinux-common: the installer ISO that tests/system/test_install_iso.py builds;
 # lvm2: clone's volumes).
 DEB_DEPS := python3-pystemd python3-pydbus python3-pyroute2 python3-systemd python3-gi lvm2 \
 	python3-pytest qemu-system-x86 qemu-utils ipxe-qemu seabios systemd systemd-container \

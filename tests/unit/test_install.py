@@ -2,7 +2,7 @@
 the install overlay (kvmagent.config.install), the command line QEMU gets
 for it, the settings of its kvm-oneoff@NAME.service, and the command's
 answers to bad input (nothing is started: each fails before systemd is
-asked).  The run itself, on a real systemd host: tests/system/test_install.py."""
+asked).  The run itself, on a real systemd host: tests/system/test_install_iso.py."""
 
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def kvmagent(conf, *args: str) -> subprocess.CompletedProcess[str]:  # type: ign
 def test_bad_input_starts_nothing(conf, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Each answer comes before systemd is asked: the runs below would fail
     otherwise (no unit can be started from a unit test), and a test host
-    checks the same with systemd (tests/system/test_install.py)."""
+    checks the same with systemd (tests/system/test_install_iso.py)."""
     conf.write("guests/g.toml", '[[disk]]\npath = "/srv/g.img"\n')
     iso = tmp_path / "in.iso"
     iso.write_bytes(b"\0" * 2048)

@@ -129,3 +129,14 @@ def test_seed_configurations_are_loaded_through_their_private_copy() -> None:
                  if path != REPO / "tests" / "seed.py"
                  and re.search(r"""["']seed["']\s*[,)]|/ *["']seed["']""", path.read_text())]
     assert offenders == [], f"load the seed files with tests.seed.copy(): {offenders}"
+
+
+def test_test_files_have_names_unique_across_the_suite() -> None:
+    """pytest imports a test folder without __init__.py by its file's basename,
+    so tests/unit/test_x.py and tests/system/test_x.py cannot both be
+    collected in one run: the second is an error at collection."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        if not (path.parent / "__init__.py").exists():
+            seen.setdefault(path.name, []).append(str(path.relative_to(REPO)))
+    assert {name: where for name, where in seen.items() if len(where) > 1} == {}
