@@ -206,6 +206,7 @@ def test_bad_input_starts_nothing(conf, tmp_path: Path) -> None:  # type: ignore
     r = kvmagent(conf, "install", "g", "--iso", str(iso))
     assert r.returncode == ExitStatus.CONFIG and 'cpus = "two"' in r.stderr
     if os.geteuid() != 0:  # root reads it whatever its mode
+        conf.write("guests/g.toml", '[[disk]]\npath = "/srv/g.img"\n')
         iso.chmod(0)
         r = kvmagent(conf, "install", "g", "--iso", str(iso))
         assert r.returncode == ExitStatus.HOST_NOT_READY and "cannot read it" in r.stderr
