@@ -10,9 +10,16 @@ _kvmagent_guests() {
 
 _kvmagent() {
     local cur=${COMP_WORDS[COMP_CWORD]} cmd="" i
+    # -H HOST (anywhere): ssh's known hosts, as ssh's own completion offers them
+    if [[ ${COMP_WORDS[COMP_CWORD-1]} == -H ]]; then
+        if declare -F _known_hosts_real >/dev/null; then
+            _known_hosts_real -a -- "$cur"
+        fi
+        return
+    fi
     for ((i = 1; i < COMP_CWORD; i++)); do
         case ${COMP_WORDS[i]} in
-            --config-dir) ((i++)) ;;
+            --config-dir|-H) ((i++)) ;;
             -*) ;;
             *) cmd=${COMP_WORDS[i]}; break ;;
         esac
@@ -20,7 +27,7 @@ _kvmagent() {
     case $cmd in
         "")
             COMPREPLY=($(compgen -W "validate show list start stop restart install console bridge clone
-                                     kernel run --help --version --config-dir" -- "$cur")) ;;
+                                     kernel run --help --version --config-dir -H" -- "$cur")) ;;
         validate) COMPREPLY=($(compgen -W "--host --help $(_kvmagent_guests)" -- "$cur")) ;;
         show) COMPREPLY=($(compgen -W "--json --help $(_kvmagent_guests)" -- "$cur")) ;;
         start|restart|run) COMPREPLY=($(compgen -W "--no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
@@ -41,7 +48,7 @@ _kvmagent() {
                 COMPREPLY=($(compgen -W "--iso --console --vnc --no-block --help
                                          $(_kvmagent_guests)" -- "$cur"))
             fi ;;
-        list) COMPREPLY=($(compgen -W "--json --help" -- "$cur")) ;;
+        list) COMPREPLY=($(compgen -W "--json -H --help" -- "$cur")) ;;
         bridge)
             if ((COMP_CWORD == i + 1)); then
                 COMPREPLY=($(compgen -W "ensure show --help" -- "$cur"))

@@ -27,6 +27,7 @@ class ExitStatus(enum.IntEnum):
     CONFIG = 6  # invalid configuration (EXIT_NOTCONFIGURED)
     NOT_RUNNING = 7  # the guest is not running (EXIT_NOTRUNNING)
     UNKNOWN_GUEST = 8  # no guests/NAME.toml for this name
+    UNREACHABLE = 255  # -H: ssh could not reach the host, or lost it (ssh's own status)
 
 
 EXIT_STATUS_HELP = """\
@@ -38,7 +39,8 @@ exit status:
   5  host not ready (missing bridge, disk, kernel image, /dev/kvm or QEMU)
   6  configuration error (names the file, key and value)
   7  guest not running
-  8  unknown guest (no guests/NAME.toml)"""
+  8  unknown guest (no guests/NAME.toml)
+  255  -H: ssh could not reach the host, or lost the connection"""
 
 
 class KvmagentError(Exception):

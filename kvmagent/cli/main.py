@@ -10,7 +10,9 @@ a short way, without argparse (kvmagent.cli.parser) and its imports: `run NAME`
 guests and install runs alike), and
 `stop-post NAME` (ExecStopPost=) when there is nothing for it to do.  So
 does `kvmagent list [--json]`, which admins and monitoring run often
-(argparse, gettext and the parser cost ~15 ms of a ~110 ms listing)."""
+(argparse, gettext and the parser cost ~15 ms of a ~110 ms listing).
+`-H HOST` (any command) goes to kvmagent.cli.remote: the command runs on
+HOST, over ssh."""
 
 from __future__ import annotations
 
@@ -60,6 +62,12 @@ def _run_argv(argv: list[str]) -> tuple[str, str | None, str | None, str | None]
     return None
 
 
+def _names_host(argv: list[str]) -> bool:
+    """-H HOST, -HHOST, --host HOST or --host=HOST anywhere (kvmagent.cli.remote
+    tells which are; local commands do not import it)."""
+    return any(a.startswith("-H") or a.startswith("--host") for a in argv)
+
+
 # Exact command lines taken without argparse: argv -> (module:function, the
 # arguments argparse would give it).  tests/unit/test_cli.py checks that the
 # parser gives the same.
@@ -80,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         if (run := _run_argv(argv)) is not None:
             from kvmagent.unit import run as supervise
             return supervise.main(run[0], None, *run[1:])
+        if _names_host(argv):  # -H: run it on another host, over ssh
+            from kvmagent.cli import remote
+            if (status := remote.main(argv)) is not None:
+                return status
         from kvmagent.paths import Paths
         paths = Paths.from_env()
         args: Any  # argparse's Namespace, or the same attributes without argparse

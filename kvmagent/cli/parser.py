@@ -73,6 +73,9 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     p.add_argument("--version", action="version", version=f"kvmagent {__version__}")
     p.add_argument("--config-dir", metavar="DIR",
                    help="configuration directory (default $KVMAGENT_CONFIG_DIR or /etc/kvmagent)")
+    p.add_argument("-H", "--host", metavar="[USER@]HOST[:PORT]", action="append",
+                   help="run the command on HOST, over ssh (given anywhere; several times "
+                   "for list: one table with a HOST column; after validate, -H only)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

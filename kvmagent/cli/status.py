@@ -11,8 +11,9 @@ import sys
 import time
 from typing import Any
 
+from kvmagent.cli.hostlist import duration, paint
 from kvmagent.cli.tracking import (STATES, UP_STATES, _history, _known, _note, _summary_json,
-                                   duration, paint, qemu_of, reason_text, stamp)
+                                   qemu_of, reason_text, stamp)
 from kvmagent.config.values import format_size
 from kvmagent.unit import channel
 from kvmagent.errors import ExitStatus, KvmagentError

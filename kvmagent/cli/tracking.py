@@ -18,7 +18,9 @@ import time
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Callable
 
-from kvmagent.config.values import format_size, parse_size
+from kvmagent.cli import hostlist
+from kvmagent.cli.hostlist import duration
+from kvmagent.config.values import parse_size
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import state
 from kvmagent.paths import Paths, guest_names
@@ -35,9 +37,6 @@ STATES = {"active": "running", "reloading": "running", "inactive": "stopped",
           "failed": "failed", "activating": "starting", "deactivating": "stopping"}
 # systemd's ActiveStates in which a guest's run goes on: its uptime counts.
 UP_STATES = ("active", "reloading", "deactivating")
-NAME_WIDTH = 12  # so that a row fits 80 columns
-_COLORS = {"running": "32", "failed": "31", "invalid": "31", "starting": "33",
-           "stopping": "33"}
 
 
 # -- what a guest's files say (cheap) -------------------------------------------------
@@ -239,38 +238,10 @@ def state_view(paths: Paths, names: list[str]) -> tuple[dict[str, state.Figures]
 
 # -- formatting -------------------------------------------------------------------------
 
-def duration(seconds: float | None) -> str:
-    """Two units at most: 3d 04h, 5h 02m, 12m 05s, 42s."""
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
-    if d:
-        return f"{d}d {h:02d}h"
-    if h:
-        return f"{h}h {m:02d}m"
-    if m:
-        return f"{m}m {s % 60:02d}s"
-    return f"{s}s"
-
-
 def stamp(realtime: float | None) -> str:
     if realtime is None:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(realtime))
-
-
-def _color() -> bool:
-    return (sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # no-color.org: non-empty
-            and os.environ.get("TERM") != "dumb")
-
-
-def paint(text: str, word: str, width: int = 0) -> str:
-    padded = text.ljust(width)
-    code = _COLORS.get(word)
-    if code and _color():
-        return f"\x1b[{code}m{text}\x1b[0m" + padded[len(text):]
-    return padded
 
 
 def reason_text(ev: state.Event) -> str:
@@ -376,13 +347,6 @@ def from_systemd(rows: list[dict[str, Any]], now: float,
     return ""
 
 
-def _taps(taps: list[str], room: int = 15) -> str:
-    if not taps:
-        return "-"
-    text = taps[0] + (f" +{len(taps) - 1}" if len(taps) > 1 else "")
-    return text if len(text) <= room else f"{len(taps)} taps"
-
-
 def cmd_list(args: argparse.Namespace, paths: Paths) -> int:
     rows, notes = list_rows(paths)
     for n in notes:
@@ -394,44 +358,9 @@ def cmd_list(args: argparse.Namespace, paths: Paths) -> int:
     if not rows:
         print(f"no guests defined in {paths.guests_dir}")
         return ExitStatus.OK
-    # 80 columns: names longer than the column get a line of their own.
-    w = min(NAME_WIDTH, max(4, *(len(r["name"]) for r in rows)))
-    print(f"{'NAME':<{w}} {'STATE':<8} {'UPTIME':>8} {'RESTARTS':>8} {'CPUS':>4} "
-          f"{'MEMORY':>6} {'PID':>7} {'BOOT':<4} TAPS")
-    for r in rows:
-        name = r["name"]
-        if len(name) > w:
-            print(name)
-            name = ""
-        if r["state"] == "invalid":
-            hint = f"(kvmagent validate {r['name']})"
-            if w + 10 + len(hint) > 80:
-                hint = "(kvmagent validate NAME)"
-            print(f"{name:<{w}} {paint('invalid', 'invalid', 8)} {hint}")
-            continue
-        boot = "-" if r["enabled"] is None else ("yes" if r["enabled"] else "no")
-        restarts = "-" if r["restarts"] is None else str(r["restarts"])
-        uptime = duration(r["uptime_seconds"])
-        if len(uptime) > 8:  # a thousand days and more: the days alone
-            uptime = uptime.split()[0]
-        print(f"{name:<{w}} {paint(r['state'], r['state'], 8)} "
-              f"{uptime:>8} {restarts:>8} {r['cpus']:>4} "
-              f"{_memory(r['memory_bytes']):>6} {r['qemu_pid'] or '-':>7} {boot:<4} "
-              f"{_taps(r['taps'])}")
+    for line in hostlist.table(rows, color=hostlist.color_wanted()):
+        print(line)
     return ExitStatus.OK
-
-
-def _memory(nbytes: int) -> str:
-    """The size as written (512M, 2G), or rounded when that is wider than the
-    column (100000M: 97.7G)."""
-    text = format_size(nbytes)
-    if len(text) <= 6:
-        return text
-    for unit, factor in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if nbytes >= factor:
-            return f"{nbytes / factor:.1f}{unit}" if nbytes < 1000 * factor else \
-                f"{nbytes // factor}{unit}"
-    return text
 
 
 # -- status, history, reset-counters: one guest -----------------------------------------

@@ -60,6 +60,7 @@ def cached(release: str) -> Path:
     if not (root / STAMP).is_file():
         raise HarnessError(f"no clean build root of {release} at {root} (missing, or "
                            f"debian/control changed): {rootfs.SETUP_HINT}")
+    rootfs.mark_used(root)
     return root
 
 

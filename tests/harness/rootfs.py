@@ -23,13 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .sysutil import (CACHE_ROOT, HarnessError, forget_build_host, log, nspawn_run, proc_alive,
-                      put_in_place, remove_unfinished, run_cmd, safe_rmtree)
+                      procs_mentioning, put_in_place, remove_unfinished, run_cmd, safe_rmtree)
 
 # The releases kvmagent supports: Debian 12 (oldstable) and Debian 13 (stable).
 RELEASES = {"bookworm": "12", "trixie": "13"}
 ROOTFS_DIR = CACHE_ROOT / "rootfs"  # ROOTFS_DIR/RELEASE/KEY
 DEBS_DIR = CACHE_ROOT / "debs"  # DEBS_DIR/RELEASE/KEY
 STAMP = "etc/kvmagent-tests-rootfs.json"  # inside the root: tells a test which tree it runs on
+# A tree of another key is kept while it may still be in use: another checkout (an older
+# branch, CI's clone) runs its tests on the tree of its own key, side by side with this one.
+KEEP_SECONDS = 2 * 86400
 
 # What debootstrap puts in (enough to boot), then what apt adds (what kvmagent and the tests use).
 INCLUDE = ("systemd", "systemd-sysv", "dbus", "python3")
@@ -38,6 +41,8 @@ EXTRA = (
     "iproute2", "procps", "systemd-container", "qemu-system-x86",
     # the unit tests, run inside a test host: its Python and libraries, systemd as PID 1
     "python3-pytest", "python3-hypothesis",
+    # `kvmagent -H`: two test hosts reach each other over ssh (tests/harness/hostpair.py)
+    "openssh-server",
 )
 # kvmagent's runtime Depends (keep in step with debian/control): their closure against the
 # bare debootstrap root is kept as an offline repo, because containers have no network.
@@ -117,6 +122,7 @@ def cached_root(release: str = "debian") -> Path:
     if not (root / STAMP).is_file():
         raise HarnessError(f"no Debian {RELEASES[release]} ({release}) test root at {root} "
                            f"(missing or stale cache): {SETUP_HINT}")
+    mark_used(root)
     return root
 
 
@@ -125,7 +131,43 @@ def cached_debs(release: str = "debian") -> Path:
     repo = DEBS_DIR / release / cache_key(release, apt_sources(release))
     if not (repo / "Packages").is_file():
         raise HarnessError(f"no offline deb repository for {release} at {repo}: {SETUP_HINT}")
+    mark_used(repo)
     return repo
+
+
+def mark_used(tree: Path) -> None:
+    """Say that a test uses tree now (PARENT/.used-KEY, beside it: the tree itself
+    may be an overlay's lower layer, never written while mounted)."""
+    try:
+        (tree.parent / f".used-{tree.name}").touch()
+    except OSError as e:  # a cache the user may read but not write: nothing to keep
+        log.debug("cannot mark %s used: %s", tree, e)
+
+
+def last_used(tree: Path, stamp: str = STAMP) -> float:
+    """When tree was last built or used, as far as can be told: its .used- mark
+    (written by this code's tests), its stamp (built), and the access time of a
+    file every boot reads (older checkouts write no mark; with relatime the
+    access time lags the last use by at most a day, hence KEEP_SECONDS)."""
+    times = [0.0]
+    for path, field in ((tree.parent / f".used-{tree.name}", "st_mtime"),
+                        (tree / stamp, "st_mtime"), (tree / "etc/os-release", "st_atime"),
+                        (tree / "Packages", "st_atime"), (tree / "Packages", "st_mtime")):
+        try:
+            times.append(getattr(path.stat(), field))
+        except OSError:
+            continue
+    return max(times)
+
+
+def in_use(tree: Path, stamp: str = STAMP) -> list[str]:
+    """Why tree must not be removed now: processes naming it (a test host's nspawn
+    and its overlay helper name the lower tree), or a recent use."""
+    why = [f"process {pid}" for pid, _ in procs_mentioning(str(tree))]
+    age = time.time() - last_used(tree, stamp)
+    if age < KEEP_SECONDS:
+        why.append(f"used {age / 3600:.1f} h ago")
+    return why
 
 
 def write_repo_index(repo: Path) -> int:
@@ -165,8 +207,9 @@ def _ours(entry: Path, stamp: str = STAMP) -> bool:
 
 
 def _remove_stale(parent: Path, keep: str, stamp: str = STAMP) -> None:
-    """Remove our trees of other keys (those with STAMP, or offline repos), and
-    temp dirs of builds whose process is gone.  buildroot.py's trees too."""
+    """Remove our trees of other keys (those with STAMP, or offline repos) that no
+    test has used for KEEP_SECONDS (in_use), and temp dirs of builds whose
+    process is gone.  buildroot.py's trees too."""
     for entry in sorted(parent.iterdir()) if parent.is_dir() else []:
         m = re.fullmatch(r"\.(?:build|old)-[0-9a-f]{16}-(\d+)", entry.name)
         if m and entry.is_dir() and not proc_alive(int(m[1]), None):
@@ -174,8 +217,15 @@ def _remove_stale(parent: Path, keep: str, stamp: str = STAMP) -> None:
             safe_rmtree(entry)
         elif (re.fullmatch(r"[0-9a-f]{16}", entry.name) and entry.name != keep
               and _ours(entry, stamp)):
+            if why := in_use(entry, stamp):
+                log.info("keeping %s of another key: %s", entry, ", ".join(why))
+                continue
             log.info("removing stale %s", entry)
             safe_rmtree(entry)
+            (parent / f".used-{entry.name}").unlink(missing_ok=True)
+        elif (m := re.fullmatch(r"\.used-([0-9a-f]{16})", entry.name)) and not (
+                parent / m[1]).exists():
+            entry.unlink(missing_ok=True)
 
 
 def debootstrap(release: str, target: Path, sources: Sequence[tuple[str, str]],

@@ -171,6 +171,7 @@ def test_short_ways_parse_as_argparse_would(argv: list[str]) -> None:
     func, values = SHORT_WAYS[tuple(argv)]
     parsed = vars(build_parser().parse_args(argv))
     assert parsed.pop("func") == func and parsed.pop("config_dir") is None
+    assert parsed.pop("host") is None  # -H: taken by kvmagent.cli.remote, never parsed here
     parsed.pop("command", None)
     assert parsed == values
 

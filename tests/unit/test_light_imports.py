@@ -56,7 +56,7 @@ ENTRY = {"kvmagent.cli.main", "kvmagent.unit.run"}
 # (kvmagent.host.migrations: the state database's schema, which state.py
 # held before it grew a fourth version; the reader checks the version.)
 LIST = {"kvmagent", "kvmagent.errors", "kvmagent.lifecycle", "kvmagent.paths",
-        "kvmagent.cli", "kvmagent.cli.main", "kvmagent.cli.tracking",
+        "kvmagent.cli", "kvmagent.cli.main", "kvmagent.cli.tracking", "kvmagent.cli.hostlist",
         "kvmagent.config", "kvmagent.config.values",
         "kvmagent.host", "kvmagent.host.leanimport", "kvmagent.host.migrations",
         "kvmagent.host.state", "kvmagent.host.systemd",
