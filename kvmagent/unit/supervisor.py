@@ -39,13 +39,13 @@ from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
 from kvmagent.render.plan import Plan, Running
-from kvmagent.unit import adopt, channel, forkcall, takeover
+from kvmagent.unit import adopt, channel, forkcall, takeover, testhook
 from kvmagent.unit.adopt import AdoptedQemu
 from kvmagent.unit.consolelog import ConsoleLog
 from kvmagent.unit.launch import launch, remove_pid_file, systemd_booted, write_pid_file
-from kvmagent.unit.messages import (MSG_CONSOLE_DROPPED, MSG_CRASHED, MSG_PANIC, MSG_POWERDOWN,
-                                    MSG_POWEREDOFF, MSG_RUNNING, MSG_START_FAILED, MSG_STARTING,
-                                    MSG_STOPPED, MSG_WATCHDOG)
+from kvmagent.unit.messages import (MSG_CONSOLE_DROPPED, MSG_CRASHED, MSG_FAILED_QEMU_KEPT,
+                                    MSG_PANIC, MSG_POWERDOWN, MSG_POWEREDOFF, MSG_RUNNING,
+                                    MSG_START_FAILED, MSG_STARTING, MSG_STOPPED, MSG_WATCHDOG)
 from kvmagent.unit.recorder import EventRecorder
 from kvmagent.unit.stoppolicy import (Action, ForceStop, Kill, Outcome, Press, Quit, Stopping,
                                       StopPolicy)
@@ -90,6 +90,7 @@ class Supervisor:
         self.kept: dict[str, socket.socket] = {}  # in systemd's fd store, by name
         self.lock = -1  # kvmagent.unit.adopt.lock: one supervisor per guest
         self.thaw_at: float | None = None  # paused for a snapshot until (monotonic)
+        self.abandoned = False  # failed with QEMU's fds kept: QEMU is left running
         self.record = EventRecorder(name, paths, lambda text: self.log(text, 4))
 
     def log(self, message: str, priority: int = 6, message_id: str | None = None) -> None:
@@ -179,10 +180,14 @@ class Supervisor:
         else:
             self.log("not booted with systemd: QEMU stays in this process's cgroup, "
                      "no machined registration", 4)
+        if testhook.ACTIVE:
+            testhook.point(str(self.paths.guest_runtime(self.name)), "before-cont")
         self.qmp.execute("cont")
         status = self.qmp.execute("query-status")
         if status.get("status") != "running":
             raise KvmagentError(f"QEMU did not start the guest: status {status.get('status')}")
+        if testhook.ACTIVE:
+            testhook.point(str(self.paths.guest_runtime(self.name)), "after-cont")
         self.catch_signals()  # from here on the main loop handles them
         # For the supervisor that takes over if this one dies: QEMU's ends
         # of QMP and the console stay open in systemd's fd store (QEMU sees
@@ -198,6 +203,20 @@ class Supervisor:
         notify("READY=1", f"STATUS=running, QEMU pid {self.qemu.pid}")
         self.log(f"guest {self.name} running, QEMU pid {self.qemu.pid}", 6, MSG_RUNNING)
 
+    def abandon(self) -> None:
+        """An unexpected exception (a bug) once QEMU's ends of QMP and the
+        console are in systemd's fd store: QEMU is left running, the
+        traceback goes to the journal, and the supervisor exits 1 (run()):
+        systemd starts the next one, which takes the guest over, as after a
+        kill -9.  A stop under way when it failed is ended by stop-post."""
+        import traceback
+        self.abandoned = True
+        pid = self.qemu.pid if self.qemu is not None else "?"
+        self.log(f"the supervisor of guest {self.name} failed; its QEMU (pid {pid}) is left "
+                 f"running for the next supervisor to take over:\n{traceback.format_exc()}",
+                 3, MSG_FAILED_QEMU_KEPT)
+        notify(f"STATUS=supervisor failed; QEMU pid {pid} left running")
+
     def catch_signals(self) -> None:
         """Signals wake the main loop through a socket (signal.set_wakeup_fd)."""
         self.wake_r, self.wake_w = socket.socketpair()
@@ -208,6 +227,8 @@ class Supervisor:
             signal.signal(sig, lambda *_: None)
 
     def reap(self) -> None:
+        if self.abandoned:  # for the next supervisor to take over
+            return
         if self.qemu is not None and self.qemu.poll() is None:
             self.qemu.kill()
             self.qemu.wait()
@@ -321,6 +342,8 @@ class Supervisor:
                 self._watchdog()
                 next_ping = now + ping_every
             self._carry_out(self.stop.tick(now))
+            if testhook.ACTIVE:
+                testhook.point(str(self.paths.guest_runtime(self.name)), "running")
         if self.console is not None:
             while self.console is not None and select.select([self.console], [], [], 0)[0]:
                 self._console_data()  # what the guest said last
@@ -342,6 +365,8 @@ class Supervisor:
         for action in actions:
             if isinstance(action, Stopping):  # SIGTERM
                 notify("STOPPING=1")
+                if testhook.ACTIVE:
+                    testhook.point(str(self.paths.guest_runtime(self.name)), "stopping")
                 if self.thaw_at is not None:  # a paused guest cannot power off
                     takeover.thaw(self, "the guest is stopping")
                 # admin or host shutdown: the event writer tells them apart
@@ -404,40 +429,51 @@ def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child
         stack.callback(sup.journal.drain, 2.0)  # last: what journald has not taken yet
         stack.callback(sup.record.finish)  # the last event is written before we exit
         try:
-            stack.callback(planner.close)
-            sup.lock = adopt.lock(paths, name)  # released by the kernel at exit
-            if takeover.take_over(sup, stack, planner):
-                # The guest's start was recorded by its first supervisor; this
-                # one's takeover or reload is written now.
-                sup.record.flush()
-                return sup.run()
-        except KvmagentError as e:
-            sup.log(str(e), 3, MSG_START_FAILED)
-            notify(f"STATUS={e.message}")
-            return int(e.status)
-        sup.record("starting")
-        try:
-            sup.start(stack, planner)
-        except StoppedWhileStarting:  # QEMU, if it was started, and the helpers go with the stack
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
-            sup.log(f"guest {name} stopped while starting (stop --force)", 5)
-            sup.record("stopped", ADMIN, "stop --force")
-            # A Type=notify main process that exits before READY=1 is a failure
-            # to systemd (result "protocol": restarted), whatever its status:
-            # ready, then done.
-            notify("READY=1", "STATUS=stopped while starting (stop --force)")
-            return ExitStatus.OK
-        except KvmagentError as e:
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # exiting anyway
-            sup.log(str(e), 3, MSG_START_FAILED)
-            notify(f"STATUS={e.message}")
-            bad = e.status in (ExitStatus.CONFIG, ExitStatus.UNKNOWN_GUEST)
-            sup.record("stopped", CONFIG if bad else FAILED, e.message)
-            return int(e.status)
-        assert sup.qemu is not None
-        sup.record("running", pid=sup.qemu.pid)
-        sup.record.flush()
-        return sup.run()
+            return _supervise(sup, stack, planner)
+        except Exception:
+            if not sup.kept:  # QEMU, if any, goes with the stack: a start that failed
+                raise
+            sup.abandon()
+            return ExitStatus.FAILURE
     # Not reached: an ExitStack passes on every exception its callbacks do
     # not raise themselves, which a type checker cannot know.
     raise AssertionError("unreachable")
+
+
+def _supervise(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> int:
+    name, paths = sup.name, sup.paths
+    stack.callback(planner.close)
+    try:
+        sup.lock = adopt.lock(paths, name)  # released by the kernel at exit
+        if takeover.take_over(sup, stack, planner):
+            # The guest's start was recorded by its first supervisor; this
+            # one's takeover or reload is written now.
+            sup.record.flush()
+            return sup.run()
+    except KvmagentError as e:
+        sup.log(str(e), 3, MSG_START_FAILED)
+        notify(f"STATUS={e.message}")
+        return int(e.status)
+    sup.record("starting")
+    try:
+        sup.start(stack, planner)
+    except StoppedWhileStarting:  # QEMU, if it was started, and the helpers go with the stack
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
+        sup.log(f"guest {name} stopped while starting (stop --force)", 5)
+        sup.record("stopped", ADMIN, "stop --force")
+        # A Type=notify main process that exits before READY=1 is a failure
+        # to systemd (result "protocol": restarted), whatever its status:
+        # ready, then done.
+        notify("READY=1", "STATUS=stopped while starting (stop --force)")
+        return ExitStatus.OK
+    except KvmagentError as e:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # exiting anyway
+        sup.log(str(e), 3, MSG_START_FAILED)
+        notify(f"STATUS={e.message}")
+        bad = e.status in (ExitStatus.CONFIG, ExitStatus.UNKNOWN_GUEST)
+        sup.record("stopped", CONFIG if bad else FAILED, e.message)
+        return int(e.status)
+    assert sup.qemu is not None
+    sup.record("running", pid=sup.qemu.pid)
+    sup.record.flush()
+    return sup.run()
