@@ -50,6 +50,7 @@ bench: setup
 	$(PYTHON) bench/bench_lifecycle.py
 	$(PYTHON) bench/bench_list.py
 	$(PYTHON) bench/bench_remote.py
+	$(PYTHON) bench/bench_adoption.py
 
 # The Debian package of the committed tree (git archive HEAD), built as Debian's
 # builders do: in a clean root of each release (Debian 12 and 13) with only

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sqlite3
 import sys
+from contextlib import suppress
 
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import state
@@ -61,6 +63,63 @@ def host_stopping() -> bool:
     return r.stdout.strip() == "stopping"
 
 
+def _systemctl(*args: str) -> str | None:
+    """systemctl's output, None when it cannot be run.  Over PID 1's private
+    socket as root: at shutdown dbus.service may be gone already."""
+    import subprocess
+    if not os.path.isdir("/run/systemd/system"):
+        return None
+    try:
+        r = subprocess.run(["systemctl", *args], capture_output=True, text=True,
+                           timeout=10, stdin=subprocess.DEVNULL,
+                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"})
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout
+
+
+def stop_jobs(listing: str, units: tuple[str, ...]) -> bool:
+    """Does `systemctl list-jobs --plain --no-legend` (systemd's ListJobs:
+    JOB UNIT TYPE STATE) show a stop or restart of one of UNITS?  Pure."""
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[1] in units and fields[2] in ("stop", "restart"):
+            return True
+    return False
+
+
+def being_stopped(name: str) -> bool:
+    """Is the guest's unit being stopped (or restarted), rather than ended by
+    its supervisor's death, which systemd answers with a new supervisor?
+    A supervisor that died while the guest powered off, or a stop that came
+    while no supervisor ran, leaves the stop job running while this runs."""
+    from kvmagent.names import service_unit
+    listing = _systemctl("list-jobs", "--plain", "--no-legend")
+    return listing is not None and stop_jobs(
+        listing, (service_unit(name), f"kvm-oneoff@{name}.service"))
+
+
+def end_leftover_scope(name: str) -> bool:
+    """A supervisor killed while its guest started (QEMU in kvm-NAME.scope,
+    but not yet kept for a successor: nothing to take over) leaves that
+    scope and its QEMU behind: killed here (no stop job, which would wait
+    for this unit's own stop), and waited for, so that the next supervisor
+    starts the guest anew with its taps free.  True if there was one."""
+    import time
+    from kvmagent.names import scope_unit
+    scope = scope_unit(name)
+    if (_systemctl("is-active", scope) or "").strip() not in ("active", "activating"):
+        return False
+    _systemctl("kill", "--signal=SIGKILL", scope)
+    deadline = time.monotonic() + 10
+    alive = ("active", "activating", "deactivating")
+    while (_systemctl("is-active", scope) or "").strip() in alive:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return True
+
+
 def qemu_runs_on(paths: Paths, name: str) -> int | None:
     """The pid of the guest's QEMU if it outlived its supervisor (the guest
     did not stop: no `stopped` is recorded, a new supervisor takes it over,
@@ -76,21 +135,27 @@ def qemu_runs_on(paths: Paths, name: str) -> int | None:
     return qemu.pid
 
 
-def kill_qemu(paths: Paths, name: str) -> None:
-    """SIGKILL to the guest's QEMU (this guest's, checked), and wait for it."""
+def kill_qemu(paths: Paths, name: str, signum: int = signal.SIGKILL) -> None:
+    """SIGNUM to the guest's QEMU (this guest's, checked), and wait for it
+    (SIGKILL after 10 s)."""
     try:
         running = adopt.read_running(paths, name)
         qemu = adopt.AdoptedQemu.find(running) if running is not None else None
     except KvmagentError:
         return
     if qemu is not None:
-        qemu.kill()
+        with suppress(ProcessLookupError):
+            signal.pidfd_send_signal(qemu.pidfd, signum)
+        if qemu.poll() is None and signum != signal.SIGKILL:
+            qemu.wait(10.0)
+            qemu.kill()
         qemu.wait(10.0)
         qemu.close()
 
 
 def cmd_stop_post(args: argparse.Namespace, paths: Paths) -> int:
     env = os.environ
+    admin = None
     invocation = env.get("INVOCATION_ID") or None
     result, code, status = (env.get("SERVICE_RESULT", ""), env.get("EXIT_CODE", ""),
                             env.get("EXIT_STATUS", ""))
@@ -101,9 +166,20 @@ def cmd_stop_post(args: argparse.Namespace, paths: Paths) -> int:
               file=sys.stderr)
         kill_qemu(paths, args.name)
     elif result != "success" and (pid := qemu_runs_on(paths, args.name)) is not None:
-        print(f"kvmagent: the supervisor of guest {args.name} ended ({result or '?'}); its "
-              f"QEMU (pid {pid}) runs on for the next supervisor to take over", file=sys.stderr)
-        return ExitStatus.OK
+        if not being_stopped(args.name):
+            print(f"kvmagent: the supervisor of guest {args.name} ended ({result or '?'}); its "
+                  f"QEMU (pid {pid}) runs on for the next supervisor to take over",
+                  file=sys.stderr)
+            return ExitStatus.OK
+        # The guest was being stopped when its supervisor died, or the stop
+        # came while none ran: no supervisor follows to power it off.
+        print(f"kvmagent: guest {args.name} is being stopped and has no supervisor "
+              f"({result or '?'}): stopping its QEMU (pid {pid}) with SIGTERM", file=sys.stderr)
+        kill_qemu(paths, args.name, signal.SIGTERM)
+        result, admin = "success", "QEMU stopped by stop-post (no supervisor to power it off)"
+    elif result != "success" and end_leftover_scope(args.name):
+        print(f"kvmagent: the supervisor of guest {args.name} ended ({result or '?'}) while "
+              "the guest started: its QEMU was stopped; the guest starts anew", file=sys.stderr)
     try:
         conn = state.connect(paths.state_dir)
     except (sqlite3.Error, OSError) as e:
@@ -113,6 +189,7 @@ def cmd_stop_post(args: argparse.Namespace, paths: Paths) -> int:
         done = state.stopped_in(conn, invocation) if invocation else None
         if done is None:
             reason, detail = stop_reason(result, code, status)
+            detail = admin or detail
             state.insert(conn, args.name, "stopped", reason=reason, detail=detail,
                          source="stop-post", invocation=invocation)
             if reason == state.ADMIN and host_stopping():

@@ -15,17 +15,17 @@ stop timeout, extending systemd's stop timeout as it goes; then `quit`, then
 SIGKILL.  SIGUSR1 (`kvmagent stop --force`): QEMU is killed at once, no
 ACPI.  Exit 0 when the guest powered itself off or was stopped, 1 when QEMU
 died otherwise (systemd restarts it).  kvmagent.unit.stoppolicy decides each step
-of a stop and the exit; this module carries them out."""
+of a stop and the exit; this module carries them out.  kvmagent.unit.launch
+starts QEMU; kvmagent.unit.takeover takes a running guest over, answers the
+control channel and reloads."""
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import signal
 import socket
 import subprocess
-import sys
 import time
 from contextlib import ExitStack, suppress
 from typing import Any
@@ -34,16 +34,18 @@ from kvmagent import __version__
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import tundev
 from kvmagent.host.qmp import Qmp, QmpError
-from kvmagent.host.sdnotify import Journal, listen_fds, notify, store_fd
-from kvmagent.lifecycle import (ADMIN, CONFIG, CRASHED, FAILED, POWEROFF, RELOADED, TAKEN_OVER,
-                                WATCHDOG)
+from kvmagent.host.sdnotify import Journal, notify, store_fd
+from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
-from kvmagent.render.plan import CONSOLE_FD, QMP_FD, Disk, Plan, Running, fill_in, tap_token
-from kvmagent.unit import adopt, channel
+from kvmagent.render.plan import Plan, Running
+from kvmagent.unit import adopt, channel, forkcall, takeover, testhook
 from kvmagent.unit.adopt import AdoptedQemu
-from kvmagent.unit import forkcall
 from kvmagent.unit.consolelog import ConsoleLog
+from kvmagent.unit.launch import launch, remove_pid_file, systemd_booted, write_pid_file
+from kvmagent.unit.messages import (MSG_CONSOLE_DROPPED, MSG_CRASHED, MSG_FAILED_QEMU_KEPT,
+                                    MSG_PANIC, MSG_POWERDOWN, MSG_POWEREDOFF, MSG_RUNNING,
+                                    MSG_START_FAILED, MSG_STARTING, MSG_STOPPED, MSG_WATCHDOG)
 from kvmagent.unit.recorder import EventRecorder
 from kvmagent.unit.stoppolicy import (Action, ForceStop, Kill, Outcome, Press, Quit, Stopping,
                                       StopPolicy)
@@ -57,81 +59,6 @@ from kvmagent.unit.viewers import ConsoleHub
 PLAN_PATIENCE = 2.0
 # Messages (console lines mostly) kept while journald does not take them.
 JOURNAL_BACKLOG = 4096
-
-# MESSAGE_IDs of the lifecycle messages: journalctl MESSAGE_ID=... finds them.
-MSG_STARTING = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b01"
-MSG_RUNNING = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b02"
-MSG_POWERDOWN = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b03"
-MSG_POWEREDOFF = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b04"
-MSG_CRASHED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b05"
-MSG_WATCHDOG = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b06"
-MSG_PANIC = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b07"
-MSG_STOPPED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b08"
-MSG_START_FAILED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b09"
-MSG_CONSOLE_DROPPED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b0a"
-MSG_ADOPTED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b0b"
-MSG_RELOADED = "4c2e3a0c6d0b4f0e9b7e3f2a1d5c6b0c"
-# Set for the code a reload executes: the version it replaces.
-RELOAD_ENV = "KVMAGENT_RELOADED_FROM"
-# catalog/kvmagent.catalog explains each (journalctl -x); a unit test keeps
-# the two in step.
-
-
-def open_disks(disks: list[Disk]) -> tuple[dict[str, str], list[int]]:
-    """Open the guest's disks for QEMU (it may run as a user who could not):
-    token -> fd number, and the fds (O_CLOEXEC; Popen's pass_fds passes them)."""
-    fill: dict[str, str] = {}
-    fds: list[int] = []
-    try:
-        for path, _, tokens in disks:
-            for token in tokens:
-                mode = os.O_RDONLY if token.endswith("ro\0") else os.O_RDWR
-                try:
-                    fds.append(os.open(path, mode | os.O_CLOEXEC))
-                except OSError as e:
-                    hint = None
-                    if e.errno == errno.EROFS:  # kvm@.service's ProtectSystem=strict
-                        hint = ("kvmagent-generator makes a guest's writable image files "
-                                "writable in its kvm@NAME.service: run systemctl "
-                                "daemon-reload after adding or moving a disk, and start "
-                                "the guest again")
-                    raise KvmagentError(f"cannot open disk {path}: {e.strerror}", hint,
-                                        ExitStatus.HOST_NOT_READY) from None
-                fill[token] = str(fds[-1])
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return fill, fds
-
-
-def write_pid_file(paths: Paths, name: str, qemu: int | None = None) -> None:
-    """For `kvmagent stop --force` (kvmagent.cli.hardstop, which reads it): at
-    start, and again with QEMU's pid once QEMU runs (the file is replaced
-    atomically): "SUPERVISOR [QEMU]"."""
-    path = paths.supervisor_pid(name)
-    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{os.getpid()}" + (f" {qemu}" if qemu else "") + "\n")
-    os.replace(tmp, path)
-
-
-def read_pid_file(paths: Paths, name: str) -> int | None:
-    """The supervisor's pid in the file (a dead one's, when taking over)."""
-    try:
-        return int(paths.supervisor_pid(name).read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def remove_pid_file(paths: Paths, name: str) -> None:
-    with suppress(FileNotFoundError):
-        paths.supervisor_pid(name).unlink()
-
-
-def systemd_booted() -> bool:
-    """sd_booted(3): is this host running systemd as PID 1?"""
-    return os.path.isdir("/run/systemd/system")
 
 
 # -- the supervisor ----------------------------------------------------------
@@ -163,6 +90,7 @@ class Supervisor:
         self.kept: dict[str, socket.socket] = {}  # in systemd's fd store, by name
         self.lock = -1  # kvmagent.unit.adopt.lock: one supervisor per guest
         self.thaw_at: float | None = None  # paused for a snapshot until (monotonic)
+        self.abandoned = False  # failed with QEMU's fds kept: QEMU is left running
         self.record = EventRecorder(name, paths, lambda text: self.log(text, 4))
 
     def log(self, message: str, priority: int = 6, message_id: str | None = None) -> None:
@@ -224,35 +152,11 @@ class Supervisor:
         else:
             net.close()
             taps, tap_fds = {}, []
-        theirs: list[socket.socket] = []
-        disk_fds: list[int] = []
-        try:
-            qmp_ours, qmp_theirs = socket.socketpair()
-            stack.callback(qmp_ours.close)
-            theirs.append(qmp_theirs)
-            con_ours, con_theirs = socket.socketpair()
-            stack.callback(con_ours.close)
-            theirs.append(con_theirs)
-            fill = {QMP_FD: str(qmp_theirs.fileno()), CONSOLE_FD: str(con_theirs.fileno())}
-            fill |= {tap_token(index): opt.format(*tap_fds) for index, opt in taps.items()}
-            disk_fill, disk_fds = open_disks(plan.disks)
-            argv = [fill_in(arg, fill | disk_fill) for arg in plan.argv]
-            passed = [qmp_theirs.fileno(), con_theirs.fileno(), *tap_fds, *disk_fds]
-            user: dict[str, Any] = {}
-            if plan.qemu_user:  # an unprivileged user (kvmagent.host.qemuuser)
-                uid, gid, groups = plan.qemu_user
-                user = {"user": uid, "group": gid, "extra_groups": groups}
-            self.qemu = subprocess.Popen(argv, pass_fds=passed, stdin=subprocess.DEVNULL,
-                                         **user)
-        finally:
-            # QEMU holds them now; our copies would keep taps alive after it
-            # exits.  Without QEMU (a disk that cannot be opened, a stop while
-            # starting), closing them is what removes the taps at once.
-            for sock in theirs:
-                sock.close()
-            for fd in tap_fds + disk_fds:
-                os.close(fd)
-        stack.callback(self._reap)
+        qemu, qmp_ours, con_ours = launch(plan, taps, tap_fds)
+        stack.callback(qmp_ours.close)
+        stack.callback(con_ours.close)
+        self.qemu = qemu
+        stack.callback(self.reap)
         self.started = time.monotonic()
         write_pid_file(self.paths, self.name, self.qemu.pid)
         # While QEMU initialises (paused): taps onto their bridges, QEMU into
@@ -276,11 +180,15 @@ class Supervisor:
         else:
             self.log("not booted with systemd: QEMU stays in this process's cgroup, "
                      "no machined registration", 4)
+        if testhook.ACTIVE:
+            testhook.point(str(self.paths.guest_runtime(self.name)), "before-cont")
         self.qmp.execute("cont")
         status = self.qmp.execute("query-status")
         if status.get("status") != "running":
             raise KvmagentError(f"QEMU did not start the guest: status {status.get('status')}")
-        self._catch_signals()  # from here on the main loop handles them
+        if testhook.ACTIVE:
+            testhook.point(str(self.paths.guest_runtime(self.name)), "after-cont")
+        self.catch_signals()  # from here on the main loop handles them
         # For the supervisor that takes over if this one dies: QEMU's ends
         # of QMP and the console stay open in systemd's fd store (QEMU sees
         # no EOF), and the record says which QEMU it is.
@@ -295,194 +203,21 @@ class Supervisor:
         notify("READY=1", f"STATUS=running, QEMU pid {self.qemu.pid}")
         self.log(f"guest {self.name} running, QEMU pid {self.qemu.pid}", 6, MSG_RUNNING)
 
-    def take_over(self, stack: ExitStack, planner: forkcall.Child) -> bool:
-        """If systemd gave back a dead supervisor's QMP and console (its fd
-        store) and that supervisor's QEMU still runs: supervise it (True).
-        False: no QEMU to take over; the fds are closed and a normal start
-        follows."""
-        fds = listen_fds()
-        if adopt.QMP_FDNAME not in fds or not valid_guest_name(self.name):
-            for fd in fds.values():
-                os.close(fd)
-            return False
-        socks = {name: socket.socket(fileno=fd) for name, fd in fds.items()}
-        for sock in socks.values():
-            stack.callback(sock.close)
-        running = adopt.read_running(self.paths, self.name)
-        qemu = AdoptedQemu.find(running) if running is not None else None
-        if running is None or qemu is None:
-            self.log(f"guest {self.name}: the QEMU of the last run is gone; starting it", 5)
-            for sock in socks.values():
-                sock.close()
-            return False
-        planner.close()  # the configuration applies at the guest's next start
-        stack.callback(qemu.close)
-        self.qemu = qemu
-        stack.callback(self._reap)
-        last_supervisor = read_pid_file(self.paths, self.name)
-        write_pid_file(self.paths, self.name, qemu.pid)
-        stack.callback(remove_pid_file, self.paths, self.name)
-        self.started = time.monotonic() - max(0.0, time.time() - running.since)
-        self.stop = StopPolicy(running.stop_timeout, running.keep)
-        self.qmp = Qmp(socks[adopt.QMP_FDNAME], timeout=10, adopted=True)
-        console = socks.get(adopt.CONSOLE_FDNAME)
-        self.console = console if running.serial else None
-        self.console_log = ConsoleLog(running.console_burst, running.console_interval)
-        if self.console is not None:
-            self.hub = ConsoleHub(self.paths.console_socket(self.name), self.console,
-                                  running.escape, self.paths.console_key(self.name))
-            stack.callback(self.hub.close)
-        try:
-            status = self.qmp.execute("query-status")
-        except QmpError as e:  # a hung guest, as the watchdog would find it
-            self.log(f"QEMU of guest {self.name} (pid {qemu.pid}) does not answer on QMP "
-                     f"({e.message}): killing it", 3, MSG_WATCHDOG)
-            qemu.kill()
-            qemu.wait(10.0)
-            self.record("stopped", WATCHDOG, "QEMU did not answer when taken over")
-            raise KvmagentError(f"guest {self.name}'s QEMU did not answer; it was killed and "
-                                "starts again", None, ExitStatus.FAILURE) from None
-        if status.get("status") == "paused":
-            # kvmagent pauses a running guest only for a snapshot (freeze),
-            # and resumes it: a supervisor that died meanwhile left it so
-            with suppress(QmpError):
-                self.qmp.execute("cont")
-                self.log(f"guest {self.name} was paused (a snapshot's freeze, or a start, "
-                         "that its last supervisor did not finish): resumed", 4)
-        self._catch_signals()
-        if channel.CONTROL_FDNAME in socks:
-            self.channel = socks[channel.CONTROL_FDNAME]
-            self.channel.setblocking(False)
-        else:  # taken over from a supervisor of a kvmagent without one
-            self.channel = channel.listen(self.paths.control_socket(self.name))
-            stack.callback(self.channel.close)
-            socks[channel.CONTROL_FDNAME] = self.channel
-        self.kept = socks
-        for fdname, sock in socks.items():  # stored again: systemd keeps one copy of each
-            store_fd(sock.fileno(), fdname)
-        self.running = running._replace(takeovers=running.takeovers + 1)
-        adopt.write_running(self.paths, self.running)
-        reloaded = os.environ.pop(RELOAD_ENV, None)
-        notify("READY=1", f"STATUS=running, QEMU pid {qemu.pid} (taken over)")
-        # In the record as events of the run (neither a stop nor a start):
-        # the guest's uptime goes on, no restart is counted.
-        if reloaded is not None:
-            self.record(RELOADED, detail=f"kvmagent {reloaded} -> {__version__}, supervisor "
-                        f"pid {os.getpid()}", pid=qemu.pid)
-        else:
-            self.record(TAKEN_OVER, detail=f"supervisor pid {last_supervisor or '?'} ended; "
-                        f"pid {os.getpid()} took over (kvmagent {__version__})", pid=qemu.pid)
-        if reloaded is not None:
-            self.log(f"guest {self.name}: supervisor reloaded, kvmagent {reloaded} -> "
-                     f"{__version__}; QEMU pid {qemu.pid} ({status.get('status')}) "
-                     f"untouched", 5, MSG_RELOADED)
-        else:
-            self.log(f"guest {self.name} taken over: QEMU pid {qemu.pid} "
-                     f"({status.get('status')}), started by kvmagent {running.version}; "
-                     f"this supervisor: kvmagent {__version__}", 5, MSG_ADOPTED)
-        return True
+    def abandon(self) -> None:
+        """An unexpected exception (a bug) once QEMU's ends of QMP and the
+        console are in systemd's fd store: QEMU is left running, the
+        traceback goes to the journal, and the supervisor exits 1 (run()):
+        systemd starts the next one, which takes the guest over, as after a
+        kill -9.  A stop under way when it failed is ended by stop-post."""
+        import traceback
+        self.abandoned = True
+        pid = self.qemu.pid if self.qemu is not None else "?"
+        self.log(f"the supervisor of guest {self.name} failed; its QEMU (pid {pid}) is left "
+                 f"running for the next supervisor to take over:\n{traceback.format_exc()}",
+                 3, MSG_FAILED_QEMU_KEPT)
+        notify(f"STATUS=supervisor failed; QEMU pid {pid} left running")
 
-    # -- the control channel ----------------------------------------------------
-    def _control(self) -> None:
-        assert self.channel is not None and self.qemu is not None
-        request = channel.receive(self.channel)
-        if request is None:
-            return
-        conn, command, fields = request
-        if command in ("freeze", "thaw"):
-            self._freeze(conn, command, fields)
-            return
-        if command == "status" or self.running is None:
-            running = self.running
-            channel.answer(conn, {"ok": True, **channel.Status(
-                self.name, __version__, os.getpid(), self.since, self.qemu.pid,
-                running.since if running else self.since,
-                running.version if running else __version__,
-                running.takeovers if running else 0)._asdict()})
-            return
-        if self.stop.stopping:
-            channel.answer(conn, {"ok": False, "error": "the guest is stopping"})
-            return
-        if self.thaw_at is not None:
-            channel.answer(conn, {"ok": False, "error": "the guest is paused for a snapshot"})
-            return
-        # reload: systemd's unit is "reloading" until the new code says READY=1
-        now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}", "STATUS=reloading the supervisor")
-        channel.answer(conn, {"ok": True})
-        self._reexec()
-
-    def _freeze(self, conn: socket.socket, command: str, fields: dict[str, object]) -> None:
-        """freeze: pause the guest (QEMU's "stop" drains its disk I/O) for at
-        most the request's seconds, so that a snapshot of its disks is
-        crash-consistent; thaw: resume it.  The supervisor resumes it by
-        itself at the limit (_thaw from run()'s loop): a client that dies
-        never leaves the guest paused."""
-        assert self.qmp is not None
-        if command == "thaw":
-            was = self.thaw_at is not None
-            if was:
-                self._thaw("the snapshot is taken")
-            channel.answer(conn, {"ok": True, "resumed": was})
-            return
-        seconds = channel.freeze_seconds(fields)
-        if isinstance(seconds, str):
-            channel.answer(conn, {"ok": False, "error": seconds})
-            return
-        if self.stop.stopping or self.thaw_at is not None:
-            channel.answer(conn, {"ok": False, "error": "the guest is stopping" if
-                                  self.stop.stopping else "the guest is paused already"})
-            return
-        try:
-            state = self.qmp.execute("query-status", timeout=2.0).get("status")
-            if state != "running":
-                channel.answer(conn, {"ok": False, "error": f"the guest is {state}, not running"})
-                return
-            self.qmp.execute("stop", timeout=5.0)
-        except QmpError as e:
-            channel.answer(conn, {"ok": False, "error": e.message})
-            return
-        self.thaw_at = time.monotonic() + seconds
-        self.log(f"guest {self.name} paused for a snapshot of its disks (at most "
-                 f"{seconds:g} s)", 5)
-        channel.answer(conn, {"ok": True, "seconds": seconds})
-
-    def _thaw(self, why: str) -> None:
-        assert self.qmp is not None
-        self.thaw_at = None
-        try:
-            self.qmp.execute("cont", timeout=5.0)
-        except QmpError as e:
-            self.log(f"guest {self.name}: cannot resume it after the snapshot: {e.message}", 3)
-            return
-        self.log(f"guest {self.name} resumed: {why}", 5)
-
-    def _reexec(self) -> None:
-        """Run the installed kvmagent in this process (same pid: systemd sees
-        nothing but RELOADING=1 and READY=1), handing it QMP, the console and
-        the control channel as systemd's fd store would; it takes the guest
-        over.  Never returns: if the exec fails, exiting hands the guest over
-        through systemd's fd store instead."""
-        self.log(f"guest {self.name}: reloading the supervisor (kvmagent {__version__})", 6)
-        self.record.flush()
-        self.record.wait()
-        self.journal.drain(2.0)
-        import fcntl
-        names = list(self.kept)
-        high = [fcntl.fcntl(self.kept[n].fileno(), fcntl.F_DUPFD_CLOEXEC, 100) for n in names]
-        env = dict(os.environ)
-        env.update({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": str(len(names)),
-                    "LISTEN_FDNAMES": ":".join(names), RELOAD_ENV: __version__})
-        adopt.pass_lock(self.lock, env)
-        try:
-            for i, fd in enumerate(high):  # SD_LISTEN_FDS_START: 3
-                os.dup2(fd, 3 + i, inheritable=True)
-            os.execve(sys.executable, sys.orig_argv, env)
-        except OSError as e:
-            self.log(f"cannot reload the supervisor of guest {self.name}: {e}", 3)
-        os._exit(ExitStatus.FAILURE)
-
-    def _catch_signals(self) -> None:
+    def catch_signals(self) -> None:
         """Signals wake the main loop through a socket (signal.set_wakeup_fd)."""
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
@@ -491,7 +226,9 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
             signal.signal(sig, lambda *_: None)
 
-    def _reap(self) -> None:
+    def reap(self) -> None:
+        if self.abandoned:  # for the next supervisor to take over
+            return
         if self.qemu is not None and self.qemu.poll() is None:
             self.qemu.kill()
             self.qemu.wait()
@@ -596,14 +333,17 @@ class Supervisor:
             if self.qmp in ready:
                 self._events()
             if self.channel is not None and self.channel in ready:
-                self._control()
+                takeover.control(self)
             now = time.monotonic()
             if self.thaw_at is not None and now >= self.thaw_at:
-                self._thaw("its time for the snapshot is up (the client did not resume it)")
+                takeover.thaw(self, "its time for the snapshot is up "
+                              "(the client did not resume it)")
             if ping_every and now >= next_ping and not self.stop.stopping:
                 self._watchdog()
                 next_ping = now + ping_every
             self._carry_out(self.stop.tick(now))
+            if testhook.ACTIVE:
+                testhook.point(str(self.paths.guest_runtime(self.name)), "running")
         if self.console is not None:
             while self.console is not None and select.select([self.console], [], [], 0)[0]:
                 self._console_data()  # what the guest said last
@@ -625,8 +365,10 @@ class Supervisor:
         for action in actions:
             if isinstance(action, Stopping):  # SIGTERM
                 notify("STOPPING=1")
+                if testhook.ACTIVE:
+                    testhook.point(str(self.paths.guest_runtime(self.name)), "stopping")
                 if self.thaw_at is not None:  # a paused guest cannot power off
-                    self._thaw("the guest is stopping")
+                    takeover.thaw(self, "the guest is stopping")
                 # admin or host shutdown: the event writer tells them apart
                 self.record("stopping", ADMIN)
                 self.record.flush(linger=True)  # while the guest powers off
@@ -687,40 +429,51 @@ def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child
         stack.callback(sup.journal.drain, 2.0)  # last: what journald has not taken yet
         stack.callback(sup.record.finish)  # the last event is written before we exit
         try:
-            stack.callback(planner.close)
-            sup.lock = adopt.lock(paths, name)  # released by the kernel at exit
-            if sup.take_over(stack, planner):
-                # The guest's start was recorded by its first supervisor; this
-                # one's takeover or reload is written now.
-                sup.record.flush()
-                return sup.run()
-        except KvmagentError as e:
-            sup.log(str(e), 3, MSG_START_FAILED)
-            notify(f"STATUS={e.message}")
-            return int(e.status)
-        sup.record("starting")
-        try:
-            sup.start(stack, planner)
-        except StoppedWhileStarting:  # QEMU, if it was started, and the helpers go with the stack
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
-            sup.log(f"guest {name} stopped while starting (stop --force)", 5)
-            sup.record("stopped", ADMIN, "stop --force")
-            # A Type=notify main process that exits before READY=1 is a failure
-            # to systemd (result "protocol": restarted), whatever its status:
-            # ready, then done.
-            notify("READY=1", "STATUS=stopped while starting (stop --force)")
-            return ExitStatus.OK
-        except KvmagentError as e:
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # exiting anyway
-            sup.log(str(e), 3, MSG_START_FAILED)
-            notify(f"STATUS={e.message}")
-            bad = e.status in (ExitStatus.CONFIG, ExitStatus.UNKNOWN_GUEST)
-            sup.record("stopped", CONFIG if bad else FAILED, e.message)
-            return int(e.status)
-        assert sup.qemu is not None
-        sup.record("running", pid=sup.qemu.pid)
-        sup.record.flush()
-        return sup.run()
+            return _supervise(sup, stack, planner)
+        except Exception:
+            if not sup.kept:  # QEMU, if any, goes with the stack: a start that failed
+                raise
+            sup.abandon()
+            return ExitStatus.FAILURE
     # Not reached: an ExitStack passes on every exception its callbacks do
     # not raise themselves, which a type checker cannot know.
     raise AssertionError("unreachable")
+
+
+def _supervise(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> int:
+    name, paths = sup.name, sup.paths
+    stack.callback(planner.close)
+    try:
+        sup.lock = adopt.lock(paths, name)  # released by the kernel at exit
+        if takeover.take_over(sup, stack, planner):
+            # The guest's start was recorded by its first supervisor; this
+            # one's takeover or reload is written now.
+            sup.record.flush()
+            return sup.run()
+    except KvmagentError as e:
+        sup.log(str(e), 3, MSG_START_FAILED)
+        notify(f"STATUS={e.message}")
+        return int(e.status)
+    sup.record("starting")
+    try:
+        sup.start(stack, planner)
+    except StoppedWhileStarting:  # QEMU, if it was started, and the helpers go with the stack
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once is enough
+        sup.log(f"guest {name} stopped while starting (stop --force)", 5)
+        sup.record("stopped", ADMIN, "stop --force")
+        # A Type=notify main process that exits before READY=1 is a failure
+        # to systemd (result "protocol": restarted), whatever its status:
+        # ready, then done.
+        notify("READY=1", "STATUS=stopped while starting (stop --force)")
+        return ExitStatus.OK
+    except KvmagentError as e:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # exiting anyway
+        sup.log(str(e), 3, MSG_START_FAILED)
+        notify(f"STATUS={e.message}")
+        bad = e.status in (ExitStatus.CONFIG, ExitStatus.UNKNOWN_GUEST)
+        sup.record("stopped", CONFIG if bad else FAILED, e.message)
+        return int(e.status)
+    assert sup.qemu is not None
+    sup.record("running", pid=sup.qemu.pid)
+    sup.record.flush()
+    return sup.run()

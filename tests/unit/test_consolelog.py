@@ -70,13 +70,13 @@ def test_burst_zero_logs_nothing() -> None:
 
 def test_the_catalog_explains_every_message_id() -> None:
     """catalog/kvmagent.catalog has one entry per MSG_* of the supervisor
-    and of the state database's file (a damaged one moved aside)."""
+    (kvmagent.unit.messages) and of the state database's file (a damaged one moved aside)."""
     import re
     from pathlib import Path
 
     from kvmagent.host import statefile
-    from kvmagent.unit import supervisor
-    ids = {v for module in (supervisor, statefile) for k, v in vars(module).items()
+    from kvmagent.unit import messages
+    ids = {v for module in (messages, statefile) for k, v in vars(module).items()
            if k.startswith("MSG_")}
     text = (Path(__file__).parents[2] / "catalog" / "kvmagent.catalog").read_text()
     entries = re.findall(r"^-- ([0-9a-f]{32})\nSubject: .+\nDefined-By: kvmagent\n", text, re.M)

@@ -42,8 +42,8 @@ SUPERVISOR = RUN_BEFORE_FORK | {
     "kvmagent.render", "kvmagent.render.plan",
     "kvmagent.host", "kvmagent.host.qmp", "kvmagent.host.sdnotify", "kvmagent.host.tundev",
     "kvmagent.unit.adopt", "kvmagent.unit.channel", "kvmagent.unit.consolelog",
-    "kvmagent.unit.recorder",
-    "kvmagent.unit.stoppolicy",
+    "kvmagent.unit.launch", "kvmagent.unit.messages", "kvmagent.unit.recorder",
+    "kvmagent.unit.stoppolicy", "kvmagent.unit.takeover", "kvmagent.unit.testhook",
     "kvmagent.unit.supervisor", "kvmagent.unit.viewers"}
 # Imports inside a supervisor module's functions that run in a forked child
 # only: module -> what it may import there.

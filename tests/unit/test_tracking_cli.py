@@ -15,7 +15,7 @@ import pytest
 
 from kvmagent.host import state
 from kvmagent.errors import ExitStatus
-from kvmagent.unit.stoppost import stop_reason
+from kvmagent.unit.stoppost import stop_jobs, stop_reason
 from kvmagent.cli.tracking import duration, enabled_guests, parse_since
 
 from test_cli import REPO
@@ -458,3 +458,15 @@ def test_run_short_way() -> None:
                  ["run", "--vnc", "127.0.0.1:1", "--install", "/x/i.iso", "g"],
                  ["run", "--install", "/x/i.iso", "--vnc", "127.0.0.1:1", "-g"], ["list"]):
         assert cli._run_argv(argv) is None, argv
+
+
+def test_stop_post_sees_a_stop_job_of_the_guests_unit_only() -> None:
+    """systemctl list-jobs --plain --no-legend: JOB UNIT TYPE STATE."""
+    units = ("kvm@g.service", "kvm-oneoff@g.service")
+    listing = ("12 kvm@g.service stop running\n13 kvm-g.scope stop waiting\n"
+               "14 kvm@h.service stop running\n")
+    assert stop_jobs(listing, units)
+    assert stop_jobs("9 kvm-oneoff@g.service restart running\n", units)
+    assert not stop_jobs("14 kvm@h.service stop running\n15 kvm@g.service start running\n",
+                         units)
+    assert not stop_jobs("", units)
