@@ -11,7 +11,7 @@ from kvmagent import names
 from kvmagent.config.layers import DEFAULT, Layered, load_layers
 from kvmagent.config.model import (BootClass, Bus, Cache, Console, Disk, Display, Format,
                                    Guest, HostConfig, Kernel, Media, Nic, NicMode, NicModel,
-                                   OnPoweroff, Resources)
+                                   OnPoweroff, OnReboot, Resources)
 from kvmagent.config.schema import GUEST_ARRAYS, GUEST_TABLES, GUEST_TOP, HOST_KEYS, Reader, render
 from kvmagent.errors import ExitStatus, KvmagentError, config_error
 from kvmagent.paths import Paths, guest_names  # noqa: F401 - kvmagent.guests' API
@@ -155,6 +155,7 @@ def build_guest(name: str, layered: Layered, host: HostConfig, config_file: Path
         boot=boot,
         boot_explicit=boot_explicit,
         on_poweroff=top("on_poweroff", OnPoweroff.STOP),
+        on_reboot=top("on_reboot", OnReboot.RESTART),
         kernel=kernel,
         disks=disks,
         nics=nics,

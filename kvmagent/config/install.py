@@ -4,8 +4,9 @@ guest's own configuration with an overlay, never written anywhere.  Pure.
 The overlay adds the ISO as a read-only CD-ROM drive and puts the CD-ROM
 class first in the boot order, as the hand-written scripts' `-cdrom x.iso
 -boot d` did; a guest that boots a kernel directly ([kernel]) boots from
-the CD-ROM instead (no -kernel), and a guest that powers off ends the run
-(on_poweroff = "keep" does not apply).  `--vnc ADDR` gives the run a VNC
+the CD-ROM instead (no -kernel), and a guest that powers off or reboots
+ends the run (on_poweroff = "keep" does not apply; on_reboot = "stop"), so
+that an installer's final reboot does not boot the CD again.  `--vnc ADDR` gives the run a VNC
 display.  The unit that runs it (kvm-oneoff@NAME.service) passes the same
 ISO and display to `kvmagent run --install ISO [--vnc ADDR] NAME`, whose
 planner makes the same guest of them."""
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from kvmagent.config.guests import IDE_SLOTS
 from kvmagent.config.model import (BootClass, Bus, Disk, Display, Format, Guest, Media,
-                                   OnPoweroff)
+                                   OnPoweroff, OnReboot)
 from kvmagent.config.schema import parse_vnc
 from kvmagent.errors import ExitStatus, KvmagentError
 
@@ -76,4 +77,5 @@ def install_guest(guest: Guest, iso: Path, vnc: str | None = None) -> tuple[Gues
     display = guest.display if vnc is None else Display(vnc=vnc)
     return dataclasses.replace(guest, disks=tuple(disks), boot=boot, boot_explicit=True,
                                kernel=None, on_poweroff=OnPoweroff.STOP,
+                               on_reboot=OnReboot.STOP,
                                display=display), notes

@@ -56,6 +56,11 @@ class OnPoweroff(enum.StrEnum):
     KEEP = "keep"  # QEMU stays with the guest stopped (-no-shutdown)
 
 
+class OnReboot(enum.StrEnum):
+    RESTART = "restart"  # the guest reboots in the same QEMU
+    STOP = "stop"  # a guest reboot is a poweroff (-action reboot=shutdown)
+
+
 class BootClass(enum.StrEnum):
     DISK = "disk"
     CDROM = "cdrom"
@@ -151,6 +156,7 @@ class Guest:
     boot: tuple[BootClass, ...]
     boot_explicit: bool
     on_poweroff: OnPoweroff
+    on_reboot: OnReboot
     kernel: Kernel | None
     disks: tuple[Disk, ...]
     nics: tuple[Nic, ...]

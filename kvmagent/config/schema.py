@@ -16,7 +16,7 @@ from typing import Any, Callable
 from kvmagent.config import values
 from kvmagent.config.layers import DEFAULT, Layered, key_str
 from kvmagent.config.model import (Accel, BootClass, Bus, Cache, Format, Media, NicMode,
-                                   NicModel, OnPoweroff)
+                                   NicModel, OnPoweroff, OnReboot)
 from kvmagent.errors import KvmagentError, config_error
 
 
@@ -203,6 +203,8 @@ GUEST_TOP: dict[str, Key] = {k.name: k for k in [
     Key("on_poweroff", '"stop" or "keep"', '"stop"',
         '"keep" leaves QEMU running with the guest stopped (for installs).',
         _choice(OnPoweroff)),
+    Key("on_reboot", '"restart" or "stop"', '"restart"',
+        '"stop": a guest reboot ends the run as a poweroff would.', _choice(OnReboot)),
 ]}
 
 GUEST_TABLES: dict[str, dict[str, Key]] = {

@@ -14,7 +14,7 @@ from kvmagent.config import values
 from kvmagent.errors import KvmagentError
 from kvmagent.foreign.importtoml import excerpt, located_error
 
-_FLAGS = frozenset({"-nographic", "-daemonize", "-no-shutdown", "-localtime", "-usb",
+_FLAGS = frozenset({"-nographic", "-daemonize", "-no-shutdown", "-no-reboot", "-localtime", "-usb",
                     "-enable-kvm", "-no-kvm", "-snapshot", "-full-screen"})
 _VALUED = frozenset({"-smp", "-m", "-drive", "-hda", "-hdb", "-hdc", "-hdd", "-cdrom", "-boot",
                      "-kernel", "-initrd", "-append", "-name", "-serial", "-monitor", "-net",
@@ -163,6 +163,9 @@ def _flag(s: Script, opt: str, arg: Arg) -> None:
         s.notes.append("-daemonize dropped: systemd supervises QEMU (kvm@NAME.service).")
     elif opt == "-no-shutdown":
         s.top["on_poweroff"] = ("keep", "-no-shutdown: QEMU stays when the guest powers off.")
+    elif opt == "-no-reboot":
+        s.top["on_reboot"] = ("stop", "-no-reboot: a guest reboot ends the run as a poweroff "
+                              "would.")
     elif opt == "-localtime":
         s.extra.append((["-rtc", "base=localtime"], "-localtime: the guest's clock runs in "
                         "local time (today's spelling -rtc base=localtime; kvmagent has no "

@@ -158,9 +158,12 @@ class _Xen:
             top.note(f"on_poweroff = \"{excerpt(poweroff or '', 20)}\" dropped: a guest that "
                      "powers off ends its unit.")
         reboot = self.text("on_reboot", "restart")
-        if reboot != "restart":
-            top.note(f"on_reboot = \"{excerpt(reboot or '', 20)}\" dropped: kvmagent's "
-                     "guests reboot in place (there is no key for another choice).")
+        if reboot in ("destroy", "preserve"):
+            top.set("on_reboot", "stop", f"on_reboot = \"{reboot}\": a guest reboot ends "
+                    "the guest's run as a poweroff would.")
+        elif reboot != "restart":
+            top.note(f"on_reboot = \"{excerpt(reboot or '', 20)}\" dropped: the guest "
+                     "reboots in place (on_reboot = \"restart\").")
         crash = self.text("on_crash", "restart")
         top.note(f"on_crash = \"{excerpt(crash or '', 20)}\": a guest kernel panic ends QEMU "
                  "with a failure, which systemd restarts (Restart=on-failure)" +

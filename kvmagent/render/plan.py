@@ -66,6 +66,7 @@ class Plan(NamedTuple):
     memory_mib: int
     stop_timeout: float  # seconds the guest has to power off after the first press
     keep: bool  # on_poweroff = "keep": the unit stays up when the guest powers off
+    reboot_stops: bool  # on_reboot = "stop": a guest reboot is a poweroff
     serial: bool  # the serial console goes to the journal
     console_burst: int  # kvmagent.unit.consolelog's rate limit
     console_interval: float
@@ -98,13 +99,14 @@ class Running(NamedTuple):
     version: str  # the kvmagent that started QEMU
     takeovers: int = 0  # supervisors that took QEMU over since (deaths and reloads)
     qemu_uid: int = -1  # the user QEMU runs as (-1: not recorded, kvmagent 0.1.0)
+    reboot_stops: bool = False  # on_reboot = "stop" (not recorded before it existed)
 
     @classmethod
     def from_plan(cls, plan: Plan, qemu_pid: int, since: float, version: str) -> Running:
         return cls(plan.name, plan.uuid, qemu_pid, since, plan.stop_timeout, plan.keep,
                    plan.serial, plan.console_burst, plan.console_interval, plan.escape,
                    [t.name for t in plan.taps], version, 0,
-                   plan.qemu_user.uid if plan.qemu_user else 0)
+                   plan.qemu_user.uid if plan.qemu_user else 0, plan.reboot_stops)
 
     def to_json(self) -> str:
         return json.dumps(self._asdict())
@@ -145,4 +147,4 @@ def read_fields(fields: tuple[str, ...], kinds: tuple[type, ...], data: object,
 # Running's field types, in order, for reading it back (NamedTuple's own
 # annotations are strings here).
 _RUNNING_KINDS: tuple[type, ...] = (str, str, int, float, float, bool, bool, int, float, str,
-                                    list, str, int, int)
+                                    list, str, int, int, bool)

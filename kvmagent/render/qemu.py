@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmagent.config.model import (Accel, BootClass, Bus, Cache, Guest, HostConfig, Media,
-                                   NicMode, NicModel, OnPoweroff)
+                                   NicMode, NicModel, OnPoweroff, OnReboot)
 
 NIC_DEVICES = {NicModel.VIRTIO: "virtio-net-pci", NicModel.E1000: "e1000",
                NicModel.RTL8139: "rtl8139"}
@@ -173,6 +173,8 @@ def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets
     # restarts, not a silent reboot (guest.md: without pvpanic a panic looks
     # like a reboot).
     argv += ["-device", "pvpanic", "-action", "panic=exit-failure"]
+    if guest.on_reboot is OnReboot.STOP:  # a reboot is a guest poweroff (SHUTDOWN guest-reset)
+        argv += ["-action", "reboot=shutdown"]
     # QEMU's own seccomp filter, for QEMU alone (the supervisor forks and
     # execs; QEMU never needs to): no new privileges, processes or old
     # syscalls, no changes of scheduling or affinity.

@@ -19,6 +19,7 @@ def effective_config(g: Guest) -> dict[str, Any]:
         "description": g.description, "uuid": g.uuid, "cpus": g.cpus,
         "memory": format_size(g.memory), "machine": g.machine, "accel": str(g.accel),
         "boot": [str(b) for b in g.boot], "on_poweroff": str(g.on_poweroff),
+        "on_reboot": str(g.on_reboot),
     }
     if g.kernel:
         k: dict[str, Any] = {"image": str(g.kernel.image)}

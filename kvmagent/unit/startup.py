@@ -17,7 +17,8 @@ from pathlib import Path
 from kvmagent import names
 from kvmagent.config.guests import load_guest, load_guest_file, load_host_config
 from kvmagent.config.install import check_vnc, install_guest
-from kvmagent.config.model import Accel, Format, Guest, HostConfig, NicMode, OnPoweroff
+from kvmagent.config.model import (Accel, Format, Guest, HostConfig, NicMode, OnPoweroff,
+                                   OnReboot)
 from kvmagent.errors import KvmagentError, config_error
 from kvmagent.host import qemuuser
 from kvmagent.host.hostcheck import check_host
@@ -114,6 +115,7 @@ def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
     plan = Plan(
         name=guest.name, uuid=guest.uuid, cpus=guest.cpus, memory_mib=guest.memory >> 20,
         stop_timeout=guest.stop_timeout, keep=guest.on_poweroff is OnPoweroff.KEEP,
+        reboot_stops=guest.on_reboot is OnReboot.STOP,
         serial=guest.console.serial, console_burst=guest.console.log_burst,
         console_interval=guest.console.log_interval, escape=guest.console.escape,
         argv=argv, vhost=facts.vhost_net, disks=disks,

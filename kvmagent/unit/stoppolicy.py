@@ -11,6 +11,8 @@ supervisor only carries out what it returns.
 - on_poweroff = "keep" (QEMU runs -no-shutdown): a guest that is off, before
   the stop or by its power button, needs no more presses and no wait for the
   rest of the stop timeout: `quit` at once.
+- on_reboot = "stop" (QEMU runs -action reboot=shutdown): a guest reboot is
+  a poweroff (QMP SHUTDOWN, reason guest-reset).
 - The exit: stopped (by either signal), powered off by the guest itself
   (QEMU exited 0 after the guest's shutdown), or crashed (anything else:
   systemd restarts the unit)."""
@@ -73,9 +75,10 @@ Action = Union[Stopping, ForceStop, Press, Quit, Kill]
 
 
 class StopPolicy:
-    def __init__(self, stop_timeout: float, keep: bool) -> None:
+    def __init__(self, stop_timeout: float, keep: bool, reboot_stops: bool = False) -> None:
         self.stop_timeout = stop_timeout  # seconds of presses before `quit`
         self.keep = keep  # on_poweroff = keep: QEMU outlives the guest
+        self.reboot_stops = reboot_stops  # on_reboot = stop: a guest reboot is a poweroff
         self.phase = Phase.RUNNING
         self.guest_off = False  # the guest shut itself down (QMP SHUTDOWN)
         self.deadline = 0.0  # the end of the presses
@@ -103,7 +106,8 @@ class StopPolicy:
         """QMP SHUTDOWN caused by the guest, with its reason.  Whether the
         guest is off now and QEMU kept (on_poweroff = keep and no stop
         asked: it waits for one); None when the guest is not off (a reset)."""
-        self.guest_off = reason == "guest-shutdown"
+        self.guest_off = (reason == "guest-shutdown"
+                          or (self.reboot_stops and reason == "guest-reset"))
         if not self.guest_off:
             return None
         return self.keep and not self.stopping

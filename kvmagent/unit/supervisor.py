@@ -131,7 +131,7 @@ class Supervisor:
         if not isinstance(plan, Plan):  # typed across the fork: a planner of other code
             raise KvmagentError(f"the planner of guest {self.name} sent {type(plan).__name__}, "
                                 "not a plan")
-        self.stop = StopPolicy(plan.stop_timeout, plan.keep)
+        self.stop = StopPolicy(plan.stop_timeout, plan.keep, plan.reboot_stops)
         if sysd is not None:
             sysd.full_speed()
         self.log(f"starting guest {self.name} ({plan.cpus} vCPU, "
@@ -261,10 +261,12 @@ class Supervisor:
         for event in self.qmp.poll():
             kind, data = event.get("event"), event.get("data", {})
             if kind == "SHUTDOWN" and data.get("guest"):
-                kept = self.stop.shutdown(data.get("reason", ""))
+                reason = data.get("reason", "")
+                kept = self.stop.shutdown(reason)
                 if kept is not None:
                     self.log(f"guest {self.name} powered off" +
-                             ("; QEMU kept (on_poweroff = keep)" if kept else ""),
+                             (" at its reboot (on_reboot = stop)" if reason == "guest-reset"
+                              else "") + ("; QEMU kept (on_poweroff = keep)" if kept else ""),
                              6, MSG_POWEREDOFF)
             elif kind == "RESET":
                 self.log(f"guest {self.name} reset ({data.get('reason', '?')})", 6)

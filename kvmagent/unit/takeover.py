@@ -64,7 +64,7 @@ def take_over(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> boo
     write_pid_file(sup.paths, sup.name, qemu.pid)
     stack.callback(remove_pid_file, sup.paths, sup.name)
     sup.started = time.monotonic() - max(0.0, time.time() - running.since)
-    sup.stop = StopPolicy(running.stop_timeout, running.keep)
+    sup.stop = StopPolicy(running.stop_timeout, running.keep, running.reboot_stops)
     sup.qmp = Qmp(socks[adopt.QMP_FDNAME], timeout=10, adopted=True)
     console = socks.get(adopt.CONSOLE_FDNAME)
     sup.console = console if running.serial else None

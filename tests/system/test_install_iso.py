@@ -63,6 +63,9 @@ def host(testhost: TestHost, image: GuestImage,
     # the installer that powers the guest off when it is done; the one that waits
     testhost.copy_in(build_iso(image, work / "off.iso", f"{console} guest.shell=0 "
                                "guest.then=poweroff"), "/var/tmp/off.iso", 0o600)
+    # the installer that reboots when it is done, as most do
+    testhost.copy_in(build_iso(image, work / "reboot.iso", f"{console} guest.shell=0 "
+                               "guest.then=reboot"), "/var/tmp/reboot.iso", 0o600)
     testhost.copy_in(build_iso(image, work / "wait.iso", console),
                      "/var/tmp/wait.iso", 0o600)
     # the guest boots its kernel directly, and has a disk (outside /var/lib/kvmagent)
@@ -104,6 +107,23 @@ def test_install_boots_the_iso_and_ends_when_the_guest_powers_off(host: TestHost
     assert sha256(host, GUEST) == before  # the guest's own file: untouched
     assert leftovers(host, "inst") == ""  # the transient unit is collected
     print(f"install run: started and attached in {started_and_attached:.1f} s")
+
+
+def test_the_installers_reboot_ends_the_run_instead_of_booting_the_cd_again(
+        host: TestHost) -> None:
+    before = host.journal("kvm-oneoff@inst.service")
+    offs = host.run(["kvmagent", "history", "inst"]).stdout.count("guest powered off")
+    r = host.run(["kvmagent", "install", "inst", "--iso", "/var/tmp/reboot.iso"], timeout=60)
+    assert r.returncode == 0, r.stderr
+    wait_state(host, "kvm-oneoff@inst.service", ("inactive",), timeout=120)
+    journal = host.journal("kvm-oneoff@inst.service")[len(before):]
+    for marker in ("GUEST-THEN reboot", "GUEST-REBOOT",
+                   "guest inst powered off at its reboot (on_reboot = stop)"):
+        assert marker in journal, (marker, journal[-3000:])
+    assert journal.count("GUEST-INIT") == 1, journal[-3000:]  # booted once, not twice
+    history = host.run(["kvmagent", "history", "inst"]).stdout
+    assert history.count("guest powered off") == offs + 1, history
+    assert leftovers(host, "inst") == ""
 
 
 def test_a_running_install_is_visible_and_refuses_a_second_run(host: TestHost) -> None:

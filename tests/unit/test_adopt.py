@@ -85,7 +85,8 @@ def test_the_qemu_runs_as_the_user_it_was_started_as() -> None:
 def test_a_record_of_an_older_kvmagent_is_read(paths: Paths) -> None:
     """A reload reads what the supervisor it replaces wrote: fields added
     since (with a default) may be missing."""
-    older = {k: v for k, v in RUNNING._asdict().items() if k not in ("takeovers", "qemu_uid")}
+    older = {k: v for k, v in RUNNING._asdict().items()
+             if k not in ("takeovers", "qemu_uid", "reboot_stops")}
     paths.running_record("g").write_text(json.dumps(older))
     assert adopt.read_running(paths, "g") == RUNNING._replace(takeovers=0, qemu_uid=-1)
 

@@ -109,7 +109,7 @@ GOOD: dict[str, st.SearchStrategy[Any]] = {
     "machine": choice("pc", "q35", "pc-i440fx-7.2", "pc,accel=tcg"),
     "accel": choice("auto", "kvm", "tcg"),
     "boot": st.lists(choice("disk", "cdrom", "network"), max_size=3),
-    "on_poweroff": choice("stop", "keep"),
+    "on_poweroff": choice("stop", "keep"), "on_reboot": choice("restart", "stop"),
     "kernel.image": abs_path, "kernel.initrd": abs_path, "kernel.cmdline": text,
     "console.serial": st.booleans(), "console.escape": choice("^]", "^Q", "^ß"),
     "console.log_burst": st.integers(min_value=-1, max_value=2000000),
@@ -156,6 +156,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "machine": plus_tail(st.sampled_from(["pc", "q35"])),
     "accel": st.sampled_from(["auto", "kvm", "tcg"]),
     "on_poweroff": st.sampled_from(["stop", "keep"]),
+    "on_reboot": st.sampled_from(["restart", "stop"]),
     "kernel.image": clean_path, "kernel.initrd": clean_path, "kernel.cmdline": clean_text,
     "console.serial": st.booleans(), "console.escape": st.sampled_from(["^]", "^Q"]),
     "console.log_burst": st.integers(min_value=0, max_value=1000), "console.log_interval":
@@ -247,7 +248,7 @@ QEMU_OPTS: dict[str, tuple[bool, set[str]]] = {
     "-drive": (False, {"file", "format", "if", "id", "cache", "aio", "readonly", "discard"}),
     "-device": (True, {"drive", "id", "bootindex", "bus", "netdev", "mac", "mq", "vectors"}),
     "-netdev": (True, {"id", "ifname", "script", "downscript", "queues", "vhost", "fd", "fds"}),
-    "-action": (False, {"panic"}),
+    "-action": (False, {"panic", "reboot"}),
 }
 
 

@@ -407,3 +407,11 @@ def test_import_xen_command(conf):
     assert status == 0 and 'cmdline = "root=/dev/vdb' in out
     assert "kvmagent: mail: to do: a getty on hvc0" in err
 
+
+
+def test_no_reboot_becomes_on_reboot_stop():
+    imported = imp("kvm -name r -m 256 -no-reboot -hda /srv/g.img\n")
+    guest = load(imported)
+    assert str(guest.on_reboot) == "stop"
+    assert "-action reboot=shutdown" in " ".join(argv(guest))
+    assert "-no-reboot: a guest reboot ends the run as a poweroff would." in flat(imported.toml)

@@ -187,3 +187,12 @@ def test_deep_nesting_is_refused_not_a_crash():
 def test_bad_cases_are_different():
     assert len(BAD) >= 25 and len({c[0] for c in BAD}) == len(BAD)
     assert len({c[1] for c in BAD}) == len(BAD)
+
+
+@pytest.mark.parametrize("reboot, ends", [("destroy", True), ("preserve", True),
+                                          ("restart", False), ("rename-restart", False)])
+def test_on_reboot(reboot: str, ends: bool):
+    imported = import_xen(f"name = 'r'\nmemory = 256\nbuilder = 'hvm'\non_reboot = '{reboot}'\n", "r.cfg")
+    assert str(load(imported).on_reboot) == ("stop" if ends else "restart")
+    if reboot == "rename-restart":
+        assert 'on_reboot = "rename-restart" dropped' in flat(imported.toml)

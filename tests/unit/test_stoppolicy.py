@@ -153,6 +153,16 @@ def test_a_guest_reset_is_not_a_poweroff() -> None:
     assert policy.outcome(0) is Outcome.CRASHED
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_on_reboot_stop_makes_a_guest_reboot_a_poweroff(keep: bool) -> None:
+    """-action reboot=shutdown: QMP SHUTDOWN with reason guest-reset, then
+    QEMU exits 0 (or, -no-shutdown, stays with the guest off)."""
+    policy = StopPolicy(stop_timeout=60, keep=keep, reboot_stops=True)
+    assert policy.shutdown("host-qmp-system-reset") is None  # not the guest's own reboot
+    assert policy.shutdown("guest-reset") is keep
+    assert policy.outcome(0) is Outcome.POWERED_OFF
+
+
 @pytest.mark.parametrize("rc", [1, -9, -11])
 def test_qemu_dying_on_its_own_is_a_crash(rc: int) -> None:
     policy = StopPolicy(stop_timeout=60, keep=False)
