@@ -11,13 +11,20 @@ when), "reload" (the supervisor re-executes itself, the new code taking
 its guest over: no guest outage), "freeze" with "seconds" (the guest is
 paused, QEMU's "stop", for a crash-consistent snapshot of its disks, and
 resumed by the supervisor itself after at most that long: a client that
-dies never leaves it paused) and "thaw" (resumed at once)."""
+dies never leaves it paused) and "thaw" (resumed at once).  A request may
+carry file descriptors (SCM_RIGHTS): live migration hands the supervisor the
+stream to the other host this way ("migrate", "migrate-incoming"), as
+neither it nor QEMU may open a network connection of their own
+(kvmagent.unit.migration)."""
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import socket
+from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,8 +32,10 @@ from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.render.plan import read_fields
 
 CONTROL_FDNAME = "control"
-COMMANDS = ("status", "reload", "freeze", "thaw")
+COMMANDS = ("status", "reload", "freeze", "thaw", "migrate", "migrate-status",
+            "migrate-cancel", "migrate-end", "migrate-incoming")
 MAX_MESSAGE = 65536
+MAX_FDS = 4  # file descriptors one request may carry
 # The longest a guest is paused for a snapshot (freeze's "seconds").
 MAX_FREEZE = 60.0
 
@@ -66,25 +75,57 @@ def listen(path: Path) -> socket.socket:
     return sock
 
 
-def receive(listener: socket.socket,
-            timeout: float = 1.0) -> tuple[socket.socket, str, dict[str, object]] | None:
-    """Accept one client and read its command and the request's other
-    fields (None: nothing there, or a client that sent no valid request;
-    it is answered and closed)."""
+class Request(NamedTuple):
+    """One client's request: its connection (answer() closes it), command,
+    fields, and the file descriptors it carried (the receiver owns them:
+    close_fds() those it does not keep)."""
+    conn: socket.socket
+    command: str
+    fields: dict[str, object]
+    fds: list[int]
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with suppress(OSError):
+            os.close(fd)
+
+
+def _recv_fds(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """A message and its fds, close-on-exec (never inherited by QEMU or a
+    helper by mistake).  Not socket.recv_fds: it drops its flags argument
+    (Python 3.11 and 3.13), so MSG_CMSG_CLOEXEC would not apply."""
+    message, ancillary, _, _ = conn.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * 4),
+                                            socket.MSG_CMSG_CLOEXEC)
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return message, list(fds)
+
+
+def receive(listener: socket.socket, timeout: float = 1.0) -> Request | None:
+    """Accept one client and read its command, the request's other fields
+    and the file descriptors that came with it (None: nothing there, or a
+    client that sent no valid request; it is answered and closed, and so
+    are the fds it sent)."""
     try:
         conn, _ = listener.accept()
     except (BlockingIOError, InterruptedError):
         return None
     conn.settimeout(timeout)
+    fds: list[int] = []
     try:
-        data = json.loads(conn.recv(MAX_MESSAGE) or b"null")
+        message, fds = _recv_fds(conn)
+        data = json.loads(message or b"null")
         command = data.get("command") if isinstance(data, dict) else None
     except (OSError, ValueError):
         command = None
     if command not in COMMANDS:
+        close_fds(fds)
         answer(conn, {"ok": False, "error": f"unknown request (commands: {', '.join(COMMANDS)})"})
         return None
-    return conn, str(command), data
+    return Request(conn, str(command), data, fds)
 
 
 def freeze_seconds(request: dict[str, object]) -> float | str:
@@ -105,14 +146,15 @@ def answer(conn: socket.socket, reply: dict[str, object]) -> None:
         conn.close()
 
 
-def ask(path: Path, command: str, timeout: float = 10.0,
+def ask(path: Path, command: str, timeout: float = 10.0, fds: Sequence[int] = (),
         **fields: object) -> dict[str, object]:
-    """The client: COMMAND's reply; KvmagentError when no supervisor answers."""
+    """The client: COMMAND's reply; KvmagentError when no supervisor answers.
+    FDS go with the request (the caller still owns and closes its copies)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     sock.settimeout(timeout)
     try:
         sock.connect(str(path))
-        sock.send(json.dumps({"command": command, **fields}).encode())
+        socket.send_fds(sock, [json.dumps({"command": command, **fields}).encode()], list(fds))
         data = json.loads(sock.recv(MAX_MESSAGE) or b"null")
     except (OSError, ValueError) as e:
         raise KvmagentError(f"no answer from the supervisor at {path}: "

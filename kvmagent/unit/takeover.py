@@ -129,7 +129,11 @@ def control(sup: Supervisor) -> None:
     request = channel.receive(sup.channel)
     if request is None:
         return
-    conn, command, fields = request
+    conn, command, fields, fds = request
+    channel.close_fds(fds)  # none of these requests keeps one
+    if command.startswith("migrate"):
+        channel.answer(conn, {"ok": False, "error": f"{command}: not here"})
+        return
     if command in ("freeze", "thaw"):
         freeze(sup, conn, command, fields)
         return

@@ -23,7 +23,8 @@ def serve(listener: socket.socket, reply: dict[str, object], seen: list[str]) ->
         select.select([listener], [], [], 5)
         request = channel.receive(listener)
         if request is not None:
-            conn, command, _ = request
+            conn, command, _, fds = request
+            channel.close_fds(fds)
             seen.append(command)
             channel.answer(conn, reply)
     thread = threading.Thread(target=one)
@@ -85,3 +86,55 @@ def test_no_supervisor_is_a_clear_error(tmp_path: Path) -> None:
 def test_a_status_of_another_shape_is_refused() -> None:
     with pytest.raises(ValueError, match="qemu_pid: '200' is not int"):
         channel.Status.from_json({**STATUS._asdict(), "qemu_pid": "200"})
+
+
+def test_a_request_carries_file_descriptors(tmp_path: Path) -> None:
+    """SCM_RIGHTS over the channel: the receiver gets a working copy of the
+    client's fd (close-on-exec), here one end of a real socketpair."""
+    import os
+    path = tmp_path / "control.sock"
+    listener = channel.listen(path)
+    ours, theirs = socket.socketpair()
+    got: list[channel.Request] = []
+
+    def one() -> None:
+        import select
+        select.select([listener], [], [], 5)
+        request = channel.receive(listener)
+        assert request is not None
+        got.append(request)
+        channel.answer(request.conn, {"ok": True})
+    thread = threading.Thread(target=one)
+    thread.start()
+    assert channel.ask(path, "migrate", fds=[theirs.fileno()], uri="x") == {"ok": True}
+    thread.join()
+    listener.close()
+    theirs.close()  # the client's copy: the receiver's stays open
+    (request,) = got
+    assert request.command == "migrate" and request.fields["uri"] == "x"
+    (fd,) = request.fds
+    assert not os.get_inheritable(fd)
+    passed = socket.socket(fileno=fd)
+    passed.sendall(b"stream")
+    assert ours.recv(16) == b"stream"
+    passed.close()
+    assert ours.recv(16) == b""  # the last copy is gone: EOF
+    ours.close()
+
+
+def test_fds_of_a_bad_request_are_closed(tmp_path: Path) -> None:
+    import os
+    path = tmp_path / "control.sock"
+    listener = channel.listen(path)
+    ours, theirs = socket.socketpair()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client.connect(str(path))
+    socket.send_fds(client, [b'{"command": "nonsense"}'], [theirs.fileno()])
+    theirs.close()
+    before = set(os.listdir("/proc/self/fd"))
+    assert channel.receive(listener) is None
+    assert set(os.listdir("/proc/self/fd")) <= before  # nothing left open here
+    assert b"unknown request" in client.recv(1024)
+    assert ours.recv(16) == b""  # the passed copy was closed: EOF
+    for s in (client, ours, listener):
+        s.close()
