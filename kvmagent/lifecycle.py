@@ -30,7 +30,11 @@ KILLED = "killed"  # the supervisor itself was killed by a signal
 OOM = "oom"  # the kernel's OOM killer
 TIMEOUT = "timeout"  # a start or stop timeout of systemd
 FAILED = "failed"  # any other failure: host not ready (exit 5), a runtime error
-REASONS = (POWEROFF, ADMIN, SHUTDOWN, CRASHED, WATCHDOG, CONFIG, KILLED, OOM, TIMEOUT, FAILED)
+# kvmagent migrate: the guest moved to another host (the source's run ends),
+# or an incoming migration did not complete (nothing ran on the destination)
+MIGRATED = "migrated"
+REASONS = (POWEROFF, ADMIN, SHUTDOWN, CRASHED, WATCHDOG, CONFIG, KILLED, OOM, TIMEOUT, FAILED,
+           MIGRATED)
 FAILURES = frozenset({CRASHED, WATCHDOG, CONFIG, KILLED, OOM, TIMEOUT, FAILED})
 # Failures systemd restarts after (RestartPreventExitStatus=6 8 stops the rest).
 RESTARTED = FAILURES - {CONFIG}

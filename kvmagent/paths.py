@@ -58,6 +58,13 @@ class Paths(NamedTuple):
         supervisor that takes it over (kvmagent.unit.adopt)."""
         return self.guest_runtime(name) / "running.json"
 
+    def incoming_request(self, name: str) -> Path:
+        """Written by `kvmagent migrate-incoming` before it starts guest NAME's
+        unit: its supervisor starts QEMU waiting for a live migration's
+        stream (kvmagent.render.plan.Incoming) instead of booting the guest;
+        removed once the migration succeeded or failed."""
+        return self.guest_runtime(name) / "incoming.json"
+
     def supervisor_pid(self, name: str) -> Path:
         """Guest NAME's supervisor's pid, and QEMU's once it runs: written by
         the supervisor, read by `kvmagent stop --force` (kvmagent.cli.hardstop)."""

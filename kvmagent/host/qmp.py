@@ -78,16 +78,22 @@ class Qmp:
             if not self._fill(remaining):
                 raise QmpError("QEMU closed the QMP connection")
 
-    def execute(self, command: str, timeout: float = 10.0, **arguments: Any) -> Any:
+    def execute(self, command: str, timeout: float = 10.0, fds: list[int] | None = None,
+                **arguments: Any) -> Any:
         """COMMAND's return value.  Every command has an id, so that the reply
         to one that timed out, when it comes late, is not taken for this
-        one's."""
+        one's.  FDS go with the command (SCM_RIGHTS: QMP's getfd takes one)."""
         self.last_id += 1
         request: dict[str, Any] = {"execute": command, "id": self.last_id}
         if arguments:
             request["arguments"] = arguments
         try:
-            self.sock.sendall(json.dumps(request).encode() + b"\n")
+            data = json.dumps(request).encode() + b"\n"
+            if fds:
+                sent = socket.send_fds(self.sock, [data], fds)
+                self.sock.sendall(data[sent:])
+            else:
+                self.sock.sendall(data)
         except OSError as e:
             raise QmpError(f"QMP {command}: {e.strerror}") from None
         deadline = time.monotonic() + timeout

@@ -59,6 +59,24 @@ class QemuUser(NamedTuple):
     groups: tuple[int, ...]
 
 
+class Incoming(NamedTuple):
+    """The request of `kvmagent migrate-incoming` (a file in the guest's
+    runtime directory, kvmagent.paths.Paths.incoming_request): start QEMU
+    waiting for a live migration from SOURCE, with the source QEMU's exact
+    machine type and CPU model."""
+    machine: str
+    cpu: str
+    source: str  # the host the guest comes from, as the command names it
+
+    def to_json(self) -> str:
+        return json.dumps(self._asdict())
+
+    @classmethod
+    def from_json(cls, text: str) -> Incoming:
+        """ValueError naming the field when TEXT is not such a record."""
+        return cls(*read_fields(cls._fields, (str, str, str), json.loads(text)))
+
+
 class Plan(NamedTuple):
     name: str
     uuid: str
@@ -78,6 +96,8 @@ class Plan(NamedTuple):
     taps: list[Tap]
     scope_unit: str  # kvm-NAME.scope
     scope: list[tuple[str, Any]]  # its settings (kvmagent.render.scope)
+    # QEMU waits for a live migration (argv has -incoming defer), not booting
+    incoming: Incoming | None = None
 
 
 class Running(NamedTuple):

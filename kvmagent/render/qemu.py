@@ -86,17 +86,25 @@ def boot_indexes(guest: Guest) -> dict[str, int]:
     return order
 
 
-def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets) -> list[str]:
+def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets, *,
+              incoming: bool = False, machine: str | None = None,
+              cpu: str | None = None) -> list[str]:
+    """incoming: the destination of a live migration (kvmagent migrate):
+    QEMU waits for the stream (-incoming defer; the supervisor hands it the
+    fd), with the source's exact machine type and CPU model, MACHINE and
+    CPU, where they are given."""
     accel = facts.accel
     argv = [str(host.qemu),
             "-name", f"guest={guest.name},debug-threads=on",
             "-uuid", guest.uuid,
             "-no-user-config", "-nodefaults",
-            "-machine", quote(guest.machine),
+            "-machine", quote(machine or guest.machine),
             # split-wx: TCG's JIT writes and runs code through two mappings,
             # so it works under MemoryDenyWriteExecute= (kvm@.service).
             "-accel", "tcg,split-wx=on" if accel is Accel.TCG else str(accel),
-            "-cpu", "host" if accel is Accel.KVM else "max",
+            # cpu: the source's own -cpu value, model and features (checked
+            # by the destination's command line, kvmagent.cli.migrate)
+            "-cpu", cpu or ("host" if accel is Accel.KVM else "max"),
             "-smp", str(guest.cpus),
             "-m", f"{guest.memory >> 20}M"]
     if guest.display.vnc:
@@ -183,4 +191,6 @@ def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets
     if guest.on_poweroff is OnPoweroff.KEEP:
         argv.append("-no-shutdown")
     argv += list(guest.extra_args)
+    if incoming:
+        argv += ["-incoming", "defer"]
     return argv

@@ -25,8 +25,8 @@ from kvmagent.host.hostcheck import check_host
 from kvmagent.host.imagechain import backing_chain
 from kvmagent.host.sdnotify import Journal
 from kvmagent.paths import Paths
-from kvmagent.render.plan import (CONSOLE_FD, QMP_FD, Disk, Plan, QemuUser, Tap, backing_token,
-                                  disk_token, tap_token)
+from kvmagent.render.plan import (CONSOLE_FD, QMP_FD, Disk, Incoming, Plan, QemuUser, Tap,
+                                  backing_token, disk_token, tap_token)
 from kvmagent.render.qemu import HostFacts, Sockets, qemu_argv
 from kvmagent.render.scope import scope_settings
 from kvmagent.render.service import needs_inet, oneoff_unit
@@ -88,6 +88,7 @@ def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
                                "the guest is named after its file")
         service = oneoff_unit(name)
     check_inet(guest, service)
+    incoming = read_incoming(paths, name) if guest_file is None and iso is None else None
     facts = wait_for_host(guest, host, Journal())
     user = qemu_user(guest, host, facts)
     bridged = [n for n in guest.nics if n.mode is NicMode.BRIDGE]
@@ -110,7 +111,9 @@ def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
                       console=f"fd={CONSOLE_FD}" if guest.console.serial else None,
                       taps={n.index: tap_token(n.index) for n in bridged},
                       disk_fds=disk_fds, backing_fds=backing)
-    argv = qemu_argv(guest, host, facts, sockets)
+    argv = qemu_argv(guest, host, facts, sockets, incoming=incoming is not None,
+                     machine=incoming.machine if incoming else None,
+                     cpu=incoming.cpu if incoming else None)
     argv.insert(1, "-S")
     plan = Plan(
         name=guest.name, uuid=guest.uuid, cpus=guest.cpus, memory_mib=guest.memory >> 20,
@@ -122,8 +125,21 @@ def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
         qemu_user=None if user.is_root else QemuUser(user.uid, user.gid, tuple(user.groups)),
         taps=[Tap(n.index, n.tap, str(n.bridge), n.queues) for n in bridged],
         scope_unit=names.scope_unit(guest.name),
-        scope=scope_settings(guest, host, facts, service=service))
+        scope=scope_settings(guest, host, facts, service=service), incoming=incoming)
     return plan, []
+
+
+def read_incoming(paths: Paths, name: str) -> Incoming | None:
+    """The request of `kvmagent migrate-incoming`, if there is one: this
+    start is the destination of a live migration."""
+    path = paths.incoming_request(name)
+    try:
+        return Incoming.from_json(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise config_error(f"{path}: not a migration request: {e}",
+                           "remove it; kvmagent migrate writes it anew") from None
 
 
 def check_inet(guest: Guest, service: str) -> None:

@@ -39,13 +39,14 @@ from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
 from kvmagent.render.plan import Plan, Running
-from kvmagent.unit import adopt, channel, forkcall, takeover, testhook
+from kvmagent.unit import adopt, channel, forkcall, migration, takeover, testhook
 from kvmagent.unit.adopt import AdoptedQemu
 from kvmagent.unit.consolelog import ConsoleLog
 from kvmagent.unit.launch import launch, remove_pid_file, systemd_booted, write_pid_file
 from kvmagent.unit.messages import (MSG_CONSOLE_DROPPED, MSG_CRASHED, MSG_FAILED_QEMU_KEPT,
-                                    MSG_PANIC, MSG_POWERDOWN, MSG_POWEREDOFF, MSG_RUNNING,
-                                    MSG_START_FAILED, MSG_STARTING, MSG_STOPPED, MSG_WATCHDOG)
+                                    MSG_MIGRATED_IN, MSG_PANIC, MSG_POWERDOWN, MSG_POWEREDOFF,
+                                    MSG_RUNNING, MSG_START_FAILED, MSG_STARTING, MSG_STOPPED,
+                                    MSG_WATCHDOG)
 from kvmagent.unit.recorder import EventRecorder
 from kvmagent.unit.stoppolicy import (Action, ForceStop, Kill, Outcome, Press, Quit, Stopping,
                                       StopPolicy)
@@ -91,6 +92,7 @@ class Supervisor:
         self.lock = -1  # kvmagent.unit.adopt.lock: one supervisor per guest
         self.thaw_at: float | None = None  # paused for a snapshot until (monotonic)
         self.abandoned = False  # failed with QEMU's fds kept: QEMU is left running
+        self.migrated_to: str | None = None  # kvmagent migrate moved the guest there
         self.record = EventRecorder(name, paths, lambda text: self.log(text, 4))
 
     def log(self, message: str, priority: int = 6, message_id: str | None = None) -> None:
@@ -180,20 +182,27 @@ class Supervisor:
         else:
             self.log("not booted with systemd: QEMU stays in this process's cgroup, "
                      "no machined registration", 4)
-        if testhook.ACTIVE:
-            testhook.point(str(self.paths.guest_runtime(self.name)), "before-cont")
-        self.qmp.execute("cont")
-        status = self.qmp.execute("query-status")
-        if status.get("status") != "running":
-            raise KvmagentError(f"QEMU did not start the guest: status {status.get('status')}")
-        if testhook.ACTIVE:
-            testhook.point(str(self.paths.guest_runtime(self.name)), "after-cont")
-        self.catch_signals()  # from here on the main loop handles them
+        if plan.incoming is not None:  # kvmagent migrate: the guest arrives, running
+            self.catch_signals()
+            self.channel = channel.listen(self.paths.control_socket(self.name))
+            stack.callback(self.channel.close)
+            migration.receive(self, plan.incoming)
+        else:
+            if testhook.ACTIVE:
+                testhook.point(str(self.paths.guest_runtime(self.name)), "before-cont")
+            self.qmp.execute("cont")
+            status = self.qmp.execute("query-status")
+            if status.get("status") != "running":
+                raise KvmagentError("QEMU did not start the guest: status "
+                                    f"{status.get('status')}")
+            if testhook.ACTIVE:
+                testhook.point(str(self.paths.guest_runtime(self.name)), "after-cont")
+            self.catch_signals()  # from here on the main loop handles them
+            self.channel = channel.listen(self.paths.control_socket(self.name))
+            stack.callback(self.channel.close)
         # For the supervisor that takes over if this one dies: QEMU's ends
         # of QMP and the console stay open in systemd's fd store (QEMU sees
         # no EOF), and the record says which QEMU it is.
-        self.channel = channel.listen(self.paths.control_socket(self.name))
-        stack.callback(self.channel.close)
         self.kept = {adopt.QMP_FDNAME: qmp_ours, adopt.CONSOLE_FDNAME: con_ours,
                      channel.CONTROL_FDNAME: self.channel}
         for fdname, sock in self.kept.items():
@@ -201,7 +210,11 @@ class Supervisor:
         self.running = Running.from_plan(plan, self.qemu.pid, time.time(), __version__)
         adopt.write_running(self.paths, self.running)
         notify("READY=1", f"STATUS=running, QEMU pid {self.qemu.pid}")
-        self.log(f"guest {self.name} running, QEMU pid {self.qemu.pid}", 6, MSG_RUNNING)
+        if plan.incoming is not None:
+            self.log(f"guest {self.name} arrived from {plan.incoming.source} and runs here, "
+                     f"QEMU pid {self.qemu.pid}", 5, MSG_MIGRATED_IN)
+        else:
+            self.log(f"guest {self.name} running, QEMU pid {self.qemu.pid}", 6, MSG_RUNNING)
 
     def abandon(self) -> None:
         """An unexpected exception (a bug) once QEMU's ends of QMP and the
@@ -407,6 +420,8 @@ class Supervisor:
             pass  # QEMU is exiting
 
     def _verdict(self, rc: int) -> int:
+        if self.migrated_to is not None:
+            return migration.migrated(self, rc)
         outcome = self.stop.outcome(rc)
         if outcome is Outcome.STOPPED:
             self.log(f"guest {self.name} stopped", 6, MSG_STOPPED)
@@ -468,6 +483,8 @@ def _supervise(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> in
         # ready, then done.
         notify("READY=1", "STATUS=stopped while starting (stop --force)")
         return ExitStatus.OK
+    except migration.IncomingFailed as e:  # QEMU, if any, goes with the stack
+        return migration.incoming_failed(sup, e)
     except KvmagentError as e:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # exiting anyway
         sup.log(str(e), 3, MSG_START_FAILED)

@@ -21,7 +21,7 @@ from kvmagent.host.qmp import Qmp, QmpError
 from kvmagent.host.sdnotify import listen_fds, notify, store_fd
 from kvmagent.lifecycle import RELOADED, TAKEN_OVER, WATCHDOG
 from kvmagent.names import valid_guest_name
-from kvmagent.unit import adopt, channel, forkcall
+from kvmagent.unit import adopt, channel, forkcall, migration
 from kvmagent.unit.adopt import AdoptedQemu
 from kvmagent.unit.consolelog import ConsoleLog
 from kvmagent.unit.launch import read_pid_file, remove_pid_file, write_pid_file
@@ -129,11 +129,11 @@ def control(sup: Supervisor) -> None:
     request = channel.receive(sup.channel)
     if request is None:
         return
+    if request.command.startswith("migrate"):
+        migration.request(sup, request)
+        return
     conn, command, fields, fds = request
     channel.close_fds(fds)  # none of these requests keeps one
-    if command.startswith("migrate"):
-        channel.answer(conn, {"ok": False, "error": f"{command}: not here"})
-        return
     if command in ("freeze", "thaw"):
         freeze(sup, conn, command, fields)
         return

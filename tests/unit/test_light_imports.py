@@ -40,6 +40,8 @@ RUN_BEFORE_FORK = {"kvmagent", "kvmagent.cli", "kvmagent.cli.main", "kvmagent.er
 SUPERVISOR = RUN_BEFORE_FORK | {
     "kvmagent.names", "kvmagent.paths",
     "kvmagent.render", "kvmagent.render.plan",
+    # live migration: its decisions (pure) and the supervisor's part (#20)
+    "kvmagent.render.migration", "kvmagent.unit.migration",
     "kvmagent.host", "kvmagent.host.qmp", "kvmagent.host.sdnotify", "kvmagent.host.tundev",
     "kvmagent.unit.adopt", "kvmagent.unit.channel", "kvmagent.unit.consolelog",
     "kvmagent.unit.launch", "kvmagent.unit.messages", "kvmagent.unit.recorder",

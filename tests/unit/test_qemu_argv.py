@@ -178,3 +178,19 @@ def test_multiqueue(conf):
     assert any(a.endswith(",mq=on,vectors=10") for a in argv)
     argv = qemu_argv(g, host, KVM, Sockets("fd=3", None, taps={0: "fds=5:6:7:8"}))
     assert "tap,id=net0,fds=5:6:7:8" in argv
+
+
+def test_incoming_migration_same_argv_but_waiting_with_the_sources_machine_and_cpu():
+    """The destination of kvmagent migrate: the normal command line, but
+    -incoming defer, and the source's exact machine type and CPU model."""
+    guest = load_guest(SEED, "arkani", load_host_config(SEED))
+    sockets = Sockets.in_dir(Path("/run/kvmagent/arkani"))
+    normal = qemu_argv(guest, load_host_config(SEED), KVM, sockets)
+    argv = qemu_argv(guest, load_host_config(SEED), KVM, sockets, incoming=True,
+                     machine="pc-i440fx-7.2", cpu="qemu64,+ssse3")
+    assert argv[-2:] == ["-incoming", "defer"]
+    assert argv[argv.index("-machine") + 1] == "pc-i440fx-7.2"
+    assert argv[argv.index("-cpu") + 1] == "qemu64,+ssse3"  # the source's, as it is
+    changed = [i for i, (a, b) in enumerate(zip(normal, argv)) if a != b]
+    assert changed == [argv.index("-machine") + 1, argv.index("-cpu") + 1]
+    assert len(argv) == len(normal) + 2

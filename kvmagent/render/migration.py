@@ -1,0 +1,204 @@
+"""Live migration's decisions (`kvmagent migrate`), pure: whether a guest may
+move (preflight, from plain data gathered on both hosts: SideFacts), what
+the command does next while the migration runs (source_step), what the
+destination's supervisor does while QEMU receives it (incoming_step), and
+the progress line.  kvmagent.cli.migrate and kvmagent.unit.migration carry
+the decisions out; nothing here touches a host."""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Any, NamedTuple
+
+from kvmagent.errors import ExitStatus
+
+# The source QEMU's -machine and -cpu values, as the destination's command
+# line takes them: no option of QEMU's own can hide in them.
+MACHINE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+CPU_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,+=-]*")
+# Once the source's QEMU says "completed", how long the destination has to
+# say that the guest runs there before the source resumes it.
+CONFIRM_TIMEOUT = 30.0
+# How long the destination's supervisor waits for the stream to come.
+STREAM_WAIT = 60.0
+
+
+class SideFacts(NamedTuple):
+    """What one host says about guest NAME: its configuration as
+    effective_config gives it (flattened, "nic[0].bridge" keys) or why it
+    did not load; whether it runs there; what its host checks found
+    missing (bridges, disks, kernel files, the machine type); the machine
+    types its QEMU has.  Crosses ssh as JSON (kvmagent migrate-incoming
+    --facts)."""
+    config: dict[str, Any] | None
+    error: str  # why config is None
+    running: bool
+    problems: list[str]
+    machines: list[str]
+    qemu_version: str
+
+    @classmethod
+    def from_json(cls, data: object) -> SideFacts:
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        config = data.get("config")
+        values = [config if isinstance(config, dict) else None, data.get("error", ""),
+                  data.get("running"), data.get("problems"), data.get("machines"),
+                  data.get("qemu_version", "")]
+        kinds = (None, str, bool, list, list, str)
+        for field, value, kind in zip(cls._fields, values, kinds):
+            if kind is not None and not isinstance(value, kind):
+                raise ValueError(f"{field}: {value!r} is not {kind.__name__}")
+        return cls(*values)
+
+
+class Refusal(NamedTuple):
+    """Why a guest may not move, and the exit status that says so."""
+    message: str
+    hint: str | None
+    status: ExitStatus
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"kernel": {"image": x}, "nic": [{"mac": m}]} -> {"kernel.image": x,
+    "nic[0].mac": m}: the keys a mismatch names."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out |= flatten(value, name)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                out |= flatten(item, f"{name}[{i}]")
+            out[f"{name}.count"] = len(value)
+        else:
+            out[name] = value
+    return out
+
+
+def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """The keys whose values differ, sorted."""
+    a, b = flatten(ours), flatten(theirs)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def preflight(name: str, host: str, here: SideFacts, there: SideFacts, *,
+              machine: str, cpu: str, force: bool = False) -> list[Refusal]:
+    """Every reason guest NAME, running here with MACHINE and CPU (its QEMU's
+    own values), may not move to HOST; none: it may.  Nothing has moved
+    when this refuses."""
+    out: list[Refusal] = []
+    if not here.running:
+        out.append(Refusal(f"guest {name} is not running here", "kvmagent migrate moves a "
+                           "running guest; start it on the other host instead",
+                           ExitStatus.NOT_RUNNING))
+    if there.running:
+        out.append(Refusal(f"guest {name} is running on {host} already", "two copies of a "
+                           "guest must never run: stop one of them", ExitStatus.FAILURE))
+    if there.config is None:
+        out.append(Refusal(f"{host}: guest {name}: {there.error}", f"copy guests/{name}.toml "
+                           f"(and its drop-ins) to {host}", ExitStatus.CONFIG))
+    elif here.config is not None and (keys := differences(here.config, there.config)):
+        out.append(Refusal(f"guest {name}'s configuration on {host} differs in: "
+                           f"{', '.join(keys)}", f"make guests/{name}.toml the same on both "
+                           f"hosts (kvmagent show {name} on each)", ExitStatus.CONFIG))
+    for problem in there.problems:
+        disk = re.search(r"disk\[\d+\]\.path = .*: disk does not exist", problem) is not None
+        out.append(Refusal(f"{host}: {problem}",
+                           "the disks must be on storage both hosts share, at the same path "
+                           "(--copy-storage is not built yet)" if disk else None,
+                           ExitStatus.HOST_NOT_READY))
+    if not MACHINE_RE.fullmatch(machine) or not CPU_RE.fullmatch(cpu):
+        out.append(Refusal(f"guest {name}'s QEMU runs with -machine {machine!r} -cpu {cpu!r}, "
+                           "which cannot be passed on", None, ExitStatus.FAILURE))
+    elif there.machines and machine not in there.machines:
+        out.append(Refusal(f"{host}: QEMU {there.qemu_version} has no machine type {machine} "
+                           f"(guest {name}'s QEMU here runs it)", "migrate to a host with the "
+                           "same or a newer QEMU", ExitStatus.HOST_NOT_READY))
+    if cpu.split(",")[0] == "host" and not force:
+        out.append(Refusal(f"guest {name} runs with -cpu host: its CPU is this host's, which "
+                           f"{host}'s may not be", "--force if both hosts have the same CPU",
+                           ExitStatus.FAILURE))
+    return out
+
+
+class Step(enum.Enum):
+    WAIT = "wait"
+    CANCEL = "cancel"  # migrate_cancel; the guest runs on here
+    END = "end"  # the guest runs there: end it here
+
+
+class Decision(NamedTuple):
+    step: Step
+    why: str = ""
+
+
+def source_step(phase: str, dest: str, *, interrupted: bool, completed_for: float | None,
+                dest_gone: bool) -> Decision:
+    """What `kvmagent migrate` does next.  PHASE: the source QEMU's
+    query-migrate status; DEST: the destination's last word ("", "listening",
+    "running", "failed: ..."); completed_for: seconds since the source said
+    "completed" (None: not yet); dest_gone: the ssh session ended."""
+    if dest == "running":
+        return Decision(Step.END)
+    if interrupted:
+        return Decision(Step.CANCEL, "interrupted")
+    if dest.startswith("failed"):
+        return Decision(Step.CANCEL, f"the destination {dest}")
+    if dest_gone:
+        return Decision(Step.CANCEL, "the connection to the destination ended")
+    if phase in ("failed", "cancelled", "cancelling"):
+        return Decision(Step.CANCEL, f"the migration {phase} here")
+    if completed_for is not None and completed_for > CONFIRM_TIMEOUT:
+        return Decision(Step.CANCEL, f"the destination did not confirm within "
+                        f"{CONFIRM_TIMEOUT:g} s that the guest runs there")
+    return Decision(Step.WAIT)
+
+
+class Arrival(enum.Enum):
+    WAIT = "wait"
+    DONE = "done"  # the state is in: resume the guest here
+    FAIL = "fail"
+
+
+def incoming_step(status: str | None, waited: float) -> tuple[Arrival, str]:
+    """The destination's supervisor: STATUS, its QEMU's query-migrate status
+    (None: no stream yet), WAITED seconds since QEMU was started."""
+    if status is None:
+        if waited > STREAM_WAIT:
+            return Arrival.FAIL, f"no migration stream came within {STREAM_WAIT:g} s"
+        return Arrival.WAIT, ""
+    if status == "completed":
+        return Arrival.DONE, ""
+    if status in ("failed", "cancelled"):
+        return Arrival.FAIL, f"the incoming migration {status}"
+    return Arrival.WAIT, ""
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def progress_line(info: dict[str, Any]) -> str:
+    """One line of query-migrate's answer, for a person watching."""
+    ram = info.get("ram") or {}
+    parts = [f"{info.get('status', '?')}"]
+    if ram:
+        parts.append(f"RAM {_size(ram.get('transferred', 0))} sent, "
+                     f"{_size(ram.get('remaining', 0))} left")
+        if ram.get("mbps"):
+            parts.append(f"{ram['mbps']:.1f} Mbit/s")
+        if ram.get("dirty-pages-rate"):
+            parts.append(f"{ram['dirty-pages-rate']} dirty pages/s")
+    if "expected-downtime" in info:
+        parts.append(f"expected downtime {info['expected-downtime']} ms")
+    if "downtime" in info:
+        parts.append(f"downtime {info['downtime']} ms")
+    if "total-time" in info:
+        parts.append(f"{info['total-time'] / 1000:.1f} s")
+    return ", ".join(parts)

@@ -1,0 +1,232 @@
+"""Live migration in the supervisor (kvmagent.unit.supervisor): the control
+channel's migration requests, and the destination's wait for the stream.
+
+Neither the supervisor nor QEMU may open a network connection (kvm@.service
+allows AF_UNIX and AF_NETLINK only, QEMU's -sandbox spawn=deny forbids its
+exec: transport): `kvmagent migrate` opens the ssh connection and hands one
+end of it in, as a file descriptor on the control channel, and the
+supervisor gives it to QEMU (QMP getfd, then migrate or migrate-incoming
+with fd:NAME).
+
+Source: "migrate" (with the fd, the destination host, max downtime and
+bandwidth), "migrate-status" (query-migrate, the run state, and the QEMU's
+own -machine and -cpu), "migrate-cancel" (migrate_cancel, and the guest
+resumed if a completed migration left it paused) and "migrate-end" (the
+destination runs the guest: QEMU quits, the unit ends as "migrated").
+Destination: the supervisor started QEMU with -incoming defer and waits in
+receive() for "migrate-incoming" with the stream; kvmagent.render.migration
+decides when it is done or failed.  Standard library and light modules
+only: this runs in the long-lived supervisor."""
+
+from __future__ import annotations
+
+import select
+import signal
+import time
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any
+
+from kvmagent.host.qmp import QmpError
+from kvmagent.host.sdnotify import notify
+from kvmagent.lifecycle import MIGRATED
+from kvmagent.render.migration import Arrival, incoming_step
+from kvmagent.render.plan import Incoming
+from kvmagent.unit import channel
+from kvmagent.unit.messages import MSG_MIGRATED
+
+if TYPE_CHECKING:
+    from kvmagent.unit.supervisor import Supervisor
+
+FDNAME = "migration"  # QEMU's name of the stream's fd (getfd)
+# How far each turn of the destination's wait extends systemd's start
+# timeout: the start job lasts as long as the migration does.
+EXTEND_USEC = 10_000_000
+POLL = 0.25  # seconds between query-migrate while the state comes in
+# The source QEMU's run states after a completed migration: paused, its
+# state sent; `cont` resumes it if the destination never confirmed.
+PAUSED_BY_MIGRATION = ("postmigrate", "finish-migrate")
+
+
+class IncomingFailed(Exception):
+    """The destination's migration did not complete: nothing ran here."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def machine_and_cpu(sup: Supervisor) -> tuple[str, str]:
+    """The running QEMU's own machine type (versioned: "pc" is an alias)
+    and -cpu value, which the destination must use as they are."""
+    assert sup.qmp is not None and sup.qemu is not None
+    kind = str(sup.qmp.execute("qom-get", timeout=5.0, path="/machine", property="type"))
+    cpu = ""
+    with suppress(OSError):
+        with open(f"/proc/{sup.qemu.pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        if b"-cpu" in argv:
+            cpu = argv[argv.index(b"-cpu") + 1].decode()
+    return kind.removesuffix("-machine"), cpu
+
+
+def request(sup: Supervisor, req: channel.Request) -> None:
+    """A migration request to a running guest's supervisor (the source)."""
+    conn, command, fields, fds = req
+    try:
+        reply = _source(sup, command, fields, fds)
+    except QmpError as e:
+        reply = {"ok": False, "error": e.message}
+    finally:
+        channel.close_fds(fds)  # QEMU holds its own copy of the stream
+    channel.answer(conn, reply)
+
+
+def _source(sup: Supervisor, command: str, fields: dict[str, object],
+            fds: list[int]) -> dict[str, object]:
+    assert sup.qmp is not None
+    qmp = sup.qmp
+    if command == "migrate-status":
+        info = qmp.execute("query-migrate", timeout=5.0)
+        runstate = qmp.execute("query-status", timeout=5.0).get("status")
+        machine, cpu = machine_and_cpu(sup)
+        return {"ok": True, "phase": info.get("status", "none"), "info": info,
+                "runstate": runstate, "machine": machine, "cpu": cpu,
+                "migrated_to": sup.migrated_to}
+    host = str(fields.get("host", "?"))
+    if command == "migrate":
+        if len(fds) != 1:
+            return {"ok": False, "error": "migrate needs the stream's file descriptor"}
+        if sup.stop.stopping or sup.thaw_at is not None or sup.migrated_to:
+            return {"ok": False, "error": "the guest is stopping, paused or migrated"}
+        state = qmp.execute("query-status", timeout=5.0).get("status")
+        if state != "running":
+            return {"ok": False, "error": f"the guest is {state}, not running"}
+        params: dict[str, Any] = {}
+        if isinstance(fields.get("downtime_ms"), int):
+            params["downtime-limit"] = fields["downtime_ms"]
+        if isinstance(fields.get("bandwidth"), int):
+            params["max-bandwidth"] = fields["bandwidth"]
+        if params:
+            qmp.execute("migrate-set-parameters", timeout=5.0, **params)
+        qmp.execute("getfd", timeout=5.0, fds=fds, fdname=FDNAME)
+        qmp.execute("migrate", timeout=10.0, uri=f"fd:{FDNAME}")
+        sup.log(f"guest {sup.name}: migrating to {host}", 5)
+        return {"ok": True}
+    if command == "migrate-cancel":
+        why = str(fields.get("why", "cancelled"))
+        status = qmp.execute("query-migrate", timeout=5.0).get("status")
+        if status not in (None, "completed", "failed", "cancelled", "none"):
+            qmp.execute("migrate_cancel", timeout=5.0)
+        deadline = time.monotonic() + 10
+        while (qmp.execute("query-migrate", timeout=5.0).get("status") in
+               ("cancelling", "device", "pre-switchover") and time.monotonic() < deadline):
+            time.sleep(0.05)
+        resumed = False
+        if qmp.execute("query-status", timeout=5.0).get("status") in PAUSED_BY_MIGRATION:
+            qmp.execute("cont", timeout=10.0)
+            resumed = True
+        sup.log(f"guest {sup.name}: migration to {host} cancelled ({why}); the guest runs "
+                f"on here" + (" (resumed)" if resumed else ""), 4)
+        return {"ok": True, "resumed": resumed}
+    if command != "migrate-end":
+        return {"ok": False, "error": f"{command}: the guest runs here already"}
+    # migrate-end: the destination said that the guest runs there
+    status = qmp.execute("query-migrate", timeout=5.0).get("status")
+    if status != "completed":
+        return {"ok": False, "error": f"the migration is {status}, not completed"}
+    sup.migrated_to = host
+    notify("STOPPING=1", f"STATUS=migrated to {host}")
+    sup.record("stopping", MIGRATED, f"to {host}")
+    sup.record.flush(linger=True)
+    with suppress(QmpError, OSError):
+        qmp.execute("quit", timeout=5.0)
+    return {"ok": True}
+
+
+def migrated(sup: Supervisor, rc: int) -> int:
+    """The source's end: QEMU quit after the guest moved."""
+    sup.log(f"guest {sup.name} migrated to {sup.migrated_to}; its QEMU here ended",
+            5, MSG_MIGRATED)
+    sup.record("stopped", MIGRATED, f"to {sup.migrated_to}")
+    return 0
+
+
+def receive(sup: Supervisor, incoming: Incoming) -> None:
+    """The destination: QEMU (-incoming defer, paused) waits until
+    `kvmagent migrate-incoming` hands in the stream, then receives the
+    guest; resumed here once complete.  IncomingFailed otherwise: a stop,
+    QEMU's death, a stream that ends or never comes."""
+    assert sup.qmp is not None and sup.qemu is not None and sup.channel is not None
+    qmp, since = sup.qmp, time.monotonic()
+    status: str | None = None
+    notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}",
+           f"STATUS=waiting for the migration from {incoming.source}")
+    while True:
+        watch: list[Any] = [sup.wake_r, sup.channel] + ([qmp] if not qmp.closed else [])
+        ready, _, _ = select.select(watch, [], [], POLL)
+        if sup.wake_r in ready:
+            for signum in sup.wake_r.recv(64):
+                if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+                    raise IncomingFailed("stopped while the guest was arriving")
+        if (rc := sup.qemu.poll()) is not None:
+            raise IncomingFailed(f"QEMU exited (status {rc}) while the guest was arriving")
+        if qmp in ready:
+            qmp.poll()  # MIGRATION, RESUME...: what counts is query-migrate
+        if sup.channel in ready and (req := channel.receive(sup.channel)) is not None:
+            status = _incoming_request(sup, req, status)
+        if status is not None:
+            try:
+                status = str(qmp.execute("query-migrate", timeout=5.0).get("status"))
+            except QmpError as e:
+                raise IncomingFailed(f"QEMU does not answer: {e.message}") from None
+        step, why = incoming_step(status, time.monotonic() - since)
+        if step is Arrival.DONE:
+            break
+        if step is Arrival.FAIL:
+            raise IncomingFailed(why)
+        notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}",
+               f"STATUS=receiving the guest from {incoming.source} ({status or 'waiting'})")
+    qmp.execute("cont", timeout=10.0)  # -S: paused until now, as the source was
+    state = qmp.execute("query-status", timeout=5.0).get("status")
+    if state != "running":
+        raise IncomingFailed(f"the guest arrived but is {state}, not running")
+    with suppress(FileNotFoundError):
+        sup.paths.incoming_request(sup.name).unlink()
+
+
+def incoming_failed(sup: Supervisor, e: IncomingFailed) -> int:
+    """Nothing ran here: the unit ends successfully, never restarted (a
+    restart would boot a second copy of the guest, which runs on at its
+    source).  Ready, then done: a Type=notify service that exits before
+    READY=1 is a failure to systemd, whatever its status."""
+    with suppress(FileNotFoundError):
+        sup.paths.incoming_request(sup.name).unlink()
+    sup.log(f"guest {sup.name}: the live migration to this host failed, the guest runs on "
+            f"where it was: {e.message}", 4)
+    sup.record("stopped", MIGRATED, f"incoming migration failed: {e.message}")
+    notify("READY=1", f"STATUS=incoming migration failed: {e.message}")
+    return 0
+
+
+def _incoming_request(sup: Supervisor, req: channel.Request, status: str | None) -> str | None:
+    conn, command, _, fds = req
+    assert sup.qmp is not None
+    try:
+        if command == "migrate-status":
+            channel.answer(conn, {"ok": True, "phase": "incoming",
+                                  "incoming": status or "waiting"})
+        elif command == "migrate-incoming" and status is None and len(fds) == 1:
+            try:
+                sup.qmp.execute("getfd", timeout=5.0, fds=fds, fdname=FDNAME)
+                sup.qmp.execute("migrate-incoming", timeout=10.0, uri=f"fd:{FDNAME}")
+            except QmpError as e:
+                channel.answer(conn, {"ok": False, "error": e.message})
+                raise IncomingFailed(e.message) from None
+            channel.answer(conn, {"ok": True})
+            return "setup"
+        else:
+            channel.answer(conn, {"ok": False, "error": f"guest {sup.name} is arriving by "
+                                  "live migration" + (" (the stream is in)" if status else "")})
+    finally:
+        channel.close_fds(fds)
+    return status

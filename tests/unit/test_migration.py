@@ -1,0 +1,124 @@
+"""Live migration's decisions (kvmagent.render.migration), pure: the
+pre-flight from facts of both hosts, what the command and the destination's
+supervisor do next, the progress line; and the incoming request's record."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmagent.errors import ExitStatus
+from kvmagent.render.migration import (CONFIRM_TIMEOUT, STREAM_WAIT, Arrival, SideFacts, Step,
+                                       differences, flatten, incoming_step, preflight,
+                                       progress_line, source_step)
+from kvmagent.render.plan import Incoming
+
+CONFIG = {"cpus": 1, "memory": "256M", "machine": "pc",
+          "kernel": {"image": "/srv/shared/vmlinuz"},
+          "nic": [{"mode": "bridge", "bridge": "br-kvm", "mac": "52:54:00:00:00:01"}],
+          "disk": []}
+HERE = SideFacts(CONFIG, "", True, [], ["pc", "pc-i440fx-7.2"], "7.2.22")
+THERE = SideFacts(CONFIG, "", False, [], ["pc", "pc-i440fx-7.2"], "7.2.22")
+
+
+def check(here: SideFacts = HERE, there: SideFacts = THERE, machine: str = "pc-i440fx-7.2",
+          cpu: str = "max", force: bool = False) -> list[tuple[str, ExitStatus]]:
+    return [(r.message, r.status) for r in preflight("g", "host2", here, there,
+                                                     machine=machine, cpu=cpu, force=force)]
+
+
+def test_a_guest_that_may_move() -> None:
+    assert check() == []
+
+
+def test_refusals_name_what_and_say_how() -> None:
+    assert check(here=HERE._replace(running=False)) == [
+        ("guest g is not running here", ExitStatus.NOT_RUNNING)]
+    assert check(there=THERE._replace(running=True)) == [
+        ("guest g is running on host2 already", ExitStatus.FAILURE)]
+    assert check(there=THERE._replace(config=None, error="unknown guest 'g'")) == [
+        ("host2: guest g: unknown guest 'g'", ExitStatus.CONFIG)]
+    other = dict(CONFIG, memory="512M", nic=[dict(CONFIG["nic"][0], mac="52:54:00:00:00:02")])
+    assert check(there=THERE._replace(config=other)) == [
+        ("guest g's configuration on host2 differs in: memory, nic[0].mac", ExitStatus.CONFIG)]
+    problem = "guests/g.toml: nic[0].bridge = \"br-kvm\": no such bridge"
+    (refusal,) = preflight("g", "host2", HERE, THERE._replace(problems=[problem]),
+                           machine="pc-i440fx-7.2", cpu="max")
+    assert refusal.message == f"host2: {problem}" and refusal.status is ExitStatus.HOST_NOT_READY
+    disk = "guests/g.toml: disk[0].path = \"/var/lib/g.img\": disk does not exist"
+    (refusal,) = preflight("g", "host2", HERE, THERE._replace(problems=[disk]),
+                           machine="pc-i440fx-7.2", cpu="max")
+    assert "--copy-storage is not built yet" in str(refusal.hint)
+    assert check(there=THERE._replace(machines=["pc", "pc-i440fx-9.2"])) == [
+        ("host2: QEMU 7.2.22 has no machine type pc-i440fx-7.2 (guest g's QEMU here runs it)",
+         ExitStatus.HOST_NOT_READY)]
+
+
+def test_cpu_host_only_with_force_and_odd_values_never() -> None:
+    assert check(cpu="host") == [
+        ("guest g runs with -cpu host: its CPU is this host's, which host2's may not be",
+         ExitStatus.FAILURE)]
+    assert check(cpu="host", force=True) == []
+    assert check(cpu="max,-sandbox") == []  # features are -cpu's own; still one argv word
+    assert [s for _, s in check(machine="pc,accel=kvm")] == [ExitStatus.FAILURE]
+    assert [s for _, s in check(cpu="-incoming")] == [ExitStatus.FAILURE]
+
+
+def test_every_refusal_at_once() -> None:
+    assert len(check(here=HERE._replace(running=False), there=THERE._replace(
+        running=True, problems=["a", "b"]), cpu="host")) == 5
+
+
+def test_flatten_and_differences() -> None:
+    assert flatten({"a": {"b": 1}, "n": [{"m": 2}], "l": ["x"]}) == {
+        "a.b": 1, "n[0].m": 2, "n.count": 1, "l": ["x"]}
+    assert differences(CONFIG, dict(CONFIG, nic=[])) == [
+        "nic", "nic.count", "nic[0].bridge", "nic[0].mac", "nic[0].mode"]
+
+
+def test_side_facts_from_json_are_checked() -> None:
+    assert SideFacts.from_json(HERE._asdict()) == HERE
+    with pytest.raises(ValueError, match="running"):
+        SideFacts.from_json(dict(HERE._asdict(), running="yes"))
+    with pytest.raises(ValueError):
+        SideFacts.from_json([])
+
+
+@pytest.mark.parametrize("phase, dest, interrupted, completed_for, gone, step", [
+    ("active", "listening", False, None, False, Step.WAIT),
+    ("completed", "listening", False, 1.0, False, Step.WAIT),
+    ("completed", "running", False, 1.0, False, Step.END),
+    ("completed", "running", True, 1.0, True, Step.END),  # it runs there: too late to cancel
+    ("active", "listening", True, None, False, Step.CANCEL),
+    ("active", "failed: QEMU exited", False, None, False, Step.CANCEL),
+    ("active", "listening", False, None, True, Step.CANCEL),
+    ("failed", "listening", False, None, False, Step.CANCEL),
+    ("completed", "listening", False, CONFIRM_TIMEOUT + 1, False, Step.CANCEL),
+])
+def test_source_step(phase: str, dest: str, interrupted: bool, completed_for: float | None,
+                     gone: bool, step: Step) -> None:
+    assert source_step(phase, dest, interrupted=interrupted, completed_for=completed_for,
+                       dest_gone=gone).step is step
+
+
+def test_incoming_step() -> None:
+    assert incoming_step(None, 1.0) == (Arrival.WAIT, "")
+    assert incoming_step(None, STREAM_WAIT + 1)[0] is Arrival.FAIL
+    assert incoming_step("active", STREAM_WAIT + 100) == (Arrival.WAIT, "")
+    assert incoming_step("completed", 5.0) == (Arrival.DONE, "")
+    assert incoming_step("failed", 5.0) == (Arrival.FAIL, "the incoming migration failed")
+
+
+def test_progress_line() -> None:
+    info = {"status": "active", "expected-downtime": 300, "total-time": 2500,
+            "ram": {"transferred": 3 << 20, "remaining": 200 << 20, "mbps": 8.4,
+                    "dirty-pages-rate": 120}}
+    assert progress_line(info) == ("active, RAM 3.0 MiB sent, 200.0 MiB left, 8.4 Mbit/s, "
+                                   "120 dirty pages/s, expected downtime 300 ms, 2.5 s")
+    assert progress_line({"status": "setup"}) == "setup"
+
+
+def test_incoming_request_round_trip() -> None:
+    req = Incoming("pc-i440fx-7.2", "max", "host1")
+    assert Incoming.from_json(req.to_json()) == req
+    with pytest.raises(ValueError, match="cpu"):
+        Incoming.from_json('{"machine": "pc", "cpu": 1, "source": "x"}')
