@@ -207,6 +207,27 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
              "running guests if none is named) to the installed kvmagent, the guests untouched")
     sp.add_argument("names", metavar="NAME", nargs="*")
     sp.add_argument("--quiet", action="store_true", help="say nothing when no guest runs")
+    sp = add(sub, "migrate", "cli.migrate:cmd_migrate", "move running guest NAME to HOST "
+             "while it runs (live migration over ssh; its disks on storage both hosts share)")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("host", metavar="[USER@]HOST[:PORT]")
+    sp.add_argument("--max-downtime", type=int, metavar="MS",
+                    help="the longest the guest may be paused at the switch (QEMU's default: "
+                    "300 ms)")
+    sp.add_argument("--bandwidth", metavar="RATE", help='bytes per second at most ("100M")')
+    sp.add_argument("--force", action="store_true",
+                    help="migrate a guest with cpu host (both hosts' CPUs must be alike)")
+    sp.add_argument("--json", action="store_true", help="progress events, one JSON a line")
+    sp = add(sub, "migrate-incoming", "cli.migrate:cmd_migrate_incoming",
+             "internal: the destination's half of kvmagent migrate, run over ssh")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--facts", action="store_true",
+                    help="print this host's facts about guest NAME (JSON) and exit")
+    sp.add_argument("--machine", metavar="TYPE", help="the source QEMU's machine type")
+    sp.add_argument("--cpu", metavar="CPU", help="the source QEMU's -cpu value")
+    sp.add_argument("--from", dest="source", metavar="HOST", help="the source host")
+    sp.add_argument("--enable", action="store_true",
+                    help="enable kvm@NAME.service once the guest runs here")
     sp = add(sub, "run", "unit.run:cmd_run",
              "supervise guest NAME in the foreground: the ExecStart= of "
              "kvm@NAME.service (start guests with systemctl start kvm@NAME)")

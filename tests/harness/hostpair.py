@@ -75,7 +75,8 @@ class HostPair:
             for release in self.releases:
                 debs = rootfs.cached_debs(release)
                 th = TestHost(root=release, src=self.src, bind_ro=[(debs, "/mnt/debs")],
-                              bind=[(self.shared, SHARED_DIR)], journal_dir=self.journal_dir)
+                              bind=[(self.shared, SHARED_DIR)], journal_dir=self.journal_dir,
+                              own_cgroup=True)
                 self._stack.enter_context(th)
                 self.hosts.append(th)
             self._link()

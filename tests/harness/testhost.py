@@ -22,7 +22,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from . import rootfs
@@ -167,13 +167,19 @@ class TestHost:
         boot_timeout: float = 90.0,
         stop_timeout: float = 30.0,
         nspawn_args: Sequence[str] = (),
+        own_cgroup: bool = False,
     ) -> None:
         """root: "host" (the host's / under an overlay), a release ("bookworm", "trixie";
         "debian" is this machine's: the cached debootstrap root, HarnessError telling to
         run setup if missing) or a directory.
         src: the project checkout, bound read-only at /src/kvmagent.
         persistent: mount the overlay ourselves with upper/work in persist_dir (default: in
-        the scratch dir) so reboot() keeps state; otherwise --volatile=overlay (tmpfs)."""
+        the scratch dir) so reboot() keeps state; otherwise --volatile=overlay (tmpfs).
+        own_cgroup: where systemd is not PID 1, boot it in a cgroup v2 directory of its
+        own (own_cgroup_dir), not the caller's: two hosts that run a guest of the same
+        name would otherwise share the unified hierarchy's machine.slice/kvm-NAME.scope
+        (seen with HostPair: each host's scope held the other's QEMU, never ended and
+        could not be made anew)."""
         if root == "host":
             self.root_dir = Path("/")
             self.release = rootfs.host_release()
@@ -195,6 +201,7 @@ class TestHost:
         if os.path.exists("/dev/kvm"):
             self._bind_args.append("--bind=/dev/kvm")
         self._extra = list(nspawn_args)
+        self.cgroup = own_cgroup_dir(self.name) if own_cgroup and not systemd_is_pid1() else None
         self._proc: subprocess.Popen[bytes] | None = None
         self.rec = Record(self.name, str(self.scratch), os.getpid(), proc_start_time(os.getpid()))
         self.boot_seconds: list[float] = []
@@ -275,11 +282,19 @@ class TestHost:
         console = self.scratch / f"console-{n}.log"
         log.debug("+ %s", " ".join(argv))
         t0 = time.monotonic()
+        enter: Callable[[], None] | None = None
+        if self.cgroup is not None:
+            self.cgroup.mkdir(exist_ok=True)
+            procs = str(self.cgroup / "cgroup.procs")
+
+            def enter() -> None:  # in the child, before exec: "0" is the writer itself
+                with open(procs, "w") as f:
+                    f.write("0")
         with open(console, "wb") as out:
             # A new session: Ctrl-C in the terminal reaches us, not nspawn; we tear down.
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=subprocess.STDOUT, env=CLEAN_ENV, cwd="/",
-                                          start_new_session=True)
+                                          start_new_session=True, preexec_fn=enter)
         self.rec.nspawn, self.rec.nspawn_start = self._proc.pid, proc_start_time(self._proc.pid)
         self.rec.leader, self.rec.leader_start = 0, None
         self.rec.save()
@@ -346,6 +361,8 @@ class TestHost:
                     self._proc.wait(timeout=10)  # reap it
             self.stop_seconds = time.monotonic() - t0
             self._save_console()
+            if self.cgroup is not None:
+                remove_cgroup(self.cgroup)
             remove_scratch(self.rec)
             left = leftovers(self.rec)
             if left:
@@ -419,6 +436,26 @@ class TestHost:
     def copy_in(self, src: Path, dst: str, mode: int | None = None) -> None:
         self.write_file(dst, Path(src).read_bytes(), mode if mode is not None else
                         Path(src).stat().st_mode & 0o7777)
+
+
+def own_cgroup_dir(name: str) -> Path | None:
+    """A cgroup v2 directory for test host NAME at the top of this machine's
+    unified hierarchy (None: there is none)."""
+    for top in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
+        if (top / "cgroup.procs").exists() and (top / "cgroup.max.depth").exists():
+            return top / f"kvmagent-test-{name}"
+    return None
+
+
+def remove_cgroup(path: Path) -> None:
+    """An empty cgroup tree, deepest first (what the container's systemd left)."""
+    if not path.is_dir():
+        return
+    for sub in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def _bind_spec(host: str | Path, ct: str) -> str:

@@ -1,0 +1,228 @@
+"""`kvmagent migrate` between two real test hosts (tests/harness/hostpair.py,
+two Debian 12 hosts on a private link, sshd, root's keys, this checkout
+installed): the tiny guest, its kernel and initrd on the shared storage
+(/srv/shared; it has no disk), with a NIC on br-kvm on both hosts.
+
+It moves from host 0 to host 1 and back while it runs: the same guest (one
+GUEST-INIT on its console in all, on host 0's first boot; a line typed on
+the destination's console is in that host's journal), the source's unit
+inactive and not failed with no QEMU left, the destination's active, the
+record's `stopped` event with reason `migrated`.  Then what must fail
+cleanly: a bridge missing on the destination (refused, nothing started
+there), the destination's QEMU killed mid-migration and Ctrl-C of the
+command (slowed with --bandwidth): each time the guest runs on at host 0
+and host 1 has no unit running, no QEMU and no tap.  The measured downtime
+and total time are printed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import HarnessError
+from tests.harness.hostpair import HostPair, shared_path
+from tests.harness.install import APT_ENV, OFFLINE_APT, guest_toml, offline_apt
+from tests.harness.testhost import TestHost, nsenter_argv
+from tests.system.conftest import require_system
+
+pytestmark = pytest.mark.system
+RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
+                   "systemd-container"]
+NAME, UNIT = "mig", "kvm@mig.service"
+SLOW = "1M"  # --bandwidth that makes the tiny guest's move last ~10 s or more
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory,
+         guest_image) -> Iterator[HostPair]:  # type: ignore[no-untyped-def]
+    require_system()
+    from tests.harness.install import REPO
+    work = tmp_path_factory.mktemp("migrate")
+    shared = work / "shared"
+    shared.mkdir(mode=0o755)
+    shutil.copyfile(guest_image.kernel, shared / "vmlinuz")
+    shutil.copyfile(guest_image.initrd, shared / "initrd.gz")
+    try:
+        with HostPair(("bookworm", "bookworm"), shared=shared, src=REPO,
+                      journal_dir=work / "journal") as hosts:
+            image = dataclasses.replace(guest_image, kernel=Path(shared_path("vmlinuz")),
+                                        initrd=Path(shared_path("initrd.gz")))
+            for th in hosts:
+                offline_apt(th)
+                th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q",
+                        "--no-install-recommends", *RUNTIME_DEPENDS], env=APT_ENV, timeout=600)
+                th.run(["kvmagent", "bridge", "ensure", "br-kvm"])
+                th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(image, nics=1))
+            # a guest whose bridge is on host 0 alone
+            hosts[0].run(["kvmagent", "bridge", "ensure", "br-only0"])
+            for th in hosts:
+                th.write_file("/etc/kvmagent/guests/nobr.toml", guest_toml(
+                    image, nics=0, extra='[[nic]]\nbridge = "br-only0"\n'))
+            yield hosts
+    except HarnessError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+def console(th: TestHost) -> str:
+    return str(th.exec(["journalctl", f"GUEST={NAME}", f"SYSLOG_IDENTIFIER={NAME}-console",
+                        "-o", "cat", "--no-pager"], check=False).stdout)
+
+
+def wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.3)
+
+
+def state(th: TestHost, unit: str = UNIT) -> tuple[str, str]:
+    out = th.exec(["systemctl", "show", unit, "--property=ActiveState,Result"]).stdout
+    props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+    return props.get("ActiveState", "?"), props.get("Result", "?")
+
+
+def qemus(th: TestHost) -> list[str]:
+    return th.exec(["pgrep", "-f", "qemu-system-x86_64"], check=False).stdout.split()
+
+
+def taps(th: TestHost) -> str:
+    return str(th.exec(["ip", "-o", "link", "show", "type", "tun"], check=False).stdout)
+
+
+def types(th: TestHost, text: str) -> bool:
+    """TEXT typed on the guest's serial console there comes back in the console's journal."""
+    marker = f"typed-{text}"
+    for _ in range(15):
+        th.exec(["kvmagent", "console", NAME, "--timeout", "1"], input=f"echo {marker}\n",
+                check=False, timeout=60)
+        if re.search(rf"^{marker}\r?$", console(th), re.M):
+            return True
+    return False
+
+
+def clean(th: TestHost) -> None:
+    """No unit running, no QEMU, no tap, no request left."""
+    assert state(th)[0] == "inactive", state(th)
+    assert qemus(th) == [], th.exec(["ps", "axf"]).stdout
+    assert f"kvm-{NAME}-0" not in taps(th)
+    assert th.exec(["test", "-e", f"/run/kvmagent/{NAME}/incoming.json"],
+                   check=False).returncode != 0
+
+
+def migrate(th: TestHost, to: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return th.exec(["kvmagent", "migrate", NAME, to, "--json", *args], check=False, timeout=300)
+
+
+def runs_on(th: TestHost) -> None:
+    assert state(th) == ("active", "success"), state(th)
+    status = json.loads(th.exec(["kvmagent", "status", NAME, "--json"]).stdout)
+    assert status["state"] == "running", status
+    assert len(qemus(th)) == 1
+
+
+def test_there_and_back(pair: HostPair) -> None:
+    a, b = pair
+    a.exec(["systemctl", "enable", "--now", UNIT], timeout=180)
+    wait(lambda: "GUEST-READY" in console(a), 120, "the guest booted on host 0")
+    assert types(a, "before")
+    for src, dst, to in ((a, b, "host1"), (b, a, "host0")):
+        r = migrate(src, to)
+        assert r.returncode == 0, (r.stdout, r.stderr, dst.journal(UNIT)[-3000:])
+        events = [json.loads(line) for line in r.stdout.splitlines()]
+        done = events[-1]
+        assert done["event"] == "migrated" and done["enabled_there"] is True, events
+        print(f"\n{src.name} -> {dst.name}: downtime {done['downtime_ms']} ms (QEMU), "
+              f"QEMU's total {done['qemu_total_ms']} ms, the command's total "
+              f"{done['total_seconds']} s")
+        assert state(src) == ("inactive", "success"), state(src)
+        assert qemus(src) == [] and f"kvm-{NAME}-0" not in taps(src)
+        assert state(src, f"kvm-{NAME}.scope")[0] == "inactive"
+        assert NAME not in src.exec(["machinectl", "list"], check=False).stdout
+        runs_on(dst)
+        assert f"kvm-{NAME}-0" in taps(dst)
+        assert src.exec(["systemctl", "is-enabled", UNIT], check=False).stdout.strip() \
+            == "disabled"
+        assert dst.exec(["systemctl", "is-enabled", UNIT], check=False).stdout.strip() \
+            == "enabled"
+        assert f"migrated to {to}" in src.journal(UNIT)
+        assert re.search(r"arrived from \S+ and runs here", dst.journal(UNIT))
+        assert types(dst, f"on-{dst.name}")  # the console goes on in the journal there
+        history = json.loads(src.exec(["kvmagent", "history", NAME, "--json"]).stdout)
+        last = [e for e in history["events"] if e["event"] == "stopped"][-1]
+        assert last["reason"] == "migrated", last
+    # the same guest throughout: one boot, on host 0, before it moved
+    assert console(a).count("GUEST-INIT") == 1
+    assert "GUEST-INIT" not in console(b)
+
+
+def test_a_missing_bridge_is_refused_and_nothing_starts(pair: HostPair) -> None:
+    a, b = pair
+    a.exec(["systemctl", "start", "kvm@nobr.service"], timeout=180)
+    r = a.exec(["kvmagent", "migrate", "nobr", "host1"], check=False, timeout=120)
+    assert r.returncode == 5, r
+    assert 'nic[0].bridge = "br-only0": no such bridge' in r.stderr, r.stderr
+    assert state(a, "kvm@nobr.service") == ("active", "success")
+    assert state(b, "kvm@nobr.service")[0] == "inactive"
+    assert "kvm@nobr" not in b.journal("kvm@nobr.service").replace("No entries", "")
+    a.exec(["systemctl", "stop", "kvm@nobr.service"], timeout=120)
+
+
+def qemu_here(th: TestHost) -> str:
+    (pid,) = qemus(th)
+    return pid
+
+
+def slow_migration(a: TestHost, b: TestHost) -> tuple[subprocess.Popen[str], str]:
+    """kvmagent migrate from host 0, slowed down; returns once the state
+    flows (and host 0's QEMU pid)."""
+    if state(a)[0] != "active":
+        a.exec(["systemctl", "start", UNIT], timeout=180)
+        wait(lambda: "GUEST-READY" in console(a), 120, "the guest booted on host 0")
+    pid = qemu_here(a)
+    proc = subprocess.Popen(nsenter_argv(a.leader, ["kvmagent", "migrate", NAME, "host1",
+                                                    "--json", "--bandwidth", SLOW]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert json.loads(first or "{}").get("event") == "started", (first, proc.stderr.read())
+    time.sleep(3)  # well into the transfer
+    assert len(qemus(b)) == 1
+    return proc, pid
+
+
+def still_here(a: TestHost, b: TestHost, proc: subprocess.Popen[str], pid: str,
+               tag: str) -> None:
+    """The migration failed; the guest runs on at host 0, in the same QEMU."""
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, (out, err)
+    assert '"event": "cancelled"' in out, (out, err)
+    runs_on(a)
+    assert qemu_here(a) == pid
+    assert types(a, tag)  # the guest answers on host 0
+    wait(lambda: state(b)[0] == "inactive" and qemus(b) == [], 60, "host 1 clean")
+    clean(b)
+
+
+def test_the_destinations_qemu_killed_mid_migration(pair: HostPair) -> None:
+    a, b = pair
+    proc, pid = slow_migration(a, b)
+    (there,) = qemus(b)
+    b.exec(["kill", "-9", there])
+    still_here(a, b, proc, pid, "after-kill")
+
+
+def test_ctrl_c_mid_migration(pair: HostPair) -> None:
+    a, b = pair
+    proc, pid = slow_migration(a, b)
+    (command,) = a.exec(["pgrep", "-f", f"kvmagent migrate {NAME} host1"]).stdout.split()
+    a.exec(["kill", "-INT", command])
+    still_here(a, b, proc, pid, "after-ctrl-c")
