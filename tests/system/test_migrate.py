@@ -40,9 +40,8 @@ NAME, UNIT = "mig", "kvm@mig.service"
 SLOW = "1M"  # --bandwidth that makes the tiny guest's move last ~10 s or more
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory,
-         guest_image) -> Iterator[HostPair]:  # type: ignore[no-untyped-def]
+def hosts(tmp_path_factory: pytest.TempPathFactory, guest_image,  # type: ignore[no-untyped-def]
+          releases: tuple[str, str]) -> Iterator[HostPair]:
     require_system()
     from tests.harness.install import REPO
     work = tmp_path_factory.mktemp("migrate")
@@ -51,7 +50,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory,
     shutil.copyfile(guest_image.kernel, shared / "vmlinuz")
     shutil.copyfile(guest_image.initrd, shared / "initrd.gz")
     try:
-        with HostPair(("bookworm", "bookworm"), shared=shared, src=REPO,
+        with HostPair(releases, shared=shared, src=REPO,
                       journal_dir=work / "journal") as hosts:
             image = dataclasses.replace(guest_image, kernel=Path(shared_path("vmlinuz")),
                                         initrd=Path(shared_path("initrd.gz")))
@@ -69,6 +68,12 @@ def pair(tmp_path_factory: pytest.TempPathFactory,
             yield hosts
     except HarnessError as e:
         pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory,
+         guest_image) -> Iterator[HostPair]:  # type: ignore[no-untyped-def]
+    yield from hosts(tmp_path_factory, guest_image, ("bookworm", "bookworm"))
 
 
 def console(th: TestHost) -> str:
@@ -226,3 +231,28 @@ def test_ctrl_c_mid_migration(pair: HostPair) -> None:
     (command,) = a.exec(["pgrep", "-f", f"kvmagent migrate {NAME} host1"]).stdout.split()
     a.exec(["kill", "-INT", command])
     still_here(a, b, proc, pid, "after-ctrl-c")
+
+
+def test_from_debian_12_to_13(tmp_path_factory: pytest.TempPathFactory,
+                              guest_image) -> None:  # type: ignore[no-untyped-def]
+    """The way users upgrade their hosts: the guest moves from a Debian 12
+    host (QEMU 7.2) to a Debian 13 one (QEMU 10.0), with QEMU 7.2's machine
+    type pinned there (-machine pc-i440fx-7.2, not 10.0's "pc")."""
+    made = hosts(tmp_path_factory, guest_image, ("bookworm", "trixie"))
+    a, b = next(made)
+    try:
+        a.exec(["systemctl", "start", UNIT], timeout=180)
+        wait(lambda: "GUEST-READY" in console(a), 120, "the guest booted on host 0")
+        r = migrate(a, "host1")
+        assert r.returncode == 0, (r.stdout, r.stderr, b.journal(UNIT)[-3000:])
+        done = json.loads(r.stdout.splitlines()[-1])
+        print(f"\nDebian 12 -> 13: downtime {done['downtime_ms']} ms (QEMU), the command's "
+              f"total {done['total_seconds']} s")
+        runs_on(b)
+        argv = b.exec(["cat", f"/proc/{qemu_here(b)}/cmdline"]).stdout.split("\0")
+        assert argv[argv.index("-machine") + 1] == "pc-i440fx-7.2"
+        assert types(b, "on-trixie")
+        assert "GUEST-INIT" not in console(b)
+        b.exec(["systemctl", "stop", UNIT], timeout=180)
+    finally:
+        made.close()
