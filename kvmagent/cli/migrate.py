@@ -36,7 +36,7 @@ from kvmagent.host import ssh
 from kvmagent.names import service_unit
 from kvmagent.paths import Paths
 from kvmagent.render.migration import (CPU_RE, MACHINE_RE, SideFacts, Step, preflight,
-                                       progress_line, source_step)
+                                       progress_line, source_step, stalled)
 from kvmagent.render.plan import Incoming
 from kvmagent.unit import channel
 
@@ -153,7 +153,10 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int]) -> bool:
     os.dup2(devnull, sys.stdin.fileno())
     os.close(devnull)
     _emit("listening")
-    said = ""
+    # What sshd, our parent, reads from the network: the stream, and its
+    # keepalives; QEMU's own reads would count its QMP traffic too.
+    said, session = "", os.getppid()
+    read, read_at = _bytes_read(session), time.monotonic()
     while not stopped:
         try:
             reply = channel.ask(control, "migrate-status", timeout=10.0)
@@ -167,9 +170,24 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int]) -> bool:
         if status != said:
             _emit("incoming", status=status)
             said = status
+        if (now_read := _bytes_read(session)) != read or now_read is None:
+            read, read_at = now_read, time.monotonic()
+        if (why := stalled(status, time.monotonic() - read_at)) is not None:
+            _emit("failed", error=why)
+            return False
         time.sleep(POLL)
     _emit("failed", error=f"interrupted (signal {stopped[0]})")
     return False
+
+
+def _bytes_read(pid: int | None) -> int | None:
+    """What process PID has read so far (rchar).  Root's to read; the
+    supervisor's sandbox could not."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+    except (OSError, ValueError, StopIteration):
+        return None
 
 
 # -- the source ----------------------------------------------------------------

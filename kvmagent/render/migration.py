@@ -22,6 +22,10 @@ CPU_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,+=-]*")
 CONFIRM_TIMEOUT = 30.0
 # How long the destination's supervisor waits for the stream to come.
 STREAM_WAIT = 60.0
+# While the state comes in, the stream never rests: QEMU on the destination
+# that read nothing for this long hangs on a link that died without a word
+# (ssh's keepalives end the source's side, sshd's side may wait for hours).
+STALL_LIMIT = 15.0
 
 
 class SideFacts(NamedTuple):
@@ -174,6 +178,14 @@ def incoming_step(status: str | None, waited: float) -> tuple[Arrival, str]:
     if status in ("failed", "cancelled"):
         return Arrival.FAIL, f"the incoming migration {status}"
     return Arrival.WAIT, ""
+
+
+def stalled(status: str, quiet_for: float) -> str | None:
+    """`kvmagent migrate-incoming`: why to give up on the arrival, when its
+    QEMU, receiving (STATUS), has read nothing for QUIET_FOR seconds."""
+    if status in ("setup", "active") and quiet_for > STALL_LIMIT:
+        return f"no data came for {quiet_for:.0f} s: the link to the source is gone"
+    return None
 
 
 def _size(n: float) -> str:

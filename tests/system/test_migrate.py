@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import HarnessError
-from tests.harness.hostpair import HostPair, shared_path
+from tests.harness.hostpair import LINK, HostPair, shared_path
 from tests.harness.install import APT_ENV, OFFLINE_APT, guest_toml, offline_apt
 from tests.harness.testhost import TestHost, nsenter_argv
 from tests.system.conftest import require_system
@@ -231,6 +231,28 @@ def test_ctrl_c_mid_migration(pair: HostPair) -> None:
     (command,) = a.exec(["pgrep", "-f", f"kvmagent migrate {NAME} host1"]).stdout.split()
     a.exec(["kill", "-INT", command])
     still_here(a, b, proc, pid, "after-ctrl-c")
+
+
+def test_the_link_cut_mid_migration(pair: HostPair) -> None:
+    """The link between the hosts goes down (no reset, no word): ssh's
+    keepalives end the source's side, the destination sees its stream stall."""
+    a, b = pair
+    proc, pid = slow_migration(a, b)
+    t0 = time.monotonic()
+    a.exec(["ip", "link", "set", LINK, "down"])
+    try:
+        out, err = proc.communicate(timeout=120)
+        noticed = time.monotonic() - t0
+        assert proc.returncode == 1 and '"event": "cancelled"' in out, (out, err)
+        print(f"\nlink cut: the source noticed in {noticed:.1f} s")
+        runs_on(a)
+        assert qemu_here(a) == pid
+        assert types(a, "after-cut")
+        wait(lambda: state(b)[0] == "inactive" and qemus(b) == [], 60, "host 1 clean")
+        print(f"link cut: host 1 clean {time.monotonic() - t0:.1f} s after the cut")
+        clean(b)
+    finally:
+        a.exec(["ip", "link", "set", LINK, "up"])
 
 
 def test_from_debian_12_to_13(tmp_path_factory: pytest.TempPathFactory,

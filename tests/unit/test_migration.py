@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from kvmagent.errors import ExitStatus
-from kvmagent.render.migration import (CONFIRM_TIMEOUT, STREAM_WAIT, Arrival, SideFacts, Step,
-                                       differences, flatten, incoming_step, preflight,
-                                       progress_line, source_step)
+from kvmagent.render.migration import (CONFIRM_TIMEOUT, STALL_LIMIT, STREAM_WAIT, Arrival,
+                                       SideFacts, Step, differences, flatten, incoming_step,
+                                       preflight, progress_line, source_step, stalled)
 from kvmagent.render.plan import Incoming
 
 CONFIG = {"cpus": 1, "memory": "256M", "machine": "pc",
@@ -122,3 +122,10 @@ def test_incoming_request_round_trip() -> None:
     assert Incoming.from_json(req.to_json()) == req
     with pytest.raises(ValueError, match="cpu"):
         Incoming.from_json('{"machine": "pc", "cpu": 1, "source": "x"}')
+
+
+def test_a_stream_that_stalls_is_given_up() -> None:
+    assert stalled("active", STALL_LIMIT - 1) is None
+    assert "link to the source is gone" in str(stalled("active", STALL_LIMIT + 1))
+    assert stalled("completed", 1000.0) is None  # done: nothing more comes, rightly
+    assert stalled("running", 1000.0) is None
