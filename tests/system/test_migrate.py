@@ -20,6 +20,7 @@ import dataclasses
 import json
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -132,6 +133,29 @@ def runs_on(th: TestHost) -> None:
     status = json.loads(th.exec(["kvmagent", "status", NAME, "--json"]).stdout)
     assert status["state"] == "running", status
     assert len(qemus(th)) == 1
+
+
+def test_why_the_stream_is_handed_in(pair: HostPair) -> None:
+    """The constraints the design answers, measured: kvm@NAME.service may
+    open no IP socket, and QEMU under its -sandbox may not run exec:'s
+    command; so the command opens ssh and hands the stream in."""
+    a = pair[0]
+    families = a.exec(["systemctl", "show", UNIT, "--property=RestrictAddressFamilies",
+                       "--value"]).stdout.split()
+    assert sorted(families) == ["AF_NETLINK", "AF_UNIX"], families
+    r = a.exec(["systemd-run", "--wait", "--pipe", "--quiet",
+                "--property=RestrictAddressFamilies=AF_UNIX AF_NETLINK", "python3", "-c",
+                "import socket; socket.socket(socket.AF_INET)"], check=False)
+    assert r.returncode != 0 and "Address family not supported" in r.stderr, r
+    qemu = ["timeout", "10", "qemu-system-x86_64", "-machine", "none", "-nodefaults",
+            "-display", "none", "-incoming", "exec:cat /dev/null"]
+    sandboxed = a.exec([*qemu, "-sandbox", "on,spawn=deny"], check=False)
+    free = a.exec(qemu, check=False)
+    print(f"\nexec: migration, sandboxed: exit {sandboxed.returncode} "
+          f"{sandboxed.stderr.strip()[:200]!r}; without the sandbox: exit {free.returncode} "
+          f"{free.stderr.strip()[:200]!r}")
+    assert sandboxed.returncode == -signal.SIGSYS  # the fork of exec: is a forbidden call
+    assert free.returncode == 124  # ran its command, and waits: only the sandbox stops it
 
 
 def test_there_and_back(pair: HostPair) -> None:
