@@ -50,6 +50,9 @@ class Disk(NamedTuple):
     path: str
     readonly: bool
     tokens: tuple[str, ...]
+    # opened with O_DIRECT (cache none or directsync): QEMU 9.1 and later
+    # (Debian 13) take an fd from a set only if its O_DIRECT flag matches
+    direct: bool = False
 
 
 class QemuUser(NamedTuple):

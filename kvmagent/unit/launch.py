@@ -33,9 +33,10 @@ def open_disks(disks: list[Disk]) -> tuple[dict[str, str], list[int]]:
     fill: dict[str, str] = {}
     fds: list[int] = []
     try:
-        for path, _, tokens in disks:
+        for path, _, tokens, direct in disks:
             for token in tokens:
                 mode = os.O_RDONLY if token.endswith("ro\0") else os.O_RDWR
+                mode |= os.O_DIRECT if direct else 0
                 try:
                     fds.append(os.open(path, mode | os.O_CLOEXEC))
                 except OSError as e:

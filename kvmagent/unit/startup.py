@@ -17,8 +17,8 @@ from pathlib import Path
 from kvmagent import names
 from kvmagent.config.guests import load_guest, load_guest_file, load_host_config
 from kvmagent.config.install import check_vnc, install_guest
-from kvmagent.config.model import (Accel, Format, Guest, HostConfig, NicMode, OnPoweroff,
-                                   OnReboot)
+from kvmagent.config.model import (Accel, Cache, Format, Guest, HostConfig, NicMode,
+                                   OnPoweroff, OnReboot)
 from kvmagent.errors import KvmagentError, config_error
 from kvmagent.host import qemuuser
 from kvmagent.host.hostcheck import check_host
@@ -27,7 +27,7 @@ from kvmagent.host.sdnotify import Journal
 from kvmagent.paths import Paths
 from kvmagent.render.plan import (CONSOLE_FD, QMP_FD, Disk, Incoming, Plan, QemuUser, Tap,
                                   backing_token, disk_token, tap_token)
-from kvmagent.render.qemu import HostFacts, Sockets, qemu_argv
+from kvmagent.render.qemu import HostFacts, Sockets, effective_cache, qemu_argv
 from kvmagent.render.scope import scope_settings
 from kvmagent.render.service import needs_inet, oneoff_unit
 
@@ -94,8 +94,10 @@ def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
     bridged = [n for n in guest.nics if n.mode is NicMode.BRIDGE]
     # The disks are opened by the supervisor and passed in: read-write ones
     # as an O_RDWR and an O_RDONLY fd (QEMU picks by the mode it opens with).
+    direct = [effective_cache(d.cache, facts.direct_io.get(d.path)) in
+              (Cache.NONE, Cache.DIRECTSYNC) for d in guest.disks]
     disks = [Disk(str(d.path), d.readonly, (disk_token(i, "ro"),) if d.readonly
-                  else (disk_token(i, "rw"), disk_token(i, "ro")))
+                  else (disk_token(i, "rw"), disk_token(i, "ro")), direct[i])
              for i, d in enumerate(guest.disks)]
     disk_fds = {d.node: list(disk.tokens) for d, disk in zip(guest.disks, disks)}
     # A qcow2 image's backing files (a clone's overlay): opened read-only by
@@ -105,7 +107,7 @@ def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
         if d.format is Format.QCOW2:
             key = f"disk[{i}].path"
             for depth, (path, fmt) in enumerate(backing_chain(d.path, guest.origin_of(key), key)):
-                disks.append(Disk(str(path), True, (backing_token(i, depth),)))
+                disks.append(Disk(str(path), True, (backing_token(i, depth),), direct[i]))
                 backing.setdefault(d.node, []).append((backing_token(i, depth), fmt))
     sockets = Sockets(qmp=f"fd={QMP_FD}",
                       console=f"fd={CONSOLE_FD}" if guest.console.serial else None,
