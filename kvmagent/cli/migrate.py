@@ -42,7 +42,7 @@ from kvmagent.unit import channel
 
 SYSTEMCTL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 LISTEN_TIMEOUT = 120.0  # for the destination's QEMU to wait for the stream
-POLL = 0.3  # seconds between progress reports
+POLL = 0.1  # seconds between looks at the migration (each part of the switch's downtime)
 END_TIMEOUT = 60.0  # for the source's unit to end once the guest runs there
 
 
@@ -366,7 +366,10 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
                  resumed=bool(resumed))
             return ExitStatus.FAILURE
         break
-    channel.ask(control, "migrate-end", host=str(target))
+    ending: dict[str, Any] = {"host": str(target)}
+    if isinstance(info.get("downtime"), int):
+        ending["downtime_ms"] = info["downtime"]
+    channel.ask(control, "migrate-end", **ending)
     unit = service_unit(name)
     end = time.monotonic() + END_TIMEOUT
     while _systemctl("is-active", unit).stdout.strip() in ("active", "deactivating",

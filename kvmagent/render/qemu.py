@@ -145,6 +145,12 @@ def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets
             drive.append("aio=native")
         if d.readonly:
             drive.append("readonly=on")
+        else:
+            # Without it QEMU reopens a disk read-only when it lets go of it
+            # (the end of a live migration's source) and closes the read-write
+            # fd unlocked: that open file lives on in the fd set, and so do
+            # its image locks, which the destination then cannot take.
+            drive.append("auto-read-only=off")
         if d.media is Media.DISK and not d.readonly:
             drive.append("discard=unmap")
         argv += ["-drive", ",".join(drive)]

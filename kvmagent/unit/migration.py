@@ -42,6 +42,7 @@ FDNAME = "migration"  # QEMU's name of the stream's fd (getfd)
 # timeout: the start job lasts as long as the migration does.
 EXTEND_USEC = 10_000_000
 POLL = 0.25  # seconds between query-migrate while the state comes in
+LOCK_WAIT = 10.0  # seconds the destination waits for the source to let go of the disks
 # The source QEMU's run states after a completed migration: paused, its
 # state sent; `cont` resumes it if the destination never confirmed.
 PAUSED_BY_MIGRATION = ("postmigrate", "finish-migrate")
@@ -134,9 +135,10 @@ def _source(sup: Supervisor, command: str, fields: dict[str, object],
     status = qmp.execute("query-migrate", timeout=5.0).get("status")
     if status != "completed":
         return {"ok": False, "error": f"the migration is {status}, not completed"}
-    sup.migrated_to = host
+    downtime = fields.get("downtime_ms")
+    sup.migrated_to = host + (f", downtime {downtime} ms" if isinstance(downtime, int) else "")
     notify("STOPPING=1", f"STATUS=migrated to {host}")
-    sup.record("stopping", MIGRATED, f"to {host}")
+    sup.record("stopping", MIGRATED, f"to {sup.migrated_to}")
     sup.record.flush(linger=True)
     with suppress(QmpError, OSError):
         qmp.execute("quit", timeout=5.0)
@@ -186,12 +188,29 @@ def receive(sup: Supervisor, incoming: Incoming) -> None:
             raise IncomingFailed(why)
         notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}",
                f"STATUS=receiving the guest from {incoming.source} ({status or 'waiting'})")
-    qmp.execute("cont", timeout=10.0)  # -S: paused until now, as the source was
+    resume(sup, incoming)
     state = qmp.execute("query-status", timeout=5.0).get("status")
     if state != "running":
         raise IncomingFailed(f"the guest arrived but is {state}, not running")
     with suppress(FileNotFoundError):
         sup.paths.incoming_request(sup.name).unlink()
+
+
+def resume(sup: Supervisor, incoming: Incoming) -> None:
+    """cont (-S: paused until now, as the source was).  Its disks' image locks
+    are taken now: the source QEMU let go of them when it sent the last of
+    the state, and if that comes late, cont is tried again a while."""
+    assert sup.qmp is not None
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            sup.qmp.execute("cont", timeout=10.0)
+            return
+        except QmpError as e:
+            if "lock" not in e.message or time.monotonic() > deadline:
+                raise IncomingFailed(e.message) from None
+        notify(f"STATUS=waiting for {incoming.source} to let go of the disks' locks")
+        time.sleep(0.05)
 
 
 def incoming_failed(sup: Supervisor, e: IncomingFailed) -> int:

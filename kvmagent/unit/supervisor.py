@@ -93,7 +93,7 @@ class Supervisor:
         self.thaw_at: float | None = None  # paused for a snapshot until (monotonic)
         self.abandoned = False  # failed with QEMU's fds kept: QEMU is left running
         self.migrated_to: str | None = None  # kvmagent migrate moved the guest there
-        self.incoming = False  # this start is a live migration's destination
+        self.incoming: str | None = None  # a live migration's destination: from where
         self.record = EventRecorder(name, paths, lambda text: self.log(text, 4))
 
     def log(self, message: str, priority: int = 6, message_id: str | None = None) -> None:
@@ -135,7 +135,7 @@ class Supervisor:
             raise KvmagentError(f"the planner of guest {self.name} sent {type(plan).__name__}, "
                                 "not a plan")
         self.stop = StopPolicy(plan.stop_timeout, plan.keep, plan.reboot_stops)
-        self.incoming = plan.incoming is not None
+        self.incoming = plan.incoming.source if plan.incoming is not None else None
         if sysd is not None:
             sysd.full_speed()
         self.log(f"starting guest {self.name} ({plan.cpus} vCPU, "
@@ -488,7 +488,7 @@ def _supervise(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> in
     except migration.IncomingFailed as e:  # QEMU, if any, goes with the stack
         return migration.incoming_failed(sup, e)
     except KvmagentError as e:
-        if sup.incoming:  # never restarted: see migration.incoming_failed
+        if sup.incoming is not None:  # never restarted: see migration.incoming_failed
             return migration.incoming_failed(sup, migration.IncomingFailed(e.message))
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # exiting anyway
         sup.log(str(e), 3, MSG_START_FAILED)
@@ -497,6 +497,7 @@ def _supervise(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> in
         sup.record("stopped", CONFIG if bad else FAILED, e.message)
         return int(e.status)
     assert sup.qemu is not None
-    sup.record("running", pid=sup.qemu.pid)
+    sup.record("running", detail=f"migrated here from {sup.incoming}" if sup.incoming else None,
+               pid=sup.qemu.pid)
     sup.record.flush()
     return sup.run()

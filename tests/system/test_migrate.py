@@ -1,7 +1,7 @@
 """`kvmagent migrate` between two real test hosts (tests/harness/hostpair.py,
 two Debian 12 hosts on a private link, sshd, root's keys, this checkout
-installed): the tiny guest, its kernel and initrd on the shared storage
-(/srv/shared; it has no disk), with a NIC on br-kvm on both hosts.
+installed): the tiny guest, its kernel, initrd and a raw disk on the shared
+storage (/srv/shared), with a NIC on br-kvm on both hosts.
 
 It moves from host 0 to host 1 and back while it runs: the same guest (one
 GUEST-INIT on its console in all, on host 0's first boot; a line typed on
@@ -50,6 +50,8 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, guest_image,  # type: ignore
     shared.mkdir(mode=0o755)
     shutil.copyfile(guest_image.kernel, shared / "vmlinuz")
     shutil.copyfile(guest_image.initrd, shared / "initrd.gz")
+    with open(shared / f"{NAME}.img", "wb") as f:  # its disk, on the shared storage
+        f.truncate(16 << 20)
     try:
         with HostPair(releases, shared=shared, src=REPO,
                       journal_dir=work / "journal") as hosts:
@@ -60,7 +62,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, guest_image,  # type: ignore
                 th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q",
                         "--no-install-recommends", *RUNTIME_DEPENDS], env=APT_ENV, timeout=600)
                 th.run(["kvmagent", "bridge", "ensure", "br-kvm"])
-                th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(image, nics=1))
+                th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(
+                    image, nics=1, extra=f'[[disk]]\npath = "{shared_path(NAME + ".img")}"\n'))
+                th.exec(["systemctl", "daemon-reload"])  # the generator: the image writable
             # a guest whose bridge is on host 0 alone
             hosts[0].run(["kvmagent", "bridge", "ensure", "br-only0"])
             for th in hosts:
@@ -162,6 +166,7 @@ def test_there_and_back(pair: HostPair) -> None:
     a, b = pair
     a.exec(["systemctl", "enable", "--now", UNIT], timeout=180)
     wait(lambda: "GUEST-READY" in console(a), 120, "the guest booted on host 0")
+    assert re.search(r"GUEST-READY .*disks=vda", console(a)), console(a)
     assert types(a, "before")
     for src, dst, to in ((a, b, "host1"), (b, a, "host0")):
         r = migrate(src, to)
@@ -185,9 +190,22 @@ def test_there_and_back(pair: HostPair) -> None:
         assert f"migrated to {to}" in src.journal(UNIT)
         assert re.search(r"arrived from \S+ and runs here", dst.journal(UNIT))
         assert types(dst, f"on-{dst.name}")  # the console goes on in the journal there
+        # the disk: written by the guest on the host it moved to, read back here
+        dst.exec(["kvmagent", "console", NAME, "--timeout", "3"], check=False, timeout=60,
+                 input=f"echo disk-{dst.name} | dd of=/dev/vda conv=fsync\n")
+        data = dst.exec(["head", "-c", "64", shared_path(NAME + ".img")], text=False).stdout
+        assert data.startswith(f"disk-{dst.name}\n".encode()), data
         history = json.loads(src.exec(["kvmagent", "history", NAME, "--json"]).stdout)
         last = [e for e in history["events"] if e["event"] == "stopped"][-1]
         assert last["reason"] == "migrated", last
+        assert last["detail"] == f"to {to}, downtime {done['downtime_ms']} ms", last
+        arrived = json.loads(dst.exec(["kvmagent", "history", NAME, "--json"]).stdout)
+        running = [e for e in arrived["events"] if e["event"] == "running"][-1]
+        assert re.fullmatch(r"migrated here from \S+", running["detail"] or ""), running
+        for th in pair:  # a move is no restart
+            (row,) = [g for g in json.loads(th.exec(["kvmagent", "list", "--json"]).stdout)
+                      if g["name"] == NAME]
+            assert row["restarts"] == 0, row
     # the same guest throughout: one boot, on host 0, before it moved
     assert console(a).count("GUEST-INIT") == 1
     assert "GUEST-INIT" not in console(b)
