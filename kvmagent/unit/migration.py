@@ -23,7 +23,7 @@ from __future__ import annotations
 import select
 import signal
 import time
-from contextlib import suppress
+from contextlib import ExitStack, suppress
 from typing import TYPE_CHECKING, Any
 
 from kvmagent.host.qmp import QmpError
@@ -151,6 +151,15 @@ def migrated(sup: Supervisor, rc: int) -> int:
             5, MSG_MIGRATED)
     sup.record("stopped", MIGRATED, f"to {sup.migrated_to}")
     return 0
+
+
+def arrive(sup: Supervisor, stack: ExitStack, incoming: Incoming) -> None:
+    """The destination's start, once QEMU waits (paused, -incoming defer):
+    signals and the control channel served, then receive()."""
+    sup.catch_signals()
+    sup.channel = channel.listen(sup.paths.control_socket(sup.name))
+    stack.callback(sup.channel.close)
+    receive(sup, incoming)
 
 
 def receive(sup: Supervisor, incoming: Incoming) -> None:

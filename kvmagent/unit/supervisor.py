@@ -185,10 +185,7 @@ class Supervisor:
             self.log("not booted with systemd: QEMU stays in this process's cgroup, "
                      "no machined registration", 4)
         if plan.incoming is not None:  # kvmagent migrate: the guest arrives, running
-            self.catch_signals()
-            self.channel = channel.listen(self.paths.control_socket(self.name))
-            stack.callback(self.channel.close)
-            migration.receive(self, plan.incoming)
+            migration.arrive(self, stack, plan.incoming)
         else:
             if testhook.ACTIVE:
                 testhook.point(str(self.paths.guest_runtime(self.name)), "before-cont")
@@ -205,6 +202,7 @@ class Supervisor:
         # For the supervisor that takes over if this one dies: QEMU's ends
         # of QMP and the console stay open in systemd's fd store (QEMU sees
         # no EOF), and the record says which QEMU it is.
+        assert self.channel is not None
         self.kept = {adopt.QMP_FDNAME: qmp_ours, adopt.CONSOLE_FDNAME: con_ours,
                      channel.CONTROL_FDNAME: self.channel}
         for fdname, sock in self.kept.items():
@@ -497,7 +495,6 @@ def _supervise(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> in
         sup.record("stopped", CONFIG if bad else FAILED, e.message)
         return int(e.status)
     assert sup.qemu is not None
-    sup.record("running", detail=f"migrated here from {sup.incoming}" if sup.incoming else None,
-               pid=sup.qemu.pid)
+    sup.record("running", None, sup.incoming and f"migrated here from {sup.incoming}", sup.qemu.pid)
     sup.record.flush()
     return sup.run()
