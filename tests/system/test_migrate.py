@@ -211,7 +211,9 @@ def test_there_and_back(pair: HostPair) -> None:
     assert "GUEST-INIT" not in console(b)
 
 
-def test_a_missing_bridge_is_refused_and_nothing_starts(pair: HostPair) -> None:
+def test_refusals_change_nothing(pair: HostPair) -> None:
+    """A bridge missing on the destination, a guest file that differs there,
+    a guest that does not run here: refused before anything starts."""
     a, b = pair
     a.exec(["systemctl", "start", "kvm@nobr.service"], timeout=180)
     r = a.exec(["kvmagent", "migrate", "nobr", "host1"], check=False, timeout=120)
@@ -220,7 +222,18 @@ def test_a_missing_bridge_is_refused_and_nothing_starts(pair: HostPair) -> None:
     assert state(a, "kvm@nobr.service") == ("active", "success")
     assert state(b, "kvm@nobr.service")[0] == "inactive"
     assert "kvm@nobr" not in b.journal("kvm@nobr.service").replace("No entries", "")
+    # the same guest file on both hosts, or the keys that differ are named
+    b.run(["kvmagent", "bridge", "ensure", "br-only0"])
+    toml = b.exec(["cat", "/etc/kvmagent/guests/nobr.toml"]).stdout
+    b.write_file("/etc/kvmagent/guests/nobr.toml", toml.replace('"256M"', '"300M"'))
+    r = a.exec(["kvmagent", "migrate", "nobr", "host1"], check=False, timeout=120)
+    assert r.returncode == 6 and "configuration on host1 differs in: memory" in r.stderr, r
+    assert state(b, "kvm@nobr.service")[0] == "inactive"
+    b.write_file("/etc/kvmagent/guests/nobr.toml", toml)
+    b.exec(["ip", "link", "del", "br-only0"])
     a.exec(["systemctl", "stop", "kvm@nobr.service"], timeout=120)
+    r = a.exec(["kvmagent", "migrate", "nobr", "host1"], check=False, timeout=120)
+    assert r.returncode == 7 and "guest nobr is not running here" in r.stderr, r
 
 
 def qemu_here(th: TestHost) -> str:
