@@ -43,7 +43,7 @@ demo: setup
 	$(PYTHON) -m tests.harness demo --release $(RELEASE)
 
 # Benchmarks (printed tables, not tests): taps over netlink vs ip; start and
-# stop of a guest, bare QEMU vs kvmagent; the supervisors' memory.
+# stop of a guest, bare QEMU vs kvmagent; the supervisors' memory; live migration.
 bench: setup
 	$(PYTHON) -m compileall -q kvmagent
 	$(PYTHON) bench/bench_taps.py
@@ -51,6 +51,7 @@ bench: setup
 	$(PYTHON) bench/bench_list.py
 	$(PYTHON) bench/bench_remote.py
 	$(PYTHON) bench/bench_adoption.py
+	$(PYTHON) bench/bench_migrate.py
 
 # The Debian package of the committed tree (git archive HEAD), built as Debian's
 # builders do: in a clean root of each release (Debian 12 and 13) with only
