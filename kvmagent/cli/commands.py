@@ -13,10 +13,12 @@ from kvmagent.config.model import Guest, HostConfig
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import dpkgfiles
 from kvmagent.host.hostcheck import check_host
+from kvmagent.host.pinfile import pin_file, read_pin
 from kvmagent.names import scope_unit
 from kvmagent.paths import Paths
 from kvmagent.render import hostkernel
-from kvmagent.render.qemu import Sockets, qemu_argv
+from kvmagent.render.pin import pin_status
+from kvmagent.render.qemu import Sockets, machine_and_cpu, qemu_argv
 from kvmagent.render.scope import render_settings, scope_settings
 from kvmagent.render.show import effective_config, render_argv, render_config
 
@@ -34,7 +36,7 @@ def cmd_validate(args: argparse.Namespace, paths: Paths) -> int:
         try:
             guest = load_guest(paths, name, host)
             if args.host:
-                _, problems = check_host(guest, host)
+                _, problems = check_host(guest, host, state_dir=paths.state_dir)
                 if problems:
                     for p in problems:
                         _err(str(p))
@@ -97,14 +99,22 @@ def _load_quietly(paths: Paths, host: HostConfig, skip: set[str]) -> list[Guest]
 def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
     host = load_host_config(paths)
     guest = load_guest(paths, args.name, host)
-    facts, problems = check_host(guest, host)
+    facts, problems = check_host(guest, host, state_dir=paths.state_dir)
     argv = qemu_argv(guest, host, facts, Sockets.in_dir(paths.guest_runtime(guest.name)))
+    where = pin_file(paths.state_dir, guest.name)
+    try:
+        pin = read_pin(where)
+    except KvmagentError:  # among the problems
+        pin = None
+    machine, cpu = machine_and_cpu(guest, facts)
     settings = scope_settings(guest, host, facts)
     if args.json:
         doc: dict[str, Any] = {
             "name": guest.name, "config_file": str(guest.config_file),
             "config": effective_config(guest), "origin": guest.origin,
             "accel": str(facts.accel), "argv": argv,
+            "machine": machine if facts.machine else None, "cpu": cpu,
+            "pin": {"file": str(where), **(pin._asdict() if pin else {})},
             "scope": {"unit": scope_unit(guest.name), "settings": dict(settings)},
             "notices": list(facts.notices), "problems": [str(p) for p in problems],
         }
@@ -113,6 +123,7 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
         return ExitStatus.OK
     print(f"# guest {guest.name}: {guest.config_file}")
     print("\n".join(render_config(guest, paths.config_dir)))
+    print(f"\n# {pin_status(guest.machine, pin, facts.machine)} ({where})")
     print(f"\n# QEMU command line (accel {facts.accel})")
     print("\n".join(render_argv(argv)))
     print(f"\n# systemd settings of {scope_unit(guest.name)}")
