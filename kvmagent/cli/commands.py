@@ -1,4 +1,4 @@
-"""kvmagent validate|show: reading guest definitions (list: kvmagent.cli.tracking)."""
+"""kvmagent validate|show|repin: reading guest definitions (list: kvmagent.cli.tracking)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 
 from kvmagent.config.guests import check_unique, guest_names, load_guest, load_host_config
 from kvmagent.config.model import Guest, HostConfig
-from kvmagent.errors import ExitStatus, KvmagentError
+from kvmagent.errors import ExitStatus, KvmagentError, host_error
 from kvmagent.host import dpkgfiles
-from kvmagent.host.hostcheck import check_host
+from kvmagent.host.hostcheck import check_host, default_caps_probe
 from kvmagent.host.pinfile import pin_file, read_pin
 from kvmagent.names import scope_unit
 from kvmagent.paths import Paths
@@ -132,4 +132,34 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
         print(f"\n# notice: {n}")
     for p in problems:
         print(f"\n# host not ready: {p}")
+    return ExitStatus.OK
+
+
+def cmd_repin(args: argparse.Namespace, paths: Paths) -> int:
+    """Remove guest NAME's pin (kvmagent.render.pin), also a damaged one;
+    say what its next start pins.  A running guest is not touched."""
+    host = load_host_config(paths)
+    guest = load_guest(paths, args.name, host)
+    where = pin_file(paths.state_dir, guest.name)
+    try:
+        pin = read_pin(where)
+    except KvmagentError:
+        pin = None  # damaged: removing it is the cure
+    try:
+        where.unlink()
+    except FileNotFoundError:
+        print(f"guest {guest.name}: not pinned ({where} does not exist)")
+        return ExitStatus.OK
+    except OSError as e:
+        raise host_error(f"{where}: cannot remove it: {e.strerror}",
+                         "run kvmagent as root") from None
+    try:
+        caps = default_caps_probe(host.qemu)
+        then = f"{caps.aliases.get(guest.machine, guest.machine)} (in {caps.name})"
+    except KvmagentError:
+        then = "what it is in the QEMU installed then"
+    was = f" (was {pin.machine})" if pin else ""
+    print(f"guest {guest.name}: unpinned{was}; its next start pins machine "
+          f"\"{guest.machine}\" to {then}. A running guest keeps its machine type until it "
+          "is stopped and started again.")
     return ExitStatus.OK

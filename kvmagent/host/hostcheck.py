@@ -125,8 +125,9 @@ def machine_problem(guest: Guest, pin: Pin | None, where: Path,
     return host_error(
         f"guest {guest.name}: machine = \"{guest.machine}\" ({guest.origin_of('machine')}) is "
         f"pinned to {pin.machine} ({where}), which {caps.name} does not have",
-        f"remove {where} to pin {now} at the next start (the guest then sees "
-        "that type's hardware), or run it on a host whose QEMU has " + pin.machine)
+        f"kvmagent repin {guest.name} (removes that file): the next start pins {now}, and "
+        "the guest sees that type's hardware; or run it on a host whose QEMU has "
+        + pin.machine)
 
 
 def check_host(guest: Guest, host: HostConfig, *,

@@ -2,8 +2,8 @@
 it): STATE_DIR/machine/NAME.json, {"requested": "pc", "machine":
 "pc-i440fx-7.2"}.  The state directory, not /etc: the guest's file is the
 admin's, and kvm@.service writes only its StateDirectory=.  Removing the
-file re-pins the guest at its next start to what its machine means then
-(docs/kvmagent.1.md)."""
+file (`kvmagent repin NAME`) re-pins the guest at its next start to what
+its machine means then (docs/kvmagent.1.md)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def read_pin(path: Path) -> Pin | None:
         raise host_error(f"{path}: cannot read the pinned machine type: {e.strerror}") from None
     except (ValueError, KeyError, TypeError):
         raise host_error(f"{path}: not a pinned machine type",
-                         "remove it: the next start pins the machine type anew") from None
+                         f"kvmagent repin {path.stem} removes it: the next start pins "
+                         "the machine type anew") from None
     return pin
 
 

@@ -10,7 +10,7 @@ host wrote is copied into the Debian 13 host (whose "pc" is
 pc-i440fx-10.0), and the guest starts there with pc-i440fx-7.2 and boots.
 The other way (a pin of Debian 13's pc-i440fx-10.0 on Debian 12's QEMU)
 fails the start, naming the guest, the type and the file.  A changed
-machine re-pins, and a removed pin file pins anew."""
+machine re-pins, and `kvmagent repin` makes the next start pin anew."""
 
 from __future__ import annotations
 
@@ -129,8 +129,11 @@ def test_default_cpu_and_pinned_machine(debian_testhost: TestHost,
     assert 'machine changed from "pc" (pinned to ' in th.journal(UNIT)
     assert f'to "q35": re-pinned to {q35}' in th.journal(UNIT)
     stop(th)
-    # a removed pin file: the next start pins what the alias is now
-    th.exec(["rm", PIN])
+    # kvmagent repin: the next start pins what the alias is now
+    out = th.run(["kvmagent", "repin", NAME]).stdout
+    assert out.startswith(f'guest {NAME}: unpinned (was {q35}); its next start pins machine '
+                          f'"q35" to {q35} (in QEMU '), out
+    assert th.exec(["test", "-e", PIN], check=False).returncode == 1
     assert "is not pinned yet: the next start pins it to " + q35 in th.run(
         ["kvmagent", "show", NAME]).stdout
     th.exec(["rm", f"/etc/kvmagent/guests/{NAME}.toml"])

@@ -152,7 +152,8 @@ def test_a_damaged_pin_file_is_a_host_error_not_a_silent_re_pin(tmp_path, text):
         read_pin(path)
     assert e.value.status == ExitStatus.HOST_NOT_READY
     assert e.value.message == f"{path}: not a pinned machine type"
-    assert e.value.hint == "remove it: the next start pins the machine type anew"
+    assert e.value.hint == ("kvmagent repin g removes it: the next start pins the machine "
+                            "type anew")
 
 
 # ------------------------------------------------------------- in the host checks
@@ -187,9 +188,9 @@ def test_a_pinned_type_this_qemu_lacks_names_guest_type_and_file(conf):
     guest_file = conf.paths.guest_config("g")
     assert err.message == (f'guest g: machine = "pc" ({guest_file}) is pinned to '
                            f"pc-i440fx-10.0 ({where}), which {qemu_7_2().name} does not have")
-    assert err.hint == (f"remove {where} to pin pc-i440fx-7.2 at the next start (the guest "
-                        "then sees that type's hardware), or run it on a host whose QEMU has "
-                        "pc-i440fx-10.0")
+    assert err.hint == ("kvmagent repin g (removes that file): the next start pins "
+                        "pc-i440fx-7.2, and the guest sees that type's hardware; or run it "
+                        "on a host whose QEMU has pc-i440fx-10.0")
 
 
 def test_a_damaged_pin_stops_the_start(conf):
@@ -251,3 +252,35 @@ def test_show_says_what_is_pinned(conf, capsys, monkeypatch):
     doc = json.loads(capsys.readouterr().out)
     assert (doc["machine"], doc["cpu"]) == ("pc-i440fx-7.2", "Westmere")
     assert doc["pin"] == {"file": str(where), "requested": "pc", "machine": "pc-i440fx-7.2"}
+
+
+def test_repin_removes_the_pin_and_says_what_comes_next(conf, monkeypatch, capsys):
+    from kvmagent.cli import commands
+    import argparse
+    conf.write("guests/g.toml", "")
+    where = pin_file(conf.paths.state_dir, "g")
+    write_pin(where, Pin("pc", "pc-i440fx-7.2"))
+    monkeypatch.setattr(commands, "default_caps_probe", lambda qemu: qemu_10_0())
+    assert commands.cmd_repin(argparse.Namespace(name="g"), conf.paths) == ExitStatus.OK
+    assert not where.exists()
+    assert capsys.readouterr().out == (
+        f'guest g: unpinned (was pc-i440fx-7.2); its next start pins machine "pc" to '
+        f"pc-i440fx-10.0 (in {qemu_10_0().name}). A running guest keeps its machine type "
+        "until it is stopped and started again.\n")
+    commands.cmd_repin(argparse.Namespace(name="g"), conf.paths)
+    assert capsys.readouterr().out == f"guest g: not pinned ({where} does not exist)\n"
+
+
+def test_repin_at_the_command_line_also_cures_a_damaged_pin(conf, tmp_path):
+    from tests.unit.test_cli import kvmagent
+    conf.write("kvmagent.toml", f'qemu = "{tmp_path}/no-qemu"\n')
+    conf.write("guests/g.toml", "")
+    where = pin_file(conf.paths.state_dir, "g")
+    where.parent.mkdir(parents=True)
+    where.write_text("garbage")
+    r = kvmagent(conf, "repin", "g")
+    assert r.returncode == 0 and not where.exists(), r.stderr
+    assert r.stdout.startswith('guest g: unpinned; its next start pins machine "pc" to what it '
+                               "is in the QEMU installed then.")
+    r = kvmagent(conf, "repin", "nosuch")
+    assert r.returncode == ExitStatus.UNKNOWN_GUEST, r
