@@ -43,13 +43,15 @@ def read_pin(path: Path) -> Pin | None:
 
 
 def write_pin(path: Path, pin: Pin) -> None:
-    """Atomically (a temporary file renamed over it)."""
+    """Atomically (a temporary file renamed over it); readable by all, as
+    `kvmagent show` of a user who may read the guest's file shows it."""
     try:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".pin-", dir=path.parent)
     except OSError as e:
         raise _unwritable(path, e) from None
     try:
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(pin._asdict(), f)
             f.write("\n")

@@ -90,6 +90,7 @@ def test_default_cpu_and_pinned_machine(debian_testhost: TestHost,
     wait_for(th, UNIT, r"CPU-FLAGS-6\b", timeout=60)
     assert f'guest {NAME}: machine "pc" pinned to {newest}' in th.journal(UNIT)
     assert json.loads(th.exec(["cat", PIN]).stdout) == {"requested": "pc", "machine": newest}
+    assert th.exec(["stat", "-c", "%a %U", PIN]).stdout.split() == ["644", "root"]
     assert shown(th)["pin"] == {"file": PIN, "requested": "pc", "machine": newest}
     text = th.run(["kvmagent", "show", NAME]).stdout
     assert f'# machine "pc" is pinned to {newest} ({PIN})' in text

@@ -140,6 +140,7 @@ def test_the_pin_file_round_trips_and_lives_in_the_state_dir(tmp_path):
     write_pin(path, Pin("pc", "pc-i440fx-7.2"))
     assert json.loads(path.read_text()) == {"requested": "pc", "machine": "pc-i440fx-7.2"}
     assert read_pin(path) == Pin("pc", "pc-i440fx-7.2")
+    assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in path.parent.iterdir()] == ["g.json"]  # no temporary left
 
 
