@@ -33,6 +33,9 @@ class HostFacts:
     vhost_net: bool = False
     notices: tuple[str, ...] = ()
     block_devices: frozenset[Path] = frozenset()  # disks that are block devices
+    # The versioned machine type the guest runs with (pinned at its first
+    # start, kvmagent.render.pin); None: the guest's machine as written.
+    machine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,17 +89,27 @@ def boot_indexes(guest: Guest) -> dict[str, int]:
     return order
 
 
+def machine_and_cpu(guest: Guest, facts: HostFacts) -> tuple[str, str]:
+    """The exact -machine and -cpu values of the guest on this host (before
+    quoting): what the guest sees, so what a migration's destination must
+    be started with.  "host" under TCG is "max": everything the
+    accelerator has, which is no more migratable than the host's CPU."""
+    cpu = "max" if guest.cpu == "host" and facts.accel is Accel.TCG else guest.cpu
+    return facts.machine or guest.machine, cpu
+
+
 def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets) -> list[str]:
     accel = facts.accel
+    machine, cpu = machine_and_cpu(guest, facts)
     argv = [str(host.qemu),
             "-name", f"guest={guest.name},debug-threads=on",
             "-uuid", guest.uuid,
             "-no-user-config", "-nodefaults",
-            "-machine", quote(guest.machine),
+            "-machine", quote(machine),
             # split-wx: TCG's JIT writes and runs code through two mappings,
             # so it works under MemoryDenyWriteExecute= (kvm@.service).
             "-accel", "tcg,split-wx=on" if accel is Accel.TCG else str(accel),
-            "-cpu", "host" if accel is Accel.KVM else "max",
+            "-cpu", quote(cpu),
             "-smp", str(guest.cpus),
             "-m", f"{guest.memory >> 20}M"]
     if guest.display.vnc:

@@ -23,10 +23,12 @@ from kvmagent.errors import KvmagentError, config_error
 from kvmagent.host import qemuuser
 from kvmagent.host.hostcheck import check_host
 from kvmagent.host.imagechain import backing_chain
+from kvmagent.host.pinfile import pin_file, read_pin, write_pin
 from kvmagent.host.sdnotify import Journal
 from kvmagent.paths import Paths
 from kvmagent.render.plan import (CONSOLE_FD, QMP_FD, Disk, Plan, QemuUser, Tap, backing_token,
                                   disk_token, tap_token)
+from kvmagent.render.pin import pin_change, pin_message
 from kvmagent.render.qemu import HostFacts, Sockets, qemu_argv
 from kvmagent.render.scope import scope_settings
 from kvmagent.render.service import needs_inet, oneoff_unit
@@ -34,7 +36,8 @@ from kvmagent.render.service import needs_inet, oneoff_unit
 DEVICE_POLL = 0.5
 
 
-def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts:
+def wait_for_host(guest: Guest, host: HostConfig, journal: Journal,
+                  state_dir: Path | None = None) -> HostFacts:
     """Bridges and block devices may appear late at boot: retry the host
     checks until host.device_timeout, then fail naming what is missing.
     (This runs in a child of the supervisor, whose sd_notify STATUS= systemd
@@ -45,7 +48,7 @@ def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts
     said = ""
     while True:
         lasting: list[KvmagentError] = []
-        facts, problems = check_host(guest, host, lasting=lasting)
+        facts, problems = check_host(guest, host, lasting=lasting, state_dir=state_dir)
         if not problems:
             for n in facts.notices:
                 journal.send(n, 5, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
@@ -88,7 +91,8 @@ def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
                                "the guest is named after its file")
         service = oneoff_unit(name)
     check_inet(guest, service)
-    facts = wait_for_host(guest, host, Journal())
+    facts = wait_for_host(guest, host, Journal(), paths.state_dir)
+    keep_pin(guest, facts, paths.state_dir, Journal())
     user = qemu_user(guest, host, facts)
     bridged = [n for n in guest.nics if n.mode is NicMode.BRIDGE]
     # The disks are opened by the supervisor and passed in: read-write ones
@@ -124,6 +128,21 @@ def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
         scope_unit=names.scope_unit(guest.name),
         scope=scope_settings(guest, host, facts, service=service))
     return plan, []
+
+
+def keep_pin(guest: Guest, facts: HostFacts, state_dir: Path, journal: Journal) -> None:
+    """The machine type the guest starts with, pinned for its later starts
+    (kvmagent.render.pin): written the first time, and when the guest's
+    machine changed; said in the journal."""
+    if facts.machine is None:
+        return
+    where = pin_file(state_dir, guest.name)
+    old = read_pin(where)
+    new = pin_change(guest.machine, old, facts.machine)
+    if new is not None:
+        write_pin(where, new)
+        journal.send(pin_message(guest.name, old, new), 5, GUEST=guest.name,
+                     SYSLOG_IDENTIFIER="kvmagent", PINNED_MACHINE=new.machine)
 
 
 def check_inet(guest: Guest, service: str) -> None:
