@@ -27,9 +27,10 @@ _kvmagent() {
     case $cmd in
         "")
             COMPREPLY=($(compgen -W "validate show list start stop restart install console bridge clone
-                                     kernel run --help --version --config-dir -H" -- "$cur")) ;;
+                                     kernel repin run --help --version --config-dir -H" -- "$cur")) ;;
         validate) COMPREPLY=($(compgen -W "--host --help $(_kvmagent_guests)" -- "$cur")) ;;
         show) COMPREPLY=($(compgen -W "--json --help $(_kvmagent_guests)" -- "$cur")) ;;
+        repin) COMPREPLY=($(compgen -W "--help $(_kvmagent_guests)" -- "$cur")) ;;
         start|restart|run) COMPREPLY=($(compgen -W "--no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
         stop) COMPREPLY=($(compgen -W "--force --no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
         console) COMPREPLY=($(compgen -W "--timeout --help $(_kvmagent_guests)" -- "$cur")) ;;

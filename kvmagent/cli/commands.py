@@ -1,4 +1,4 @@
-"""kvmagent validate|show: reading guest definitions (list: kvmagent.cli.tracking)."""
+"""kvmagent validate|show|repin: reading guest definitions (list: kvmagent.cli.tracking)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from typing import Any
 
 from kvmagent.config.guests import check_unique, guest_names, load_guest, load_host_config
 from kvmagent.config.model import Guest, HostConfig
-from kvmagent.errors import ExitStatus, KvmagentError
+from kvmagent.errors import ExitStatus, KvmagentError, host_error
 from kvmagent.host import dpkgfiles
-from kvmagent.host.hostcheck import check_host
+from kvmagent.host.hostcheck import check_host, default_caps_probe
+from kvmagent.host.pinfile import pin_file, read_pin
 from kvmagent.names import scope_unit
 from kvmagent.paths import Paths
 from kvmagent.render import hostkernel
-from kvmagent.render.qemu import Sockets, qemu_argv
+from kvmagent.render.pin import pin_status
+from kvmagent.render.qemu import Sockets, machine_and_cpu, qemu_argv
 from kvmagent.render.scope import render_settings, scope_settings
 from kvmagent.render.show import effective_config, render_argv, render_config
 
@@ -34,7 +36,7 @@ def cmd_validate(args: argparse.Namespace, paths: Paths) -> int:
         try:
             guest = load_guest(paths, name, host)
             if args.host:
-                _, problems = check_host(guest, host)
+                _, problems = check_host(guest, host, state_dir=paths.state_dir)
                 if problems:
                     for p in problems:
                         _err(str(p))
@@ -97,14 +99,22 @@ def _load_quietly(paths: Paths, host: HostConfig, skip: set[str]) -> list[Guest]
 def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
     host = load_host_config(paths)
     guest = load_guest(paths, args.name, host)
-    facts, problems = check_host(guest, host)
+    facts, problems = check_host(guest, host, state_dir=paths.state_dir)
     argv = qemu_argv(guest, host, facts, Sockets.in_dir(paths.guest_runtime(guest.name)))
+    where = pin_file(paths.state_dir, guest.name)
+    try:
+        pin = read_pin(where)
+    except KvmagentError:  # among the problems
+        pin = None
+    machine, cpu = machine_and_cpu(guest, facts)
     settings = scope_settings(guest, host, facts)
     if args.json:
         doc: dict[str, Any] = {
             "name": guest.name, "config_file": str(guest.config_file),
             "config": effective_config(guest), "origin": guest.origin,
             "accel": str(facts.accel), "argv": argv,
+            "machine": machine if facts.machine else None, "cpu": cpu,
+            "pin": {"file": str(where), **(pin._asdict() if pin else {})},
             "scope": {"unit": scope_unit(guest.name), "settings": dict(settings)},
             "notices": list(facts.notices), "problems": [str(p) for p in problems],
         }
@@ -113,6 +123,7 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
         return ExitStatus.OK
     print(f"# guest {guest.name}: {guest.config_file}")
     print("\n".join(render_config(guest, paths.config_dir)))
+    print(f"\n# {pin_status(guest.machine, pin, facts.machine)} ({where})")
     print(f"\n# QEMU command line (accel {facts.accel})")
     print("\n".join(render_argv(argv)))
     print(f"\n# systemd settings of {scope_unit(guest.name)}")
@@ -121,4 +132,34 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
         print(f"\n# notice: {n}")
     for p in problems:
         print(f"\n# host not ready: {p}")
+    return ExitStatus.OK
+
+
+def cmd_repin(args: argparse.Namespace, paths: Paths) -> int:
+    """Remove guest NAME's pin (kvmagent.render.pin), also a damaged one;
+    say what its next start pins.  A running guest is not touched."""
+    host = load_host_config(paths)
+    guest = load_guest(paths, args.name, host)
+    where = pin_file(paths.state_dir, guest.name)
+    try:
+        pin = read_pin(where)
+    except KvmagentError:
+        pin = None  # damaged: removing it is the cure
+    try:
+        where.unlink()
+    except FileNotFoundError:
+        print(f"guest {guest.name}: not pinned ({where} does not exist)")
+        return ExitStatus.OK
+    except OSError as e:
+        raise host_error(f"{where}: cannot remove it: {e.strerror}",
+                         "run kvmagent as root") from None
+    try:
+        caps = default_caps_probe(host.qemu)
+        then = f"{caps.aliases.get(guest.machine, guest.machine)} (in {caps.name})"
+    except KvmagentError:
+        then = "what it is in the QEMU installed then"
+    was = f" (was {pin.machine})" if pin else ""
+    print(f"guest {guest.name}: unpinned{was}; its next start pins machine "
+          f"\"{guest.machine}\" to {then}. A running guest keeps its machine type until it "
+          "is stopped and started again.")
     return ExitStatus.OK

@@ -117,6 +117,9 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("--since", metavar="WHEN",
                     help="only events since a date (2024-05-01) or an age (7d, 12h, 30m)")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp = add(sub, "repin", "cli.commands:cmd_repin", "forget the machine type guest NAME is "
+             "pinned to: its next start pins what its machine is then")
+    sp.add_argument("name", metavar="NAME")
     sp = add(sub, "reset-counters", "cli.tracking:cmd_reset_counters",
              "set guest NAME's count of restarts after failures back to zero")
     sp.add_argument("name", metavar="NAME")

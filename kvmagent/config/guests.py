@@ -151,6 +151,7 @@ def build_guest(name: str, layered: Layered, host: HostConfig, config_file: Path
         cpus=cpus,
         memory=top("memory", 512 << 20),
         machine=machine,
+        cpu=top("cpu", host.cpu, _host_default(host, "cpu")),
         accel=top("accel", host.accel, _host_default(host, "accel")),
         boot=boot,
         boot_explicit=boot_explicit,

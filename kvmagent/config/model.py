@@ -74,6 +74,7 @@ class HostConfig:
     tcg_fallback: bool = False
     qemu: Path = Path("/usr/bin/qemu-system-x86_64")
     machine: str = "pc"
+    cpu: str = "Westmere"  # kvmagent.config.schema.DEFAULT_CPU
     stop_timeout: float = 90.0
     memory_overhead: int = 256 << 20
     device_timeout: float = 90.0
@@ -152,6 +153,7 @@ class Guest:
     cpus: int
     memory: int  # bytes
     machine: str
+    cpu: str  # "host" or a QEMU CPU model
     accel: Accel
     boot: tuple[BootClass, ...]
     boot_explicit: bool

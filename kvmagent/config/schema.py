@@ -149,6 +149,13 @@ _BRIDGE = _text(15, r"[A-Za-z0-9_.-]+", "expected an interface name (at most 15 
                 "letters, digits, '-', '_', '.')")
 _MACHINE = _text(64, r"[a-z0-9][a-z0-9._-]*",
                  'expected a QEMU machine type such as "pc" or "q35"')
+# A model name alone: no ",+flag" (QEMU's own option syntax), so that the
+# name is the whole -cpu value and can be checked against the host's QEMU.
+_CPU = _text(64, r"[A-Za-z0-9][A-Za-z0-9._-]*",
+             'expected "host" or a QEMU CPU model such as "Westmere"')
+# Migratable, in QEMU 7.2 and 10.0, the x86-64-v2 level plus AES (what
+# Proxmox VE 8 calls x86-64-v2-AES), and quiet under TCG: docs/kvmagent.toml.5.md.
+DEFAULT_CPU = "Westmere"
 
 # -- the table -----------------------------------------------------------------
 
@@ -162,6 +169,7 @@ HOST_KEYS: dict[str, Key] = {k.name: k for k in [
     Key("qemu", "absolute path", '"/usr/bin/qemu-system-x86_64"', "The QEMU binary.",
         _abs_path),
     Key("machine", "string", '"pc"', "Machine type for guests that set none.", _MACHINE),
+    Key("cpu", "string", f'"{DEFAULT_CPU}"', "CPU model for guests that set none.", _CPU),
     Key("stop_timeout", "duration", '"90s"',
         "How long a guest gets to power off after the ACPI power button before QEMU is "
         "stopped hard, for guests without [stop] timeout.", _duration(1, 86400)),
@@ -195,7 +203,10 @@ GUEST_TOP: dict[str, Key] = {k.name: k for k in [
     Key("cpus", "integer 1-255", "1", "Number of virtual CPUs.", _integer(1, 255)),
     Key("memory", "size", '"512M"', "Guest RAM (16M to 16T, whole MiB).",
         _size(16 << 20, 16 << 40, 1 << 20)),
-    Key("machine", "string", "host machine", 'QEMU machine type, "pc" or "q35".', _MACHINE),
+    Key("machine", "string", "host machine", 'QEMU machine type, "pc" or "q35"; the first '
+        "start pins the versioned type it stands for.", _MACHINE),
+    Key("cpu", "string", "host cpu", '"host": the host\'s own CPU, fastest, not migratable; '
+        f'or a QEMU CPU model, such as "{DEFAULT_CPU}" (migratable).', _CPU),
     Key("accel", '"auto", "kvm" or "tcg"', "host accel",
         '"auto" uses KVM when /dev/kvm really works.', _choice(Accel)),
     Key("boot", 'list of "disk", "cdrom", "network"', '["disk", "cdrom"]',

@@ -256,9 +256,14 @@ def _valued(s: Script, opt: str, arg: Arg) -> None:
         elif "accel" in opts:
             raise s.fail(arg, f"accel={opts['accel']}: expected kvm or tcg")
     elif opt == "-cpu":
-        if v != "host":
-            s.extra.append((["-cpu", v], f"-cpu {excerpt(v)}: overrides kvmagent's own -cpu "
-                            "(host under KVM); kvmagent has no key for a CPU model."))
+        if v == "host":
+            s.top["cpu"] = (v, "-cpu host: the host's CPU, fastest, not migratable to a host "
+                            'with another CPU (kvmagent\'s default is "Westmere").')
+        elif re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v, re.ASCII):
+            s.top["cpu"] = (v, f"-cpu {excerpt(v)}.")
+        else:
+            s.extra.append((["-cpu", v], f"-cpu {excerpt(v)}: overrides kvmagent's own -cpu; "
+                            "the cpu key takes a model name without features."))
     elif opt == "-rtc":
         if v != "base=localtime":
             raise s.fail(arg, "the importer translates -rtc base=localtime only")

@@ -167,7 +167,7 @@ class _Render:
                        "each comment says which part of the script a value comes from, and "
                        "what was changed or left out."]
         doc.top.set("description", f"{name}, imported from {excerpt(script, 100)}")
-        for key in ("cpus", "memory", "machine", "accel", "uuid", "on_poweroff",
+        for key in ("cpus", "memory", "machine", "cpu", "accel", "uuid", "on_poweroff",
                     "on_reboot"):
             if key in s.top:
                 value, note = s.top[key]

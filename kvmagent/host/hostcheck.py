@@ -17,8 +17,10 @@ from typing import Callable
 from kvmagent.config.model import Accel, Cache, Guest, HostConfig, NicMode
 from kvmagent.config.values import format_size
 from kvmagent.errors import KvmagentError, host_error
+from kvmagent.host.pinfile import pin_file, read_pin
 from kvmagent.host.qemucaps import QemuCaps, capabilities, qemu_notices, qemu_problems
 from kvmagent.paths import Paths
+from kvmagent.render.pin import Pin, pinned_machine
 from kvmagent.render.qemu import HostFacts
 
 KvmProbe = Callable[[], tuple[bool, str]]
@@ -113,15 +115,32 @@ def interface_exists(name: str) -> bool:
         return False
 
 
+def machine_problem(guest: Guest, pin: Pin | None, where: Path,
+                    caps: QemuCaps) -> KvmagentError | None:
+    """The guest's pinned machine type, if this QEMU lacks it (a host that
+    went back to an older QEMU, or a pin copied from a newer one)."""
+    if pin is None or pin.requested != guest.machine or pin.machine in caps.machines:
+        return None
+    now = caps.aliases.get(guest.machine, guest.machine)
+    return host_error(
+        f"guest {guest.name}: machine = \"{guest.machine}\" ({guest.origin_of('machine')}) is "
+        f"pinned to {pin.machine} ({where}), which {caps.name} does not have",
+        f"kvmagent repin {guest.name} (removes that file): the next start pins {now}, and "
+        "the guest sees that type's hardware; or run it on a host whose QEMU has "
+        + pin.machine)
+
+
 def check_host(guest: Guest, host: HostConfig, *,
                kvm_probe: KvmProbe = default_kvm_probe,
                caps_probe: CapsProbe = default_caps_probe,
                lasting: list[KvmagentError] | None = None,
+               state_dir: Path | None = None,
                ) -> tuple[HostFacts, list[KvmagentError]]:
     """All second-stage checks.  Returns the facts and every problem found
     (an empty list means the guest can start here).  Problems that waiting
     for devices cannot solve (KVM not working, QEMU lacking what the guest
-    needs) are also added to LASTING, if given."""
+    needs) are also added to LASTING, if given.  The machine type is the
+    one pinned under STATE_DIR (kvmagent.render.pin), read, never written."""
     problems: list[KvmagentError] = []
     permanent: list[KvmagentError] = []
     notices: list[str] = []
@@ -184,7 +203,19 @@ def check_host(guest: Guest, host: HostConfig, *,
             permanent.append(e)
         else:
             notices += qemu_notices(guest, caps)
-    facts = HostFacts(accel, direct, vhost, tuple(notices), frozenset(block))
+    machine = None
+    if caps is not None:
+        where = pin_file(state_dir or Paths.from_env().state_dir, guest.name)
+        try:
+            pin = read_pin(where)
+        except KvmagentError as e:
+            permanent.append(e)
+            pin = None
+        machine = pinned_machine(guest.machine, pin, caps.aliases)
+        err = machine_problem(guest, pin, where, caps)
+        if err:
+            permanent.append(err)
+    facts = HostFacts(accel, direct, vhost, tuple(notices), frozenset(block), machine)
     if caps is not None:
         permanent += qemu_problems(guest, host, facts, caps)
     if lasting is not None:

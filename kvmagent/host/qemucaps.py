@@ -3,7 +3,7 @@ from its version (a Debian 12 host has QEMU 7.2, a Debian 13 host QEMU 10.0,
 and builds differ: seccomp, VNC and user networking are build options).
 
 One QMP session with an empty machine answers everything at once: version,
-machine types, device types, accelerators, option groups and the QAPI
+machine types, device types, accelerators, option groups, CPU models and the QAPI
 schema (for the values of -action panic= and the netdev backends).  The
 answer is plain data (QemuCaps), cached in the state directory keyed by the
 binary's path and stat, so a start reads a small file instead of spawning
@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from kvmagent.config.model import Bus, Guest, HostConfig
+from kvmagent.config.schema import DEFAULT_CPU, did_you_mean
 from kvmagent.errors import KvmagentError, host_error
 from kvmagent.render.qemu import HostFacts, Sockets, qemu_argv
 
 # Bumped whenever what is asked or kept changes: a cache of another format
 # is simply asked again.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: CPU models
 PROBE_TIMEOUT = 10.0  # an empty machine answers in ~0.1 s; a busy host is slower
 
 # The session, written to QEMU's stdin at once: QMP runs commands in order,
@@ -44,6 +45,7 @@ PROBE_COMMANDS: tuple[dict[str, Any], ...] = (
     {"execute": "qom-list-types", "arguments": {"implements": "accel"}},
     {"execute": "query-command-line-options"},
     {"execute": "query-qmp-schema"},
+    {"execute": "query-cpu-definitions"},
     {"execute": "quit"},
 )
 
@@ -68,6 +70,8 @@ class QemuCaps:
     sandbox: frozenset[str]  # parameters of -sandbox
     panic_actions: frozenset[str]  # values of -action panic=
     netdevs: frozenset[str]  # -netdev backends ("tap", "user")
+    cpu_models: frozenset[str]  # -cpu models and their aliases ("Westmere", "host", "max")
+    cpu_unsafe: frozenset[str]  # models QEMU says are not migration-safe ("host", "max")
 
     @property
     def name(self) -> str:
@@ -119,7 +123,7 @@ def parse_transcript(binary: str, transcript: str) -> QemuCaps:
     replies = _replies(transcript)
     if len(replies) != len(PROBE_COMMANDS):
         raise ValueError(f"{len(replies)} QMP replies for {len(PROBE_COMMANDS)} commands")
-    _, version, machines, devices, accels, options, schema, _ = replies
+    _, version, machines, devices, accels, options, schema, cpus, _ = replies
     q = version["qemu"]
     names = {m["name"] for m in machines}
     aliases = {m["alias"]: m["name"] for m in machines if m.get("alias")}
@@ -142,6 +146,8 @@ def parse_transcript(binary: str, transcript: str) -> QemuCaps:
         sandbox=sandbox,
         panic_actions=_schema_enum(schema, "set-action", "panic"),
         netdevs=_schema_variants(schema, "netdev_add"),
+        cpu_models=frozenset(c["name"] for c in cpus),
+        cpu_unsafe=frozenset(c["name"] for c in cpus if not c.get("migration-safe")),
     )
 
 
@@ -413,11 +419,18 @@ def qemu_problems(guest: Guest, host: HostConfig, facts: HostFacts,
             continue
         p = _params(value)
         kind = p.get("", "")
-        if opt == "machine" and kind not in caps.machines:
+        if opt == "machine" and facts.machine not in (None, guest.machine):
+            pass  # a pinned type: kvmagent.host.hostcheck names the pin's file
+        elif opt == "machine" and kind not in caps.machines:
             newest = ", ".join(f'"{a}" ({caps.aliases[a]})' for a in ("pc", "q35")
                                if a in caps.aliases)
             lacks(guest_key("machine", kind), "such machine type",
                   f"use a machine type it has: {newest}" if newest else None)
+        elif opt == "cpu" and kind not in caps.cpu_models:
+            lacks(guest_key("cpu", guest.cpu), "such CPU model",
+                  did_you_mean(kind, sorted(caps.cpu_models)) or
+                  f'use "host" or a model that `{host.qemu} -cpu help` lists, such as '
+                  f'"{DEFAULT_CPU}"')
         elif opt == "accel" and kind not in caps.accels:
             lacks(guest_key("accel", guest.accel), f"{kind.upper()} accelerator",
                   'use accel = "tcg" or "kvm", whichever it has')

@@ -33,6 +33,9 @@ class HostFacts:
     vhost_net: bool = False
     notices: tuple[str, ...] = ()
     block_devices: frozenset[Path] = frozenset()  # disks that are block devices
+    # The versioned machine type the guest runs with (pinned at its first
+    # start, kvmagent.render.pin); None: the guest's machine as written.
+    machine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,25 +89,33 @@ def boot_indexes(guest: Guest) -> dict[str, int]:
     return order
 
 
+def machine_and_cpu(guest: Guest, facts: HostFacts) -> tuple[str, str]:
+    """The exact -machine and -cpu values of the guest on this host (before
+    quoting): what the guest sees, so what a migration's destination must
+    be started with.  "host" under TCG is "max": everything the
+    accelerator has, which is no more migratable than the host's CPU."""
+    cpu = "max" if guest.cpu == "host" and facts.accel is Accel.TCG else guest.cpu
+    return facts.machine or guest.machine, cpu
+
+
 def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets, *,
               incoming: bool = False, machine: str | None = None,
               cpu: str | None = None) -> list[str]:
     """incoming: the destination of a live migration (kvmagent migrate):
     QEMU waits for the stream (-incoming defer; the supervisor hands it the
-    fd), with the source's exact machine type and CPU model, MACHINE and
-    CPU, where they are given."""
+    fd), with the source QEMU's exact -machine and -cpu values, MACHINE and
+    CPU, where they are given (as the source's command line has them)."""
     accel = facts.accel
+    own_machine, own_cpu = machine_and_cpu(guest, facts)
     argv = [str(host.qemu),
             "-name", f"guest={guest.name},debug-threads=on",
             "-uuid", guest.uuid,
             "-no-user-config", "-nodefaults",
-            "-machine", quote(machine or guest.machine),
+            "-machine", quote(machine or own_machine),
             # split-wx: TCG's JIT writes and runs code through two mappings,
             # so it works under MemoryDenyWriteExecute= (kvm@.service).
             "-accel", "tcg,split-wx=on" if accel is Accel.TCG else str(accel),
-            # cpu: the source's own -cpu value, model and features (checked
-            # by the destination's command line, kvmagent.cli.migrate)
-            "-cpu", cpu or ("host" if accel is Accel.KVM else "max"),
+            "-cpu", cpu or quote(own_cpu),
             "-smp", str(guest.cpus),
             "-m", f"{guest.memory >> 20}M"]
     if guest.display.vnc:

@@ -8,6 +8,7 @@ children do while QEMU initialises is kvmagent.unit.attach."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import socket
@@ -23,10 +24,12 @@ from kvmagent.errors import KvmagentError, config_error
 from kvmagent.host import qemuuser
 from kvmagent.host.hostcheck import check_host
 from kvmagent.host.imagechain import backing_chain
+from kvmagent.host.pinfile import pin_file, read_pin, write_pin
 from kvmagent.host.sdnotify import Journal
 from kvmagent.paths import Paths
 from kvmagent.render.plan import (CONSOLE_FD, QMP_FD, Disk, Incoming, Plan, QemuUser, Tap,
                                   backing_token, disk_token, tap_token)
+from kvmagent.render.pin import pin_change, pin_message
 from kvmagent.render.qemu import HostFacts, Sockets, effective_cache, qemu_argv
 from kvmagent.render.scope import scope_settings
 from kvmagent.render.service import needs_inet, oneoff_unit
@@ -34,7 +37,8 @@ from kvmagent.render.service import needs_inet, oneoff_unit
 DEVICE_POLL = 0.5
 
 
-def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts:
+def wait_for_host(guest: Guest, host: HostConfig, journal: Journal,
+                  state_dir: Path | None = None) -> HostFacts:
     """Bridges and block devices may appear late at boot: retry the host
     checks until host.device_timeout, then fail naming what is missing.
     (This runs in a child of the supervisor, whose sd_notify STATUS= systemd
@@ -45,7 +49,7 @@ def wait_for_host(guest: Guest, host: HostConfig, journal: Journal) -> HostFacts
     said = ""
     while True:
         lasting: list[KvmagentError] = []
-        facts, problems = check_host(guest, host, lasting=lasting)
+        facts, problems = check_host(guest, host, lasting=lasting, state_dir=state_dir)
         if not problems:
             for n in facts.notices:
                 journal.send(n, 5, GUEST=guest.name, SYSLOG_IDENTIFIER="kvmagent")
@@ -89,7 +93,10 @@ def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
         service = oneoff_unit(name)
     check_inet(guest, service)
     incoming = read_incoming(paths, name) if guest_file is None and iso is None else None
-    facts = wait_for_host(guest, host, Journal())
+    facts = wait_for_host(guest, host, Journal(), paths.state_dir)
+    if incoming is not None:  # the guest's hardware is the source's: pinned here too
+        facts = dataclasses.replace(facts, machine=incoming.machine)
+    keep_pin(guest, facts, paths.state_dir, Journal())
     user = qemu_user(guest, host, facts)
     bridged = [n for n in guest.nics if n.mode is NicMode.BRIDGE]
     # The disks are opened by the supervisor and passed in: read-write ones
@@ -142,6 +149,21 @@ def read_incoming(paths: Paths, name: str) -> Incoming | None:
     except (OSError, ValueError) as e:
         raise config_error(f"{path}: not a migration request: {e}",
                            "remove it; kvmagent migrate writes it anew") from None
+
+
+def keep_pin(guest: Guest, facts: HostFacts, state_dir: Path, journal: Journal) -> None:
+    """The machine type the guest starts with, pinned for its later starts
+    (kvmagent.render.pin): written the first time, and when the guest's
+    machine changed; said in the journal."""
+    if facts.machine is None:
+        return
+    where = pin_file(state_dir, guest.name)
+    old = read_pin(where)
+    new = pin_change(guest.machine, old, facts.machine)
+    if new is not None:
+        write_pin(where, new)
+        journal.send(pin_message(guest.name, old, new), 5, GUEST=guest.name,
+                     SYSLOG_IDENTIFIER="kvmagent", PINNED_MACHINE=new.machine)
 
 
 def check_inet(guest: Guest, service: str) -> None:

@@ -34,7 +34,7 @@ memory = "256M"
 [kernel]
 image = "{kernel}"
 initrd = "{initrd}"
-cmdline = "console=ttyS0 quiet panic=-1 guest.ip=10.77.0.2/24 guest.ping=10.77.0.1"
+cmdline = "console=ttyS0 quiet panic=-1 guest.ip=10.77.9.2/24 guest.ping=10.77.9.1"
 [[disk]]
 path = "/srv/kvm/tpl.img"
 readonly = true
@@ -50,7 +50,7 @@ CHANNEL = ("import sys; sys.path.insert(0, '/src/kvmagent'); import json; "
 @pytest.fixture(scope="module")
 def host(testhost: TestHost, image) -> Iterator[TestHost]:  # type: ignore[no-untyped-def]
     install_checkout(testhost)
-    testhost.run(["kvmagent", "bridge", "ensure", BRIDGE, "--address", "10.77.0.1/24"])
+    testhost.run(["kvmagent", "bridge", "ensure", BRIDGE, "--address", "10.77.9.1/24"])
     yield testhost
     for name in ("tpl2", "tpl"):
         testhost.exec(["systemctl", "stop", f"kvm@{name}"], check=False, timeout=120)
@@ -68,7 +68,7 @@ def test_a_clone_boots_beside_its_running_source(host: TestHost, image) -> None:
         kernel=image.kernel, initrd=image.initrd, bridge=BRIDGE))
     host.exec(["systemctl", "daemon-reload"])
     host.exec(["systemctl", "start", "kvm@tpl"], timeout=180)
-    wait_for(host, "kvm@tpl.service", r"GUEST-PING-OK 10\.77\.0\.1", timeout=240)
+    wait_for(host, "kvm@tpl.service", r"GUEST-PING-OK 10\.77\.9\.1", timeout=240)
 
     t0 = time.monotonic()
     r = host.exec(["kvmagent", "clone", "tpl", "tpl2"])
@@ -81,7 +81,7 @@ def test_a_clone_boots_beside_its_running_source(host: TestHost, image) -> None:
     assert "mac =" not in toml and "uuid =" not in toml, toml
     # the clone's own address, in a drop-in of the admin's
     host.write_file("/etc/kvmagent/guests/tpl2.toml.d/ip.toml", '[kernel]\ncmdline = "console='
-                    'ttyS0 quiet panic=-1 guest.ip=10.77.0.3/24 guest.ping=10.77.0.1"\n')
+                    'ttyS0 quiet panic=-1 guest.ip=10.77.9.3/24 guest.ping=10.77.9.1"\n')
     # bad input: nothing made, the documented statuses
     for argv, status, text in ((["nosuch", "x"], 8, "unknown guest 'nosuch'"),
                                (["tpl", "tpl2"], 6, "tpl2.toml: exists"),
@@ -93,7 +93,7 @@ def test_a_clone_boots_beside_its_running_source(host: TestHost, image) -> None:
 
     host.exec(["systemctl", "daemon-reload"])  # the generator: the overlay is writable
     host.exec(["systemctl", "start", "kvm@tpl2"], timeout=180)
-    journal = wait_for(host, "kvm@tpl2.service", r"GUEST-PING-OK 10\.77\.0\.1", timeout=240)
+    journal = wait_for(host, "kvm@tpl2.service", r"GUEST-PING-OK 10\.77\.9\.1", timeout=240)
     assert "disks=vda" in journal, journal[-3000:]
     for name in ("tpl", "tpl2"):
         assert wait_state(host, f"kvm@{name}.service", ("active",))["SubState"] == "running"

@@ -105,7 +105,7 @@ def test_guest_pings_the_bridge_in_a_netns(image: GuestImage, rundir: Path, netn
     append = f"guest.ip={GUEST_ADDR} guest.gw={BRIDGE_ADDR} guest.ping={BRIDGE_ADDR}"
     with boot(image, rundir, append=append, extra=nic, netns=netns) as guest:
         guest.console.read_until(rf"GUEST-READY ip={GUEST_ADDR} ", BOOT_TIMEOUT)
-        result = guest.console.read_until(rf"GUEST-PING-(OK|FAIL) {BRIDGE_ADDR}\n", 30)
+        result = guest.console.read_until(rf"GUEST-PING-(OK|FAIL) {BRIDGE_ADDR} ", 30)
         assert result.group(1) == "OK", guest.console.text
         neighbours = subprocess.run(["ip", "-n", netns, "neigh", "show", "dev", "br-kvm"],
                                     check=True, capture_output=True, text=True).stdout

@@ -107,6 +107,7 @@ GOOD: dict[str, st.SearchStrategy[Any]] = {
     "description": text, "uuid": st.one_of(st.uuids().map(str), text),
     "cpus": st.integers(min_value=-2, max_value=300), "memory": size,
     "machine": choice("pc", "q35", "pc-i440fx-7.2", "pc,accel=tcg"),
+    "cpu": choice("host", "Westmere", "Nehalem-v2", "qemu64,+aes"),
     "accel": choice("auto", "kvm", "tcg"),
     "boot": st.lists(choice("disk", "cdrom", "network"), max_size=3),
     "on_poweroff": choice("stop", "keep"), "on_reboot": choice("restart", "stop"),
@@ -133,6 +134,7 @@ GOOD: dict[str, st.SearchStrategy[Any]] = {
     "host.bridge": choice("br0", "br-kvm"), "host.accel": choice("auto", "kvm", "tcg"),
     "host.tcg_fallback": st.booleans(), "host.qemu": abs_path,
     "host.machine": choice("pc", "q35"), "host.stop_timeout": duration,
+    "host.cpu": choice("host", "Westmere"),
     "host.memory_overhead": size, "host.device_timeout": duration,
     "host.qemu_user": choice("kvmagent-qemu", "root", "bad user", "-x"),
 }
@@ -154,6 +156,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "description": clean_text, "uuid": plus_tail(st.uuids().map(str)),
     "cpus": st.integers(min_value=1, max_value=8), "memory": st.sampled_from(["16M", "1G"]),
     "machine": plus_tail(st.sampled_from(["pc", "q35"])),
+    "cpu": plus_tail(st.sampled_from(["host", "Westmere", "EPYC-v4"])),
     "accel": st.sampled_from(["auto", "kvm", "tcg"]),
     "on_poweroff": st.sampled_from(["stop", "keep"]),
     "on_reboot": st.sampled_from(["restart", "stop"]),
@@ -178,6 +181,7 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "nic.mode": st.sampled_from(["bridge", "user"]),
     "host.bridge": plus_tail(st.sampled_from(["br0"])), "host.qemu": clean_path,
     "host.machine": plus_tail(st.sampled_from(["pc", "q35"])),
+    "host.cpu": plus_tail(st.sampled_from(["host", "Westmere"])),
 }
 
 
@@ -235,11 +239,11 @@ guest_name = st.one_of(valid_name, valid_name, st.sampled_from(["g", "a" * 64, "
 # -- what a well-formed argv looks like ----------------------------------------
 
 FLAGS = {"-no-user-config", "-nodefaults", "-no-shutdown"}
-PLAIN = {"-uuid", "-cpu", "-smp", "-m", "-kernel", "-initrd", "-append"}
+PLAIN = {"-uuid", "-smp", "-m", "-kernel", "-initrd", "-append"}
 # option -> (first part is an implied value, keys the builder writes)
 QEMU_OPTS: dict[str, tuple[bool, set[str]]] = {
     "-name": (False, {"guest", "debug-threads"}),
-    "-machine": (True, set()), "-accel": (True, {"split-wx"}), "-vnc": (True, set()),
+    "-machine": (True, set()), "-cpu": (True, set()), "-accel": (True, {"split-wx"}), "-vnc": (True, set()),
     "-display": (True, set()), "-serial": (True, set()),
     "-chardev": (True, {"id", "path", "server", "wait", "fd"}),
     "-mon": (False, {"chardev", "mode"}),
@@ -308,6 +312,7 @@ def check_argv(argv: list[str], guest: Guest, qemu: str, sockets: Sockets) -> No
     # user strings arrive whole, quoted, where they belong
     assert [d["file"] for d in seen.get("-drive", [])] == [str(d.path) for d in guest.disks]
     assert seen["-machine"] == [{"": guest.machine}]
+    assert seen["-cpu"] in ([{"": guest.cpu}], [{"": "max"}] * (guest.cpu == "host"))
     assert [k[""] for k in seen.get("-vnc", [])] == ([guest.display.vnc] if guest.display.vnc
                                                      else [])
     paths = [k["path"] for k in seen["-chardev"] if "path" in k]

@@ -415,3 +415,16 @@ def test_no_reboot_becomes_on_reboot_stop():
     assert str(guest.on_reboot) == "stop"
     assert "-action reboot=shutdown" in " ".join(argv(guest))
     assert "-no-reboot: a guest reboot ends the run as a poweroff would." in flat(imported.toml)
+
+
+@pytest.mark.parametrize("cpu, key, extra", [
+    ("host", "host", ()), ("Nehalem", "Nehalem", ()),
+    ("qemu64,+ssse3", "Westmere", ("-cpu", "qemu64,+ssse3"))])
+def test_cpu_becomes_the_cpu_key_when_it_is_a_model_name(cpu, key, extra):
+    """-cpu host and a bare model are the cpu key; a model with features is
+    kept verbatim (the key takes a name alone)."""
+    imported = imp(f"kvm -name c -m 256 -cpu {cpu} -hda /srv/g.img\n")
+    guest = load(imported)
+    assert guest.cpu == key and guest.extra_args == extra
+    if cpu == "host":
+        assert "-cpu host: the host's CPU, fastest, not migratable" in flat(imported.toml)

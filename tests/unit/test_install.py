@@ -155,7 +155,7 @@ def test_the_planner_makes_the_install_runs_plan(conf, monkeypatch) -> None:  # 
         path = "/srv/g.img"
         """)
     monkeypatch.setattr(startup, "check_host",
-                        lambda guest, host, *, lasting: (HostFacts(Accel.TCG), []))
+                        lambda guest, host, *, lasting, state_dir: (HostFacts(Accel.TCG), []))
     sent: list[str] = []
     monkeypatch.setattr(startup.Journal, "send", lambda self, text, *a, **kw: sent.append(text))
     plan, _ = startup.prepare("g", conf.paths, None, "/srv/in.iso", "127.0.0.1:2")

@@ -38,7 +38,7 @@ def plan(conf, monkeypatch: pytest.MonkeyPatch) -> Plan:  # type: ignore[no-unty
         mac = "52:54:00:12:34:56"
         """)
     monkeypatch.setattr(startup, "check_host",
-                        lambda guest, host, *, lasting: (HostFacts(Accel.TCG), []))
+                        lambda guest, host, *, lasting, state_dir: (HostFacts(Accel.TCG), []))
     made, fds = startup.prepare("g", conf.paths)
     assert fds == []
     return made

@@ -238,7 +238,7 @@ def test_a_start_fails_at_once_on_what_qemu_lacks(conf, monkeypatch):
     missing = host_error("nic[0].bridge: no such bridge")
     lacking = host_error("machine: QEMU lacks it")
 
-    def check(guest, host, *, lasting):  # type: ignore[no-untyped-def]
+    def check(guest, host, *, lasting, state_dir):  # type: ignore[no-untyped-def]
         lasting.append(lacking)
         return facts(), [missing, lacking]
     monkeypatch.setattr(startup, "check_host", check)
@@ -387,7 +387,7 @@ assert sys.stdin.read() == ""  # like QEMU, it ends at the end of its input: no 
     ("sys.stderr.write('qemu: -accel tcg,split-wx=on: invalid accelerator\\n'); sys.exit(1)",
      "QEMU did not say what it supports (exit status 1): qemu: -accel tcg,split-wx=on: "
      "invalid accelerator"),
-    ("print('{\"QMP\": {}}')", "QEMU did not say what it supports (0 QMP replies for 8 commands)"),
+    ("print('{\"QMP\": {}}')", "QEMU did not say what it supports (0 QMP replies for 9 commands)"),
     ("print('{\"error\": {\"desc\": \"no\"}}')",
      "QEMU did not say what it supports (QMP error: no)"),
     ("time.sleep(30)", "QEMU did not answer within 0.5 s"),

@@ -41,12 +41,17 @@ def test_only_trees_unused_for_long_are_removed(tmp_path: Path) -> None:
     orphan_mark.touch()
     other = tmp_path / ("1" * 16)  # not ours: no stamp
     other.mkdir()
-    user = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(named)])
+    # The child prints once it runs: Popen returns when exec has begun, and
+    # until the kernel has set up the new program's arguments its cmdline
+    # is empty (seen on a loaded machine).
+    user = subprocess.Popen([sys.executable, "-c", "print(flush=True); import time; time.sleep(60)",
+                             str(named)], stdout=subprocess.PIPE)
     try:
+        assert user.stdout is not None and user.stdout.readline() == b"\n"
         rootfs._remove_stale(tmp_path, keep.name)
     finally:
         user.kill()
-        user.wait()
+        user.communicate()
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([keep.name, marked.name, f".used-{marked.name}", booted.name,
                            built.name, named.name, other.name])

@@ -140,3 +140,25 @@ def test_test_files_have_names_unique_across_the_suite() -> None:
         if not (path.parent / "__init__.py").exists():
             seen.setdefault(path.name, []).append(str(path.relative_to(REPO)))
     assert {name: where for name, where in seen.items() if len(where) > 1} == {}
+
+
+ENSURE = re.compile(r'"bridge", "ensure", ("[\w-]+"|[A-Z_]+), "--address", "([\d.]+)/(\d+)"')
+
+
+def test_one_bridge_per_test_subnet() -> None:
+    """The system tests share a test host: two bridges given addresses in one
+    subnet make two routes to it, and the host's answers to a guest on one
+    of them leave through the other (a test's guest that cannot ping its
+    host, only after another test file ran)."""
+    bridges: dict[str, set[str]] = {}
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        text = path.read_text()
+        for name, address, prefix in ENSURE.findall(text):
+            if not name.startswith('"'):  # a module constant: NAME = "br-x"
+                const = re.search(rf'^{name} = ("[\w-]+")$', text, re.M)
+                assert const, f"{path}: {name} is not a module constant"
+                name = const.group(1)
+            net = ".".join(address.split(".")[:int(prefix) // 8])
+            bridges.setdefault(f"{net}/{prefix}", set()).add(name.strip('"'))
+    assert len(bridges) >= 2, bridges  # the scan finds the suite's bridges
+    assert {net: b for net, b in bridges.items() if len(b) > 1} == {}
