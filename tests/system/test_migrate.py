@@ -328,6 +328,9 @@ def test_from_debian_12_to_13(tmp_path_factory: pytest.TempPathFactory,
         runs_on(b)
         argv = b.exec(["cat", f"/proc/{qemu_here(b)}/cmdline"]).stdout.split("\0")
         assert argv[argv.index("-machine") + 1] == "pc-i440fx-7.2"
+        # its next start there keeps the hardware it arrived with
+        shown = b.exec(["kvmagent", "show", NAME]).stdout
+        assert 'machine "pc" is pinned to pc-i440fx-7.2' in shown, shown
         assert types(b, "on-trixie")
         assert "GUEST-INIT" not in console(b)
         b.exec(["systemctl", "stop", UNIT], timeout=180)
