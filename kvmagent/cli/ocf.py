@@ -97,9 +97,11 @@ def migrate_to(p: Params) -> Outcome:
 def migrate_from(p: Params, paths: Paths, source: str) -> Outcome:
     deadline = time.monotonic() + _budget(p, "migrate_from")
     while True:
-        found = ocf.after_migrate_from(p.name, source, unit_facts(p.name),
+        facts = unit_facts(p.name)
+        found = ocf.after_migrate_from(p.name, source, facts,
                                        paths.incoming_request(p.name).exists())
-        if found.code == Ocf.SUCCESS or time.monotonic() > deadline:
+        if found.code == Ocf.SUCCESS or time.monotonic() > deadline or \
+                ocf.monitor(p.name, facts).code == Ocf.NOT_RUNNING:  # nothing is coming
             return found
         time.sleep(POLL)
 

@@ -1,0 +1,162 @@
+"""A guest as a Pacemaker resource (ocf:kvmagent:guest, #21), in a two-node
+cluster of two real Debian 12 test hosts (tests/harness/hostpair.py: a
+private link 10.79.20.1/.2, sshd and root's keys both ways, this checkout
+installed, shared storage at /srv/shared holding the tiny guest's kernel,
+initrd and disk).
+
+The cluster stack (corosync 3, Pacemaker 2.1, crmsh, resource-agents) is
+installed at test time from its own offline repository
+(tests/harness/clusterdebs.py).  Corosync runs over the private link with
+`two_node: 1`; STONITH is off, in these tests only (the output says so: a
+real cluster needs fencing, docs/pacemaker.md).  Node names are host0 and
+host1, as in corosync's nodelist.
+
+First ocf-tester (resource-agents) runs against the agent, its output
+printed.  Then the cluster: the guest starts on host0 as kvm@NAME.service;
+`crm resource move` moves it live to host1 (no second GUEST-INIT on its
+console); host1 in standby moves it back live; host0's container killed
+(SIGKILL of its PID 1) while it runs the guest: the guest starts on host1."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import HarnessError, clusterdebs
+from tests.harness.hostpair import ADDRESSES, HostPair, shared_path
+from tests.harness.install import APT_ENV, OFFLINE_APT, guest_toml
+from tests.harness.testhost import TestHost
+from tests.system.conftest import require_system
+
+pytestmark = pytest.mark.system
+NAME, UNIT = "ha", "kvm@ha.service"
+AGENT = "/usr/lib/ocf/resource.d/kvmagent/guest"
+RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
+                   "systemd-container"]
+NODES = ("host0", "host1")
+COROSYNC_CONF = f"""\
+totem {{
+    version: 2
+    cluster_name: kvmagent-test
+    transport: knet
+    crypto_cipher: aes256
+    crypto_hash: sha256
+}}
+nodelist {{
+    node {{
+        name: {NODES[0]}
+        nodeid: 1
+        ring0_addr: {ADDRESSES[0]}
+    }}
+    node {{
+        name: {NODES[1]}
+        nodeid: 2
+        ring0_addr: {ADDRESSES[1]}
+    }}
+}}
+quorum {{
+    provider: corosync_votequorum
+    two_node: 1
+}}
+logging {{
+    to_syslog: yes
+    to_logfile: no
+}}
+"""
+PRIMITIVE = (f"primitive {NAME} ocf:kvmagent:guest params name={NAME} "
+             "meta allow-migrate=true "
+             "op monitor interval=5s timeout=30s op start timeout=120s "
+             "op stop timeout=180s op migrate_to timeout=300s op migrate_from timeout=120s")
+
+
+def wait(predicate, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(0.5)
+    return time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory,
+         guest_image) -> Iterator[HostPair]:  # type: ignore[no-untyped-def]
+    require_system()
+    from tests.harness.install import REPO
+    work = tmp_path_factory.mktemp("pacemaker")
+    shared = work / "shared"
+    shared.mkdir(mode=0o755)
+    shutil.copyfile(guest_image.kernel, shared / "vmlinuz")
+    shutil.copyfile(guest_image.initrd, shared / "initrd.gz")
+    with open(shared / f"{NAME}.img", "wb") as f:
+        f.truncate(16 << 20)
+    try:
+        repo = clusterdebs.cached("bookworm")
+        with HostPair(("bookworm", "bookworm"), shared=shared, src=REPO,
+                      journal_dir=work / "journal",
+                      bind_ro=[(repo, "/mnt/cluster-debs")]) as hosts:
+            image = dataclasses.replace(guest_image, kernel=Path(shared_path("vmlinuz")),
+                                        initrd=Path(shared_path("initrd.gz")))
+            authkey = os.urandom(256)
+            for name, th in zip(NODES, hosts):
+                th.write_file("/etc/apt/offline.list", "deb [trusted=yes] file:/mnt/debs ./\n"
+                              "deb [trusted=yes] file:/mnt/cluster-debs ./\n")
+                th.exec(["mkdir", "-p", "/var/tmp/offline-lists/partial"])
+                th.run(["apt-get", *OFFLINE_APT, "update", "-q"])
+                t0 = time.monotonic()
+                th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q",
+                        "--no-install-recommends", *RUNTIME_DEPENDS, *clusterdebs.PACKAGES],
+                       env=APT_ENV, timeout=900)
+                print(f"\n{th.name}: kvmagent's and the cluster stack's packages installed "
+                      f"with apt in {time.monotonic() - t0:.1f} s")
+                # a container's host name is its machine's; the cluster's node names
+                th.write_file("/etc/hostname", name + "\n")
+                th.exec(["hostname", name])
+                th.run(["kvmagent", "bridge", "ensure", "br-kvm"])
+                th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(
+                    image, nics=1, extra=f'[[disk]]\npath = "{shared_path(NAME + ".img")}"\n'))
+                th.exec(["systemctl", "daemon-reload"])
+                th.write_file("/etc/corosync/corosync.conf", COROSYNC_CONF)
+                th.write_file("/etc/corosync/authkey", authkey, 0o400)
+                # the packages started both with Debian's one-node default: stopped
+                th.exec(["systemctl", "stop", "pacemaker.service", "corosync.service"],
+                        timeout=120)
+            yield hosts
+    except HarnessError as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+def console(th: TestHost) -> str:
+    return str(th.exec(["journalctl", f"GUEST={NAME}", f"SYSLOG_IDENTIFIER={NAME}-console",
+                        "-o", "cat", "--no-pager"], check=False).stdout)
+
+
+def active(th: TestHost) -> str:
+    return str(th.exec(["systemctl", "is-active", UNIT], check=False).stdout.strip())
+
+
+def test_ocf_tester(pair: HostPair) -> None:
+    """resource-agents' ocf-tester: meta-data against ra-api-1.dtd (xmllint),
+    validate-all, probe and monitor stopped and started, start and stop
+    twice, migrate_to/migrate_from advertised."""
+    th = pair[0]
+    r = th.run(["ocf-tester", "-v", "-n", NAME, "-o", f"name={NAME}", AGENT], check=False,
+               timeout=600)
+    print(f"\nocf-tester -v -n {NAME} -o name={NAME} {AGENT} (exit {r.returncode}):\n"
+          f"{r.stdout}{r.stderr}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"{AGENT} passed all tests" in r.stdout
+    assert active(th) == "inactive"
+    # the guest enabled at boot: validate-all refuses (OCF_ERR_CONFIGURED)
+    th.exec(["systemctl", "enable", UNIT])
+    try:
+        r = th.exec([AGENT, "validate-all"], env={"OCF_RESKEY_name": NAME}, check=False)
+    finally:
+        th.exec(["systemctl", "disable", UNIT])
+    assert r.returncode == 6 and "must not be started by systemd at boot" in r.stderr, r
