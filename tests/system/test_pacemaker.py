@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,3 +162,98 @@ def test_ocf_tester(pair: HostPair) -> None:
     finally:
         th.exec(["systemctl", "disable", UNIT])
     assert r.returncode == 6 and "must not be started by systemd at boot" in r.stderr, r
+
+
+def crm(th: TestHost, *args: str, check: bool = True) -> str:
+    r = th.exec(["crm", *args], check=False, timeout=120)
+    if check:
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+    return str(r.stdout)
+
+
+def located(th: TestHost) -> str:
+    """Where Pacemaker says the guest runs (crm_resource --locate)."""
+    r = th.exec(["crm_resource", "--locate", "--resource", NAME], check=False)
+    found = re.findall(r"is running on: (\S+)", r.stdout)
+    return " ".join(found)
+
+
+@pytest.fixture(scope="module")
+def cluster(pair: HostPair) -> HostPair:
+    """Corosync over the private link (two_node: 1), Pacemaker on both, the
+    guest's resource defined (it prefers host0; stickiness keeps it where it
+    runs)."""
+    t0 = time.monotonic()
+    for th in pair:
+        th.exec(["systemctl", "start", "corosync.service"], timeout=120)
+    for th in pair:
+        th.exec(["systemctl", "start", "pacemaker.service"], timeout=120)
+    online = f"Online: [ {' '.join(NODES)} ]"
+    wait(lambda: online in pair[0].exec(["crm_mon", "-1"], check=False).stdout, 120,
+         "both nodes online")
+    print(f"\nthe cluster formed in {time.monotonic() - t0:.1f} s:\n"
+          + pair[0].exec(["corosync-quorumtool", "-s"], check=False).stdout)
+    print("STONITH DISABLED (stonith-enabled=false) in this test only: a real cluster "
+          "needs fencing, see docs/pacemaker.md")
+    crm(pair[0], "configure", "property", "stonith-enabled=false")
+    crm(pair[0], "configure", "rsc_defaults", "resource-stickiness=200")
+    crm(pair[0], "configure", *PRIMITIVE.split())
+    crm(pair[0], "configure", "location", f"{NAME}-prefers-host0", NAME, "100:", NODES[0])
+    return pair
+
+
+def test_starts_on_node1(cluster: HostPair) -> None:
+    a, b = cluster
+    took = wait(lambda: located(a) == NODES[0] and active(a) == "active", 180,
+                "the guest runs on host0")
+    wait(lambda: "GUEST-READY" in console(a), 120, "the guest booted on host0")
+    print(f"\nthe resource started on host0 in {took:.1f} s: "
+          + a.exec(["systemctl", "show", UNIT, "--property=ActiveState,SubState,MainPID"]
+                   ).stdout.replace("\n", " "))
+    assert active(b) == "inactive"
+    assert NAME in a.exec(["kvmagent", "list"]).stdout
+
+
+def test_move_is_live(cluster: HostPair) -> None:
+    a, b = cluster
+    t0 = time.monotonic()
+    crm(a, "resource", "move", NAME, NODES[1])
+    took = wait(lambda: located(a) == NODES[1] and active(b) == "active" and
+                active(a) == "inactive", 300, "the guest moved to host1")
+    crm(a, "resource", "clear", NAME)
+    print(f"\ncrm resource move {NAME} {NODES[1]}: done in {time.monotonic() - t0:.1f} s "
+          f"(seen after {took:.1f} s)")
+    assert f"migrated to {NODES[1]}" in a.journal(UNIT)  # kvmagent migrate, not stop + start
+    assert console(a).count("GUEST-INIT") == 1
+    assert "GUEST-INIT" not in console(b)  # the same boot goes on there
+
+
+def test_standby_moves_it_back_live(cluster: HostPair) -> None:
+    a, b = cluster
+    t0 = time.monotonic()
+    crm(a, "node", "standby", NODES[1])
+    try:
+        wait(lambda: located(a) == NODES[0] and active(a) == "active" and
+             active(b) == "inactive", 300, "the guest moved back to host0")
+    finally:
+        crm(a, "node", "online", NODES[1])
+    print(f"\ncrm node standby {NODES[1]}: the guest back on host0 in "
+          f"{time.monotonic() - t0:.1f} s")
+    assert f"migrated to {NODES[0]}" in b.journal(UNIT)
+    assert console(a).count("GUEST-INIT") == 1  # host0's first boot only
+    assert "GUEST-INIT" not in console(b)
+    time.sleep(5)
+    assert located(a) == NODES[0]  # stickiness: it stays
+
+
+def test_node_killed_guest_starts_on_the_other(cluster: HostPair) -> None:
+    a, b = cluster
+    assert located(b) == NODES[0]
+    t0 = time.monotonic()
+    os.kill(a.leader, signal.SIGKILL)  # host0's PID 1: the whole container dies at once
+    took = wait(lambda: located(b) == NODES[1] and active(b) == "active", 180,
+                "the guest started on host1")
+    wait(lambda: "GUEST-READY" in console(b), 120, "the guest booted on host1")
+    print(f"\nhost0 killed (SIGKILL of its PID 1): the guest ran on host1 after {took:.1f} s, "
+          f"booted there after {time.monotonic() - t0:.1f} s\n"
+          + b.exec(["crm_mon", "-1"], check=False).stdout)
