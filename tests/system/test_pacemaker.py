@@ -226,6 +226,9 @@ def test_move_is_live(cluster: HostPair) -> None:
     assert f"migrated to {NODES[1]}" in a.journal(UNIT)  # kvmagent migrate, not stop + start
     assert console(a).count("GUEST-INIT") == 1
     assert "GUEST-INIT" not in console(b)  # the same boot goes on there
+    for th in (a, b):  # kvmagent migrate kept it disabled at boot on both
+        assert th.exec(["systemctl", "is-enabled", UNIT], check=False).stdout.strip() \
+            == "disabled"
 
 
 def test_standby_moves_it_back_live(cluster: HostPair) -> None:

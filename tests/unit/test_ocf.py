@@ -5,6 +5,7 @@ need no systemd (usage, unknown action, bad parameters)."""
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -220,3 +221,21 @@ def test_the_installed_agent_is_the_runner() -> None:
     assert script.stat().st_mode & 0o111
     text = script.read_text()
     assert text.startswith("#!/usr/bin/python3\n") and "from kvmagent.cli.ocf import main" in text
+
+
+def test_the_docs_name_what_the_agent_has() -> None:
+    """docs/pacemaker.md names every action (its table) and parameter;
+    README's "More than one host" and kvm@.service(8) the agent's path and
+    its one required parameter."""
+    guide = (REPO / "docs" / "pacemaker.md").read_text()
+    rows = re.findall(r"^\| ([a-z_-]+) \|", guide, re.M)
+    assert rows[0] == "action" and sorted(rows[1:]) == sorted(ocf.ACTIONS), rows
+    for name, *_ in ocf.PARAMETERS:
+        assert f"`{name}`" in guide, name
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## More than one host\n"):]
+    section = section[:section.index("\n## ")]
+    manual = (REPO / "docs" / "kvm@.service.8.md").read_text()
+    for text in (section, manual, guide):
+        assert "/usr/lib/ocf/resource.d/kvmagent/guest" in text and ocf.AGENT in text
+    assert "params name=arkani" in section and "pacemaker.md" in section
