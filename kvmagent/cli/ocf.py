@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from kvmagent.config.guests import load_guest, load_host_config
 from kvmagent.errors import KvmagentError
@@ -68,8 +69,26 @@ def _budget(p: Params, action: str) -> float:
     return max(ms / 1000 - MARGIN, 1.0)
 
 
+def restart_dropin(name: str) -> None:
+    """kvm@NAME.service restarted by systemd only for its supervisor's sake
+    (kvmagent.render.ocf.restart_dropin); systemd reloaded if it changed."""
+    path, text = ocf.restart_dropin(name)
+    file = Path(path)
+    try:
+        if file.read_text() == text:
+            return
+    except OSError:
+        pass
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.rename(file)
+    _run(["systemctl", "daemon-reload"], 60)
+
+
 def start(p: Params) -> Outcome:
     unit = service_unit(p.name)
+    restart_dropin(p.name)
     r = _run(["systemctl", "start", unit], _budget(p, "start"))
     return ocf.after_start(p.name, r.returncode, unit_facts(p.name))
 
@@ -100,7 +119,10 @@ def migrate_from(p: Params, paths: Paths, source: str) -> Outcome:
         facts = unit_facts(p.name)
         found = ocf.after_migrate_from(p.name, source, facts,
                                        paths.incoming_request(p.name).exists())
-        if found.code == Ocf.SUCCESS or time.monotonic() > deadline or \
+        if found.code == Ocf.SUCCESS:
+            restart_dropin(p.name)  # the unit kvmagent migrate started here
+            return found
+        if time.monotonic() > deadline or \
                 ocf.monitor(p.name, facts).code == Ocf.NOT_RUNNING:  # nothing is coming
             return found
         time.sleep(POLL)

@@ -24,6 +24,7 @@ heartbeat VirtualDomain agent, the anchor for a guest under Pacemaker:
 from __future__ import annotations
 
 import enum
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from typing import NamedTuple
 from xml.sax.saxutils import escape
@@ -64,6 +65,7 @@ ACTIONS: dict[str, tuple[int, int | None]] = {
 }
 NEEDS_ROOT = frozenset({"start", "stop", "migrate_to", "migrate_from"})
 RUNNING_SCOPE = frozenset({"active", "reloading"})
+ENABLED = frozenset({"enabled", "enabled-runtime", "linked", "linked-runtime"})  # at boot
 
 
 class Outcome(NamedTuple):
@@ -167,7 +169,7 @@ def validate(action: str, p: Params, guest: GuestFacts, unit: UnitFacts,
         return None
     if guest.problem is not None:
         return Outcome(Ocf.ERR_CONFIGURED, guest.problem)
-    if unit.enabled in ("enabled", "enabled-runtime", "linked", "linked-runtime"):
+    if unit.enabled in ENABLED:
         return Outcome(Ocf.ERR_CONFIGURED, f"kvm@{p.name}.service is enabled: a guest under "
                        "Pacemaker must not be started by systemd at boot as well (run: "
                        f"systemctl disable kvm@{p.name}.service, on every node)")
@@ -208,6 +210,21 @@ def after_stop(name: str, systemctl_rc: int, unit: UnitFacts) -> Outcome:
         return Outcome(Ocf.SUCCESS, f"guest {name} stopped")
     return Outcome(Ocf.ERR_GENERIC, f"stop of kvm@{name}.service failed (systemctl exit "
                    f"{systemctl_rc}): {found.message}")
+
+
+def restart_dropin(name: str) -> tuple[str, str]:
+    """Who restarts what under Pacemaker: the runtime drop-in (its path and
+    text) that start and migrate_from give kvm@NAME.service.  systemd still
+    restarts a supervisor killed by a signal or its watchdog (on-abnormal),
+    whose successor takes the running guest over, unseen by the guest and by
+    Pacemaker; a QEMU that dies ends the unit failed (the supervisor's exit
+    status 1) and systemd leaves it so: Pacemaker's monitor sees it, counts
+    it and recovers it (here, or elsewhere past migration-threshold), and
+    the two never restart the guest both."""
+    return (f"/run/systemd/system/kvm@{name}.service.d/50-pacemaker.conf",
+            f"# Written by {AGENT}: Pacemaker recovers guest {name} when its QEMU dies;\n"
+            "# systemd restarts only its supervisor (killed by a signal or its watchdog).\n"
+            "[Service]\nRestart=on-abnormal\n")
 
 
 def migration_host(p: Params) -> str:
@@ -284,3 +301,27 @@ def meta_data() -> str:
         '  <parameters>\n' + params_xml + '  </parameters>\n'
         '  <actions>\n' + actions_xml + '  </actions>\n'
         '</resource-agent>\n')
+
+
+def cib_guests(cib_xml: str) -> set[str]:
+    """The guests a Pacemaker CIB has as ocf:kvmagent:guest resources (their
+    `name` parameter); none from a CIB that does not parse."""
+    try:
+        root = ET.fromstring(cib_xml)
+    except ET.ParseError:
+        return set()
+    return {nv.get("value", "") for prim in root.iter("primitive")
+            if (prim.get("class"), prim.get("provider"), prim.get("type"))
+            == ("ocf", "kvmagent", "guest")
+            for nv in prim.findall("instance_attributes/nvpair")
+            if nv.get("name") == "name" and nv.get("value")}
+
+
+def enabled_under_pacemaker(name: str, enabled: str) -> str | None:
+    """`kvmagent validate --host`'s warning for a guest that this node's CIB
+    runs as a resource while kvm@NAME.service is enabled (UnitFileState ENABLED)."""
+    if enabled not in ENABLED:
+        return None
+    return (f"kvm@{name}.service is enabled, and Pacemaker runs guest {name} as a resource "
+            f"({AGENT}): this node's next boot would start a second copy; run: "
+            f"systemctl disable kvm@{name}.service")

@@ -14,7 +14,9 @@ host1, as in corosync's nodelist.
 First ocf-tester (resource-agents) runs against the agent, its output
 printed.  Then the cluster: the guest starts on host0 as kvm@NAME.service;
 `crm resource move` moves it live to host1 (no second GUEST-INIT on its
-console); host1 in standby moves it back live; host0's container killed
+console); host1 in standby moves it back live; its supervisor killed
+(systemd restarts it, unseen) and its QEMU killed (Pacemaker sees, counts
+and recovers it; systemd does not restart it); host0's container killed
 (SIGKILL of its PID 1) while it runs the guest: the guest starts on host1."""
 
 from __future__ import annotations
@@ -134,6 +136,9 @@ def pair(tmp_path_factory: pytest.TempPathFactory,
         pytest.fail(str(e), pytrace=False)
 
 
+BOOTS: dict[str, int] = {}  # GUEST-INITs on host0's console: before the cluster, after its start
+
+
 def console(th: TestHost) -> str:
     return str(th.exec(["journalctl", f"GUEST={NAME}", f"SYSLOG_IDENTIFIER={NAME}-console",
                         "-o", "cat", "--no-pager"], check=False).stdout)
@@ -197,6 +202,7 @@ def cluster(pair: HostPair) -> HostPair:
           "needs fencing, see docs/pacemaker.md")
     crm(pair[0], "configure", "property", "stonith-enabled=false")
     crm(pair[0], "configure", "rsc_defaults", "resource-stickiness=200")
+    BOOTS["before"] = console(pair[0]).count("GUEST-INIT")  # ocf-tester's boots
     crm(pair[0], "configure", *PRIMITIVE.split())
     crm(pair[0], "configure", "location", f"{NAME}-prefers-host0", NAME, "100:", NODES[0])
     return pair
@@ -206,12 +212,26 @@ def test_starts_on_node1(cluster: HostPair) -> None:
     a, b = cluster
     took = wait(lambda: located(a) == NODES[0] and active(a) == "active", 180,
                 "the guest runs on host0")
-    wait(lambda: "GUEST-READY" in console(a), 120, "the guest booted on host0")
+    # (ocf-tester's starts may have been stopped before their GUEST-READY)
+    wait(lambda: console(a).count("GUEST-INIT") > BOOTS["before"] and
+         "GUEST-READY" in console(a).rsplit("GUEST-INIT", 1)[1], 120,
+         "the guest booted on host0")
+    BOOTS[NODES[0]] = console(a).count("GUEST-INIT")
+    assert BOOTS[NODES[0]] == BOOTS["before"] + 1
     print(f"\nthe resource started on host0 in {took:.1f} s: "
           + a.exec(["systemctl", "show", UNIT, "--property=ActiveState,SubState,MainPID"]
                    ).stdout.replace("\n", " "))
     assert active(b) == "inactive"
     assert NAME in a.exec(["kvmagent", "list"]).stdout
+    # enabled at boot on host1, where the CIB has it: validate --host warns
+    b.exec(["systemctl", "enable", UNIT])
+    try:
+        wait(lambda: "Pacemaker runs guest ha as a resource" in b.exec(
+            ["kvmagent", "validate", "--host", NAME], check=False).stderr, 30,
+            "validate --host warned")
+    finally:
+        b.exec(["systemctl", "disable", UNIT])
+    assert "Pacemaker" not in b.exec(["kvmagent", "validate", "--host", NAME]).stderr
 
 
 def test_move_is_live(cluster: HostPair) -> None:
@@ -224,7 +244,7 @@ def test_move_is_live(cluster: HostPair) -> None:
     print(f"\ncrm resource move {NAME} {NODES[1]}: done in {time.monotonic() - t0:.1f} s "
           f"(seen after {took:.1f} s)")
     assert f"migrated to {NODES[1]}" in a.journal(UNIT)  # kvmagent migrate, not stop + start
-    assert console(a).count("GUEST-INIT") == 1
+    assert console(a).count("GUEST-INIT") == BOOTS[NODES[0]]
     assert "GUEST-INIT" not in console(b)  # the same boot goes on there
     for th in (a, b):  # kvmagent migrate kept it disabled at boot on both
         assert th.exec(["systemctl", "is-enabled", UNIT], check=False).stdout.strip() \
@@ -243,10 +263,74 @@ def test_standby_moves_it_back_live(cluster: HostPair) -> None:
     print(f"\ncrm node standby {NODES[1]}: the guest back on host0 in "
           f"{time.monotonic() - t0:.1f} s")
     assert f"migrated to {NODES[0]}" in b.journal(UNIT)
-    assert console(a).count("GUEST-INIT") == 1  # host0's first boot only
+    assert console(a).count("GUEST-INIT") == BOOTS[NODES[0]]  # no boot since
     assert "GUEST-INIT" not in console(b)
     time.sleep(5)
     assert located(a) == NODES[0]  # stickiness: it stays
+
+
+def qemus(th: TestHost) -> list[str]:
+    return th.exec(["pgrep", "-f", "qemu-system-x86_64"], check=False).stdout.split()
+
+
+def restarts(th: TestHost) -> int:
+    return int(th.exec(["systemctl", "show", UNIT, "--property=NRestarts", "--value"]
+                       ).stdout.strip() or 0)
+
+
+def failcount(th: TestHost) -> str:
+    out = th.exec(["crm_failcount", "--query", "--resource", NAME, "--node", NODES[0]],
+                  check=False).stdout
+    return m.group(1) if (m := re.search(r"value=(\S+)", out)) else out
+
+
+def test_supervisor_killed_systemd_restarts_it_unseen(cluster: HostPair) -> None:
+    """The supervisor killed (SIGKILL): systemd restarts it, the new one
+    takes the running guest over; no new boot, nothing for Pacemaker."""
+    a, _ = cluster
+    before, boots = restarts(a), console(a).count("GUEST-INIT")
+    qemu = qemus(a)
+    main = a.exec(["systemctl", "show", UNIT, "--property=MainPID", "--value"]).stdout.strip()
+    a.exec(["kill", "-KILL", main])
+    wait(lambda: restarts(a) == before + 1 and active(a) == "active", 60,
+         "systemd restarted the supervisor")
+    time.sleep(12)  # two more monitors
+    print(f"\nsupervisor killed (SIGKILL) on host0: kvm@{NAME} NRestarts {before} -> "
+          f"{restarts(a)}, Pacemaker's fail count {failcount(a)}, QEMU {qemu} -> {qemus(a)}")
+    assert qemus(a) == qemu and console(a).count("GUEST-INIT") == boots
+    assert failcount(a) == "0" and located(a) == NODES[0]
+
+
+def test_qemu_killed_pacemaker_recovers_it(cluster: HostPair) -> None:
+    """QEMU killed with SIGKILL on host0: the unit ends failed and systemd
+    leaves it so (the agent's drop-in: Restart=on-abnormal); Pacemaker's
+    monitor sees it, counts it, and starts the guest again."""
+    a, b = cluster
+    assert located(a) == NODES[0]
+    boots, before = console(a).count("GUEST-INIT"), restarts(a)
+    since = a.exec(["date", "+%Y-%m-%d %H:%M:%S"]).stdout.strip()
+    [pid] = qemus(a)
+    t0 = time.monotonic()
+    a.exec(["kill", "-KILL", pid])
+    wait(lambda: failcount(a) == "1", 60, "Pacemaker counted the failure")
+    seen = time.monotonic() - t0
+    took = wait(lambda: len(qemus(a)) == 1 and active(a) == "active" and
+                console(a).count("GUEST-INIT") == boots + 1, 180, "the guest runs again")
+    time.sleep(12)  # two more monitors: nothing else happens
+    ops = re.findall(r"Result of (\w+) operation for ha on (host\d+): (\w+)", a.exec(
+        ["journalctl", "--since", since, "-u", "pacemaker.service", "-o", "cat",
+         "--no-pager"], check=False).stdout)
+    print(f"\nQEMU killed (SIGKILL) on host0: Pacemaker counted it after {seen:.1f} s, the "
+          f"guest booted again on {located(a)} {seen + took:.1f} s after the kill; "
+          f"kvm@{NAME} NRestarts {before} -> {restarts(a)}; fail count {failcount(a)}; "
+          f"Pacemaker's operations since: {ops}")
+    # systemd did not restart it (that would make NRestarts before + 1): Pacemaker's
+    # start did, which begins the count anew
+    assert restarts(a) == 0
+    assert ("stop", "host0", "ok") in ops and ("start", "host0", "ok") in ops, ops
+    assert len(qemus(a)) + len(qemus(b)) == 1 and located(a) == NODES[0]
+    crm(a, "resource", "cleanup", NAME)  # the fail count gone: probed again
+    wait(lambda: located(a) == NODES[0] and failcount(a) == "0", 60, "cleaned up")
 
 
 def test_node_killed_guest_starts_on_the_other(cluster: HostPair) -> None:

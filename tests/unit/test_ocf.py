@@ -239,3 +239,59 @@ def test_the_docs_name_what_the_agent_has() -> None:
     for text in (section, manual, guide):
         assert "/usr/lib/ocf/resource.d/kvmagent/guest" in text and ocf.AGENT in text
     assert "params name=arkani" in section and "pacemaker.md" in section
+
+
+CIB = """<cib crm_feature_set="3.16.2" validate-with="pacemaker-3.9" epoch="7">
+  <configuration>
+    <crm_config/>
+    <nodes/>
+    <resources>
+      <primitive id="ha" class="ocf" provider="kvmagent" type="guest">
+        <instance_attributes id="ha-instance_attributes">
+          <nvpair name="name" value="ha" id="ha-instance_attributes-name"/>
+        </instance_attributes>
+        <meta_attributes id="ha-meta_attributes">
+          <nvpair name="allow-migrate" value="true" id="ha-meta_attributes-allow-migrate"/>
+        </meta_attributes>
+      </primitive>
+      <group id="g">
+        <primitive id="web" class="ocf" provider="kvmagent" type="guest">
+          <instance_attributes id="web-ia"><nvpair name="name" value="web1" id="w"/>
+          </instance_attributes>
+        </primitive>
+      </group>
+      <primitive id="vd" class="ocf" provider="heartbeat" type="VirtualDomain">
+        <instance_attributes id="vd-ia"><nvpair name="name" value="other" id="v"/>
+        </instance_attributes>
+      </primitive>
+    </resources>
+  </configuration>
+</cib>"""
+
+
+def test_the_guests_a_cib_runs() -> None:
+    assert ocf.cib_guests(CIB) == {"ha", "web1"}
+    assert ocf.cib_guests("<cib><configuration>") == set()  # cut short: nothing
+
+
+def test_validate_host_warns_of_an_enabled_guest_pacemaker_runs(tmp_path: Path) -> None:
+    warning = ocf.enabled_under_pacemaker("ha", "enabled")
+    assert warning is not None and "systemctl disable kvm@ha.service" in warning
+    assert ocf.enabled_under_pacemaker("ha", "disabled") is None
+    # a guest no CIB names: systemd is not even asked
+    from kvmagent.cli.commands import pacemaker_enabled
+    cib = tmp_path / "cib.xml"
+    assert pacemaker_enabled("ha", cib) == []
+    cib.write_text(CIB)
+    assert pacemaker_enabled("other", cib) == []
+
+
+def test_who_restarts_what_under_pacemaker() -> None:
+    """The agent's runtime drop-in: systemd restarts a supervisor killed by a
+    signal or its watchdog (its successor takes the guest over), not a unit
+    whose QEMU died (the supervisor's exit status 1): Pacemaker does."""
+    path, text = ocf.restart_dropin("web1")
+    assert path == "/run/systemd/system/kvm@web1.service.d/50-pacemaker.conf"
+    assert "[Service]\nRestart=on-abnormal\n" in text
+    unit = (REPO / "units" / "kvm@.service").read_text()
+    assert "\nRestart=on-failure\n" in unit  # what the drop-in narrows, without Pacemaker
