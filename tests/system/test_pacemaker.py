@@ -335,7 +335,7 @@ def test_qemu_killed_pacemaker_recovers_it(cluster: HostPair) -> None:
 
 def test_node_killed_guest_starts_on_the_other(cluster: HostPair) -> None:
     a, b = cluster
-    assert located(b) == NODES[0]
+    wait(lambda: located(b) == NODES[0], 60, "host1 sees it on host0")  # after a re-probe
     t0 = time.monotonic()
     os.kill(a.leader, signal.SIGKILL)  # host0's PID 1: the whole container dies at once
     took = wait(lambda: located(b) == NODES[1] and active(b) == "active", 180,
