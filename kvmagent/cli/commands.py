@@ -12,11 +12,13 @@ from kvmagent.config.guests import check_unique, guest_names, load_guest, load_h
 from kvmagent.config.model import Guest, HostConfig
 from kvmagent.errors import ExitStatus, KvmagentError, host_error
 from kvmagent.host import dpkgfiles
+from kvmagent.host.cib import CIB, pacemaker_guests
 from kvmagent.host.hostcheck import check_host, default_caps_probe
 from kvmagent.host.pinfile import pin_file, read_pin
-from kvmagent.names import scope_unit
+from kvmagent.names import scope_unit, service_unit
 from kvmagent.paths import Paths
 from kvmagent.render import hostkernel
+from kvmagent.render.ocf import enabled_under_pacemaker
 from kvmagent.render.pin import pin_status
 from kvmagent.render.qemu import Sockets, machine_and_cpu, qemu_argv
 from kvmagent.render.scope import render_settings, scope_settings
@@ -49,7 +51,7 @@ def cmd_validate(args: argparse.Namespace, paths: Paths) -> int:
         good.append(guest)
         print(f"{name}: ok")
         if args.host:
-            for warning in package_kernels(guest):
+            for warning in package_kernels(guest) + pacemaker_enabled(name):
                 _err(f"warning: {warning}")
     # Cross-guest checks (MACs, taps, disks) always look at every defined
     # guest, so validating one guest catches a clash with another.
@@ -62,6 +64,17 @@ def cmd_validate(args: argparse.Namespace, paths: Paths) -> int:
     if not names:
         print(f"no guests defined in {paths.guests_dir}")
     return status
+
+
+def pacemaker_enabled(name: str, cib: Path = CIB) -> list[str]:
+    """A warning for a guest that this node's Pacemaker runs as a resource
+    while kvm@NAME.service is enabled at boot (systemd asked only then)."""
+    if name not in pacemaker_guests(cib):
+        return []
+    from kvmagent.host import systemd
+    enabled = systemd.unit_properties(service_unit(name), ["UnitFileState"])["UnitFileState"]
+    warning = enabled_under_pacemaker(name, str(enabled))
+    return [warning] if warning else []
 
 
 def package_kernels(guest: Guest, boot: Path = hostkernel.BOOT,

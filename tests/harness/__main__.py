@@ -1,7 +1,9 @@
 """CLI for the test host.  From the checkout, as root, with Debian's python:
 
     /usr/bin/python3 -m tests.harness setup [--release R] [--force]   build/refresh the roots
-        of the test hosts and their offline debs, and the clean build roots (every release)
+        of the test hosts and their offline debs, and the clean build roots (every release);
+        the cluster stack's offline debs (Debian 12)
+    /usr/bin/python3 -m tests.harness setup-cluster [--force]   only the cluster stack's debs
     /usr/bin/python3 -m tests.harness boot [--root host|bookworm|trixie] NAME   Ctrl-C or `stop`
     /usr/bin/python3 -m tests.harness run [--exec] NAME -- CMD...   as a unit (--exec: nsenter)
     /usr/bin/python3 -m tests.harness stop NAME
@@ -25,7 +27,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from . import buildroot, rootfs
+from . import buildroot, clusterdebs, rootfs
 from .install import GIT
 from .sysutil import (
     CLEAN_ENV, STATE_ROOT, HarnessError, log, procs_mentioning, proc_alive, safe_rmtree, terminate,
@@ -67,6 +69,14 @@ def cmd_setup(args: argparse.Namespace) -> int:
         info["setup_seconds"] = round(time.monotonic() - t0, 1)
         info["root_mb"] = rootfs.size_mb(Path(str(info["root"])))
         print(json.dumps(info, indent=1), flush=True)
+        if release in clusterdebs.RELEASES:
+            print(json.dumps(clusterdebs.build(release, force=args.force), indent=1), flush=True)
+    return 0
+
+
+def cmd_setup_cluster(args: argparse.Namespace) -> int:
+    for release in clusterdebs.RELEASES:
+        print(json.dumps(clusterdebs.build(release, force=args.force), indent=1), flush=True)
     return 0
 
 
@@ -181,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="only this release (repeatable; default: all)")
     s.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
     s.set_defaults(func=cmd_setup)
+    s = sub.add_parser("setup-cluster", help="only the cluster stack's offline debs (#21)")
+    s.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    s.set_defaults(func=cmd_setup_cluster)
     s = sub.add_parser("boot", help="boot a test host and wait for Ctrl-C or `stop`")
     s.add_argument("--root", choices=["host", "debian", *rootfs.RELEASES], default="host",
                    help="host: this machine's / under an overlay; a release: its cached root")

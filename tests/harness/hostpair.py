@@ -50,12 +50,14 @@ class HostPair:
 
     def __init__(self, releases: Sequence[str] = ("bookworm", "bookworm"), *,
                  deb: Path | None = None, shared: Path, src: Path | None = None,
-                 journal_dir: Path | None = None, host_config: str = HOST_CONFIG) -> None:
+                 journal_dir: Path | None = None, host_config: str = HOST_CONFIG,
+                 bind_ro: Sequence[tuple[Path, str]] = ()) -> None:
         if len(releases) != 2:
             raise HarnessError(f"a host pair is two hosts, not {len(releases)}")
         self.releases = [rootfs.resolve(r) for r in releases]
         self.deb, self.shared, self.src = deb, shared, src
         self.journal_dir, self.host_config = journal_dir, host_config
+        self.bind_ro = list(bind_ro)  # more read-only binds (another offline repository)
         self.hosts: list[TestHost] = []
         self._stack = contextlib.ExitStack()
 
@@ -74,7 +76,7 @@ class HostPair:
         try:
             for release in self.releases:
                 debs = rootfs.cached_debs(release)
-                th = TestHost(root=release, src=self.src, bind_ro=[(debs, "/mnt/debs")],
+                th = TestHost(root=release, src=self.src, bind_ro=[(debs, "/mnt/debs"), *self.bind_ro],
                               bind=[(self.shared, SHARED_DIR)], journal_dir=self.journal_dir,
                               own_cgroup=True)
                 self._stack.enter_context(th)

@@ -35,6 +35,10 @@ def install_checkout(th: TestHost, host_config: str = 'accel = "tcg"\n') -> None
         th.copy_in(unit, f"/etc/systemd/system/{unit.name}", 0o644)
     th.write_file("/etc/systemd/system-generators/kvmagent-generator",
                   WRAPPER.replace("kvmagent.cli.main", "kvmagent.cli.generator"), 0o755)
+    # the OCF resource agent, where the package puts it (ocf/guest)
+    th.exec(["mkdir", "-p", "/usr/lib/ocf/resource.d/kvmagent"])
+    th.write_file("/usr/lib/ocf/resource.d/kvmagent/guest",
+                  WRAPPER.replace("kvmagent.cli.main", "kvmagent.cli.ocf"), 0o755)
     # the user QEMU runs as, as the package's postinst makes it
     th.copy_in(REPO / "debian" / "kvmagent.sysusers", "/usr/lib/sysusers.d/kvmagent.conf", 0o644)
     th.exec(["systemd-sysusers", "kvmagent.conf"])

@@ -96,6 +96,9 @@ def test_builds_in_a_clean_root_with_its_tests_and_passes_lintian(
                      report, re.M), report
     contents = deb_contents(deb)
     assert " ./usr/lib/systemd/system/kvm@.service\n" in contents and " ./lib/" not in contents
+    # the OCF resource agent (#21), executable
+    assert re.search(r"^-rwxr-xr-x .* \./usr/lib/ocf/resource\.d/kvmagent/guest$", contents,
+                     re.M), contents
     print(f"lintian --pedantic on {release}:\n{report or '(nothing)'}")
 
 
