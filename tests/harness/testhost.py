@@ -287,9 +287,10 @@ class TestHost:
             self.cgroup.mkdir(exist_ok=True)
             procs = str(self.cgroup / "cgroup.procs")
 
-            def enter() -> None:  # in the child, before exec: "0" is the writer itself
+            def enter_cgroup() -> None:  # in the child, before exec: "0" is the writer itself
                 with open(procs, "w") as f:
                     f.write("0")
+            enter = enter_cgroup
         with open(console, "wb") as out:
             # A new session: Ctrl-C in the terminal reaches us, not nspawn; we tear down.
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
