@@ -99,14 +99,16 @@ def imports(module: str) -> list[Import]:
     return found
 
 
-def graph(in_functions: bool = True) -> dict[str, dict[str, Import]]:
+def graph(in_functions: bool = True,
+          type_checking: bool = False) -> dict[str, dict[str, Import]]:
     """module -> {kvmagent module it imports at run time -> where}; with
-    in_functions False, the module-level imports only."""
+    in_functions False, the module-level imports only; with type_checking,
+    those under TYPE_CHECKING too (read by a newcomer and by mypy)."""
     edges: dict[str, dict[str, Import]] = {}
     for module in modules():
         edges[module] = {}
         for imp in imports(module):
-            if (imp.target.startswith("kvmagent") and not imp.type_checking
+            if (imp.target.startswith("kvmagent") and (type_checking or not imp.type_checking)
                     and imp.target != module and (in_functions or not imp.in_function)):
                 edges[module].setdefault(imp.target, imp)
     return edges

@@ -24,7 +24,7 @@ import select
 import signal
 import time
 from contextlib import ExitStack, suppress
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kvmagent.host.qmp import QmpError
 from kvmagent.host.sdnotify import notify
@@ -32,10 +32,9 @@ from kvmagent.lifecycle import MIGRATED
 from kvmagent.render.migration import Arrival, incoming_step
 from kvmagent.render.plan import Incoming
 from kvmagent.unit import channel
+from kvmagent.unit.held import Held
 from kvmagent.unit.messages import MSG_MIGRATED
 
-if TYPE_CHECKING:
-    from kvmagent.unit.supervisor import Supervisor
 
 FDNAME = "migration"  # QEMU's name of the stream's fd (getfd)
 # How far each turn of the destination's wait extends systemd's start
@@ -56,7 +55,7 @@ class IncomingFailed(Exception):
         self.message = message
 
 
-def machine_and_cpu(sup: Supervisor) -> tuple[str, str]:
+def machine_and_cpu(sup: Held) -> tuple[str, str]:
     """The running QEMU's own machine type (versioned: "pc" is an alias)
     and -cpu value, which the destination must use as they are."""
     assert sup.qmp is not None and sup.qemu is not None
@@ -70,7 +69,7 @@ def machine_and_cpu(sup: Supervisor) -> tuple[str, str]:
     return kind.removesuffix("-machine"), cpu
 
 
-def request(sup: Supervisor, req: channel.Request) -> None:
+def request(sup: Held, req: channel.Request) -> None:
     """A migration request to a running guest's supervisor (the source)."""
     conn, command, fields, fds = req
     try:
@@ -82,7 +81,7 @@ def request(sup: Supervisor, req: channel.Request) -> None:
     channel.answer(conn, reply)
 
 
-def _source(sup: Supervisor, command: str, fields: dict[str, object],
+def _source(sup: Held, command: str, fields: dict[str, object],
             fds: list[int]) -> dict[str, object]:
     assert sup.qmp is not None
     qmp = sup.qmp
@@ -145,7 +144,7 @@ def _source(sup: Supervisor, command: str, fields: dict[str, object],
     return {"ok": True}
 
 
-def migrated(sup: Supervisor, rc: int) -> int:
+def migrated(sup: Held, rc: int) -> int:
     """The source's end: QEMU quit after the guest moved."""
     sup.log(f"guest {sup.name} migrated to {sup.migrated_to}; its QEMU here ended",
             5, MSG_MIGRATED)
@@ -153,7 +152,7 @@ def migrated(sup: Supervisor, rc: int) -> int:
     return 0
 
 
-def arrive(sup: Supervisor, stack: ExitStack, incoming: Incoming) -> None:
+def arrive(sup: Held, stack: ExitStack, incoming: Incoming) -> None:
     """The destination's start, once QEMU waits (paused, -incoming defer):
     signals and the control channel served, then receive()."""
     sup.catch_signals()
@@ -162,7 +161,7 @@ def arrive(sup: Supervisor, stack: ExitStack, incoming: Incoming) -> None:
     receive(sup, incoming)
 
 
-def receive(sup: Supervisor, incoming: Incoming) -> None:
+def receive(sup: Held, incoming: Incoming) -> None:
     """The destination: QEMU (-incoming defer, paused) waits until
     `kvmagent migrate-incoming` hands in the stream, then receives the
     guest; resumed here once complete.  IncomingFailed otherwise: a stop,
@@ -205,7 +204,7 @@ def receive(sup: Supervisor, incoming: Incoming) -> None:
         sup.paths.incoming_request(sup.name).unlink()
 
 
-def resume(sup: Supervisor, incoming: Incoming) -> None:
+def resume(sup: Held, incoming: Incoming) -> None:
     """cont (-S: paused until now, as the source was).  Its disks' image locks
     are taken now: the source QEMU let go of them when it sent the last of
     the state, and if that comes late, cont is tried again a while."""
@@ -222,7 +221,7 @@ def resume(sup: Supervisor, incoming: Incoming) -> None:
         time.sleep(0.05)
 
 
-def incoming_failed(sup: Supervisor, e: IncomingFailed) -> int:
+def incoming_failed(sup: Held, e: IncomingFailed) -> int:
     """Nothing ran here: the unit ends successfully, never restarted (a
     restart would boot a second copy of the guest, which runs on at its
     source).  Ready, then done: a Type=notify service that exits before
@@ -236,7 +235,7 @@ def incoming_failed(sup: Supervisor, e: IncomingFailed) -> int:
     return 0
 
 
-def _incoming_request(sup: Supervisor, req: channel.Request, status: str | None) -> str | None:
+def _incoming_request(sup: Held, req: channel.Request, status: str | None) -> str | None:
     conn, command, _, fds = req
     assert sup.qmp is not None
     try:

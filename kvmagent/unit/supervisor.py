@@ -24,8 +24,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import socket
-import subprocess
 import time
 from contextlib import ExitStack, suppress
 from typing import Any
@@ -34,7 +32,7 @@ from kvmagent import __version__
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import tundev
 from kvmagent.host.qmp import Qmp, QmpError
-from kvmagent.host.sdnotify import Journal, notify, store_fd
+from kvmagent.host.sdnotify import notify, store_fd
 from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
@@ -42,12 +40,12 @@ from kvmagent.render.plan import Plan, Running
 from kvmagent.unit import adopt, channel, forkcall, migration, takeover, testhook
 from kvmagent.unit.adopt import AdoptedQemu
 from kvmagent.unit.consolelog import ConsoleLog
+from kvmagent.unit.held import Held
 from kvmagent.unit.launch import launch, remove_pid_file, systemd_booted, write_pid_file
 from kvmagent.unit.messages import (MSG_CONSOLE_DROPPED, MSG_CRASHED, MSG_FAILED_QEMU_KEPT,
                                     MSG_MIGRATED_IN, MSG_PANIC, MSG_POWERDOWN, MSG_POWEREDOFF,
                                     MSG_RUNNING, MSG_START_FAILED, MSG_STARTING, MSG_STOPPED,
                                     MSG_WATCHDOG)
-from kvmagent.unit.recorder import EventRecorder
 from kvmagent.unit.stoppolicy import (Action, ForceStop, Kill, Outcome, Press, Quit, Stopping,
                                       StopPolicy)
 from kvmagent.unit.viewers import ConsoleHub
@@ -58,8 +56,6 @@ from kvmagent.unit.viewers import ConsoleHub
 # While the plan waits for devices: how often the start timeout is extended
 # (by three times this), so that no TimeoutStartSec= cuts device_timeout short.
 PLAN_PATIENCE = 2.0
-# Messages (console lines mostly) kept while journald does not take them.
-JOURNAL_BACKLOG = 4096
 
 
 # -- the supervisor ----------------------------------------------------------
@@ -72,35 +68,9 @@ def _stopped_while_starting(signum: int, frame: Any) -> None:
     raise StoppedWhileStarting
 
 
-class Supervisor:
-    def __init__(self, name: str, paths: Paths, guest_file: str | None = None) -> None:
-        self.name = name
-        self.paths = paths
-        self.guest_file = guest_file  # a one-off guest's file (run --file)
-        self.journal = Journal(backlog=JOURNAL_BACKLOG)  # never waits for journald
-        self.qemu: subprocess.Popen[bytes] | AdoptedQemu | None = None
-        self.qmp: Qmp | None = None
-        self.console: socket.socket | None = None
-        self.console_log = ConsoleLog()
-        self.hub: ConsoleHub | None = None
-        self.stop = StopPolicy(stop_timeout=0.0, keep=False)  # the plan's, once made
-        self.started = 0.0
-        self.since = time.time()  # when this supervisor started or took the guest over
-        self.running: Running | None = None  # what the next supervisor needs
-        self.channel: socket.socket | None = None  # kvmagent.unit.channel
-        self.kept: dict[str, socket.socket] = {}  # in systemd's fd store, by name
-        self.lock = -1  # kvmagent.unit.adopt.lock: one supervisor per guest
-        self.thaw_at: float | None = None  # paused for a snapshot until (monotonic)
-        self.abandoned = False  # failed with QEMU's fds kept: QEMU is left running
-        self.migrated_to: str | None = None  # kvmagent migrate moved the guest there
-        self.incoming: str | None = None  # a live migration's destination: from where
-        self.record = EventRecorder(name, paths, lambda text: self.log(text, 4))
-
-    def log(self, message: str, priority: int = 6, message_id: str | None = None) -> None:
-        fields = {"GUEST": self.name, "SYSLOG_IDENTIFIER": "kvmagent"}
-        if message_id:
-            fields["MESSAGE_ID"] = message_id
-        self.journal.send(message, priority, **fields)
+class Supervisor(Held):
+    """Starts and runs a guest, or carries on with one taken over (Held:
+    what it holds)."""
 
     # -- start --------------------------------------------------------------
     def start(self, stack: ExitStack, planner: forkcall.Child) -> None:
@@ -229,22 +199,6 @@ class Supervisor:
                  f"running for the next supervisor to take over:\n{traceback.format_exc()}",
                  3, MSG_FAILED_QEMU_KEPT)
         notify(f"STATUS=supervisor failed; QEMU pid {pid} left running")
-
-    def catch_signals(self) -> None:
-        """Signals wake the main loop through a socket (signal.set_wakeup_fd)."""
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.wake_w.setblocking(False)
-        signal.set_wakeup_fd(self.wake_w.fileno())
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGUSR1):
-            signal.signal(sig, lambda *_: None)
-
-    def reap(self) -> None:
-        if self.abandoned:  # for the next supervisor to take over
-            return
-        if self.qemu is not None and self.qemu.poll() is None:
-            self.qemu.kill()
-            self.qemu.wait()
 
     # -- run ------------------------------------------------------------------
     def _console_data(self) -> None:

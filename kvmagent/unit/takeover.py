@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 from contextlib import ExitStack, suppress
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from kvmagent import __version__
 from kvmagent.errors import ExitStatus, KvmagentError
@@ -25,18 +25,17 @@ from kvmagent.unit import adopt, channel, forkcall, migration
 from kvmagent.unit.adopt import AdoptedQemu
 from kvmagent.unit.consolelog import ConsoleLog
 from kvmagent.unit.launch import read_pid_file, remove_pid_file, write_pid_file
+from kvmagent.unit.held import Held
 from kvmagent.unit.messages import MSG_ADOPTED, MSG_RELOADED, MSG_WATCHDOG
 from kvmagent.unit.stoppolicy import StopPolicy
 from kvmagent.unit.viewers import ConsoleHub
 
-if TYPE_CHECKING:
-    from kvmagent.unit.supervisor import Supervisor
 
 # Set for the code a reload executes: the version it replaces.
 RELOAD_ENV = "KVMAGENT_RELOADED_FROM"
 
 
-def take_over(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> bool:
+def take_over(sup: Held, stack: ExitStack, planner: forkcall.Child) -> bool:
     """If systemd gave back a dead supervisor's QMP and console (its fd
     store) and that supervisor's QEMU still runs: supervise it (True).
     False: no QEMU to take over; the fds are closed and a normal start
@@ -124,7 +123,7 @@ def take_over(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> boo
     return True
 
 
-def control(sup: Supervisor) -> None:
+def control(sup: Held) -> None:
     assert sup.channel is not None and sup.qemu is not None
     request = channel.receive(sup.channel)
     if request is None:
@@ -158,7 +157,7 @@ def control(sup: Supervisor) -> None:
     reexec(sup)
 
 
-def freeze(sup: Supervisor, conn: socket.socket, command: str,
+def freeze(sup: Held, conn: socket.socket, command: str,
            fields: dict[str, object]) -> None:
     """freeze: pause the guest (QEMU's "stop" drains its disk I/O) for at
     most the request's seconds, so that a snapshot of its disks is
@@ -195,7 +194,7 @@ def freeze(sup: Supervisor, conn: socket.socket, command: str,
     channel.answer(conn, {"ok": True, "seconds": seconds})
 
 
-def thaw(sup: Supervisor, why: str) -> None:
+def thaw(sup: Held, why: str) -> None:
     assert sup.qmp is not None
     sup.thaw_at = None
     try:
@@ -206,7 +205,7 @@ def thaw(sup: Supervisor, why: str) -> None:
     sup.log(f"guest {sup.name} resumed: {why}", 5)
 
 
-def reexec(sup: Supervisor) -> NoReturn:
+def reexec(sup: Held) -> NoReturn:
     """Run the installed kvmagent in this process (same pid: systemd sees
     nothing but RELOADING=1 and READY=1), handing it QMP, the console and
     the control channel as systemd's fd store would; it takes the guest

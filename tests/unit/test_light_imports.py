@@ -43,7 +43,7 @@ SUPERVISOR = RUN_BEFORE_FORK | {
     # live migration: its decisions (pure) and the supervisor's part (#20)
     "kvmagent.render.migration", "kvmagent.unit.migration",
     "kvmagent.host", "kvmagent.host.qmp", "kvmagent.host.sdnotify", "kvmagent.host.tundev",
-    "kvmagent.unit.adopt", "kvmagent.unit.channel", "kvmagent.unit.consolelog",
+    "kvmagent.unit.adopt", "kvmagent.unit.channel", "kvmagent.unit.consolelog", "kvmagent.unit.held",
     "kvmagent.unit.launch", "kvmagent.unit.messages", "kvmagent.unit.recorder",
     "kvmagent.unit.stoppolicy", "kvmagent.unit.takeover", "kvmagent.unit.testhook",
     "kvmagent.unit.supervisor", "kvmagent.unit.viewers"}
