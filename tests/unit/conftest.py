@@ -28,12 +28,5 @@ class ConfDir:
 
 
 @pytest.fixture
-def conf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ConfDir:
-    """A throwaway configuration; code that finds its directories from the
-    environment (Paths.from_env) finds these too, never the host's own
-    /var/lib/kvmagent (which a user may not read)."""
-    c = ConfDir(tmp_path)
-    monkeypatch.setenv("KVMAGENT_CONFIG_DIR", str(c.paths.config_dir))
-    monkeypatch.setenv("KVMAGENT_STATE_DIR", str(c.paths.state_dir))
-    monkeypatch.setenv("KVMAGENT_RUNTIME_DIR", str(c.paths.runtime_dir))
-    return c
+def conf(tmp_path: Path) -> ConfDir:
+    return ConfDir(tmp_path)

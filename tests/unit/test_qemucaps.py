@@ -101,14 +101,14 @@ def test_a_machine_type_that_qemu_10_removed(conf):
 def test_a_deprecated_machine_type_is_a_notice(conf):
     conf.write("kvmagent.toml", f'qemu = "{sys.executable}"\n')
     path = conf.write("guests/g.toml", 'accel = "tcg"\nmachine = "pc-i440fx-1.4"\n')
-    facts, problems = check_host(conf.guest(), load_host_config(conf.paths),
+    facts, problems = check_host(conf.guest(), load_host_config(conf.paths), state_dir=conf.paths.state_dir,
                                  caps_probe=lambda q: qemu_7_2())
     assert problems == []
     assert facts.notices == (f'{path}: machine = "pc-i440fx-1.4" is deprecated in '
                              f'{qemu_7_2().name} and will be removed from a coming release; '
                              '"pc" or "q35" is its newest',)
     conf.write("guests/g.toml", 'accel = "tcg"\n')
-    facts, _ = check_host(conf.guest(), load_host_config(conf.paths),
+    facts, _ = check_host(conf.guest(), load_host_config(conf.paths), state_dir=conf.paths.state_dir,
                           caps_probe=lambda q: qemu_7_2())
     assert facts.notices == ()
 
@@ -203,7 +203,7 @@ def test_check_host_reports_it_and_no_wait_can_help(conf):
     conf.write("kvmagent.toml", f'qemu = "{sys.executable}"\n')  # an executable, any
     path = conf.write("guests/g.toml", 'accel = "tcg"\nmachine = "pc-i440fx-2.0"\n')
     lasting: list[KvmagentError] = []
-    _, problems = check_host(conf.guest(), load_host_config(conf.paths),
+    _, problems = check_host(conf.guest(), load_host_config(conf.paths), state_dir=conf.paths.state_dir,
                              caps_probe=lambda q: qemu_10_0(), lasting=lasting)
     assert [p.message for p in lasting] == [p.message for p in problems]
     assert problems[0].message.startswith(f'{path}: machine = "pc-i440fx-2.0": QEMU 10.0.13')
@@ -215,7 +215,7 @@ def test_check_host_reports_a_failed_probe(conf):
 
     def fails(qemu: Path) -> QemuCaps:
         raise host_error(f"{qemu}: QEMU did not answer within 10 s")
-    _, problems = check_host(conf.guest(), load_host_config(conf.paths), caps_probe=fails)
+    _, problems = check_host(conf.guest(), load_host_config(conf.paths), state_dir=conf.paths.state_dir, caps_probe=fails)
     assert [p.message for p in problems] == [f"{sys.executable}: QEMU did not answer within 10 s"]
 
 
@@ -225,7 +225,7 @@ def test_no_probe_without_an_executable_qemu(conf, tmp_path):
 
     def never(qemu: Path) -> QemuCaps:
         raise AssertionError("probed")
-    _, problems = check_host(conf.guest(), load_host_config(conf.paths), caps_probe=never)
+    _, problems = check_host(conf.guest(), load_host_config(conf.paths), state_dir=conf.paths.state_dir, caps_probe=never)
     assert [p.message.split(": ", 1)[1] for p in problems] == [
         f'qemu = "{tmp_path}/none": no such executable']
 
