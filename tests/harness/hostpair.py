@@ -77,8 +77,7 @@ class HostPair:
             for release in self.releases:
                 debs = rootfs.cached_debs(release)
                 th = TestHost(root=release, src=self.src, bind_ro=[(debs, "/mnt/debs"), *self.bind_ro],
-                              bind=[(self.shared, SHARED_DIR)], journal_dir=self.journal_dir,
-                              own_cgroup=True)
+                              bind=[(self.shared, SHARED_DIR)], journal_dir=self.journal_dir)
                 self._stack.enter_context(th)
                 self.hosts.append(th)
             self._link()

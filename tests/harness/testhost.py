@@ -167,7 +167,7 @@ class TestHost:
         boot_timeout: float = 90.0,
         stop_timeout: float = 30.0,
         nspawn_args: Sequence[str] = (),
-        own_cgroup: bool = False,
+        own_cgroup: bool = True,
     ) -> None:
         """root: "host" (the host's / under an overlay), a release ("bookworm", "trixie";
         "debian" is this machine's: the cached debootstrap root, HarnessError telling to
@@ -176,8 +176,9 @@ class TestHost:
         persistent: mount the overlay ourselves with upper/work in persist_dir (default: in
         the scratch dir) so reboot() keeps state; otherwise --volatile=overlay (tmpfs).
         own_cgroup: where systemd is not PID 1, boot it in a cgroup v2 directory of its
-        own (own_cgroup_dir), not the caller's: two hosts that run a guest of the same
-        name would otherwise share the unified hierarchy's machine.slice/kvm-NAME.scope
+        own (own_cgroup_dir), not the caller's (the default: two test runs side by side,
+        or the two hosts of a HostPair, that run a guest of the same name would otherwise
+        share the unified hierarchy's machine.slice/kvm-NAME.scope
         (seen with HostPair: each host's scope held the other's QEMU, never ended and
         could not be made anew)."""
         if root == "host":
