@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.guest.build import find_guest  # noqa: E402
 from tests.harness import TestHost, rootfs  # noqa: E402
 from tests.harness.install import REPO, copy_guest, define_guest, guest_toml  # noqa: E402
-from tests.system.test_adoption import prepare  # noqa: E402
+from tests.harness.install import install_on_release  # noqa: E402
 
 ROWS = [("kill -9 -> console in the journal", "kill console"),
         ("kill -9 -> QMP answering (taken over)", "kill qmp"),
@@ -38,7 +38,7 @@ def main() -> int:
     for release in rootfs.RELEASES:
         debs = rootfs.cached_debs(release)
         with TestHost(root=release, src=REPO, bind_ro=[(debs, "/mnt/debs")]) as th:
-            prepare(th)
+            install_on_release(th)
             define_guest(th, "bench", guest_toml(copy_guest(th, image), nics=1,
                                                  extra="[console]\nlog_burst = 100000\n"))
             out = th.run(["/usr/bin/python3", "/src/kvmagent/bench/adoption_inner.py", str(n)],

@@ -124,6 +124,22 @@ def offline_apt(th: TestHost) -> None:
     th.run(["apt-get", *OFFLINE_APT, "update", "-q"])
 
 
+# What kvmagent needs at run time, from a release's own packages (debian/control's Depends).
+RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
+                   "systemd-container"]
+
+
+def install_on_release(th: TestHost, bridge_address: str = "10.77.0.1/24") -> None:
+    """This checkout on a test host of a release's root (once per test host): its
+    runtime dependencies from the offline repository at /mnt/debs, and br-kvm."""
+    if th.exec(["test", "-e", "/usr/bin/kvmagent"], check=False).returncode != 0:
+        offline_apt(th)
+        th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q", "--no-install-recommends",
+                *RUNTIME_DEPENDS], env=APT_ENV, timeout=600)
+        install_checkout(th)
+        th.run(["kvmagent", "bridge", "ensure", "br-kvm", "--address", bridge_address])
+
+
 def apt_install(th: TestHost, deb: Path) -> str:
     """Install the .deb with apt, its Depends from the offline repository; apt's output."""
     th.copy_in(deb, f"/var/tmp/{deb.name}", 0o644)

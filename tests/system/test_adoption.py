@@ -17,24 +17,12 @@ import pytest
 
 from kvmagent.host.statefile import MSG_DAMAGED
 from tests.harness import TestHost
-from tests.harness.install import (APT_ENV, OFFLINE_APT, copy_guest, define_guest, guest_toml,
-                                   install_checkout, offline_apt)
+from tests.harness.install import copy_guest, define_guest, guest_toml, install_on_release
 from tests.system.test_kvm_service import qemu_pid, show, wait_for
 
 pytestmark = pytest.mark.system
 
 STATE_DB = "/var/lib/kvmagent/state.db"
-RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
-                   "systemd-container"]
-
-
-def prepare(th: TestHost) -> None:
-    if th.exec(["test", "-e", "/usr/bin/kvmagent"], check=False).returncode != 0:
-        offline_apt(th)
-        th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q", "--no-install-recommends",
-                *RUNTIME_DEPENDS], env=APT_ENV, timeout=600)
-        install_checkout(th)
-        th.run(["kvmagent", "bridge", "ensure", "br-kvm", "--address", "10.77.0.1/24"])
 
 
 def listed(th: TestHost, name: str) -> dict[str, Any]:
@@ -52,7 +40,7 @@ def console_counts(th: TestHost, name: str) -> list[int]:
 def test_a_killed_supervisor_is_replaced_and_the_guest_runs_on(debian_testhost: TestHost,
                                                                 guest_image) -> None:  # type: ignore[no-untyped-def]
     th = debian_testhost
-    prepare(th)
+    install_on_release(th)
     name, unit = "adopt", "kvm@adopt.service"
     define_guest(th, name, guest_toml(copy_guest(th, guest_image), nics=1,
                                       extra="[console]\nlog_burst = 100000\n"))

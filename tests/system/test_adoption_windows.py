@@ -23,7 +23,8 @@ import pytest
 from kvmagent.unit.messages import MSG_FAILED_QEMU_KEPT
 from tests.harness import TestHost
 from tests.harness.install import copy_guest, define_guest, guest_toml
-from tests.system.test_adoption import console_counts, listed, prepare
+from tests.harness.install import install_on_release
+from tests.system.test_adoption import console_counts, listed
 from tests.system.test_kvm_service import qemu_pid, show, wait_for
 
 pytestmark = pytest.mark.system
@@ -80,7 +81,7 @@ def nothing_left(th: TestHost, name: str, unit: str) -> None:
 def test_a_supervisor_that_dies_in_a_window_leaves_the_guest_as_asked(
         debian_testhost: TestHost, guest_image, point: str, action: str) -> None:  # type: ignore[no-untyped-def]
     th = debian_testhost
-    prepare(th)
+    install_on_release(th)
     name = f"w-{SHORT[point]}-{action[0]}"  # a guest of its own: its journal too
     unit = f"kvm@{name}.service"
     define_guest(th, name, guest_toml(copy_guest(th, guest_image), nics=1), unit_dropin=HOOKS)
@@ -151,7 +152,7 @@ def test_kills_up_to_the_start_limit_and_one_past_it(debian_testhost: TestHost,
     over, with the console read throughout; the 5th death is one too many:
     the unit fails, and kvmagent-orphan@NAME.service stops its QEMU."""
     th = debian_testhost
-    prepare(th)
+    install_on_release(th)
     name = "limit"
     unit = f"kvm@{name}.service"
     define_guest(th, name, guest_toml(copy_guest(th, guest_image), nics=1,

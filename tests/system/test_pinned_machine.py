@@ -21,7 +21,7 @@ import pytest
 
 from tests.harness import TestHost
 from tests.harness.install import copy_guest, define_guest, guest_toml
-from tests.system.test_adoption import prepare
+from tests.harness.install import install_on_release
 from tests.system.test_kvm_service import qemu_pid, show, wait_for, wait_state
 
 pytestmark = pytest.mark.system
@@ -71,7 +71,7 @@ def test_default_cpu_and_pinned_machine(debian_testhost: TestHost,
     th = debian_testhost
     release = th.release
     newest = NEWEST_PC[release]
-    prepare(th)
+    install_on_release(th)
     th.exec(["rm", "-f", PIN])
     image = copy_guest(th, guest_image)
     define_guest(th, NAME, guest_toml(image, nics=0))
