@@ -124,9 +124,10 @@ def offline_apt(th: TestHost) -> None:
     th.run(["apt-get", *OFFLINE_APT, "update", "-q"])
 
 
-# What kvmagent needs at run time, from a release's own packages (debian/control's Depends).
+# What kvmagent needs at run time, from a release's own packages (debian/control's
+# Depends, and qemu-utils of its Recommends: clone's qemu-img).
 RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
-                   "systemd-container"]
+                   "systemd-container", "qemu-utils"]
 
 
 def install_on_release(th: TestHost, bridge_address: str = "10.77.0.1/24") -> None:

@@ -44,11 +44,12 @@ EXTRA = (
     # `kvmagent -H`: two test hosts reach each other over ssh (tests/harness/hostpair.py)
     "openssh-server",
 )
-# kvmagent's runtime Depends (keep in step with debian/control): their closure against the
-# bare debootstrap root is kept as an offline repo, because containers have no network.
+# kvmagent's runtime Depends and Recommends (keep in step with debian/control): their
+# closure against the bare debootstrap root is kept as an offline repo, because containers
+# have no network.
 RUNTIME_DEPS = (
     "python3-pystemd", "python3-pydbus", "python3-pyroute2", "python3-systemd",
-    "systemd-container", "qemu-system-x86", "iproute2",
+    "systemd-container", "qemu-system-x86", "qemu-utils", "iproute2",
 )
 SETUP_HINT = "run `make setup` (or: /usr/bin/python3 -m tests.harness setup) as root"
 

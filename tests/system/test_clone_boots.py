@@ -11,7 +11,8 @@ throwaway test host: this machine's /boot has none) and boots it.  The
 supervisor's freeze/thaw (the pause that LVM snapshots of a running guest
 take) is asked over the control channel, and a freeze that nobody thaws
 ends by itself.  LVM volumes are not cloned here: this machine's kernel has
-no device-mapper (see README's Tests)."""
+no device-mapper (see README's Tests).  On each release's own root (Debian 12
+and 13)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness import TestHost
-from tests.harness.install import install_checkout
+from tests.guest.build import GuestImage
+from tests.harness.install import copy_guest, install_on_release
 from tests.system.test_kvm_service import wait_for, wait_state
 
 pytestmark = pytest.mark.system
@@ -48,24 +50,31 @@ CHANNEL = ("import sys; sys.path.insert(0, '/src/kvmagent'); import json; "
 
 
 @pytest.fixture(scope="module")
-def host(testhost: TestHost, image) -> Iterator[TestHost]:  # type: ignore[no-untyped-def]
-    install_checkout(testhost)
+def host(debian_testhost: TestHost) -> Iterator[TestHost]:
+    testhost = debian_testhost
+    install_on_release(testhost)
     testhost.run(["kvmagent", "bridge", "ensure", BRIDGE, "--address", "10.77.9.1/24"])
     yield testhost
     for name in ("tpl2", "tpl"):
         testhost.exec(["systemctl", "stop", f"kvm@{name}"], check=False, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def tiny(host: TestHost, image: GuestImage) -> GuestImage:
+    """The tiny guest's kernel and initrd inside the test host."""
+    return copy_guest(host, image)
+
+
 def ask(host: TestHost, name: str, args: str) -> str:
     return host.exec(["/usr/bin/python3", "-c", CHANNEL.format(name=name, args=args)]).stdout
 
 
-def test_a_clone_boots_beside_its_running_source(host: TestHost, image) -> None:  # type: ignore[no-untyped-def]
+def test_a_clone_boots_beside_its_running_source(host: TestHost, tiny: GuestImage) -> None:
     host.exec(["mkdir", "-p", "/srv/kvm"])
     host.exec(["truncate", "-s", "16M", "/srv/kvm/tpl.img"])
     host.exec(["chmod", "600", "/srv/kvm/tpl.img"])
     host.write_file("/etc/kvmagent/guests/tpl.toml", TEMPLATE.format(
-        kernel=image.kernel, initrd=image.initrd, bridge=BRIDGE))
+        kernel=tiny.kernel, initrd=tiny.initrd, bridge=BRIDGE))
     host.exec(["systemctl", "daemon-reload"])
     host.exec(["systemctl", "start", "kvm@tpl"], timeout=180)
     wait_for(host, "kvm@tpl.service", r"GUEST-PING-OK 10\.77\.9\.1", timeout=240)
@@ -123,10 +132,10 @@ def test_freeze_and_thaw_over_the_control_channel(host: TestHost) -> None:
     assert r.returncode != 0 and "freeze needs seconds" in r.stderr, r
 
 
-def test_kernel_from_host_boots_the_clone(host: TestHost, image) -> None:  # type: ignore[no-untyped-def]
+def test_kernel_from_host_boots_the_clone(host: TestHost, tiny: GuestImage) -> None:
     version = "6.1.0-99-kvmagenttest"
-    host.exec(["cp", str(image.kernel), f"/boot/vmlinuz-{version}"])
-    host.exec(["cp", str(image.initrd), f"/boot/initrd.img-{version}"])
+    host.exec(["cp", str(tiny.kernel), f"/boot/vmlinuz-{version}"])
+    host.exec(["cp", str(tiny.initrd), f"/boot/initrd.img-{version}"])
     r = host.exec(["kvmagent", "kernel", "tpl2", "--from-host", "5.10.0-nosuch"], check=False)
     assert r.returncode == 5 and "'5.10.0-nosuch' is not installed" in r.stderr, r
     # no VERSION: the running kernel (not installed in this test host) or the newest

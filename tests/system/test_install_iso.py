@@ -3,7 +3,8 @@ guest (TCG): an El Torito ISO is built here from the tiny guest's kernel and
 initramfs with xorriso and Debian's isolinux, and the defined guest, which
 boots that kernel directly, boots it from the CD-ROM instead, as the
 transient kvm-oneoff@NAME.service.  The ISO lies in /var/tmp, which the
-unit's PrivateTmp= would hide; the guest's file is byte-identical after."""
+unit's PrivateTmp= would hide; the guest's file is byte-identical after.
+On each release's own root (Debian 12 and 13: QEMU 7.2 and 10.0)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import pytest
 
 from tests.guest.build import GuestImage
 from tests.harness import TestHost
-from tests.harness.install import define_guest, guest_toml, install_checkout
+from tests.harness.install import copy_guest, define_guest, guest_toml, install_on_release
 from tests.system.test_kvm_service import show, wait_for, wait_state
 from tests.system.test_transient import leftovers
 
@@ -55,9 +56,10 @@ def build_iso(image: GuestImage, out: Path, append: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def host(testhost: TestHost, image: GuestImage,
+def host(debian_testhost: TestHost, image: GuestImage,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestHost]:
-    install_checkout(testhost)
+    testhost = debian_testhost
+    install_on_release(testhost)
     work = tmp_path_factory.mktemp("install-iso")
     console = "console=ttyS0 quiet panic=-1"
     # the installer that powers the guest off when it is done; the one that waits
@@ -70,7 +72,7 @@ def host(testhost: TestHost, image: GuestImage,
                      "/var/tmp/wait.iso", 0o600)
     # the guest boots its kernel directly, and has a disk (outside /var/lib/kvmagent)
     testhost.exec(["truncate", "-s", "16M", "/srv/inst.img"])
-    define_guest(testhost, "inst", guest_toml(image, nics=0)
+    define_guest(testhost, "inst", guest_toml(copy_guest(testhost, image), nics=0)
                  + '[[disk]]\npath = "/srv/inst.img"\n')
     testhost.exec(["systemctl", "daemon-reload"])  # the generator: ReadWritePaths for kvm@inst
     yield testhost
