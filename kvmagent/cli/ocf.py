@@ -76,13 +76,16 @@ def pacemaker_dropin(name: str) -> None:
     path, text = ocf.pacemaker_dropin(name)
     file = Path(path)
     try:
-        if file.read_text() == text:
+        if file.read_text() == text and file.stat().st_mode & 0o777 == 0o644:
             return
     except OSError:
         pass
-    file.parent.mkdir(parents=True, exist_ok=True)
+    file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
     tmp.write_text(text)
+    # world-readable, as unit files are: under Pacemaker's umask (0077)
+    # systemd warned of it at every load of the unit
+    tmp.chmod(0o644)
     tmp.rename(file)
     _run(["systemctl", "daemon-reload"], 60)
 
