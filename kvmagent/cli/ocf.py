@@ -114,8 +114,8 @@ def stop(p: Params) -> Outcome:
     if way is ocf.StopWay.SYSTEMCTL:
         rc = _run(["systemctl", "stop", unit], budget).returncode
     elif way is ocf.StopWay.SUPERVISOR:
-        print(f"a stop job of {unit} waits (the node shuts down): its supervisor is told "
-              "to stop the guest", file=sys.stderr)
+        print(f"a stop job of {unit} waits behind another (as at the node's shutdown): "
+              "its supervisor is told to stop the guest", file=sys.stderr)
         rc = _run(["systemctl", "kill", "--kill-whom=main", "--signal=SIGTERM", unit],
                   30).returncode
         while unit_facts(p.name).service_state not in ("inactive", "failed") and \
