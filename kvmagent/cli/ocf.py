@@ -69,42 +69,72 @@ def _budget(p: Params, action: str) -> float:
     return max(ms / 1000 - MARGIN, 1.0)
 
 
-def restart_dropin(name: str) -> None:
-    """kvm@NAME.service restarted by systemd only for its supervisor's sake
-    (kvmagent.render.ocf.restart_dropin); systemd reloaded if it changed."""
-    path, text = ocf.restart_dropin(name)
+def pacemaker_dropin(name: str) -> None:
+    """kvm@NAME.service restarted by systemd only for its supervisor's sake,
+    and stopped at shutdown only after Pacemaker
+    (kvmagent.render.ocf.pacemaker_dropin); systemd reloaded if it changed."""
+    path, text = ocf.pacemaker_dropin(name)
     file = Path(path)
     try:
-        if file.read_text() == text:
+        if file.read_text() == text and file.stat().st_mode & 0o777 == 0o644:
             return
     except OSError:
         pass
-    file.parent.mkdir(parents=True, exist_ok=True)
+    file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
     tmp.write_text(text)
+    # world-readable, as unit files are: under Pacemaker's umask (0077)
+    # systemd warned of it at every load of the unit
+    tmp.chmod(0o644)
     tmp.rename(file)
     _run(["systemctl", "daemon-reload"], 60)
 
 
 def start(p: Params) -> Outcome:
     unit = service_unit(p.name)
-    restart_dropin(p.name)
+    pacemaker_dropin(p.name)
     r = _run(["systemctl", "start", unit], _budget(p, "start"))
     return ocf.after_start(p.name, r.returncode, unit_facts(p.name))
 
 
+def _stop_waits(unit: str) -> bool:
+    jobs = _run(["systemctl", "list-jobs", "--no-legend", "--full", unit], 30).stdout
+    return ocf.stop_waiting(jobs, unit)
+
+
 def stop(p: Params) -> Outcome:
+    """kvm@NAME stopped without ever waiting on a stop job queued behind
+    pacemaker.service's own stop (kvmagent.render.ocf.stop_way)."""
     unit = service_unit(p.name)
     budget = _budget(p, "stop")
     deadline = time.monotonic() + budget
-    r = _run(["systemctl", "stop", unit], budget)
+    facts = unit_facts(p.name)
+    way = ocf.stop_way(facts, _stop_waits(unit))
+    rc = 0
+    if way is ocf.StopWay.SYSTEMCTL:
+        rc = _run(["systemctl", "stop", unit], budget).returncode
+    elif way is ocf.StopWay.SUPERVISOR:
+        print(f"a stop job of {unit} waits behind another (as at the node's shutdown): "
+              "its supervisor is told to stop the guest", file=sys.stderr)
+        rc = _run(["systemctl", "kill", "--kill-whom=main", "--signal=SIGTERM", unit],
+                  30).returncode
+        while unit_facts(p.name).service_state not in ("inactive", "failed") and \
+                time.monotonic() < deadline:
+            time.sleep(POLL)
     facts = unit_facts(p.name)
     if facts.scope_state in ocf.RUNNING_SCOPE and facts.service_state in ("inactive", "failed"):
         # a QEMU left without its supervisor (it died past its restarts): only
-        # its scope holds it now
-        _run(["systemctl", "stop", scope_unit(p.name)], deadline - time.monotonic())
+        # its scope holds it now; signalled if its own stop job waits
+        scope = scope_unit(p.name)
+        if _stop_waits(scope):
+            _run(["systemctl", "kill", "--signal=SIGTERM", scope], 30)
+            while unit_facts(p.name).scope_state in ocf.RUNNING_SCOPE and \
+                    time.monotonic() < deadline:
+                time.sleep(POLL)
+        else:
+            _run(["systemctl", "stop", scope], deadline - time.monotonic())
         facts = unit_facts(p.name)
-    return ocf.after_stop(p.name, r.returncode, facts)
+    return ocf.after_stop(p.name, rc, facts)
 
 
 def migrate_to(p: Params) -> Outcome:
@@ -120,7 +150,7 @@ def migrate_from(p: Params, paths: Paths, source: str) -> Outcome:
         found = ocf.after_migrate_from(p.name, source, facts,
                                        paths.incoming_request(p.name).exists())
         if found.code == Ocf.SUCCESS:
-            restart_dropin(p.name)  # the unit kvmagent migrate started here
+            pacemaker_dropin(p.name)  # the unit kvmagent migrate started here
             return found
         if time.monotonic() > deadline or \
                 ocf.monitor(p.name, facts).code == Ocf.NOT_RUNNING:  # nothing is coming

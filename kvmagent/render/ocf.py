@@ -212,19 +212,66 @@ def after_stop(name: str, systemctl_rc: int, unit: UnitFacts) -> Outcome:
                    f"{systemctl_rc}): {found.message}")
 
 
-def restart_dropin(name: str) -> tuple[str, str]:
-    """Who restarts what under Pacemaker: the runtime drop-in (its path and
-    text) that start and migrate_from give kvm@NAME.service.  systemd still
-    restarts a supervisor killed by a signal or its watchdog (on-abnormal),
-    whose successor takes the running guest over, unseen by the guest and by
-    Pacemaker; a QEMU that dies ends the unit failed (the supervisor's exit
-    status 1) and systemd leaves it so: Pacemaker's monitor sees it, counts
-    it and recovers it (here, or elsewhere past migration-threshold), and
-    the two never restart the guest both."""
+PACEMAKER_UNITS = "pacemaker.service pacemaker_remote.service"
+
+
+def pacemaker_dropin(name: str) -> tuple[str, str]:
+    """The runtime drop-in (its path and text) that start and migrate_from
+    give kvm@NAME.service; Pacemaker's own systemd: resources get one of the
+    same name and order.
+
+    Who restarts what: systemd still restarts a supervisor killed by a
+    signal or its watchdog (on-abnormal), whose successor takes the running
+    guest over, unseen by the guest and by Pacemaker; a QEMU that dies ends
+    the unit failed (the supervisor's exit status 1) and systemd leaves it
+    so: Pacemaker's monitor sees it, counts it and recovers it (here, or
+    elsewhere past migration-threshold), and the two never restart the
+    guest both.
+
+    Who stops it at the node's shutdown: Pacemaker.  Before= makes the
+    shutdown stop kvm@NAME only after pacemaker.service has stopped, and
+    Pacemaker's stop first moves the guest away (migrate_to: the supervisor
+    ends by itself, which also ends the unit's waiting stop job) or stops
+    it (see stop_way)."""
     return (f"/run/systemd/system/kvm@{name}.service.d/50-pacemaker.conf",
-            f"# Written by {AGENT}: Pacemaker recovers guest {name} when its QEMU dies;\n"
-            "# systemd restarts only its supervisor (killed by a signal or its watchdog).\n"
+            f"# Written by {AGENT}: at shutdown Pacemaker moves guest {name} away\n"
+            "# (or stops it) before systemd would stop it; Pacemaker recovers it\n"
+            "# when its QEMU dies, systemd restarts only its supervisor.\n"
+            f"[Unit]\nBefore={PACEMAKER_UNITS}\n"
             "[Service]\nRestart=on-abnormal\n")
+
+
+class StopWay(enum.Enum):
+    """How the agent's stop ends kvm@NAME.service (stop_way)."""
+
+    NOTHING = "nothing"  # it is not running: no job
+    SYSTEMCTL = "systemctl"  # systemctl stop: a stop job, the unit's own timeouts
+    SUPERVISOR = "supervisor"  # SIGTERM to the supervisor, whose exit ends the waiting job
+
+
+def stop_waiting(list_jobs: str, unit: str) -> bool:
+    """Whether `systemctl list-jobs --no-legend UNIT` shows a stop job of
+    UNIT that waits (queued behind another job: at the node's shutdown,
+    behind pacemaker.service's stop, which is this very agent's caller)."""
+    return any(f[1:4] == [unit, "stop", "waiting"]
+               for f in (line.split() for line in list_jobs.splitlines()) if len(f) >= 4)
+
+
+def stop_way(unit: UnitFacts, stop_job_waits: bool) -> StopWay:
+    """The agent's stop must never wait on a job queued behind Pacemaker's
+    own stop: `systemctl stop` would join that job and wait for Pacemaker,
+    which waits for this stop (a deadlock until the stop's timeout).  So a
+    unit already inactive or failed gets no job at all (after migrate_to,
+    Pacemaker stops the source, whose supervisor has ended by itself), and a
+    running one whose stop job already waits is stopped through its
+    supervisor (SIGTERM, as systemd's stop would send it: the guest's ACPI
+    stop, then the hard stop); when the supervisor exits the unit is
+    inactive and systemd ends the waiting job as done."""
+    if unit.service_state in ("inactive", "failed"):
+        return StopWay.NOTHING
+    if stop_job_waits and unit.service_state in ("active", "reloading"):
+        return StopWay.SUPERVISOR
+    return StopWay.SYSTEMCTL
 
 
 def migration_host(p: Params) -> str:

@@ -348,6 +348,24 @@ class TestHost:
             (PROPAGATE / self.name).rmdir()
         self._boot()
 
+    def poweroff(self, timeout: float) -> float:
+        """`systemctl poweroff` inside, the host's own orderly shutdown (as an
+        admin's): the seconds until systemd-nspawn exited, or HarnessError
+        past TIMEOUT.  The host is gone then; stop() only cleans up.  No
+        process entered with exec() may outlive the call: at the shutdown's
+        last kill (SIGSTOP first) its nsenter, outside, stays stopped and the
+        host waits for its child (seen: 90 s and more); a unit inside
+        (systemd-run) does not hold it up."""
+        assert self._proc is not None
+        self._save_logs("-before-poweroff")
+        t0 = time.monotonic()
+        self.exec(["systemctl", "poweroff"], check=False, timeout=30)
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise self._boot_error(f"no poweroff within {timeout:.0f} s") from None
+        return time.monotonic() - t0
+
     def stop(self) -> None:
         """Poweroff, save the journal, remove everything, then prove nothing is left."""
         if self._stopped:

@@ -12,15 +12,22 @@ real cluster needs fencing, docs/pacemaker.md).  Node names are host0 and
 host1, as in corosync's nodelist.
 
 First ocf-tester (resource-agents) runs against the agent, its output
-printed.  Then the cluster: the guest starts on host0 as kvm@NAME.service;
+printed; the agent's stop while the unit's own stop job waits behind
+another unit's (as at shutdown behind pacemaker.service's) stops the guest
+at once.  Then the cluster: the guest starts on host0 as kvm@NAME.service;
 `crm resource move` moves it live to host1 (no second GUEST-INIT on its
-console); host1 in standby moves it back live; its supervisor killed
-(systemd restarts it, unseen) and its QEMU killed (Pacemaker sees, counts
-and recovers it; systemd does not restart it); host0's container killed
-(SIGKILL of its PID 1) while it runs the guest: the guest starts on host1."""
+console; the guest's pings of its bridge every 100 ms, counted across the
+move); host1 in standby moves it back live; its supervisor killed (systemd
+restarts it, unseen) and its QEMU killed (Pacemaker sees, counts and
+recovers it; systemd does not restart it); host0's container killed
+(SIGKILL of its PID 1) while it runs the guest: the guest starts on host1.
+Last, in a second cluster of two new hosts, host0's own orderly shutdown
+(systemctl poweroff) while it runs the guest: Pacemaker moves it live to
+host1 first, and the shutdown's time is printed."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -44,6 +51,11 @@ AGENT = "/usr/lib/ocf/resource.d/kvmagent/guest"
 RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
                    "systemd-container"]
 NODES = ("host0", "host1")
+GUEST_IP, BRIDGE_IP, BRIDGE_MAC = "10.77.0.2", "10.77.0.1", "02:4b:56:4d:00:01"
+PING_EVERY = 0.1  # seconds between the guest's pings of its bridge
+SHUTDOWN_LIMIT = 150  # seconds host0's orderly shutdown may take, its guest moved away first
+JOURNAL = "host0-shutdown-journal.txt"  # on the shared storage
+DOWNTIME = re.compile(r"migrated to host\d, downtime (\d+) ms")
 COROSYNC_CONF = f"""\
 totem {{
     version: 2
@@ -88,9 +100,13 @@ def wait(predicate, timeout: float, what: str) -> float:  # type: ignore[no-unty
     return time.monotonic() - t0
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory,
-         guest_image) -> Iterator[HostPair]:  # type: ignore[no-untyped-def]
+@contextlib.contextmanager
+def two_nodes(tmp_path_factory: pytest.TempPathFactory,
+              guest_image) -> Iterator[HostPair]:  # type: ignore[no-untyped-def]
+    """Two test hosts with kvmagent and the cluster stack installed, the
+    guest defined on both (its NIC on br-kvm, 10.77.0.2 pinging the bridge's
+    10.77.0.1: the same address and MAC on both hosts, as one network would
+    be), corosync configured but not running."""
     require_system()
     from tests.harness.install import REPO
     work = tmp_path_factory.mktemp("pacemaker")
@@ -123,8 +139,11 @@ def pair(tmp_path_factory: pytest.TempPathFactory,
                 th.write_file("/etc/hostname", name + "\n")
                 th.exec(["hostname", name])
                 th.run(["kvmagent", "bridge", "ensure", "br-kvm"])
+                th.exec(["ip", "link", "set", "br-kvm", "address", BRIDGE_MAC])
+                th.exec(["ip", "address", "add", f"{BRIDGE_IP}/24", "dev", "br-kvm"])
                 th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(
-                    image, nics=1, extra=f'[[disk]]\npath = "{shared_path(NAME + ".img")}"\n'))
+                    image, nics=1, cmdline=f"guest.ip={GUEST_IP}/24",
+                    extra=f'[[disk]]\npath = "{shared_path(NAME + ".img")}"\n'))
                 th.exec(["systemctl", "daemon-reload"])
                 th.write_file("/etc/corosync/corosync.conf", COROSYNC_CONF)
                 th.write_file("/etc/corosync/authkey", authkey, 0o400)
@@ -134,6 +153,13 @@ def pair(tmp_path_factory: pytest.TempPathFactory,
             yield hosts
     except HarnessError as e:
         pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory,
+         guest_image) -> Iterator[HostPair]:  # type: ignore[no-untyped-def]
+    with two_nodes(tmp_path_factory, guest_image) as hosts:
+        yield hosts
 
 
 BOOTS: dict[str, int] = {}  # GUEST-INITs on host0's console: before the cluster, after its start
@@ -169,6 +195,52 @@ def test_ocf_tester(pair: HostPair) -> None:
     assert r.returncode == 6 and "must not be started by systemd at boot" in r.stderr, r
 
 
+HOLD = """\
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/true
+ExecStop=/bin/sleep 300
+"""
+
+
+def test_stop_does_not_wait_on_a_queued_stop_job(pair: HostPair) -> None:
+    """The agent's stop while kvm@NAME's own stop job waits behind another
+    unit's stop (as at a node's shutdown behind pacemaker.service's, which
+    is the agent's caller; here a unit whose stop takes 5 minutes): the
+    guest is stopped through its supervisor at once, and the waiting job
+    ends with it."""
+    th = pair[0]
+    env = {"OCF_RESKEY_name": NAME}
+    th.write_file("/run/systemd/system/hold.service", HOLD)
+    th.write_file(f"/run/systemd/system/{UNIT}.d/60-test-hold.conf",
+                  "[Unit]\nBefore=hold.service\n")
+    th.exec(["systemctl", "daemon-reload"])
+    try:
+        assert th.exec([AGENT, "start"], env=env, check=False, timeout=150).returncode == 0
+        th.exec(["systemctl", "start", "hold.service"])
+        th.exec(["systemctl", "stop", "--no-block", "hold.service", UNIT])
+        jobs = th.exec(["systemctl", "list-jobs", "--no-legend"]).stdout
+        assert re.search(rf"{re.escape(UNIT)}\s+stop\s+waiting", jobs), jobs
+        t0 = time.monotonic()
+        r = th.exec([AGENT, "stop"], env=env, check=False, timeout=200)
+        took = time.monotonic() - t0
+        jobs_after = th.exec(["systemctl", "list-jobs", "--no-legend"]).stdout
+        print(f"\nthe agent's stop with kvm@{NAME}'s stop job waiting behind another unit's "
+              f"stop: exit {r.returncode} in {took:.1f} s ({r.stderr.strip()}); jobs left: "
+              f"{jobs_after.strip() or 'none'}")
+        assert r.returncode == 0 and took < 120, r
+        assert "supervisor is told" in r.stderr
+        assert active(th) == "inactive" and UNIT not in jobs_after
+    finally:
+        th.exec(["systemctl", "kill", "hold.service"], check=False)
+        th.exec(["systemctl", "stop", UNIT], check=False, timeout=200)
+        th.exec(["rm", "-f", "/run/systemd/system/hold.service",
+                 f"/run/systemd/system/{UNIT}.d/60-test-hold.conf"])
+        th.exec(["systemctl", "daemon-reload"])
+        th.exec(["systemctl", "reset-failed"], check=False)
+
+
 def crm(th: TestHost, *args: str, check: bool = True) -> str:
     r = th.exec(["crm", *args], check=False, timeout=120)
     if check:
@@ -183,8 +255,7 @@ def located(th: TestHost) -> str:
     return " ".join(found)
 
 
-@pytest.fixture(scope="module")
-def cluster(pair: HostPair) -> HostPair:
+def form_cluster(pair: HostPair) -> HostPair:
     """Corosync over the private link (two_node: 1), Pacemaker on both, the
     guest's resource defined (it prefers host0; stickiness keeps it where it
     runs)."""
@@ -206,6 +277,11 @@ def cluster(pair: HostPair) -> HostPair:
     crm(pair[0], "configure", *PRIMITIVE.split())
     crm(pair[0], "configure", "location", f"{NAME}-prefers-host0", NAME, "100:", NODES[0])
     return pair
+
+
+@pytest.fixture(scope="module")
+def cluster(pair: HostPair) -> HostPair:
+    return form_cluster(pair)
 
 
 def test_starts_on_node1(cluster: HostPair) -> None:
@@ -234,18 +310,60 @@ def test_starts_on_node1(cluster: HostPair) -> None:
     assert "Pacemaker" not in b.exec(["kvmagent", "validate", "--host", NAME]).stderr
 
 
+def typed(th: TestHost, keys: str) -> None:
+    """KEYS typed on the guest's serial console (its shell) on TH."""
+    th.exec(["kvmagent", "console", NAME, "--timeout", "1"], input=keys, check=False,
+            timeout=60)
+
+
+SEQ = re.compile(r"64 bytes from [\d.]+: seq=(\d+) ")
+
+
+def start_pinging(th: TestHost, tag: str) -> None:
+    """The guest pings its bridge (10 a second, busybox's ping on its
+    console) from now on; each answer's line goes to the console's journal."""
+    marker = f"PINGING-{tag}"
+    for _ in range(10):
+        typed(th, f"echo {marker}; ping -i {PING_EVERY} -w 600 {BRIDGE_IP}\n")
+        try:
+            wait(lambda: len(SEQ.findall(console(th).rsplit(marker, 1)[-1])) >= 10, 15,
+                 "the guest's pings answered")
+            return
+        except AssertionError:
+            typed(th, "\x03")
+    raise AssertionError(f"the guest does not ping {BRIDGE_IP}: {console(th)[-2000:]}")
+
+
+def pings_lost(before: str, b: TestHost, tag: str) -> tuple[int, int]:
+    """The guest's pings across its move to B, ended here (Ctrl-C on B's
+    console): (answered, lost), from the answers' sequence numbers on both
+    consoles (BEFORE: the source's), one ping process moved with the guest."""
+    wait(lambda: len(SEQ.findall(console(b))) >= 20, 60, "the guest's pings answered on B")
+    typed(b, "\x03")
+    seqs = {int(n) for n in SEQ.findall(before.rsplit(f"PINGING-{tag}", 1)[-1])}
+    seqs |= {int(n) for n in SEQ.findall(console(b))}
+    lost = set(range(min(seqs), max(seqs) + 1)) - seqs
+    return len(seqs), len(lost)
+
+
 def test_move_is_live(cluster: HostPair) -> None:
     a, b = cluster
+    start_pinging(a, "move")
     t0 = time.monotonic()
     crm(a, "resource", "move", NAME, NODES[1])
     took = wait(lambda: located(a) == NODES[1] and active(b) == "active" and
                 active(a) == "inactive", 300, "the guest moved to host1")
     crm(a, "resource", "clear", NAME)
+    answered, lost = pings_lost(console(a), b, "move")
     print(f"\ncrm resource move {NAME} {NODES[1]}: done in {time.monotonic() - t0:.1f} s "
-          f"(seen after {took:.1f} s)")
+          f"(seen after {took:.1f} s); the guest's pings of its bridge every "
+          f"{PING_EVERY * 1000:.0f} ms across the move: {answered} answered, {lost} lost "
+          f"({lost * PING_EVERY:.1f} s without an answer); the guest's downtime (QEMU's): "
+          f"{'/'.join(DOWNTIME.findall(a.journal(UNIT)))} ms")
     assert f"migrated to {NODES[1]}" in a.journal(UNIT)  # kvmagent migrate, not stop + start
     assert console(a).count("GUEST-INIT") == BOOTS[NODES[0]]
     assert "GUEST-INIT" not in console(b)  # the same boot goes on there
+    assert lost * PING_EVERY < 10, lost  # a live move: a few pings, not a boot's worth
     for th in (a, b):  # kvmagent migrate kept it disabled at boot on both
         assert th.exec(["systemctl", "is-enabled", UNIT], check=False).stdout.strip() \
             == "disabled"
@@ -344,3 +462,60 @@ def test_node_killed_guest_starts_on_the_other(cluster: HostPair) -> None:
     print(f"\nhost0 killed (SIGKILL of its PID 1): the guest ran on host1 after {took:.1f} s, "
           f"booted there after {time.monotonic() - t0:.1f} s\n"
           + b.exec(["crm_mon", "-1"], check=False).stdout)
+
+
+@pytest.fixture
+def second_cluster(pair: HostPair, tmp_path_factory: pytest.TempPathFactory,
+                   guest_image) -> Iterator[HostPair]:  # type: ignore[no-untyped-def]
+    """A cluster of two new hosts: the first pair has done its part (its
+    host0 was killed), and is torn down first."""
+    pair.close()
+    with two_nodes(tmp_path_factory, guest_image) as hosts:
+        yield form_cluster(hosts)
+
+
+def test_node_shutdown_moves_the_guest_live(second_cluster: HostPair) -> None:
+    """host0's own orderly shutdown (systemctl poweroff) while it runs the
+    guest: Pacemaker moves it live to host1 before systemd stops kvm@NAME
+    (the agent's drop-in orders the unit Before=pacemaker.service); the same
+    boot goes on there, and host0's shutdown is not held up."""
+    a, b = second_cluster
+    wait(lambda: located(a) == NODES[0] and active(a) == "active" and
+         "GUEST-READY" in console(a), 240, "the guest runs on host0")
+    assert "pacemaker.service" in a.exec(["systemctl", "show", UNIT, "--property=Before"]
+                                         ).stdout  # the agent's drop-in
+    start_pinging(a, "shutdown")
+    before = console(a)
+    # host0's journal while it shuts down, by a unit there that only the
+    # shutdown's last kill ends, into the shared storage
+    a.exec(["systemd-run", "--quiet", "--unit=shutdown-journal",
+            "--property=DefaultDependencies=no",
+            f"--property=StandardOutput=file:{shared_path(JOURNAL)}", "--",
+            "journalctl", "-f", "-n", "0", "-o", "short-precise", "--no-pager"])
+    took = a.poweroff(timeout=SHUTDOWN_LIMIT + 120)
+    shutdown_log = (second_cluster.shared / JOURNAL).read_text(errors="replace")
+    moved = wait(lambda: located(b) == NODES[1] and active(b) == "active", 120,
+                 "the guest runs on host1")
+    answered, lost = pings_lost(before + shutdown_log, b, "shutdown")
+    ops = re.findall(r"Result of (\w+) operation for ha on (host\d+): (\w+)", b.exec(
+        ["journalctl", "-u", "pacemaker.service", "-o", "cat", "--no-pager"],
+        check=False).stdout)
+    ops_a = re.findall(r"Result of (\w+) operation for ha on (host\d+): (\w+)", shutdown_log)
+    seen = [line for line in shutdown_log.splitlines()
+            if re.search(r"kvm@ha|guest ha|operation for ha|Stopp(ed|ing) (Pacemaker|"
+                         r"Corosync)|Powering off|Reached target.*Power", line)]
+    print(f"\nhost0 powered off (systemctl poweroff) while it ran the guest: its shutdown "
+          f"took {took:.1f} s (limit {SHUTDOWN_LIMIT} s); the guest ran on host1 "
+          f"{moved:.1f} s after; the guest's pings of its bridge: {answered} answered, "
+          f"{lost} lost; its downtime (QEMU's): "
+          f"{'/'.join(DOWNTIME.findall(shutdown_log))} ms; Pacemaker's operations on "
+          f"host0: {ops_a}, on host1: {ops}\n"
+          "host0's journal during its shutdown (the guest's lines):\n  "
+          + "\n  ".join(seen[-40:]))
+    assert took < SHUTDOWN_LIMIT, shutdown_log[-5000:]
+    assert ("migrate_to", "host0", "ok") in ops_a and ("stop", "host0", "ok") in ops_a, \
+        (ops_a, shutdown_log[-5000:])
+    assert ("migrate_from", "host1", "ok") in ops, ops
+    assert "GUEST-INIT" not in console(b)  # the same boot goes on there
+    assert len(qemus(b)) == 1
+    assert lost * PING_EVERY < 10, lost

@@ -290,8 +290,46 @@ def test_who_restarts_what_under_pacemaker() -> None:
     """The agent's runtime drop-in: systemd restarts a supervisor killed by a
     signal or its watchdog (its successor takes the guest over), not a unit
     whose QEMU died (the supervisor's exit status 1): Pacemaker does."""
-    path, text = ocf.restart_dropin("web1")
+    path, text = ocf.pacemaker_dropin("web1")
     assert path == "/run/systemd/system/kvm@web1.service.d/50-pacemaker.conf"
     assert "[Service]\nRestart=on-abnormal\n" in text
     unit = (REPO / "units" / "kvm@.service").read_text()
     assert "\nRestart=on-failure\n" in unit  # what the drop-in narrows, without Pacemaker
+
+
+def test_shutdown_stops_pacemaker_first() -> None:
+    """At the node's shutdown kvm@NAME stops after pacemaker.service (and
+    pacemaker_remote.service), as Pacemaker's own systemd: resources do:
+    Pacemaker moves the guest away first."""
+    _, text = ocf.pacemaker_dropin("web1")
+    assert "[Unit]\nBefore=pacemaker.service pacemaker_remote.service\n" in text
+
+
+JOBS = """\
+   812 kvm@web1.service          stop    waiting
+   799 pacemaker.service         stop    running
+"""
+
+
+def test_a_waiting_stop_job_is_found() -> None:
+    assert ocf.stop_waiting(JOBS, "kvm@web1.service")
+    assert not ocf.stop_waiting(JOBS, "kvm@web2.service")
+    assert not ocf.stop_waiting(JOBS, "pacemaker.service")  # running, not waiting
+    assert not ocf.stop_waiting("   9 kvm@web1.service start waiting\n", "kvm@web1.service")
+    assert not ocf.stop_waiting("", "kvm@web1.service")
+    assert not ocf.stop_waiting("No jobs running.\n", "kvm@web1.service")
+
+
+def test_stop_never_waits_on_a_job_queued_behind_pacemaker() -> None:
+    """Stopped units get no job at all (after migrate_to the source's
+    supervisor has ended by itself); a running one with a stop job waiting
+    is stopped through its supervisor; otherwise systemctl stop."""
+    W = ocf.StopWay
+    assert ocf.stop_way(STOPPED, False) is W.NOTHING
+    assert ocf.stop_way(STOPPED, True) is W.NOTHING
+    assert ocf.stop_way(unit("failed", "inactive", "failed"), True) is W.NOTHING
+    assert ocf.stop_way(unit("inactive", "active", "dead"), True) is W.NOTHING  # its scope: later
+    assert ocf.stop_way(RUNNING, False) is W.SYSTEMCTL
+    assert ocf.stop_way(RUNNING, True) is W.SUPERVISOR
+    assert ocf.stop_way(unit("reloading"), True) is W.SUPERVISOR
+    assert ocf.stop_way(unit("deactivating", sub="stop-sigterm"), False) is W.SYSTEMCTL
