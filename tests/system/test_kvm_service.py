@@ -54,6 +54,17 @@ def wait_state(th: TestHost, unit: str, states: tuple[str, ...], timeout: float 
         time.sleep(0.2)
 
 
+def wait_restarts(th: TestHost, unit: str, n: int, timeout: float = 60) -> dict[str, str]:
+    """Wait until systemd has restarted UNIT N times and it is active again.
+    The supervisor logs QEMU's death before it exits, so "active" alone may
+    still be the unit's first run."""
+    deadline = time.monotonic() + timeout
+    while show(th, unit, "NRestarts")["NRestarts"] != str(n):
+        assert time.monotonic() < deadline, th.journal(unit)[-3000:]
+        time.sleep(0.3)
+    return wait_state(th, unit, ("active",))
+
+
 def qemu_pid(th: TestHost, name: str) -> int:
     pids = th.exec(["systemctl", "show", f"kvm-{name}.scope", "--property=ControlGroup",
                     "--value"]).stdout.strip()
@@ -117,11 +128,7 @@ def test_qemu_killed_is_restarted_and_counted(host: TestHost, image) -> None:
     wait_for(host, "kvm@beta.service", r"GUEST-READY")
     first = qemu_pid(host, "beta")
     host.exec(["kill", "-9", str(first)])
-    deadline = time.monotonic() + 60
-    while show(host, "kvm@beta.service", "NRestarts")["NRestarts"] != "1":
-        assert time.monotonic() < deadline, host.journal("kvm@beta.service")[-3000:]
-        time.sleep(0.3)
-    wait_state(host, "kvm@beta.service", ("active",))
+    wait_restarts(host, "kvm@beta.service", 1)
     assert qemu_pid(host, "beta") != first
     assert "was killed by signal 9" in host.journal("kvm@beta.service")
     host.exec(["systemctl", "stop", "kvm@beta"], timeout=120)

@@ -13,7 +13,7 @@ import pytest
 
 from tests.harness import TestHost
 from tests.harness.install import REPO, define_guest, guest_toml, install_checkout
-from tests.system.test_kvm_service import qemu_pid, show, wait_for, wait_state
+from tests.system.test_kvm_service import qemu_pid, show, wait_for, wait_restarts, wait_state
 
 pytestmark = pytest.mark.system
 
@@ -79,11 +79,7 @@ def test_transient_kvm_service_is_restarted_after_a_crash(host: TestHost) -> Non
     does not collect it."""
     first = qemu_pid(host, "tless")
     host.exec(["kill", "-9", str(first)])
-    deadline = time.monotonic() + 60
-    while show(host, "kvm@tless.service", "NRestarts")["NRestarts"] != "1":
-        assert time.monotonic() < deadline, host.journal("kvm@tless.service")[-3000:]
-        time.sleep(0.3)
-    wait_state(host, "kvm@tless.service", ("active",))
+    wait_restarts(host, "kvm@tless.service", 1)
     assert show(host, "kvm@tless.service", "Transient")["Transient"] == "yes"
     assert qemu_pid(host, "tless") != first
     assert "was killed by signal 9" in host.journal("kvm@tless.service")
