@@ -8,7 +8,10 @@ QEMU's downtime, QEMU's total time, the command's total time; and the pings
 lost in all, counted from the sequence numbers the guest printed on its
 console (in the journal of the host it ran on at the time).
 
-Run as root after `make setup`:  /usr/bin/python3 bench/bench_migrate.py [MOVES]"""
+With --copy-storage the disk (16 MiB of random bytes) is on host 0's own
+storage instead, and each move copies it (onto the copy the last move left).
+
+Run as root after `make setup`:  /usr/bin/python3 bench/bench_migrate.py [MOVES] [--copy-storage]"""
 
 from __future__ import annotations
 
@@ -40,7 +43,10 @@ def console(th) -> str:  # type: ignore[no-untyped-def]
 
 
 def main() -> int:
-    moves = int(sys.argv[1]) if len(sys.argv) > 1 else 6
+    copy = "--copy-storage" in sys.argv[1:]
+    numbers = [a for a in sys.argv[1:] if a != "--copy-storage"]
+    moves = int(numbers[0]) if numbers else 6
+    disk = "/srv/local/bench.img" if copy else shared_path(NAME + ".img")
     image = find_guest()
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
         shared = Path(tmp) / "shared"
@@ -60,8 +66,12 @@ def main() -> int:
                 th.exec(["ip", "link", "set", "br-kvm", "address", BRIDGE_MAC])
                 th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(
                     inside, cmdline="guest.ip=10.77.0.2/24",
-                    extra=f'[[disk]]\npath = "{shared_path(NAME + ".img")}"\n'))
+                    extra=f'[[disk]]\npath = "{disk}"\n'))
+                th.exec(["mkdir", "-p", "/srv/local"])
                 th.exec(["systemctl", "daemon-reload"])
+            if copy:
+                pair[0].exec(["dd", "if=/dev/urandom", f"of={disk}", "bs=1M", "count=16",
+                              "status=none"])
             pair[0].exec(["systemctl", "start", UNIT], timeout=180)
             deadline = time.monotonic() + 120
             while "GUEST-READY" not in console(pair[0]):
@@ -74,8 +84,8 @@ def main() -> int:
             rows = []
             for i in range(moves):
                 src, to = pair[i % 2], f"host{1 - i % 2}"
-                r = src.exec(["kvmagent", "migrate", NAME, to, "--json"], check=False,
-                             timeout=300)
+                r = src.exec(["kvmagent", "migrate", NAME, to, "--json"]
+                             + (["--copy-storage"] if copy else []), check=False, timeout=300)
                 if r.returncode != 0:
                     raise SystemExit(f"move {i + 1} failed: {r.stderr}")
                 done = json.loads(r.stdout.splitlines()[-1])
@@ -88,7 +98,8 @@ def main() -> int:
             seqs = sorted({int(s) for th in pair
                            for s in re.findall(r"seq=(\d+) ", console(th))})
             last.exec(["systemctl", "stop", UNIT], timeout=180)
-    print(f"kvmagent migrate over ssh, tiny guest (256M, TCG, disk on shared storage), "
+    where = ("16 MiB disk copied (--copy-storage)" if copy else "disk on shared storage")
+    print(f"kvmagent migrate over ssh, tiny guest (256M, TCG, {where}), "
           f"{moves} moves between two Debian 12 test hosts")
     print(f"{'move':<18}{'downtime ms':>12}{'QEMU total ms':>15}{'command s':>11}")
     for move, downtime, qemu_total, total in rows:
