@@ -153,6 +153,7 @@ class Arrival:
     def __init__(self, name: str, paths: Paths, copies: list[CopyDisk]) -> None:
         self.name, self.paths, self.copies = name, paths, copies
         self.made: list[Path] = []
+        self.served = False  # the NBD server ran: the source may have written
         self.listener = paths.guest_runtime(name) / "nbd.sock"
 
     @classmethod
@@ -202,7 +203,7 @@ class Arrival:
                 pass
         self.made.clear()
         self.listener.unlink(missing_ok=True)
-        for c in self.copies:
+        for c in self.copies if self.served else []:
             if not c.make:
                 print(f"kvmagent: disk[{c.number}].path = \"{c.path}\" (the admin's, kept) "
                       "may hold a part of the copy now", file=sys.stderr)
@@ -231,6 +232,7 @@ class Arrival:
             return e.message
         finally:
             sock.close()  # QEMU holds it
+        self.served = True
         return None
 
     def wait_for_go(self, control: Path, stopped: list[int]) -> str | None:

@@ -175,10 +175,12 @@ def serve(sup: Held, fields: dict[str, object], fds: list[int]) -> dict[str, obj
         try:  # activates the image (QEMU holds it inactive while it waits for the state)
             qmp.execute("block-export-add", timeout=30.0, type="nbd", id=mirror_job(disk),
                         writable=True, name=disk, **_node(nodes[disk]))
-        except QmpError as e:
+        except QmpError as e:  # a lock held elsewhere leaves the image inactive: read-only
             with suppress(QmpError):
                 stop_serving(sup)
-            return {"ok": False, "error": f"{disk}: {e.message}"}
+            return {"ok": False, "error": f"{disk}: QEMU here cannot write it ({e.message}): "
+                    "is it in use, on storage both hosts share? Then migrate without "
+                    "--copy-storage"}
     sup.log(f"guest {sup.name}: serving {', '.join(disks)} for the copy from "
             f"{sup.incoming or '?'}", 6)
     return {"ok": True}

@@ -21,7 +21,9 @@ measured downtime and total time are printed."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -63,6 +65,8 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, guest_image,  # type: ignore
     shared.mkdir(mode=0o755)
     shutil.copyfile(guest_image.kernel, shared / "vmlinuz")
     shutil.copyfile(guest_image.initrd, shared / "initrd.gz")
+    with open(shared / "sh.img", "wb") as f:  # a disk both hosts share
+        f.write(os.urandom(16 << 20))
     try:
         with HostPair(releases, shared=shared, src=REPO,
                       journal_dir=work / "journal") as pair:
@@ -76,6 +80,8 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, guest_image,  # type: ignore
                 th.exec(["mkdir", "-p", "/srv/local"])
                 th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(
                     image, nics=1, extra=f'[[disk]]\npath = "{DISK}"\n'))
+                th.write_file("/etc/kvmagent/guests/sh.toml", guest_toml(
+                    image, nics=0, extra=f'[[disk]]\npath = "{shared_path("sh.img")}"\n'))
                 th.exec(["systemctl", "daemon-reload"])  # the generator: the image writable
             # the disk on host 0's own storage alone
             pair[0].exec(["dd", "if=/dev/urandom", f"of={DISK}", "bs=1M", f"count={SIZE >> 20}",
@@ -180,6 +186,27 @@ def test_a_disk_of_another_size_there_is_refused(pair: HostPair) -> None:
     assert b.exec(["stat", "-c", "%s", DISK]).stdout.strip() == "8388608"  # untouched
     b.exec(["rm", DISK])
     runs_on(a)
+
+
+def test_a_disk_both_hosts_share_is_not_copied_onto_itself(pair: HostPair) -> None:
+    """--copy-storage given for a disk on shared storage: the other QEMU
+    cannot take the image's write lock (the source's QEMU holds it; QEMU
+    then says the image is read-only), so the copy never starts, and the
+    disk is as it was."""
+    a, b = pair
+    shared = shared_path("sh.img")
+    a.exec(["systemctl", "start", "kvm@sh.service"], timeout=180)
+    before = hashlib.sha256(a.exec(["cat", shared], text=False).stdout).hexdigest()
+    r = a.exec(["kvmagent", "migrate", "sh", "host1", "--copy-storage"], check=False,
+               timeout=180)
+    print(f"\n--copy-storage onto a shared disk: exit {r.returncode}: {r.stderr.strip()}")
+    assert r.returncode == 1 and "QEMU here cannot write it" in r.stderr, r
+    assert "storage both hosts share" in r.stderr and "may hold a part" not in r.stderr
+    assert state(a, "kvm@sh.service") == ("active", "success")
+    wait(lambda: state(b, "kvm@sh.service")[0] == "inactive" and qemus(b) == [], 60,
+         "host 1 clean")
+    a.exec(["systemctl", "stop", "kvm@sh.service"], timeout=180)
+    assert hashlib.sha256(a.exec(["cat", shared], text=False).stdout).hexdigest() == before
 
 
 def slow_copy(a: TestHost, b: TestHost) -> tuple[subprocess.Popen[str], str]:
