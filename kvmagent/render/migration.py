@@ -26,6 +26,22 @@ STREAM_WAIT = 60.0
 # that read nothing for this long hangs on a link that died without a word
 # (ssh's keepalives end the source's side, sshd's side may wait for hours).
 STALL_LIMIT = 15.0
+# QEMU's own defaults of downtime-limit and max-bandwidth (7.2 and 10.0
+# alike), set again at every migration: what migrate-set-parameters set
+# stays in QEMU, for the next migration too (a cancelled one's --bandwidth).
+DEFAULT_DOWNTIME_MS = 300
+DEFAULT_BANDWIDTH = 128 << 20  # bytes per second
+
+
+def parameters(downtime_ms: object, bandwidth: object) -> dict[str, Any]:
+    """migrate-set-parameters' arguments for one migration: what was asked
+    for, QEMU's defaults for the rest (never what an earlier one left)."""
+    def given(value: object, default: int) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        return default
+    return {"downtime-limit": given(downtime_ms, DEFAULT_DOWNTIME_MS),
+            "max-bandwidth": given(bandwidth, DEFAULT_BANDWIDTH)}
 
 
 class SideFacts(NamedTuple):

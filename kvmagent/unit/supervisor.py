@@ -33,7 +33,7 @@ from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import tundev
 from kvmagent.host.qmp import Qmp, QmpError
 from kvmagent.host.sdnotify import notify, store_fd
-from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, MIGRATED, POWEROFF
+from kvmagent.lifecycle import ADMIN, ARRIVED_FROM, CONFIG, CRASHED, FAILED, MIGRATED, POWEROFF
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
 from kvmagent.render.plan import Plan, Running
@@ -451,7 +451,7 @@ def _supervise(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> in
         sup.record("stopped", CONFIG if bad else FAILED, e.message)
         return int(e.status)
     assert sup.qemu is not None
-    sup.record("running", None, sup.incoming and f"migrated here from {sup.incoming}", sup.qemu.pid,
+    sup.record("running", None, sup.incoming and f"{ARRIVED_FROM}{sup.incoming}", sup.qemu.pid,
                booted=sup.booted)
     sup.record.flush()
     return sup.run()

@@ -10,6 +10,7 @@ from kvmagent.errors import ExitStatus
 from kvmagent.render.migration import (CONFIRM_TIMEOUT, STALL_LIMIT, STREAM_WAIT, Arrival,
                                        SideFacts, Step, differences, flatten, incoming_step,
                                        preflight, progress_line, source_step, stalled)
+from kvmagent.render.migration import DEFAULT_BANDWIDTH, DEFAULT_DOWNTIME_MS, parameters
 from kvmagent.render.plan import Incoming
 
 CONFIG = {"cpus": 1, "memory": "256M", "machine": "pc",
@@ -120,6 +121,12 @@ def test_progress_line() -> None:
 def test_incoming_request_round_trip() -> None:
     req = Incoming("pc-i440fx-7.2", "max", "host1")
     assert Incoming.from_json(req.to_json()) == req
+    booted = Incoming("pc-i440fx-7.2", "max", "host1", 1_700_000_000.25)
+    assert Incoming.from_json(booted.to_json()) == booted
+    # an older kvmagent's request: no boot known, the uptime counts from here
+    assert Incoming.from_json('{"machine": "pc", "cpu": "max", "source": "x"}').booted is None
+    with pytest.raises(ValueError, match="booted"):
+        Incoming.from_json('{"machine": "pc", "cpu": "max", "source": "x", "booted": "x"}')
     with pytest.raises(ValueError, match="cpu"):
         Incoming.from_json('{"machine": "pc", "cpu": 1, "source": "x"}')
 
@@ -129,3 +136,13 @@ def test_a_stream_that_stalls_is_given_up() -> None:
     assert "link to the source is gone" in str(stalled("active", STALL_LIMIT + 1))
     assert stalled("completed", 1000.0) is None  # done: nothing more comes, rightly
     assert stalled("running", 1000.0) is None
+
+
+def test_every_migration_sets_both_parameters() -> None:
+    """QEMU keeps what migrate-set-parameters set: a cancelled migration's
+    --bandwidth 1M would slow the next one, so each sets both, its
+    defaults QEMU's own (query-migrate-parameters of a fresh QEMU 7.2)."""
+    assert parameters(None, None) == {"downtime-limit": 300, "max-bandwidth": 134217728}
+    assert (DEFAULT_DOWNTIME_MS, DEFAULT_BANDWIDTH) == (300, 128 << 20)
+    assert parameters(50, 1 << 20) == {"downtime-limit": 50, "max-bandwidth": 1 << 20}
+    assert parameters(True, "1M") == parameters(0, -1) == parameters(None, None)
