@@ -145,13 +145,22 @@ def listed(th: TestHost) -> dict:  # type: ignore[type-arg]
     return row  # type: ignore[no-any-return]
 
 
+def uptime(th: TestHost) -> tuple[int, float]:
+    """The guest's uptime as `list` shows it there, and when it was asked."""
+    return listed(th)["uptime_seconds"], time.monotonic()
+
+
 def record_follows(src: TestHost, dst: TestHost, to: str, done: dict,  # type: ignore[type-arg]
-                   uptime_before: int) -> None:
-    """After a move from SRC to DST (named TO): the uptime goes on there, no
-    restart on either host, the move in both histories with its downtime."""
+                   before: tuple[int, float]) -> None:
+    """After a move from SRC to DST (named TO): the uptime goes on there
+    (what it was BEFORE the move, on SRC, and the time since: not the time
+    since the guest arrived), no restart on either host, the move in both
+    histories with its downtime."""
+    uptime_before, asked = before
     row = listed(dst)
-    assert row["uptime_seconds"] >= uptime_before and row["restarts"] == 0, (row,
-                                                                             uptime_before)
+    since = int(time.monotonic() - asked)
+    assert row["uptime_seconds"] >= uptime_before + since - 1, (row, uptime_before, since)
+    assert row["restarts"] == 0, row
     assert listed(src)["restarts"] == 0
     status = json.loads(dst.exec(["kvmagent", "status", NAME, "--json"]).stdout)
     assert status["uptime_seconds"] >= uptime_before, status
@@ -170,8 +179,8 @@ def record_follows(src: TestHost, dst: TestHost, to: str, done: dict,  # type: i
     text = dst.exec(["kvmagent", "history", NAME]).stdout
     assert re.search(r"running +QEMU pid \d+; migrated here from \S+, downtime \d+ ms; "
                      r"booted \d{4}-", text), text
-    print(f"uptime before the move {uptime_before} s, on {dst.name} after it "
-          f"{row['uptime_seconds']} s")
+    print(f"uptime on {src.name} before the move {uptime_before} s; on {dst.name}, {since} s "
+          f"later, {row['uptime_seconds']} s")
 
 
 def runs_on(th: TestHost) -> None:
@@ -211,7 +220,7 @@ def test_there_and_back(pair: HostPair) -> None:
     assert re.search(r"GUEST-READY .*disks=vda", console(a)), console(a)
     assert types(a, "before")
     for src, dst, to in ((a, b, "host1"), (b, a, "host0")):
-        before = listed(src)["uptime_seconds"]
+        before = uptime(src)
         r = migrate(src, to)
         assert r.returncode == 0, (r.stdout, r.stderr, dst.journal(UNIT)[-3000:])
         events = [json.loads(line) for line in r.stdout.splitlines()]
@@ -360,7 +369,7 @@ def test_over_tcp_there_and_back(pair: HostPair) -> None:
     boots = console(a).count("GUEST-INIT")
     for src, dst, to, transport in ((a, b, "host1", "tcp:10.79.20.0/24"),
                                     (b, a, "host0", "tcp")):
-        before = listed(src)["uptime_seconds"]
+        before = uptime(src)
         r = migrate(src, to, "--transport", transport)
         assert r.returncode == 0, (r.stdout, r.stderr, dst.journal(UNIT)[-3000:])
         assert "WARNING" in r.stderr and "plain TCP, UNENCRYPTED" in r.stderr, r.stderr
