@@ -103,6 +103,12 @@ def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+# -cpu models whose CPU is the host's, not a named model: cpu = "host" is
+# host passthrough under KVM and "max" under TCG (all this QEMU emulates)
+UNMIGRATABLE_CPUS = {"host": "its CPU is this host's",
+                     "max": "its CPU is all that this host's QEMU and accelerator offer"}
+
+
 def preflight(name: str, host: str, here: SideFacts, there: SideFacts, *,
               machine: str, cpu: str, force: bool = False) -> list[Refusal]:
     """Every reason guest NAME, running here with MACHINE and CPU (its QEMU's
@@ -136,10 +142,11 @@ def preflight(name: str, host: str, here: SideFacts, there: SideFacts, *,
         out.append(Refusal(f"{host}: QEMU {there.qemu_version} has no machine type {machine} "
                            f"(guest {name}'s QEMU here runs it)", "migrate to a host with the "
                            "same or a newer QEMU", ExitStatus.HOST_NOT_READY))
-    if cpu.split(",")[0] == "host" and not force:
-        out.append(Refusal(f"guest {name} runs with -cpu host: its CPU is this host's, which "
-                           f"{host}'s may not be", "--force if both hosts have the same CPU",
-                           ExitStatus.FAILURE))
+    model = cpu.split(",")[0]
+    if model in UNMIGRATABLE_CPUS and not force:
+        out.append(Refusal(f"guest {name} runs with -cpu {model}: {UNMIGRATABLE_CPUS[model]}, "
+                           f"which {host}'s may not be", "--force if both hosts have the same "
+                           "CPU and the same QEMU", ExitStatus.FAILURE))
     return out
 
 

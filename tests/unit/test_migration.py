@@ -22,7 +22,7 @@ THERE = SideFacts(CONFIG, "", False, [], ["pc", "pc-i440fx-7.2"], "7.2.22")
 
 
 def check(here: SideFacts = HERE, there: SideFacts = THERE, machine: str = "pc-i440fx-7.2",
-          cpu: str = "max", force: bool = False) -> list[tuple[str, ExitStatus]]:
+          cpu: str = "Westmere", force: bool = False) -> list[tuple[str, ExitStatus]]:
     return [(r.message, r.status) for r in preflight("g", "host2", here, there,
                                                      machine=machine, cpu=cpu, force=force)]
 
@@ -43,11 +43,11 @@ def test_refusals_name_what_and_say_how() -> None:
         ("guest g's configuration on host2 differs in: memory, nic[0].mac", ExitStatus.CONFIG)]
     problem = "guests/g.toml: nic[0].bridge = \"br-kvm\": no such bridge"
     (refusal,) = preflight("g", "host2", HERE, THERE._replace(problems=[problem]),
-                           machine="pc-i440fx-7.2", cpu="max")
+                           machine="pc-i440fx-7.2", cpu="Westmere")
     assert refusal.message == f"host2: {problem}" and refusal.status is ExitStatus.HOST_NOT_READY
     disk = "guests/g.toml: disk[0].path = \"/var/lib/g.img\": disk does not exist"
     (refusal,) = preflight("g", "host2", HERE, THERE._replace(problems=[disk]),
-                           machine="pc-i440fx-7.2", cpu="max")
+                           machine="pc-i440fx-7.2", cpu="Westmere")
     assert "--copy-storage is not built yet" in str(refusal.hint)
     assert check(there=THERE._replace(machines=["pc", "pc-i440fx-9.2"])) == [
         ("host2: QEMU 7.2.22 has no machine type pc-i440fx-7.2 (guest g's QEMU here runs it)",
@@ -59,7 +59,11 @@ def test_cpu_host_only_with_force_and_odd_values_never() -> None:
         ("guest g runs with -cpu host: its CPU is this host's, which host2's may not be",
          ExitStatus.FAILURE)]
     assert check(cpu="host", force=True) == []
-    assert check(cpu="max,-sandbox") == []  # features are -cpu's own; still one argv word
+    assert check(cpu="max,+avx") == [  # cpu = "host" under TCG
+        ("guest g runs with -cpu max: its CPU is all that this host's QEMU and accelerator "
+         "offer, which host2's may not be", ExitStatus.FAILURE)]
+    assert check(cpu="max", force=True) == []
+    assert check(cpu="Westmere,-sandbox") == []  # features are -cpu's own; still one argv word
     assert [s for _, s in check(machine="pc,accel=kvm")] == [ExitStatus.FAILURE]
     assert [s for _, s in check(cpu="-incoming")] == [ExitStatus.FAILURE]
 
