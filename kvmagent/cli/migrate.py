@@ -131,7 +131,7 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
         else:
             ok = _arrive(guest.name, unit, paths, stopped, sys.stdin.fileno())
     except KvmagentError as e:
-        _emit("failed", error=e.message)
+        _emit("failed", error=e.message, status=int(e.status))
         ok = False
     if not ok:  # nothing may be left running here
         systemd.stop_unit(unit, wait=True, timeout=120)
@@ -355,10 +355,12 @@ def _connect(args: argparse.Namespace, target: ssh.Target, name: str,
         proc.stdin.flush()
         sock = tcpstream.outgoing(lines.events, lambda: lines.ended, tokens,
                                   lambda: bool(interrupted), LISTEN_TIMEOUT)
-    except (KvmagentError, OSError) as e:
-        why = e.message if isinstance(e, KvmagentError) else str(e)
-        raise KvmagentError(f"migration of guest {name} to {target} not started: {why}; the "
+    except OSError as e:  # the ssh session's input
+        raise KvmagentError(f"migration of guest {name} to {target} not started: {e}; the "
                             "guest runs on here", None, ExitStatus.FAILURE) from None
+    except KvmagentError as e:
+        raise KvmagentError(f"migration of guest {name} to {target} not started: {target}: "
+                            f"{e.message}; the guest runs on here", e.hint, e.status) from None
     address, port = sock.getpeername()[:2]
     print(f"kvmagent: {warning(name, address, port)}", file=sys.stderr, flush=True)
     return sock

@@ -231,9 +231,11 @@ def outgoing(events: list[dict[str, Any]], ended: Callable[[], bool], tokens: To
     deadline = time.monotonic() + timeout
     while (where := listening(events)) is None:
         failed = [e for e in events if e.get("event") == "failed"]
-        if failed:
-            raise KvmagentError(f"failed: {failed[0].get('error', '?')}", None,
-                                ExitStatus.FAILURE)
+        if failed:  # with the destination's exit status (no address there: 5)
+            status = failed[0].get("status")
+            raise KvmagentError(str(failed[0].get("error", "?")), None,
+                                ExitStatus(status) if status in set(ExitStatus)
+                                else ExitStatus.FAILURE)
         if stopped() or ended() or time.monotonic() > deadline:
             raise KvmagentError("interrupted" if stopped() else "the destination did not "
                                 "listen for the stream", None, ExitStatus.FAILURE)

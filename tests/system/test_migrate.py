@@ -366,6 +366,13 @@ def test_over_tcp_there_and_back(pair: HostPair) -> None:
     (command,) = a.exec(["pgrep", "-f", f"kvmagent migrate {NAME} host1"]).stdout.split()
     a.exec(["kill", "-INT", command])
     still_here(a, b, proc, pid, "after-tcp-ctrl-c")
+    # a network host 1 has no address in: said, exit status 5, nothing left there
+    r = migrate(a, "host1", "--transport", "tcp:10.99.0.0/24")
+    assert r.returncode == 5 and "has no address in 10.99.0.0/24" in r.stderr, r
+    assert "WARNING" not in r.stderr  # nothing went
+    clean(b)
+    r = migrate(a, "host1", "--transport", "udp")  # not a transport: asked nothing
+    assert r.returncode == 2 and "--transport 'udp'" in r.stderr, r
     boots = console(a).count("GUEST-INIT")
     for src, dst, to, transport in ((a, b, "host1", "tcp:10.79.20.0/24"),
                                     (b, a, "host0", "tcp")):
