@@ -142,6 +142,16 @@ def start(th: TestHost) -> None:
         time.sleep(0.2)
 
 
+def copy_guest(th: TestHost, kernel: Path, initrd: Path) -> tuple[str, str]:
+    """The tiny guest's kernel and initrd (this machine's files) where
+    libvirt's QEMU may read them (its DAC driver relabels what it boots: not
+    the files kvmagent's guest uses); their paths in the test host."""
+    inside = (f"{BOOT}/{kernel.name}", f"{BOOT}/{initrd.name}")
+    th.copy_in(kernel, inside[0], 0o644)
+    th.copy_in(initrd, inside[1], 0o644)
+    return inside
+
+
 def versions(th: TestHost) -> dict[str, str]:
     """The versions of libvirt and QEMU the test host runs (dpkg's)."""
     out = th.exec(["dpkg-query", "-W", "-f", "${Package} ${Version}\n",
