@@ -8,17 +8,24 @@ QEMU's downtime, QEMU's total time, the command's total time; and the pings
 lost in all, counted from the sequence numbers the guest printed on its
 console (in the journal of the host it ran on at the time).
 
-With --copy-storage the disk (16 MiB of random bytes) is on host 0's own
+--transport ssh,tcp (the default: ssh alone): the same moves over each
+transport in turn (tcp: plain TCP to the address ssh reached), and their
+medians side by side.
+
+--copy-storage: the disk (16 MiB of random bytes) is on host 0's own
 storage instead, and each move copies it (onto the copy the last move left).
 
-Run as root after `make setup`:  /usr/bin/python3 bench/bench_migrate.py [MOVES] [--copy-storage]"""
+Run as root after `make setup`:
+    /usr/bin/python3 bench/bench_migrate.py [MOVES] [--transport ssh,tcp] [--copy-storage]"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -43,10 +50,14 @@ def console(th) -> str:  # type: ignore[no-untyped-def]
 
 
 def main() -> int:
-    copy = "--copy-storage" in sys.argv[1:]
-    numbers = [a for a in sys.argv[1:] if a != "--copy-storage"]
-    moves = int(numbers[0]) if numbers else 6
-    disk = "/srv/local/bench.img" if copy else shared_path(NAME + ".img")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("moves", type=int, nargs="?", default=6)
+    parser.add_argument("--transport", default="ssh", help="ssh, tcp or ssh,tcp")
+    parser.add_argument("--copy-storage", action="store_true",
+                        help="the disk on host 0's own storage, copied at each move")
+    opts = parser.parse_args()
+    moves, transports = opts.moves, opts.transport.split(",")
+    disk = "/srv/local/bench.img" if opts.copy_storage else shared_path(NAME + ".img")
     image = find_guest()
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
         shared = Path(tmp) / "shared"
@@ -69,7 +80,7 @@ def main() -> int:
                     extra=f'[[disk]]\npath = "{disk}"\n'))
                 th.exec(["mkdir", "-p", "/srv/local"])
                 th.exec(["systemctl", "daemon-reload"])
-            if copy:
+            if opts.copy_storage:
                 pair[0].exec(["dd", "if=/dev/urandom", f"of={disk}", "bs=1M", "count=16",
                               "status=none"])
             pair[0].exec(["systemctl", "start", UNIT], timeout=180)
@@ -81,32 +92,41 @@ def main() -> int:
             pair[0].exec(["kvmagent", "console", NAME, "--timeout", "2"],
                          input="ping -i 0.1 10.77.0.1 &\n", check=False)
             time.sleep(3)
-            rows = []
-            for i in range(moves):
-                src, to = pair[i % 2], f"host{1 - i % 2}"
-                r = src.exec(["kvmagent", "migrate", NAME, to, "--json"]
-                             + (["--copy-storage"] if copy else []), check=False, timeout=300)
+            rows: dict[str, list[tuple[str, int, int, float]]] = {t: [] for t in transports}
+            for n in range(moves * len(transports)):
+                i, transport = n % moves, transports[n // moves]
+                src, to = pair[n % 2], f"host{1 - n % 2}"
+                r = src.exec(["kvmagent", "migrate", NAME, to, "--json", "--transport", transport]
+                             + (["--copy-storage"] if opts.copy_storage else []), check=False,
+                             timeout=300)
                 if r.returncode != 0:
-                    raise SystemExit(f"move {i + 1} failed: {r.stderr}")
+                    raise SystemExit(f"move {i + 1} over {transport} failed: {r.stderr}")
                 done = json.loads(r.stdout.splitlines()[-1])
-                rows.append((f"host{i % 2} -> {to}", done["downtime_ms"], done["qemu_total_ms"],
-                             done["total_seconds"]))
+                rows[transport].append((f"host{n % 2} -> {to}", done["downtime_ms"],
+                                        done["qemu_total_ms"], done["total_seconds"]))
                 time.sleep(2)
-            last = pair[moves % 2]
+            last = pair[(moves * len(transports)) % 2]
             last.exec(["kvmagent", "console", NAME, "--timeout", "2"],
                       input="kill %1\n", check=False)
             seqs = sorted({int(s) for th in pair
                            for s in re.findall(r"seq=(\d+) ", console(th))})
             last.exec(["systemctl", "stop", UNIT], timeout=180)
-    where = ("16 MiB disk copied (--copy-storage)" if copy else "disk on shared storage")
-    print(f"kvmagent migrate over ssh, tiny guest (256M, TCG, {where}), "
-          f"{moves} moves between two Debian 12 test hosts")
-    print(f"{'move':<18}{'downtime ms':>12}{'QEMU total ms':>15}{'command s':>11}")
-    for move, downtime, qemu_total, total in rows:
-        print(f"{move:<18}{downtime:>12}{qemu_total:>15}{total:>11.2f}")
+    for transport in transports:
+        where = ("16 MiB disk copied (--copy-storage)" if opts.copy_storage
+                 else "disk on shared storage")
+        print(f"kvmagent migrate over {transport}, tiny guest (256M, TCG, {where}), "
+              f"{moves} moves between two Debian 12 test hosts")
+        print(f"{'move':<18}{'downtime ms':>12}{'QEMU total ms':>15}{'command s':>11}")
+        for move, downtime, qemu_total, total in rows[transport]:
+            print(f"{move:<18}{downtime:>12}{qemu_total:>15}{total:>11.2f}")
+    if len(transports) > 1:  # side by side
+        print(f"{'median of the moves':<24}" + "".join(f"{t:>10}" for t in transports))
+        for label, col in (("downtime ms", 1), ("QEMU total ms", 2), ("command s", 3)):
+            medians = [statistics.median(r[col] for r in rows[t]) for t in transports]
+            print(f"{label:<24}" + "".join(f"{m:>10.{2 if col == 3 else 0}f}" for m in medians))
     sent = seqs[-1] - seqs[0] + 1 if seqs else 0
     print(f"pings every 0.1 s from the guest to its bridge: {sent} sent, "
-          f"{sent - len(seqs)} lost over the {moves} moves")
+          f"{sent - len(seqs)} lost over the {moves * len(transports)} moves")
     return 0
 
 

@@ -14,7 +14,11 @@ JSON object a line: "listening", "incoming" (with QEMU's status),
 while it moves, source_step decides: the source's QEMU ends only once HOST
 said that the guest runs there, and anything else (an error, the ssh
 session ending, the destination's QEMU dying, Ctrl-C) cancels the migration
-and the guest runs on here."""
+and the guest runs on here.  With --transport tcp..., the control stays on
+ssh and the stream goes over plain TCP (kvmagent.cli.tcpstream); the
+record that follows the guest (its boot, the downtime) is
+kvmagent.cli.arrival's.  With --copy-storage the disks go first, while the
+guest runs (kvmagent.cli.nbdcopy)."""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from kvmagent.cli import arrival, tcpstream
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import ssh
 from kvmagent.names import service_unit
@@ -38,6 +43,7 @@ from kvmagent.paths import Paths
 from kvmagent.render.migration import (CPU_RE, MACHINE_RE, Refusal, SideFacts, Step, preflight,
                                        progress_line, source_step, stalled)
 from kvmagent.render.plan import Incoming
+from kvmagent.render.transport import SSH, TCP, Transport, parse_transport, warning
 from kvmagent.unit import channel
 
 if TYPE_CHECKING:
@@ -92,6 +98,8 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
     if args.facts:
         print(json.dumps(side_facts(args.name, paths)._asdict()))
         return ExitStatus.OK
+    if args.arrived:
+        return arrival.cmd_arrived(args, paths)
     from kvmagent.config.guests import load_guest, load_host_config
     from kvmagent.host import systemd
     from kvmagent.host.hostcheck import check_host
@@ -101,6 +109,7 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
     if not MACHINE_RE.fullmatch(args.machine) or not CPU_RE.fullmatch(args.cpu):
         raise KvmagentError(f"--machine {args.machine!r} --cpu {args.cpu!r}: not QEMU's "
                             "values", None, ExitStatus.USAGE)
+    transport = parse_transport(args.transport)  # exit 2
     guest = load_guest(paths, args.name, load_host_config(paths))  # exit 6, 8
     unit = service_unit(guest.name)
     if systemd.active_state(unit) in systemd.RUNNING_STATES:
@@ -117,15 +126,19 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
     request = paths.incoming_request(guest.name)
     request.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     tmp = request.with_name(f".{request.name}.tmp")
-    tmp.write_text(Incoming(args.machine, args.cpu, args.source).to_json())
+    tmp.write_text(Incoming(args.machine, args.cpu, args.source, args.booted).to_json())
     os.replace(tmp, request)
     stopped: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, lambda signum, _: stopped.append(signum))
     try:
-        ok = _arrive(guest.name, unit, paths, stopped, copy)
+        if transport.kind == TCP:
+            with tcpstream.incoming(args.transport, _emit, stopped, LISTEN_TIMEOUT) as stream:
+                ok = _arrive(guest.name, unit, paths, stopped, stream.fileno(), copy)
+        else:
+            ok = _arrive(guest.name, unit, paths, stopped, sys.stdin.fileno(), copy)
     except KvmagentError as e:
-        _emit("failed", error=e.message)
+        _emit("failed", error=e.message, status=int(e.status))
         ok = False
     if not ok:  # nothing may be left running here
         systemd.stop_unit(unit, wait=True, timeout=120)
@@ -148,8 +161,10 @@ def _copy_arrival(args: argparse.Namespace, guest: Any, paths: Paths) -> Arrival
     return Arrival.check(args, guest, paths)
 
 
-def _arrive(name: str, unit: str, paths: Paths, stopped: list[int],
+def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int,
             copy: Arrival | None = None) -> bool:
+    """STREAM: the ssh session's (standard input) or the TCP connection.
+    COPY: --copy-storage's disks, made and served first."""
     from kvmagent.host import systemd
     if copy is not None:
         copy.make()
@@ -161,7 +176,7 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int],
             return False
         try:
             if copy is None:
-                channel.ask(control, "migrate-incoming", timeout=5.0, fds=[sys.stdin.fileno()])
+                channel.ask(control, "migrate-incoming", timeout=5.0, fds=[stream])
             elif (refused := copy.serve(control)) is not None:
                 _emit("failed", error=refused)
                 return False
@@ -174,18 +189,20 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int],
             time.sleep(0.1)
     if copy is not None:  # the disks are copied, then the state comes
         _emit("serving")
-        if (why := copy.wait_for_go(control, stopped)) is not None:
+        if (why := copy.wait_for_go(control, stopped, stream)) is not None:
             _emit("failed", error=why)
             return False
-        channel.ask(control, "migrate-incoming", timeout=5.0, fds=[sys.stdin.fileno()])
+        channel.ask(control, "migrate-incoming", timeout=5.0, fds=[stream])
     # The stream is QEMU's now: this process keeps no copy of it.
     devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, sys.stdin.fileno())
+    os.dup2(devnull, stream)
     os.close(devnull)
     _emit("listening")
     # What sshd, our parent, reads from the network: the stream, and its
-    # keepalives; QEMU's own reads would count its QMP traffic too.
-    said, session = "", os.getppid()
+    # keepalives; QEMU's own reads would count its QMP traffic too.  A TCP
+    # stream's dead link ends it by its keepalives (kvmagent.cli.tcpstream).
+    said = ""
+    session = os.getppid() if stream == sys.stdin.fileno() else None
     read, read_at = _bytes_read(session), time.monotonic()
     while not stopped:
         try:
@@ -276,6 +293,7 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
     from kvmagent.config.guests import load_guest, load_host_config
     from kvmagent.render.show import effective_config
     target = ssh.parse_target(args.host)
+    transport = parse_transport(args.transport)  # exit 2
     guest = load_guest(paths, args.name, load_host_config(paths))  # exit 6, 8
     name, control = guest.name, paths.control_socket(guest.name)
     bandwidth = _parse_rate(args.bandwidth)
@@ -301,7 +319,12 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
                   file=sys.stderr)
         raise KvmagentError(refusals[0].message, refusals[0].hint, refusals[0].status)
     enabled = _systemctl("is-enabled", service_unit(name)).stdout.strip() == "enabled"
-    return _move(args, target, name, control, machine, cpu, bandwidth, enabled, copies)
+    booted = arrival.guest_booted(paths, name)  # its uptime goes on there
+    extra = (["--booted", repr(booted)] if booted is not None else []) + (
+        ["--transport", str(transport)] if transport.kind != SSH else [])
+    extra += [word for c in copies for word in c.argument()]
+    return _move(args, target, name, control, machine, cpu, bandwidth, enabled, transport,
+                 extra, copies)
 
 
 def _say(args: argparse.Namespace, event: str, text: str, **fields: Any) -> None:
@@ -315,33 +338,43 @@ def _say(args: argparse.Namespace, event: str, text: str, **fields: Any) -> None
 
 
 def _move(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
-          machine: str, cpu: str, bandwidth: int | None, enabled: bool,
-          copies: list[CopyDisk]) -> int:
+          machine: str, cpu: str, bandwidth: int | None, enabled: bool, transport: Transport,
+          extra: list[str], copies: list[CopyDisk] | None = None) -> int:
     t0 = time.monotonic()
     interrupted: list[int] = []
     old = signal.signal(signal.SIGINT, lambda signum, _: interrupted.append(signum))
     signal.signal(signal.SIGTERM, lambda signum, _: interrupted.append(signum))
-    ours, theirs = socket.socketpair()
+    # ssh: the stream is the ssh session's input; tcp: that input carries
+    # the tokens that admit the stream (kvmagent.cli.tcpstream)
+    tokens = tcpstream.Tokens.new() if transport.kind == TCP else None
+    ours, theirs = socket.socketpair() if tokens is None else (None, None)
     remote = ["migrate-incoming", name, "--machine", machine, "--cpu", cpu,
-              "--from", socket.gethostname()] + (["--enable"] if enabled else [])
-    remote += [word for c in copies for word in c.argument()]
+              "--from", socket.gethostname()] + (["--enable"] if enabled else []) + extra
     copy: Copy | None = None
     if copies:
         from kvmagent.cli.nbdcopy import Copy
         copy = Copy(target, name, control, copies, bandwidth)
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(ssh.ssh_argv(target, remote), stdin=theirs.fileno(),
+        proc = subprocess.Popen(ssh.ssh_argv(target, remote),
+                                stdin=theirs.fileno() if theirs else subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=err, start_new_session=True)
-        theirs.close()
+        if theirs is not None:
+            theirs.close()
         assert proc.stdout is not None
         lines = _Lines(proc.stdout)
         try:
+            if tokens is not None:
+                ours = _connect(args, target, name, proc, lines, tokens, interrupted)
+            assert ours is not None
             return _watch(args, target, name, control, proc, lines, ours, interrupted,
                           bandwidth, enabled, t0, copy)
         finally:
-            ours.close()
+            if ours is not None:
+                ours.close()
             if copy is not None and (said := copy.close()):
                 print(f"kvmagent: {target}: the disks' copy: {said}", file=sys.stderr)
+            if proc.stdin is not None:
+                proc.stdin.close()  # tcp: the destination's session ends
             if proc.poll() is None:  # the destination cleans up once its stream ends
                 try:
                     proc.wait(timeout=60)
@@ -353,6 +386,28 @@ def _move(args: argparse.Namespace, target: ssh.Target, name: str, control: Path
             trouble = err.read().decode(errors="replace").strip()
             if trouble and proc.returncode:
                 print(f"kvmagent: {target}: {trouble}", file=sys.stderr)
+
+
+def _connect(args: argparse.Namespace, target: ssh.Target, name: str,
+             proc: subprocess.Popen[bytes], lines: _Lines, tokens: tcpstream.Tokens,
+             interrupted: list[int]) -> socket.socket:
+    """--transport tcp: the tokens to the destination, then the stream,
+    connected to where it listens; said loudly."""
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(tokens.line())
+        proc.stdin.flush()
+        sock = tcpstream.outgoing(lines.events, lambda: lines.ended, tokens,
+                                  lambda: bool(interrupted), LISTEN_TIMEOUT)
+    except OSError as e:  # the ssh session's input
+        raise KvmagentError(f"migration of guest {name} to {target} not started: {e}; the "
+                            "guest runs on here", None, ExitStatus.FAILURE) from None
+    except KvmagentError as e:
+        raise KvmagentError(f"migration of guest {name} to {target} not started: {target}: "
+                            f"{e.message}; the guest runs on here", e.hint, e.status) from None
+    address, port = sock.getpeername()[:2]
+    print(f"kvmagent: {warning(name, address, port)}", file=sys.stderr, flush=True)
+    return sock
 
 
 def _cancel(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
@@ -377,12 +432,10 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
     ready = ("serving",) if copy is not None else ("listening", "incoming")
     while lines.last not in ready and not lines.last.startswith("failed"):
         if interrupted or lines.ended or time.monotonic() > deadline:
-            rc = proc.poll()
             why = ("interrupted" if interrupted else "the destination did not get ready "
-                   f"(ssh exit status {rc})")
+                   f"(ssh exit status {proc.poll()})")
             raise KvmagentError(f"migration of guest {name} to {target} not started: {why}; "
-                                "the guest runs on here", None,
-                                ExitStatus(rc) if rc in (5, 6) else ExitStatus.FAILURE)
+                                "the guest runs on here", None, ExitStatus.FAILURE)
         time.sleep(0.05)
     if lines.last.startswith("failed"):
         raise KvmagentError(f"{target}: {lines.last}; guest {name} runs on here", None,
@@ -405,14 +458,16 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
     if bandwidth is not None:
         fields["bandwidth"] = bandwidth
     try:
-        channel.ask(control, "migrate", fds=[ours.fileno()], copy_storage=copy is not None,
-                    **fields)
+        started = channel.ask(control, "migrate", fds=[ours.fileno()],
+                              copy_storage=copy is not None, **fields)
     except KvmagentError as e:
         if copy is None:
             raise
         return _cancel(args, target, name, control, e.message)
     ours.close()  # QEMU holds the stream now
-    _say(args, "started", f"migrating guest {name} to {target}", host=str(target))
+    _say(args, "started", f"migrating guest {name} to {target}", host=str(target),
+         transport=args.transport, downtime_limit_ms=started.get("downtime_limit_ms"),
+         max_bandwidth=started.get("max_bandwidth"))
     completed_at: float | None = None
     info: dict[str, Any] = {}
     while True:
@@ -450,6 +505,12 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
     if enabled:  # enabled there by migrate-incoming --enable
         _systemctl("disable", "--quiet", unit)
     total = time.monotonic() - t0
+    if isinstance(info.get("downtime"), int):  # for the record there (kvmagent.cli.arrival)
+        trouble = arrival.tell_destination(target, name, socket.gethostname(),
+                                           info["downtime"])
+        if trouble:
+            print(f"kvmagent: {target}: the downtime is not in its record: {trouble}",
+                  file=sys.stderr)
     copied = f"; disks copied: {', '.join(c.node for c in copy.copies)}" if copy else ""
     _say(args, "migrated", f"guest {name} migrated to {target}: downtime "
          f"{info.get('downtime', '?')} ms, total {total:.1f} s"

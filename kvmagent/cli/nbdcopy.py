@@ -235,11 +235,11 @@ class Arrival:
         self.served = True
         return None
 
-    def wait_for_go(self, control: Path, stopped: list[int]) -> str | None:
-        """Read the source's heartbeats on standard input (the migration
-        stream) until GO; None then, else why not.  One byte at a time:
-        what follows GO is QEMU's."""
-        fd, heard = sys.stdin.fileno(), time.monotonic()
+    def wait_for_go(self, control: Path, stopped: list[int], fd: int) -> str | None:
+        """Read the source's heartbeats on the migration stream FD (the ssh
+        session's standard input, or the TCP connection) until GO; None
+        then, else why not.  One byte at a time: what follows GO is QEMU's."""
+        heard = time.monotonic()
         while not stopped:
             ready, _, _ = select.select([fd], [], [], HEARTBEAT_EVERY)
             if ready:
