@@ -15,7 +15,9 @@ block 0) as fast as it can, across the copy and the switch; afterwards
 host 1's image has every block the guest wrote before the switch, host 0's
 image (its last state) and host 1's differ only in blocks the guest wrote
 after the switch, on host 1, and in nothing else; the guest did not boot
-again.  Last, a move from Debian 12 to Debian 13 with --copy-storage.  The
+again.  Then back, the state over plain TCP (--transport tcp), the disk
+over ssh onto the copy left there.  Last, a move from Debian 12 to
+Debian 13 with --copy-storage.  The
 measured downtime and total time are printed."""
 
 from __future__ import annotations
@@ -328,6 +330,26 @@ def test_the_disk_moves_with_the_guest(pair: HostPair) -> None:
     assert answers(b, "on-host1")
     assert console(a).count("GUEST-INIT") == 1 and "GUEST-INIT" not in console(b)
     b.exec(["systemctl", "stop", UNIT], timeout=180)
+
+
+def test_back_over_plain_tcp(pair: HostPair) -> None:
+    """--transport tcp: the state over plain TCP, the disk still over ssh,
+    onto the copy the last move left on host 0 (the admin's disk now: of the
+    same size, copied onto, not made)."""
+    a, b = pair
+    booted(b)
+    r = b.exec(["kvmagent", "migrate", NAME, "host0", "--copy-storage", "--json",
+                "--transport", "tcp:10.79.20.0/24"], check=False, timeout=300)
+    assert r.returncode == 0, (r.stdout, r.stderr, a.journal(UNIT)[-3000:])
+    assert "UNENCRYPTED" in r.stderr
+    done = json.loads(r.stdout.splitlines()[-1])
+    assert done["event"] == "migrated" and done["copied"] == ["disk0"], done
+    print(f"\nback over tcp, --copy-storage: downtime {done['downtime_ms']} ms (QEMU), the "
+          f"command's total {done['total_seconds']} s")
+    runs_on(a)
+    assert answers(a, "back-on-host0")
+    a.exec(["systemctl", "stop", UNIT], timeout=180)
+    assert disk(a) == disk(b)  # the guest wrote nothing since it left host 1
 
 
 def test_from_debian_12_to_13(tmp_path_factory: pytest.TempPathFactory,
