@@ -38,11 +38,6 @@ UNIT_PATH = b"/org/freedesktop/systemd1/unit"
 
 # -- errors -------------------------------------------------------------------------------
 
-# Messages taken from sd-bus's queue before waiting for more (wait_job);
-# processing an empty queue costs one non-blocking read.
-DRAIN = 64
-
-
 def _error_name(exc: DBusBaseError) -> str:
     """pystemd keeps the D-Bus error name only for errors it has no class for."""
     if exc.err_name:
@@ -135,16 +130,9 @@ class _Manager:
                                     f"({job.decode()})",
                                     f"systemctl list-jobs; journalctl -u {unit}")
             with _errors(f"waiting for the job of {unit}"):
-                # sd-bus reads many messages at once and process() takes one:
-                # wait() does not return for those read already, so the queue
-                # is emptied first (a stop job's signals waited 1 s each: a
-                # `kvmagent stop` took 3.4 s where `systemctl stop` took 0.4 s)
-                for _ in range(DRAIN):
-                    self.bus.process()  # runs on_job_removed for a queued signal
-                    if job in self.removed:
-                        break
+                self.bus.process()  # runs on_job_removed for a queued signal
                 if job not in self.removed:
-                    self.bus.wait(int(min(left, 1.0) * 1e6))
+                    self.bus.wait(int(min(left, 1.0) * 1e6))  # returns at once if queued
         return self.removed.pop(job).decode()
 
 
