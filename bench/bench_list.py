@@ -1,109 +1,90 @@
 #!/usr/bin/python3
-"""`kvmagent list` with 10, 100 and 200 defined guests (config files with a
-history of 10 runs each in the state database, enabled at boot; 3 of them running the tiny
-guest under TCG, paused with SIGSTOP), in the systemd test host: median wall time of the whole
-command and the D-Bus method calls it makes, next to `virsh list --all`
-with libvirt 9.0 in the same test host: Debian's libvirt-daemon and
-libvirt-clients (without recommends: 9 packages, ~4 MB, downloaded once into
-LIBVIRT_DEBS) installed into the test host's overlay, libvirtd run as a
-service there with the same number of domains defined (shut off: libvirt
-cannot run QEMU inside this test host; its listing reads them from
-libvirtd's memory either way).
+"""`kvmagent list` next to `virsh list --all` with 10, 100, 200 and 1000
+guests defined, in the same test host (a release's own root), their runs
+interleaved (#22).  kvmagent: config files, each guest with a history of
+10 runs in the state database and enabled at boot, 3 of them running the
+tiny guest under TCG, paused with SIGSTOP; libvirt (Debian's, bench/libvirt.py):
+as many domains defined, as many running, paused (virsh suspend).  Median
+and spread of the whole command's wall time, and the D-Bus method calls
+one `kvmagent list` makes.
 
-Run as root after `make setup`:  /usr/bin/python3 bench/bench_list.py [RUNS]
+Run as root after `make setup`, with the network the first time (libvirt's
+packages are downloaded once):
+    /usr/bin/python3 bench/bench_list.py [--release bookworm|trixie]... [RUNS]
 
-libvirt 9.0's figures from issue 7 (34/48/73 ms) are printed beside, quoted;
-when the libvirt packages cannot be downloaded, virsh is not measured."""
+Goal (the issue's): at 1000 guests within 1.5x of `virsh list --all`."""
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import inhost, libvirt  # noqa: E402
+from bench.report import Goal, median_ms, ratio, spread_ms, table  # noqa: E402
 from tests.guest.build import find_guest  # noqa: E402
-from tests.harness import TestHost  # noqa: E402
-from tests.harness.install import REPO, install_checkout  # noqa: E402
+from tests.harness import TestHost, rootfs  # noqa: E402
+from tests.harness.install import REPO, copy_guest, install_on_release  # noqa: E402
 
-SIZES = (10, 100, 200)
-LIBVIRT_MS = {10: 34, 100: 48, 200: 73}  # quoted from the issue
-GOAL_MS = 110  # at 200 guests
-# libvirt for the side-by-side: its daemon (with the QEMU driver) and virsh.
-LIBVIRT_PACKAGES = ("libvirt-daemon", "libvirt-clients")
-LIBVIRT_DEBS = Path("/var/cache/kvmagent-bench/libvirt-debs")
+SIZES = (10, 100, 200, 1000)
+RUNNING = 3
+GOAL = (1000, Goal(1.5, "within 1.5× of virsh list --all at 1000"))
 
 
-def libvirt_debs() -> str | None:
-    """Where the .debs are that libvirt adds to this machine (and so to the
-    test host's overlay): a directory keyed by the packages and versions apt
-    would install now, downloaded once; "installed" when libvirt is already
-    here; None (and why, printed) without them."""
-    if shutil.which("virsh") and os.path.exists("/usr/sbin/libvirtd"):
-        return "installed"
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends",
-               "-o", "APT::Sandbox::User=root", *LIBVIRT_PACKAGES]
-    r = subprocess.run([*install, "--simulate"], capture_output=True, text=True)
-    wanted = sorted(line for line in r.stdout.splitlines() if line.startswith("Inst "))
-    if r.returncode != 0 or not wanted:
-        print(f"virsh not measured: apt-get cannot install {' '.join(LIBVIRT_PACKAGES)}: "
-              f"{(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-        return None
-    key = hashlib.sha256("\n".join(wanted).encode()).hexdigest()[:16]
-    debs = LIBVIRT_DEBS / key
-    if not debs.is_dir():
-        tmp = LIBVIRT_DEBS / f".{key}.{os.getpid()}"
-        (tmp / "partial").mkdir(parents=True)
-        r = subprocess.run([*install, "--download-only", "-o", f"Dir::Cache::archives={tmp}/"],
-                           capture_output=True, text=True)
-        if r.returncode != 0 or len(list(tmp.glob("*.deb"))) != len(wanted):
-            shutil.rmtree(tmp)
-            print(f"virsh not measured: apt-get could not download "
-                  f"{' '.join(LIBVIRT_PACKAGES)}: {(r.stderr or r.stdout).strip()}")
-            return None
-        shutil.rmtree(tmp / "partial")
-        (tmp / "lock").unlink(missing_ok=True)
-        tmp.rename(debs)
-    for old in LIBVIRT_DEBS.iterdir():  # other versions: not needed again
-        if old != debs:
-            shutil.rmtree(old, ignore_errors=True)
-    return str(debs)
+def measure(release: str, runs: int) -> tuple[dict[str, dict[str, object]], dict[str, str]]:
+    image = find_guest()
+    with TestHost(root=release, src=REPO,
+                  bind_ro=[(rootfs.cached_debs(release), "/mnt/debs"),
+                           libvirt.bind(release)]) as th:
+        install_on_release(th)
+        inhost.compile_checkout(th)
+        inside = copy_guest(th, image)
+        libvirt.install(th)
+        kernel, initrd = libvirt.copy_guest(th, image.kernel, image.initrd)
+        v = libvirt.versions(th)
+        out = th.run(["/usr/bin/python3", "/src/kvmagent/bench/list_inner.py",
+                      str(inside.kernel), str(inside.initrd), str(runs),
+                      ",".join(map(str, SIZES)), str(RUNNING), kernel, initrd],
+                     env=inhost.ENV, timeout=3600).stdout
+    facts = {"debian": th.release, "libvirt": v.get("libvirt-daemon", "?"),
+             "load": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
+    return json.loads(out.strip().splitlines()[-1]), facts
+
+
+def report(r: dict[str, dict[str, object]], facts: dict[str, str], runs: int) -> str:
+    rows = []
+    for size, v in sorted(((int(k), v) for k, v in r.items())):
+        ours: list[float] = v["kvmagent"]  # type: ignore[assignment]
+        theirs: list[float] = v["virsh"]  # type: ignore[assignment]
+        m, lv = median_ms(ours), median_ms(theirs)
+        goal = GOAL[1].verdict(m, lv) if size == GOAL[0] else ""
+        rows.append([str(size), str(v["rows"]), f"{m:.0f}", spread_ms(ours), f"{lv:.0f}",
+                     spread_ms(theirs), ratio(m, lv), str(v["dbus_calls"]), goal])
+    return (f"Debian {rootfs.RELEASES[facts['debian']]} ({facts['debian']}), libvirt "
+            f"{facts['libvirt']}: `kvmagent list` vs `virsh list --all`, {RUNNING} guests "
+            f"running (paused); medians of {runs} interleaved runs, ms; load average after: "
+            f"{facts['load']}\n"
+            + table(["guests", "rows", "kvmagent", "min–max", "virsh", "min–max",
+                     "kvmagent/virsh", "D-Bus calls", "goal"], rows))
 
 
 def main() -> int:
-    runs = int(sys.argv[1]) if len(sys.argv) > 1 else 15
-    image = find_guest()
-    debs = libvirt_debs()
-    with TestHost(root="host", src=REPO) as th:
-        install_checkout(th)
-        out = th.run(["/usr/bin/python3", "-m", "compileall", "-q", "/src/kvmagent/kvmagent"],
-                     check=False)
-        out = th.run(["/usr/bin/python3", "/src/kvmagent/bench/list_inner.py",
-                      str(image.kernel), str(image.initrd), str(runs),
-                      ",".join(map(str, SIZES)), "3", debs or "-"],
-                     timeout=1800).stdout
-    r = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
-    print(f"kvmagent list in the systemd test host, 3 guests running (paused); "
-          f"median of {runs} runs")
-    print(f"{'guests':>6} {'rows':>5} {'kvmagent':>9} {'D-Bus calls':>11} {'virsh':>8} "
-          f"{'ratio':>6} {'libvirt*':>9}")
-    for size in SIZES:
-        v = r[size]
-        virsh, ratio = "-", "-"
-        if v["virsh_s"] is not None:
-            virsh = f"{v['virsh_s'] * 1000:.0f} ms"
-            ratio = f"{v['list_s'] / v['virsh_s']:.2f}x"
-        print(f"{size:>6} {v['rows']:>5} {v['list_s'] * 1000:>6.0f} ms {v['dbus_calls']:>11} "
-              f"{virsh:>8} {ratio:>6} {LIBVIRT_MS[size]:>6} ms")
-    print(f"virsh: `virsh list --all`, libvirt 9.0 in the same test host, domains shut off; "
-          f"ratio: kvmagent / virsh, runs interleaved\n"
-          f"goal: <= {GOAL_MS} ms at 200 guests (within 1.5x of virsh); "
-          f"* libvirt 9.0, quoted from the issue")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="?", type=int, default=15)
+    p.add_argument("--release", action="append", choices=list(rootfs.RELEASES),
+                   help="a test host of this release's root (default: each)")
+    p.add_argument("--json", metavar="FILE", help="also write every sample there")
+    args = p.parse_args()
+    results = {}
+    for release in args.release or list(rootfs.RELEASES):
+        r, facts = measure(release, args.runs)
+        results[release] = {"result": r, "facts": facts}
+        print(report(r, facts, args.runs) + "\n", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -12,10 +12,9 @@ the runtime directory."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmagent.config.guests import check_unique, load_guest, load_guest_file, load_host_config
 from kvmagent.config.model import Guest
@@ -23,6 +22,9 @@ from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.names import service_unit, valid_guest_name
 from kvmagent.paths import Paths
 from kvmagent.render.service import needs_inet, oneoff_unit, service_settings, writable_images
+
+if TYPE_CHECKING:
+    import argparse  # `start NAME` comes without it (kvmagent.cli.main's short ways)
 
 RESULT_HINT = "see: systemctl status {unit}; journalctl -u {unit}"
 ONEOFF_STOP_WAIT = 1800.0  # stop: the supervisor extends systemd's own stop timeout as it goes

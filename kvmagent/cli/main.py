@@ -9,8 +9,9 @@ a short way, without argparse (kvmagent.cli.parser) and its imports: `run NAME`
 (ExecStart=) as kvm@.service and kvm-oneoff@.service give it (one-off
 guests and install runs alike), and
 `stop-post NAME` (ExecStopPost=) when there is nothing for it to do.  So
-does `kvmagent list [--json]`, which admins and monitoring run often
-(argparse, gettext and the parser cost ~15 ms of a ~110 ms listing).
+do `kvmagent list [--json]`, which admins and monitoring run often
+(argparse, gettext and the parser cost ~15 ms of a ~110 ms listing),
+`kvmagent stop --force NAME`, the power cord, and `kvmagent start NAME`.
 `-H HOST` (any command) goes to kvmagent.cli.remote: the command runs on
 HOST, over ssh."""
 
@@ -69,12 +70,27 @@ def _names_host(argv: list[str]) -> bool:
 
 
 # Exact command lines taken without argparse: argv -> (module:function, the
-# arguments argparse would give it).  tests/unit/test_cli.py checks that the
-# parser gives the same.
+# arguments argparse would give it); NAME in a key stands for one guest
+# name, given as the argument "name".  tests/unit/test_cli.py checks that
+# the parser gives the same.
+NAME = "NAME"
 SHORT_WAYS: dict[tuple[str, ...], tuple[str, dict[str, object]]] = {
     ("list",): ("cli.tracking:cmd_list", {"json": False}),
     ("list", "--json"): ("cli.tracking:cmd_list", {"json": True}),
+    # the power cord: a guest in trouble, a command that costs a few ms
+    ("stop", "--force", NAME): ("cli.hardstop:cmd_stop", {"force": True, "no_block": False}),
+    ("start", NAME): ("cli.control:cmd_start", {"no_block": False, "transient": None}),
 }
+
+
+def _short_way(argv: list[str]) -> tuple[str, dict[str, object]] | None:
+    """The function and arguments of a command line of SHORT_WAYS, or None."""
+    if NAME not in argv and (way := SHORT_WAYS.get(tuple(argv))) is not None:
+        return way
+    if argv and not argv[-1].startswith("-") and (
+            way := SHORT_WAYS.get((*argv[:-1], NAME))) is not None:
+        return way[0], {**way[1], "name": argv[-1]}
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         from kvmagent.paths import Paths
         paths = Paths.from_env()
         args: Any  # argparse's Namespace, or the same attributes without argparse
-        if (short := SHORT_WAYS.get(tuple(argv))) is not None:
+        if (short := _short_way(argv)) is not None:
             from types import SimpleNamespace
             func_name, values = short
             args = SimpleNamespace(func=func_name, config_dir=None, **values)
