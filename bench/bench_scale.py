@@ -100,12 +100,13 @@ def setup(th: TestHost, count: int) -> None:
     th.exec(["mkdir", "-p", "/var/log/journal"])
     th.exec(["systemd-tmpfiles", "--create", "--prefix", "/var/log/journal"])
     th.exec(["journalctl", "--flush"])
-    image = copy_guest(th, find_guest())
+    outside = find_guest()
+    image = copy_guest(th, outside)
     for i in range(1, count + 1):
         define_guest(th, f"s{i}", guest_toml(image, nics=0, cmdline=CMDLINE))
     th.exec(["systemctl", "daemon-reload"])
     libvirt.install(th)
-    kernel, initrd = libvirt.copy_guest(th, image.kernel, image.initrd)
+    kernel, initrd = libvirt.copy_guest(th, outside.kernel, outside.initrd)
     th.write_file(GUESTS_DEFAULTS, "# kvmagent's benchmark: every guest at once, by ACPI\n"
                   f"ON_BOOT=ignore\nON_SHUTDOWN=shutdown\nPARALLEL_SHUTDOWN={count}\n"
                   "SHUTDOWN_TIMEOUT=90\n")
@@ -155,6 +156,8 @@ def measure(release: str, counts: list[int]) -> dict[str, object]:
             libvirt.start(th)
             for i in range(1, n + 1):
                 th.exec(["virsh", "autostart", f"v{i}"], check=True)
+            # the consoles of the starts before said GUEST-READY already
+            th.exec(["find", "/var/log/libvirt/qemu", "-name", "*.console", "-delete"])
             th.write_file(WATCH_UNIT, watch_unit(n))
             th.exec(["systemctl", "daemon-reload"])
             th.exec(["systemctl", "enable", *LIBVIRT_UNITS, "bench-watch.service"])

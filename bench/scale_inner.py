@@ -250,6 +250,8 @@ def start(manager: str, count: int) -> dict[str, object]:
         command = time.time() - t0
         times = wait_kvmagent(guests, t0, ("running", "ready"))
     else:
+        for g in guests:  # an earlier run's console said GUEST-READY already
+            serial_log(g).unlink(missing_ok=True)
         procs = {g: subprocess.Popen(["virsh", "start", g], stdout=subprocess.DEVNULL)
                  for g in guests}
         times = start_libvirt(procs, time.monotonic() + WAIT)
