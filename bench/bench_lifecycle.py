@@ -57,7 +57,11 @@ GOALS = {"running": ("libvirt", Goal(0.5, "≥ 2× faster than virsh start")),
          "hard": ("libvirt", Goal(1 / 3, "≥ 3× faster than virsh destroy"))}
 
 
-def measure(release: str, rounds: int) -> tuple[dict[str, object], dict[str, str]]:
+def measure(release: str, rounds: int,
+            trace: bool = False) -> tuple[dict[str, object], dict[str, str]]:
+    """The samples of ROUNDS rounds (lifecycle_inner.py); with TRACE, where
+    the milliseconds of ROUNDS starts and stops go instead (trace_inner.py,
+    printed as it comes)."""
     image = find_guest()
     with TestHost(root=release, src=REPO,
                   bind_ro=[(rootfs.cached_debs(release), "/mnt/debs"),
@@ -74,6 +78,10 @@ def measure(release: str, rounds: int) -> tuple[dict[str, object], dict[str, str
             serial_log="/var/log/libvirt/qemu/bench.console"))
         th.run(["virsh", "define", "/var/tmp/bench.xml"])
         facts = machine_facts(th)
+        if trace:
+            print(th.run(["/usr/bin/python3", "/src/kvmagent/bench/trace_inner.py",
+                          str(rounds)], env=inhost.ENV, timeout=3600).stdout)
+            return {}, facts
         out = th.run(["/usr/bin/python3", "/src/kvmagent/bench/lifecycle_inner.py",
                       str(inside.kernel), str(inside.initrd), str(rounds)],
                      env=inhost.ENV, timeout=3600).stdout
@@ -128,10 +136,14 @@ def main() -> int:
     p.add_argument("--release", action="append", choices=list(rootfs.RELEASES),
                    help="a test host of this release's root (default: each)")
     p.add_argument("--json", metavar="FILE", help="also write every sample there")
+    p.add_argument("--trace", action="store_true",
+                   help="where the milliseconds of ROUNDS starts and stops go, instead")
     args = p.parse_args()
     results = {}
     for release in args.release or list(rootfs.RELEASES):
-        r, facts = measure(release, args.rounds)
+        r, facts = measure(release, args.rounds, args.trace)
+        if args.trace:
+            continue
         results[release] = {"result": r, "facts": facts}
         print(report(r, facts, args.rounds) + "\n", flush=True)
     if args.json:

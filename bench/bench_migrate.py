@@ -8,14 +8,21 @@ QEMU's downtime, QEMU's total time, the command's total time; and the pings
 lost in all, counted from the sequence numbers the guest printed on its
 console (in the journal of the host it ran on at the time).
 
-Run as root after `make setup`:  /usr/bin/python3 bench/bench_migrate.py [MOVES]"""
+--transport ssh,tcp (the default: ssh alone): the same moves over each
+transport in turn (tcp: plain TCP to the address ssh reached), and their
+medians side by side.
+
+Run as root after `make setup`:
+    /usr/bin/python3 bench/bench_migrate.py [MOVES] [--transport ssh,tcp]"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -40,7 +47,11 @@ def console(th) -> str:  # type: ignore[no-untyped-def]
 
 
 def main() -> int:
-    moves = int(sys.argv[1]) if len(sys.argv) > 1 else 6
+    parser = argparse.ArgumentParser()
+    parser.add_argument("moves", type=int, nargs="?", default=6)
+    parser.add_argument("--transport", default="ssh", help="ssh, tcp or ssh,tcp")
+    opts = parser.parse_args()
+    moves, transports = opts.moves, opts.transport.split(",")
     image = find_guest()
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
         shared = Path(tmp) / "shared"
@@ -71,31 +82,38 @@ def main() -> int:
             pair[0].exec(["kvmagent", "console", NAME, "--timeout", "2"],
                          input="ping -i 0.1 10.77.0.1 &\n", check=False)
             time.sleep(3)
-            rows = []
-            for i in range(moves):
-                src, to = pair[i % 2], f"host{1 - i % 2}"
-                r = src.exec(["kvmagent", "migrate", NAME, to, "--json"], check=False,
-                             timeout=300)
+            rows: dict[str, list[tuple[str, int, int, float]]] = {t: [] for t in transports}
+            for n in range(moves * len(transports)):
+                i, transport = n % moves, transports[n // moves]
+                src, to = pair[n % 2], f"host{1 - n % 2}"
+                r = src.exec(["kvmagent", "migrate", NAME, to, "--json",
+                              "--transport", transport], check=False, timeout=300)
                 if r.returncode != 0:
-                    raise SystemExit(f"move {i + 1} failed: {r.stderr}")
+                    raise SystemExit(f"move {i + 1} over {transport} failed: {r.stderr}")
                 done = json.loads(r.stdout.splitlines()[-1])
-                rows.append((f"host{i % 2} -> {to}", done["downtime_ms"], done["qemu_total_ms"],
-                             done["total_seconds"]))
+                rows[transport].append((f"host{n % 2} -> {to}", done["downtime_ms"],
+                                        done["qemu_total_ms"], done["total_seconds"]))
                 time.sleep(2)
-            last = pair[moves % 2]
+            last = pair[(moves * len(transports)) % 2]
             last.exec(["kvmagent", "console", NAME, "--timeout", "2"],
                       input="kill %1\n", check=False)
             seqs = sorted({int(s) for th in pair
                            for s in re.findall(r"seq=(\d+) ", console(th))})
             last.exec(["systemctl", "stop", UNIT], timeout=180)
-    print(f"kvmagent migrate over ssh, tiny guest (256M, TCG, disk on shared storage), "
-          f"{moves} moves between two Debian 12 test hosts")
-    print(f"{'move':<18}{'downtime ms':>12}{'QEMU total ms':>15}{'command s':>11}")
-    for move, downtime, qemu_total, total in rows:
-        print(f"{move:<18}{downtime:>12}{qemu_total:>15}{total:>11.2f}")
+    for transport in transports:
+        print(f"kvmagent migrate over {transport}, tiny guest (256M, TCG, disk on shared "
+              f"storage), {moves} moves between two Debian 12 test hosts")
+        print(f"{'move':<18}{'downtime ms':>12}{'QEMU total ms':>15}{'command s':>11}")
+        for move, downtime, qemu_total, total in rows[transport]:
+            print(f"{move:<18}{downtime:>12}{qemu_total:>15}{total:>11.2f}")
+    if len(transports) > 1:  # side by side
+        print(f"{'median of the moves':<24}" + "".join(f"{t:>10}" for t in transports))
+        for label, col in (("downtime ms", 1), ("QEMU total ms", 2), ("command s", 3)):
+            medians = [statistics.median(r[col] for r in rows[t]) for t in transports]
+            print(f"{label:<24}" + "".join(f"{m:>10.{2 if col == 3 else 0}f}" for m in medians))
     sent = seqs[-1] - seqs[0] + 1 if seqs else 0
     print(f"pings every 0.1 s from the guest to its bridge: {sent} sent, "
-          f"{sent - len(seqs)} lost over the {moves} moves")
+          f"{sent - len(seqs)} lost over the {moves * len(transports)} moves")
     return 0
 
 

@@ -55,7 +55,7 @@ OPTIONAL_UNITS = ("virtlockd.socket",)
 DROPIN = ("/etc/systemd/system/libvirtd.service.d/50-bench.conf",
           "# kvmagent's benchmarks: this machine's nested /dev/kvm is broken and slow;\n"
           "# both managers run TCG.  No idle timeout while measuring.\n"
-          "[Service]\nInaccessiblePaths=-/dev/kvm\nEnvironment=LIBVIRTD_ARGS=\n")
+          "[Service]\nInaccessiblePaths=-/dev/kvm\nExecStart=\nExecStart=/usr/sbin/libvirtd\n")
 QEMU_CONF = ("\n# kvmagent's benchmarks: the test host's v1 cgroup controllers are read-only\n"
              "cgroup_controllers = [ ]\n")
 APT_LIST = f"deb [trusted=yes] file:/mnt/debs ./\ndeb [trusted=yes] file:{MOUNT} ./\n"
@@ -134,7 +134,11 @@ def install(th: TestHost) -> float:
 
 
 def start(th: TestHost) -> None:
-    """libvirt's daemons, started by hand; returns once virsh is answered."""
+    """libvirt's daemons, (re)started by hand, so that they read the
+    configuration as it is now (the package's install may have had them
+    started by a connection to their sockets); returns once virsh is
+    answered."""
+    th.exec(["systemctl", "stop", *reversed(UNITS), *OPTIONAL_UNITS], check=False)
     th.exec(["systemctl", "reset-failed", "libvirtd.service", "libvirtd.socket"], check=False)
     for unit in OPTIONAL_UNITS:
         th.exec(["systemctl", "start", unit], check=False)

@@ -14,7 +14,10 @@ JSON object a line: "listening", "incoming" (with QEMU's status),
 while it moves, source_step decides: the source's QEMU ends only once HOST
 said that the guest runs there, and anything else (an error, the ssh
 session ending, the destination's QEMU dying, Ctrl-C) cancels the migration
-and the guest runs on here."""
+and the guest runs on here.  With --transport tcp..., the control stays on
+ssh and the stream goes over plain TCP (kvmagent.cli.tcpstream); the
+record that follows the guest (its boot, the downtime) is
+kvmagent.cli.arrival's."""
 
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from kvmagent.cli import arrival, tcpstream
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import ssh
 from kvmagent.names import service_unit
@@ -38,6 +42,7 @@ from kvmagent.paths import Paths
 from kvmagent.render.migration import (CPU_RE, MACHINE_RE, SideFacts, Step, preflight,
                                        progress_line, source_step, stalled)
 from kvmagent.render.plan import Incoming
+from kvmagent.render.transport import SSH, TCP, Transport, parse_transport, warning
 from kvmagent.unit import channel
 
 SYSTEMCTL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -88,6 +93,8 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
     if args.facts:
         print(json.dumps(side_facts(args.name, paths)._asdict()))
         return ExitStatus.OK
+    if args.arrived:
+        return arrival.cmd_arrived(args, paths)
     from kvmagent.config.guests import load_guest, load_host_config
     from kvmagent.host import systemd
     from kvmagent.host.hostcheck import check_host
@@ -97,6 +104,7 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
     if not MACHINE_RE.fullmatch(args.machine) or not CPU_RE.fullmatch(args.cpu):
         raise KvmagentError(f"--machine {args.machine!r} --cpu {args.cpu!r}: not QEMU's "
                             "values", None, ExitStatus.USAGE)
+    transport = parse_transport(args.transport)  # exit 2
     guest = load_guest(paths, args.name, load_host_config(paths))  # exit 6, 8
     unit = service_unit(guest.name)
     if systemd.active_state(unit) in systemd.RUNNING_STATES:
@@ -111,15 +119,19 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
     request = paths.incoming_request(guest.name)
     request.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
     tmp = request.with_name(f".{request.name}.tmp")
-    tmp.write_text(Incoming(args.machine, args.cpu, args.source).to_json())
+    tmp.write_text(Incoming(args.machine, args.cpu, args.source, args.booted).to_json())
     os.replace(tmp, request)
     stopped: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
         signal.signal(sig, lambda signum, _: stopped.append(signum))
     try:
-        ok = _arrive(guest.name, unit, paths, stopped)
+        if transport.kind == TCP:
+            with tcpstream.incoming(args.transport, _emit, stopped, LISTEN_TIMEOUT) as stream:
+                ok = _arrive(guest.name, unit, paths, stopped, stream.fileno())
+        else:
+            ok = _arrive(guest.name, unit, paths, stopped, sys.stdin.fileno())
     except KvmagentError as e:
-        _emit("failed", error=e.message)
+        _emit("failed", error=e.message, status=int(e.status))
         ok = False
     if not ok:  # nothing may be left running here
         systemd.stop_unit(unit, wait=True, timeout=120)
@@ -131,7 +143,8 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
     return ExitStatus.OK
 
 
-def _arrive(name: str, unit: str, paths: Paths, stopped: list[int]) -> bool:
+def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int) -> bool:
+    """STREAM: the ssh session's (standard input) or the TCP connection."""
     from kvmagent.host import systemd
     systemd.start_unit(unit, wait=False)
     control, deadline = paths.control_socket(name), time.monotonic() + LISTEN_TIMEOUT
@@ -140,7 +153,7 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int]) -> bool:
             _emit("failed", error=f"interrupted (signal {stopped[0]})")
             return False
         try:
-            channel.ask(control, "migrate-incoming", timeout=5.0, fds=[sys.stdin.fileno()])
+            channel.ask(control, "migrate-incoming", timeout=5.0, fds=[stream])
             break
         except KvmagentError as e:
             state = systemd.active_state(unit)
@@ -150,12 +163,14 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int]) -> bool:
             time.sleep(0.1)
     # The stream is QEMU's now: this process keeps no copy of it.
     devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, sys.stdin.fileno())
+    os.dup2(devnull, stream)
     os.close(devnull)
     _emit("listening")
     # What sshd, our parent, reads from the network: the stream, and its
-    # keepalives; QEMU's own reads would count its QMP traffic too.
-    said, session = "", os.getppid()
+    # keepalives; QEMU's own reads would count its QMP traffic too.  A TCP
+    # stream's dead link ends it by its keepalives (kvmagent.cli.tcpstream).
+    said = ""
+    session = os.getppid() if stream == sys.stdin.fileno() else None
     read, read_at = _bytes_read(session), time.monotonic()
     while not stopped:
         try:
@@ -246,6 +261,7 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
     from kvmagent.config.guests import load_guest, load_host_config
     from kvmagent.render.show import effective_config
     target = ssh.parse_target(args.host)
+    transport = parse_transport(args.transport)  # exit 2
     guest = load_guest(paths, args.name, load_host_config(paths))  # exit 6, 8
     name, control = guest.name, paths.control_socket(guest.name)
     bandwidth = _parse_rate(args.bandwidth)
@@ -266,7 +282,11 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
                   file=sys.stderr)
         raise KvmagentError(refusals[0].message, refusals[0].hint, refusals[0].status)
     enabled = _systemctl("is-enabled", service_unit(name)).stdout.strip() == "enabled"
-    return _move(args, target, name, control, machine, cpu, bandwidth, enabled)
+    booted = arrival.guest_booted(paths, name)  # its uptime goes on there
+    extra = (["--booted", repr(booted)] if booted is not None else []) + (
+        ["--transport", str(transport)] if transport.kind != SSH else [])
+    return _move(args, target, name, control, machine, cpu, bandwidth, enabled, transport,
+                 extra)
 
 
 def _say(args: argparse.Namespace, event: str, text: str, **fields: Any) -> None:
@@ -280,25 +300,37 @@ def _say(args: argparse.Namespace, event: str, text: str, **fields: Any) -> None
 
 
 def _move(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
-          machine: str, cpu: str, bandwidth: int | None, enabled: bool) -> int:
+          machine: str, cpu: str, bandwidth: int | None, enabled: bool, transport: Transport,
+          extra: list[str]) -> int:
     t0 = time.monotonic()
     interrupted: list[int] = []
     old = signal.signal(signal.SIGINT, lambda signum, _: interrupted.append(signum))
     signal.signal(signal.SIGTERM, lambda signum, _: interrupted.append(signum))
-    ours, theirs = socket.socketpair()
+    # ssh: the stream is the ssh session's input; tcp: that input carries
+    # the tokens that admit the stream (kvmagent.cli.tcpstream)
+    tokens = tcpstream.Tokens.new() if transport.kind == TCP else None
+    ours, theirs = socket.socketpair() if tokens is None else (None, None)
     remote = ["migrate-incoming", name, "--machine", machine, "--cpu", cpu,
-              "--from", socket.gethostname()] + (["--enable"] if enabled else [])
+              "--from", socket.gethostname()] + (["--enable"] if enabled else []) + extra
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(ssh.ssh_argv(target, remote), stdin=theirs.fileno(),
+        proc = subprocess.Popen(ssh.ssh_argv(target, remote),
+                                stdin=theirs.fileno() if theirs else subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=err, start_new_session=True)
-        theirs.close()
+        if theirs is not None:
+            theirs.close()
         assert proc.stdout is not None
         lines = _Lines(proc.stdout)
         try:
+            if tokens is not None:
+                ours = _connect(args, target, name, proc, lines, tokens, interrupted)
+            assert ours is not None
             return _watch(args, target, name, control, proc, lines, ours, interrupted,
                           bandwidth, enabled, t0)
         finally:
-            ours.close()
+            if ours is not None:
+                ours.close()
+            if proc.stdin is not None:
+                proc.stdin.close()  # tcp: the destination's session ends
             if proc.poll() is None:  # the destination cleans up once its stream ends
                 try:
                     proc.wait(timeout=60)
@@ -310,6 +342,28 @@ def _move(args: argparse.Namespace, target: ssh.Target, name: str, control: Path
             trouble = err.read().decode(errors="replace").strip()
             if trouble and proc.returncode:
                 print(f"kvmagent: {target}: {trouble}", file=sys.stderr)
+
+
+def _connect(args: argparse.Namespace, target: ssh.Target, name: str,
+             proc: subprocess.Popen[bytes], lines: _Lines, tokens: tcpstream.Tokens,
+             interrupted: list[int]) -> socket.socket:
+    """--transport tcp: the tokens to the destination, then the stream,
+    connected to where it listens; said loudly."""
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(tokens.line())
+        proc.stdin.flush()
+        sock = tcpstream.outgoing(lines.events, lambda: lines.ended, tokens,
+                                  lambda: bool(interrupted), LISTEN_TIMEOUT)
+    except OSError as e:  # the ssh session's input
+        raise KvmagentError(f"migration of guest {name} to {target} not started: {e}; the "
+                            "guest runs on here", None, ExitStatus.FAILURE) from None
+    except KvmagentError as e:
+        raise KvmagentError(f"migration of guest {name} to {target} not started: {target}: "
+                            f"{e.message}; the guest runs on here", e.hint, e.status) from None
+    address, port = sock.getpeername()[:2]
+    print(f"kvmagent: {warning(name, address, port)}", file=sys.stderr, flush=True)
+    return sock
 
 
 def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
@@ -331,9 +385,11 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
         fields["downtime_ms"] = args.max_downtime
     if bandwidth is not None:
         fields["bandwidth"] = bandwidth
-    channel.ask(control, "migrate", fds=[ours.fileno()], **fields)
+    started = channel.ask(control, "migrate", fds=[ours.fileno()], **fields)
     ours.close()  # QEMU holds the stream now
-    _say(args, "started", f"migrating guest {name} to {target}", host=str(target))
+    _say(args, "started", f"migrating guest {name} to {target}", host=str(target),
+         transport=args.transport, downtime_limit_ms=started.get("downtime_limit_ms"),
+         max_bandwidth=started.get("max_bandwidth"))
     completed_at: float | None = None
     info: dict[str, Any] = {}
     while True:
@@ -381,6 +437,12 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
     if enabled:  # enabled there by migrate-incoming --enable
         _systemctl("disable", "--quiet", unit)
     total = time.monotonic() - t0
+    if isinstance(info.get("downtime"), int):  # for the record there (kvmagent.cli.arrival)
+        trouble = arrival.tell_destination(target, name, socket.gethostname(),
+                                           info["downtime"])
+        if trouble:
+            print(f"kvmagent: {target}: the downtime is not in its record: {trouble}",
+                  file=sys.stderr)
     _say(args, "migrated", f"guest {name} migrated to {target}: downtime "
          f"{info.get('downtime', '?')} ms, total {total:.1f} s"
          + ("; enabled there, disabled here" if enabled else ""),

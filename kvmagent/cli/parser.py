@@ -220,6 +220,9 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("--bandwidth", metavar="RATE", help='bytes per second at most ("100M")')
     sp.add_argument("--force", action="store_true",
                     help="migrate a guest with cpu host (both hosts' CPUs must be alike)")
+    sp.add_argument("--transport", default="ssh", metavar="ssh|tcp[:ADDR[:PORT]]|tcp:CIDR[:PORT]",
+                    help="how the state goes: ssh (default, encrypted), or plain TCP to HOST's "
+                    "address (on network CIDR), UNENCRYPTED: a dedicated migration network only")
     sp.add_argument("--json", action="store_true", help="progress events, one JSON a line")
     sp = add(sub, "migrate-incoming", "cli.migrate:cmd_migrate_incoming",
              "internal: the destination's half of kvmagent migrate, run over ssh")
@@ -231,6 +234,14 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("--from", dest="source", metavar="HOST", help="the source host")
     sp.add_argument("--enable", action="store_true",
                     help="enable kvm@NAME.service once the guest runs here")
+    sp.add_argument("--booted", type=float, metavar="TIME",
+                    help="when the guest booted (seconds since the epoch): its uptime goes on")
+    sp.add_argument("--transport", default="ssh", metavar="ssh|tcp...",
+                    help="the stream: standard input (ssh), or a TCP connection admitted by "
+                    "the tokens on standard input")
+    sp.add_argument("--arrived", action="store_true",
+                    help="the move is over: add --downtime to the arrival's record")
+    sp.add_argument("--downtime", type=int, metavar="MS", help="QEMU's downtime of the move")
     sp = add(sub, "run", "unit.run:cmd_run",
              "supervise guest NAME in the foreground: the ExecStart= of "
              "kvm@NAME.service (start guests with systemctl start kvm@NAME)")

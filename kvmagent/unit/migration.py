@@ -29,7 +29,7 @@ from typing import Any
 from kvmagent.host.qmp import QmpError
 from kvmagent.host.sdnotify import notify
 from kvmagent.lifecycle import MIGRATED
-from kvmagent.render.migration import Arrival, incoming_step
+from kvmagent.render.migration import Arrival, incoming_step, parameters
 from kvmagent.render.plan import Incoming
 from kvmagent.unit import channel
 from kvmagent.unit.held import Held
@@ -101,17 +101,15 @@ def _source(sup: Held, command: str, fields: dict[str, object],
         state = qmp.execute("query-status", timeout=5.0).get("status")
         if state != "running":
             return {"ok": False, "error": f"the guest is {state}, not running"}
-        params: dict[str, Any] = {}
-        if isinstance(fields.get("downtime_ms"), int):
-            params["downtime-limit"] = fields["downtime_ms"]
-        if isinstance(fields.get("bandwidth"), int):
-            params["max-bandwidth"] = fields["bandwidth"]
-        if params:
-            qmp.execute("migrate-set-parameters", timeout=5.0, **params)
+        # every time, defaults included: QEMU keeps what the last one set
+        qmp.execute("migrate-set-parameters", timeout=5.0,
+                    **parameters(fields.get("downtime_ms"), fields.get("bandwidth")))
+        now = qmp.execute("query-migrate-parameters", timeout=5.0)
         qmp.execute("getfd", timeout=5.0, fds=fds, fdname=FDNAME)
         qmp.execute("migrate", timeout=10.0, uri=f"fd:{FDNAME}")
         sup.log(f"guest {sup.name}: migrating to {host}", 5)
-        return {"ok": True}
+        return {"ok": True, "downtime_limit_ms": now.get("downtime-limit"),
+                "max_bandwidth": now.get("max-bandwidth")}
     if command == "migrate-cancel":
         why = str(fields.get("why", "cancelled"))
         status = qmp.execute("query-migrate", timeout=5.0).get("status")

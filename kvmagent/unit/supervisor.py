@@ -33,7 +33,7 @@ from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import tundev
 from kvmagent.host.qmp import Qmp, QmpError
 from kvmagent.host.sdnotify import notify, store_fd
-from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF
+from kvmagent.lifecycle import ADMIN, ARRIVED_FROM, CONFIG, CRASHED, FAILED, MIGRATED, POWEROFF
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
 from kvmagent.render.plan import Plan, Running
@@ -106,6 +106,7 @@ class Supervisor(Held):
                                 "not a plan")
         self.stop = StopPolicy(plan.stop_timeout, plan.keep, plan.reboot_stops)
         self.incoming = plan.incoming.source if plan.incoming is not None else None
+        self.booted = plan.incoming.booted if plan.incoming is not None else None
         if sysd is not None:
             sysd.full_speed()
         self.log(f"starting guest {self.name} ({plan.cpus} vCPU, "
@@ -425,7 +426,8 @@ def _supervise(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> in
         sup.log(str(e), 3, MSG_START_FAILED)
         notify(f"STATUS={e.message}")
         return int(e.status)
-    sup.record("starting")
+    # an arrival by live migration is no restart (kvmagent.host.state)
+    sup.record("starting", MIGRATED if paths.incoming_request(name).exists() else None)
     try:
         sup.start(stack, planner)
     except StoppedWhileStarting:  # QEMU, if it was started, and the helpers go with the stack
@@ -449,6 +451,7 @@ def _supervise(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> in
         sup.record("stopped", CONFIG if bad else FAILED, e.message)
         return int(e.status)
     assert sup.qemu is not None
-    sup.record("running", None, sup.incoming and f"migrated here from {sup.incoming}", sup.qemu.pid)
+    sup.record("running", None, sup.incoming and f"{ARRIVED_FROM}{sup.incoming}", sup.qemu.pid,
+               booted=sup.booted)
     sup.record.flush()
     return sup.run()
