@@ -125,10 +125,6 @@ def install(th: TestHost) -> float:
     th.write_file("/etc/libvirt/qemu.conf", conf + QEMU_CONF, 0o600)
     th.exec(["mkdir", "-p", BOOT])
     th.exec(["systemctl", "daemon-reload"])
-    # libvirtd may be up already (seen on Debian 12: started during the
-    # install, before the settings above), and it reads qemu.conf only when it
-    # starts: its first `virsh start` then failed on the v1 cgroup controllers.
-    th.exec(["systemctl", "stop", "libvirtd.service"])
     start(th)
     return seconds
 
