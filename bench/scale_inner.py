@@ -236,7 +236,7 @@ def memory(manager: str, guests: list[str], breakdown: bool) -> dict[str, object
     if manager == "libvirt":
         result["daemons"] = {u: rollup(p).get("Pss", 0) for u, p in
                              ((u, main_pid(u)) for u in LIBVIRT_DAEMONS) if p}
-    if breakdown and ours:
+    if breakdown and ours and manager == "kvmagent":  # one supervisor, by mapping
         result["supervisor"] = smaps.by_category(
             smaps.mappings(Path(f"/proc/{ours[0]}/smaps").read_text()))
     return result
