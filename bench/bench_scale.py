@@ -122,13 +122,13 @@ def kvm_units(count: int) -> list[str]:
     return [f"kvm@s{i}.service" for i in range(1, count + 1)]
 
 
-def measure(release: str, counts: list[int]) -> dict[str, object]:
+def measure(release: str, counts: list[int], journal: Path | None = None) -> dict[str, object]:
     n = max(counts)
     r: dict[str, object] = {"counts": counts, "n": n}
     binds = [(rootfs.cached_debs(release), "/mnt/debs"), libvirt.bind(release)]
     persist = Path(tempfile.mkdtemp(prefix="kvmagent-bench-scale-", dir="/var/tmp"))
     host = dict(root=release, src=REPO, bind_ro=binds, persistent=True, persist_dir=persist,
-                boot_timeout=WAIT, stop_timeout=WAIT)
+                boot_timeout=WAIT, stop_timeout=WAIT, journal_dir=journal)
     try:
         with TestHost(**host) as th:  # type: ignore[arg-type]
             setup(th, n)
@@ -277,9 +277,11 @@ def main() -> int:
                    help="guest counts for memory and start (the largest: boot and shutdown)")
     p.add_argument("--release", default="bookworm", choices=list(rootfs.RELEASES))
     p.add_argument("--json", metavar="FILE", help="also write every figure there")
+    p.add_argument("--journal", metavar="DIR", type=Path,
+                   help="keep the test host's journals there (every boot's, to trace a row)")
     args = p.parse_args()
     counts = sorted({int(c) for c in args.counts.split(",")})
-    r = measure(args.release, counts)
+    r = measure(args.release, counts, args.journal)
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     print(report(r))
