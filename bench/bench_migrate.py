@@ -12,8 +12,11 @@ console (in the journal of the host it ran on at the time).
 transport in turn (tcp: plain TCP to the address ssh reached), and their
 medians side by side.
 
+--copy-storage: the disk (16 MiB of random bytes) is on host 0's own
+storage instead, and each move copies it (onto the copy the last move left).
+
 Run as root after `make setup`:
-    /usr/bin/python3 bench/bench_migrate.py [MOVES] [--transport ssh,tcp]"""
+    /usr/bin/python3 bench/bench_migrate.py [MOVES] [--transport ssh,tcp] [--copy-storage]"""
 
 from __future__ import annotations
 
@@ -50,8 +53,11 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("moves", type=int, nargs="?", default=6)
     parser.add_argument("--transport", default="ssh", help="ssh, tcp or ssh,tcp")
+    parser.add_argument("--copy-storage", action="store_true",
+                        help="the disk on host 0's own storage, copied at each move")
     opts = parser.parse_args()
     moves, transports = opts.moves, opts.transport.split(",")
+    disk = "/srv/local/bench.img" if opts.copy_storage else shared_path(NAME + ".img")
     image = find_guest()
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
         shared = Path(tmp) / "shared"
@@ -71,8 +77,12 @@ def main() -> int:
                 th.exec(["ip", "link", "set", "br-kvm", "address", BRIDGE_MAC])
                 th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(
                     inside, cmdline="guest.ip=10.77.0.2/24",
-                    extra=f'[[disk]]\npath = "{shared_path(NAME + ".img")}"\n'))
+                    extra=f'[[disk]]\npath = "{disk}"\n'))
+                th.exec(["mkdir", "-p", "/srv/local"])
                 th.exec(["systemctl", "daemon-reload"])
+            if opts.copy_storage:
+                pair[0].exec(["dd", "if=/dev/urandom", f"of={disk}", "bs=1M", "count=16",
+                              "status=none"])
             pair[0].exec(["systemctl", "start", UNIT], timeout=180)
             deadline = time.monotonic() + 120
             while "GUEST-READY" not in console(pair[0]):
@@ -86,8 +96,9 @@ def main() -> int:
             for n in range(moves * len(transports)):
                 i, transport = n % moves, transports[n // moves]
                 src, to = pair[n % 2], f"host{1 - n % 2}"
-                r = src.exec(["kvmagent", "migrate", NAME, to, "--json",
-                              "--transport", transport], check=False, timeout=300)
+                r = src.exec(["kvmagent", "migrate", NAME, to, "--json", "--transport", transport]
+                             + (["--copy-storage"] if opts.copy_storage else []), check=False,
+                             timeout=300)
                 if r.returncode != 0:
                     raise SystemExit(f"move {i + 1} over {transport} failed: {r.stderr}")
                 done = json.loads(r.stdout.splitlines()[-1])
@@ -101,8 +112,10 @@ def main() -> int:
                            for s in re.findall(r"seq=(\d+) ", console(th))})
             last.exec(["systemctl", "stop", UNIT], timeout=180)
     for transport in transports:
-        print(f"kvmagent migrate over {transport}, tiny guest (256M, TCG, disk on shared "
-              f"storage), {moves} moves between two Debian 12 test hosts")
+        where = ("16 MiB disk copied (--copy-storage)" if opts.copy_storage
+                 else "disk on shared storage")
+        print(f"kvmagent migrate over {transport}, tiny guest (256M, TCG, {where}), "
+              f"{moves} moves between two Debian 12 test hosts")
         print(f"{'move':<18}{'downtime ms':>12}{'QEMU total ms':>15}{'command s':>11}")
         for move, downtime, qemu_total, total in rows[transport]:
             print(f"{move:<18}{downtime:>12}{qemu_total:>15}{total:>11.2f}")

@@ -17,7 +17,8 @@ session ending, the destination's QEMU dying, Ctrl-C) cancels the migration
 and the guest runs on here.  With --transport tcp..., the control stays on
 ssh and the stream goes over plain TCP (kvmagent.cli.tcpstream); the
 record that follows the guest (its boot, the downtime) is
-kvmagent.cli.arrival's."""
+kvmagent.cli.arrival's.  With --copy-storage the disks go first, while the
+guest runs (kvmagent.cli.nbdcopy)."""
 
 from __future__ import annotations
 
@@ -32,18 +33,22 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from kvmagent.cli import arrival, tcpstream
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import ssh
 from kvmagent.names import service_unit
 from kvmagent.paths import Paths
-from kvmagent.render.migration import (CPU_RE, MACHINE_RE, SideFacts, Step, preflight,
+from kvmagent.render.migration import (CPU_RE, MACHINE_RE, Refusal, SideFacts, Step, preflight,
                                        progress_line, source_step, stalled)
 from kvmagent.render.plan import Incoming
 from kvmagent.render.transport import SSH, TCP, Transport, parse_transport, warning
 from kvmagent.unit import channel
+
+if TYPE_CHECKING:
+    from kvmagent.cli.nbdcopy import Arrival, Copy
+    from kvmagent.render.storagecopy import CopyDisk
 
 SYSTEMCTL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 LISTEN_TIMEOUT = 120.0  # for the destination's QEMU to wait for the stream
@@ -110,7 +115,9 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
     if systemd.active_state(unit) in systemd.RUNNING_STATES:
         raise KvmagentError(f"guest {guest.name} is running here already ({unit})",
                             "two copies of a guest must never run", ExitStatus.FAILURE)
+    copy = _copy_arrival(args, guest, paths)  # --copy-storage: checked, nothing made yet
     _, problems = check_host(guest, load_host_config(paths))
+    problems = copy.unmade(problems) if copy is not None else problems
     if problems:
         raise problems[0]
     if not systemd.template_installed():
@@ -127,9 +134,9 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
     try:
         if transport.kind == TCP:
             with tcpstream.incoming(args.transport, _emit, stopped, LISTEN_TIMEOUT) as stream:
-                ok = _arrive(guest.name, unit, paths, stopped, stream.fileno())
+                ok = _arrive(guest.name, unit, paths, stopped, stream.fileno(), copy)
         else:
-            ok = _arrive(guest.name, unit, paths, stopped, sys.stdin.fileno())
+            ok = _arrive(guest.name, unit, paths, stopped, sys.stdin.fileno(), copy)
     except KvmagentError as e:
         _emit("failed", error=e.message, status=int(e.status))
         ok = False
@@ -137,15 +144,30 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
         systemd.stop_unit(unit, wait=True, timeout=120)
         _systemctl("reset-failed", unit)
         request.unlink(missing_ok=True)
+        if copy is not None:  # the disks it made, once QEMU let go of them
+            copy.remove()
         return ExitStatus.FAILURE
+    if copy is not None:
+        copy.arrived()
     if args.enable:
         _systemctl("enable", "--quiet", unit)
     return ExitStatus.OK
 
 
-def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int) -> bool:
-    """STREAM: the ssh session's (standard input) or the TCP connection."""
+def _copy_arrival(args: argparse.Namespace, guest: Any, paths: Paths) -> Arrival | None:
+    if not (args.copy_disk or args.make_disk):
+        return None
+    from kvmagent.cli.nbdcopy import Arrival
+    return Arrival.check(args, guest, paths)
+
+
+def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int,
+            copy: Arrival | None = None) -> bool:
+    """STREAM: the ssh session's (standard input) or the TCP connection.
+    COPY: --copy-storage's disks, made and served first."""
     from kvmagent.host import systemd
+    if copy is not None:
+        copy.make()
     systemd.start_unit(unit, wait=False)
     control, deadline = paths.control_socket(name), time.monotonic() + LISTEN_TIMEOUT
     while True:  # until its supervisor listens, QEMU waiting for the stream
@@ -153,7 +175,11 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int)
             _emit("failed", error=f"interrupted (signal {stopped[0]})")
             return False
         try:
-            channel.ask(control, "migrate-incoming", timeout=5.0, fds=[stream])
+            if copy is None:
+                channel.ask(control, "migrate-incoming", timeout=5.0, fds=[stream])
+            elif (refused := copy.serve(control)) is not None:
+                _emit("failed", error=refused)
+                return False
             break
         except KvmagentError as e:
             state = systemd.active_state(unit)
@@ -161,6 +187,12 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int)
                 _emit("failed", error=f"{unit} is {state}: {e.message}")
                 return False
             time.sleep(0.1)
+    if copy is not None:  # the disks are copied, then the state comes
+        _emit("serving")
+        if (why := copy.wait_for_go(control, stopped, stream)) is not None:
+            _emit("failed", error=why)
+            return False
+        channel.ask(control, "migrate-incoming", timeout=5.0, fds=[stream])
     # The stream is QEMU's now: this process keeps no copy of it.
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, stream)
@@ -274,8 +306,13 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
     machine, cpu = str(status.get("machine", "")), str(status.get("cpu", ""))
     here = SideFacts(effective_config(guest), "", running, [], [], "")
     there = _remote_facts(target, name)
+    copies: list[CopyDisk] = []
+    more: list[Refusal] = []
+    if args.copy_storage:  # kvmagent.cli.nbdcopy: which disks, made there or not
+        from kvmagent.cli.nbdcopy import plan
+        copies, there, more = plan(target, guest, there)
     refusals = preflight(name, str(target), here, there, machine=machine or "none",
-                         cpu=cpu or "none", force=args.force)
+                         cpu=cpu or "none", force=args.force) + more
     if refusals:
         for r in refusals[1:]:
             print(f"kvmagent: {r.message}" + (f"\n  hint: {r.hint}" if r.hint else ""),
@@ -285,8 +322,9 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
     booted = arrival.guest_booted(paths, name)  # its uptime goes on there
     extra = (["--booted", repr(booted)] if booted is not None else []) + (
         ["--transport", str(transport)] if transport.kind != SSH else [])
+    extra += [word for c in copies for word in c.argument()]
     return _move(args, target, name, control, machine, cpu, bandwidth, enabled, transport,
-                 extra)
+                 extra, copies)
 
 
 def _say(args: argparse.Namespace, event: str, text: str, **fields: Any) -> None:
@@ -301,7 +339,7 @@ def _say(args: argparse.Namespace, event: str, text: str, **fields: Any) -> None
 
 def _move(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
           machine: str, cpu: str, bandwidth: int | None, enabled: bool, transport: Transport,
-          extra: list[str]) -> int:
+          extra: list[str], copies: list[CopyDisk] | None = None) -> int:
     t0 = time.monotonic()
     interrupted: list[int] = []
     old = signal.signal(signal.SIGINT, lambda signum, _: interrupted.append(signum))
@@ -312,6 +350,10 @@ def _move(args: argparse.Namespace, target: ssh.Target, name: str, control: Path
     ours, theirs = socket.socketpair() if tokens is None else (None, None)
     remote = ["migrate-incoming", name, "--machine", machine, "--cpu", cpu,
               "--from", socket.gethostname()] + (["--enable"] if enabled else []) + extra
+    copy: Copy | None = None
+    if copies:
+        from kvmagent.cli.nbdcopy import Copy
+        copy = Copy(target, name, control, copies, bandwidth)
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(ssh.ssh_argv(target, remote),
                                 stdin=theirs.fileno() if theirs else subprocess.PIPE,
@@ -325,10 +367,12 @@ def _move(args: argparse.Namespace, target: ssh.Target, name: str, control: Path
                 ours = _connect(args, target, name, proc, lines, tokens, interrupted)
             assert ours is not None
             return _watch(args, target, name, control, proc, lines, ours, interrupted,
-                          bandwidth, enabled, t0)
+                          bandwidth, enabled, t0, copy)
         finally:
             if ours is not None:
                 ours.close()
+            if copy is not None and (said := copy.close()):
+                print(f"kvmagent: {target}: the disks' copy: {said}", file=sys.stderr)
             if proc.stdin is not None:
                 proc.stdin.close()  # tcp: the destination's session ends
             if proc.poll() is None:  # the destination cleans up once its stream ends
@@ -366,11 +410,27 @@ def _connect(args: argparse.Namespace, target: ssh.Target, name: str,
     return sock
 
 
+def _cancel(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
+            why: str) -> int:
+    """The migration (and the disks' copy) cancelled: the guest runs on here."""
+    try:
+        resumed = channel.ask(control, "migrate-cancel", why=why, host=str(target)).get("resumed")
+    except KvmagentError as e:
+        raise KvmagentError(f"migration of guest {name} to {target} failed ({why}), and "
+                            f"cancelling it failed: {e.message}",
+                            f"see: systemctl status {service_unit(name)}") from None
+    _say(args, "cancelled", f"migration of guest {name} to {target} cancelled: {why}; the "
+         "guest runs on here", why=why, resumed=bool(resumed))
+    return ExitStatus.FAILURE
+
+
 def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
            proc: subprocess.Popen[bytes], lines: _Lines, ours: socket.socket,
-           interrupted: list[int], bandwidth: int | None, enabled: bool, t0: float) -> int:
+           interrupted: list[int], bandwidth: int | None, enabled: bool, t0: float,
+           copy: Copy | None = None) -> int:
     deadline = time.monotonic() + LISTEN_TIMEOUT
-    while lines.last not in ("listening", "incoming") and not lines.last.startswith("failed"):
+    ready = ("serving",) if copy is not None else ("listening", "incoming")
+    while lines.last not in ready and not lines.last.startswith("failed"):
         if interrupted or lines.ended or time.monotonic() > deadline:
             why = ("interrupted" if interrupted else "the destination did not get ready "
                    f"(ssh exit status {proc.poll()})")
@@ -380,12 +440,30 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
     if lines.last.startswith("failed"):
         raise KvmagentError(f"{target}: {lines.last}; guest {name} runs on here", None,
                             ExitStatus.FAILURE)
+    if copy is not None:  # --copy-storage: the disks first, while the guest runs
+        from kvmagent.render.storagecopy import CopyStep
+        _say(args, "started", f"copying the disks of guest {name} to {target}",
+             host=str(target), phase="copy")
+        try:
+            copy.start()
+            step, why = copy.wait(ours, lambda: (lines.last, lines.ended), interrupted,
+                                  lambda text, fields: _say(args, "progress", text, **fields))
+        except KvmagentError as e:
+            step, why = CopyStep.CANCEL, e.message
+        if step is CopyStep.CANCEL:
+            return _cancel(args, target, name, control, why)
     fields: dict[str, Any] = {"host": str(target)}
     if args.max_downtime is not None:
         fields["downtime_ms"] = args.max_downtime
     if bandwidth is not None:
         fields["bandwidth"] = bandwidth
-    started = channel.ask(control, "migrate", fds=[ours.fileno()], **fields)
+    try:
+        started = channel.ask(control, "migrate", fds=[ours.fileno()],
+                              copy_storage=copy is not None, **fields)
+    except KvmagentError as e:
+        if copy is None:
+            raise
+        return _cancel(args, target, name, control, e.message)
     ours.close()  # QEMU holds the stream now
     _say(args, "started", f"migrating guest {name} to {target}", host=str(target),
          transport=args.transport, downtime_limit_ms=started.get("downtime_limit_ms"),
@@ -410,17 +488,7 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
             _say(args, "progress", progress_line(info), **info)
             continue
         if decision.step is Step.CANCEL:
-            try:
-                resumed = channel.ask(control, "migrate-cancel", why=decision.why,
-                                      host=str(target)).get("resumed")
-            except KvmagentError as e:
-                raise KvmagentError(f"migration of guest {name} to {target} failed "
-                                    f"({decision.why}), and cancelling it failed: {e.message}",
-                                    f"see: systemctl status {service_unit(name)}") from None
-            _say(args, "cancelled", f"migration of guest {name} to {target} cancelled: "
-                 f"{decision.why}; the guest runs on here", why=decision.why,
-                 resumed=bool(resumed))
-            return ExitStatus.FAILURE
+            return _cancel(args, target, name, control, decision.why)
         break
     ending: dict[str, Any] = {"host": str(target)}
     if isinstance(info.get("downtime"), int):
@@ -443,9 +511,11 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
         if trouble:
             print(f"kvmagent: {target}: the downtime is not in its record: {trouble}",
                   file=sys.stderr)
+    copied = f"; disks copied: {', '.join(c.node for c in copy.copies)}" if copy else ""
     _say(args, "migrated", f"guest {name} migrated to {target}: downtime "
          f"{info.get('downtime', '?')} ms, total {total:.1f} s"
-         + ("; enabled there, disabled here" if enabled else ""),
+         + ("; enabled there, disabled here" if enabled else "") + copied,
          host=str(target), downtime_ms=info.get("downtime"), total_seconds=round(total, 3),
-         qemu_total_ms=info.get("total-time"), enabled_there=enabled)
+         qemu_total_ms=info.get("total-time"), enabled_there=enabled,
+         **({"copied": [c.node for c in copy.copies]} if copy is not None else {}))
     return ExitStatus.OK

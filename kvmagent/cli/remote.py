@@ -28,6 +28,7 @@ VALUE_OPTIONS = frozenset({
     "--address", "--name", "--bridge", "--snapshot", "--timeout", "--file", "--install",
     "--max-downtime", "--bandwidth", "--machine", "--cpu", "--from", "--transport", "--booted",
     "--downtime",
+    "--copy-disk", "--make-disk",
 })
 # What only systemd runs, on the host of the guest (the units' ExecStart= and the like).
 UNIT_COMMANDS = frozenset({"run", "stop-post", "stop-orphan"})

@@ -132,8 +132,8 @@ def preflight(name: str, host: str, here: SideFacts, there: SideFacts, *,
     for problem in there.problems:
         disk = re.search(r"disk\[\d+\]\.path = .*: disk does not exist", problem) is not None
         out.append(Refusal(f"{host}: {problem}",
-                           "the disks must be on storage both hosts share, at the same path "
-                           "(--copy-storage is not built yet)" if disk else None,
+                           "the disks must be on storage both hosts share, at the same path, "
+                           "or be copied there: --copy-storage" if disk else None,
                            ExitStatus.HOST_NOT_READY))
     if not MACHINE_RE.fullmatch(machine) or not CPU_RE.fullmatch(cpu):
         out.append(Refusal(f"guest {name}'s QEMU runs with -machine {machine!r} -cpu {cpu!r}, "

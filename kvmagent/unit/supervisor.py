@@ -37,7 +37,7 @@ from kvmagent.lifecycle import ADMIN, ARRIVED_FROM, CONFIG, CRASHED, FAILED, MIG
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
 from kvmagent.render.plan import Plan, Running
-from kvmagent.unit import adopt, channel, forkcall, migration, takeover, testhook
+from kvmagent.unit import adopt, channel, forkcall, migration, mirror, takeover, testhook
 from kvmagent.unit.adopt import AdoptedQemu
 from kvmagent.unit.consolelog import ConsoleLog
 from kvmagent.unit.held import Held
@@ -240,6 +240,8 @@ class Supervisor(Held):
                 self.log(f"guest {self.name} reset ({data.get('reason', '?')})", 6)
             elif kind == "GUEST_PANICKED":
                 self.log(f"guest {self.name} kernel panic", 3, MSG_PANIC)
+            elif kind == "MIGRATION" and data.get("status") == "pre-switchover":
+                mirror.switchover(self)  # migrate --copy-storage: the guest is paused
 
     def _watchdog(self) -> None:
         assert self.qmp is not None
@@ -271,6 +273,8 @@ class Supervisor(Held):
                                   self.stop.wakeup(), self.thaw_at,
                                   self.console_log.deadline()) if t is not None]
             timeout = max(0.0, min(timers) - now) if timers else None
+            if self.qmp.events:  # kept while a command waited for its reply
+                timeout = 0.0
             watch: list[Any] = [wake_r]
             watch += [self.qemu] if isinstance(self.qemu, AdoptedQemu) else []
             watch += [self.channel] if self.channel is not None else []
@@ -300,7 +304,7 @@ class Supervisor(Held):
                 self.hub.handle(ready)
             if (t := self.console_log.deadline()) is not None and time.monotonic() >= t:
                 self._console_log(*self.console_log.tick(time.monotonic()))
-            if self.qmp in ready:
+            if self.qmp in ready or self.qmp.events:
                 self._events()
             if self.channel is not None and self.channel in ready:
                 takeover.control(self)

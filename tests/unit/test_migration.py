@@ -48,7 +48,7 @@ def test_refusals_name_what_and_say_how() -> None:
     disk = "guests/g.toml: disk[0].path = \"/var/lib/g.img\": disk does not exist"
     (refusal,) = preflight("g", "host2", HERE, THERE._replace(problems=[disk]),
                            machine="pc-i440fx-7.2", cpu="Westmere")
-    assert "--copy-storage is not built yet" in str(refusal.hint)
+    assert "or be copied there: --copy-storage" in str(refusal.hint)
     assert check(there=THERE._replace(machines=["pc", "pc-i440fx-9.2"])) == [
         ("host2: QEMU 7.2.22 has no machine type pc-i440fx-7.2 (guest g's QEMU here runs it)",
          ExitStatus.HOST_NOT_READY)]
