@@ -43,7 +43,9 @@ demo: setup
 	$(PYTHON) -m tests.harness demo --release $(RELEASE)
 
 # Benchmarks (printed tables, not tests): taps over netlink vs ip; start and
-# stop of a guest, bare QEMU vs kvmagent; the supervisors' memory; live migration.
+# stop of a guest, bare QEMU vs kvmagent; the supervisors' memory; live migration;
+# where one supervisor's memory goes; 1, 10 and 50 guests, boot storm and host
+# shutdown against libvirt (heavy: under the machine's lock, /tmp/kvmagent-heavy.lock).
 bench: setup
 	$(PYTHON) -m compileall -q kvmagent
 	$(PYTHON) bench/bench_taps.py
@@ -52,6 +54,12 @@ bench: setup
 	$(PYTHON) bench/bench_remote.py
 	$(PYTHON) bench/bench_adoption.py
 	$(PYTHON) bench/bench_migrate.py
+	$(PYTHON) bench/supervisor_memory.py
+	flock /tmp/kvmagent-heavy.lock $(PYTHON) bench/bench_scale.py --counts $(SCALE_COUNTS)
+
+# Guests at once in bench_scale.py (memory and start); the largest count is
+# also the boot storm's and the host shutdown's.  Quick: make bench SCALE_COUNTS=1,5
+SCALE_COUNTS ?= 1,10,50
 
 # The Debian package of the committed tree (git archive HEAD), built as Debian's
 # builders do: in a clean root of each release (Debian 12 and 13) with only

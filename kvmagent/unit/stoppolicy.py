@@ -20,7 +20,6 @@ supervisor only carries out what it returns.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import Union
 
 POWERDOWN_INTERVAL = 3.0  # seconds between presses of the ACPI power button
@@ -41,34 +40,71 @@ class Outcome(enum.Enum):
     CRASHED = "crashed"  # QEMU died otherwise
 
 
-@dataclass(frozen=True)
-class Stopping:
+class _Step:
+    """An action: a small immutable value, compared by kind and fields.
+    Plain classes with __slots__, not frozen dataclasses: the long-lived
+    supervisor holds this module, and dataclasses brings inspect, ast, dis
+    and tokenize with it (~270 KiB more per guest, measured: bench/supervisor_memory.py)."""
+    __slots__: tuple[str, ...] = ()
+
+    def __init__(self, *values: object) -> None:
+        if len(values) != len(self.__slots__):
+            raise TypeError(f"{type(self).__name__} takes {len(self.__slots__)} values")
+        for name, value in zip(self.__slots__, values):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, _Step) and type(other) is type(self)
+                and other._values() == self._values())
+
+    def __hash__(self) -> int:
+        return hash((type(self), self._values()))
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={v!r}" for n, v in zip(self.__slots__, self._values()))
+        return f"{type(self).__name__}({fields})"
+
+
+class Stopping(_Step):
     """A stop (SIGTERM) begins: tell systemd and record it."""
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class ForceStop:
+class ForceStop(_Step):
     """stop --force (SIGUSR1): tell systemd, record and log it, SIGKILL QEMU."""
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class Press:
+class Press(_Step):
     """Extend systemd's stop timeout by extend_usec, then press the power
     button; `left`: seconds of the stop timeout left (for the status)."""
+    __slots__ = ("left", "extend_usec")
     left: float
     extend_usec: int
 
+    def __init__(self, left: float, extend_usec: int) -> None:
+        super().__init__(left, extend_usec)
 
-@dataclass(frozen=True)
-class Quit:
+
+class Quit(_Step):
     """QMP `quit`; powered_off: the guest is off (on_poweroff = keep), else
     it did not power off within the stop timeout (which the log says)."""
+    __slots__ = ("powered_off",)
     powered_off: bool
 
+    def __init__(self, powered_off: bool) -> None:
+        super().__init__(powered_off)
 
-@dataclass(frozen=True)
-class Kill:
+
+class Kill(_Step):
     """SIGKILL QEMU (`quit` was not enough)."""
+    __slots__ = ()
 
 
 Action = Union[Stopping, ForceStop, Press, Quit, Kill]

@@ -49,6 +49,11 @@ SUPERVISOR = RUN_BEFORE_FORK | {
     "kvmagent.unit.launch", "kvmagent.unit.messages", "kvmagent.unit.recorder",
     "kvmagent.unit.stoppolicy", "kvmagent.unit.takeover", "kvmagent.unit.testhook",
     "kvmagent.unit.supervisor", "kvmagent.unit.viewers"}
+# Standard-library modules the supervisor must not hold: dataclasses brings
+# inspect, and inspect ast, dis and tokenize (~270 KiB or more per guest at
+# 50 guests: bench/supervisor_memory.py; kvmagent.paths and kvmagent.unit.stoppolicy
+# use NamedTuple and small classes with __slots__ instead).
+NOT_IN_SUPERVISOR = {"dataclasses", "inspect", "ast", "dis", "tokenize"}
 # Imports inside a supervisor module's functions that run in a forked child
 # only: module -> what it may import there.
 IN_CHILDREN_ONLY = {"kvmagent.unit.recorder": {"kvmagent.host.state", "kvmagent.unit.stoppost"}}
@@ -160,6 +165,7 @@ def test_the_supervisor_imports_only_its_light_modules(tmp_path: Path) -> None:
     assert found["status"] == {"8"}  # unknown guest: the planner's answer, recorded
     assert own_and_third_party(found["before-fork"]) == RUN_BEFORE_FORK
     assert own_and_third_party(found["after"]) == SUPERVISOR
+    assert not found["after"] & NOT_IN_SUPERVISOR, found["after"] & NOT_IN_SUPERVISOR
 
 
 def test_the_supervisor_imports_nothing_more_later() -> None:
