@@ -8,6 +8,10 @@ QEMU's downtime, QEMU's total time, the command's total time; and the pings
 lost in all, counted from the sequence numbers the guest printed on its
 console (in the journal of the host it ran on at the time).
 
+When libvirt's packages are cached (bench_lifecycle.py downloads them),
+the same guest as a libvirt domain is moved with `virsh migrate --live`
+too, after each of kvmagent's moves (bench/virsh_migrate.py).
+
 Run as root after `make setup`:  /usr/bin/python3 bench/bench_migrate.py [MOVES]"""
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import libvirt, virsh_migrate  # noqa: E402
 from tests.guest.build import find_guest  # noqa: E402
 from tests.harness.hostpair import HostPair, shared_path  # noqa: E402
 from tests.harness.install import (APT_ENV, OFFLINE_APT, REPO, guest_toml,  # noqa: E402
@@ -42,6 +47,7 @@ def console(th) -> str:  # type: ignore[no-untyped-def]
 def main() -> int:
     moves = int(sys.argv[1]) if len(sys.argv) > 1 else 6
     image = find_guest()
+    against = (libvirt.DEBS_DIR / "bookworm" / libvirt.key("bookworm") / "Packages").is_file()
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
         shared = Path(tmp) / "shared"
         shared.mkdir(mode=0o755)
@@ -51,7 +57,8 @@ def main() -> int:
             f.truncate(16 << 20)
         inside = dataclasses.replace(image, kernel=Path(shared_path("vmlinuz")),
                                      initrd=Path(shared_path("initrd.gz")))
-        with HostPair(("bookworm", "bookworm"), shared=shared, src=REPO) as pair:
+        with HostPair(("bookworm", "bookworm"), shared=shared, src=REPO,
+                      bind_ro=[libvirt.bind("bookworm")] if against else []) as pair:
             for th in pair:
                 offline_apt(th)
                 th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q",
@@ -62,6 +69,8 @@ def main() -> int:
                     inside, cmdline="guest.ip=10.77.0.2/24",
                     extra=f'[[disk]]\npath = "{shared_path(NAME + ".img")}"\n'))
                 th.exec(["systemctl", "daemon-reload"])
+            lv = (virsh_migrate.Libvirt(pair, shared, image.kernel, image.initrd,
+                                        shared_path("bench-lv.img")) if against else None)
             pair[0].exec(["systemctl", "start", UNIT], timeout=180)
             deadline = time.monotonic() + 120
             while "GUEST-READY" not in console(pair[0]):
@@ -74,20 +83,24 @@ def main() -> int:
             rows = []
             for i in range(moves):
                 src, to = pair[i % 2], f"host{1 - i % 2}"
-                r = src.exec(["kvmagent", "migrate", NAME, to, "--json"], check=False,
-                             timeout=300)
+                r = virsh_migrate.timed(src, ["kvmagent", "migrate", NAME, to, "--json"])
                 if r.returncode != 0:
                     raise SystemExit(f"move {i + 1} failed: {r.stderr}")
                 done = json.loads(r.stdout.splitlines()[-1])
                 rows.append((f"host{i % 2} -> {to}", done["downtime_ms"], done["qemu_total_ms"],
                              done["total_seconds"]))
                 time.sleep(2)
+                if lv is not None:
+                    lv.kvmagent(r)
+                    lv.round(i, NAME)
             last = pair[moves % 2]
             last.exec(["kvmagent", "console", NAME, "--timeout", "2"],
                       input="kill %1\n", check=False)
             seqs = sorted({int(s) for th in pair
                            for s in re.findall(r"seq=(\d+) ", console(th))})
             last.exec(["systemctl", "stop", UNIT], timeout=180)
+            if lv is not None:
+                lv.stop()
     print(f"kvmagent migrate over ssh, tiny guest (256M, TCG, disk on shared storage), "
           f"{moves} moves between two Debian 12 test hosts")
     print(f"{'move':<18}{'downtime ms':>12}{'QEMU total ms':>15}{'command s':>11}")
@@ -96,6 +109,8 @@ def main() -> int:
     sent = seqs[-1] - seqs[0] + 1 if seqs else 0
     print(f"pings every 0.1 s from the guest to its bridge: {sent} sent, "
           f"{sent - len(seqs)} lost over the {moves} moves")
+    if lv is not None:
+        print("\n" + lv.report())
     return 0
 
 
