@@ -76,10 +76,10 @@ def test_domain_is_the_migrated_guest(conf: ConfDir) -> None:
 
 def test_migrate_commands() -> None:
     assert migrate_argv("tcp", "host1", "10.79.20.2") == [
-        "virsh", "migrate", "--live", DOMAIN, "qemu+ssh://host1/system",
+        "virsh", "migrate", "--live", "--unsafe", DOMAIN, "qemu+ssh://host1/system",
         "--migrateuri", "tcp://10.79.20.2"]
     assert migrate_argv("tunnelled", "host0", "10.79.20.1") == [
-        "virsh", "migrate", "--live", "--p2p", "--tunnelled", DOMAIN,
+        "virsh", "migrate", "--live", "--unsafe", "--p2p", "--tunnelled", DOMAIN,
         "qemu+ssh://host0/system"]
     with pytest.raises(ValueError):
         migrate_argv("rdma", "host1", "10.79.20.2")
