@@ -51,7 +51,7 @@ bench: setup
 	$(PYTHON) bench/bench_list.py
 	$(PYTHON) bench/bench_remote.py
 	$(PYTHON) bench/bench_adoption.py
-	$(PYTHON) bench/bench_migrate.py
+	$(PYTHON) bench/bench_migrate.py --transport ssh,tcp
 
 # The Debian package of the committed tree (git archive HEAD), built as Debian's
 # builders do: in a clean root of each release (Debian 12 and 13) with only

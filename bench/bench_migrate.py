@@ -8,18 +8,29 @@ QEMU's downtime, QEMU's total time, the command's total time; and the pings
 lost in all, counted from the sequence numbers the guest printed on its
 console (in the journal of the host it ran on at the time).
 
+--transport ssh,tcp (the default: ssh alone): the same moves over each
+transport in turn (tcp: plain TCP to the address ssh reached), and their
+medians side by side.
+
 When libvirt's packages are cached (bench_lifecycle.py downloads them),
 the same guest as a libvirt domain is moved with `virsh migrate --live`
-too, after each of kvmagent's moves (bench/virsh_migrate.py).
+too (tcp, and tunnelled), after each of kvmagent's moves
+(bench/virsh_migrate.py).
 
-Run as root after `make setup`:  /usr/bin/python3 bench/bench_migrate.py [MOVES]"""
+--copy-storage: the disk (16 MiB of random bytes) is on host 0's own
+storage instead, and each move copies it (onto the copy the last move left).
+
+Run as root after `make setup`:
+    /usr/bin/python3 bench/bench_migrate.py [MOVES] [--transport ssh,tcp] [--copy-storage]"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import re
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -45,7 +56,14 @@ def console(th) -> str:  # type: ignore[no-untyped-def]
 
 
 def main() -> int:
-    moves = int(sys.argv[1]) if len(sys.argv) > 1 else 6
+    parser = argparse.ArgumentParser()
+    parser.add_argument("moves", type=int, nargs="?", default=6)
+    parser.add_argument("--transport", default="ssh", help="ssh, tcp or ssh,tcp")
+    parser.add_argument("--copy-storage", action="store_true",
+                        help="the disk on host 0's own storage, copied at each move")
+    opts = parser.parse_args()
+    moves, transports = opts.moves, opts.transport.split(",")
+    disk = "/srv/local/bench.img" if opts.copy_storage else shared_path(NAME + ".img")
     image = find_guest()
     against = (libvirt.DEBS_DIR / "bookworm" / libvirt.key("bookworm") / "Packages").is_file()
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
@@ -67,10 +85,14 @@ def main() -> int:
                 th.exec(["ip", "link", "set", "br-kvm", "address", BRIDGE_MAC])
                 th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(
                     inside, cmdline="guest.ip=10.77.0.2/24",
-                    extra=f'[[disk]]\npath = "{shared_path(NAME + ".img")}"\n'))
+                    extra=f'[[disk]]\npath = "{disk}"\n'))
+                th.exec(["mkdir", "-p", "/srv/local"])
                 th.exec(["systemctl", "daemon-reload"])
             lv = (virsh_migrate.Libvirt(pair, shared, image.kernel, image.initrd,
                                         shared_path("bench-lv.img")) if against else None)
+            if opts.copy_storage:
+                pair[0].exec(["dd", "if=/dev/urandom", f"of={disk}", "bs=1M", "count=16",
+                              "status=none"])
             pair[0].exec(["systemctl", "start", UNIT], timeout=180)
             deadline = time.monotonic() + 120
             while "GUEST-READY" not in console(pair[0]):
@@ -80,20 +102,23 @@ def main() -> int:
             pair[0].exec(["kvmagent", "console", NAME, "--timeout", "2"],
                          input="ping -i 0.1 10.77.0.1 &\n", check=False)
             time.sleep(3)
-            rows = []
-            for i in range(moves):
-                src, to = pair[i % 2], f"host{1 - i % 2}"
-                r = virsh_migrate.timed(src, ["kvmagent", "migrate", NAME, to, "--json"])
+            rows: dict[str, list[tuple[str, int, int, float]]] = {t: [] for t in transports}
+            for n in range(moves * len(transports)):
+                i, transport = n % moves, transports[n // moves]
+                src, to = pair[n % 2], f"host{1 - n % 2}"
+                r = virsh_migrate.timed(src, ["kvmagent", "migrate", NAME, to, "--json",
+                                              "--transport", transport]
+                                        + (["--copy-storage"] if opts.copy_storage else []))
                 if r.returncode != 0:
-                    raise SystemExit(f"move {i + 1} failed: {r.stderr}")
+                    raise SystemExit(f"move {i + 1} over {transport} failed: {r.stderr}")
                 done = json.loads(r.stdout.splitlines()[-1])
-                rows.append((f"host{i % 2} -> {to}", done["downtime_ms"], done["qemu_total_ms"],
-                             done["total_seconds"]))
+                rows[transport].append((f"host{n % 2} -> {to}", done["downtime_ms"],
+                                        done["qemu_total_ms"], done["total_seconds"]))
                 time.sleep(2)
                 if lv is not None:
-                    lv.kvmagent(r)
-                    lv.round(i, NAME)
-            last = pair[moves % 2]
+                    lv.kvmagent(r, transport)
+                    lv.round(n, NAME)
+            last = pair[(moves * len(transports)) % 2]
             last.exec(["kvmagent", "console", NAME, "--timeout", "2"],
                       input="kill %1\n", check=False)
             seqs = sorted({int(s) for th in pair
@@ -101,14 +126,22 @@ def main() -> int:
             last.exec(["systemctl", "stop", UNIT], timeout=180)
             if lv is not None:
                 lv.stop()
-    print(f"kvmagent migrate over ssh, tiny guest (256M, TCG, disk on shared storage), "
-          f"{moves} moves between two Debian 12 test hosts")
-    print(f"{'move':<18}{'downtime ms':>12}{'QEMU total ms':>15}{'command s':>11}")
-    for move, downtime, qemu_total, total in rows:
-        print(f"{move:<18}{downtime:>12}{qemu_total:>15}{total:>11.2f}")
+    for transport in transports:
+        where = ("16 MiB disk copied (--copy-storage)" if opts.copy_storage
+                 else "disk on shared storage")
+        print(f"kvmagent migrate over {transport}, tiny guest (256M, TCG, {where}), "
+              f"{moves} moves between two Debian 12 test hosts")
+        print(f"{'move':<18}{'downtime ms':>12}{'QEMU total ms':>15}{'command s':>11}")
+        for move, downtime, qemu_total, total in rows[transport]:
+            print(f"{move:<18}{downtime:>12}{qemu_total:>15}{total:>11.2f}")
+    if len(transports) > 1:  # side by side
+        print(f"{'median of the moves':<24}" + "".join(f"{t:>10}" for t in transports))
+        for label, col in (("downtime ms", 1), ("QEMU total ms", 2), ("command s", 3)):
+            medians = [statistics.median(r[col] for r in rows[t]) for t in transports]
+            print(f"{label:<24}" + "".join(f"{m:>10.{2 if col == 3 else 0}f}" for m in medians))
     sent = seqs[-1] - seqs[0] + 1 if seqs else 0
     print(f"pings every 0.1 s from the guest to its bridge: {sent} sent, "
-          f"{sent - len(seqs)} lost over the {moves} moves")
+          f"{sent - len(seqs)} lost over the {moves * len(transports)} moves")
     if lv is not None:
         print("\n" + lv.report())
     return 0

@@ -33,6 +33,8 @@ FAILED = "failed"  # any other failure: host not ready (exit 5), a runtime error
 # kvmagent migrate: the guest moved to another host (the source's run ends),
 # or an incoming migration did not complete (nothing ran on the destination)
 MIGRATED = "migrated"
+# The detail of an arrival's `running` (kvmagent.cli.arrival adds the downtime)
+ARRIVED_FROM = "migrated here from "
 REASONS = (POWEROFF, ADMIN, SHUTDOWN, CRASHED, WATCHDOG, CONFIG, KILLED, OOM, TIMEOUT, FAILED,
            MIGRATED)
 FAILURES = frozenset({CRASHED, WATCHDOG, CONFIG, KILLED, OOM, TIMEOUT, FAILED})

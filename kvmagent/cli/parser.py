@@ -211,7 +211,8 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("names", metavar="NAME", nargs="*")
     sp.add_argument("--quiet", action="store_true", help="say nothing when no guest runs")
     sp = add(sub, "migrate", "cli.migrate:cmd_migrate", "move running guest NAME to HOST "
-             "while it runs (live migration over ssh; its disks on storage both hosts share)")
+             "while it runs (live migration over ssh; its disks on storage both hosts share, "
+             "or copied with --copy-storage)")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("host", metavar="[USER@]HOST[:PORT]")
     sp.add_argument("--max-downtime", type=int, metavar="MS",
@@ -220,6 +221,12 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("--bandwidth", metavar="RATE", help='bytes per second at most ("100M")')
     sp.add_argument("--force", action="store_true",
                     help="migrate a guest with cpu host (both hosts' CPUs must be alike)")
+    sp.add_argument("--transport", default="ssh", metavar="ssh|tcp[:ADDR[:PORT]]|tcp:CIDR[:PORT]",
+                    help="how the state goes: ssh (default, encrypted), or plain TCP to HOST's "
+                    "address (on network CIDR), UNENCRYPTED: a dedicated migration network only")
+    sp.add_argument("--copy-storage", action="store_true",
+                    help="copy the guest's writable disks to HOST while it runs (onto disks "
+                    "of the same size there; missing image files are made)")
     sp.add_argument("--json", action="store_true", help="progress events, one JSON a line")
     sp = add(sub, "migrate-incoming", "cli.migrate:cmd_migrate_incoming",
              "internal: the destination's half of kvmagent migrate, run over ssh")
@@ -231,6 +238,25 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("--from", dest="source", metavar="HOST", help="the source host")
     sp.add_argument("--enable", action="store_true",
                     help="enable kvm@NAME.service once the guest runs here")
+    sp.add_argument("--booted", type=float, metavar="TIME",
+                    help="when the guest booted (seconds since the epoch): its uptime goes on")
+    sp.add_argument("--transport", default="ssh", metavar="ssh|tcp...",
+                    help="the stream: standard input (ssh), or a TCP connection admitted by "
+                    "the tokens on standard input")
+    sp.add_argument("--arrived", action="store_true",
+                    help="the move is over: add --downtime to the arrival's record")
+    sp.add_argument("--downtime", type=int, metavar="MS", help="QEMU's downtime of the move")
+    sp.add_argument("--copy-disk", action="append", metavar="INDEX=BYTES",
+                    help="migrate --copy-storage: disk INDEX is copied onto this host's, of "
+                    "BYTES")
+    sp.add_argument("--make-disk", action="append", metavar="INDEX=BYTES",
+                    help="migrate --copy-storage: make disk INDEX's image file here, of BYTES, "
+                    "and copy it")
+    sp = add(sub, "migrate-nbd", "cli.nbdcopy:cmd_migrate_nbd",
+             "internal: one disk's copy for kvmagent migrate --copy-storage, run over ssh")
+    sp.add_argument("name", metavar="NAME")
+    sp.add_argument("--facts", action="store_true",
+                    help="print guest NAME's disks as this host has them (JSON) and exit")
     sp = add(sub, "run", "unit.run:cmd_run",
              "supervise guest NAME in the foreground: the ExecStart= of "
              "kvm@NAME.service (start guests with systemctl start kvm@NAME)")

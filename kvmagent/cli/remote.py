@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 VALUE_OPTIONS = frozenset({
     "--config-dir", "--lines", "-n", "--since", "--transient", "--iso", "--vnc", "--uplink",
     "--address", "--name", "--bridge", "--snapshot", "--timeout", "--file", "--install",
-    "--max-downtime", "--bandwidth", "--machine", "--cpu", "--from",
+    "--max-downtime", "--bandwidth", "--machine", "--cpu", "--from", "--transport", "--booted",
+    "--downtime",
+    "--copy-disk", "--make-disk",
 })
 # What only systemd runs, on the host of the guest (the units' ExecStart= and the like).
 UNIT_COMMANDS = frozenset({"run", "stop-post", "stop-orphan"})

@@ -17,7 +17,7 @@ from kvmagent.cli.tracking import (STATES, UP_STATES, _history, _known, _note, _
 from kvmagent.config.values import format_size
 from kvmagent.unit import channel
 from kvmagent.errors import ExitStatus, KvmagentError
-from kvmagent.host import journal
+from kvmagent.host import journal, state
 from kvmagent.names import scope_unit, service_unit
 from kvmagent.paths import Paths
 
@@ -81,7 +81,7 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
     console = paths.console_socket(name)
     sup = supervisor(paths, name) if active in UP_STATES else None
     qemu_pid = _qemu_pid(summary)
-    since = summary.running_since.realtime if summary is not None and \
+    since = state.booted_at(summary.running_since) if summary is not None and \
         summary.running_since is not None else None
     uptime = summary.uptime if summary is not None else None
     if active in UP_STATES and (qemu_pid is None or since is None):

@@ -249,18 +249,22 @@ def reason_text(ev: state.Event) -> str:
              state.SHUTDOWN: "host shutdown", state.CRASHED: "crashed",
              state.WATCHDOG: "watchdog", state.CONFIG: "bad configuration",
              state.KILLED: "supervisor killed", state.OOM: "out of memory",
-             state.TIMEOUT: "timed out", state.FAILED: "failed"}
+             state.TIMEOUT: "timed out", state.FAILED: "failed",
+             state.MIGRATED: "live migration"}
     text = words.get(ev.reason or "", ev.reason or "")
     return f"{text}: {ev.detail}" if ev.detail else text
 
 
 def event_text(ev: state.Event) -> str:
     """The DETAIL of a history line: the reason of a stop, QEMU's pid of a
-    run, and of a takeover or reload both QEMU's pid and what happened."""
+    run, and of a takeover or reload both QEMU's pid and what happened; of
+    an arrival by live migration, since when the guest runs (its boot on
+    the host it came from)."""
     if ev.reason:
         return reason_text(ev)
     qemu = f"QEMU pid {ev.pid}" if ev.pid else ""
-    return "; ".join(t for t in (qemu, ev.detail) if t)
+    booted = f"booted {stamp(ev.booted)}" if ev.booted is not None else ""
+    return "; ".join(t for t in (qemu, ev.detail, booted) if t)
 
 
 def _note(text: str) -> None:
@@ -296,7 +300,7 @@ def list_rows(paths: Paths) -> tuple[list[dict[str, Any]], list[str]]:
             row["restarts"] = fig.restarts
             run = fig.running_since
             if run is not None and (active in UP_STATES or active is None):
-                row["uptime_seconds"] = int(max(0.0, now.boottime - run.boottime))
+                row["uptime_seconds"] = int(state.run_uptime(run, now))
                 if run.pid and os.path.exists(f"/proc/{run.pid}"):
                     row["qemu_pid"] = run.pid
         elif not note2:
@@ -396,7 +400,7 @@ def _history(paths: Paths, name: str, since: float | None = None
 def _event_json(ev: state.Event) -> dict[str, Any]:
     return {"id": ev.id, "time": ev.realtime, "event": ev.event, "reason": ev.reason,
             "detail": ev.detail, "boot_id": ev.boot_id, "invocation_id": ev.invocation,
-            "qemu_pid": ev.pid, "source": ev.source}
+            "qemu_pid": ev.pid, "source": ev.source, "booted": ev.booted}
 
 
 def _summary_json(s: state.Summary | None, known: bool = True) -> dict[str, Any]:

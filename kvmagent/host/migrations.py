@@ -85,6 +85,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX events_lifecycle ON events (guest, id)
         WHERE event IN ('starting', 'running', 'stopped')
     """,
+    # 5: a guest that arrived by live migration did not boot here: `booted`
+    # (the wall clock of its boot, elsewhere; NULL: it booted at this
+    # `running`) carries its uptime over from the host it came from.
+    """
+    ALTER TABLE events ADD COLUMN booted REAL
+    """,
 )
 
 

@@ -490,3 +490,13 @@ def bridge_report(guests: Mapping[str, str] | None = None, *,
                             and a["scope"] < RT_SCOPE_LINK),
             ports=tuple(sorted(ports, key=lambda p: p.name))))
     return sorted(report, key=lambda b: b.name)
+
+
+def host_addresses() -> list[str]:
+    """This host's IP addresses (not link-local ones), interface by interface."""
+    with IPRoute() as ipr:
+        try:
+            return [str(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))
+                    for a in ipr.get_addr() if a["scope"] < RT_SCOPE_LINK]
+        except NetlinkError as e:
+            raise _netlink_error("cannot list addresses", e) from None

@@ -27,6 +27,14 @@ systemd, so a start after it is not counted.  A start after a failure
 counts even when an admin, not systemd, started the guest (after systemd
 gave up at StartLimitBurst=): it is a restart after a failure all the same.
 Only `kvmagent reset-counters NAME` sets the count back to zero.
+
+A guest that arrived by live migration (kvmagent migrate) did not boot
+here: its `starting` has the reason `migrated` (never a restart, whatever
+stopped before it on this host) and its `running` the wall clock of its
+boot on the host it came from (`booted`); its uptime is the time it had
+run there, by the wall clocks of both hosts, and its time here, by
+CLOCK_BOOTTIME (run_uptime).  Cumulative uptime counts the time on this
+host only: a guest that moves back and forth is not counted twice.
 """
 
 from __future__ import annotations
@@ -42,8 +50,8 @@ from typing import NamedTuple
 from kvmagent.host.migrations import MIGRATIONS, migrate, restarts_sql  # noqa: F401
 # The names of events and reasons, as this module's own (state.ADMIN ...).
 from kvmagent.lifecycle import (  # noqa: F401
-    ADMIN, CONFIG, CRASHED, EVENTS, FAILED, FAILURES, KILLED, OOM, POWEROFF, REASONS,
-    RELOADED, RESTARTED, SHUTDOWN, TAKEN_OVER, TIMEOUT, WATCHDOG)
+    ADMIN, CONFIG, CRASHED, EVENTS, FAILED, FAILURES, KILLED, MIGRATED, OOM, POWEROFF,
+    REASONS, RELOADED, RESTARTED, SHUTDOWN, TAKEN_OVER, TIMEOUT, WATCHDOG)
 from kvmagent.paths import Paths
 
 DB_NAME = "state.db"
@@ -63,6 +71,7 @@ class Event(NamedTuple):
     invocation: str | None
     pid: int | None
     source: str
+    booted: float | None = None  # arrived by migration: its boot elsewhere (wall clock)
 
 
 _COLUMNS = ", ".join(Event._fields)
@@ -214,7 +223,8 @@ def _wal(conn: sqlite3.Connection, deadline: float) -> None:
 
 def insert(conn: sqlite3.Connection, guest: str, event: str, *, reason: str | None = None,
            detail: str | None = None, pid: int | None = None, source: str = "supervisor",
-           invocation: str | None = None, at: Now | None = None) -> int:
+           invocation: str | None = None, at: Now | None = None,
+           booted: float | None = None) -> int:
     if event not in EVENTS:
         raise ValueError(f"unknown event {event!r}")
     if reason is not None and reason not in REASONS:
@@ -222,7 +232,7 @@ def insert(conn: sqlite3.Connection, guest: str, event: str, *, reason: str | No
     at = at or now()
     with _transaction(conn):
         restart = 0
-        if event == "starting":
+        if event == "starting" and reason != MIGRATED:  # an arrival is no restart
             prev = conn.execute("SELECT event, reason, boot_id FROM events WHERE guest = ? AND "
                                 "event IN ('starting', 'stopped') ORDER BY id DESC LIMIT 1",
                                 (guest,)).fetchone()
@@ -230,9 +240,9 @@ def insert(conn: sqlite3.Connection, guest: str, event: str, *, reason: str | No
                           and prev[2] == at.boot_id)
         cur = conn.execute(
             "INSERT INTO events (guest, event, reason, detail, realtime, boottime, boot_id, "
-            "invocation, pid, source, restart) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "invocation, pid, source, restart, booted) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (guest, event, reason, detail, at.realtime, at.boottime, at.boot_id, invocation,
-             pid, source, restart))
+             pid, source, restart, booted))
     return int(cur.lastrowid or 0)
 
 
@@ -306,7 +316,8 @@ class Recorder:
         self.failed = False
 
     def __call__(self, event: str, reason: str | None = None, detail: str | None = None,
-                 pid: int | None = None, at: Now | None = None) -> bool:
+                 pid: int | None = None, at: Now | None = None,
+                 booted: float | None = None) -> bool:
         try:
             for attempt in (1, 2):
                 # Which file it is before it is opened: if it is damaged
@@ -324,7 +335,8 @@ class Recorder:
                 conn = connect(self.state_dir, busy_timeout_ms=2000, guest=self.guest)
                 try:
                     insert(conn, self.guest, event, reason=reason, detail=detail, pid=pid,
-                           source=self.source, invocation=self.invocation, at=at)
+                           source=self.source, invocation=self.invocation, at=at,
+                           booted=booted)
                     break
                 except sqlite3.DatabaseError as e:
                     from kvmagent.host import statefile
@@ -364,13 +376,33 @@ def _span(start: Event, end: Event) -> float:
     return max(0.0, end.realtime - start.realtime)
 
 
+def carried(run: Event) -> float:
+    """What a run that arrived by live migration had run before it came
+    (from its boot elsewhere to its `running` here, by the wall clocks of
+    both hosts); 0 for a run that booted here."""
+    return 0.0 if run.booted is None else max(0.0, run.realtime - run.booted)
+
+
+def run_uptime(run: Event, at: Now) -> float:
+    """The uptime of RUN, a `running` of this boot still open at AT: since
+    the guest booted, here or, before a live migration, elsewhere."""
+    return max(0.0, at.boottime - run.boottime) + carried(run)
+
+
+def booted_at(run: Event) -> float:
+    """The wall clock of RUN's guest's boot (here, or where it came from)."""
+    return run.realtime if run.booted is None else run.booted
+
+
 def derive(guest: str, rows: Iterable[Event], at: Now, reset_after: int = 0,
            reset_realtime: float | None = None) -> Summary:
     """The figures of one guest from its events (oldest first).  Pure.
 
     A run lasts from `running` to the `stopped` that follows (or, when the
     supervisor died without a trace and ExecStopPost did not run either, to
-    the last event seen of that run).  A run still open in this boot is
+    the last event seen of that run).  A run that arrived by live
+    migration counts from its boot elsewhere in its uptime and the longest,
+    from its arrival in the cumulative uptime.  A run still open in this boot is
     counted up to now; one left open in an earlier boot (a host crash) ends
     at its last event.  `taken-over` and `reloaded` (a new supervisor, the
     same QEMU) neither end the run nor start one: the uptime goes on across
@@ -388,7 +420,7 @@ def derive(guest: str, rows: Iterable[Event], at: Now, reset_after: int = 0,
         if open_run is not None:
             span = _span(open_run, end)
             cumulative += span
-            longest = max(longest, span)
+            longest = max(longest, span + carried(open_run))
             runs += 1
         open_run = None
 
@@ -398,7 +430,8 @@ def derive(guest: str, rows: Iterable[Event], at: Now, reset_after: int = 0,
             if open_run is not None and last_of_run is not None:
                 close(last_of_run)
             if (previous_stop is not None and previous_stop.reason in RESTARTED
-                    and previous_stop.boot_id == ev.boot_id and ev.id > reset_after):
+                    and previous_stop.boot_id == ev.boot_id and ev.id > reset_after
+                    and ev.reason != MIGRATED):
                 restarts += 1
             previous_stop = None
         elif ev.event == "running":
@@ -416,9 +449,9 @@ def derive(guest: str, rows: Iterable[Event], at: Now, reset_after: int = 0,
     running_since = None
     if open_run is not None:
         if open_run.boot_id == at.boot_id:
-            uptime = max(0.0, at.boottime - open_run.boottime)
+            uptime = run_uptime(open_run, at)
             running_since = open_run
-            cumulative += uptime
+            cumulative += max(0.0, at.boottime - open_run.boottime)
             longest = max(longest, uptime)
             runs += 1
         elif last_of_run is not None:

@@ -26,6 +26,22 @@ STREAM_WAIT = 60.0
 # that read nothing for this long hangs on a link that died without a word
 # (ssh's keepalives end the source's side, sshd's side may wait for hours).
 STALL_LIMIT = 15.0
+# QEMU's own defaults of downtime-limit and max-bandwidth (7.2 and 10.0
+# alike), set again at every migration: what migrate-set-parameters set
+# stays in QEMU, for the next migration too (a cancelled one's --bandwidth).
+DEFAULT_DOWNTIME_MS = 300
+DEFAULT_BANDWIDTH = 128 << 20  # bytes per second
+
+
+def parameters(downtime_ms: object, bandwidth: object) -> dict[str, Any]:
+    """migrate-set-parameters' arguments for one migration: what was asked
+    for, QEMU's defaults for the rest (never what an earlier one left)."""
+    def given(value: object, default: int) -> int:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+        return default
+    return {"downtime-limit": given(downtime_ms, DEFAULT_DOWNTIME_MS),
+            "max-bandwidth": given(bandwidth, DEFAULT_BANDWIDTH)}
 
 
 class SideFacts(NamedTuple):
@@ -87,6 +103,12 @@ def differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+# -cpu models whose CPU is the host's, not a named model: cpu = "host" is
+# host passthrough under KVM and "max" under TCG (all this QEMU emulates)
+UNMIGRATABLE_CPUS = {"host": "its CPU is this host's",
+                     "max": "its CPU is all that this host's QEMU and accelerator offer"}
+
+
 def preflight(name: str, host: str, here: SideFacts, there: SideFacts, *,
               machine: str, cpu: str, force: bool = False) -> list[Refusal]:
     """Every reason guest NAME, running here with MACHINE and CPU (its QEMU's
@@ -110,8 +132,8 @@ def preflight(name: str, host: str, here: SideFacts, there: SideFacts, *,
     for problem in there.problems:
         disk = re.search(r"disk\[\d+\]\.path = .*: disk does not exist", problem) is not None
         out.append(Refusal(f"{host}: {problem}",
-                           "the disks must be on storage both hosts share, at the same path "
-                           "(--copy-storage is not built yet)" if disk else None,
+                           "the disks must be on storage both hosts share, at the same path, "
+                           "or be copied there: --copy-storage" if disk else None,
                            ExitStatus.HOST_NOT_READY))
     if not MACHINE_RE.fullmatch(machine) or not CPU_RE.fullmatch(cpu):
         out.append(Refusal(f"guest {name}'s QEMU runs with -machine {machine!r} -cpu {cpu!r}, "
@@ -120,10 +142,11 @@ def preflight(name: str, host: str, here: SideFacts, there: SideFacts, *,
         out.append(Refusal(f"{host}: QEMU {there.qemu_version} has no machine type {machine} "
                            f"(guest {name}'s QEMU here runs it)", "migrate to a host with the "
                            "same or a newer QEMU", ExitStatus.HOST_NOT_READY))
-    if cpu.split(",")[0] == "host" and not force:
-        out.append(Refusal(f"guest {name} runs with -cpu host: its CPU is this host's, which "
-                           f"{host}'s may not be", "--force if both hosts have the same CPU",
-                           ExitStatus.FAILURE))
+    model = cpu.split(",")[0]
+    if model in UNMIGRATABLE_CPUS and not force:
+        out.append(Refusal(f"guest {name} runs with -cpu {model}: {UNMIGRATABLE_CPUS[model]}, "
+                           f"which {host}'s may not be", "--force if both hosts have the same "
+                           "CPU and the same QEMU", ExitStatus.FAILURE))
     return out
 
 

@@ -66,10 +66,12 @@ class Incoming(NamedTuple):
     """The request of `kvmagent migrate-incoming` (a file in the guest's
     runtime directory, kvmagent.paths.Paths.incoming_request): start QEMU
     waiting for a live migration from SOURCE, with the source QEMU's exact
-    machine type and CPU model."""
+    machine type and CPU model; BOOTED, when the source's record had it, the
+    wall clock of the guest's boot (its uptime goes on here)."""
     machine: str
     cpu: str
     source: str  # the host the guest comes from, as the command names it
+    booted: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(self._asdict())
@@ -77,7 +79,10 @@ class Incoming(NamedTuple):
     @classmethod
     def from_json(cls, text: str) -> Incoming:
         """ValueError naming the field when TEXT is not such a record."""
-        return cls(*read_fields(cls._fields, (str, str, str), json.loads(text)))
+        data = json.loads(text)
+        if isinstance(data, dict) and data.get("booted") is None:  # not known
+            data = {k: v for k, v in data.items() if k != "booted"}
+        return cls(*read_fields(cls._fields, (str, str, str, float), data, {"booted": None}))
 
 
 class Plan(NamedTuple):

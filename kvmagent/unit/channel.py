@@ -13,7 +13,9 @@ paused, QEMU's "stop", for a crash-consistent snapshot of its disks, and
 resumed by the supervisor itself after at most that long: a client that
 dies never leaves it paused) and "thaw" (resumed at once).  A request may
 carry file descriptors (SCM_RIGHTS): live migration hands the supervisor the
-stream to the other host this way ("migrate", "migrate-incoming"), as
+stream to the other host this way ("migrate", "migrate-incoming"; with
+--copy-storage a disk's NBD connection, "migrate-copy", and the
+destination's NBD listening socket, "migrate-serve"), as
 neither it nor QEMU may open a network connection of their own
 (kvmagent.unit.migration)."""
 
@@ -33,7 +35,8 @@ from kvmagent.render.plan import read_fields
 
 CONTROL_FDNAME = "control"
 COMMANDS = ("status", "reload", "freeze", "thaw", "migrate", "migrate-status",
-            "migrate-cancel", "migrate-end", "migrate-incoming")
+            "migrate-cancel", "migrate-end", "migrate-incoming", "migrate-copy",
+            "migrate-serve")
 MAX_MESSAGE = 65536
 MAX_FDS = 4  # file descriptors one request may carry
 # The longest a guest is paused for a snapshot (freeze's "seconds").

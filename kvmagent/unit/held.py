@@ -50,6 +50,9 @@ class Held:
         self.abandoned = False  # failed with QEMU's fds kept: QEMU is left running
         self.migrated_to: str | None = None  # kvmagent migrate moved the guest there
         self.incoming: str | None = None  # a live migration's destination: from where
+        self.booted: float | None = None  # ... and when the guest booted there
+        self.mirrors: list[str] = []  # migrate --copy-storage: the drives being copied away
+        self.serving = False  # migrate --copy-storage: the destination's NBD server runs
         self.record = EventRecorder(name, paths, lambda text: self.log(text, 4))
 
     def log(self, message: str, priority: int = 6, message_id: str | None = None) -> None:

@@ -29,9 +29,9 @@ from typing import Any
 from kvmagent.host.qmp import QmpError
 from kvmagent.host.sdnotify import notify
 from kvmagent.lifecycle import MIGRATED
-from kvmagent.render.migration import Arrival, incoming_step
+from kvmagent.render.migration import Arrival, incoming_step, parameters
 from kvmagent.render.plan import Incoming
-from kvmagent.unit import channel
+from kvmagent.unit import channel, mirror
 from kvmagent.unit.held import Held
 from kvmagent.unit.messages import MSG_MIGRATED
 
@@ -87,12 +87,17 @@ def _source(sup: Held, command: str, fields: dict[str, object],
     qmp = sup.qmp
     if command == "migrate-status":
         info = qmp.execute("query-migrate", timeout=5.0)
+        if info.get("status") == "pre-switchover" and sup.mirrors:  # the event not seen yet
+            mirror.switchover(sup)
+            info = qmp.execute("query-migrate", timeout=5.0)
         runstate = qmp.execute("query-status", timeout=5.0).get("status")
         machine, cpu = machine_and_cpu(sup)
         return {"ok": True, "phase": info.get("status", "none"), "info": info,
                 "runstate": runstate, "machine": machine, "cpu": cpu,
-                "migrated_to": sup.migrated_to}
+                "migrated_to": sup.migrated_to, "jobs": mirror.jobs(sup) if sup.mirrors else []}
     host = str(fields.get("host", "?"))
+    if command == "migrate-copy":  # --copy-storage: one disk's mirror (kvmagent.unit.mirror)
+        return mirror.start(sup, fields | {"host": host}, fds)
     if command == "migrate":
         if len(fds) != 1:
             return {"ok": False, "error": "migrate needs the stream's file descriptor"}
@@ -101,17 +106,25 @@ def _source(sup: Held, command: str, fields: dict[str, object],
         state = qmp.execute("query-status", timeout=5.0).get("status")
         if state != "running":
             return {"ok": False, "error": f"the guest is {state}, not running"}
-        params: dict[str, Any] = {}
-        if isinstance(fields.get("downtime_ms"), int):
-            params["downtime-limit"] = fields["downtime_ms"]
-        if isinstance(fields.get("bandwidth"), int):
-            params["max-bandwidth"] = fields["bandwidth"]
-        if params:
-            qmp.execute("migrate-set-parameters", timeout=5.0, **params)
+        # every time, defaults included: QEMU keeps what the last one set
+        qmp.execute("migrate-set-parameters", timeout=5.0,
+                    **parameters(fields.get("downtime_ms"), fields.get("bandwidth")))
+        now = qmp.execute("query-migrate-parameters", timeout=5.0)
+        if bool(fields.get("copy_storage")) != bool(sup.mirrors):
+            return {"ok": False, "error": "--copy-storage: the disks' copies are not running"
+                    if sup.mirrors == [] else "the disks are being copied"}
+        # With disks copied, QEMU waits before the switch (the guest
+        # paused) for the supervisor to complete the copies
+        # (kvmagent.unit.mirror.switchover, on the MIGRATION event).
+        copying = bool(sup.mirrors)
+        qmp.execute("migrate-set-capabilities", timeout=5.0, capabilities=[
+            {"capability": "events", "state": copying},
+            {"capability": "pause-before-switchover", "state": copying}])
         qmp.execute("getfd", timeout=5.0, fds=fds, fdname=FDNAME)
         qmp.execute("migrate", timeout=10.0, uri=f"fd:{FDNAME}")
         sup.log(f"guest {sup.name}: migrating to {host}", 5)
-        return {"ok": True}
+        return {"ok": True, "downtime_limit_ms": now.get("downtime-limit"),
+                "max_bandwidth": now.get("max-bandwidth")}
     if command == "migrate-cancel":
         why = str(fields.get("why", "cancelled"))
         status = qmp.execute("query-migrate", timeout=5.0).get("status")
@@ -121,6 +134,7 @@ def _source(sup: Held, command: str, fields: dict[str, object],
         while (qmp.execute("query-migrate", timeout=5.0).get("status") in
                ("cancelling", "device", "pre-switchover") and time.monotonic() < deadline):
             time.sleep(0.05)
+        mirror.abort(sup)
         resumed = False
         if qmp.execute("query-status", timeout=5.0).get("status") in PAUSED_BY_MIGRATION:
             qmp.execute("cont", timeout=10.0)
@@ -184,6 +198,8 @@ def receive(sup: Held, incoming: Incoming) -> None:
             qmp.poll()  # MIGRATION, RESUME...: what counts is query-migrate
         if sup.channel in ready and (req := channel.receive(sup.channel)) is not None:
             status = _incoming_request(sup, req, status)
+            if sup.serving and status is None:  # the disks are copied: as long as it takes,
+                since = time.monotonic()  # while kvmagent migrate-incoming asks
         if status is not None:
             try:
                 status = str(qmp.execute("query-migrate", timeout=5.0).get("status"))
@@ -209,6 +225,11 @@ def resume(sup: Held, incoming: Incoming) -> None:
     are taken now: the source QEMU let go of them when it sent the last of
     the state, and if that comes late, cont is tried again a while."""
     assert sup.qmp is not None
+    try:
+        mirror.stop_serving(sup)
+    except QmpError as e:
+        raise IncomingFailed(f"the NBD server of the disks' copy did not stop: {e.message}") \
+            from None
     deadline = time.monotonic() + LOCK_WAIT
     while True:
         try:
@@ -236,12 +257,17 @@ def incoming_failed(sup: Held, e: IncomingFailed) -> int:
 
 
 def _incoming_request(sup: Held, req: channel.Request, status: str | None) -> str | None:
-    conn, command, _, fds = req
+    conn, command, fields, fds = req
     assert sup.qmp is not None
     try:
         if command == "migrate-status":
             channel.answer(conn, {"ok": True, "phase": "incoming",
                                   "incoming": status or "waiting"})
+        elif command == "migrate-serve" and status is None:  # --copy-storage
+            try:
+                channel.answer(conn, mirror.serve(sup, fields, fds))
+            except QmpError as e:
+                channel.answer(conn, {"ok": False, "error": e.message})
         elif command == "migrate-incoming" and status is None and len(fds) == 1:
             try:
                 sup.qmp.execute("getfd", timeout=5.0, fds=fds, fdname=FDNAME)

@@ -29,7 +29,7 @@ from typing import Any, Callable
 from kvmagent.lifecycle import ADMIN, RECORDED_FILE, SHUTDOWN
 from kvmagent.paths import Paths
 
-Event = tuple[Any, ...]  # event, reason, detail, pid, realtime, boottime
+Event = tuple[Any, ...]  # event, reason, detail, pid, realtime, boottime, booted
 
 
 class EventRecorder:
@@ -42,9 +42,11 @@ class EventRecorder:
         self.ended = False  # the run's `stopped` is among the events
 
     def __call__(self, event: str, reason: str | None = None, detail: str | None = None,
-                 pid: int | None = None) -> None:
+                 pid: int | None = None, booted: float | None = None) -> None:
+        """BOOTED: a `running` of a guest that arrived by live migration,
+        the wall clock of its boot elsewhere (kvmagent.host.state)."""
         self.queue.append((event, reason, detail, pid,
-                           time.time(), time.clock_gettime(time.CLOCK_BOOTTIME)))
+                           time.time(), time.clock_gettime(time.CLOCK_BOOTTIME), booted))
         self.ended |= event == "stopped"
 
     def flush(self, linger: bool = False) -> None:
@@ -93,13 +95,14 @@ class EventRecorder:
         boot = state.boot_id(str(self.paths.runtime_dir))
         shutdown: bool | None = None
         while True:
-            for event, reason, detail, pid, realtime, boottime in queue:
+            for event, reason, detail, pid, realtime, boottime, *rest in queue:
                 if reason == ADMIN and detail is None:
                     if shutdown is None:
                         shutdown = stoppost.host_stopping()
                     if shutdown:  # systemctl stop, but by the host's shutdown
                         reason = SHUTDOWN
-                record(event, reason, detail, pid, at=state.Now(realtime, boottime, boot))
+                record(event, reason, detail, pid, at=state.Now(realtime, boottime, boot),
+                       booted=rest[0] if rest else None)
             data = more.recv(1 << 20) if more is not None else b""
             if not data:
                 return not record.failed

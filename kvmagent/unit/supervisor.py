@@ -33,11 +33,11 @@ from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import tundev
 from kvmagent.host.qmp import Qmp, QmpError
 from kvmagent.host.sdnotify import notify, store_fd
-from kvmagent.lifecycle import ADMIN, CONFIG, CRASHED, FAILED, POWEROFF
+from kvmagent.lifecycle import ADMIN, ARRIVED_FROM, CONFIG, CRASHED, FAILED, MIGRATED, POWEROFF
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
 from kvmagent.render.plan import Plan, Running
-from kvmagent.unit import adopt, channel, forkcall, migration, takeover, testhook
+from kvmagent.unit import adopt, channel, forkcall, migration, mirror, takeover, testhook
 from kvmagent.unit.adopt import AdoptedQemu
 from kvmagent.unit.consolelog import ConsoleLog
 from kvmagent.unit.held import Held
@@ -106,6 +106,7 @@ class Supervisor(Held):
                                 "not a plan")
         self.stop = StopPolicy(plan.stop_timeout, plan.keep, plan.reboot_stops)
         self.incoming = plan.incoming.source if plan.incoming is not None else None
+        self.booted = plan.incoming.booted if plan.incoming is not None else None
         if sysd is not None:
             sysd.full_speed()
         self.log(f"starting guest {self.name} ({plan.cpus} vCPU, "
@@ -239,6 +240,8 @@ class Supervisor(Held):
                 self.log(f"guest {self.name} reset ({data.get('reason', '?')})", 6)
             elif kind == "GUEST_PANICKED":
                 self.log(f"guest {self.name} kernel panic", 3, MSG_PANIC)
+            elif kind == "MIGRATION" and data.get("status") == "pre-switchover":
+                mirror.switchover(self)  # migrate --copy-storage: the guest is paused
 
     def _watchdog(self) -> None:
         assert self.qmp is not None
@@ -270,6 +273,8 @@ class Supervisor(Held):
                                   self.stop.wakeup(), self.thaw_at,
                                   self.console_log.deadline()) if t is not None]
             timeout = max(0.0, min(timers) - now) if timers else None
+            if self.qmp.events:  # kept while a command waited for its reply
+                timeout = 0.0
             watch: list[Any] = [wake_r]
             watch += [self.qemu] if isinstance(self.qemu, AdoptedQemu) else []
             watch += [self.channel] if self.channel is not None else []
@@ -299,7 +304,7 @@ class Supervisor(Held):
                 self.hub.handle(ready)
             if (t := self.console_log.deadline()) is not None and time.monotonic() >= t:
                 self._console_log(*self.console_log.tick(time.monotonic()))
-            if self.qmp in ready:
+            if self.qmp in ready or self.qmp.events:
                 self._events()
             if self.channel is not None and self.channel in ready:
                 takeover.control(self)
@@ -425,7 +430,8 @@ def _supervise(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> in
         sup.log(str(e), 3, MSG_START_FAILED)
         notify(f"STATUS={e.message}")
         return int(e.status)
-    sup.record("starting")
+    # an arrival by live migration is no restart (kvmagent.host.state)
+    sup.record("starting", MIGRATED if paths.incoming_request(name).exists() else None)
     try:
         sup.start(stack, planner)
     except StoppedWhileStarting:  # QEMU, if it was started, and the helpers go with the stack
@@ -449,6 +455,7 @@ def _supervise(sup: Supervisor, stack: ExitStack, planner: forkcall.Child) -> in
         sup.record("stopped", CONFIG if bad else FAILED, e.message)
         return int(e.status)
     assert sup.qemu is not None
-    sup.record("running", None, sup.incoming and f"migrated here from {sup.incoming}", sup.qemu.pid)
+    sup.record("running", None, sup.incoming and f"{ARRIVED_FROM}{sup.incoming}", sup.qemu.pid,
+               booted=sup.booted)
     sup.record.flush()
     return sup.run()

@@ -187,6 +187,10 @@ def start(th: TestHost, name: str) -> int:
     """Start standin@name; the guest's PID, which is in kvm-name.scope."""
     th.exec(["systemctl", "start", f"standin@{name}"])
     guest = int(last(th, name, "scope-started")["guest"])
+    # the guest logs its own start when it runs, which may come after the scope's:
+    # a test's "since" must not see it as a second start
+    wait("the guest's own start", lambda: [e for e in events(th, name)
+                                           if e["ev"] == "guest-start" and e["pid"] == guest], th)
     assert scope_state(th, name) == "active"
     assert f"kvm-{name}.scope" in th.exec(["cat", f"/proc/{guest}/cgroup"]).stdout
     return guest

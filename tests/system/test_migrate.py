@@ -12,7 +12,14 @@ cleanly: a bridge missing on the destination (refused, nothing started
 there), the destination's QEMU killed mid-migration and Ctrl-C of the
 command (slowed with --bandwidth): each time the guest runs on at host 0
 and host 1 has no unit running, no QEMU and no tap.  The measured downtime
-and total time are printed."""
+and total time are printed.
+
+The record follows the guest: on the host it moved to, its uptime goes on
+from its first boot (at least what it was before the move), no restart is
+counted, and `history` on both hosts shows the move with its downtime.
+The same moves over plain TCP (--transport tcp...), after a cancelled
+slow one whose --bandwidth must not stay in QEMU; and the link cut during
+a TCP move, as during an ssh one."""
 
 from __future__ import annotations
 
@@ -132,6 +139,50 @@ def migrate(th: TestHost, to: str, *args: str) -> subprocess.CompletedProcess[st
     return th.exec(["kvmagent", "migrate", NAME, to, "--json", *args], check=False, timeout=300)
 
 
+def listed(th: TestHost) -> dict:  # type: ignore[type-arg]
+    (row,) = [g for g in json.loads(th.exec(["kvmagent", "list", "--json"]).stdout)
+              if g["name"] == NAME]
+    return row  # type: ignore[no-any-return]
+
+
+def uptime(th: TestHost) -> tuple[int, float]:
+    """The guest's uptime as `list` shows it there, and when it was asked."""
+    return listed(th)["uptime_seconds"], time.monotonic()
+
+
+def record_follows(src: TestHost, dst: TestHost, to: str, done: dict,  # type: ignore[type-arg]
+                   before: tuple[int, float]) -> None:
+    """After a move from SRC to DST (named TO): the uptime goes on there
+    (what it was BEFORE the move, on SRC, and the time since: not the time
+    since the guest arrived), no restart on either host, the move in both
+    histories with its downtime."""
+    uptime_before, asked = before
+    row = listed(dst)
+    since = int(time.monotonic() - asked)
+    assert row["uptime_seconds"] >= uptime_before + since - 1, (row, uptime_before, since)
+    assert row["restarts"] == 0, row
+    assert listed(src)["restarts"] == 0
+    status = json.loads(dst.exec(["kvmagent", "status", NAME, "--json"]).stdout)
+    assert status["uptime_seconds"] >= uptime_before, status
+    history = json.loads(src.exec(["kvmagent", "history", NAME, "--json"]).stdout)
+    last = [e for e in history["events"] if e["event"] == "stopped"][-1]
+    assert last["reason"] == "migrated", last
+    assert last["detail"] == f"to {to}, downtime {done['downtime_ms']} ms", last
+    arrived = json.loads(dst.exec(["kvmagent", "history", NAME, "--json"]).stdout)
+    starting = [e for e in arrived["events"] if e["event"] == "starting"][-1]
+    running = [e for e in arrived["events"] if e["event"] == "running"][-1]
+    assert starting["reason"] == "migrated", starting
+    assert re.fullmatch(rf"migrated here from \S+, downtime {done['downtime_ms']} ms",
+                        running["detail"] or ""), running
+    assert running["booted"] is not None and running["booted"] < running["time"], running
+    assert arrived["uptime_seconds"] >= uptime_before and arrived["restarts"] == 0, arrived
+    text = dst.exec(["kvmagent", "history", NAME]).stdout
+    assert re.search(r"running +QEMU pid \d+; migrated here from \S+, downtime \d+ ms; "
+                     r"booted \d{4}-", text), text
+    print(f"uptime on {src.name} before the move {uptime_before} s; on {dst.name}, {since} s "
+          f"later, {row['uptime_seconds']} s")
+
+
 def runs_on(th: TestHost) -> None:
     assert state(th) == ("active", "success"), state(th)
     status = json.loads(th.exec(["kvmagent", "status", NAME, "--json"]).stdout)
@@ -169,6 +220,7 @@ def test_there_and_back(pair: HostPair) -> None:
     assert re.search(r"GUEST-READY .*disks=vda", console(a)), console(a)
     assert types(a, "before")
     for src, dst, to in ((a, b, "host1"), (b, a, "host0")):
+        before = uptime(src)
         r = migrate(src, to)
         assert r.returncode == 0, (r.stdout, r.stderr, dst.journal(UNIT)[-3000:])
         events = [json.loads(line) for line in r.stdout.splitlines()]
@@ -195,17 +247,7 @@ def test_there_and_back(pair: HostPair) -> None:
                  input=f"echo disk-{dst.name} | dd of=/dev/vda conv=fsync\n")
         data = dst.exec(["head", "-c", "64", shared_path(NAME + ".img")], text=False).stdout
         assert data.startswith(f"disk-{dst.name}\n".encode()), data
-        history = json.loads(src.exec(["kvmagent", "history", NAME, "--json"]).stdout)
-        last = [e for e in history["events"] if e["event"] == "stopped"][-1]
-        assert last["reason"] == "migrated", last
-        assert last["detail"] == f"to {to}, downtime {done['downtime_ms']} ms", last
-        arrived = json.loads(dst.exec(["kvmagent", "history", NAME, "--json"]).stdout)
-        running = [e for e in arrived["events"] if e["event"] == "running"][-1]
-        assert re.fullmatch(r"migrated here from \S+", running["detail"] or ""), running
-        for th in pair:  # a move is no restart
-            (row,) = [g for g in json.loads(th.exec(["kvmagent", "list", "--json"]).stdout)
-                      if g["name"] == NAME]
-            assert row["restarts"] == 0, row
+        record_follows(src, dst, to, done, before)
     # the same guest throughout: one boot, on host 0, before it moved
     assert console(a).count("GUEST-INIT") == 1
     assert "GUEST-INIT" not in console(b)
@@ -241,15 +283,16 @@ def qemu_here(th: TestHost) -> str:
     return pid
 
 
-def slow_migration(a: TestHost, b: TestHost) -> tuple[subprocess.Popen[str], str]:
-    """kvmagent migrate from host 0, slowed down; returns once the state
-    flows (and host 0's QEMU pid)."""
+def slow_migration(a: TestHost, b: TestHost,
+                   *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """kvmagent migrate from host 0, slowed down (EXTRA: more options);
+    returns once the state flows (and host 0's QEMU pid)."""
     if state(a)[0] != "active":
         a.exec(["systemctl", "start", UNIT], timeout=180)
         wait(lambda: "GUEST-READY" in console(a), 120, "the guest booted on host 0")
     pid = qemu_here(a)
     proc = subprocess.Popen(nsenter_argv(a.leader, ["kvmagent", "migrate", NAME, "host1",
-                                                    "--json", "--bandwidth", SLOW]),
+                                                    "--json", "--bandwidth", SLOW, *extra]),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     first = proc.stdout.readline()
@@ -288,26 +331,72 @@ def test_ctrl_c_mid_migration(pair: HostPair) -> None:
     still_here(a, b, proc, pid, "after-ctrl-c")
 
 
-def test_the_link_cut_mid_migration(pair: HostPair) -> None:
+@pytest.mark.parametrize("transport", ["ssh", "tcp"])
+def test_the_link_cut_mid_migration(pair: HostPair, transport: str) -> None:
     """The link between the hosts goes down (no reset, no word): ssh's
-    keepalives end the source's side, the destination sees its stream stall."""
+    keepalives end the source's side, the destination sees its stream stall
+    (ssh) or its TCP keepalives end it (tcp)."""
     a, b = pair
-    proc, pid = slow_migration(a, b)
+    proc, pid = slow_migration(a, b, "--transport", transport)
     t0 = time.monotonic()
     a.exec(["ip", "link", "set", LINK, "down"])
     try:
         out, err = proc.communicate(timeout=120)
         noticed = time.monotonic() - t0
         assert proc.returncode == 1 and '"event": "cancelled"' in out, (out, err)
-        print(f"\nlink cut: the source noticed in {noticed:.1f} s")
+        print(f"\nlink cut ({transport}): the source noticed in {noticed:.1f} s")
         runs_on(a)
         assert qemu_here(a) == pid
         assert types(a, "after-cut")
         wait(lambda: state(b)[0] == "inactive" and qemus(b) == [], 60, "host 1 clean")
-        print(f"link cut: host 1 clean {time.monotonic() - t0:.1f} s after the cut")
+        print(f"link cut ({transport}): host 1 clean {time.monotonic() - t0:.1f} s after "
+              "the cut")
         clean(b)
     finally:
         a.exec(["ip", "link", "set", LINK, "up"])
+
+
+def test_over_tcp_there_and_back(pair: HostPair) -> None:
+    """Plain TCP, asked for: first a slow move (--bandwidth 1M) cancelled by
+    Ctrl-C, whose bandwidth must not stay in QEMU; then host 0 -> host 1 on
+    its address in the hosts' network (tcp:CIDR) and back on the address
+    ssh reached (tcp): said loudly, the guest the same, the record on."""
+    a, b = pair
+    proc, pid = slow_migration(a, b, "--transport", "tcp:10.79.20.0/24")
+    (command,) = a.exec(["pgrep", "-f", f"kvmagent migrate {NAME} host1"]).stdout.split()
+    a.exec(["kill", "-INT", command])
+    still_here(a, b, proc, pid, "after-tcp-ctrl-c")
+    # a network host 1 has no address in: said, exit status 5, nothing left there
+    r = migrate(a, "host1", "--transport", "tcp:10.99.0.0/24")
+    assert r.returncode == 5 and "has no address in 10.99.0.0/24" in r.stderr, r
+    assert "WARNING" not in r.stderr  # nothing went
+    clean(b)
+    r = migrate(a, "host1", "--transport", "udp")  # not a transport: asked nothing
+    assert r.returncode == 2 and "--transport 'udp'" in r.stderr, r
+    boots = console(a).count("GUEST-INIT")
+    for src, dst, to, transport in ((a, b, "host1", "tcp:10.79.20.0/24"),
+                                    (b, a, "host0", "tcp")):
+        before = uptime(src)
+        r = migrate(src, to, "--transport", transport)
+        assert r.returncode == 0, (r.stdout, r.stderr, dst.journal(UNIT)[-3000:])
+        assert "WARNING" in r.stderr and "plain TCP, UNENCRYPTED" in r.stderr, r.stderr
+        assert re.search(rf"go to {re.escape(pair.address(1 if to == 'host1' else 0))}:\d+ ",
+                         r.stderr), r.stderr
+        events = [json.loads(line) for line in r.stdout.splitlines()]
+        started, done = events[0], events[-1]
+        # QEMU's defaults again, not the cancelled move's 1M
+        assert started["event"] == "started" and started["transport"] == transport, started
+        assert (started["max_bandwidth"], started["downtime_limit_ms"]) == (128 << 20, 300)
+        assert done["event"] == "migrated", events
+        print(f"\n{src.name} -> {dst.name} over {transport}: downtime {done['downtime_ms']} ms "
+              f"(QEMU), QEMU's total {done['qemu_total_ms']} ms, the command's total "
+              f"{done['total_seconds']} s")
+        assert state(src)[0] == "inactive" and qemus(src) == []
+        runs_on(dst)
+        record_follows(src, dst, to, done, before)
+        assert types(dst, f"tcp-on-{dst.name}")
+    assert console(a).count("GUEST-INIT") == boots  # no reboot on the way
+    assert "GUEST-INIT" not in console(b)
 
 
 def test_from_debian_12_to_13(tmp_path_factory: pytest.TempPathFactory,

@@ -119,15 +119,20 @@ def test_kvmagent_events() -> None:
 
 
 def test_summary() -> None:
-    text = summary({"kvmagent": [Sample(24, 700, 2.0), Sample(30, 800, 2.4),
-                                 Sample(20, 750, 2.2)],
+    ssh = [Sample(24, 700, 2.0), Sample(30, 800, 2.4), Sample(20, 750, 2.2)]
+    text = summary({"kvmagent ssh": ssh, "kvmagent tcp": [],
                     "tcp": [Sample(12, 600, 1.0), Sample(10, 500, 1.2)],
-                    "tunnelled": []})
+                    "tunnelled": [Sample(48, 900, 1.1)]})
     lines = text.splitlines()
-    assert len(lines) == 4  # header, rule, kvmagent, tcp: no row without samples
+    assert len(lines) == 6  # header, rule, 3 rows (none without samples), the note
     assert "| 3 " in lines[2] and "24 (20–30)" in lines[2] and "2.20 (2.00–2.40)" in lines[2]
     assert "11 (10–12)" in lines[3] and "1.10 (1.00–1.20)" in lines[3]
-    assert "2.18×" in lines[3] and "2.00×" in lines[3]  # 24/11 downtime, 2.2/1.1 command
+    # no kvmagent tcp: virsh's tcp against kvmagent's ssh, 24/11 downtime, 2.2/1.1 command
+    assert "2.18×" in lines[3] and "2.00×" in lines[3]
+    assert "0.50×" in lines[4] and "2.00×" in lines[4]  # 24/48, 2.2/1.1
+    text = summary({"kvmagent ssh": ssh, "kvmagent tcp": [Sample(6, 600, 1.1)],
+                    "tcp": [Sample(12, 600, 1.0), Sample(10, 500, 1.2)]})
+    assert "0.55×" in text.splitlines()[4]  # kvmagent's tcp against virsh's: 6/11
 
 
 def test_breakdown() -> None:

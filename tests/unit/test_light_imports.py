@@ -42,6 +42,8 @@ SUPERVISOR = RUN_BEFORE_FORK | {
     "kvmagent.render", "kvmagent.render.plan",
     # live migration: its decisions (pure) and the supervisor's part (#20)
     "kvmagent.render.migration", "kvmagent.unit.migration",
+    # and its disks' copy (migrate --copy-storage)
+    "kvmagent.render.storagecopy", "kvmagent.unit.mirror",
     "kvmagent.host", "kvmagent.host.qmp", "kvmagent.host.sdnotify", "kvmagent.host.tundev",
     "kvmagent.unit.adopt", "kvmagent.unit.channel", "kvmagent.unit.consolelog", "kvmagent.unit.held",
     "kvmagent.unit.launch", "kvmagent.unit.messages", "kvmagent.unit.recorder",

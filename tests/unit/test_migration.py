@@ -10,6 +10,7 @@ from kvmagent.errors import ExitStatus
 from kvmagent.render.migration import (CONFIRM_TIMEOUT, STALL_LIMIT, STREAM_WAIT, Arrival,
                                        SideFacts, Step, differences, flatten, incoming_step,
                                        preflight, progress_line, source_step, stalled)
+from kvmagent.render.migration import DEFAULT_BANDWIDTH, DEFAULT_DOWNTIME_MS, parameters
 from kvmagent.render.plan import Incoming
 
 CONFIG = {"cpus": 1, "memory": "256M", "machine": "pc",
@@ -21,7 +22,7 @@ THERE = SideFacts(CONFIG, "", False, [], ["pc", "pc-i440fx-7.2"], "7.2.22")
 
 
 def check(here: SideFacts = HERE, there: SideFacts = THERE, machine: str = "pc-i440fx-7.2",
-          cpu: str = "max", force: bool = False) -> list[tuple[str, ExitStatus]]:
+          cpu: str = "Westmere", force: bool = False) -> list[tuple[str, ExitStatus]]:
     return [(r.message, r.status) for r in preflight("g", "host2", here, there,
                                                      machine=machine, cpu=cpu, force=force)]
 
@@ -42,12 +43,12 @@ def test_refusals_name_what_and_say_how() -> None:
         ("guest g's configuration on host2 differs in: memory, nic[0].mac", ExitStatus.CONFIG)]
     problem = "guests/g.toml: nic[0].bridge = \"br-kvm\": no such bridge"
     (refusal,) = preflight("g", "host2", HERE, THERE._replace(problems=[problem]),
-                           machine="pc-i440fx-7.2", cpu="max")
+                           machine="pc-i440fx-7.2", cpu="Westmere")
     assert refusal.message == f"host2: {problem}" and refusal.status is ExitStatus.HOST_NOT_READY
     disk = "guests/g.toml: disk[0].path = \"/var/lib/g.img\": disk does not exist"
     (refusal,) = preflight("g", "host2", HERE, THERE._replace(problems=[disk]),
-                           machine="pc-i440fx-7.2", cpu="max")
-    assert "--copy-storage is not built yet" in str(refusal.hint)
+                           machine="pc-i440fx-7.2", cpu="Westmere")
+    assert "or be copied there: --copy-storage" in str(refusal.hint)
     assert check(there=THERE._replace(machines=["pc", "pc-i440fx-9.2"])) == [
         ("host2: QEMU 7.2.22 has no machine type pc-i440fx-7.2 (guest g's QEMU here runs it)",
          ExitStatus.HOST_NOT_READY)]
@@ -58,7 +59,11 @@ def test_cpu_host_only_with_force_and_odd_values_never() -> None:
         ("guest g runs with -cpu host: its CPU is this host's, which host2's may not be",
          ExitStatus.FAILURE)]
     assert check(cpu="host", force=True) == []
-    assert check(cpu="max,-sandbox") == []  # features are -cpu's own; still one argv word
+    assert check(cpu="max,+avx") == [  # cpu = "host" under TCG
+        ("guest g runs with -cpu max: its CPU is all that this host's QEMU and accelerator "
+         "offer, which host2's may not be", ExitStatus.FAILURE)]
+    assert check(cpu="max", force=True) == []
+    assert check(cpu="Westmere,-sandbox") == []  # features are -cpu's own; still one argv word
     assert [s for _, s in check(machine="pc,accel=kvm")] == [ExitStatus.FAILURE]
     assert [s for _, s in check(cpu="-incoming")] == [ExitStatus.FAILURE]
 
@@ -120,6 +125,12 @@ def test_progress_line() -> None:
 def test_incoming_request_round_trip() -> None:
     req = Incoming("pc-i440fx-7.2", "max", "host1")
     assert Incoming.from_json(req.to_json()) == req
+    booted = Incoming("pc-i440fx-7.2", "max", "host1", 1_700_000_000.25)
+    assert Incoming.from_json(booted.to_json()) == booted
+    # an older kvmagent's request: no boot known, the uptime counts from here
+    assert Incoming.from_json('{"machine": "pc", "cpu": "max", "source": "x"}').booted is None
+    with pytest.raises(ValueError, match="booted"):
+        Incoming.from_json('{"machine": "pc", "cpu": "max", "source": "x", "booted": "x"}')
     with pytest.raises(ValueError, match="cpu"):
         Incoming.from_json('{"machine": "pc", "cpu": 1, "source": "x"}')
 
@@ -129,3 +140,13 @@ def test_a_stream_that_stalls_is_given_up() -> None:
     assert "link to the source is gone" in str(stalled("active", STALL_LIMIT + 1))
     assert stalled("completed", 1000.0) is None  # done: nothing more comes, rightly
     assert stalled("running", 1000.0) is None
+
+
+def test_every_migration_sets_both_parameters() -> None:
+    """QEMU keeps what migrate-set-parameters set: a cancelled migration's
+    --bandwidth 1M would slow the next one, so each sets both, its
+    defaults QEMU's own (query-migrate-parameters of a fresh QEMU 7.2)."""
+    assert parameters(None, None) == {"downtime-limit": 300, "max-bandwidth": 134217728}
+    assert (DEFAULT_DOWNTIME_MS, DEFAULT_BANDWIDTH) == (300, 128 << 20)
+    assert parameters(50, 1 << 20) == {"downtime-limit": 50, "max-bandwidth": 1 << 20}
+    assert parameters(True, "1M") == parameters(0, -1) == parameters(None, None)

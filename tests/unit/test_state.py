@@ -288,7 +288,7 @@ def test_version_1_database_is_migrated_and_its_restarts_marked(tmp_path: Path) 
                      "source) VALUES ('g', ?, ?, ?, ?, 'b', 'test')", (event, reason, i, i))
     conn.close()
     conn = state.connect(tmp_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS) == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS) == 5
     assert conn.execute("SELECT id FROM events WHERE restart = 1").fetchall() == [(3,)]
     assert state.list_figures(conn, Now(0, 9, "b"), ["g"])["g"].restarts == 1
 
@@ -323,8 +323,10 @@ def test_an_old_database_migrates_in_place_and_keeps_its_rows(tmp_path: Path,
     before = conn.execute("SELECT * FROM events ORDER BY id").fetchall()
     conn.close()
     conn = state.connect(tmp_path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS) == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS) == 5
     after = conn.execute("SELECT * FROM events ORDER BY id").fetchall()
+    assert {r[-1] for r in after} == {None}  # booted (migration 5): none arrived
+    after = [r[:-1] for r in after]
     if version == 1:  # migration 2 added the restart marks
         assert [r[:-1] for r in after] == before
         assert [r[0] for r in after if r[-1]] == [4, 9, 14]
@@ -442,3 +444,75 @@ def test_a_reader_brings_an_old_database_up_to_date(tmp_path: Path) -> None:
     assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS)
     figures = state.list_figures(conn, Now(0, 9, "b"), ["g"])["g"]
     assert figures.restarts == 1 and figures.running_since is not None
+
+
+# -- a guest that arrived by live migration ------------------------------------------
+
+def arrived(i: int, t: float, booted: float, boot: str = BOOT1) -> list[Event]:
+    """The arrival's starting (reason migrated) and running (booted)."""
+    return [ev(i, "starting", t, "migrated", boot=boot),
+            ev(i + 1, "running", t + 1, boot=boot)._replace(booted=1_700_000_000 + booted)]
+
+
+def test_an_arrival_counts_its_uptime_from_its_boot_elsewhere() -> None:
+    """Booted at t=-500 on the other host (its wall clock), here since 101:
+    at 201 it has run 701 s; the cumulative uptime of this host is its 100."""
+    s = derive("g", arrived(1, 100, -500), at(201))
+    assert s.uptime == 701 and s.longest == 701 and s.cumulative == 100 and s.runs == 1
+    assert s.restarts == 0
+    assert s.running_since is not None and state.booted_at(s.running_since) == 1_699_999_500
+    assert state.run_uptime(s.running_since, at(201)) == 701
+    # moved away again at 301: the run here closes, its span here is counted
+    gone = arrived(1, 100, -500) + [ev(3, "stopped", 301, "migrated")]
+    s = derive("g", gone, at(400))
+    assert s.uptime is None and s.cumulative == 200 and s.longest == 801
+
+
+def test_an_arrival_after_a_failure_here_is_no_restart(tmp_path: Path) -> None:
+    """The guest crashed here, ran elsewhere, and came back by live
+    migration in the same boot: not a restart, by derive or by the marks
+    that `list` counts."""
+    rows = run(1, 0, 50, "crashed") + arrived(4, 100, 60)
+    assert derive("g", rows, at(200)).restarts == 0
+    conn = state.connect(tmp_path)
+    for e in rows:
+        state.insert(conn, "g", e.event, reason=e.reason, at=Now(e.realtime, e.boottime, BOOT1),
+                     booted=e.booted)
+    assert conn.execute("SELECT COUNT(*) FROM events WHERE restart = 1").fetchone()[0] == 0
+    now = Now(1_700_000_200, 200, BOOT1)
+    fig = state.list_figures(conn, now, ["g"])["g"]
+    s = state.summaries(conn, ["g"], now)["g"]
+    assert fig.restarts == s.restarts == 0
+    assert fig.running_since == s.running_since and s.running_since is not None
+    assert s.running_since.booted == 1_700_000_060
+    assert state.run_uptime(fig.running_since, now) == s.uptime == 140
+    # a plain start after that same crash is one, as before
+    state.insert(conn, "g", "stopped", reason="crashed", at=Now(1_700_000_300, 300, BOOT1))
+    state.insert(conn, "g", "starting", at=Now(1_700_000_301, 301, BOOT1))
+    assert state.list_figures(conn, now, ["g"])["g"].restarts == 1
+
+
+def test_a_version_4_database_takes_the_booted_column(tmp_path: Path) -> None:
+    """The schema before live migration's record (4): its rows are kept as
+    they were, booted NULL (they booted here), and an arrival is written."""
+    conn = _old_database(tmp_path, 4)
+    for i, (event, reason) in enumerate([("starting", None), ("running", None),
+                                         ("taken-over", None), ("stopped", "crashed")]):
+        conn.execute("INSERT INTO events (guest, event, reason, realtime, boottime, boot_id, "
+                     "source, restart) VALUES ('g', ?, ?, ?, ?, 'b', 'test', 0)",
+                     (event, reason, 1000 + i, i))
+    before = conn.execute("SELECT * FROM events ORDER BY id").fetchall()
+    with pytest.raises(sqlite3.OperationalError, match="booted"):
+        conn.execute("SELECT booted FROM events")
+    conn.close()
+    conn = state.connect(tmp_path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(state.MIGRATIONS) == 5
+    after = conn.execute("SELECT * FROM events ORDER BY id").fetchall()
+    assert [r[:-1] for r in after] == before and {r[-1] for r in after} == {None}
+    state.insert(conn, "g", "starting", reason="migrated", at=Now(2000, 10, "b"))
+    state.insert(conn, "g", "running", detail="migrated here from a", pid=5,
+                 at=Now(2001, 11, "b"), booted=1500.0)
+    s = state.summaries(conn, ["g"], Now(2101, 111, "b"))["g"]
+    assert s.uptime == 601 and s.restarts == 0
+    assert state.events(conn, ["g"])[-1].booted == 1500.0
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

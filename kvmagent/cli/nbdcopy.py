@@ -1,0 +1,397 @@
+"""`kvmagent migrate --copy-storage`: the guest's disks copied to HOST while
+it runs (kvmagent.render.storagecopy decides, kvmagent.unit.mirror runs the
+mirrors and the NBD server in the supervisors); and its internal command
+`kvmagent migrate-nbd NAME`, run over ssh on HOST: one disk's NBD
+connection, its standard input and output joined to the NBD server of the
+arriving guest's QEMU (a unix socket in the guest's runtime directory,
+root's alone).
+
+Before anything moves: each host's disks (DiskFact: `migrate-nbd NAME
+--facts` on HOST) go through plan_copy.  On HOST, migrate-incoming makes the
+image files it was asked to (--make-disk: the same size and format, root's
+and 0600, as QEMU gets its disks as file descriptors), checks the admin's
+(--copy-disk: the same size), and removes what it made if the migration
+fails.  Then the copy: its supervisor serves the disks over NBD, the source
+opens one ssh session per disk and its supervisor mirrors each disk there;
+meanwhile the source says on the migration stream, once a second, that it is
+alive (HEARTBEAT), and GO once every disk is in step: the guest's state
+follows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import select
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from kvmagent.config.model import Format, Guest
+from kvmagent.errors import ExitStatus, KvmagentError, host_error
+from kvmagent.host import ssh
+from kvmagent.host.imagechain import MAGIC, read_header
+from kvmagent.paths import Paths
+from kvmagent.render.migration import Refusal, SideFacts
+from kvmagent.render.storagecopy import (GO, HEARTBEAT, HEARTBEAT_EVERY, CopyDisk, CopyStep,
+                                         DiskFact, Kind, arrival_disks, copy_line, copy_state,
+                                         copy_step, heartbeat, kept_problems,
+                                         parse_disk_option, plan_copy)
+from kvmagent.unit import channel
+
+POLL = 0.2  # seconds between looks at the copies
+CHUNK = 1 << 20
+IMAGE_MODE = 0o600
+QEMU_IMG_TIMEOUT = 120.0
+
+
+# -- a host's disks -------------------------------------------------------------
+
+def _qcow2(path: Path) -> tuple[int, str]:
+    """A qcow2 image's virtual size (u64 at 24 of its header) and backing file."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    if head[:4] != MAGIC or len(head) < 32:
+        raise ValueError("not a qcow2 image")
+    backing = read_header(head)
+    return struct.unpack_from(">Q", head, 24)[0], backing[0] if backing else ""
+
+
+def disk_facts(guest: Guest) -> list[DiskFact]:
+    """Guest's disks as this host has them."""
+    out = []
+    for d in guest.disks:
+        kind, size, backing = Kind.OTHER, 0, ""
+        try:
+            st = os.stat(d.path)
+            if stat.S_ISREG(st.st_mode):
+                kind, size = Kind.FILE, st.st_size
+                if d.format is Format.QCOW2:
+                    size, backing = _qcow2(d.path)
+            elif stat.S_ISBLK(st.st_mode):
+                fd = os.open(d.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    kind, size = Kind.BLOCK, os.lseek(fd, 0, os.SEEK_END)
+                finally:
+                    os.close(fd)
+        except FileNotFoundError:
+            kind = Kind.MISSING if d.path.parent.is_dir() else Kind.NO_DIRECTORY
+        except (OSError, ValueError):
+            kind = Kind.OTHER
+        out.append(DiskFact(d.index, str(d.path), str(kind), size, not d.readonly,
+                            str(d.format), backing))
+    return out
+
+
+def _remote_disks(target: ssh.Target, name: str) -> list[DiskFact]:
+    proc = ssh.start(target, ["migrate-nbd", name, "--facts"])
+    out, err = proc.communicate(timeout=120)
+    try:
+        data = json.loads(out)
+        if not isinstance(data, list):
+            raise ValueError("not a list")
+        return [DiskFact.from_json(d) for d in data]
+    except ValueError:
+        raise KvmagentError(f"{target}: kvmagent migrate-nbd --facts failed (exit status "
+                            f"{proc.returncode}): {err.decode().strip()}",
+                            "is kvmagent installed there, at the same version?",
+                            ExitStatus.FAILURE) from None
+
+
+def plan(target: ssh.Target, guest: Guest,
+         there: SideFacts) -> tuple[list[CopyDisk], SideFacts, list[Refusal]]:
+    """The source's preflight of the copy: the disks to copy, HOST's facts
+    without the problems of the disks kvmagent will make there, and the
+    reasons it cannot."""
+    copies, refusals = plan_copy(guest.name, str(target), disk_facts(guest),
+                                 _remote_disks(target, guest.name))
+    if not copies and not refusals:
+        refusals.append(Refusal(f"guest {guest.name} has no writable disk to copy",
+                                "migrate without --copy-storage", ExitStatus.USAGE))
+    return copies, there._replace(problems=kept_problems(there.problems, copies)), refusals
+
+
+# -- the destination: migrate-incoming --make-disk/--copy-disk -------------------
+
+def _make_image(path: Path, fmt: str, size: int) -> None:
+    if fmt == "raw":
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, IMAGE_MODE)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
+        return
+    # qcow2: qemu-img writes its header; a file is there first, ours, 0600
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, IMAGE_MODE))
+    argv = ["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT,
+                           stdin=subprocess.DEVNULL,
+                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+    except FileNotFoundError:
+        path.unlink()
+        raise host_error("qemu-img is not installed here: it makes the qcow2 image of the "
+                         "copy", "apt-get install qemu-utils") from None
+    if r.returncode != 0:
+        path.unlink()
+        raise KvmagentError(f"{' '.join(argv)} failed: {r.stderr.strip()}")
+
+
+class Arrival:
+    """The destination's part of the copy: the disks it made (removed again
+    if the guest does not arrive), then serving them until the source says
+    GO."""
+
+    def __init__(self, name: str, paths: Paths, copies: list[CopyDisk]) -> None:
+        self.name, self.paths, self.copies = name, paths, copies
+        self.made: list[Path] = []
+        self.served = False  # the NBD server ran: the source may have written
+        self.listener = paths.guest_runtime(name) / "nbd.sock"
+
+    @classmethod
+    def check(cls, args: argparse.Namespace, guest: Guest, paths: Paths) -> Arrival:
+        """Check what the source asked for against this host's disks; a
+        refusal is the error of a host problem (exit 5), and nothing is
+        made."""
+        wanted: dict[int, tuple[int, bool]] = {}
+        for option, make in ((args.copy_disk, False), (args.make_disk, True)):
+            for text in option or []:
+                try:
+                    index, size = parse_disk_option(text)
+                except ValueError as e:
+                    raise KvmagentError(f"--{'make' if make else 'copy'}-disk: {e}", None,
+                                        ExitStatus.USAGE) from None
+                wanted[index] = (size, make)
+        copies, refusals = arrival_disks(guest.name, wanted, disk_facts(guest))
+        if refusals:
+            for r in refusals[1:]:
+                print(f"kvmagent: {r.message}", file=sys.stderr)
+            raise KvmagentError(refusals[0].message, refusals[0].hint, refusals[0].status)
+        return cls(guest.name, paths, copies)
+
+    def unmade(self, problems: list[KvmagentError]) -> list[KvmagentError]:
+        """The host checks' problems but the missing disks this will make."""
+        kept = kept_problems([p.message for p in problems], self.copies)
+        return [p for p in problems if p.message in kept]
+
+    def make(self) -> None:
+        """The image files asked for (--make-disk): removed by remove()."""
+        for c in self.copies:
+            if c.make:
+                try:
+                    _make_image(Path(c.path), c.format, c.size)
+                except OSError as e:
+                    raise host_error(f'disk[{c.number}].path = "{c.path}": cannot make it: '
+                                     f"{e.strerror}") from None
+                self.made.append(Path(c.path))
+
+    def remove(self) -> None:
+        """The guest did not arrive: what this made goes; the admin's disks
+        that the copy wrote to stay, and that is said."""
+        for path in self.made:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        self.made.clear()
+        self.listener.unlink(missing_ok=True)
+        for c in self.copies if self.served else []:
+            if not c.make:
+                print(f"kvmagent: disk[{c.number}].path = \"{c.path}\" (the admin's, kept) "
+                      "may hold a part of the copy now", file=sys.stderr)
+
+    def arrived(self) -> None:
+        self.made.clear()  # the guest's disks now
+        self.listener.unlink(missing_ok=True)
+
+    def serve(self, control: Path) -> str | None:
+        """migrate-serve: the supervisor's QEMU serves the disks on a
+        listening socket made here; why it refused, KvmagentError when the
+        supervisor does not answer (yet)."""
+        channel.ask(control, "migrate-status", timeout=5.0)  # there, or KvmagentError
+        self.listener.unlink(missing_ok=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            old = os.umask(0o177)
+            try:
+                sock.bind(str(self.listener))
+            finally:
+                os.umask(old)
+            channel.ask(control, "migrate-serve", timeout=30.0, fds=[sock.fileno()],
+                        disks=[c.node for c in self.copies])
+        except KvmagentError as e:
+            self.listener.unlink(missing_ok=True)
+            return e.message
+        finally:
+            sock.close()  # QEMU holds it
+        self.served = True
+        return None
+
+    def wait_for_go(self, control: Path, stopped: list[int], fd: int) -> str | None:
+        """Read the source's heartbeats on the migration stream FD (the ssh
+        session's standard input, or the TCP connection) until GO; None
+        then, else why not.  One byte at a time: what follows GO is QEMU's."""
+        heard = time.monotonic()
+        while not stopped:
+            ready, _, _ = select.select([fd], [], [], HEARTBEAT_EVERY)
+            if ready:
+                try:
+                    byte = os.read(fd, 1)
+                except OSError as e:
+                    return f"the stream from the source failed: {e.strerror}"
+                if byte == GO:
+                    return None
+                if byte != HEARTBEAT:
+                    return ("the source closed the stream" if not byte
+                            else "the source sent something else than its heartbeat")
+                heard = time.monotonic()
+            if (why := heartbeat(time.monotonic() - heard)) is not None:
+                return why
+            try:  # the supervisor is there, and waits as long as this asks
+                channel.ask(control, "migrate-status", timeout=10.0)
+            except KvmagentError as e:
+                return f"the supervisor ended: {e.message}"
+        return f"interrupted (signal {stopped[0]})"
+
+
+# -- migrate-nbd NAME ----------------------------------------------------------
+
+def _pump(read: Callable[[], bytes], write: Callable[[bytes], None],
+          done: Callable[[], None]) -> None:
+    try:
+        while data := read():
+            write(data)
+    except OSError:
+        pass
+    finally:
+        done()
+
+
+def cmd_migrate_nbd(args: argparse.Namespace, paths: Paths) -> int:
+    from kvmagent.config.guests import load_guest, load_host_config
+    guest = load_guest(paths, args.name, load_host_config(paths))  # exit 6, 8
+    if args.facts:
+        print(json.dumps([d._asdict() for d in disk_facts(guest)]))
+        return ExitStatus.OK
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(str(paths.guest_runtime(guest.name) / "nbd.sock"))
+    except OSError as e:
+        raise KvmagentError(f"guest {guest.name}: no NBD server of an arriving guest here: "
+                            f"{e.strerror}", "kvmagent migrate --copy-storage runs this") from None
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+
+    def write_out(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(stdout, view):]
+
+    def shut() -> None:
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+    inbound = threading.Thread(target=_pump, args=(lambda: os.read(stdin, CHUNK), sock.sendall,
+                                                   shut), daemon=True)
+    inbound.start()
+    # Until the server ends the connection (the source closed it, or the
+    # guest's QEMU here ended): then the ssh session ends too.
+    _pump(lambda: sock.recv(CHUNK), write_out, lambda: None)
+    return ExitStatus.OK
+
+
+# -- the source ----------------------------------------------------------------
+
+class Copy:
+    """The source's part: one ssh session per disk (migrate-nbd on HOST),
+    its other end handed to the supervisor, whose QEMU mirrors the disk onto
+    it; then the wait until every disk is in step."""
+
+    def __init__(self, target: ssh.Target, name: str, control: Path,
+                 copies: list[CopyDisk], bandwidth: int | None) -> None:
+        self.target, self.name, self.control = target, name, control
+        self.copies, self.bandwidth = copies, bandwidth
+        self.sessions: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+
+    def start(self) -> None:
+        for c in self.copies:
+            ours, theirs = socket.socketpair()
+            err = tempfile.TemporaryFile()
+            try:
+                proc = subprocess.Popen(ssh.ssh_argv(self.target, ["migrate-nbd", self.name]),
+                                        stdin=theirs.fileno(), stdout=theirs.fileno(),
+                                        stderr=err, start_new_session=True)
+                self.sessions.append((proc, err))
+                theirs.close()
+                fields: dict[str, Any] = {"disk": c.node, "host": str(self.target)}
+                if self.bandwidth is not None:
+                    fields["bandwidth"] = self.bandwidth
+                channel.ask(self.control, "migrate-copy", timeout=60.0, fds=[ours.fileno()],
+                            **fields)
+            finally:
+                ours.close()
+                theirs.close()
+
+    def wait(self, stream: socket.socket, last: Callable[[], tuple[str, bool]],
+             interrupted: list[int],
+             say: Callable[[str, dict[str, Any]], None]) -> tuple[CopyStep, str]:
+        """Until every disk is in step (GO sent on STREAM: the state may
+        follow) or the copy is to be cancelled.  LAST: the destination's last
+        word, and whether its session ended."""
+        nodes = [c.node for c in self.copies]
+        beat = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= beat:
+                try:
+                    stream.sendall(HEARTBEAT)
+                except OSError:
+                    return CopyStep.CANCEL, "the connection to the destination ended"
+                beat = now + HEARTBEAT_EVERY
+            try:
+                reply = channel.ask(self.control, "migrate-status", timeout=10.0)
+                jobs = reply.get("jobs")
+                state = copy_state(jobs if isinstance(jobs, list) else [], nodes)
+            except KvmagentError as e:
+                return CopyStep.CANCEL, e.message
+            dest, gone = last()
+            step, why = copy_step(state, dest, interrupted=bool(interrupted), dest_gone=gone)
+            if step is CopyStep.MIGRATE:
+                try:
+                    stream.sendall(GO)
+                except OSError:
+                    return CopyStep.CANCEL, "the connection to the destination ended"
+                say(copy_line(state), {"phase": "copy", "copied": state.done,
+                                       "total": state.total, "ready": True})
+                return step, why
+            if step is CopyStep.CANCEL:
+                return step, why
+            say(copy_line(state), {"phase": "copy", "copied": state.done, "total": state.total,
+                                   "ready": False})
+            time.sleep(POLL)
+
+    def close(self) -> str:
+        """The sessions end once the NBD connections are closed; what the
+        failed ones said."""
+        said = []
+        for proc, err in self.sessions:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            err.seek(0)
+            text = err.read().decode(errors="replace").strip()
+            err.close()
+            if proc.returncode and text:
+                said.append(text)
+        self.sessions.clear()
+        return "; ".join(said)

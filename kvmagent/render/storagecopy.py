@@ -1,0 +1,278 @@
+"""`kvmagent migrate --copy-storage`'s decisions, pure: which disks are
+copied and which of them kvmagent makes on the other host (plan_copy, from
+plain facts of both hosts: DiskFact), what the command does while the disks
+are copied (copy_step), when the supervisor may let the guest switch hosts
+(switch_step), and when the destination gives up on a silent source
+(heartbeat).  kvmagent.cli.nbdcopy and kvmagent.unit.mirror carry them out.
+
+The copy, in order: the destination's QEMU (waiting, -incoming defer)
+serves the guest's writable disks over NBD, each a writable export named
+after its drive ("disk0"); the source's QEMU mirrors each of them there
+(blockdev-mirror, sync=full) over its own ssh session, while the guest runs
+and writes on; once every mirror is ready (in step), the guest's RAM
+follows with QEMU's pause-before-switchover: with the guest paused, the
+supervisor completes the mirrors (block-job-cancel of a ready mirror leaves
+its target a consistent copy of that instant, libvirt's way), closes the
+NBD connections and lets the migration finish; the destination stops its
+NBD server before the guest resumes there.  Until then the source's disks
+are the guest's: any failure cancels the mirrors and the migration, and the
+guest runs on where it was."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, NamedTuple
+
+from kvmagent.errors import ExitStatus
+from kvmagent.render.migration import STALL_LIMIT, Refusal
+from kvmagent.render.plan import read_fields
+
+# The source's word to the destination on the migration stream while the
+# disks are copied (before QEMU's own stream starts): HEARTBEAT every
+# HEARTBEAT_EVERY seconds, GO once: the state follows.  A destination that
+# hears nothing for STALL_LIMIT seconds gives up (a link that died without
+# a word: its sshd would wait for hours).
+HEARTBEAT = b"."
+GO = b"!"
+HEARTBEAT_EVERY = 1.0
+# With the guest paused at the switch: how long the mirrors have to
+# complete (what the guest wrote last is copied then).
+SWITCH_TIMEOUT = 30.0
+
+
+class Kind(enum.StrEnum):
+    FILE = "file"  # a regular file: an image
+    BLOCK = "block"  # a block device
+    MISSING = "missing"  # nothing there; its directory exists
+    NO_DIRECTORY = "no-directory"  # not even its directory
+    OTHER = "other"  # something else, or unreadable
+
+
+class DiskFact(NamedTuple):
+    """One disk of the guest as one host finds it.  Crosses ssh as JSON
+    (`kvmagent migrate-nbd NAME --facts`)."""
+    number: int  # disk[NUMBER] of the guest file
+    path: str
+    kind: str  # Kind
+    size: int  # the guest's disk size in bytes (a qcow2 image's virtual size); 0: none
+    writable: bool  # the guest writes it (not readonly)
+    format: str  # raw, qcow2: the guest file's
+    backing: str  # a qcow2 image's backing file ("": none)
+
+    @classmethod
+    def from_json(cls, data: object) -> DiskFact:
+        """ValueError naming the field when DATA is not such a record."""
+        fact = cls(*read_fields(cls._fields, (int, str, str, int, bool, str, str), data))
+        if fact.kind not in tuple(Kind):
+            raise ValueError(f"kind: {fact.kind!r}")
+        return fact
+
+
+class CopyDisk(NamedTuple):
+    """A disk that --copy-storage copies: onto HOST's disk at the same path,
+    of SIZE bytes, made there by kvmagent (MAKE) or by the admin."""
+    number: int  # disk[NUMBER] of the guest file
+    path: str
+    size: int
+    format: str
+    make: bool
+
+    @property
+    def node(self) -> str:
+        """The drive's id (kvmagent.render.qemu), the NBD export's name."""
+        return f"disk{self.number}"
+
+    def argument(self) -> list[str]:
+        """migrate-incoming's option for it."""
+        return ["--make-disk" if self.make else "--copy-disk", f"{self.number}={self.size}"]
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" + (f" ({n / 2 ** 20:.1f} MiB)" if n >= 2 ** 20 else "")
+
+
+def plan_copy(name: str, host: str, here: list[DiskFact],
+              there: list[DiskFact]) -> tuple[list[CopyDisk], list[Refusal]]:
+    """Guest NAME's disks to copy to HOST, and every reason they cannot be.
+    HERE and THERE: the same guest's disks (the same guest file: preflight
+    refuses a difference).  A read-only disk is never copied (HOST's host
+    checks want it there); a writable image file that HOST lacks is made
+    there, of the same size and format; a block device is never made; what
+    HOST has must be of the same size, exactly."""
+    copies: list[CopyDisk] = []
+    refusals: list[Refusal] = []
+    theirs = {d.number: d for d in there}
+    for d in here:
+        if not d.writable:
+            continue
+        key = f'disk[{d.number}].path = "{d.path}"'
+        if d.backing:
+            refusals.append(Refusal(
+                f"guest {name}'s {key} is a qcow2 image on a backing file ({d.backing}): "
+                "--copy-storage copies whole images only", "copy its backing files to "
+                f"{host} first and migrate with the images on storage both hosts share, or "
+                "flatten it (qemu-img convert) while the guest is stopped", ExitStatus.FAILURE))
+            continue
+        if d.kind not in (Kind.FILE, Kind.BLOCK):
+            refusals.append(Refusal(f"guest {name}'s {key} is {d.kind} here", None,
+                                    ExitStatus.HOST_NOT_READY))
+            continue
+        t = theirs.get(d.number)
+        if t is None or t.path != d.path:
+            continue  # the guest files differ: preflight says so
+        if t.kind == Kind.MISSING and d.kind == Kind.FILE:
+            copies.append(CopyDisk(d.number, d.path, d.size, d.format, True))
+        elif t.kind == Kind.MISSING:
+            refusals.append(Refusal(
+                f"{host}: {key} does not exist: kvmagent makes no block device",
+                f"make one of {_size(d.size)} there (lvcreate -L {d.size}b ...), the size of "
+                "the guest's disk here", ExitStatus.HOST_NOT_READY))
+        elif t.kind == Kind.NO_DIRECTORY:
+            refusals.append(Refusal(f"{host}: {key}: its directory does not exist",
+                                    "make it there (mkdir), or put the disk where both hosts "
+                                    "have the directory", ExitStatus.HOST_NOT_READY))
+        elif t.kind == Kind.OTHER:
+            refusals.append(Refusal(f"{host}: {key} is neither an image file nor a block "
+                                    "device", None, ExitStatus.HOST_NOT_READY))
+        elif t.size != d.size:
+            refusals.append(Refusal(
+                f"{host}: {key} is {_size(t.size)}, here {_size(d.size)}: --copy-storage "
+                "copies onto a disk of the same size", f"make it {_size(d.size)} on {host} "
+                "(or remove an image file there: kvmagent makes it)",
+                ExitStatus.HOST_NOT_READY))
+        else:
+            copies.append(CopyDisk(d.number, d.path, d.size, d.format, False))
+    return copies, refusals
+
+
+def kept_problems(problems: list[str], copies: list[CopyDisk]) -> list[str]:
+    """HOST's host-check problems but those of the disks kvmagent makes
+    there (they do not exist yet, which is the point)."""
+    made = [f'disk[{c.number}].path = "{c.path}": disk does not exist' for c in copies if c.make]
+    return [p for p in problems if not any(p.endswith(m) for m in made)]
+
+
+def parse_disk_option(text: str) -> tuple[int, int]:
+    """--copy-disk/--make-disk INDEX=SIZE -> (INDEX, SIZE); ValueError."""
+    index, sep, size = text.partition("=")
+    if not sep or not index.isdigit() or not size.isdigit() or int(size) <= 0:
+        raise ValueError(f"{text!r} is not INDEX=BYTES")
+    return int(index), int(size)
+
+
+def arrival_disks(name: str, wanted: dict[int, tuple[int, bool]],
+                  here: list[DiskFact]) -> tuple[list[CopyDisk], list[Refusal]]:
+    """The destination checks again what the source asked for (WANTED:
+    index -> (size, make)), against its own disks (HERE): the same rules as
+    plan_copy, seen from this side."""
+    mine = {d.number: d for d in here}
+    copies: list[CopyDisk] = []
+    refusals: list[Refusal] = []
+    for index, (size, make) in sorted(wanted.items()):
+        d = mine.get(index)
+        if d is None or not d.writable:
+            refusals.append(Refusal(f"guest {name} has no writable disk[{index}] here", None,
+                                    ExitStatus.CONFIG))
+            continue
+        source = d._replace(kind=Kind.FILE if make else Kind.BLOCK, size=size, backing="")
+        found, said = plan_copy(name, "here", [source], [d])
+        if found and found[0].make != make:
+            said.append(Refusal(f'disk[{index}].path = "{d.path}" exists here now', None,
+                                ExitStatus.HOST_NOT_READY))
+        copies += found if not said else []
+        refusals += said
+    return copies, refusals
+
+
+class CopyState(NamedTuple):
+    """The mirrors as the source's QEMU reports them (query-jobs)."""
+    ready: bool  # every one in step: the RAM may follow
+    failed: str  # why one failed ("": none did)
+    done: int  # bytes copied, all disks
+    total: int  # bytes to copy (grows as the guest writes)
+
+
+def copy_state(jobs: list[dict[str, Any]], nodes: list[str]) -> CopyState:
+    """query-jobs' answer, for the mirror jobs of NODES ("copy-disk0": the
+    job of disk0)."""
+    by_id = {str(j.get("id")): j for j in jobs if isinstance(j, dict)}
+    ready, done, total = bool(nodes), 0, 0
+    for node in nodes:
+        job = by_id.get(mirror_job(node))
+        if job is None:
+            return CopyState(False, f"the copy of {node} ended", done, total)
+        status = str(job.get("status"))
+        if job.get("error") or status in ("concluded", "aborting", "null"):
+            return CopyState(False, f"the copy of {node} failed: "
+                             f"{job.get('error') or status}", done, total)
+        ready = ready and status in ("ready", "standby")  # standby: ready, drained a moment
+        done += int(job.get("current-progress", 0))
+        total += int(job.get("total-progress", 0))
+    return CopyState(ready, "", done, total)
+
+
+def mirror_job(node: str) -> str:
+    """The id of the mirror job of drive NODE, and of its NBD target node
+    and fd on the source."""
+    return f"copy-{node}"
+
+
+class CopyStep(enum.Enum):
+    WAIT = "wait"
+    CANCEL = "cancel"  # the mirrors cancelled; the guest runs on here
+    MIGRATE = "migrate"  # every disk is in step: the RAM follows
+
+
+def copy_step(state: CopyState, dest: str, *, interrupted: bool,
+              dest_gone: bool) -> tuple[CopyStep, str]:
+    """What `kvmagent migrate --copy-storage` does next while the disks are
+    copied.  DEST: the destination's last word, as source_step has it."""
+    if interrupted:
+        return CopyStep.CANCEL, "interrupted"
+    if dest.startswith("failed"):
+        return CopyStep.CANCEL, f"the destination {dest}"
+    if dest_gone:
+        return CopyStep.CANCEL, "the connection to the destination ended"
+    if state.failed:
+        return CopyStep.CANCEL, state.failed
+    if state.ready:
+        return CopyStep.MIGRATE, ""
+    return CopyStep.WAIT, ""
+
+
+def switch_step(jobs: list[dict[str, Any]], nodes: list[str],
+                waited: float) -> tuple[bool | None, str]:
+    """At the switch (the guest paused, the mirrors told to complete):
+    (True, "") every mirror completed, the migration may go on; (False,
+    why) one failed or did not within SWITCH_TIMEOUT: cancel; (None, "")
+    wait."""
+    by_id = {str(j.get("id")): j for j in jobs if isinstance(j, dict)}
+    pending = False
+    for node in nodes:
+        job = by_id.get(mirror_job(node))
+        if job is None:
+            return False, f"the copy of {node} is gone"
+        if job.get("error"):
+            return False, f"the copy of {node} failed: {job['error']}"
+        pending = pending or job.get("status") != "concluded"
+    if not pending:
+        return True, ""
+    if waited > SWITCH_TIMEOUT:
+        return False, f"the copies did not complete within {SWITCH_TIMEOUT:g} s"
+    return None, ""
+
+
+def heartbeat(quiet_for: float) -> str | None:
+    """The destination, its disks being copied: why to give up, when no
+    word came from the source for QUIET_FOR seconds."""
+    if quiet_for > STALL_LIMIT:
+        return f"no word from the source for {quiet_for:.0f} s: the link is gone"
+    return None
+
+
+def copy_line(state: CopyState) -> str:
+    """The progress line while the disks are copied."""
+    mib = 2 ** 20
+    share = f" ({100 * state.done // state.total}%)" if state.total else ""
+    return (f"copying disks: {state.done / mib:.1f} of {state.total / mib:.1f} MiB{share}"
+            + (", in step" if state.ready else ""))

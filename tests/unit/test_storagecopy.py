@@ -1,0 +1,161 @@
+"""`kvmagent migrate --copy-storage`'s decisions (kvmagent.render.storagecopy),
+pure: which disks are copied and which are made on the other host, the
+refusals (naming disk, path and both sizes), the destination's own check,
+when the copy is in step, the switch, the heartbeat."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmagent.errors import ExitStatus
+from kvmagent.render.migration import STALL_LIMIT
+from kvmagent.render.storagecopy import (SWITCH_TIMEOUT, CopyDisk, CopyState, CopyStep,
+                                         DiskFact, Kind, arrival_disks, copy_line, copy_state,
+                                         copy_step, heartbeat, kept_problems, mirror_job,
+                                         parse_disk_option, plan_copy, switch_step)
+
+MIB = 1 << 20
+IMAGE = DiskFact(0, "/srv/local/g.img", Kind.FILE, 16 * MIB, True, "raw", "")
+LV = DiskFact(1, "/dev/vg0/g-data", Kind.BLOCK, 64 * MIB, True, "raw", "")
+ISO = DiskFact(2, "/srv/iso/d.iso", Kind.FILE, 300 * MIB, False, "raw", "")
+
+
+def missing(d: DiskFact, kind: Kind = Kind.MISSING) -> DiskFact:
+    return d._replace(kind=kind, size=0)
+
+
+def test_an_image_missing_there_is_made_and_an_lv_there_is_copied_onto() -> None:
+    copies, refusals = plan_copy("g", "host2", [IMAGE, LV, ISO], [missing(IMAGE), LV, ISO])
+    assert refusals == []
+    assert copies == [CopyDisk(0, "/srv/local/g.img", 16 * MIB, "raw", True),
+                      CopyDisk(1, "/dev/vg0/g-data", 64 * MIB, "raw", False)]
+    assert [c.node for c in copies] == ["disk0", "disk1"]
+    assert copies[0].argument() == ["--make-disk", f"0={16 * MIB}"]
+    assert copies[1].argument() == ["--copy-disk", f"1={64 * MIB}"]
+    # an image the admin made there, of the same size: copied onto, not made
+    (copy,), _ = plan_copy("g", "host2", [IMAGE], [IMAGE])
+    assert not copy.make
+
+
+def test_read_only_disks_are_never_copied() -> None:
+    assert plan_copy("g", "host2", [ISO], [missing(ISO)]) == ([], [])
+
+
+def test_refusals_name_the_disk_its_path_and_both_sizes() -> None:
+    _, (r,) = plan_copy("g", "host2", [IMAGE], [IMAGE._replace(size=8 * MIB)])
+    assert r.status is ExitStatus.HOST_NOT_READY
+    assert r.message == ('host2: disk[0].path = "/srv/local/g.img" is 8388608 bytes (8.0 MiB), '
+                         'here 16777216 bytes (16.0 MiB): --copy-storage copies onto a disk of '
+                         'the same size')
+    _, (r,) = plan_copy("g", "host2", [LV], [missing(LV)])
+    assert r.status is ExitStatus.HOST_NOT_READY
+    assert "disk[1].path = \"/dev/vg0/g-data\" does not exist: kvmagent makes no block" \
+        in r.message and "67108864 bytes" in str(r.hint)
+    _, (r,) = plan_copy("g", "host2", [IMAGE], [missing(IMAGE, Kind.NO_DIRECTORY)])
+    assert "its directory does not exist" in r.message and r.status is ExitStatus.HOST_NOT_READY
+    _, (r,) = plan_copy("g", "host2", [IMAGE], [missing(IMAGE, Kind.OTHER)])
+    assert "neither an image file nor a block device" in r.message
+    overlay = IMAGE._replace(format="qcow2", backing="/srv/base.qcow2")
+    _, (r,) = plan_copy("g", "host2", [overlay], [missing(overlay)])
+    assert "backing file (/srv/base.qcow2)" in r.message and r.status is ExitStatus.FAILURE
+
+
+def test_every_refusal_at_once_and_nothing_copied_then_for_that_disk() -> None:
+    copies, refusals = plan_copy("g", "host2", [IMAGE, LV],
+                                 [IMAGE._replace(size=1), missing(LV)])
+    assert copies == [] and len(refusals) == 2
+
+
+def test_a_guest_file_that_differs_is_preflights_to_refuse() -> None:
+    assert plan_copy("g", "host2", [IMAGE], [IMAGE._replace(path="/elsewhere")]) == ([], [])
+    assert plan_copy("g", "host2", [IMAGE], []) == ([], [])
+
+
+def test_the_problems_of_disks_made_there_are_dropped() -> None:
+    made = CopyDisk(0, "/srv/local/g.img", MIB, "raw", True)
+    onto = CopyDisk(1, "/dev/vg0/g-data", MIB, "raw", False)
+    problems = ['guests/g.toml: disk[0].path = "/srv/local/g.img": disk does not exist',
+                'guests/g.toml: disk[1].path = "/dev/vg0/g-data": disk does not exist',
+                'guests/g.toml: nic[0].bridge = "br-kvm": no such bridge']
+    assert kept_problems(problems, [made, onto]) == problems[1:]
+
+
+def test_disk_options() -> None:
+    assert parse_disk_option("0=16777216") == (0, 16777216)
+    for bad in ("0", "x=1", "0=-1", "0=0", "=5", "0=1M"):
+        with pytest.raises(ValueError):
+            parse_disk_option(bad)
+
+
+def test_the_destination_checks_again() -> None:
+    here = [missing(IMAGE), LV, ISO]
+    copies, refusals = arrival_disks("g", {0: (16 * MIB, True), 1: (64 * MIB, False)}, here)
+    assert refusals == [] and [(c.number, c.make) for c in copies] == [(0, True), (1, False)]
+    # made there meanwhile: not made over
+    _, (r,) = arrival_disks("g", {0: (16 * MIB, True)}, [IMAGE])
+    assert "exists here now" in r.message
+    _, (r,) = arrival_disks("g", {1: (32 * MIB, False)}, here)
+    assert "is 67108864 bytes (64.0 MiB), here 33554432 bytes" in r.message
+    _, (r,) = arrival_disks("g", {2: (MIB, False)}, here)
+    assert r.message == "guest g has no writable disk[2] here" and r.status is ExitStatus.CONFIG
+
+
+def test_disk_facts_from_json_are_checked() -> None:
+    assert DiskFact.from_json(IMAGE._asdict()) == IMAGE
+    for field, value in (("size", "1"), ("kind", "socket"), ("writable", 1), ("number", True)):
+        with pytest.raises(ValueError, match=field):
+            DiskFact.from_json(dict(IMAGE._asdict(), **{field: value}))
+
+
+def job(node: str, status: str, done: int = 0, total: int = 0, **more: object) -> dict:
+    return {"id": mirror_job(node), "type": "mirror", "status": status,
+            "current-progress": done, "total-progress": total, **more}
+
+
+def test_in_step_when_every_mirror_is_ready() -> None:
+    nodes = ["disk0", "disk1"]
+    state = copy_state([job("disk0", "ready", 5, 5), job("disk1", "running", 1, 4)], nodes)
+    assert state == CopyState(False, "", 6, 9)
+    assert copy_state([job("disk0", "ready", 5, 5), job("disk1", "standby", 4, 4)],
+                      nodes).ready
+    assert copy_state([job("disk0", "ready"), job("other", "ready")], ["disk0"]).ready
+    assert copy_state([], []).ready is False
+    failed = copy_state([job("disk0", "concluded", error="Input/output error")], ["disk0"])
+    assert failed.failed == "the copy of disk0 failed: Input/output error"
+    assert copy_state([], ["disk0"]).failed == "the copy of disk0 ended"
+    assert copy_line(CopyState(False, "", 8 * MIB, 16 * MIB)) == \
+        "copying disks: 8.0 of 16.0 MiB (50%)"
+
+
+def test_what_the_command_does_while_copying() -> None:
+    ready, busy = CopyState(True, "", 1, 1), CopyState(False, "", 0, 1)
+    assert copy_step(busy, "serving", interrupted=False, dest_gone=False)[0] is CopyStep.WAIT
+    assert copy_step(ready, "serving", interrupted=False, dest_gone=False)[0] \
+        is CopyStep.MIGRATE
+    assert copy_step(ready, "serving", interrupted=True, dest_gone=False) == (
+        CopyStep.CANCEL, "interrupted")
+    assert copy_step(busy, "failed: x", interrupted=False, dest_gone=False) == (
+        CopyStep.CANCEL, "the destination failed: x")
+    assert copy_step(ready, "serving", interrupted=False, dest_gone=True)[0] is CopyStep.CANCEL
+    assert copy_step(CopyState(False, "the copy of disk0 ended", 0, 0), "serving",
+                     interrupted=False, dest_gone=False) == (CopyStep.CANCEL,
+                                                             "the copy of disk0 ended")
+
+
+def test_the_switch_waits_for_every_mirror_to_complete() -> None:
+    nodes = ["disk0", "disk1"]
+    both = [job("disk0", "concluded"), job("disk1", "pending")]
+    assert switch_step(both, nodes, 0.1) == (None, "")
+    assert switch_step([job("disk0", "concluded"), job("disk1", "concluded")], nodes, 0.1) \
+        == (True, "")
+    assert switch_step(both, nodes, SWITCH_TIMEOUT + 1)[0] is False
+    assert switch_step([job("disk0", "concluded", error="EIO"), job("disk1", "concluded")],
+                       nodes, 0.1) == (False, "the copy of disk0 failed: EIO")
+    assert switch_step([job("disk0", "concluded")], nodes, 0.1) == (
+        False, "the copy of disk1 is gone")
+
+
+def test_the_destination_gives_up_on_a_silent_source() -> None:
+    assert heartbeat(1.0) is None
+    assert heartbeat(STALL_LIMIT) is None
+    assert "no word from the source for 16 s" in str(heartbeat(STALL_LIMIT + 1))
