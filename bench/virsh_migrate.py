@@ -345,9 +345,10 @@ class Libvirt:
     def report(self) -> str:
         return "\n\n".join([
             f"live migration, kvmagent vs libvirt {self.versions.get('libvirt-daemon', '?')} "
-            f"in the same run (QEMU {self.versions.get('qemu-system-x86', '?')}); downtime and "
-            f"QEMU's total time: QEMU's own (libvirt's from {' or '.join(sorted(self.whence))} "
-            "`virsh domjobinfo --completed`, kvmagent's from --json)",
+            f"in the same run (QEMU {self.versions.get('qemu-system-x86', '?')}).  kvmagent's "
+            "downtime and migration time: QEMU's on the source (--json); libvirt's: its own, "
+            f"from {' or '.join(sorted(self.whence))} `virsh domjobinfo --completed` (the "
+            "source's CPUs stopped until the destination's resumed; the job's start until then)",
             summary(self.samples),
             breakdown(self.events, self.samples["kvmagent ssh"], self.probes)
             if self.events else "",
