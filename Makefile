@@ -53,7 +53,7 @@ bench: setup
 	$(PYTHON) bench/bench_list.py
 	$(PYTHON) bench/bench_remote.py
 	$(PYTHON) bench/bench_adoption.py
-	$(PYTHON) bench/bench_migrate.py
+	$(PYTHON) bench/bench_migrate.py --transport ssh,tcp
 	$(PYTHON) bench/supervisor_memory.py
 	flock /tmp/kvmagent-heavy.lock $(PYTHON) bench/bench_scale.py --counts $(SCALE_COUNTS)
 

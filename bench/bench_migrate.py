@@ -12,6 +12,11 @@ console (in the journal of the host it ran on at the time).
 transport in turn (tcp: plain TCP to the address ssh reached), and their
 medians side by side.
 
+When libvirt's packages are cached (bench_lifecycle.py downloads them),
+the same guest as a libvirt domain is moved with `virsh migrate --live`
+too (tcp, and tunnelled), after each of kvmagent's moves
+(bench/virsh_migrate.py).
+
 --copy-storage: the disk (16 MiB of random bytes) is on host 0's own
 storage instead, and each move copies it (onto the copy the last move left).
 
@@ -33,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import libvirt, virsh_migrate  # noqa: E402
 from tests.guest.build import find_guest  # noqa: E402
 from tests.harness.hostpair import HostPair, shared_path  # noqa: E402
 from tests.harness.install import (APT_ENV, OFFLINE_APT, REPO, guest_toml,  # noqa: E402
@@ -59,6 +65,7 @@ def main() -> int:
     moves, transports = opts.moves, opts.transport.split(",")
     disk = "/srv/local/bench.img" if opts.copy_storage else shared_path(NAME + ".img")
     image = find_guest()
+    against = (libvirt.DEBS_DIR / "bookworm" / libvirt.key("bookworm") / "Packages").is_file()
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
         shared = Path(tmp) / "shared"
         shared.mkdir(mode=0o755)
@@ -68,7 +75,8 @@ def main() -> int:
             f.truncate(16 << 20)
         inside = dataclasses.replace(image, kernel=Path(shared_path("vmlinuz")),
                                      initrd=Path(shared_path("initrd.gz")))
-        with HostPair(("bookworm", "bookworm"), shared=shared, src=REPO) as pair:
+        with HostPair(("bookworm", "bookworm"), shared=shared, src=REPO,
+                      bind_ro=[libvirt.bind("bookworm")] if against else []) as pair:
             for th in pair:
                 offline_apt(th)
                 th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q",
@@ -80,6 +88,8 @@ def main() -> int:
                     extra=f'[[disk]]\npath = "{disk}"\n'))
                 th.exec(["mkdir", "-p", "/srv/local"])
                 th.exec(["systemctl", "daemon-reload"])
+            lv = (virsh_migrate.Libvirt(pair, shared, image.kernel, image.initrd,
+                                        shared_path("bench-lv.img")) if against else None)
             if opts.copy_storage:
                 pair[0].exec(["dd", "if=/dev/urandom", f"of={disk}", "bs=1M", "count=16",
                               "status=none"])
@@ -96,21 +106,26 @@ def main() -> int:
             for n in range(moves * len(transports)):
                 i, transport = n % moves, transports[n // moves]
                 src, to = pair[n % 2], f"host{1 - n % 2}"
-                r = src.exec(["kvmagent", "migrate", NAME, to, "--json", "--transport", transport]
-                             + (["--copy-storage"] if opts.copy_storage else []), check=False,
-                             timeout=300)
+                r = virsh_migrate.timed(src, ["kvmagent", "migrate", NAME, to, "--json",
+                                              "--transport", transport]
+                                        + (["--copy-storage"] if opts.copy_storage else []))
                 if r.returncode != 0:
                     raise SystemExit(f"move {i + 1} over {transport} failed: {r.stderr}")
                 done = json.loads(r.stdout.splitlines()[-1])
                 rows[transport].append((f"host{n % 2} -> {to}", done["downtime_ms"],
                                         done["qemu_total_ms"], done["total_seconds"]))
                 time.sleep(2)
+                if lv is not None:
+                    lv.kvmagent(r, transport)
+                    lv.round(n, NAME)
             last = pair[(moves * len(transports)) % 2]
             last.exec(["kvmagent", "console", NAME, "--timeout", "2"],
                       input="kill %1\n", check=False)
             seqs = sorted({int(s) for th in pair
                            for s in re.findall(r"seq=(\d+) ", console(th))})
             last.exec(["systemctl", "stop", UNIT], timeout=180)
+            if lv is not None:
+                lv.stop()
     for transport in transports:
         where = ("16 MiB disk copied (--copy-storage)" if opts.copy_storage
                  else "disk on shared storage")
@@ -127,6 +142,8 @@ def main() -> int:
     sent = seqs[-1] - seqs[0] + 1 if seqs else 0
     print(f"pings every 0.1 s from the guest to its bridge: {sent} sent, "
           f"{sent - len(seqs)} lost over the {moves * len(transports)} moves")
+    if lv is not None:
+        print("\n" + lv.report())
     return 0
 
 
