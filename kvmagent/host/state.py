@@ -175,9 +175,14 @@ def connect(state_dir: Path, *, create: bool = True, busy_timeout_ms: int = BUSY
             return _open(path, True, busy_timeout_ms)
         except sqlite3.DatabaseError as e:
             from kvmagent.host import statefile  # the rare way: not in every listing
-            if attempt == 2 or not statefile.damaged(e):
+            # Another writer moved the damaged file aside meanwhile, its
+            # -wal and -shm with it (SQLite then says "disk I/O error"):
+            # the fresh one is opened.
+            moved = statefile.identity(path) != (st.st_dev, st.st_ino)
+            if attempt == 2 or not (moved or statefile.damaged(e)):
                 raise
-            statefile.move_aside(path, (st.st_dev, st.st_ino), e, guest)
+            if not moved:
+                statefile.move_aside(path, (st.st_dev, st.st_ino), e, guest)
     raise AssertionError("unreachable")
 
 
@@ -340,10 +345,12 @@ class Recorder:
                     break
                 except sqlite3.DatabaseError as e:
                     from kvmagent.host import statefile
-                    if attempt == 2 or not statefile.damaged(e):
+                    moved = found is not None and statefile.identity(path) != found
+                    if attempt == 2 or not (moved or statefile.damaged(e)):
                         raise
                     conn.close()
-                    statefile.move_aside(path, found, e, self.guest)
+                    if not moved:  # else another writer did, as connect() says
+                        statefile.move_aside(path, found, e, self.guest)
                 finally:
                     conn.close()
         except (sqlite3.Error, OSError, ValueError) as e:

@@ -56,6 +56,16 @@ def identity(path: Path) -> Identity | None:
     return st.st_dev, st.st_ino
 
 
+def _fresh(path: Path) -> bool:
+    """Is PATH an empty file?  SQLite takes one for an empty database: what
+    a writer took for damage there was a fresh file that another writer was
+    making at that moment, never to be moved."""
+    try:
+        return os.stat(path).st_size == 0
+    except FileNotFoundError:
+        return False
+
+
 def aside_name(path: Path, when: float, exists: Callable[[Path], bool]) -> Path:
     """state.db.damaged-YYYYmmddTHHMMSS beside PATH, or with -2, -3 ...
     when one of that second is there already (with or without its -wal or
@@ -78,7 +88,7 @@ def move_aside(path: Path, found: Identity | None, error: BaseException,
     lock = os.open(path.with_name(LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if found is None or identity(path) != found:
+        if found is None or identity(path) != found or _fresh(path):
             return None
         target = aside_name(path, time.time(), os.path.lexists)
         # The -wal first: a fresh state.db must never meet the old one's
