@@ -59,6 +59,11 @@ NOT_EXERCISED = (
     "device-mapper, so no LV can be made, not even in a throwaway volume group on a loop "
     "device; the plan (lvcreate/lvremove/dd argv) is unit-tested, and the supervisor's "
     "pause for those snapshots (freeze/thaw) runs in tests/system/test_clone_boots.py",
+    "block devices under migrate --copy-storage (an LV copied onto one made on the other "
+    "host; a shared VG's LV or a SAN disk refused by its identity, device-mapper UUID or "
+    "WWID): no device-mapper here, no shared block device; the refusal and the identity "
+    "read from a sysfs tree are unit-tested, the copy runs with image files in "
+    "tests/system/test_migrate_copy.py",
 )
 
 

@@ -65,11 +65,34 @@ def _qcow2(path: Path) -> tuple[int, str]:
     return struct.unpack_from(">Q", head, 24)[0], backing[0] if backing else ""
 
 
+def device_identity(rdev: int, sysfs: Path = Path("/sys/dev/block")) -> str:
+    """A block device's identity that every host seeing the device reads
+    alike: device-mapper's UUID (LVM: "LVM-" and the VG's and LV's UUIDs,
+    the same on every host of a shared VG; multipath: "mpath-" and the
+    WWID), else the disk's WWID (SCSI, NVMe: a SAN or iSCSI LUN), with the
+    partition's number for a partition; "" when the kernel says none."""
+    node = sysfs / f"{os.major(rdev)}:{os.minor(rdev)}"
+
+    def read(path: Path) -> str:
+        try:
+            return path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    if uuid := read(node / "dm" / "uuid"):
+        return f"dm:{uuid}"
+    if wwid := read(node / "device" / "wwid"):
+        return f"wwid:{wwid}"
+    if (part := read(node / "partition")) and (wwid := read(node / ".." / "device" / "wwid")):
+        return f"wwid:{wwid}:part{part}"
+    return ""
+
+
 def disk_facts(guest: Guest) -> list[DiskFact]:
     """Guest's disks as this host has them."""
     out = []
     for d in guest.disks:
-        kind, size, backing = Kind.OTHER, 0, ""
+        kind, size, backing, identity = Kind.OTHER, 0, "", ""
         try:
             st = os.stat(d.path)
             if stat.S_ISREG(st.st_mode):
@@ -82,12 +105,13 @@ def disk_facts(guest: Guest) -> list[DiskFact]:
                     kind, size = Kind.BLOCK, os.lseek(fd, 0, os.SEEK_END)
                 finally:
                     os.close(fd)
+                identity = device_identity(st.st_rdev)
         except FileNotFoundError:
             kind = Kind.MISSING if d.path.parent.is_dir() else Kind.NO_DIRECTORY
         except (OSError, ValueError):
             kind = Kind.OTHER
         out.append(DiskFact(d.index, str(d.path), str(kind), size, not d.readonly,
-                            str(d.format), backing))
+                            str(d.format), backing, identity))
     return out
 
 

@@ -58,11 +58,16 @@ class DiskFact(NamedTuple):
     writable: bool  # the guest writes it (not readonly)
     format: str  # raw, qcow2: the guest file's
     backing: str  # a qcow2 image's backing file ("": none)
+    # A block device's identity, the same on every host that sees it (device
+    # identity(): "dm:LVM-..." for a logical volume, "wwid:..." for a SAN or
+    # iSCSI disk); "": none known
+    identity: str = ""
 
     @classmethod
     def from_json(cls, data: object) -> DiskFact:
         """ValueError naming the field when DATA is not such a record."""
-        fact = cls(*read_fields(cls._fields, (int, str, str, int, bool, str, str), data))
+        fact = cls(*read_fields(cls._fields, (int, str, str, int, bool, str, str, str), data,
+                                {"identity": ""}))
         if fact.kind not in tuple(Kind):
             raise ValueError(f"kind: {fact.kind!r}")
         return fact
@@ -134,6 +139,12 @@ def plan_copy(name: str, host: str, here: list[DiskFact],
         elif t.kind == Kind.OTHER:
             refusals.append(Refusal(f"{host}: {key} is neither an image file nor a block "
                                     "device", None, ExitStatus.HOST_NOT_READY))
+        elif d.kind == Kind.BLOCK and d.identity and t.identity == d.identity:
+            refusals.append(Refusal(
+                f"{host}: {key} is the very device the guest uses here ({d.identity}): "
+                "storage both hosts share, which --copy-storage would copy onto itself",
+                "migrate without --copy-storage: the disk is there already",
+                ExitStatus.FAILURE))
         elif t.size != d.size:
             refusals.append(Refusal(
                 f"{host}: {key} is {_size(t.size)}, here {_size(d.size)}: --copy-storage "

@@ -5,6 +5,9 @@ when the copy is in step, the switch, the heartbeat."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from kvmagent.errors import ExitStatus
@@ -35,6 +38,56 @@ def test_an_image_missing_there_is_made_and_an_lv_there_is_copied_onto() -> None
     # an image the admin made there, of the same size: copied onto, not made
     (copy,), _ = plan_copy("g", "host2", [IMAGE], [IMAGE])
     assert not copy.make
+
+
+def test_a_block_device_both_hosts_share_is_never_copied_onto_itself() -> None:
+    """A SAN LUN or a shared VG's LV at the same path on both hosts is one
+    device: the mirror would write the guest's disk onto itself.  Known by
+    its identity, which both hosts read alike; an unknown one ("") or two
+    different ones are two devices."""
+    shared = LV._replace(identity="dm:LVM-Q1b2c3Zz0vgUUIDlvUUID")
+    _, (r,) = plan_copy("g", "host2", [shared], [shared])
+    assert r.status is ExitStatus.FAILURE
+    assert r.message == ('host2: disk[1].path = "/dev/vg0/g-data" is the very device the '
+                         'guest uses here (dm:LVM-Q1b2c3Zz0vgUUIDlvUUID): storage both hosts '
+                         'share, which --copy-storage would copy onto itself')
+    assert "without --copy-storage" in str(r.hint)
+    other = shared._replace(identity="dm:LVM-another")
+    for here, there in ((shared, other), (LV, LV), (shared, LV)):
+        (copy,), refusals = plan_copy("g", "host2", [here], [there])
+        assert refusals == [] and not copy.make
+
+
+def test_disk_facts_from_an_older_kvmagent_have_no_identity() -> None:
+    data = LV._asdict()
+    del data["identity"]
+    assert DiskFact.from_json(data) == LV
+    assert DiskFact.from_json(dict(LV._asdict(), identity="wwid:x")).identity == "wwid:x"
+    with pytest.raises(ValueError, match="identity"):
+        DiskFact.from_json(dict(LV._asdict(), identity=5))
+
+
+def test_device_identity_as_the_kernel_says_it(tmp_path: Path) -> None:
+    """/sys/dev/block/MAJ:MIN as the kernel lays it out (made here): a
+    device-mapper volume's UUID, a disk's WWID, a partition of it."""
+    from kvmagent.cli.nbdcopy import device_identity
+    lv, disk, part, loop = (tmp_path / n for n in ("253:3", "8:0", "disks/8:1", "7:0"))
+    (lv / "dm").mkdir(parents=True)
+    (lv / "dm" / "uuid").write_text("LVM-abcVGuuidXYZLVuuid\n")
+    (disk / "device").mkdir(parents=True)
+    (disk / "device" / "wwid").write_text("naa.600a098038303053453f463045727a6f\n")
+    part.mkdir(parents=True)
+    (part / "partition").write_text("1\n")
+    (tmp_path / "disks" / "device").mkdir()
+    (tmp_path / "disks" / "device" / "wwid").write_text("naa.6001\n")
+    loop.mkdir()
+    assert device_identity(os.makedev(253, 3), tmp_path) == "dm:LVM-abcVGuuidXYZLVuuid"
+    assert device_identity(os.makedev(8, 0), tmp_path) == \
+        "wwid:naa.600a098038303053453f463045727a6f"
+    os.symlink(part, tmp_path / "8:1")  # sysfs's link: the partition inside its disk
+    assert device_identity(os.makedev(8, 1), tmp_path) == "wwid:naa.6001:part1"
+    assert device_identity(os.makedev(7, 0), tmp_path) == ""  # a loop device: none
+    assert device_identity(os.makedev(9, 9), tmp_path) == ""
 
 
 def test_read_only_disks_are_never_copied() -> None:
