@@ -1,6 +1,6 @@
 """`kvmagent migrate NAME [USER@]HOST`: live migration over ssh, shared
-storage; and its other half, `kvmagent migrate-incoming NAME` (internal:
-run over ssh on HOST by migrate).
+storage; its other half, `kvmagent migrate-incoming NAME`, is
+kvmagent.cli.incoming (internal: run over ssh on HOST by migrate).
 
 The stream is ssh's own: migrate makes a socketpair, starts
 `ssh HOST kvmagent migrate-incoming NAME ...` with one end as its stdin, and
@@ -14,17 +14,17 @@ JSON object a line: "listening", "incoming" (with QEMU's status),
 while it moves, source_step decides: the source's QEMU ends only once HOST
 said that the guest runs there, and anything else (an error, the ssh
 session ending, the destination's QEMU dying, Ctrl-C) cancels the migration
-and the guest runs on here.  With --transport tcp..., the control stays on
-ssh and the stream goes over plain TCP (kvmagent.cli.tcpstream); the
-record that follows the guest (its boot, the downtime) is
-kvmagent.cli.arrival's.  With --copy-storage the disks go first, while the
+and the guest runs on here; once the whole guest went there, nothing but
+the destination's word resumes it here (kvmagent.cli.settle).  With
+--transport tcp..., the control stays on ssh and the stream goes over
+plain TCP (kvmagent.cli.tcpstream); the record that follows the guest (its
+boot, the downtime) is kvmagent.cli.arrival's.  With --copy-storage the disks go first, while the
 guest runs (kvmagent.cli.nbdcopy)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -35,19 +35,18 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from kvmagent.cli import arrival, tcpstream
+from kvmagent.cli import arrival, settle, tcpstream
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import ssh
 from kvmagent.names import service_unit
 from kvmagent.paths import Paths
-from kvmagent.render.migration import (CPU_RE, MACHINE_RE, Refusal, SideFacts, Step, preflight,
-                                       progress_line, source_step, stalled)
-from kvmagent.render.plan import Incoming
+from kvmagent.render.migration import (PAUSED_BY_MIGRATION, Refusal, SideFacts, Step,
+                                       preflight, progress_line, source_step)
 from kvmagent.render.transport import SSH, TCP, Transport, parse_transport, warning
 from kvmagent.unit import channel
 
 if TYPE_CHECKING:
-    from kvmagent.cli.nbdcopy import Arrival, Copy
+    from kvmagent.cli.nbdcopy import Copy
     from kvmagent.render.storagecopy import CopyDisk
 
 SYSTEMCTL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
@@ -60,184 +59,6 @@ def _systemctl(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["systemctl", *args], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, env=SYSTEMCTL_ENV, timeout=60)
 
-
-def _emit(event: str, **fields: Any) -> None:
-    """A line to the source (over ssh): the destination's progress."""
-    try:
-        print(json.dumps({"event": event, **fields}), flush=True)
-    except BrokenPipeError:
-        pass  # the source is gone; the stream's end says it to QEMU too
-
-
-# -- the destination ---------------------------------------------------------
-
-def side_facts(name: str, paths: Paths) -> SideFacts:
-    """What this host says about guest NAME (migrate-incoming --facts)."""
-    from kvmagent.config.guests import load_guest, load_host_config
-    from kvmagent.host import systemd
-    from kvmagent.host.hostcheck import check_host
-    from kvmagent.host.qemucaps import capabilities
-    from kvmagent.render.show import effective_config
-    running = systemd.active_state(service_unit(name)) in systemd.RUNNING_STATES
-    try:
-        host = load_host_config(paths)
-        guest = load_guest(paths, name, host)
-    except KvmagentError as e:
-        return SideFacts(None, e.message, running, [], [], "")
-    _, problems = check_host(guest, host)
-    try:
-        caps = capabilities(host.qemu, paths.state_dir)
-        machines, version = sorted(caps.machines), ".".join(map(str, caps.version))
-    except KvmagentError:
-        machines, version = [], ""
-    return SideFacts(effective_config(guest), "", running, [p.message for p in problems],
-                     machines, version)
-
-
-def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
-    if args.facts:
-        print(json.dumps(side_facts(args.name, paths)._asdict()))
-        return ExitStatus.OK
-    if args.arrived:
-        return arrival.cmd_arrived(args, paths)
-    from kvmagent.config.guests import load_guest, load_host_config
-    from kvmagent.host import systemd
-    from kvmagent.host.hostcheck import check_host
-    if not (args.machine and args.cpu and args.source):
-        raise KvmagentError("migrate-incoming needs --machine, --cpu and --from (it is run "
-                            "by kvmagent migrate)", None, ExitStatus.USAGE)
-    if not MACHINE_RE.fullmatch(args.machine) or not CPU_RE.fullmatch(args.cpu):
-        raise KvmagentError(f"--machine {args.machine!r} --cpu {args.cpu!r}: not QEMU's "
-                            "values", None, ExitStatus.USAGE)
-    transport = parse_transport(args.transport)  # exit 2
-    guest = load_guest(paths, args.name, load_host_config(paths))  # exit 6, 8
-    unit = service_unit(guest.name)
-    if systemd.active_state(unit) in systemd.RUNNING_STATES:
-        raise KvmagentError(f"guest {guest.name} is running here already ({unit})",
-                            "two copies of a guest must never run", ExitStatus.FAILURE)
-    copy = _copy_arrival(args, guest, paths)  # --copy-storage: checked, nothing made yet
-    _, problems = check_host(guest, load_host_config(paths))
-    problems = copy.unmade(problems) if copy is not None else problems
-    if problems:
-        raise problems[0]
-    if not systemd.template_installed():
-        raise KvmagentError("kvm@.service is not installed here", "install the kvmagent "
-                            "package", ExitStatus.HOST_NOT_READY)
-    request = paths.incoming_request(guest.name)
-    request.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-    tmp = request.with_name(f".{request.name}.tmp")
-    tmp.write_text(Incoming(args.machine, args.cpu, args.source, args.booted).to_json())
-    os.replace(tmp, request)
-    stopped: list[int] = []
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGPIPE):
-        signal.signal(sig, lambda signum, _: stopped.append(signum))
-    try:
-        if transport.kind == TCP:
-            with tcpstream.incoming(args.transport, _emit, stopped, LISTEN_TIMEOUT) as stream:
-                ok = _arrive(guest.name, unit, paths, stopped, stream.fileno(), copy)
-        else:
-            ok = _arrive(guest.name, unit, paths, stopped, sys.stdin.fileno(), copy)
-    except KvmagentError as e:
-        _emit("failed", error=e.message, status=int(e.status))
-        ok = False
-    if not ok:  # nothing may be left running here
-        systemd.stop_unit(unit, wait=True, timeout=120)
-        _systemctl("reset-failed", unit)
-        request.unlink(missing_ok=True)
-        if copy is not None:  # the disks it made, once QEMU let go of them
-            copy.remove()
-        return ExitStatus.FAILURE
-    if copy is not None:
-        copy.arrived()
-    if args.enable:
-        _systemctl("enable", "--quiet", unit)
-    return ExitStatus.OK
-
-
-def _copy_arrival(args: argparse.Namespace, guest: Any, paths: Paths) -> Arrival | None:
-    if not (args.copy_disk or args.make_disk):
-        return None
-    from kvmagent.cli.nbdcopy import Arrival
-    return Arrival.check(args, guest, paths)
-
-
-def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int,
-            copy: Arrival | None = None) -> bool:
-    """STREAM: the ssh session's (standard input) or the TCP connection.
-    COPY: --copy-storage's disks, made and served first."""
-    from kvmagent.host import systemd
-    if copy is not None:
-        copy.make()
-    systemd.start_unit(unit, wait=False)
-    control, deadline = paths.control_socket(name), time.monotonic() + LISTEN_TIMEOUT
-    while True:  # until its supervisor listens, QEMU waiting for the stream
-        if stopped:
-            _emit("failed", error=f"interrupted (signal {stopped[0]})")
-            return False
-        try:
-            if copy is None:
-                channel.ask(control, "migrate-incoming", timeout=5.0, fds=[stream])
-            elif (refused := copy.serve(control)) is not None:
-                _emit("failed", error=refused)
-                return False
-            break
-        except KvmagentError as e:
-            state = systemd.active_state(unit)
-            if time.monotonic() > deadline or state not in ("activating", "active"):
-                _emit("failed", error=f"{unit} is {state}: {e.message}")
-                return False
-            time.sleep(0.1)
-    if copy is not None:  # the disks are copied, then the state comes
-        _emit("serving")
-        if (why := copy.wait_for_go(control, stopped, stream)) is not None:
-            _emit("failed", error=why)
-            return False
-        channel.ask(control, "migrate-incoming", timeout=5.0, fds=[stream])
-    # The stream is QEMU's now: this process keeps no copy of it.
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, stream)
-    os.close(devnull)
-    _emit("listening")
-    # What sshd, our parent, reads from the network: the stream, and its
-    # keepalives; QEMU's own reads would count its QMP traffic too.  A TCP
-    # stream's dead link ends it by its keepalives (kvmagent.cli.tcpstream).
-    said = ""
-    session = os.getppid() if stream == sys.stdin.fileno() else None
-    read, read_at = _bytes_read(session), time.monotonic()
-    while not stopped:
-        try:
-            reply = channel.ask(control, "migrate-status", timeout=10.0)
-        except KvmagentError as e:
-            _emit("failed", error=f"the supervisor ended: {e.message}")
-            return False
-        if reply.get("phase") != "incoming" and reply.get("runstate") == "running":
-            _emit("running")
-            return True
-        status = str(reply.get("incoming", reply.get("runstate", "?")))
-        if status != said:
-            _emit("incoming", status=status)
-            said = status
-        if (now_read := _bytes_read(session)) != read or now_read is None:
-            read, read_at = now_read, time.monotonic()
-        if (why := stalled(status, time.monotonic() - read_at)) is not None:
-            _emit("failed", error=why)
-            return False
-        time.sleep(POLL)
-    _emit("failed", error=f"interrupted (signal {stopped[0]})")
-    return False
-
-
-def _bytes_read(pid: int | None) -> int | None:
-    """What process PID has read so far (rchar).  Root's to read; the
-    supervisor's sandbox could not."""
-    try:
-        with open(f"/proc/{pid}/io") as f:
-            return int(next(line for line in f if line.startswith("rchar:")).split()[1])
-    except (OSError, ValueError, StopIteration):
-        return None
-
-
-# -- the source ----------------------------------------------------------------
 
 def _remote_facts(target: ssh.Target, name: str) -> SideFacts:
     proc = ssh.start(target, ["migrate-incoming", name, "--facts"])
@@ -301,6 +122,8 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
         status = channel.ask(control, "migrate-status", timeout=5.0)
     except KvmagentError:
         status = {}
+    if status.get("phase") == "completed" and status.get("runstate") in PAUSED_BY_MIGRATION:
+        return _settle_held(args, target, name, control, status)  # left paused by a move
     running = status.get("runstate") == "running" and status.get("phase") in (
         "none", "completed", "failed", "cancelled")
     machine, cpu = str(status.get("machine", "")), str(status.get("cpu", ""))
@@ -411,16 +234,19 @@ def _connect(args: argparse.Namespace, target: ssh.Target, name: str,
 
 
 def _cancel(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
-            why: str) -> int:
-    """The migration (and the disks' copy) cancelled: the guest runs on here."""
+            why: str) -> int | None:
+    """The migration (and the disks' copy) cancelled: the guest runs on here.
+    None: too late, the whole guest went there meanwhile (kvmagent.cli.settle)."""
     try:
-        resumed = channel.ask(control, "migrate-cancel", why=why, host=str(target)).get("resumed")
+        reply = channel.ask(control, "migrate-cancel", why=why, host=str(target))
     except KvmagentError as e:
         raise KvmagentError(f"migration of guest {name} to {target} failed ({why}), and "
                             f"cancelling it failed: {e.message}",
                             f"see: systemctl status {service_unit(name)}") from None
+    if reply.get("completed"):
+        return None
     _say(args, "cancelled", f"migration of guest {name} to {target} cancelled: {why}; the "
-         "guest runs on here", why=why, resumed=bool(resumed))
+         "guest runs on here", why=why, resumed=bool(reply.get("resumed")))
     return ExitStatus.FAILURE
 
 
@@ -451,7 +277,9 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
         except KvmagentError as e:
             step, why = CopyStep.CANCEL, e.message
         if step is CopyStep.CANCEL:
-            return _cancel(args, target, name, control, why)
+            rc = _cancel(args, target, name, control, why)
+            if rc is not None:
+                return rc
     fields: dict[str, Any] = {"host": str(target)}
     if args.max_downtime is not None:
         fields["downtime_ms"] = args.max_downtime
@@ -461,9 +289,9 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
         started = channel.ask(control, "migrate", fds=[ours.fileno()],
                               copy_storage=copy is not None, **fields)
     except KvmagentError as e:
-        if copy is None:
+        if copy is None or (rc := _cancel(args, target, name, control, e.message)) is None:
             raise
-        return _cancel(args, target, name, control, e.message)
+        return rc
     ours.close()  # QEMU holds the stream now
     _say(args, "started", f"migrating guest {name} to {target}", host=str(target),
          transport=args.transport, downtime_limit_ms=started.get("downtime_limit_ms"),
@@ -487,9 +315,46 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
         if decision.step is Step.WAIT:
             _say(args, "progress", progress_line(info), **info)
             continue
-        if decision.step is Step.CANCEL:
-            return _cancel(args, target, name, control, decision.why)
+        if decision.step in (Step.CANCEL, Step.ASK):
+            # cancelled, unless the whole guest went there (meanwhile): then
+            # it stays paused here, until the destination's word settles it
+            if (rc := _cancel(args, target, name, control, decision.why)) is not None:
+                return rc
+            if (rc := settle.settle(target, name, control, decision.why,
+                                    lambda *a, **f: _say(args, *a, **f), interrupted,
+                                    enabled)) is not None:
+                return rc
+            info = _completed_info(control, info)
         break
+    return _end(args, target, name, control, info, enabled, t0, copy)
+
+
+def _completed_info(control: Path, info: dict[str, Any]) -> dict[str, Any]:
+    """query-migrate's answer once completed: the downtime and total time."""
+    try:
+        reply = channel.ask(control, "migrate-status", timeout=5.0)
+    except KvmagentError:
+        return info
+    got = reply.get("info")
+    return got if isinstance(got, dict) else info
+
+
+def _settle_held(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
+                 status: dict[str, Any]) -> int:
+    """`kvmagent migrate NAME HOST` again, on a guest an earlier move left
+    paused here with its state sent: settled as that move would have been."""
+    t0 = time.monotonic()
+    enabled = _systemctl("is-enabled", service_unit(name)).stdout.strip() == "enabled"
+    info = status.get("info") if isinstance(status.get("info"), dict) else {}
+    if (rc := settle.settle(target, name, control, "an earlier move left it paused here",
+                            lambda *a, **f: _say(args, *a, **f), [], enabled)) is not None:
+        return rc
+    return _end(args, target, name, control, info or {}, enabled, t0, None)
+
+
+def _end(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
+         info: dict[str, Any], enabled: bool, t0: float, copy: Copy | None) -> int:
+    """The guest runs on TARGET: its QEMU here quits, the unit ends "migrated"."""
     ending: dict[str, Any] = {"host": str(target)}
     if isinstance(info.get("downtime"), int):
         ending["downtime_ms"] = info["downtime"]

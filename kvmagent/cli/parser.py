@@ -228,11 +228,14 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
                     help="copy the guest's writable disks to HOST while it runs (onto disks "
                     "of the same size there; missing image files are made)")
     sp.add_argument("--json", action="store_true", help="progress events, one JSON a line")
-    sp = add(sub, "migrate-incoming", "cli.migrate:cmd_migrate_incoming",
+    sp = add(sub, "migrate-incoming", "cli.incoming:cmd_migrate_incoming",
              "internal: the destination's half of kvmagent migrate, run over ssh")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--facts", action="store_true",
                     help="print this host's facts about guest NAME (JSON) and exit")
+    sp.add_argument("--where", action="store_true",
+                    help="print what runs of guest NAME here (JSON), for a source that lost "
+                    "the destination's word (with --enable: enabled if it runs here)")
     sp.add_argument("--machine", metavar="TYPE", help="the source QEMU's machine type")
     sp.add_argument("--cpu", metavar="CPU", help="the source QEMU's -cpu value")
     sp.add_argument("--from", dest="source", metavar="HOST", help="the source host")

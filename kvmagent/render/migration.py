@@ -18,8 +18,17 @@ from kvmagent.errors import ExitStatus
 MACHINE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 CPU_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.,+=-]*")
 # Once the source's QEMU says "completed", how long the destination has to
-# say that the guest runs there before the source resumes it.
-CONFIRM_TIMEOUT = 30.0
+# say that the guest runs there before the source asks it anew (settle_step).
+CONFIRM_TIMEOUT = 10.0
+# How long the source asks the destination, over new ssh sessions, whether
+# the guest runs there, before it leaves the guest paused here (HOLD).
+SETTLE_LIMIT = 60.0
+# The detail of the destination's record when its arrival failed (the
+# supervisor's incoming_failed): nothing ran there.
+ARRIVAL_FAILED = "incoming migration failed"
+# The source QEMU's run states after a completed migration: paused, its
+# state sent.
+PAUSED_BY_MIGRATION = ("postmigrate", "finish-migrate")
 # How long the destination's supervisor waits for the stream to come.
 STREAM_WAIT = 60.0
 # While the state comes in, the stream never rests: QEMU on the destination
@@ -154,6 +163,7 @@ class Step(enum.Enum):
     WAIT = "wait"
     CANCEL = "cancel"  # migrate_cancel; the guest runs on here
     END = "end"  # the guest runs there: end it here
+    ASK = "ask"  # the state went there, the destination's word did not come: settle_step
 
 
 class Decision(NamedTuple):
@@ -166,9 +176,26 @@ def source_step(phase: str, dest: str, *, interrupted: bool, completed_for: floa
     """What `kvmagent migrate` does next.  PHASE: the source QEMU's
     query-migrate status; DEST: the destination's last word ("", "listening",
     "running", "failed: ..."); completed_for: seconds since the source said
-    "completed" (None: not yet); dest_gone: the ssh session ended."""
+    "completed" (None: not yet); dest_gone: the ssh session ended.
+
+    Once the source completed, the destination has the whole guest and may
+    run it, whatever its session said or failed to say: the source may no
+    longer resume it on its own (two copies of one guest on one shared
+    disk), it asks (Step.ASK, then settle_step)."""
     if dest == "running":
         return Decision(Step.END)
+    if completed_for is not None:
+        if interrupted:
+            return Decision(Step.ASK, "interrupted after the state was sent")
+        if dest.startswith("failed"):
+            return Decision(Step.ASK, f"the destination {dest}, after the state was sent")
+        if dest_gone:
+            return Decision(Step.ASK, "the connection to the destination ended after the "
+                            "state was sent")
+        if completed_for > CONFIRM_TIMEOUT:
+            return Decision(Step.ASK, f"the destination did not confirm within "
+                            f"{CONFIRM_TIMEOUT:g} s that the guest runs there")
+        return Decision(Step.WAIT)
     if interrupted:
         return Decision(Step.CANCEL, "interrupted")
     if dest.startswith("failed"):
@@ -177,10 +204,55 @@ def source_step(phase: str, dest: str, *, interrupted: bool, completed_for: floa
         return Decision(Step.CANCEL, "the connection to the destination ended")
     if phase in ("failed", "cancelled", "cancelling"):
         return Decision(Step.CANCEL, f"the migration {phase} here")
-    if completed_for is not None and completed_for > CONFIRM_TIMEOUT:
-        return Decision(Step.CANCEL, f"the destination did not confirm within "
-                        f"{CONFIRM_TIMEOUT:g} s that the guest runs there")
     return Decision(Step.WAIT)
+
+
+class Settle(enum.Enum):
+    WAIT = "wait"  # ask again
+    END = "end"  # the guest runs there: end it here
+    RESUME = "resume"  # it does not run there, and never did: resume it here
+    HOLD = "hold"  # unknown: the guest stays paused here, the admin decides
+
+
+class Where(NamedTuple):
+    """What the destination says of guest NAME (migrate-incoming --where):
+    its unit's state, its QEMU's run state (None: no supervisor answered),
+    whether it is still arriving, and the last event of its record there
+    ([event, reason, detail], or None).  Crosses ssh as JSON."""
+    unit: str
+    runstate: str | None
+    arriving: bool
+    last: list[str | None] | None
+
+    @classmethod
+    def from_json(cls, data: Any) -> Where:
+        if not isinstance(data, dict) or not isinstance(data.get("unit"), str):
+            raise ValueError(f"not what migrate-incoming --where prints: {data!r}")
+        last = data.get("last")
+        return cls(data["unit"], data.get("runstate") if isinstance(data.get("runstate"), str)
+                   else None, bool(data.get("arriving")),
+                   [None if v is None else str(v) for v in last][:3]
+                   if isinstance(last, list) else None)
+
+
+def settle_step(there: Where | None, waited: float) -> tuple[Settle, str]:
+    """After Step.ASK: what the source does with its paused guest, from
+    what the destination said (None: it could not be asked) after WAITED
+    seconds of asking.  Resumed here only when the destination says that
+    its arrival failed and nothing runs there; ended here only when it runs
+    there; otherwise asked again, and at last held paused."""
+    if there is not None:
+        if there.runstate == "running" and not there.arriving:
+            return Settle.END, f"it runs there ({there.unit})"
+        detail = str(there.last[2] or "") if there.last and there.last[0] == "stopped" else ""
+        if there.unit in ("inactive", "failed") and detail.startswith(ARRIVAL_FAILED):
+            return Settle.RESUME, f"its arrival there failed: {detail}"
+    if waited > SETTLE_LIMIT:
+        said = ("it could not be asked" if there is None else
+                f"its unit is {there.unit}, its QEMU {there.runstate or 'not answering'}")
+        return Settle.HOLD, (f"the destination did not say within {SETTLE_LIMIT:g} s whether "
+                             f"the guest runs there ({said})")
+    return Settle.WAIT, ""
 
 
 class Arrival(enum.Enum):

@@ -29,7 +29,8 @@ from typing import Any
 from kvmagent.host.qmp import QmpError
 from kvmagent.host.sdnotify import notify
 from kvmagent.lifecycle import MIGRATED
-from kvmagent.render.migration import Arrival, incoming_step, parameters
+from kvmagent.render.migration import (ARRIVAL_FAILED, PAUSED_BY_MIGRATION, Arrival,
+                                       incoming_step, parameters)
 from kvmagent.render.plan import Incoming
 from kvmagent.unit import channel, mirror
 from kvmagent.unit.held import Held
@@ -42,9 +43,6 @@ FDNAME = "migration"  # QEMU's name of the stream's fd (getfd)
 EXTEND_USEC = 10_000_000
 POLL = 0.25  # seconds between query-migrate while the state comes in
 LOCK_WAIT = 10.0  # seconds the destination waits for the source to let go of the disks
-# The source QEMU's run states after a completed migration: paused, its
-# state sent; `cont` resumes it if the destination never confirmed.
-PAUSED_BY_MIGRATION = ("postmigrate", "finish-migrate")
 
 
 class IncomingFailed(Exception):
@@ -134,6 +132,16 @@ def _source(sup: Held, command: str, fields: dict[str, object],
         while (qmp.execute("query-migrate", timeout=5.0).get("status") in
                ("cancelling", "device", "pre-switchover") and time.monotonic() < deadline):
             time.sleep(0.05)
+        if (qmp.execute("query-migrate", timeout=5.0).get("status") == "completed"
+                and fields.get("resume") is not True):
+            # The whole guest went there, and may run there: never resumed
+            # here unless kvmagent migrate learnt that it does not
+            # (kvmagent.render.migration.settle_step).
+            sup.log(f"guest {sup.name}: migration to {host} not confirmed ({why}); its "
+                    f"state was sent, so the guest stays paused here", 4)
+            notify(f"STATUS=paused: its state went to {host}, which did not confirm that it "
+                   f"runs there (kvmagent migrate {sup.name} {host} settles it)")
+            return {"ok": True, "resumed": False, "completed": True}
         mirror.abort(sup)
         resumed = False
         if qmp.execute("query-status", timeout=5.0).get("status") in PAUSED_BY_MIGRATION:
@@ -251,7 +259,7 @@ def incoming_failed(sup: Held, e: IncomingFailed) -> int:
         sup.paths.incoming_request(sup.name).unlink()
     sup.log(f"guest {sup.name}: the live migration to this host failed, the guest runs on "
             f"where it was: {e.message}", 4)
-    sup.record("stopped", MIGRATED, f"incoming migration failed: {e.message}")
+    sup.record("stopped", MIGRATED, f"{ARRIVAL_FAILED}: {e.message}")
     notify("READY=1", f"STATUS=incoming migration failed: {e.message}")
     return 0
 

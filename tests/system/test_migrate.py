@@ -356,6 +356,78 @@ def test_the_link_cut_mid_migration(pair: HostPair, transport: str) -> None:
         a.exec(["ip", "link", "set", LINK, "up"])
 
 
+def frozen_arrival(src: TestHost, dst: TestHost, to: str) -> subprocess.Popen[str]:
+    """kvmagent migrate from SRC to DST (named TO), slowed down, with DST's
+    `migrate-incoming` stopped (SIGSTOP) once the state flows: the guest
+    arrives and runs there (its supervisor needs no help), but SRC never
+    hears it from the session.  Returns once SRC says so ("unconfirmed")."""
+    proc = subprocess.Popen(nsenter_argv(src.leader, ["kvmagent", "migrate", NAME, to, "--json",
+                                                      "--bandwidth", SLOW]),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    first = proc.stdout.readline()
+    assert json.loads(first or "{}").get("event") == "started", (first, proc.stderr.read())
+    dst.exec(["pkill", "-STOP", "-f", f"kvmagent migrate-incoming {NAME}"])
+    while (line := proc.stdout.readline()):
+        if json.loads(line).get("event") == "unconfirmed":
+            return proc
+    raise AssertionError(f"no unconfirmed event: {proc.stderr.read()}")
+
+
+def test_a_lost_confirmation_never_runs_the_guest_twice(pair: HostPair) -> None:
+    """The destination's last word lost after the whole guest went there:
+    the source's copy stays paused, is never resumed on a guess, and ends
+    only on the destination's word, asked anew.  First host 1 answers (a new
+    ssh session): the move ends as any other.  Then the guest moves back
+    with the link cut as well: host 1 cannot ask, holds the guest paused
+    (exit status 1, "held"), and `kvmagent migrate` again, once the link is
+    back, settles it: the guest runs on host 0 alone, booted once."""
+    a, b = pair
+    if state(a)[0] != "active":
+        a.exec(["systemctl", "start", UNIT], timeout=180)
+        wait(lambda: "GUEST-READY" in console(a), 120, "the guest booted on host 0")
+    boots = console(a).count("GUEST-INIT") + console(b).count("GUEST-INIT")
+    resumed = a.journal(UNIT).count("(resumed)"), b.journal(UNIT).count("(resumed)")
+    proc = frozen_arrival(a, b, "host1")
+    t0 = time.monotonic()
+    b.exec(["pkill", "-KILL", "-f", f"kvmagent migrate-incoming {NAME}"])
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, (out, err)
+    assert json.loads(out.splitlines()[-1])["event"] == "migrated", out
+    print(f"
+the confirmation lost: host 0 asked host 1 and ended its copy "
+          f"{time.monotonic() - t0:.1f} s later")
+    assert state(a) == ("inactive", "success") and qemus(a) == []
+    runs_on(b)
+    assert "stays paused here" in a.journal(UNIT)
+    assert types(b, "after-lost-word")
+    # back, the link cut too: held paused on host 1, not resumed
+    proc = frozen_arrival(b, a, "host0")
+    b.exec(["ip", "link", "set", LINK, "down"])
+    try:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 1, (out, err)
+        assert json.loads(out.splitlines()[-1])["event"] == "held", out
+        assert f"run `kvmagent migrate {NAME} host0` again" in err, err
+        said = b.exec(["systemctl", "show", UNIT, "--property=StatusText", "--value"]).stdout
+        print(f"held on host 1: {said.strip()}; {err.strip()}")
+        assert state(b)[0] == "active" and len(qemus(b)) == 1  # paused, kept
+        assert said.startswith("paused: its state went to host0"), said
+        assert "paused: its state went to host0" in b.exec(["kvmagent", "status", NAME]).stdout
+        runs_on(a)  # the copy that runs: host 0's
+    finally:
+        b.exec(["ip", "link", "set", LINK, "up"])
+        a.exec(["pkill", "-KILL", "-f", f"kvmagent migrate-incoming {NAME}"], check=False)
+    r = migrate(b, "host0")
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    assert json.loads(r.stdout.splitlines()[-1])["event"] == "migrated", r.stdout
+    assert state(b) == ("inactive", "success") and qemus(b) == []
+    runs_on(a)
+    assert types(a, "after-held")
+    assert (a.journal(UNIT).count("(resumed)"), b.journal(UNIT).count("(resumed)")) == resumed
+    assert console(a).count("GUEST-INIT") + console(b).count("GUEST-INIT") == boots
+
+
 def test_over_tcp_there_and_back(pair: HostPair) -> None:
     """Plain TCP, asked for: first a slow move (--bandwidth 1M) cancelled by
     Ctrl-C, whose bandwidth must not stay in QEMU; then host 0 -> host 1 on

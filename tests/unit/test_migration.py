@@ -4,6 +4,8 @@ supervisor do next, the progress line; and the incoming request's record."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kvmagent.errors import ExitStatus
@@ -11,6 +13,7 @@ from kvmagent.render.migration import (CONFIRM_TIMEOUT, STALL_LIMIT, STREAM_WAIT
                                        SideFacts, Step, differences, flatten, incoming_step,
                                        preflight, progress_line, source_step, stalled)
 from kvmagent.render.migration import DEFAULT_BANDWIDTH, DEFAULT_DOWNTIME_MS, parameters
+from kvmagent.render.migration import ARRIVAL_FAILED, SETTLE_LIMIT, Settle, Where, settle_step
 from kvmagent.render.plan import Incoming
 
 CONFIG = {"cpus": 1, "memory": "256M", "machine": "pc",
@@ -97,7 +100,11 @@ def test_side_facts_from_json_are_checked() -> None:
     ("active", "failed: QEMU exited", False, None, False, Step.CANCEL),
     ("active", "listening", False, None, True, Step.CANCEL),
     ("failed", "listening", False, None, False, Step.CANCEL),
-    ("completed", "listening", False, CONFIRM_TIMEOUT + 1, False, Step.CANCEL),
+    # the whole guest went there: never cancelled (resumed) here, asked
+    ("completed", "listening", False, CONFIRM_TIMEOUT + 1, False, Step.ASK),
+    ("completed", "listening", True, 1.0, False, Step.ASK),
+    ("completed", "listening", False, 1.0, True, Step.ASK),
+    ("completed", "failed: the supervisor ended", False, 1.0, False, Step.ASK),
 ])
 def test_source_step(phase: str, dest: str, interrupted: bool, completed_for: float | None,
                      gone: bool, step: Step) -> None:
@@ -150,3 +157,42 @@ def test_every_migration_sets_both_parameters() -> None:
     assert (DEFAULT_DOWNTIME_MS, DEFAULT_BANDWIDTH) == (300, 128 << 20)
     assert parameters(50, 1 << 20) == {"downtime-limit": 50, "max-bandwidth": 1 << 20}
     assert parameters(True, "1M") == parameters(0, -1) == parameters(None, None)
+
+
+FAILED_ARRIVAL = ["stopped", "migrated", f"{ARRIVAL_FAILED}: no data came for 15 s"]
+
+
+@pytest.mark.parametrize("there, waited, settle", [
+    # it runs there: ended here
+    (Where("active", "running", False, ["running", None, "arrived from a"]), 1.0, Settle.END),
+    (Where("active", "running", False, None), SETTLE_LIMIT + 5, Settle.END),
+    # its arrival failed there and nothing runs: resumed here
+    (Where("inactive", None, False, FAILED_ARRIVAL), 1.0, Settle.RESUME),
+    (Where("failed", None, False, FAILED_ARRIVAL), 1.0, Settle.RESUME),
+    # still arriving, or stopping after a failure: asked again
+    (Where("activating", "inmigrate", True, None), 1.0, Settle.WAIT),
+    (Where("deactivating", None, False, FAILED_ARRIVAL), 1.0, Settle.WAIT),
+    (None, 1.0, Settle.WAIT),
+    # inactive, but the record does not say that its arrival failed (it
+    # may have run, and stopped): never resumed here on a guess
+    (Where("inactive", None, False, ["stopped", "poweroff", None]), 1.0, Settle.WAIT),
+    (Where("inactive", None, False, None), 1.0, Settle.WAIT),
+    (Where("inactive", None, False, ["stopped", "poweroff", None]), SETTLE_LIMIT + 1,
+     Settle.HOLD),
+    (None, SETTLE_LIMIT + 1, Settle.HOLD),
+    (Where("activating", "inmigrate", True, None), SETTLE_LIMIT + 1, Settle.HOLD),
+])
+def test_settle_step(there: Where | None, waited: float, settle: Settle) -> None:
+    step, why = settle_step(there, waited)
+    assert step is settle
+    assert bool(why) is (settle is not Settle.WAIT)
+
+
+def test_where_from_json() -> None:
+    there = Where("inactive", None, False, FAILED_ARRIVAL)
+    assert Where.from_json(json.loads(json.dumps(there._asdict()))) == there
+    assert Where.from_json({"unit": "active", "runstate": 5, "last": "x"}) == \
+        Where("active", None, False, None)
+    for bad in ([], {"unit": None}, {}):
+        with pytest.raises(ValueError):
+            Where.from_json(bad)
