@@ -49,6 +49,7 @@ class Held:
         self.thaw_at: float | None = None  # paused for a snapshot until (monotonic)
         self.abandoned = False  # failed with QEMU's fds kept: QEMU is left running
         self.migrated_to: str | None = None  # kvmagent migrate moved the guest there
+        self.held: str | None = None  # paused, its state sent there: the unit's status
         self.incoming: str | None = None  # a live migration's destination: from where
         self.booted: float | None = None  # ... and when the guest booted there
         self.mirrors: list[str] = []  # migrate --copy-storage: the drives being copied away

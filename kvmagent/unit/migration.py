@@ -139,9 +139,11 @@ def _source(sup: Held, command: str, fields: dict[str, object],
             # (kvmagent.render.migration.settle_step).
             sup.log(f"guest {sup.name}: migration to {host} not confirmed ({why}); its "
                     f"state was sent, so the guest stays paused here", 4)
-            notify(f"STATUS=paused: its state went to {host}, which did not confirm that it "
-                   f"runs there (kvmagent migrate {sup.name} {host} settles it)")
+            sup.held = (f"paused: its state went to {host}, which did not confirm that it "
+                        f"runs there (kvmagent migrate {sup.name} {host} settles it)")
+            notify(f"STATUS={sup.held}")
             return {"ok": True, "resumed": False, "completed": True}
+        sup.held = None
         mirror.abort(sup)
         resumed = False
         if qmp.execute("query-status", timeout=5.0).get("status") in PAUSED_BY_MIGRATION:

@@ -252,6 +252,9 @@ class Supervisor(Held):
                      MSG_WATCHDOG)
             return
         uptime = int(time.monotonic() - self.started)
+        if self.held is not None:  # kvmagent.unit.migration: the guest paused, unconfirmed
+            notify("WATCHDOG=1", f"STATUS={self.held}")
+            return
         notify("WATCHDOG=1", f"STATUS=running, QEMU pid {self.qemu.pid if self.qemu else '?'}, "
                              f"up {uptime // 86400}d {uptime % 86400 // 3600}h "
                              f"{uptime % 3600 // 60}min")
