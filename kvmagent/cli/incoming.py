@@ -197,7 +197,7 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int,
             _emit("failed", error=f"the supervisor ended: {e.message}")
             return False
         if reply.get("phase") != "incoming" and reply.get("runstate") == "running":
-            _emit("running")
+            _emit("running", resumed_at=reply.get("resumed_at"))
             return True
         status = str(reply.get("incoming", reply.get("runstate", "?")))
         if status != said:

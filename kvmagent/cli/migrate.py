@@ -41,7 +41,7 @@ from kvmagent.host import ssh
 from kvmagent.names import service_unit
 from kvmagent.paths import Paths
 from kvmagent.render.migration import (PAUSED_BY_MIGRATION, Refusal, SideFacts, Step,
-                                       preflight, progress_line, source_step)
+                                       paused_ms, preflight, progress_line, source_step)
 from kvmagent.render.transport import SSH, TCP, Transport, parse_transport, warning
 from kvmagent.unit import channel
 
@@ -326,7 +326,9 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
                 return rc
             info = _completed_info(control, info)
         break
-    return _end(args, target, name, control, info, enabled, t0, copy)
+    resumed_at = next((e.get("resumed_at") for e in reversed(lines.events)
+                       if e.get("event") == "running"), None)
+    return _end(args, target, name, control, info, enabled, t0, copy, resumed_at)
 
 
 def _completed_info(control: Path, info: dict[str, Any]) -> dict[str, Any]:
@@ -353,12 +355,15 @@ def _settle_held(args: argparse.Namespace, target: ssh.Target, name: str, contro
 
 
 def _end(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
-         info: dict[str, Any], enabled: bool, t0: float, copy: Copy | None) -> int:
-    """The guest runs on TARGET: its QEMU here quits, the unit ends "migrated"."""
+         info: dict[str, Any], enabled: bool, t0: float, copy: Copy | None,
+         resumed_at: object = None) -> int:
+    """The guest runs on TARGET: its QEMU here quits, the unit ends "migrated".
+    RESUMED_AT: when it ran there (TARGET's clock), for paused_ms."""
     ending: dict[str, Any] = {"host": str(target)}
     if isinstance(info.get("downtime"), int):
         ending["downtime_ms"] = info["downtime"]
-    channel.ask(control, "migrate-end", **ending)
+    paused = paused_ms(channel.ask(control, "migrate-end", **ending).get("paused_at"),
+                       resumed_at)
     unit = service_unit(name)
     end = time.monotonic() + END_TIMEOUT
     while _systemctl("is-active", unit).stdout.strip() in ("active", "deactivating",
@@ -378,9 +383,12 @@ def _end(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
                   file=sys.stderr)
     copied = f"; disks copied: {', '.join(c.node for c in copy.copies)}" if copy else ""
     _say(args, "migrated", f"guest {name} migrated to {target}: downtime "
-         f"{info.get('downtime', '?')} ms, total {total:.1f} s"
+         f"{info.get('downtime', '?')} ms"
+         + (f" (paused {paused} ms until it ran there)" if paused is not None else "")
+         + f", total {total:.1f} s"
          + ("; enabled there, disabled here" if enabled else "") + copied,
-         host=str(target), downtime_ms=info.get("downtime"), total_seconds=round(total, 3),
+         host=str(target), downtime_ms=info.get("downtime"), paused_ms=paused,
+         total_seconds=round(total, 3),
          qemu_total_ms=info.get("total-time"), enabled_there=enabled,
          **({"copied": [c.node for c in copy.copies]} if copy is not None else {}))
     return ExitStatus.OK

@@ -283,6 +283,30 @@ def stalled(status: str, quiet_for: float) -> str | None:
     return None
 
 
+def event_time(event: dict[str, Any]) -> float | None:
+    """A QMP event's timestamp (the host's wall clock), None without one."""
+    stamp = event.get("timestamp")
+    if not isinstance(stamp, dict):
+        return None
+    seconds, micro = stamp.get("seconds"), stamp.get("microseconds")
+    if not isinstance(seconds, int) or not isinstance(micro, int) or seconds < 0:
+        return None
+    return seconds + micro / 1e6
+
+
+def paused_ms(paused_at: object, resumed_at: object) -> int | None:
+    """How long the guest did not run at the switch, as a guest sees it:
+    from the source QEMU's pause (its STOP event) until the destination
+    resumed it, by the two hosts' clocks (QEMU's own "downtime" ends when
+    the source sent the last of the state).  None when either is unknown,
+    or the clocks disagree beyond belief (before the pause, over an hour)."""
+    if not all(isinstance(t, (int, float)) and not isinstance(t, bool)
+               for t in (paused_at, resumed_at)):
+        return None
+    ms = round((float(resumed_at) - float(paused_at)) * 1000)  # type: ignore[arg-type]
+    return ms if 0 <= ms <= 3_600_000 else None
+
+
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

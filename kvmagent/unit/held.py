@@ -50,6 +50,8 @@ class Held:
         self.abandoned = False  # failed with QEMU's fds kept: QEMU is left running
         self.migrated_to: str | None = None  # kvmagent migrate moved the guest there
         self.held: str | None = None  # paused, its state sent there: the unit's status
+        self.paused_at: float | None = None  # QEMU's last STOP event (wall clock)
+        self.resumed_at: float | None = None  # an arrival: when the guest ran here (wall clock)
         self.incoming: str | None = None  # a live migration's destination: from where
         self.booted: float | None = None  # ... and when the guest booted there
         self.mirrors: list[str] = []  # migrate --copy-storage: the drives being copied away

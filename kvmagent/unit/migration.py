@@ -30,7 +30,7 @@ from kvmagent.host.qmp import QmpError
 from kvmagent.host.sdnotify import notify
 from kvmagent.lifecycle import MIGRATED
 from kvmagent.render.migration import (ARRIVAL_FAILED, PAUSED_BY_MIGRATION, Arrival,
-                                       incoming_step, parameters)
+                                       event_time, incoming_step, parameters)
 from kvmagent.render.plan import Incoming
 from kvmagent.unit import channel, mirror
 from kvmagent.unit.held import Held
@@ -92,6 +92,7 @@ def _source(sup: Held, command: str, fields: dict[str, object],
         machine, cpu = machine_and_cpu(sup)
         return {"ok": True, "phase": info.get("status", "none"), "info": info,
                 "runstate": runstate, "machine": machine, "cpu": cpu,
+                "resumed_at": sup.resumed_at,
                 "migrated_to": sup.migrated_to, "jobs": mirror.jobs(sup) if sup.mirrors else []}
     host = str(fields.get("host", "?"))
     if command == "migrate-copy":  # --copy-storage: one disk's mirror (kvmagent.unit.mirror)
@@ -163,9 +164,13 @@ def _source(sup: Held, command: str, fields: dict[str, object],
     notify("STOPPING=1", f"STATUS=migrated to {host}")
     sup.record("stopping", MIGRATED, f"to {sup.migrated_to}")
     sup.record.flush(linger=True)
+    for event in qmp.events:  # a STOP read with a reply, not yet the main loop's
+        if event.get("event") == "STOP":
+            sup.paused_at = event_time(event)
+    paused_at = sup.paused_at
     with suppress(QmpError, OSError):
         qmp.execute("quit", timeout=5.0)
-    return {"ok": True}
+    return {"ok": True, "paused_at": paused_at}
 
 
 def migrated(sup: Held, rc: int) -> int:
@@ -223,6 +228,7 @@ def receive(sup: Held, incoming: Incoming) -> None:
         notify(f"EXTEND_TIMEOUT_USEC={EXTEND_USEC}",
                f"STATUS=receiving the guest from {incoming.source} ({status or 'waiting'})")
     resume(sup, incoming)
+    sup.resumed_at = time.time()
     state = qmp.execute("query-status", timeout=5.0).get("status")
     if state != "running":
         raise IncomingFailed(f"the guest arrived but is {state}, not running")

@@ -36,6 +36,7 @@ from kvmagent.host.sdnotify import notify, store_fd
 from kvmagent.lifecycle import ADMIN, ARRIVED_FROM, CONFIG, CRASHED, FAILED, MIGRATED, POWEROFF
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
+from kvmagent.render.migration import event_time
 from kvmagent.render.plan import Plan, Running
 from kvmagent.unit import adopt, channel, forkcall, migration, mirror, takeover, testhook
 from kvmagent.unit.adopt import AdoptedQemu
@@ -236,6 +237,8 @@ class Supervisor(Held):
                              (" at its reboot (on_reboot = stop)" if reason == "guest-reset"
                               else "") + ("; QEMU kept (on_poweroff = keep)" if kept else ""),
                              6, MSG_POWEREDOFF)
+            elif kind == "STOP":  # for a live migration's paused_ms
+                self.paused_at = event_time(event)
             elif kind == "RESET":
                 self.log(f"guest {self.name} reset ({data.get('reason', '?')})", 6)
             elif kind == "GUEST_PANICKED":

@@ -227,8 +227,11 @@ def test_there_and_back(pair: HostPair) -> None:
         done = events[-1]
         assert done["event"] == "migrated" and done["enabled_there"] is True, events
         print(f"\n{src.name} -> {dst.name}: downtime {done['downtime_ms']} ms (QEMU), "
+              f"the guest paused {done['paused_ms']} ms (until it ran there), "
               f"QEMU's total {done['qemu_total_ms']} ms, the command's total "
               f"{done['total_seconds']} s")
+        # one clock for both test hosts: the pause holds QEMU's downtime
+        assert done["paused_ms"] >= done["downtime_ms"] - 5, done
         assert state(src) == ("inactive", "success"), state(src)
         assert qemus(src) == [] and f"kvm-{NAME}-0" not in taps(src)
         assert state(src, f"kvm-{NAME}.scope")[0] == "inactive"

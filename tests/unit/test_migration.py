@@ -14,6 +14,7 @@ from kvmagent.render.migration import (CONFIRM_TIMEOUT, STALL_LIMIT, STREAM_WAIT
                                        preflight, progress_line, source_step, stalled)
 from kvmagent.render.migration import DEFAULT_BANDWIDTH, DEFAULT_DOWNTIME_MS, parameters
 from kvmagent.render.migration import ARRIVAL_FAILED, SETTLE_LIMIT, Settle, Where, settle_step
+from kvmagent.render.migration import event_time, paused_ms
 from kvmagent.render.plan import Incoming
 
 CONFIG = {"cpus": 1, "memory": "256M", "machine": "pc",
@@ -196,3 +197,16 @@ def test_where_from_json() -> None:
     for bad in ([], {"unit": None}, {}):
         with pytest.raises(ValueError):
             Where.from_json(bad)
+
+
+def test_paused_ms_from_the_source_pause_to_the_destination_resume() -> None:
+    stop = {"event": "STOP", "data": {}, "timestamp": {"seconds": 1764900000,
+                                                       "microseconds": 250000}}
+    assert event_time(stop) == 1764900000.25
+    assert event_time({"event": "STOP"}) is None
+    assert event_time({"timestamp": {"seconds": "1", "microseconds": 0}}) is None
+    assert paused_ms(1764900000.25, 1764900000.371) == 121
+    assert paused_ms(None, 1764900000.371) is None  # an older destination said nothing
+    assert paused_ms(1764900000.25, True) is None
+    assert paused_ms(1764900000.25, 1764899999.0) is None  # clocks that disagree
+    assert paused_ms(1764900000.25, 1764900000.25 + 7200) is None
