@@ -397,8 +397,7 @@ def test_a_lost_confirmation_never_runs_the_guest_twice(pair: HostPair) -> None:
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, (out, err)
     assert json.loads(out.splitlines()[-1])["event"] == "migrated", out
-    print(f"
-the confirmation lost: host 0 asked host 1 and ended its copy "
+    print(f"\nthe confirmation lost: host 0 asked host 1 and ended its copy "
           f"{time.monotonic() - t0:.1f} s later")
     assert state(a) == ("inactive", "success") and qemus(a) == []
     runs_on(b)
