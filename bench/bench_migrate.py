@@ -4,7 +4,8 @@ tests/harness/hostpair.py: the tiny guest (256M, TCG; its kernel, initrd and
 a raw disk on the shared storage) moved back and forth MOVES times while it
 pings its bridge's address every 0.1 s.  Both hosts' br-kvm have that
 address and the same MAC, as one network's would.  Printed for each move:
-QEMU's downtime, QEMU's total time, the command's total time; and the pings
+QEMU's downtime, how long the guest did not run (paused_ms: until it ran on
+the destination), QEMU's total time, the command's total time; and the pings
 lost in all, counted from the sequence numbers the guest printed on its
 console (in the journal of the host it ran on at the time).
 
@@ -102,7 +103,7 @@ def main() -> int:
             pair[0].exec(["kvmagent", "console", NAME, "--timeout", "2"],
                          input="ping -i 0.1 10.77.0.1 &\n", check=False)
             time.sleep(3)
-            rows: dict[str, list[tuple[str, int, int, float]]] = {t: [] for t in transports}
+            rows: dict[str, list[tuple[str, int, int, float, int]]] = {t: [] for t in transports}
             for n in range(moves * len(transports)):
                 i, transport = n % moves, transports[n // moves]
                 src, to = pair[n % 2], f"host{1 - n % 2}"
@@ -113,7 +114,8 @@ def main() -> int:
                     raise SystemExit(f"move {i + 1} over {transport} failed: {r.stderr}")
                 done = json.loads(r.stdout.splitlines()[-1])
                 rows[transport].append((f"host{n % 2} -> {to}", done["downtime_ms"],
-                                        done["qemu_total_ms"], done["total_seconds"]))
+                                        done["qemu_total_ms"], done["total_seconds"],
+                                        done["paused_ms"]))
                 time.sleep(2)
                 if lv is not None:
                     lv.kvmagent(r, transport)
@@ -131,12 +133,14 @@ def main() -> int:
                  else "disk on shared storage")
         print(f"kvmagent migrate over {transport}, tiny guest (256M, TCG, {where}), "
               f"{moves} moves between two Debian 12 test hosts")
-        print(f"{'move':<18}{'downtime ms':>12}{'QEMU total ms':>15}{'command s':>11}")
-        for move, downtime, qemu_total, total in rows[transport]:
-            print(f"{move:<18}{downtime:>12}{qemu_total:>15}{total:>11.2f}")
+        print(f"{'move':<18}{'downtime ms':>12}{'paused ms':>10}{'QEMU total ms':>15}"
+              f"{'command s':>11}")
+        for move, downtime, qemu_total, total, paused in rows[transport]:
+            print(f"{move:<18}{downtime:>12}{paused:>10}{qemu_total:>15}{total:>11.2f}")
     if len(transports) > 1:  # side by side
         print(f"{'median of the moves':<24}" + "".join(f"{t:>10}" for t in transports))
-        for label, col in (("downtime ms", 1), ("QEMU total ms", 2), ("command s", 3)):
+        for label, col in (("downtime ms", 1), ("paused ms", 4), ("QEMU total ms", 2),
+                           ("command s", 3)):
             medians = [statistics.median(r[col] for r in rows[t]) for t in transports]
             print(f"{label:<24}" + "".join(f"{m:>10.{2 if col == 3 else 0}f}" for m in medians))
     sent = seqs[-1] - seqs[0] + 1 if seqs else 0

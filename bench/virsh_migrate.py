@@ -82,10 +82,19 @@ print(json.dumps({"wall": time.monotonic() - t0, "rc": rc, "lines": lines, "stde
 
 @dataclass(frozen=True)
 class Sample:
-    """One move: QEMU's downtime and total time (ms), the command's wall time (s)."""
+    """One move: the downtime and total time (ms) as each manager reports
+    them, the command's wall time (s), and how long the guest did not run
+    (ms: kvmagent's paused_ms, from the source's pause until the guest ran
+    on the destination; libvirt's downtime is that already)."""
     downtime_ms: int
     qemu_ms: int
     wall_s: float
+    paused_ms: int | None = None
+
+    @property
+    def paused(self) -> int:
+        """The like-for-like figure: the pause, or the downtime without one."""
+        return self.downtime_ms if self.paused_ms is None else self.paused_ms
 
 
 @dataclass(frozen=True)
@@ -197,8 +206,9 @@ def kvmagent_sample(run: Timed) -> tuple[Sample, dict[str, float]]:
             done = event
     if not done:
         raise ValueError(f"no migrated event: {run.stdout!r} {run.stderr!r}")
+    paused = done.get("paused_ms")
     return Sample(int(done["downtime_ms"]), int(done["qemu_total_ms"]),  # type: ignore[call-overload]
-                  run.wall), events
+                  run.wall, paused if isinstance(paused, int) else None), events
 
 
 def _mid(values: Sequence[float]) -> float:
@@ -219,20 +229,24 @@ def summary(samples: Mapping[str, Sequence[Sample]]) -> str:
         if not s:
             continue
         down = [x.downtime_ms for x in s]
+        paused = [x.paused for x in s]
         qemu = [x.qemu_ms for x in s]
         wall = [x.wall_s for x in s]
         ours = next((samples[k] for k in AGAINST.get(way, ()) if samples.get(k)), [])
         if not ours:
             vs = "", ""
         else:
-            vs = (ratio(_mid([x.downtime_ms for x in ours]), _mid(down)),
+            vs = (ratio(_mid([x.paused for x in ours]), _mid(paused)),
                   ratio(_mid([x.wall_s for x in ours]), _mid(wall)))
         rows.append([label, str(len(s)), f"{_mid(down):.0f} ({_range(down, '.0f')})",
+                     f"{_mid(paused):.0f} ({_range(paused, '.0f')})",
                      f"{_mid(qemu):.0f} ({_range(qemu, '.0f')})",
                      f"{_mid(wall):.2f} ({_range(wall, '.2f')})", *vs])
-    return table(["move", "n", "downtime ms", "migration ms", "command s",
-                  "kvmagent/it downtime", "kvmagent/it command"], rows) + (
-        "\n(kvmagent/it: kvmagent's tcp against virsh's tcp, its ssh against tunnelled)")
+    return table(["move", "n", "downtime ms", "guest paused ms", "migration ms", "command s",
+                  "kvmagent/it paused", "kvmagent/it command"], rows) + (
+        "\n(kvmagent/it: kvmagent's tcp against virsh's tcp, its ssh against tunnelled; "
+        "guest paused: from the source's pause until the guest ran on the destination — "
+        "kvmagent's paused_ms, libvirt's own downtime)")
 
 
 def breakdown(events: Sequence[Mapping[str, float]], samples: Sequence[Sample],
@@ -332,7 +346,7 @@ class Libvirt:
             info = self.pair[to].exec(["virsh", "domjobinfo", "--completed", DOMAIN])
             downtime, elapsed = parse_domjobinfo(info.stdout)
             self.whence.add("the destination's")
-        self.samples[way].append(Sample(downtime, elapsed, run.wall))
+        self.samples[way].append(Sample(downtime, elapsed, run.wall, downtime))
         self.at = to
 
     def pings(self) -> tuple[int, int]:

@@ -112,7 +112,10 @@ def test_kvmagent_events() -> None:
                  (2.15, {"event": "migrated", "downtime_ms": 24, "qemu_total_ms": 780,
                          "total_seconds": 1.1}))
     sample, events = kvmagent_sample(run)
-    assert sample == Sample(24, 780, 2.2)
+    assert sample == Sample(24, 780, 2.2) and sample.paused == 24
+    paused = run_of((2.15, {"event": "migrated", "downtime_ms": 24, "paused_ms": 61,
+                            "qemu_total_ms": 780, "total_seconds": 1.1}))
+    assert kvmagent_sample(paused)[0] == Sample(24, 780, 2.2, 61)
     assert events == {"started": 1.10, "progress": 1.20, "completed": 1.90, "migrated": 2.15}
     with pytest.raises(ValueError):  # a move that did not end so is no sample
         kvmagent_sample(run_of((1.1, {"event": "cancelled"})))
@@ -133,6 +136,12 @@ def test_summary() -> None:
     text = summary({"kvmagent ssh": ssh, "kvmagent tcp": [Sample(6, 600, 1.1)],
                     "tcp": [Sample(12, 600, 1.0), Sample(10, 500, 1.2)]})
     assert "0.55×" in text.splitlines()[4]  # kvmagent's tcp against virsh's: 6/11
+    # like for like: kvmagent's guest paused (paused_ms) against libvirt's downtime
+    text = summary({"kvmagent tcp": [Sample(6, 600, 1.1, 44)],
+                    "tcp": [Sample(12, 600, 1.0, 12), Sample(10, 500, 1.2, 10)]})
+    kvm, virsh = text.splitlines()[2:4]
+    assert "| 6 (6–6) " in kvm and "| 44 (44–44) " in kvm
+    assert "| 11 (10–12) " in virsh and "4.00×" in virsh  # 44/11
 
 
 def test_breakdown() -> None:
