@@ -287,6 +287,10 @@ def _incoming_request(sup: Held, req: channel.Request, status: str | None) -> st
         elif command == "migrate-incoming" and status is None and len(fds) == 1:
             try:
                 sup.qmp.execute("getfd", timeout=5.0, fds=fds, fdname=FDNAME)
+                # MIGRATION events wake receive() the moment the state is in:
+                # the guest resumes at once, not at the next look (POLL)
+                sup.qmp.execute("migrate-set-capabilities", timeout=5.0, capabilities=[
+                    {"capability": "events", "state": True}])
                 sup.qmp.execute("migrate-incoming", timeout=10.0, uri=f"fd:{FDNAME}")
             except QmpError as e:
                 channel.answer(conn, {"ok": False, "error": e.message})
