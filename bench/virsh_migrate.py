@@ -36,6 +36,7 @@ tests/unit/test_bench_virsh_migrate.py."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 import time
@@ -253,7 +254,10 @@ def breakdown(events: Sequence[Mapping[str, float]], samples: Sequence[Sample],
               probes: Mapping[str, Sequence[float]]) -> str:
     """Where kvmagent migrate's time goes (medians, ms)."""
     def med(key: str) -> float:
-        return _mid([e[key] for e in events if key in e]) * 1000
+        """NaN when no move had KEY: a destination that says "running"
+        before the source's next look leaves no progress saying completed."""
+        values = [e[key] for e in events if key in e]
+        return _mid(values) * 1000 if values else math.nan
     rows = [["`ssh HOST true` (one ssh session)", f"{_mid(probes['ssh']) * 1000:.0f}"],
             ["`ssh HOST kvmagent migrate-incoming NAME --facts` (the preflight's facts)",
              f"{_mid(probes['facts']) * 1000:.0f}"],
@@ -265,6 +269,8 @@ def breakdown(events: Sequence[Mapping[str, float]], samples: Sequence[Sample],
             ["completed → \"migrated\" (running there; the source's unit ended)",
              f"{med('migrated') - med('completed'):.0f}"],
             ["command's wall time", f"{_mid([s.wall_s for s in samples]) * 1000:.0f}"]]
+    for row in rows:
+        row[1] = row[1].replace("nan", "–")
     return table(["kvmagent migrate (ssh), where the time goes", "median ms"], rows)
 
 

@@ -144,6 +144,14 @@ def test_summary() -> None:
     assert "| 11 (10–12) " in virsh and "4.00×" in virsh  # 44/11
 
 
+def test_breakdown_without_a_completed_progress() -> None:
+    """The destination's "running" came before the source's look saw
+    QEMU completed: those rows say "–", the others stand."""
+    text = breakdown([{"started": 1.0, "migrated": 2.0}], [Sample(24, 700, 2.1)],
+                     {"ssh": [0.2], "facts": [0.5]})
+    assert "| – " in text and "| 1000 " in text and "| 2100 " in text
+
+
 def test_breakdown() -> None:
     events = [{"started": 1.0, "completed": 1.8, "migrated": 2.0},
               {"started": 1.2, "completed": 2.0, "migrated": 2.3}]
