@@ -11,7 +11,8 @@ guests and install runs alike), and
 `stop-post NAME` (ExecStopPost=) when there is nothing for it to do.  So
 do `kvmagent list [--json]`, which admins and monitoring run often
 (argparse, gettext and the parser cost ~15 ms of a ~110 ms listing),
-`kvmagent stop --force NAME`, the power cord, and `kvmagent start NAME`.
+`kvmagent stop --force NAME`, the power cord, `kvmagent stop NAME` and
+`kvmagent start NAME`.
 `-H HOST` (any command) goes to kvmagent.cli.remote: the command runs on
 HOST, over ssh."""
 
@@ -79,6 +80,8 @@ SHORT_WAYS: dict[tuple[str, ...], tuple[str, dict[str, object]]] = {
     ("list", "--json"): ("cli.tracking:cmd_list", {"json": True}),
     # the power cord: a guest in trouble, a command that costs a few ms
     ("stop", "--force", NAME): ("cli.hardstop:cmd_stop", {"force": True, "no_block": False}),
+    # a graceful stop: neither argparse nor the configuration (kvmagent.cli.control)
+    ("stop", NAME): ("cli.hardstop:cmd_stop", {"force": False, "no_block": False}),
     ("start", NAME): ("cli.control:cmd_start", {"no_block": False, "transient": None}),
 }
 
