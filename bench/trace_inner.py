@@ -7,7 +7,8 @@ medians summed up)
 kvmagent: every journal entry of the guest's units (systemd's, the
 supervisor's, QEMU's scope, machined's) against the command's start; the
 command alone on a guest already running (what the CLI costs: Python,
-imports, configuration, D-Bus).  libvirt: libvirtd's log of its QEMU
+imports, configuration, D-Bus). A graceful stop once the guest is off, step by
+step, with systemd's log level at debug for it (STOP_STEPS).  libvirt: libvirtd's log of its QEMU
 monitor (QMP) for one `virsh start` and one `virsh destroy`: the commands
 it sends and when, first to last."""
 
@@ -78,6 +79,46 @@ def kvmagent_trace(argv: list[str], stop: list[str]) -> tuple[float, list[Event]
     stop_took = run(stop)
     time.sleep(0.3)
     return took, start, stop_took, journal_since(t1)
+
+
+# A graceful stop after the guest is off, step by step: each step's first
+# journal entry (the supervisor's, and systemd's own at log level debug:
+# the ExecStopPost= process's fork, its exec, its exit).
+STOP_STEPS = [("the guest powered off", "powered off"),
+              ("the supervisor's \"guest stopped\" (QEMU exited)", f"guest {GUEST} stopped"),
+              ("the supervisor exited", "Main process exited"),
+              ("systemd forked ExecStopPost=", "Forked /"),
+              ("its exec", "Executing:"),
+              ("it exited", "Control process exited"),
+              ("the unit inactive", f"kvm@{GUEST}.service: Deactivated")]
+
+
+def stop_steps(rounds: int) -> dict[str, list[float]]:
+    """ROUNDS graceful stops (systemctl stop) with systemd's debug log on:
+    the milliseconds from each step to the next."""
+    level = subprocess.run(["systemd-analyze", "log-level"], capture_output=True,
+                           text=True).stdout.strip() or "info"
+    gaps: dict[str, list[float]] = collections.defaultdict(list)
+    subprocess.run(["systemd-analyze", "log-level", "debug"], check=True)
+    try:
+        for _ in range(rounds):
+            subprocess.run(["systemctl", "reset-failed", f"kvm@{GUEST}"],
+                           stderr=subprocess.DEVNULL)
+            t0 = now_us()
+            run(["systemctl", "start", f"kvm@{GUEST}"])
+            wait_banner(t0)
+            t1 = now_us()
+            run(["systemctl", "stop", f"kvm@{GUEST}"])
+            time.sleep(0.3)
+            events = journal_since(t1)
+            at = [next((ms for ms, what in events if marker in what), None)
+                  for _, marker in STOP_STEPS]
+            for (step, _), before, after in zip(STOP_STEPS[1:], at, at[1:]):
+                if before is not None and after is not None:
+                    gaps[step].append(after - before)
+    finally:
+        subprocess.run(["systemd-analyze", "log-level", level], check=True)
+    return gaps
 
 
 def libvirt_log(on: bool) -> None:
@@ -172,6 +213,11 @@ def main() -> int:
             print("  " + summary(start))
             show("virsh destroy bench, libvirtd's QMP commands", stop_took, stop)
             print("  " + summary(stop))
+    gaps = stop_steps(rounds + 2)
+    print(f"\n`systemctl stop kvm@{GUEST}` once the guest is off, step by step (systemd's "
+          f"debug log; medians of {rounds + 2}, ms):")
+    for step, times in gaps.items():
+        print(f"  {statistics.median(times):6.1f}  -> {step}  ({min(times):.1f}-{max(times):.1f})")
     # where a `kvmagent start` of a running guest spends its time
     subprocess.run(["systemctl", "start", f"kvm@{GUEST}"], check=True)
     r = subprocess.run(["/usr/bin/python3", "-m", "cProfile", "-s", "cumtime",

@@ -8,7 +8,13 @@ install), kvm@NAME.service is made as a transient unit with the template's
 settings (kvmagent.render.service).  `start --transient FILE` runs a one-off guest
 from a file as the transient kvm-oneoff@NAME.service.  A guest name runs as
 one of the two at a time: they share the scope, the machine, the taps and
-the runtime directory."""
+the runtime directory.
+
+`stop NAME` needs no configuration (a guest whose file has gone bad can
+still be stopped), so the configuration machinery is imported by the
+functions that load a guest, not by this module: a graceful stop through
+this module (kvmagent.cli.hardstop, a short way of kvmagent.cli.main)
+imports what a stop needs and no more."""
 
 from __future__ import annotations
 
@@ -16,15 +22,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvmagent.config.guests import check_unique, load_guest, load_guest_file, load_host_config
-from kvmagent.config.model import Guest
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.names import service_unit, valid_guest_name
 from kvmagent.paths import Paths
-from kvmagent.render.service import needs_inet, oneoff_unit, service_settings, writable_images
 
 if TYPE_CHECKING:
     import argparse  # `start NAME` comes without it (kvmagent.cli.main's short ways)
+
+    from kvmagent.config.model import Guest
 
 RESULT_HINT = "see: systemctl status {unit}; journalctl -u {unit}"
 ONEOFF_STOP_WAIT = 1800.0  # stop: the supervisor extends systemd's own stop timeout as it goes
@@ -62,9 +67,15 @@ def report(action: str, unit: str, result: str | None, no_block: bool) -> int:
     return ExitStatus.OK
 
 
-def _stop(unit: str, args: argparse.Namespace, timeout: float) -> int:
+def oneoff_unit(name: str) -> str:
+    from kvmagent.render.service import oneoff_unit as unit  # not the config machinery
+    return unit(name)
+
+
+def _stop(unit: str, state: str | None, args: argparse.Namespace, timeout: float) -> int:
+    """Stop UNIT, whose ActiveState (None: not loaded) was just asked."""
     from kvmagent.host import systemd
-    if systemd.active_state(unit) is None:
+    if state is None:
         # Not loaded: stopped already (and, without the template, systemd
         # would not even know the name).
         return report("stop", unit, "done", False)
@@ -84,9 +95,9 @@ def _job(action: str, args: argparse.Namespace, paths: Paths) -> int:
     # A running one-off guest is stopped (restarted) by its name alone:
     # it has no guests/NAME.toml.
     if (action != "start" and valid_guest_name(args.name)
-            and systemd.active_state(oneoff) is not None):
+            and (state := systemd.active_state(oneoff)) is not None):
         if action == "stop":
-            return _stop(oneoff, args, ONEOFF_STOP_WAIT)
+            return _stop(oneoff, state, args, ONEOFF_STOP_WAIT)
         result = systemd.restart_unit(oneoff, wait=not args.no_block,
                                       timeout=ONEOFF_STOP_WAIT + 300)
         return report(action, oneoff, result, args.no_block)
@@ -94,9 +105,13 @@ def _job(action: str, args: argparse.Namespace, paths: Paths) -> int:
         # No configuration needed: a guest whose file has gone bad can still
         # be stopped.  The supervisor extends systemd's stop timeout itself.
         unit = service_unit(args.name)
-        if systemd.active_state(unit) is None and not paths.guest_config(args.name).exists():
+        state = systemd.active_state(unit)
+        if state is None and not paths.guest_config(args.name).exists():
+            from kvmagent.config.guests import load_guest, load_host_config
             load_guest(paths, args.name, load_host_config(paths))  # unknown guest: exit 8
-        return _stop(unit, args, ONEOFF_STOP_WAIT)
+        return _stop(unit, state, args, ONEOFF_STOP_WAIT)
+    from kvmagent.config.guests import load_guest, load_host_config
+    from kvmagent.render.service import needs_inet, service_settings
     host = load_host_config(paths)
     guest = load_guest(paths, args.name, host)  # exit 6/8 before touching systemd
     unit = service_unit(guest.name)
@@ -123,6 +138,7 @@ def _job(action: str, args: argparse.Namespace, paths: Paths) -> int:
 def running_guests(paths: Paths, host: Any) -> list[Guest]:
     """The guests running now, defined, one-off or installing (those whose
     file still loads)."""
+    from kvmagent.config.guests import load_guest, load_guest_file
     from kvmagent.host import systemd
     out = []
     for row in systemd.list_units(["kvm@*.service", "kvm-oneoff@*.service"]):
@@ -149,6 +165,8 @@ def start_oneoff(args: argparse.Namespace, paths: Paths) -> int:
     """`kvmagent start --transient FILE`: the guest of FILE, checked like any
     (nothing is made when it is bad), as the transient kvm-oneoff@NAME.service,
     collected when it stops."""
+    from kvmagent.config.guests import check_unique, load_guest_file, load_host_config
+    from kvmagent.render.service import needs_inet, service_settings, writable_images
     path = Path(args.transient).resolve()
     host = load_host_config(paths)
     guest = load_guest_file(path, host)  # exit 6 before touching systemd

@@ -11,7 +11,8 @@ guests and install runs alike), and
 `stop-post NAME` (ExecStopPost=) when there is nothing for it to do.  So
 do `kvmagent list [--json]`, which admins and monitoring run often
 (argparse, gettext and the parser cost ~15 ms of a ~110 ms listing),
-`kvmagent stop --force NAME`, the power cord, and `kvmagent start NAME`.
+`kvmagent stop --force NAME`, the power cord, `kvmagent stop NAME` and
+`kvmagent start NAME`.
 `-H HOST` (any command) goes to kvmagent.cli.remote: the command runs on
 HOST, over ssh."""
 
@@ -31,8 +32,10 @@ if TYPE_CHECKING:
 def _stop_already_recorded(argv: list[str]) -> bool:
     """`kvmagent stop-post NAME` (ExecStopPost=) after a run whose supervisor
     recorded its stop itself, as it does unless it was killed: nothing to
-    do.  It runs in every stop, so it reads one file and imports nothing
-    (but kvmagent.lifecycle, for the file's name);
+    do.  The units check this in the shell first (kvmagent.render.service
+    STOP_POST_CHECK) and run stop-post only when it fails; a unit of an
+    older kvmagent runs stop-post every time.  So it reads one file and
+    imports nothing (but kvmagent.lifecycle, for the file's name);
     the unit's runtime directory is in $RUNTIME_DIRECTORY (RuntimeDirectory=
     kvmagent/NAME); anything else takes the long way."""
     invocation = os.environ.get("INVOCATION_ID")
@@ -79,6 +82,8 @@ SHORT_WAYS: dict[tuple[str, ...], tuple[str, dict[str, object]]] = {
     ("list", "--json"): ("cli.tracking:cmd_list", {"json": True}),
     # the power cord: a guest in trouble, a command that costs a few ms
     ("stop", "--force", NAME): ("cli.hardstop:cmd_stop", {"force": True, "no_block": False}),
+    # a graceful stop: neither argparse nor the configuration (kvmagent.cli.control)
+    ("stop", NAME): ("cli.hardstop:cmd_stop", {"force": False, "no_block": False}),
     ("start", NAME): ("cli.control:cmd_start", {"no_block": False, "transient": None}),
 }
 

@@ -15,6 +15,14 @@ pprint import pformat` (for one error message) costs ~10 ms, as pprint
 brings dataclasses and inspect (measured on Debian 12: importing
 kvmagent.host.systemd takes 31 ms and 12.4 MiB with the stand-in, 42 ms and
 13.8 MiB without; tests/libs fails when pystemd stops taking pformat).
+And gi of Debian 13 (PyGObject 3.50) imports asyncio as it loads, for its
+asyncio integration (awaitable Gio calls, an asyncio event loop on GLib's),
+which pydbus's blocking calls never use: asyncio with ssl, logging,
+inspect and concurrent.futures is ~95 ms of the ~275 ms that
+kvmagent.host.machined took to import there (measured under load:
+`python3 -X importtime`), in the child that registers every guest with
+machined while QEMU starts (kvmagent.host.machined; tests/libs checks that
+asyncio stays out, on Debian 12's gi and 13's).
 
 Both reach past a library's public face, so another version of it may lack
 what kvmagent takes: missing() turns that ImportError into a host error that
@@ -40,13 +48,15 @@ def enter(package: str) -> None:
         sys.modules[package] = importlib.util.module_from_spec(spec)
 
 
-def import_without(module: str, dependency: str, name: str) -> None:
+def import_without(module: str, dependency: str, name: str, **fixed: Any) -> None:
     """Import MODULE while DEPENDENCY (if nobody imported it yet) is a
     stand-in whose NAME imports the real DEPENDENCY when first called.  The
     stand-in leaves sys.modules when MODULE's import returns, so a later
     import of DEPENDENCY gets the real one; any other name asked of it (by a
     module imported meanwhile that took it for the real one) imports the
-    real one at once."""
+    real one at once, but those of FIXED: values the stand-in holds as they
+    are, for a name that MODULE takes as it loads and keeps for a path
+    kvmagent never takes (a class cannot be had lazily)."""
     if module in sys.modules or dependency in sys.modules:
         importlib.import_module(module)
         return
@@ -66,6 +76,8 @@ def import_without(module: str, dependency: str, name: str) -> None:
         return getattr(real(), attr)
 
     setattr(stand_in, name, late)
+    for attr, value in fixed.items():
+        setattr(stand_in, attr, value)
     setattr(stand_in, "__getattr__", other)
     sys.modules[dependency] = stand_in
     try:

@@ -16,10 +16,22 @@ import re
 import uuid as uuidlib
 from typing import Any
 
-from gi.repository import GLib
-from pydbus import SystemBus
-
 from kvmagent.errors import ExitStatus, KvmagentError
+from kvmagent.host import leanimport
+
+
+class GiFutureStateError(Exception):
+    """asyncio.InvalidStateError as gi sees it here: raised only by gi's
+    own futures of Gio's async calls, which kvmagent never makes."""
+
+
+# gi is imported after this call, on purpose (E402): Debian 13's gi imports
+# asyncio as it loads (~95 ms) for what pydbus's blocking calls never use;
+# it takes these two names from it (see kvmagent.host.leanimport).
+leanimport.import_without("gi.repository.GLib", "asyncio", "_get_running_loop",
+                          InvalidStateError=GiFutureStateError)
+from gi.repository import GLib  # noqa: E402
+from pydbus import SystemBus  # noqa: E402
 
 BUS_NAME = "org.freedesktop.machine1"
 _REMOTE = re.compile(r"^GDBus\.Error:([\w.]+): (.*)$", re.DOTALL)

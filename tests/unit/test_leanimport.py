@@ -44,6 +44,21 @@ def test_a_module_imported_meanwhile_gets_the_real_names(modules: Path) -> None:
     assert lean_helper.lean_dep.f(2) == ("real f", 2)
 
 
+def test_fixed_names_are_held_as_they_are(modules: Path) -> None:
+    """A name the module takes as it loads and keeps (a class) is the fixed
+    value: the real dependency stays unloaded."""
+    (modules / "lean_cls.py").write_text("from lean_dep import Error, f\n")
+    try:
+        class Stand(Exception):
+            pass
+        leanimport.import_without("lean_cls", "lean_dep", "f", Error=Stand)
+        import lean_cls
+        assert lean_cls.Error is Stand and "lean_dep" not in sys.modules
+        assert lean_cls.f(3) == ("real f", 3)
+    finally:
+        sys.modules.pop("lean_cls", None)
+
+
 def test_a_failed_import_leaves_no_stand_in(modules: Path) -> None:
     with pytest.raises(RuntimeError):
         leanimport.import_without("lean_broken", "lean_dep", "f")

@@ -77,6 +77,13 @@ LIST_CHANGED = LIST | {"kvmagent.config.layers", "kvmagent.names"}
 PYSTEMD = {"pystemd", "pystemd.dbusexc", "pystemd.dbuslib", "pystemd.utils"}
 CYTHON_RUNTIME = re.compile(r"_cython_[0-9_]+|cython_runtime")
 
+# kvmagent stop NAME (graceful): systemd asked over pystemd, no configuration
+# (kvmagent.render.service for the one-off unit's name), no argparse.
+STOP = {"kvmagent", "kvmagent.errors", "kvmagent.lifecycle", "kvmagent.names", "kvmagent.paths",
+        "kvmagent.cli", "kvmagent.cli.main", "kvmagent.cli.hardstop", "kvmagent.cli.control",
+        "kvmagent.config", "kvmagent.config.values",
+        "kvmagent.host", "kvmagent.host.leanimport", "kvmagent.host.systemd",
+        "kvmagent.render", "kvmagent.render.service", "kvmagent.render.unitprops"}
 # kvmagent stop-post NAME after a run that recorded its own stop: one file read.
 STOP_POST_DONE = {"kvmagent", "kvmagent.cli", "kvmagent.cli.main", "kvmagent.lifecycle"}
 
@@ -203,6 +210,19 @@ def test_list_imports_only_what_a_listing_needs(tmp_path: Path, argv: list[str])
         cython = {m for m in others if CYTHON_RUNTIME.fullmatch(m)}
         assert others - pystemd - cython == expected
         assert {"pystemd", "pystemd.dbuslib"} <= pystemd <= PYSTEMD
+
+
+def test_stop_imports_no_configuration(tmp_path: Path) -> None:
+    """A graceful stop needs no guest file (no system bus here: exit 5 at
+    its first D-Bus call, its imports done by then)."""
+    guests(tmp_path, "g")
+    found = probe(tmp_path, "systemd", "stop", "g")
+    assert found["status"] == {"5"}
+    others = own_and_third_party(found["after"])
+    pystemd = {m for m in others if m.startswith("pystemd")}
+    cython = {m for m in others if CYTHON_RUNTIME.fullmatch(m)}
+    assert others - pystemd - cython == STOP
+    assert "argparse" not in found["after"]
 
 
 def test_stop_post_after_a_recorded_stop_imports_next_to_nothing(tmp_path: Path) -> None:
