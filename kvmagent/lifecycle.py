@@ -9,9 +9,7 @@ from __future__ import annotations
 
 # In the unit's runtime directory, written by the supervisor's event writer
 # once it has recorded the end of its run: the INVOCATION_ID of that run.
-# ExecStopPost= then has nothing to do: its shell step (kvmagent.render.service
-# STOP_POST_CHECK) ends there, before `kvmagent stop-post` (whose short way in
-# kvmagent.cli.main checks the same).
+# `kvmagent stop-post` (kvmagent.cli.main's short way) then has nothing to do.
 RECORDED_FILE = "recorded"
 
 # A guest's run: starting, running, stopping, stopped.  Within a run, a new

@@ -32,10 +32,8 @@ if TYPE_CHECKING:
 def _stop_already_recorded(argv: list[str]) -> bool:
     """`kvmagent stop-post NAME` (ExecStopPost=) after a run whose supervisor
     recorded its stop itself, as it does unless it was killed: nothing to
-    do.  The units check this in the shell first (kvmagent.render.service
-    STOP_POST_CHECK) and run stop-post only when it fails; a unit of an
-    older kvmagent runs stop-post every time.  So it reads one file and
-    imports nothing (but kvmagent.lifecycle, for the file's name);
+    do.  It runs in every stop, so it reads one file and imports nothing
+    (but kvmagent.lifecycle, for the file's name);
     the unit's runtime directory is in $RUNTIME_DIRECTORY (RuntimeDirectory=
     kvmagent/NAME); anything else takes the long way."""
     invocation = os.environ.get("INVOCATION_ID")

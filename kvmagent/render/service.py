@@ -32,17 +32,6 @@ TEMPLATE = "kvm@.service"
 INSTANCE = "%i"  # the template's instance specifier
 INSTALLED_COMMAND = ("/usr/bin/kvmagent",)
 
-# ExecStopPost='s first step, in the shell: the supervisor that recorded its
-# run's end wrote this run's INVOCATION_ID into the runtime directory
-# (kvmagent.lifecycle.RECORDED_FILE), and then nothing is left to do;
-# otherwise `kvmagent stop-post NAME` (the arguments after the script).
-# Python's start for a step with nothing to do cost every stop ~12 ms (the
-# shell: ~2 ms; systemd's own journal timestamps, Debian 12 and 13).  The
-# same check as kvmagent.cli.main's short way, for which RUNTIME_DIRECTORY
-# is kvmagent/NAME: RuntimeDirectory= below.
-STOP_POST_CHECK = ('read -r run 2>/dev/null <"$RUNTIME_DIRECTORY/recorded"; '
-                   '[ -n "$INVOCATION_ID" ] && [ "$run" = "$INVOCATION_ID" ] || exec "$@"')
-
 # The supervisor's sandbox, which QEMU inherits (QEMU also runs as its own
 # unprivileged user, kvmagent.host.qemuuser, under its own seccomp filter).  Kept:
 # CAP_NET_ADMIN (taps), CAP_SETUID/SETGID (to start QEMU as its user),
@@ -220,10 +209,8 @@ def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
         ("ExecStart", run),
         # How the run ended, when the supervisor could not record it
         # (SIGKILL, OOM); "-": never fails the unit; "+": outside the sandbox
-        # (kvm@.service says why); ":": the script's $VARIABLEs are the
-        # shell's, not expanded by systemd (STOP_POST_CHECK).
-        ("ExecStopPost", ["-+:/bin/sh", "-c", STOP_POST_CHECK, "stop-post",
-                          *command, "stop-post", name]),
+        # (kvm@.service says why).
+        ("ExecStopPost", [f"-+{command[0]}", *command[1:], "stop-post", name]),
         # systemctl reload: the supervisor runs the installed code, its guest untouched
         ("ExecReload", [*command, "reload", name]),
         ("RuntimeDirectory", [f"kvmagent/{name}"]),
@@ -261,17 +248,6 @@ def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
     return settings
 
 
-def _exec_word(word: str) -> str:
-    """One word of a unit file's command line, quoted if it has a space,
-    quote or backslash: in single quotes if it can be (STOP_POST_CHECK),
-    else in double quotes with C-style escapes."""
-    if not any(ch in word for ch in ' \t"\'\\'):
-        return word
-    if "'" not in word and "\\" not in word:
-        return f"'{word}'"
-    return '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def render_service(settings: Sequence[Setting]) -> list[str]:
     """Unit-file lines (no sections): what units/kvm@.service says."""
     lines = []
@@ -288,8 +264,6 @@ def render_service(settings: Sequence[Setting]) -> list[str]:
             lines.append(f"{key}={value:04o}")
         elif isinstance(value, bool):
             lines.append(f"{key}={'yes' if value else 'no'}")
-        elif key.startswith("Exec"):  # a word with spaces or quotes: single-quoted
-            lines.append(f"{key}={' '.join(_exec_word(str(v)) for v in value)}")
         elif isinstance(value, list):
             lines.append(f"{key}={' '.join(map(str, value))}")
         else:

@@ -12,8 +12,7 @@ import pytest
 from kvmagent.cli import control
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.paths import Paths
-from kvmagent.render.service import (INSTANCE, STOP_POST_CHECK, oneoff_unit, render_service,
-                                     service_settings)
+from kvmagent.render.service import INSTANCE, oneoff_unit, render_service, service_settings
 from kvmagent.render.unitprops import props_for_dbus
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,10 +63,9 @@ def test_per_guest_service_as_dbus_properties() -> None:
     assert props[b"Description"] == b"KVM guest g"
     assert props[b"ExecStartEx"] == [(b"/usr/bin/python3", [b"/usr/bin/python3", b"-m",
                                                             b"kvmagent", b"run", b"g"], [])]
-    assert props[b"ExecStopPostEx"] == [(b"/bin/sh", [b"/bin/sh", b"-c", STOP_POST_CHECK.encode(),
-                                                     b"stop-post", b"/usr/bin/python3", b"-m",
-                                                     b"kvmagent", b"stop-post", b"g"],
-                                         [b"ignore-failure", b"privileged", b"no-env-expand"])]
+    assert props[b"ExecStopPostEx"] == [(b"/usr/bin/python3", [b"/usr/bin/python3", b"-m",
+                                                               b"kvmagent", b"stop-post", b"g"],
+                                         [b"ignore-failure", b"privileged"])]
     assert props[b"RuntimeDirectory"] == [b"kvmagent/g"]
     assert props[b"RuntimeDirectoryMode"] == 0o750
     assert props[b"Environment"] == [b"PYTHONPATH=/src/kvmagent"]
@@ -109,37 +107,6 @@ def test_render_durations_and_modes() -> None:
     assert lines == ["RestartSec=2s", "TimeoutStartSec=5min", "TimeoutStopSec=90s",
                      "RuntimeDirectoryMode=0750", "RestartPreventExitStatus=6 8",
                      "ExecStopPost=-+/usr/bin/kvmagent stop-post %i"]
-
-
-def test_render_quotes_a_command_line_word() -> None:
-    assert render_service([("ExecStopPost", ["-+:/bin/sh", "-c", 'a "$b"; c', "d"]),
-                           ("ExecStart", ["/x", "it's", "a\\b", "%i"])]) == [
-        """ExecStopPost=-+:/bin/sh -c 'a "$b"; c' d""",
-        'ExecStart=/x "it\'s" "a\\\\b" %i']
-
-
-@pytest.mark.parametrize("recorded, invocation, ran", [
-    ("inv1", "inv1", False),  # the supervisor recorded this run's end: nothing to do
-    ("inv0", "inv1", True),  # another run's: stop-post
-    (None, "inv1", True),  # none: stop-post
-    ("", "", True),  # no INVOCATION_ID (never under systemd): stop-post
-])
-def test_stop_post_check(tmp_path: Path, recorded: str | None, invocation: str,
-                         ran: bool) -> None:
-    """ExecStopPost='s shell step runs `kvmagent stop-post NAME` (here: a
-    stand-in that says so) unless this run's end is recorded, as
-    kvmagent.cli.main's short way would decide."""
-    import subprocess
-    from kvmagent.lifecycle import RECORDED_FILE
-    if recorded is not None:
-        (tmp_path / RECORDED_FILE).write_text(recorded)
-    (exec_stop_post,) = [v for k, v in service_settings("g", ["/bin/echo"])
-                         if k == "ExecStopPost"]
-    assert exec_stop_post[0] == "-+:/bin/sh" and exec_stop_post[-2:] == ["stop-post", "g"]
-    r = subprocess.run(["/bin/sh", *exec_stop_post[1:]], capture_output=True, text=True,
-                       env={"RUNTIME_DIRECTORY": str(tmp_path), "INVOCATION_ID": invocation,
-                            "PATH": "/usr/bin:/bin"})
-    assert (r.returncode, r.stdout, r.stderr) == (0, "stop-post g\n" if ran else "", "")
 
 
 @pytest.mark.parametrize("setting, expect", [
