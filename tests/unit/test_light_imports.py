@@ -213,11 +213,13 @@ def test_list_imports_only_what_a_listing_needs(tmp_path: Path, argv: list[str])
 
 
 def test_stop_imports_no_configuration(tmp_path: Path) -> None:
-    """A graceful stop needs no guest file (no system bus here: exit 5 at
-    its first D-Bus call, its imports done by then)."""
+    """A graceful stop needs no guest file: its imports are done when it
+    asks systemd (no system bus in a build: exit 5; in a booted host,
+    kvm@g not running: 0, or 4 for a user systemd refuses), never a
+    configuration's answer (6, 8)."""
     guests(tmp_path, "g")
     found = probe(tmp_path, "systemd", "stop", "g")
-    assert found["status"] == {"5"}
+    assert len(found["status"]) == 1 and found["status"] <= {"0", "4", "5", "7"}, found
     others = own_and_third_party(found["after"])
     pystemd = {m for m in others if m.startswith("pystemd")}
     cython = {m for m in others if CYTHON_RUNTIME.fullmatch(m)}
