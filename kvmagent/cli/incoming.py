@@ -34,11 +34,13 @@ if TYPE_CHECKING:
     from kvmagent.cli.nbdcopy import Arrival
 
 SYSTEMCTL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-LISTEN_TIMEOUT = 120.0  # for the destination's QEMU to wait for the stream
+# for the destination's QEMU to wait for the stream (and the source for it)
+LISTEN_TIMEOUT = 120.0
 POLL = 0.1  # seconds between looks at the arrival
 
 
-def _systemctl(*args: str) -> subprocess.CompletedProcess[str]:
+def systemctl(*args: str) -> subprocess.CompletedProcess[str]:
+    """systemctl ARGS, its output captured (kvmagent migrate's too)."""
     return subprocess.run(["systemctl", *args], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, env=SYSTEMCTL_ENV, timeout=60)
 
@@ -81,7 +83,7 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
     if args.where:  # the source lost our word after it sent the guest (kvmagent.cli.settle)
         there = settle.where(args.name, paths)
         if args.enable and there.runstate == "running" and not there.arriving:
-            _systemctl("enable", "--quiet", service_unit(args.name))
+            systemctl("enable", "--quiet", service_unit(args.name))
         print(json.dumps(there._asdict()))
         return ExitStatus.OK
     if args.arrived:
@@ -128,7 +130,7 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
         ok = False
     if not ok:  # nothing may be left running here
         systemd.stop_unit(unit, wait=True, timeout=120)
-        _systemctl("reset-failed", unit)
+        systemctl("reset-failed", unit)
         request.unlink(missing_ok=True)
         if copy is not None:  # the disks it made, once QEMU let go of them
             copy.remove()
@@ -136,7 +138,7 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
     if copy is not None:
         copy.arrived()
     if args.enable:
-        _systemctl("enable", "--quiet", unit)
+        systemctl("enable", "--quiet", unit)
     return ExitStatus.OK
 
 

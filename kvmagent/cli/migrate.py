@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from kvmagent.cli import arrival, settle, tcpstream
+from kvmagent.cli.incoming import LISTEN_TIMEOUT, systemctl
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import ssh
 from kvmagent.names import service_unit
@@ -49,15 +50,8 @@ if TYPE_CHECKING:
     from kvmagent.cli.nbdcopy import Copy
     from kvmagent.render.storagecopy import CopyDisk
 
-SYSTEMCTL_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-LISTEN_TIMEOUT = 120.0  # for the destination's QEMU to wait for the stream
 POLL = 0.1  # seconds between looks at the migration (each part of the switch's downtime)
 END_TIMEOUT = 60.0  # for the source's unit to end once the guest runs there
-
-
-def _systemctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["systemctl", *args], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, env=SYSTEMCTL_ENV, timeout=60)
 
 
 def _remote_facts(target: ssh.Target, name: str) -> SideFacts:
@@ -141,7 +135,7 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
             print(f"kvmagent: {r.message}" + (f"\n  hint: {r.hint}" if r.hint else ""),
                   file=sys.stderr)
         raise KvmagentError(refusals[0].message, refusals[0].hint, refusals[0].status)
-    enabled = _systemctl("is-enabled", service_unit(name)).stdout.strip() == "enabled"
+    enabled = systemctl("is-enabled", service_unit(name)).stdout.strip() == "enabled"
     booted = arrival.guest_booted(paths, name)  # its uptime goes on there
     extra = (["--booted", repr(booted)] if booted is not None else []) + (
         ["--transport", str(transport)] if transport.kind != SSH else [])
@@ -346,7 +340,7 @@ def _settle_held(args: argparse.Namespace, target: ssh.Target, name: str, contro
     """`kvmagent migrate NAME HOST` again, on a guest an earlier move left
     paused here with its state sent: settled as that move would have been."""
     t0 = time.monotonic()
-    enabled = _systemctl("is-enabled", service_unit(name)).stdout.strip() == "enabled"
+    enabled = systemctl("is-enabled", service_unit(name)).stdout.strip() == "enabled"
     info = status.get("info") if isinstance(status.get("info"), dict) else {}
     if (rc := settle.settle(target, name, control, "an earlier move left it paused here",
                             lambda *a, **f: _say(args, *a, **f), [], enabled)) is not None:
@@ -366,14 +360,14 @@ def _end(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
                        resumed_at)
     unit = service_unit(name)
     end = time.monotonic() + END_TIMEOUT
-    while _systemctl("is-active", unit).stdout.strip() in ("active", "deactivating",
-                                                           "reloading"):
+    while systemctl("is-active", unit).stdout.strip() in ("active", "deactivating",
+                                                          "reloading"):
         if time.monotonic() > end:
             raise KvmagentError(f"guest {name} runs on {target}, but {unit} did not end "
                                 f"here within {END_TIMEOUT:g} s", f"systemctl status {unit}")
         time.sleep(0.1)
     if enabled:  # enabled there by migrate-incoming --enable
-        _systemctl("disable", "--quiet", unit)
+        systemctl("disable", "--quiet", unit)
     total = time.monotonic() - t0
     if isinstance(info.get("downtime"), int):  # for the record there (kvmagent.cli.arrival)
         trouble = arrival.tell_destination(target, name, socket.gethostname(),
