@@ -21,7 +21,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
-from kvmagent.cli import arrival, settle, tcpstream
+from kvmagent.cli import arrival, configcopy, settle, tcpstream
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.names import service_unit
 from kvmagent.paths import Paths
@@ -53,9 +53,11 @@ def _emit(event: str, **fields: Any) -> None:
         pass  # the source is gone; the stream's end says it to QEMU too
 
 
-def side_facts(name: str, paths: Paths) -> SideFacts:
-    """What this host says about guest NAME (migrate-incoming --facts)."""
-    from kvmagent.config.guests import load_guest, load_host_config
+def side_facts(name: str, paths: Paths, files: configcopy.GuestFiles | None = None) -> SideFacts:
+    """What this host says about guest NAME (migrate-incoming --facts); with
+    FILES (--config-in), what it would say with them as the guest's files."""
+    from kvmagent.config.guests import (check_hidden_paths, load_guest, load_guest_file,
+                                        load_host_config)
     from kvmagent.host import systemd
     from kvmagent.host.hostcheck import check_host
     from kvmagent.host.qemucaps import capabilities
@@ -63,7 +65,11 @@ def side_facts(name: str, paths: Paths) -> SideFacts:
     running = systemd.active_state(service_unit(name)) in systemd.RUNNING_STATES
     try:
         host = load_host_config(paths)
-        guest = load_guest(paths, name, host)
+        if files is None:
+            guest = load_guest(paths, name, host)
+        else:
+            guest = configcopy.staged(files, lambda main: load_guest_file(main, host))
+            check_hidden_paths(guest)
     except KvmagentError as e:
         return SideFacts(None, e.message, running, [], [], "")
     _, problems = check_host(guest, host)
@@ -78,8 +84,11 @@ def side_facts(name: str, paths: Paths) -> SideFacts:
 
 def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
     if args.facts:
-        print(json.dumps(side_facts(args.name, paths)._asdict()))
+        files = configcopy.read_input(args.name) if args.config_in else None
+        print(json.dumps(side_facts(args.name, paths, files)._asdict()))
         return ExitStatus.OK
+    if args.put_config:  # kvmagent migrate --copy-config, once nothing refused the move
+        return _put_config(args.name, paths)
     if args.where:  # the source lost our word after it sent the guest (kvmagent.cli.settle)
         there = settle.where(args.name, paths)
         if args.enable and there.runstate == "running" and not there.arriving:
@@ -139,6 +148,29 @@ def cmd_migrate_incoming(args: argparse.Namespace, paths: Paths) -> int:
         copy.arrived()
     if args.enable:
         systemctl("enable", "--quiet", unit)
+    return ExitStatus.OK
+
+
+def _put_config(name: str, paths: Paths) -> int:
+    """The guest's files from the source installed here, if this host would
+    run the very guest with them and does not run it now."""
+    from kvmagent.host import systemd
+    from kvmagent.render.migration import differences
+    files = configcopy.read_input(name)
+    if systemd.active_state(service_unit(name)) in systemd.RUNNING_STATES:
+        raise KvmagentError(f"guest {name} is running here ({service_unit(name)}): its "
+                            "files are not replaced", "two copies of a guest must never run",
+                            ExitStatus.FAILURE)
+    facts = side_facts(name, paths, files)
+    if facts.config is None:
+        raise KvmagentError(facts.error, None, ExitStatus.CONFIG)
+    kept = configcopy.install(paths, files)
+    systemctl("daemon-reload")  # kvmagent-generator: the drop-ins the new file asks for
+    now = side_facts(name, paths)
+    if now.config is None or differences(now.config, facts.config):
+        raise KvmagentError(f"guest {name}'s files were installed, but do not load as "
+                            "they did staged", now.error or None, ExitStatus.FAILURE)
+    print(json.dumps({"kept": kept}))
     return ExitStatus.OK
 
 

@@ -42,11 +42,13 @@ from kvmagent.host import ssh
 from kvmagent.names import service_unit
 from kvmagent.paths import Paths
 from kvmagent.render.migration import (PAUSED_BY_MIGRATION, Refusal, SideFacts, Step,
-                                       paused_ms, preflight, progress_line, source_step)
+                                       differences, paused_ms, preflight, progress_line,
+                                       source_step)
 from kvmagent.render.transport import SSH, TCP, Transport, parse_transport, warning
 from kvmagent.unit import channel
 
 if TYPE_CHECKING:
+    from kvmagent.cli.configcopy import GuestFiles
     from kvmagent.cli.nbdcopy import Copy
     from kvmagent.render.storagecopy import CopyDisk
 
@@ -54,9 +56,11 @@ POLL = 0.1  # seconds between looks at the migration (each part of the switch's 
 END_TIMEOUT = 60.0  # for the source's unit to end once the guest runs there
 
 
-def _remote_facts(target: ssh.Target, name: str) -> SideFacts:
-    proc = ssh.start(target, ["migrate-incoming", name, "--facts"])
-    out, err = proc.communicate(timeout=120)
+def _remote_facts(target: ssh.Target, name: str, files: GuestFiles | None = None) -> SideFacts:
+    """HOST's facts about guest NAME; with FILES, as if they were its files there."""
+    proc = ssh.start(target, ["migrate-incoming", name, "--facts"] +
+                     (["--config-in"] if files else []), input=files is not None)
+    out, err = proc.communicate(files.to_json().encode() if files else None, timeout=120)
     if proc.returncode == ssh.UNREACHABLE:
         raise KvmagentError(f"{target}: cannot reach it over ssh: {err.decode().strip()}",
                             None, ExitStatus.UNREACHABLE)
@@ -67,6 +71,21 @@ def _remote_facts(target: ssh.Target, name: str) -> SideFacts:
                             f"status {proc.returncode}): {err.decode().strip()}",
                             "is kvmagent installed there, at the same version?",
                             ExitStatus.FAILURE) from None
+
+
+def _put_config(target: ssh.Target, files: GuestFiles) -> None:
+    """--copy-config, nothing having refused the move: the files installed on HOST."""
+    proc = ssh.start(target, ["migrate-incoming", files.name, "--put-config"], input=True)
+    out, err = proc.communicate(files.to_json().encode(), timeout=120)
+    try:
+        kept = json.loads(out)["kept"]
+    except (ValueError, KeyError, TypeError):
+        raise KvmagentError(f"{target}: guest {files.name}'s files were not copied (exit "
+                            f"status {proc.returncode}): {err.decode().strip()}", None,
+                            ExitStatus.FAILURE) from None
+    print(f"kvmagent: copied guests/{files.name}.toml" + (" and its drop-ins" if
+          len(files.files) > 1 else "") + f" to {target}" + (
+          f"; its own kept as {', '.join(kept)}" if kept else ""), file=sys.stderr)
 
 
 def _parse_rate(text: str | None) -> int | None:
@@ -121,8 +140,14 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
     running = status.get("runstate") == "running" and status.get("phase") in (
         "none", "completed", "failed", "cancelled")
     machine, cpu = str(status.get("machine", "")), str(status.get("cpu", ""))
-    here = SideFacts(effective_config(guest), "", running, [], [], "")
+    mine = effective_config(guest)
+    here = SideFacts(mine, "", running, [], [], "")
     there = _remote_facts(target, name)
+    files = None
+    if args.copy_config and (there.config is None or differences(mine, there.config)):
+        from kvmagent.cli.configcopy import GuestFiles
+        files = GuestFiles.read(paths, name)
+        there = _remote_facts(target, name, files)  # as if copied: nothing changed there yet
     copies: list[CopyDisk] = []
     more: list[Refusal] = []
     if args.copy_storage:  # kvmagent.cli.nbdcopy: which disks, made there or not
@@ -135,6 +160,8 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
             print(f"kvmagent: {r.message}" + (f"\n  hint: {r.hint}" if r.hint else ""),
                   file=sys.stderr)
         raise KvmagentError(refusals[0].message, refusals[0].hint, refusals[0].status)
+    if files is not None:
+        _put_config(target, files)
     enabled = systemctl("is-enabled", service_unit(name)).stdout.strip() == "enabled"
     booted = arrival.guest_booted(paths, name)  # its uptime goes on there
     extra = (["--booted", repr(booted)] if booted is not None else []) + (

@@ -227,12 +227,21 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("--copy-storage", action="store_true",
                     help="copy the guest's writable disks to HOST while it runs (onto disks "
                     "of the same size there; missing image files are made)")
+    sp.add_argument("--copy-config", action="store_true",
+                    help="copy guests/NAME.toml and its drop-ins to HOST if they are missing "
+                    "or differ there (HOST's own kept as .old)")
     sp.add_argument("--json", action="store_true", help="progress events, one JSON a line")
     sp = add(sub, "migrate-incoming", "cli.incoming:cmd_migrate_incoming",
              "internal: the destination's half of kvmagent migrate, run over ssh")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--facts", action="store_true",
                     help="print this host's facts about guest NAME (JSON) and exit")
+    sp.add_argument("--config-in", action="store_true",
+                    help="with --facts: as if the guest's files were those on standard input "
+                    "(JSON, from migrate --copy-config); nothing is installed")
+    sp.add_argument("--put-config", action="store_true",
+                    help="install the guest's files on standard input (JSON, from migrate "
+                    "--copy-config) and exit")
     sp.add_argument("--where", action="store_true",
                     help="print what runs of guest NAME here (JSON), for a source that lost "
                     "the destination's word (with --enable: enabled if it runs here)")

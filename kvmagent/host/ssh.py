@@ -110,8 +110,10 @@ def run(target: Target, args: list[str], tty: bool = False) -> int:
     return subprocess.run(argv, executable=_ssh_path(), check=False).returncode
 
 
-def start(target: Target, args: list[str]) -> subprocess.Popen[bytes]:
-    """Start kvmagent ARGS on target, its output and errors captured, no input."""
+def start(target: Target, args: list[str], input: bool = False) -> subprocess.Popen[bytes]:
+    """Start kvmagent ARGS on target, its output and errors captured, no
+    input (with INPUT, a pipe: Popen.communicate's input)."""
     return subprocess.Popen(ssh_argv(target, args), executable=_ssh_path(),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stdin=subprocess.PIPE if input else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)

@@ -281,6 +281,50 @@ def test_refusals_change_nothing(pair: HostPair) -> None:
     assert r.returncode == 7 and "guest nobr is not running here" in r.stderr, r
 
 
+def test_copy_config(pair: HostPair) -> None:
+    """--copy-config: the guest file and its drop-ins go to host 1 as they
+    are, host 1's own kept beside as .old; but only once nothing else
+    refuses the move (a missing bridge): until then host 1's files stay."""
+    a, b = pair
+    guests = "/etc/kvmagent/guests"
+    mine = a.exec(["cat", f"{guests}/nobr.toml"]).stdout
+    theirs = mine.replace('"256M"', '"300M"')
+    b.exec(["ip", "link", "del", "br-only0"], check=False)
+    b.write_file(f"{guests}/nobr.toml", theirs)
+    a.write_file(f"{guests}/nobr.toml.d/50-cpus.toml", "# two, for the test\ncpus = 2\n")
+    a.exec(["systemctl", "start", "kvm@nobr.service"], timeout=180)
+    try:
+        r = a.exec(["kvmagent", "migrate", "nobr", "host1", "--copy-config"], check=False,
+                   timeout=120)
+        assert r.returncode == 5 and "br-only0" in r.stderr and "copied" not in r.stderr, r
+        assert b.exec(["cat", f"{guests}/nobr.toml"]).stdout == theirs
+        assert b.exec(["ls", "-A", guests]).stdout.split() == ["mig.toml", "nobr.toml"]
+        b.run(["kvmagent", "bridge", "ensure", "br-only0"])
+        r = a.exec(["kvmagent", "migrate", "nobr", "host1", "--copy-config"], check=False,
+                   timeout=120)
+        print(f"\n--copy-config: {r.stderr.strip()}")
+        assert r.returncode == 0, (r.stdout, r.stderr, b.journal("kvm@nobr.service")[-3000:])
+        assert ("copied guests/nobr.toml and its drop-ins to host1; its own kept as "
+                "nobr.toml.old") in r.stderr, r.stderr
+        assert state(b, "kvm@nobr.service") == ("active", "success")
+        assert state(a, "kvm@nobr.service")[0] == "inactive"
+        assert b.exec(["cat", f"{guests}/nobr.toml"]).stdout == mine
+        assert b.exec(["cat", f"{guests}/nobr.toml.old"]).stdout == theirs
+        assert b.exec(["cat", f"{guests}/nobr.toml.d/50-cpus.toml"]).stdout.startswith("# two")
+        assert "2 vCPU, 256M" in b.exec(["kvmagent", "status", "nobr"]).stdout
+        # and back: the same files on both hosts now, nothing to copy
+        r = b.exec(["kvmagent", "migrate", "nobr", "host0", "--copy-config"], check=False,
+                   timeout=120)
+        assert r.returncode == 0 and "copied" not in r.stderr, (r.stdout, r.stderr)
+        assert state(a, "kvm@nobr.service") == ("active", "success")
+    finally:
+        for th in pair:
+            th.exec(["systemctl", "stop", "kvm@nobr.service"], check=False, timeout=120)
+            th.exec(["rm", "-rf", f"{guests}/nobr.toml.d", f"{guests}/nobr.toml.old"])
+            th.write_file(f"{guests}/nobr.toml", mine)
+        b.exec(["ip", "link", "del", "br-only0"], check=False)
+
+
 def qemu_here(th: TestHost) -> str:
     (pid,) = qemus(th)
     return pid
