@@ -26,15 +26,53 @@ _kvmagent() {
     done
     case $cmd in
         "")
-            COMPREPLY=($(compgen -W "validate show list start stop restart install console bridge clone
-                                     kernel repin run --help --version --config-dir -H" -- "$cur")) ;;
+            COMPREPLY=($(compgen -W "validate show list status history start stop restart
+                                     install console bridge import clone kernel repin
+                                     reset-counters reload migrate run
+                                     --help --version --config-dir -H" -- "$cur")) ;;
         validate) COMPREPLY=($(compgen -W "--host --help $(_kvmagent_guests)" -- "$cur")) ;;
         show) COMPREPLY=($(compgen -W "--json --help $(_kvmagent_guests)" -- "$cur")) ;;
-        repin) COMPREPLY=($(compgen -W "--help $(_kvmagent_guests)" -- "$cur")) ;;
-        start|restart|run) COMPREPLY=($(compgen -W "--no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
+        status) COMPREPLY=($(compgen -W "--lines --json --help $(_kvmagent_guests)" -- "$cur")) ;;
+        history) COMPREPLY=($(compgen -W "--since --json --help $(_kvmagent_guests)" -- "$cur")) ;;
+        repin|reset-counters) COMPREPLY=($(compgen -W "--help $(_kvmagent_guests)" -- "$cur")) ;;
+        reload) COMPREPLY=($(compgen -W "--quiet --help $(_kvmagent_guests)" -- "$cur")) ;;
+        start)
+            if [[ ${COMP_WORDS[COMP_CWORD-1]} == --transient ]]; then
+                COMPREPLY=($(compgen -f -- "$cur"))
+            else
+                COMPREPLY=($(compgen -W "--no-block --transient --help $(_kvmagent_guests)" -- "$cur"))
+            fi ;;
+        restart) COMPREPLY=($(compgen -W "--no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
+        run) COMPREPLY=($(compgen -W "--file --install --vnc --help $(_kvmagent_guests)" -- "$cur")) ;;
         stop) COMPREPLY=($(compgen -W "--force --no-block --help $(_kvmagent_guests)" -- "$cur")) ;;
         console) COMPREPLY=($(compgen -W "--timeout --help $(_kvmagent_guests)" -- "$cur")) ;;
         clone) COMPREPLY=($(compgen -W "--snapshot --copy --help $(_kvmagent_guests)" -- "$cur")) ;;
+        import)
+            if ((COMP_CWORD == i + 1)); then
+                COMPREPLY=($(compgen -W "kvm-script xen --help" -- "$cur"))
+            elif [[ $cur == -* ]]; then
+                COMPREPLY=($(compgen -W "--name --bridge --write --force --help" -- "$cur"))
+            else
+                COMPREPLY=($(compgen -f -- "$cur"))
+            fi ;;
+        migrate)
+            # migrate NAME HOST: a guest, then ssh's known hosts
+            local words=0 j
+            for ((j = i + 1; j < COMP_CWORD; j++)); do
+                case ${COMP_WORDS[j]} in
+                    --max-downtime|--bandwidth|--transport) ((j++)) ;;
+                    -*) ;;
+                    *) ((words++)) ;;
+                esac
+            done
+            if [[ $cur == -* ]] || ((words > 1)); then
+                COMPREPLY=($(compgen -W "--copy-storage --copy-config --max-downtime --bandwidth
+                                         --transport --force --json --help" -- "$cur"))
+            elif ((words == 1)); then
+                declare -F _known_hosts_real >/dev/null && _known_hosts_real -a -- "$cur"
+            else
+                COMPREPLY=($(compgen -W "$(_kvmagent_guests)" -- "$cur"))
+            fi ;;
         kernel)
             if [[ ${COMP_WORDS[COMP_CWORD-1]} == --from-host ]]; then
                 local v

@@ -278,10 +278,10 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("--install", metavar="ISO", help="guest NAME's install run: boot from "
                     "ISO as a CD-ROM (kvmagent install)")
     sp.add_argument("--vnc", metavar="ADDR", help="with --install: a VNC display")
-    sp = add(sub, "stop-orphan", "unit.orphan:cmd_stop_orphan", "stop guest NAME's QEMU once "
-             "systemd gave up restarting its supervisor: kvmagent-orphan@NAME.service")
+    sp = add(sub, "stop-orphan", "unit.orphan:cmd_stop_orphan", "internal: stop guest NAME's "
+             "QEMU once systemd gave up restarting its supervisor: kvmagent-orphan@NAME.service")
     sp.add_argument("name", metavar="NAME")
-    sp = add(sub, "stop-post", "unit.stoppost:cmd_stop_post", "record how guest NAME's run ended, "
-             "from systemd's $SERVICE_RESULT: the ExecStopPost= of kvm@NAME.service")
+    sp = add(sub, "stop-post", "unit.stoppost:cmd_stop_post", "internal: record how guest NAME's "
+             "run ended, from systemd's $SERVICE_RESULT: the ExecStopPost= of kvm@NAME.service")
     sp.add_argument("name", metavar="NAME")
     return p, built
