@@ -43,12 +43,14 @@ def _show(unit: str, props: Sequence[str]) -> dict[str, str]:
 
 
 def unit_facts(name: str) -> UnitFacts:
-    svc = _show(service_unit(name), ("ActiveState", "SubState", "UnitFileState"))
+    svc = _show(service_unit(name), ("ActiveState", "SubState", "UnitFileState", "Result",
+                                     "Restart"))
     scope = _show(scope_unit(name), ("ActiveState",))
     return UnitFacts(service_state=svc.get("ActiveState", "unknown"),
                      service_sub=svc.get("SubState", "unknown"),
                      scope_state=scope.get("ActiveState", "unknown"),
-                     enabled=svc.get("UnitFileState", ""))
+                     enabled=svc.get("UnitFileState", ""), result=svc.get("Result", ""),
+                     restart=svc.get("Restart", ""))
 
 
 def guest_facts(paths: Paths, name: str) -> GuestFacts:

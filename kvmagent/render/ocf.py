@@ -15,7 +15,10 @@ heartbeat VirtualDomain agent, the anchor for a guest under Pacemaker:
   guest that Pacemaker runs elsewhere;
 - monitor: the guest's QEMU running in kvm-NAME.scope under kvm@NAME.service
   is OCF_SUCCESS, also while systemd restarts only the supervisor (the guest
-  runs on); the unit stopped or failed with no QEMU left is OCF_NOT_RUNNING
+  runs on): from the moment the supervisor ended in a way that the unit's
+  Restart= restarts (its ExecStopPost= still running: measured ~80 ms of
+  deactivating/stop-post after a SIGKILL, longer under load) until the new
+  one runs; the unit stopped or failed with no QEMU left is OCF_NOT_RUNNING
   (cleanly stopped); anything in between (stopping, a QEMU without its
   unit) is OCF_ERR_GENERIC, so that Pacemaker stops it before it starts it
   anywhere else.
@@ -94,6 +97,26 @@ class UnitFacts(NamedTuple):
     service_sub: str  # SubState: running, auto-restart, stop-sigterm...
     scope_state: str  # kvm-NAME.scope's ActiveState: active while its QEMU runs
     enabled: str  # UnitFileState of kvm@NAME.service: enabled, disabled, static...
+    result: str = ""  # Result: success, signal, exit-code... (why its main process ended)
+    restart: str = ""  # Restart=: no, on-failure, on-abnormal, always...
+
+
+# systemd.service(5), Restart=: which Result each setting restarts
+RESTARTS = {
+    "always": {"success", "exit-code", "signal", "core-dump", "timeout", "watchdog"},
+    "on-success": {"success"},
+    "on-failure": {"exit-code", "signal", "core-dump", "timeout", "watchdog"},
+    "on-abnormal": {"signal", "core-dump", "timeout", "watchdog"},
+    "on-abort": {"signal", "core-dump"},
+    "on-watchdog": {"watchdog"},
+}
+
+
+def restarting(unit: UnitFacts) -> bool:
+    """kvm@NAME.service is stopping because its supervisor ended, and
+    systemd restarts it once its ExecStopPost= is done."""
+    return (unit.service_state == "deactivating" and unit.service_sub in ("stop-post",
+            "stop-sigterm", "final-sigterm") and unit.result in RESTARTS.get(unit.restart, ()))
 
 
 class GuestFacts(NamedTuple):
@@ -185,7 +208,7 @@ def monitor(name: str, unit: UnitFacts) -> Outcome:
     svc = unit.service_state
     if svc in ("active", "reloading") and qemu:
         return Outcome(Ocf.SUCCESS, f"guest {name} runs (kvm@{name}.service {svc})")
-    if svc == "activating" and qemu:
+    if (svc == "activating" or restarting(unit)) and qemu:
         return Outcome(Ocf.SUCCESS, f"guest {name} runs; its supervisor is being restarted "
                        f"(kvm@{name}.service {svc}/{unit.service_sub})")
     if not qemu and svc in ("inactive", "failed"):

@@ -95,6 +95,29 @@ def test_monitor(svc: str, sub: str, scope: str, code: Ocf) -> None:
     assert ocf.monitor("web1", unit(svc, scope, sub)).code == code
 
 
+@pytest.mark.parametrize("sub, result, restart, code", [
+    # the supervisor killed: its ExecStopPost= runs, then systemd restarts it
+    ("stop-post", "signal", "on-abnormal", Ocf.SUCCESS),
+    ("stop-post", "signal", "on-failure", Ocf.SUCCESS),
+    ("stop-sigterm", "core-dump", "on-abnormal", Ocf.SUCCESS),
+    ("stop-post", "watchdog", "on-abnormal", Ocf.SUCCESS),
+    # not restarted: an exit status under on-abnormal, any end under no
+    ("stop-post", "exit-code", "on-abnormal", Ocf.ERR_GENERIC),
+    ("stop-post", "signal", "no", Ocf.ERR_GENERIC),
+    # an admin's stop (Result success): stopping, not running
+    ("stop-sigterm", "success", "on-abnormal", Ocf.ERR_GENERIC),
+    ("stop-post", "success", "on-failure", Ocf.ERR_GENERIC),
+])
+def test_monitor_while_systemd_restarts_the_supervisor(sub: str, result: str, restart: str,
+                                                       code: Ocf) -> None:
+    """Measured in a test host: a SIGKILL of the supervisor gave ~80 ms of
+    deactivating/stop-post (Result=signal, the QEMU scope active) before
+    activating/start; a monitor then must not call the running guest failed."""
+    facts = UnitFacts("deactivating", sub, "active", "disabled", result, restart)
+    assert ocf.monitor("web1", facts).code == code
+    assert ocf.monitor("web1", facts._replace(scope_state="inactive")).code == Ocf.ERR_GENERIC
+
+
 def test_validate_needs_root_for_what_changes_things() -> None:
     for action in ("start", "stop", "migrate_to", "migrate_from"):
         found = ocf.validate(action, params(action), GOOD, STOPPED, root=False)
