@@ -341,13 +341,23 @@ def qemu_here(th: TestHost) -> str:
     return pid
 
 
+def on_host0(a: TestHost, b: TestHost) -> None:
+    """The guest running on host 0 (started there if need be), and nowhere
+    else: an earlier test that failed may have left it on host 1, which a
+    start on host 0 would meet at the shared disk's lock."""
+    if state(b)[0] != "inactive":
+        b.exec(["systemctl", "stop", UNIT], timeout=180)
+        b.exec(["systemctl", "reset-failed", UNIT], check=False)
+    if state(a)[0] != "active":
+        a.exec(["systemctl", "start", UNIT], timeout=180)
+        wait(lambda: "GUEST-READY" in console(a), 120, "the guest booted on host 0")
+
+
 def slow_migration(a: TestHost, b: TestHost,
                    *extra: str) -> tuple[subprocess.Popen[str], str]:
     """kvmagent migrate from host 0, slowed down (EXTRA: more options);
     returns once the state flows (and host 0's QEMU pid)."""
-    if state(a)[0] != "active":
-        a.exec(["systemctl", "start", UNIT], timeout=180)
-        wait(lambda: "GUEST-READY" in console(a), 120, "the guest booted on host 0")
+    on_host0(a, b)
     pid = qemu_here(a)
     proc = subprocess.Popen(nsenter_argv(a.leader, ["kvmagent", "migrate", NAME, "host1",
                                                     "--json", "--bandwidth", SLOW, *extra]),
@@ -441,9 +451,7 @@ def test_a_lost_confirmation_never_runs_the_guest_twice(pair: HostPair) -> None:
     (exit status 1, "held"), and `kvmagent migrate` again, once the link is
     back, settles it: the guest runs on host 0 alone, booted once."""
     a, b = pair
-    if state(a)[0] != "active":
-        a.exec(["systemctl", "start", UNIT], timeout=180)
-        wait(lambda: "GUEST-READY" in console(a), 120, "the guest booted on host 0")
+    on_host0(a, b)
     boots = console(a).count("GUEST-INIT") + console(b).count("GUEST-INIT")
     resumed = a.journal(UNIT).count("(resumed)"), b.journal(UNIT).count("(resumed)")
     proc = frozen_arrival(a, b, "host1")
