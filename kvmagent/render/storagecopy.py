@@ -185,7 +185,9 @@ def arrival_disks(name: str, wanted: dict[int, tuple[int, bool]],
             refusals.append(Refusal(f"guest {name} has no writable disk[{index}] here", None,
                                     ExitStatus.CONFIG))
             continue
-        source = d._replace(kind=Kind.FILE if make else Kind.BLOCK, size=size, backing="")
+        # the source's disk as it asked for it: not this host's device (identity)
+        source = d._replace(kind=Kind.FILE if make else Kind.BLOCK, size=size, backing="",
+                            identity="")
         found, said = plan_copy(name, "here", [source], [d])
         if found and found[0].make != make:
             said.append(Refusal(f'disk[{index}].path = "{d.path}" exists here now', None,

@@ -151,6 +151,10 @@ def test_the_destination_checks_again() -> None:
     assert "is 67108864 bytes (64.0 MiB), here 33554432 bytes" in r.message
     _, (r,) = arrival_disks("g", {2: (MIB, False)}, here)
     assert r.message == "guest g has no writable disk[2] here" and r.status is ExitStatus.CONFIG
+    # an LV here has an identity (its device-mapper UUID): its own, not the source's
+    lv = LV._replace(identity="dm:LVM-Q1b2c3Zz0vgUUIDlvUUID")
+    (copy,), refusals = arrival_disks("g", {1: (64 * MIB, False)}, [lv])
+    assert refusals == [] and copy == CopyDisk(1, LV.path, 64 * MIB, "raw", False)
 
 
 def test_disk_facts_from_json_are_checked() -> None:
