@@ -23,7 +23,8 @@ and with a device of another size (both sizes named).  Then the move: the
 guest reads its whole disk (sha256sum in the guest) before and after;
 host 1's device holds what host 0's does, byte for byte; the guest did not
 boot again; both devices are still there, the same devices, and host 1 has
-no block device more or less than before."""
+no block device more or less than before.  All of it from Debian 12 to 12,
+and from Debian 12 to 13 (QEMU 7.2 to 10.0)."""
 
 from __future__ import annotations
 
@@ -132,8 +133,16 @@ def content(loop: Loop) -> bytes:
     return data
 
 
+@pytest.fixture(scope="module", params=[("bookworm", "bookworm"), ("bookworm", "trixie")],
+                ids=["debian12-to-12", "debian12-to-13"])
+def releases(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """Host 0's and host 1's: QEMU 7.2 to 7.2, and 7.2 to 10.0."""
+    return tuple(request.param)  # type: ignore[return-value]
+
+
 @pytest.fixture(scope="module")
-def loops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loops]:
+def loops(releases: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loops]:
+    """New devices for each pair of releases."""
     require_system()
     work = tmp_path_factory.mktemp("migrate-block")
     made: list[Loop] = []
@@ -155,9 +164,9 @@ def link(th: TestHost, loop: Loop | None) -> None:
 
 
 @pytest.fixture(scope="module")
-def pair(loops: Loops, tmp_path_factory: pytest.TempPathFactory,
+def pair(releases: tuple[str, str], loops: Loops, tmp_path_factory: pytest.TempPathFactory,
          guest_image) -> Iterator[HostPair]:  # type: ignore[no-untyped-def]
-    made = hosts(tmp_path_factory, guest_image, ("bookworm", "bookworm"), disk=DEVICE,
+    made = hosts(tmp_path_factory, guest_image, releases, disk=DEVICE,
                  host_bind=([(Path(loops.here.device), loops.here.device)],
                             [(Path(lo.device), lo.device) for lo in (loops.there, loops.other)]))
     pair = next(made)
@@ -254,7 +263,8 @@ def test_the_block_device_moves_with_the_guest(pair: HostPair, loops: Loops) -> 
     assert r.returncode == 0, (r.stdout, r.stderr, b.journal(UNIT)[-3000:])
     done = json.loads(r.stdout.splitlines()[-1])
     assert done["event"] == "migrated" and done["copied"] == ["disk0"], r.stdout
-    print(f"\n--copy-storage onto a block device, 32 MiB: downtime {done['downtime_ms']} ms "
+    print(f"\n--copy-storage onto a block device, 32 MiB, {a.release} to {b.release}: "
+          f"downtime {done['downtime_ms']} ms "
           f"(QEMU), QEMU's total {done['qemu_total_ms']} ms, the command's total "
           f"{done['total_seconds']} s")
     runs_on(b)
