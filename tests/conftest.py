@@ -59,11 +59,17 @@ NOT_EXERCISED = (
     "device-mapper, so no LV can be made, not even in a throwaway volume group on a loop "
     "device; the plan (lvcreate/lvremove/dd argv) is unit-tested, and the supervisor's "
     "pause for those snapshots (freeze/thaw) runs in tests/system/test_clone_boots.py",
-    "block devices under migrate --copy-storage (an LV copied onto one made on the other "
-    "host; a shared VG's LV or a SAN disk refused by its identity, device-mapper UUID or "
-    "WWID): no device-mapper here, no shared block device; the refusal and the identity "
-    "read from a sysfs tree are unit-tested, the copy runs with image files in "
-    "tests/system/test_migrate_copy.py",
+    "block devices under migrate --copy-storage as LVM and SANs have them: an LV as such "
+    "(no device-mapper here: the copy runs from a block device onto one of the same size "
+    "the admin made, loop devices, one on each test host, in "
+    "tests/system/test_migrate_block.py, and with image files in "
+    "tests/system/test_migrate_copy.py), and a shared VG's LV or a SAN disk refused by its "
+    "identity, device-mapper UUID or WWID (no shared block device here); that refusal, the "
+    "identity read from a sysfs tree and the destination's check of an LV of its own are "
+    "unit-tested; and the device policy: the test hosts here enforce none (DevicePolicy="
+    "closed lets a unit open any device node in them), so kvm@.service's "
+    "DeviceAllow=block-loop is not put to the test, and the QEMU scope's DeviceAllow= of the "
+    "disk is only read back",
 )
 
 

@@ -44,7 +44,7 @@ from kvmagent.render.migration import Refusal, SideFacts
 from kvmagent.render.storagecopy import (GO, HEARTBEAT, HEARTBEAT_EVERY, CopyDisk, CopyStep,
                                          DiskFact, Kind, arrival_disks, copy_line, copy_state,
                                          copy_step, heartbeat, kept_problems,
-                                         parse_disk_option, plan_copy)
+                                         missing_there, parse_disk_option, plan_copy)
 from kvmagent.unit import channel
 
 POLL = 0.2  # seconds between looks at the copies
@@ -133,14 +133,15 @@ def _remote_disks(target: ssh.Target, name: str) -> list[DiskFact]:
 def plan(target: ssh.Target, guest: Guest,
          there: SideFacts) -> tuple[list[CopyDisk], SideFacts, list[Refusal]]:
     """The source's preflight of the copy: the disks to copy, HOST's facts
-    without the problems of the disks kvmagent will make there, and the
-    reasons it cannot."""
-    copies, refusals = plan_copy(guest.name, str(target), disk_facts(guest),
-                                 _remote_disks(target, guest.name))
+    without the problems of the disks missing there that kvmagent makes or
+    refuses itself (missing_there), and the reasons it cannot."""
+    here, theirs = disk_facts(guest), _remote_disks(target, guest.name)
+    copies, refusals = plan_copy(guest.name, str(target), here, theirs)
     if not copies and not refusals:
         refusals.append(Refusal(f"guest {guest.name} has no writable disk to copy",
                                 "migrate without --copy-storage", ExitStatus.USAGE))
-    return copies, there._replace(problems=kept_problems(there.problems, copies)), refusals
+    problems = kept_problems(there.problems, missing_there(here, theirs))
+    return copies, there._replace(problems=problems), refusals
 
 
 # -- the destination: migrate-incoming --make-disk/--copy-disk -------------------
@@ -203,7 +204,8 @@ class Arrival:
 
     def unmade(self, problems: list[KvmagentError]) -> list[KvmagentError]:
         """The host checks' problems but the missing disks this will make."""
-        kept = kept_problems([p.message for p in problems], self.copies)
+        kept = kept_problems([p.message for p in problems],
+                             [(c.number, c.path) for c in self.copies if c.make])
         return [p for p in problems if p.message in kept]
 
     def make(self) -> None:

@@ -15,6 +15,8 @@ from kvmagent.config.model import (Accel, BootClass, Bus, Cache, Guest, HostConf
 
 NIC_DEVICES = {NicModel.VIRTIO: "virtio-net-pci", NicModel.E1000: "e1000",
                NicModel.RTL8139: "rtl8139"}
+# QEMU's driver of a disk that is a block device (an LV, a SAN disk, /dev/sr0)
+BLOCK_DRIVERS = {Media.DISK: "host_device", Media.CDROM: "host_cdrom"}
 
 
 def quote(value: str) -> str:
@@ -147,6 +149,10 @@ def qemu_argv(guest: Guest, host: HostConfig, facts: HostFacts, sockets: Sockets
             file = f"/dev/fdset/{n}"
         drive = [f"file={file}", f"format={d.format}", "if=none",
                  f"id={d.node}", f"cache={cache}"]
+        if file.startswith("/dev/fdset/") and d.path in facts.block_devices:
+            # QEMU picks its block device driver by the path, which an fd
+            # set hides; its default ("file") refuses a block device
+            drive.insert(1, f"file.driver={BLOCK_DRIVERS[d.media]}")
         for depth, (fd, fmt) in enumerate(sockets.backing_fds.get(d.node, [])):
             fdset = n + 100 * (depth + 1)  # MAX_DISKS < 100
             argv += ["-add-fd", f"fd={fd},set={fdset}"]

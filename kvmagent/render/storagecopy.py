@@ -127,7 +127,8 @@ def plan_copy(name: str, host: str, here: list[DiskFact],
             continue  # the guest files differ: preflight says so
         if t.kind == Kind.MISSING and d.kind == Kind.FILE:
             copies.append(CopyDisk(d.number, d.path, d.size, d.format, True))
-        elif t.kind == Kind.MISSING:
+        elif t.kind in (Kind.MISSING, Kind.NO_DIRECTORY) and d.kind == Kind.BLOCK:
+            # no directory either: /dev/VG is there only while one of its LVs is active
             refusals.append(Refusal(
                 f"{host}: {key} does not exist: kvmagent makes no block device",
                 f"make one of {_size(d.size)} there (lvcreate -L {d.size}b ...), the size of "
@@ -149,18 +150,30 @@ def plan_copy(name: str, host: str, here: list[DiskFact],
             refusals.append(Refusal(
                 f"{host}: {key} is {_size(t.size)}, here {_size(d.size)}: --copy-storage "
                 "copies onto a disk of the same size", f"make it {_size(d.size)} on {host} "
-                "(or remove an image file there: kvmagent makes it)",
+                + (f"(lvresize -L {d.size}b ...)" if t.kind == Kind.BLOCK
+                   else "(or remove an image file there: kvmagent makes it)"),
                 ExitStatus.HOST_NOT_READY))
         else:
             copies.append(CopyDisk(d.number, d.path, d.size, d.format, False))
     return copies, refusals
 
 
-def kept_problems(problems: list[str], copies: list[CopyDisk]) -> list[str]:
-    """HOST's host-check problems but those of the disks kvmagent makes
-    there (they do not exist yet, which is the point)."""
-    made = [f'disk[{c.number}].path = "{c.path}": disk does not exist' for c in copies if c.make]
-    return [p for p in problems if not any(p.endswith(m) for m in made)]
+def missing_there(here: list[DiskFact], there: list[DiskFact]) -> list[tuple[int, str]]:
+    """The disks (number, path) missing on HOST whose absence plan_copy
+    answers: each writable one, which it makes there or refuses, saying
+    why (a block device kvmagent does not make)."""
+    theirs = {(d.number, d.path): d for d in there}
+    return [(d.number, d.path) for d in here if d.writable and (t := theirs.get(
+        (d.number, d.path))) is not None and t.kind in (Kind.MISSING, Kind.NO_DIRECTORY)]
+
+
+def kept_problems(problems: list[str], disks: list[tuple[int, str]]) -> list[str]:
+    """A host's host-check problems but that DISKS (number, path) do not
+    exist: the disks kvmagent makes there (they do not exist yet, which is
+    the point), or whose absence --copy-storage says more of
+    (missing_there)."""
+    gone = [f'disk[{number}].path = "{path}": disk does not exist' for number, path in disks]
+    return [p for p in problems if not any(p.endswith(g) for g in gone)]
 
 
 def parse_disk_option(text: str) -> tuple[int, int]:
@@ -185,7 +198,9 @@ def arrival_disks(name: str, wanted: dict[int, tuple[int, bool]],
             refusals.append(Refusal(f"guest {name} has no writable disk[{index}] here", None,
                                     ExitStatus.CONFIG))
             continue
-        source = d._replace(kind=Kind.FILE if make else Kind.BLOCK, size=size, backing="")
+        # the source's disk as it asked for it: not this host's device (identity)
+        source = d._replace(kind=Kind.FILE if make else Kind.BLOCK, size=size, backing="",
+                            identity="")
         found, said = plan_copy(name, "here", [source], [d])
         if found and found[0].make != make:
             said.append(Refusal(f'disk[{index}].path = "{d.path}" exists here now', None,

@@ -16,7 +16,9 @@ Each host's root gets a key made here, both keys are authorised on both hosts
 (root@host0 -> root@host1 and back), and each knows the other's host key
 (known_hosts: name and address), so `ssh -o BatchMode=yes` asks nothing.
 SHARED_DIR (shared=, a directory of this machine) is bound into both at the
-same path: shared storage, as NFS or a SAN would be.
+same path: shared storage, as NFS or a SAN would be.  host_bind= gives each
+host binds of its own (read-write; a device node of that host alone, as a
+disk on its local storage).
 
 kvmagent is installed in both: the package (deb=, with apt from the offline
 repository, as an admin would) or, without deb, this checkout
@@ -51,13 +53,17 @@ class HostPair:
     def __init__(self, releases: Sequence[str] = ("bookworm", "bookworm"), *,
                  deb: Path | None = None, shared: Path, src: Path | None = None,
                  journal_dir: Path | None = None, host_config: str = HOST_CONFIG,
-                 bind_ro: Sequence[tuple[Path, str]] = ()) -> None:
+                 bind_ro: Sequence[tuple[Path, str]] = (),
+                 host_bind: Sequence[Sequence[tuple[Path, str]]] = ()) -> None:
         if len(releases) != 2:
             raise HarnessError(f"a host pair is two hosts, not {len(releases)}")
         self.releases = [rootfs.resolve(r) for r in releases]
         self.deb, self.shared, self.src = deb, shared, src
         self.journal_dir, self.host_config = journal_dir, host_config
         self.bind_ro = list(bind_ro)  # more read-only binds (another offline repository)
+        if host_bind and len(host_bind) != 2:
+            raise HarnessError(f"host_bind: the binds of each of two hosts, not {len(host_bind)}")
+        self.host_bind = [list(b) for b in host_bind] or [[], []]
         self.hosts: list[TestHost] = []
         self._stack = contextlib.ExitStack()
 
@@ -74,10 +80,10 @@ class HostPair:
     def __enter__(self) -> HostPair:
         self.shared.mkdir(parents=True, exist_ok=True)
         try:
-            for release in self.releases:
+            for release, own in zip(self.releases, self.host_bind):
                 debs = rootfs.cached_debs(release)
                 th = TestHost(root=release, src=self.src, bind_ro=[(debs, "/mnt/debs"), *self.bind_ro],
-                              bind=[(self.shared, SHARED_DIR)], journal_dir=self.journal_dir)
+                              bind=[(self.shared, SHARED_DIR), *own], journal_dir=self.journal_dir)
                 self._stack.enter_context(th)
                 self.hosts.append(th)
             self._link()

@@ -59,7 +59,11 @@ WRITER = ("n=0; while [ $n -lt %d ]; do n=$((n+1)); "
 
 
 def hosts(tmp_path_factory: pytest.TempPathFactory, guest_image,  # type: ignore[no-untyped-def]
-          releases: tuple[str, str]) -> Iterator[HostPair]:
+          releases: tuple[str, str], *, disk: str = DISK,
+          host_bind: tuple[list[tuple[Path, str]], ...] = ()) -> Iterator[HostPair]:
+    """The pair, guest NAME defined on both with DISK as its disk (host 0's
+    image made here; another disk, as a block device of HOST_BIND, is the
+    caller's), guest sh on the shared storage."""
     require_system()
     from tests.harness.install import REPO
     work = tmp_path_factory.mktemp("migrate-copy")
@@ -70,8 +74,8 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, guest_image,  # type: ignore
     with open(shared / "sh.img", "wb") as f:  # a disk both hosts share
         f.write(os.urandom(16 << 20))
     try:
-        with HostPair(releases, shared=shared, src=REPO,
-                      journal_dir=work / "journal") as pair:
+        with HostPair(releases, shared=shared, src=REPO, journal_dir=work / "journal",
+                      host_bind=host_bind) as pair:
             image = dataclasses.replace(guest_image, kernel=Path(shared_path("vmlinuz")),
                                         initrd=Path(shared_path("initrd.gz")))
             for th in pair:
@@ -81,13 +85,13 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, guest_image,  # type: ignore
                 th.run(["kvmagent", "bridge", "ensure", "br-kvm"])
                 th.exec(["mkdir", "-p", "/srv/local"])
                 th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(
-                    image, nics=1, extra=f'[[disk]]\npath = "{DISK}"\n'))
+                    image, nics=1, extra=f'[[disk]]\npath = "{disk}"\n'))
                 th.write_file("/etc/kvmagent/guests/sh.toml", guest_toml(
                     image, nics=0, extra=f'[[disk]]\npath = "{shared_path("sh.img")}"\n'))
                 th.exec(["systemctl", "daemon-reload"])  # the generator: the image writable
-            # the disk on host 0's own storage alone
-            pair[0].exec(["dd", "if=/dev/urandom", f"of={DISK}", "bs=1M", f"count={SIZE >> 20}",
-                          "status=none"])
+            if disk == DISK:  # the disk on host 0's own storage alone
+                pair[0].exec(["dd", "if=/dev/urandom", f"of={DISK}", "bs=1M",
+                              f"count={SIZE >> 20}", "status=none"])
             yield pair
     except HarnessError as e:
         pytest.fail(str(e), pytrace=False)

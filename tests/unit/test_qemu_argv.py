@@ -171,6 +171,27 @@ def test_scope_allows_the_guests_block_devices(conf):
     assert "DeviceAllow=/dev/vg/a rw" in lines and "DeviceAllow=/dev/sr0 r" in lines
 
 
+def test_block_devices_passed_as_fds_get_qemus_block_device_drivers(conf):
+    """The supervisor passes every disk as an fd set, whose path tells QEMU
+    nothing: its default driver ("file") refuses a block device ("'file'
+    driver requires '/dev/fdset/1' to be a regular file", QEMU 7.2 and
+    10.0), so a block device is named host_device, a CD-ROM drive
+    host_cdrom.  By path (kvmagent show) QEMU finds them itself."""
+    conf.write("guests/g.toml", '[[disk]]\npath = "/dev/vg/a"\n[[disk]]\npath = "/dev/sr0"\n'
+               'media = "cdrom"\nbus = "ide"\n[[disk]]\npath = "/img/x.raw"\n')
+    host = load_host_config(conf.paths)
+    g = load_guest(conf.paths, "g", host)
+    facts = HostFacts(Accel.KVM, block_devices=frozenset({Path("/dev/vg/a"), Path("/dev/sr0")}))
+    fds = Sockets("fd=3", None, disk_fds={"disk0": ["4", "5"], "disk1": ["6"],
+                                          "disk2": ["7", "8"]})
+    drives = [a for a in qemu_argv(g, host, facts, fds) if a.startswith("file=")]
+    assert drives[0].startswith("file=/dev/fdset/1,file.driver=host_device,format=raw,")
+    assert drives[1].startswith("file=/dev/fdset/2,file.driver=host_cdrom,format=raw,")
+    assert drives[2].startswith("file=/dev/fdset/3,format=raw,")
+    by_path = qemu_argv(g, host, facts, Sockets.in_dir(Path("/r")))
+    assert not any("file.driver" in a for a in by_path)
+
+
 def test_multiqueue(conf):
     conf.write("guests/g.toml", "cpus = 4\n[[nic]]\nqueues = 4\n")
     host = load_host_config(conf.paths)

@@ -15,6 +15,7 @@ from kvmagent.render.migration import STALL_LIMIT
 from kvmagent.render.storagecopy import (SWITCH_TIMEOUT, CopyDisk, CopyState, CopyStep,
                                          DiskFact, Kind, arrival_disks, copy_line, copy_state,
                                          copy_step, heartbeat, kept_problems, mirror_job,
+                                         missing_there,
                                          parse_disk_option, plan_copy, switch_step)
 
 MIB = 1 << 20
@@ -100,12 +101,22 @@ def test_refusals_name_the_disk_its_path_and_both_sizes() -> None:
     assert r.message == ('host2: disk[0].path = "/srv/local/g.img" is 8388608 bytes (8.0 MiB), '
                          'here 16777216 bytes (16.0 MiB): --copy-storage copies onto a disk of '
                          'the same size')
+    assert "remove an image file there" in str(r.hint)
+    _, (r,) = plan_copy("g", "host2", [LV], [LV._replace(size=32 * MIB)])
+    assert r.message.startswith('host2: disk[1].path = "/dev/vg0/g-data" is 33554432 bytes '
+                                '(32.0 MiB), here 67108864 bytes (64.0 MiB)')
+    assert r.hint == "make it 67108864 bytes (64.0 MiB) on host2 (lvresize -L 67108864b ...)"
     _, (r,) = plan_copy("g", "host2", [LV], [missing(LV)])
     assert r.status is ExitStatus.HOST_NOT_READY
     assert "disk[1].path = \"/dev/vg0/g-data\" does not exist: kvmagent makes no block" \
         in r.message and "67108864 bytes" in str(r.hint)
     _, (r,) = plan_copy("g", "host2", [IMAGE], [missing(IMAGE, Kind.NO_DIRECTORY)])
     assert "its directory does not exist" in r.message and r.status is ExitStatus.HOST_NOT_READY
+    # /dev/VG is there only while one of the VG's LVs is active: no mkdir for it
+    _, (r,) = plan_copy("g", "host2", [LV], [missing(LV, Kind.NO_DIRECTORY)])
+    assert r.message == ('host2: disk[1].path = "/dev/vg0/g-data" does not exist: kvmagent '
+                         'makes no block device') and r.status is ExitStatus.HOST_NOT_READY
+    assert "lvcreate -L 67108864b" in str(r.hint) and "mkdir" not in str(r.hint)
     _, (r,) = plan_copy("g", "host2", [IMAGE], [missing(IMAGE, Kind.OTHER)])
     assert "neither an image file nor a block device" in r.message
     overlay = IMAGE._replace(format="qcow2", backing="/srv/base.qcow2")
@@ -125,12 +136,23 @@ def test_a_guest_file_that_differs_is_preflights_to_refuse() -> None:
 
 
 def test_the_problems_of_disks_made_there_are_dropped() -> None:
-    made = CopyDisk(0, "/srv/local/g.img", MIB, "raw", True)
-    onto = CopyDisk(1, "/dev/vg0/g-data", MIB, "raw", False)
     problems = ['guests/g.toml: disk[0].path = "/srv/local/g.img": disk does not exist',
                 'guests/g.toml: disk[1].path = "/dev/vg0/g-data": disk does not exist',
                 'guests/g.toml: nic[0].bridge = "br-kvm": no such bridge']
-    assert kept_problems(problems, [made, onto]) == problems[1:]
+    assert kept_problems(problems, [(0, "/srv/local/g.img")]) == problems[1:]
+    assert kept_problems(problems, []) == problems
+
+
+def test_a_writable_disk_missing_there_is_for_the_copy_to_say() -> None:
+    """Every writable disk missing there is made there or refused by
+    plan_copy, saying why: the host check's "disk does not exist" (whose
+    hint is --copy-storage, given already) is left out of the source's
+    refusals.  A read-only disk is not copied: its absence is the host
+    check's to say."""
+    there = [missing(IMAGE), missing(LV, Kind.NO_DIRECTORY), missing(ISO)]
+    assert missing_there([IMAGE, LV, ISO], there) == [(0, IMAGE.path), (1, LV.path)]
+    assert missing_there([IMAGE, LV, ISO], [IMAGE, LV, ISO]) == []
+    assert missing_there([IMAGE], [missing(IMAGE)._replace(path="/elsewhere")]) == []
 
 
 def test_disk_options() -> None:
@@ -151,6 +173,10 @@ def test_the_destination_checks_again() -> None:
     assert "is 67108864 bytes (64.0 MiB), here 33554432 bytes" in r.message
     _, (r,) = arrival_disks("g", {2: (MIB, False)}, here)
     assert r.message == "guest g has no writable disk[2] here" and r.status is ExitStatus.CONFIG
+    # an LV here has an identity (its device-mapper UUID): its own, not the source's
+    lv = LV._replace(identity="dm:LVM-Q1b2c3Zz0vgUUIDlvUUID")
+    (copy,), refusals = arrival_disks("g", {1: (64 * MIB, False)}, [lv])
+    assert refusals == [] and copy == CopyDisk(1, LV.path, 64 * MIB, "raw", False)
 
 
 def test_disk_facts_from_json_are_checked() -> None:
