@@ -20,11 +20,14 @@ import stat
 import sys
 import tempfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from kvmagent import names
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.paths import Paths
+
+if TYPE_CHECKING:
+    from kvmagent.config.model import Guest, HostConfig
 
 MODE_BITS = 0o7777
 
@@ -107,15 +110,19 @@ def _dropin_name(leaf: str | None) -> bool:
             and "/" not in leaf and "\0" not in leaf and len(os.fsencode(leaf)) <= 250)
 
 
-def staged(files: GuestFiles, load):  # type: ignore[no-untyped-def]
-    """LOAD(the guest file's path) with FILES written to a staging
-    directory; an error names the file as it would be in guests/."""
+def staged(files: GuestFiles, host: HostConfig) -> Guest:
+    """Guest FILES.name as this host (HOST, its configuration) would load
+    it from FILES, written to a staging directory; an error names the file
+    as it would be in guests/."""
+    from kvmagent.config.guests import check_hidden_paths, load_guest_file
     with tempfile.TemporaryDirectory(prefix="kvmagent-config-") as d:
         try:
-            return load(files.stage(Path(d)))
+            guest = load_guest_file(files.stage(Path(d)), host)
+            check_hidden_paths(guest)  # its message names the file too
         except KvmagentError as e:
             raise KvmagentError(e.message.replace(d, "guests") + " (in the copy sent)",
                                 e.hint, e.status) from None
+    return guest
 
 
 def install(paths: Paths, files: GuestFiles) -> list[str]:
@@ -126,12 +133,11 @@ def install(paths: Paths, files: GuestFiles) -> list[str]:
     main = paths.guest_config(files.name)
     dropins = main.with_name(main.name + ".d")
     wanted = {paths.guests_dir / f.path: f for f in files.files}
-    if dropins.is_dir():  # drop-ins that would stay and change the guest
-        from kvmagent.config.layers import dropin_files
-        for path in dropin_files(main):
-            if path not in wanted:
-                os.replace(path, path.with_name(path.name + ".old"))
-                kept.append(f"{dropins.name}/{path.name}.old")
+    from kvmagent.config.layers import dropin_files
+    for path in dropin_files(main):  # drop-ins that would stay and change the guest
+        if path not in wanted:
+            os.replace(path, path.with_name(path.name + ".old"))
+            kept.append(f"{dropins.name}/{path.name}.old")
     for path, f in wanted.items():
         try:
             same = path.read_bytes() == f.text.encode()

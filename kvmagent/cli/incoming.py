@@ -56,8 +56,7 @@ def _emit(event: str, **fields: Any) -> None:
 def side_facts(name: str, paths: Paths, files: configcopy.GuestFiles | None = None) -> SideFacts:
     """What this host says about guest NAME (migrate-incoming --facts); with
     FILES (--config-in), what it would say with them as the guest's files."""
-    from kvmagent.config.guests import (check_hidden_paths, load_guest, load_guest_file,
-                                        load_host_config)
+    from kvmagent.config.guests import load_guest, load_host_config
     from kvmagent.host import systemd
     from kvmagent.host.hostcheck import check_host
     from kvmagent.host.qemucaps import capabilities
@@ -65,11 +64,8 @@ def side_facts(name: str, paths: Paths, files: configcopy.GuestFiles | None = No
     running = systemd.active_state(service_unit(name)) in systemd.RUNNING_STATES
     try:
         host = load_host_config(paths)
-        if files is None:
-            guest = load_guest(paths, name, host)
-        else:
-            guest = configcopy.staged(files, lambda main: load_guest_file(main, host))
-            check_hidden_paths(guest)
+        guest = (load_guest(paths, name, host) if files is None
+                 else configcopy.staged(files, host))
     except KvmagentError as e:
         return SideFacts(None, e.message, running, [], [], "")
     _, problems = check_host(guest, host)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from kvmagent.cli.configcopy import GuestFile, GuestFiles, install, staged
-from kvmagent.config.guests import load_guest_file, load_host_config
+from kvmagent.config.guests import load_host_config
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.render.show import effective_config
 from tests.unit.conftest import ConfDir
@@ -64,11 +64,10 @@ def test_what_is_not_a_guests_files(data: dict, why: str) -> None:  # type: igno
 def test_staged_loads_with_this_hosts_defaults_and_names_the_file(conf: ConfDir) -> None:
     conf.write("kvmagent.toml", 'machine = "q35"\n')
     host = load_host_config(conf.paths)
-    guest = staged(sent(**{"g.toml": GUEST}), lambda main: load_guest_file(main, host))
+    guest = staged(sent(**{"g.toml": GUEST}), host)
     assert effective_config(guest)["machine"] == "q35" and guest.name == "g"
     with pytest.raises(KvmagentError) as e:
-        staged(sent(**{"g.toml": GUEST, "g.toml.d/50-x.toml": "memory = 12\n"}),
-               lambda main: load_guest_file(main, host))
+        staged(sent(**{"g.toml": GUEST, "g.toml.d/50-x.toml": "memory = 12\n"}), host)
     assert e.value.status == ExitStatus.CONFIG
     assert "guests/g.toml.d/50-x.toml" in e.value.message, e.value.message
     assert "(in the copy sent)" in e.value.message and "kvmagent-config-" not in e.value.message
@@ -113,3 +112,11 @@ def test_install_a_symlink_of_config_management_is_kept(conf: ConfDir, tmp_path:
     assert old.is_symlink() and os.readlink(old) == str(managed)
     assert not conf.paths.guest_config("g").is_symlink()
     assert managed.read_text() == "memory = \"256M\"\n"  # not written through the link
+
+
+def test_staged_names_a_hidden_path_by_the_file_in_guests(conf: ConfDir) -> None:
+    host = load_host_config(conf.paths)
+    with pytest.raises(KvmagentError) as e:
+        staged(sent(**{"g.toml": '[[disk]]\npath = "/root/g.img"\n'}), host)
+    assert e.value.message.startswith("guests/g.toml: disk[0].path"), e.value.message
+    assert "kvmagent-config-" not in e.value.message
