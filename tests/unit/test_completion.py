@@ -1,4 +1,4 @@
-"""debian/kvmagent.bash-completion.sh in step with the command line: every
+"""completion/kvmagent.bash in step with the command line: every
 command a user types (not the internal ones that kvmagent runs itself) is
 offered, and so is each of its long options, by bash itself."""
 
@@ -13,7 +13,7 @@ import pytest
 
 from kvmagent.cli.parser import build_parser
 
-COMPLETION = Path(__file__).resolve().parents[2] / "debian" / "kvmagent.bash-completion.sh"
+COMPLETION = Path(__file__).resolve().parents[2] / "completion" / "kvmagent.bash"
 
 
 def commands() -> dict[str, list[str]]:
