@@ -41,7 +41,8 @@ from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import ssh
 from kvmagent.names import service_unit
 from kvmagent.paths import Paths
-from kvmagent.render.migration import (PAUSED_BY_MIGRATION, Refusal, SideFacts, Step,
+from kvmagent.render.migration import (DEFAULT_DOWNTIME_MS, MAX_DOWNTIME_MS,
+                                       PAUSED_BY_MIGRATION, Refusal, SideFacts, Step,
                                        differences, paused_ms, preflight, progress_line,
                                        source_step)
 from kvmagent.render.transport import SSH, TCP, Transport, parse_transport, warning
@@ -93,10 +94,21 @@ def _parse_rate(text: str | None) -> int | None:
     if text is None:
         return None
     try:
-        return parse_size(text if text[-1:].isalpha() else text + "B")
+        rate = parse_size(text if text[-1:].isalpha() else text + "B")
     except ValueError as e:
         raise KvmagentError(f"--bandwidth {text!r}: {e}", 'bytes per second: "10M", "1G"',
                             ExitStatus.USAGE) from None
+    if rate <= 0:
+        raise KvmagentError(f"--bandwidth {text!r}: no bytes per second",
+                            'bytes per second: "10M", "1G"', ExitStatus.USAGE)
+    return rate
+
+
+def _check_downtime(ms: int | None) -> None:
+    if ms is not None and not 1 <= ms <= MAX_DOWNTIME_MS:
+        raise KvmagentError(f"--max-downtime {ms}: not from 1 to {MAX_DOWNTIME_MS} ms",
+                            "the longest pause at the switch, in milliseconds (QEMU's default "
+                            f"{DEFAULT_DOWNTIME_MS})", ExitStatus.USAGE)
 
 
 class _Lines:
@@ -128,9 +140,10 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
     from kvmagent.render.show import effective_config
     target = ssh.parse_target(args.host)
     transport = parse_transport(args.transport)  # exit 2
+    bandwidth = _parse_rate(args.bandwidth)  # exit 2
+    _check_downtime(args.max_downtime)
     guest = load_guest(paths, args.name, load_host_config(paths))  # exit 6, 8
     name, control = guest.name, paths.control_socket(guest.name)
-    bandwidth = _parse_rate(args.bandwidth)
     try:
         status = channel.ask(control, "migrate-status", timeout=5.0)
     except KvmagentError:
@@ -319,6 +332,8 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
          max_bandwidth=started.get("max_bandwidth"))
     completed_at: float | None = None
     info: dict[str, Any] = {}
+    limit = started.get("downtime_limit_ms")
+    limit_ms = limit if isinstance(limit, int) else DEFAULT_DOWNTIME_MS
     while True:
         time.sleep(POLL)
         try:
@@ -332,7 +347,8 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
         decision = source_step(phase, lines.last, interrupted=bool(interrupted),
                                completed_for=None if completed_at is None
                                else time.monotonic() - completed_at,
-                               dest_gone=lines.ended and lines.last != "running")
+                               dest_gone=lines.ended and lines.last != "running",
+                               info=info, limit_ms=limit_ms)
         if decision.step is Step.WAIT:
             _say(args, "progress", progress_line(info), **info)
             continue

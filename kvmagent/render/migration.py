@@ -39,7 +39,15 @@ STALL_LIMIT = 15.0
 # alike), set again at every migration: what migrate-set-parameters set
 # stays in QEMU, for the next migration too (a cancelled one's --bandwidth).
 DEFAULT_DOWNTIME_MS = 300
+MAX_DOWNTIME_MS = 2_000_000  # QEMU's largest downtime-limit (7.2 and 10.0)
 DEFAULT_BANDWIDTH = 128 << 20  # bytes per second
+# QEMU sends the guest's memory in passes, each one what the guest wrote
+# during the last; it pauses the guest once what is left fits in the
+# downtime limit.  A guest that writes as fast as the link sends reaches a
+# steady state within a few passes and never gets there: after this many,
+# with the expected downtime still above the limit, the move is cancelled
+# (an idle guest moves in 2 to 5 passes).
+MAX_PASSES = 30
 
 
 def parameters(downtime_ms: object, bandwidth: object) -> dict[str, Any]:
@@ -171,8 +179,24 @@ class Decision(NamedTuple):
     why: str = ""
 
 
+def not_converging(info: dict[str, Any], limit_ms: int) -> str | None:
+    """Why a move cannot end within its downtime limit (LIMIT_MS), from
+    the source QEMU's query-migrate answer (INFO); None while it may."""
+    ram = info.get("ram")
+    ram = ram if isinstance(ram, dict) else {}
+    passes, expected = ram.get("dirty-sync-count"), info.get("expected-downtime")
+    if info.get("status") != "active" or not isinstance(passes, int) \
+            or not isinstance(expected, int) or passes < MAX_PASSES or expected <= limit_ms:
+        return None
+    return (f"it cannot end within the downtime limit: after {passes} passes over the "
+            f"guest's memory QEMU still expects {expected} ms of downtime (limit "
+            f"{limit_ms} ms), the guest writing its memory about as fast as the link sends "
+            f"it; a larger --max-downtime or --bandwidth, or a quieter guest, lets it move")
+
+
 def source_step(phase: str, dest: str, *, interrupted: bool, completed_for: float | None,
-                dest_gone: bool) -> Decision:
+                dest_gone: bool, info: dict[str, Any] | None = None,
+                limit_ms: int = DEFAULT_DOWNTIME_MS) -> Decision:
     """What `kvmagent migrate` does next.  PHASE: the source QEMU's
     query-migrate status; DEST: the destination's last word ("", "listening",
     "running", "failed: ..."); completed_for: seconds since the source said
@@ -204,6 +228,8 @@ def source_step(phase: str, dest: str, *, interrupted: bool, completed_for: floa
         return Decision(Step.CANCEL, "the connection to the destination ended")
     if phase in ("failed", "cancelled", "cancelling"):
         return Decision(Step.CANCEL, f"the migration {phase} here")
+    if info and (why := not_converging(info, limit_ms)):
+        return Decision(Step.CANCEL, why)
     return Decision(Step.WAIT)
 
 

@@ -221,3 +221,18 @@ def test_main_help_before_a_command_lists_every_command(conf) -> None:
     for argv in (["-h", "list"], ["--config-dir", "/x", "--help", "list"]):
         out = kvmagent(conf, *argv).stdout
         assert "reset-counters" in out and "bridge" in out, argv
+
+
+@pytest.mark.parametrize("option, value, said", [
+    ("--max-downtime", "0", "--max-downtime 0: not from 1 to 2000000 ms"),
+    ("--max-downtime", "2000001", "--max-downtime 2000001: not from 1 to 2000000 ms"),
+    ("--bandwidth", "0", "--bandwidth '0': no bytes per second"),
+    ("--bandwidth", "fast", "--bandwidth 'fast'"),
+])
+def test_migrate_refuses_bad_limits_before_anything(conf, option: str, value: str,
+                                                    said: str) -> None:
+    """Usage errors, said before any guest file is read or host is asked
+    (there is neither here: no ssh is run)."""
+    r = kvmagent(conf, "migrate", "nosuchguest", "root@192.0.2.1", option, value)
+    assert r.returncode == ExitStatus.USAGE, r.stderr
+    assert said in r.stderr and "hint:" in r.stderr and "Traceback" not in r.stderr

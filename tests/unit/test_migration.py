@@ -5,13 +5,15 @@ supervisor do next, the progress line; and the incoming request's record."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from kvmagent.errors import ExitStatus
-from kvmagent.render.migration import (CONFIRM_TIMEOUT, STALL_LIMIT, STREAM_WAIT, Arrival,
-                                       SideFacts, Step, differences, flatten, incoming_step,
-                                       preflight, progress_line, source_step, stalled)
+from kvmagent.render.migration import (CONFIRM_TIMEOUT, MAX_PASSES, STALL_LIMIT, STREAM_WAIT,
+                                       Arrival, SideFacts, Step, differences, flatten,
+                                       incoming_step, not_converging, preflight, progress_line,
+                                       source_step, stalled)
 from kvmagent.render.migration import DEFAULT_BANDWIDTH, DEFAULT_DOWNTIME_MS, parameters
 from kvmagent.render.migration import ARRIVAL_FAILED, SETTLE_LIMIT, Settle, Where, settle_step
 from kvmagent.render.migration import event_time, paused_ms
@@ -111,6 +113,30 @@ def test_source_step(phase: str, dest: str, interrupted: bool, completed_for: fl
                      gone: bool, step: Step) -> None:
     assert source_step(phase, dest, interrupted=interrupted, completed_for=completed_for,
                        dest_gone=gone).step is step
+
+
+def busy(passes: int, expected: int, status: str = "active") -> dict[str, object]:
+    return {"status": status, "expected-downtime": expected,
+            "ram": {"dirty-sync-count": passes, "remaining": 16 << 20}}
+
+
+def test_a_move_that_cannot_converge_is_cancelled() -> None:
+    def step(info: dict[str, object], limit: int = 300) -> Step:
+        return source_step(str(info.get("status")), "incoming", interrupted=False,
+                           completed_for=None, dest_gone=False, info=info,
+                           limit_ms=limit).step
+    assert step(busy(2, 5000)) is Step.WAIT  # early passes: it may yet
+    assert step(busy(MAX_PASSES - 1, 5000)) is Step.WAIT
+    assert step(busy(MAX_PASSES, 5000)) is Step.CANCEL
+    assert step(busy(MAX_PASSES, 5000), limit=5000) is Step.WAIT  # it fits: it pauses now
+    assert step(busy(MAX_PASSES + 50, 200)) is Step.WAIT
+    assert step(busy(MAX_PASSES, 5000, "device")) is Step.WAIT  # the last of it, paused
+    assert step({"status": "active"}) is Step.WAIT  # QEMU said nothing of passes
+    why = not_converging(busy(MAX_PASSES, 5000), 1)
+    assert why is not None and f"after {MAX_PASSES} passes" in why
+    assert "5000 ms of downtime (limit 1 ms)" in why and "--max-downtime" in why
+    manual = (Path(__file__).resolve().parents[2] / "docs" / "kvmagent.1.md").read_text()
+    assert f"after {MAX_PASSES} passes over its memory" in manual
 
 
 def test_incoming_step() -> None:
