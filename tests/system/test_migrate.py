@@ -38,14 +38,15 @@ import pytest
 from kvmagent.render.migration import MAX_PASSES
 from tests.harness import HarnessError
 from tests.harness.hostpair import LINK, HostPair, shared_path
-from tests.harness.install import APT_ENV, OFFLINE_APT, guest_toml, offline_apt
+from tests.harness.install import guest_toml
 from tests.harness.testhost import TestHost, nsenter_argv
 from tests.system.conftest import require_system
+from tests.system.guestview import Guest, install, qemus, wait
 
 pytestmark = pytest.mark.system
-RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
-                   "systemd-container"]
-NAME, UNIT = "mig", "kvm@mig.service"
+GUEST = Guest("mig")
+NAME, UNIT = GUEST.name, GUEST.unit
+console, runs_on, types = GUEST.console, GUEST.runs_on, GUEST.answers
 SLOW = "1M"  # --bandwidth that makes the tiny guest's move last ~10 s or more
 # A slow move that must end gets a downtime limit its first pass meets: a
 # guest that writes its memory about as fast as 1M (a shell loop starting a
@@ -73,10 +74,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, guest_image,  # type: ignore
             image = dataclasses.replace(guest_image, kernel=Path(shared_path("vmlinuz")),
                                         initrd=Path(shared_path("initrd.gz")))
             for th in hosts:
-                offline_apt(th)
-                th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q",
-                        "--no-install-recommends", *RUNTIME_DEPENDS], env=APT_ENV, timeout=600)
-                th.run(["kvmagent", "bridge", "ensure", "br-kvm"])
+                install(th)
                 th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(
                     image, nics=1, extra=f'[[disk]]\npath = "{shared_path(NAME + ".img")}"\n'))
                 th.exec(["systemctl", "daemon-reload"])  # the generator: the image writable
@@ -96,42 +94,12 @@ def pair(tmp_path_factory: pytest.TempPathFactory,
     yield from hosts(tmp_path_factory, guest_image, ("bookworm", "bookworm"))
 
 
-def console(th: TestHost) -> str:
-    return str(th.exec(["journalctl", f"GUEST={NAME}", f"SYSLOG_IDENTIFIER={NAME}-console",
-                        "-o", "cat", "--no-pager"], check=False).stdout)
-
-
-def wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.3)
-
-
 def state(th: TestHost, unit: str = UNIT) -> tuple[str, str]:
-    out = th.exec(["systemctl", "show", unit, "--property=ActiveState,Result"]).stdout
-    props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    return props.get("ActiveState", "?"), props.get("Result", "?")
-
-
-def qemus(th: TestHost) -> list[str]:
-    return th.exec(["pgrep", "-f", "qemu-system-x86_64"], check=False).stdout.split()
+    return GUEST.state(th, unit)
 
 
 def taps(th: TestHost) -> str:
     return str(th.exec(["ip", "-o", "link", "show", "type", "tun"], check=False).stdout)
-
-
-def types(th: TestHost, text: str) -> bool:
-    """TEXT typed on the guest's serial console there comes back in the console's journal."""
-    marker = f"typed-{text}"
-    for _ in range(15):
-        th.exec(["kvmagent", "console", NAME, "--timeout", "1"], input=f"echo {marker}\n",
-                check=False, timeout=60)
-        if re.search(rf"^{marker}\r?$", console(th), re.M):
-            return True
-    return False
 
 
 def clean(th: TestHost) -> None:
@@ -189,20 +157,6 @@ def record_follows(src: TestHost, dst: TestHost, to: str, done: dict,  # type: i
                      r"booted \d{4}-", text), text
     print(f"uptime on {src.name} before the move {uptime_before} s; on {dst.name}, {since} s "
           f"later, {row['uptime_seconds']} s")
-
-
-OOPS = re.compile(r"\b(BUG|Oops|Kernel panic)\b|list_(add|del) corruption|general protection")
-
-
-def runs_on(th: TestHost) -> None:
-    """The guest runs there, and its kernel has said nothing of a fault
-    (guest memory that a move lost or garbled shows as one)."""
-    faults = [line for line in console(th).splitlines() if OOPS.search(line)]
-    assert not faults, "the guest's kernel on " + th.name + ":\n" + "\n".join(faults[:30])
-    assert state(th) == ("active", "success"), state(th)
-    status = json.loads(th.exec(["kvmagent", "status", NAME, "--json"]).stdout)
-    assert status["state"] == "running", status
-    assert len(qemus(th)) == 1
 
 
 def test_why_the_stream_is_handed_in(pair: HostPair) -> None:
@@ -412,8 +366,7 @@ def test_a_move_that_cannot_converge_is_cancelled(pair: HostPair) -> None:
     on_host0(a, b)
     pid = qemu_here(a)
     loop = "while :; do dd if=/dev/zero of=/busy bs=1M count=16 conv=notrunc 2>/dev/null; done"
-    a.exec(["kvmagent", "console", NAME, "--timeout", "1"], input=f"{loop} &\n",
-           check=False, timeout=60)
+    GUEST.typed(a, f"{loop} &\n")
     try:
         r = migrate(a, "host1", "--max-downtime", "1")
         events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
@@ -431,8 +384,7 @@ def test_a_move_that_cannot_converge_is_cancelled(pair: HostPair) -> None:
         wait(lambda: state(b)[0] == "inactive" and qemus(b) == [], 60, "host 1 clean")
         clean(b)
     finally:
-        a.exec(["kvmagent", "console", NAME, "--timeout", "1"], input="kill $!; rm -f /busy\n",
-               check=False, timeout=60)
+        GUEST.typed(a, "kill $!; rm -f /busy\n")
     assert types(a, "after-busy")  # the guest answers on host 0
 
 

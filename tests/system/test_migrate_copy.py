@@ -37,14 +37,15 @@ import pytest
 
 from tests.harness import HarnessError
 from tests.harness.hostpair import LINK, HostPair, shared_path
-from tests.harness.install import APT_ENV, OFFLINE_APT, guest_toml, offline_apt
+from tests.harness.install import guest_toml
 from tests.harness.testhost import TestHost, nsenter_argv
 from tests.system.conftest import require_system
+from tests.system.guestview import Guest, install, qemus, wait
 
 pytestmark = pytest.mark.system
-RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
-                   "systemd-container"]
-NAME, UNIT = "cp", "kvm@cp.service"
+GUEST = Guest("cp")
+NAME, UNIT = GUEST.name, GUEST.unit
+console, runs_on, booted = GUEST.console, GUEST.runs_on, GUEST.booted
 DISK = "/srv/local/cp.img"
 SIZE = 64 << 20  # a mirror sends its first 16 MiB at once, whatever --bandwidth says
 BLOCK = 4096
@@ -79,10 +80,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory, guest_image,  # type: ignore
             image = dataclasses.replace(guest_image, kernel=Path(shared_path("vmlinuz")),
                                         initrd=Path(shared_path("initrd.gz")))
             for th in pair:
-                offline_apt(th)
-                th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q",
-                        "--no-install-recommends", *RUNTIME_DEPENDS], env=APT_ENV, timeout=600)
-                th.run(["kvmagent", "bridge", "ensure", "br-kvm"])
+                install(th)
                 th.exec(["mkdir", "-p", "/srv/local"])
                 th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(
                     image, nics=1, extra=f'[[disk]]\npath = "{disk}"\n'))
@@ -103,27 +101,8 @@ def pair(tmp_path_factory: pytest.TempPathFactory,
     yield from hosts(tmp_path_factory, guest_image, ("bookworm", "bookworm"))
 
 
-def console(th: TestHost) -> str:
-    return str(th.exec(["journalctl", f"GUEST={NAME}", f"SYSLOG_IDENTIFIER={NAME}-console",
-                        "-o", "cat", "--no-pager"], check=False).stdout)
-
-
-def wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.3)
-
-
 def state(th: TestHost, unit: str = UNIT) -> tuple[str, str]:
-    out = th.exec(["systemctl", "show", unit, "--property=ActiveState,Result"]).stdout
-    props = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
-    return props.get("ActiveState", "?"), props.get("Result", "?")
-
-
-def qemus(th: TestHost) -> list[str]:
-    return th.exec(["pgrep", "-f", "qemu-system-x86_64"], check=False).stdout.split()
+    return GUEST.state(th, unit)
 
 
 def has_disk(th: TestHost) -> bool:
@@ -131,17 +110,11 @@ def has_disk(th: TestHost) -> bool:
 
 
 def typed(th: TestHost, line: str) -> None:
-    th.exec(["kvmagent", "console", NAME, "--timeout", "2"], input=line, check=False,
-            timeout=60)
+    GUEST.typed(th, line, 2)
 
 
 def answers(th: TestHost, tag: str) -> bool:
-    marker = f"typed-{tag}"
-    for _ in range(15):
-        typed(th, f"echo {marker}\n")
-        if re.search(rf"^{marker}\r?$", console(th), re.M):
-            return True
-    return False
+    return GUEST.answers(th, tag, 2)
 
 
 def clean(th: TestHost) -> None:
@@ -153,19 +126,6 @@ def clean(th: TestHost) -> None:
     assert not has_disk(th), th.exec(["ls", "-l", "/srv/local"]).stdout
     assert th.exec(["sh", "-c", f"ls /run/kvmagent/{NAME}/ 2>/dev/null"],
                    check=False).stdout.split() in ([], ["supervisor.lock"])
-
-
-def runs_on(th: TestHost) -> None:
-    assert state(th) == ("active", "success"), state(th)
-    status = json.loads(th.exec(["kvmagent", "status", NAME, "--json"]).stdout)
-    assert status["state"] == "running", status
-    assert len(qemus(th)) == 1
-
-
-def booted(th: TestHost) -> None:
-    if state(th)[0] != "active":
-        th.exec(["systemctl", "start", UNIT], timeout=180)
-    wait(lambda: "GUEST-READY" in console(th), 120, f"the guest booted on {th.name}")
 
 
 def disk(th: TestHost) -> bytes:

@@ -44,12 +44,13 @@ from tests.harness.hostpair import ADDRESSES, HostPair, shared_path
 from tests.harness.install import APT_ENV, OFFLINE_APT, guest_toml
 from tests.harness.testhost import TestHost
 from tests.system.conftest import require_system
+from tests.system.guestview import RUNTIME_DEPENDS, Guest, qemus, wait
 
 pytestmark = pytest.mark.system
-NAME, UNIT = "ha", "kvm@ha.service"
+GUEST = Guest("ha")
+NAME, UNIT = GUEST.name, GUEST.unit
+console = GUEST.console
 AGENT = "/usr/lib/ocf/resource.d/kvmagent/guest"
-RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
-                   "systemd-container"]
 NODES = ("host0", "host1")
 GUEST_IP, BRIDGE_IP, BRIDGE_MAC = "10.77.0.2", "10.77.0.1", "02:4b:56:4d:00:01"
 PING_EVERY = 0.1  # seconds between the guest's pings of its bridge
@@ -89,15 +90,6 @@ PRIMITIVE = (f"primitive {NAME} ocf:kvmagent:guest params name={NAME} "
              "meta allow-migrate=true "
              "op monitor interval=5s timeout=30s op start timeout=120s "
              "op stop timeout=180s op migrate_to timeout=300s op migrate_from timeout=120s")
-
-
-def wait(predicate, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.5)
-    return time.monotonic() - t0
 
 
 @contextlib.contextmanager
@@ -163,11 +155,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory,
 
 
 BOOTS: dict[str, int] = {}  # GUEST-INITs on host0's console: before the cluster, after its start
-
-
-def console(th: TestHost) -> str:
-    return str(th.exec(["journalctl", f"GUEST={NAME}", f"SYSLOG_IDENTIFIER={NAME}-console",
-                        "-o", "cat", "--no-pager"], check=False).stdout)
 
 
 def active(th: TestHost) -> str:
@@ -385,10 +372,6 @@ def test_standby_moves_it_back_live(cluster: HostPair) -> None:
     assert "GUEST-INIT" not in console(b)
     time.sleep(5)
     assert located(a) == NODES[0]  # stickiness: it stays
-
-
-def qemus(th: TestHost) -> list[str]:
-    return th.exec(["pgrep", "-f", "qemu-system-x86_64"], check=False).stdout.split()
 
 
 def restarts(th: TestHost) -> int:
