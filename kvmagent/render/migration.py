@@ -46,7 +46,7 @@ DEFAULT_BANDWIDTH = 128 << 20  # bytes per second
 # downtime limit.  A guest that writes as fast as the link sends reaches a
 # steady state within a few passes and never gets there: after this many,
 # with the expected downtime still above the limit, the move is cancelled
-# (an idle guest moves in 2 to 5 passes).
+# (an idle guest moves in a few passes).
 MAX_PASSES = 30
 
 
