@@ -22,11 +22,11 @@ RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qem
 OOPS = re.compile(r"\b(BUG|Oops|Kernel panic)\b|list_(add|del) corruption|general protection")
 
 
-def install(th: TestHost, *more: str) -> None:
-    """The package's dependencies (and MORE) from the offline archive, and br-kvm."""
+def install(th: TestHost) -> None:
+    """The package's dependencies from the offline archive, and br-kvm."""
     offline_apt(th)
     th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q", "--no-install-recommends",
-            *RUNTIME_DEPENDS, *more], env=APT_ENV, timeout=600)
+            *RUNTIME_DEPENDS], env=APT_ENV, timeout=600)
     th.run(["kvmagent", "bridge", "ensure", "br-kvm"])
 
 
