@@ -42,11 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import libvirt, virsh_migrate  # noqa: E402
 from tests.guest.build import find_guest  # noqa: E402
 from tests.harness.hostpair import HostPair, shared_path  # noqa: E402
-from tests.harness.install import (APT_ENV, OFFLINE_APT, REPO, guest_toml,  # noqa: E402
-                                   offline_apt)
+from tests.harness.install import (APT_ENV, OFFLINE_APT, REPO, RUNTIME_DEPENDS,  # noqa: E402
+                                   guest_toml, offline_apt)
 
-DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
-           "systemd-container"]
 NAME, UNIT = "bench", "kvm@bench.service"
 BRIDGE_MAC = "02:00:00:00:77:01"
 
@@ -81,7 +79,7 @@ def main() -> int:
             for th in pair:
                 offline_apt(th)
                 th.run(["apt-get", *OFFLINE_APT, "install", "-y", "-q",
-                        "--no-install-recommends", *DEPENDS], env=APT_ENV, timeout=600)
+                        "--no-install-recommends", *RUNTIME_DEPENDS], env=APT_ENV, timeout=600)
                 th.run(["kvmagent", "bridge", "ensure", "br-kvm", "--address", "10.77.0.1/24"])
                 th.exec(["ip", "link", "set", "br-kvm", "address", BRIDGE_MAC])
                 th.write_file(f"/etc/kvmagent/guests/{NAME}.toml", guest_toml(

@@ -124,10 +124,15 @@ def offline_apt(th: TestHost) -> None:
     th.run(["apt-get", *OFFLINE_APT, "update", "-q"])
 
 
-# What kvmagent needs at run time, from a release's own packages (debian/control's
-# Depends, and qemu-utils of its Recommends: clone's qemu-img).
-RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
-                   "systemd-container", "qemu-utils"]
+# What kvmagent needs at run time, from a release's own packages: debian/control's
+# Depends but systemd (the test host's init: never purged) and its Recommends
+# (qemu-img: clone, and migrate --copy-storage's qcow2 images), what apt installs
+# with it by default.  tests/system/test_package.py keeps them in step with
+# debian/control; the test hosts get them all (RUNTIME_DEPENDS).
+DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
+           "systemd-container"]
+RECOMMENDS = ["qemu-utils"]
+RUNTIME_DEPENDS = DEPENDS + RECOMMENDS
 
 
 def install_on_release(th: TestHost, bridge_address: str = "10.77.0.1/24") -> None:

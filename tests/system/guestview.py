@@ -10,13 +10,9 @@ import re
 import time
 from collections.abc import Callable
 
-from tests.harness.install import APT_ENV, OFFLINE_APT, offline_apt
+from tests.harness.install import APT_ENV, OFFLINE_APT, RUNTIME_DEPENDS, offline_apt
 from tests.harness.testhost import TestHost
 
-# What the package needs on a test host besides itself (its Depends:, as
-# the offline apt of the test hosts has them)
-RUNTIME_DEPENDS = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
-                   "systemd-container"]
 # A guest kernel's fault on its console (guest memory that a move lost or
 # garbled shows as one)
 OOPS = re.compile(r"\b(BUG|Oops|Kernel panic)\b|list_(add|del) corruption|general protection")

@@ -29,13 +29,12 @@ from pathlib import Path
 import pytest
 
 from tests.harness import HarnessError, TestHost, buildroot, rootfs
-from tests.harness.install import (APT_ENV, OFFLINE_APT, REPO, apt_install, build_deb,
-                                   copy_guest, guest_toml, offline_apt, source_tree)
+from tests.harness.install import (APT_ENV, DEPENDS, OFFLINE_APT, RECOMMENDS, REPO,
+                                   apt_install, build_deb, copy_guest, guest_toml, offline_apt,
+                                   source_tree)
 from tests.system.test_kvm_service import qemu_pid, show, wait_for, wait_restarts, wait_state
 
 pytestmark = pytest.mark.system
-RUNTIME = ["python3-pystemd", "python3-pydbus", "python3-pyroute2", "qemu-system-x86",
-           "systemd-container"]
 RELEASES = list(rootfs.RELEASES)
 BUILT_ON = RELEASES[0]  # the packages copied to every release: built on Debian 12
 # The release before the code under test: what an admin upgrades from.  Its
@@ -79,6 +78,25 @@ def copied_builds(work: Path) -> tuple[Path, Path]:
         except HarnessError as e:
             pytest.fail(str(e), pytrace=False)
     return _copied[0]
+
+
+def control_field(field: str) -> list[str]:
+    """The package names of a field of debian/control's binary package
+    (substitution variables left out)."""
+    text = (REPO / "debian" / "control").read_text()
+    binary = text.split("\nPackage:", 1)[1]
+    found = re.search(rf"^{field}:(.*(?:\n[ \t].*)*)", binary, re.M)
+    assert found, field
+    return [name.split()[0] for name in found[1].split(",")
+            if name.strip() and not name.strip().startswith("$")]
+
+
+def test_the_test_hosts_get_what_the_package_depends_on() -> None:
+    """The test hosts install the package's Depends and Recommends from
+    tests.harness.install's lists: the same as debian/control's (systemd
+    aside, every test host's init)."""
+    assert sorted(DEPENDS + ["systemd"]) == sorted(control_field("Depends"))
+    assert sorted(RECOMMENDS) == sorted(control_field("Recommends"))
 
 
 @pytest.mark.parametrize("release", RELEASES)
@@ -125,13 +143,13 @@ def test_a_guests_life_on_a_clean_host(system_ok: None, work: Path, guest_image,
                   persistent=True, persist_dir=tmp_path / "persist", stop_timeout=120) as th:
         assert f'VERSION_ID="{rootfs.RELEASES[release]}"' in th.exec(
             ["cat", "/etc/os-release"]).stdout
-        th.run(["apt-get", "purge", "-y", "-q", *RUNTIME], env=APT_ENV)
+        th.run(["apt-get", "purge", "-y", "-q", *DEPENDS], env=APT_ENV)
         th.run(["apt-get", "autoremove", "--purge", "-y", "-q"], env=APT_ENV)
         assert th.exec(["test", "-e", "/usr/lib/python3/dist-packages/pyroute2"],
                        check=False).returncode == 1
         offline_apt(th)
         install = apt_install(th, deb)
-        for dep in RUNTIME:
+        for dep in DEPENDS:
             assert f"Setting up {dep} " in install, dep
         assert not th.exec(["systemctl", "list-units", "--no-legend", "kvm@*"]).stdout.strip()
         assert th.exec(["systemctl", "is-enabled", "kvmagent-bridges.service"],
