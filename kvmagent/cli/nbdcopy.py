@@ -20,6 +20,7 @@ follows."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import select
@@ -38,13 +39,14 @@ from typing import IO, Any
 from kvmagent.config.model import Format, Guest
 from kvmagent.errors import ExitStatus, KvmagentError, host_error
 from kvmagent.host import ssh
-from kvmagent.host.imagechain import MAGIC, read_header
+from kvmagent.host.imagechain import MAGIC, backing_chain, read_header
 from kvmagent.paths import Paths
 from kvmagent.render.migration import Refusal, SideFacts
-from kvmagent.render.storagecopy import (GO, HEARTBEAT, HEARTBEAT_EVERY, CopyDisk, CopyStep,
-                                         DiskFact, Kind, arrival_disks, copy_line, copy_state,
-                                         copy_step, heartbeat, kept_problems,
-                                         missing_there, parse_disk_option, plan_copy)
+from kvmagent.render.storagecopy import (GO, HEARTBEAT, HEARTBEAT_EVERY, Backing, CopyDisk,
+                                         CopyStep, DiskFact, Kind, Wanted, arrival_disks,
+                                         copy_line, copy_state, copy_step, heartbeat,
+                                         kept_problems, missing_there, parse_disk_option,
+                                         plan_copy)
 from kvmagent.unit import channel
 
 POLL = 0.2  # seconds between looks at the copies
@@ -88,43 +90,70 @@ def device_identity(rdev: int, sysfs: Path = Path("/sys/dev/block")) -> str:
     return ""
 
 
+def _length(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+def backing_fact(path: str, fmt: str) -> Backing:
+    """A backing file as this host has it at PATH: its length, and a
+    checksum of its first and last MiB (both hosts' files the same file?)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return Backing(path, fmt, 0, "")
+    try:
+        size, sample = _length(fd), hashlib.sha256()
+        sample.update(os.pread(fd, CHUNK, 0))
+        sample.update(os.pread(fd, CHUNK, max(0, size - CHUNK)))
+        return Backing(path, fmt, size, sample.hexdigest())
+    except OSError:
+        return Backing(path, fmt, 0, "")
+    finally:
+        os.close(fd)
+
+
 def disk_facts(guest: Guest) -> list[DiskFact]:
     """Guest's disks as this host has them."""
     out = []
     for d in guest.disks:
         kind, size, backing, identity = Kind.OTHER, 0, "", ""
+        chain: tuple[Backing, ...] = ()
         try:
             st = os.stat(d.path)
             if stat.S_ISREG(st.st_mode):
                 kind, size = Kind.FILE, st.st_size
                 if d.format is Format.QCOW2:
                     size, backing = _qcow2(d.path)
+                    if backing:  # a host error when one is missing: OTHER, then
+                        chain = tuple(backing_fact(str(p), f) for p, f in backing_chain(
+                            d.path, "here", f"disk[{d.index}].path"))
             elif stat.S_ISBLK(st.st_mode):
                 fd = os.open(d.path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
-                    kind, size = Kind.BLOCK, os.lseek(fd, 0, os.SEEK_END)
+                    kind, size = Kind.BLOCK, _length(fd)
                 finally:
                     os.close(fd)
                 identity = device_identity(st.st_rdev)
         except FileNotFoundError:
             kind = Kind.MISSING if d.path.parent.is_dir() else Kind.NO_DIRECTORY
-        except (OSError, ValueError):
+        except (OSError, ValueError, KvmagentError):
             kind = Kind.OTHER
         out.append(DiskFact(d.index, str(d.path), str(kind), size, not d.readonly,
-                            str(d.format), backing, identity))
+                            str(d.format), backing, identity, chain))
     return out
 
 
-def _remote_disks(target: ssh.Target, name: str) -> list[DiskFact]:
-    proc = ssh.start(target, ["migrate-nbd", name, "--facts"])
+def _remote(target: ssh.Target, args: list[str], read: Callable[[Any], Any]) -> list[Any]:
+    """`kvmagent migrate-nbd ARGS` on HOST: its JSON list, each READ."""
+    proc = ssh.start(target, ["migrate-nbd", *args])
     out, err = proc.communicate(timeout=120)
     try:
         data = json.loads(out)
         if not isinstance(data, list):
             raise ValueError("not a list")
-        return [DiskFact.from_json(d) for d in data]
+        return [read(d) for d in data]
     except ValueError:
-        raise KvmagentError(f"{target}: kvmagent migrate-nbd --facts failed (exit status "
+        raise KvmagentError(f"{target}: kvmagent migrate-nbd {args[1]} failed (exit status "
                             f"{proc.returncode}): {err.decode().strip()}",
                             "is kvmagent installed there, at the same version?",
                             ExitStatus.FAILURE) from None
@@ -135,8 +164,12 @@ def plan(target: ssh.Target, guest: Guest,
     """The source's preflight of the copy: the disks to copy, HOST's facts
     without the problems of the disks missing there that kvmagent makes or
     refuses itself (missing_there), and the reasons it cannot."""
-    here, theirs = disk_facts(guest), _remote_disks(target, guest.name)
-    copies, refusals = plan_copy(guest.name, str(target), here, theirs)
+    here = disk_facts(guest)
+    theirs = _remote(target, [guest.name, "--facts"], DiskFact.from_json)
+    paths = [b.path for d in here if d.writable for b in d.chain]
+    backing = _remote(target, [guest.name, "--backing-facts", *paths],
+                      Backing.from_json) if paths else []
+    copies, refusals = plan_copy(guest.name, str(target), here, theirs, backing)
     if not copies and not refusals:
         refusals.append(Refusal(f"guest {guest.name} has no writable disk to copy",
                                 "migrate without --copy-storage", ExitStatus.USAGE))
@@ -146,7 +179,8 @@ def plan(target: ssh.Target, guest: Guest,
 
 # -- the destination: migrate-incoming --make-disk/--copy-disk -------------------
 
-def _make_image(path: Path, fmt: str, size: int) -> None:
+def _make_image(path: Path, fmt: str, size: int, backing: str = "",
+                backing_format: str = "") -> None:
     if fmt == "raw":
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, IMAGE_MODE)
         try:
@@ -156,7 +190,9 @@ def _make_image(path: Path, fmt: str, size: int) -> None:
         return
     # qcow2: qemu-img writes its header; a file is there first, ours, 0600
     os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, IMAGE_MODE))
-    argv = ["qemu-img", "create", "-q", "-f", fmt, str(path), str(size)]
+    # an overlay on BACKING: its size given, qemu-img need not open it (-u)
+    on = ["-b", backing, "-F", backing_format, "-u"] if backing else []
+    argv = ["qemu-img", "create", "-q", "-f", fmt, *on, str(path), str(size)]
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT,
                            stdin=subprocess.DEVNULL,
@@ -186,16 +222,17 @@ class Arrival:
         """Check what the source asked for against this host's disks; a
         refusal is the error of a host problem (exit 5), and nothing is
         made."""
-        wanted: dict[int, tuple[int, bool]] = {}
+        wanted: dict[int, Wanted] = {}
         for option, make in ((args.copy_disk, False), (args.make_disk, True)):
             for text in option or []:
                 try:
-                    index, size = parse_disk_option(text)
+                    index, wanted[index] = parse_disk_option(text, make)
                 except ValueError as e:
                     raise KvmagentError(f"--{'make' if make else 'copy'}-disk: {e}", None,
                                         ExitStatus.USAGE) from None
-                wanted[index] = (size, make)
-        copies, refusals = arrival_disks(guest.name, wanted, disk_facts(guest))
+        backing = [backing_fact(w.backing, w.backing_format) for w in wanted.values()
+                   if w.backing]
+        copies, refusals = arrival_disks(guest.name, wanted, disk_facts(guest), backing)
         if refusals:
             for r in refusals[1:]:
                 print(f"kvmagent: {r.message}", file=sys.stderr)
@@ -213,7 +250,7 @@ class Arrival:
         for c in self.copies:
             if c.make:
                 try:
-                    _make_image(Path(c.path), c.format, c.size)
+                    _make_image(Path(c.path), c.format, c.size, c.backing, c.backing_format)
                 except OSError as e:
                     raise host_error(f'disk[{c.number}].path = "{c.path}": cannot make it: '
                                      f"{e.strerror}") from None
@@ -305,7 +342,10 @@ def cmd_migrate_nbd(args: argparse.Namespace, paths: Paths) -> int:
     from kvmagent.config.guests import load_guest, load_host_config
     guest = load_guest(paths, args.name, load_host_config(paths))  # exit 6, 8
     if args.facts:
-        print(json.dumps([d._asdict() for d in disk_facts(guest)]))
+        print(json.dumps([d.to_json() for d in disk_facts(guest)]))
+        return ExitStatus.OK
+    if args.backing_facts:
+        print(json.dumps([backing_fact(p, "")._asdict() for p in args.backing_facts]))
         return ExitStatus.OK
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
@@ -357,7 +397,8 @@ class Copy:
                                         stderr=err, start_new_session=True)
                 self.sessions.append((proc, err))
                 theirs.close()
-                fields: dict[str, Any] = {"disk": c.node, "host": str(self.target)}
+                fields: dict[str, Any] = {"disk": c.node, "host": str(self.target),
+                                          "sync": c.sync}
                 if self.bandwidth is not None:
                     fields["bandwidth"] = self.bandwidth
                 channel.ask(self.control, "migrate-copy", timeout=60.0, fds=[ours.fileno()],

@@ -261,14 +261,17 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
     sp.add_argument("--copy-disk", action="append", metavar="INDEX=BYTES",
                     help="migrate --copy-storage: disk INDEX is copied onto this host's, of "
                     "BYTES")
-    sp.add_argument("--make-disk", action="append", metavar="INDEX=BYTES",
-                    help="migrate --copy-storage: make disk INDEX's image file here, of BYTES, "
-                    "and copy it")
+    sp.add_argument("--make-disk", action="append", metavar="INDEX=BYTES[:FORMAT:BACKING]",
+                    help="migrate --copy-storage: make disk INDEX's image file here, of BYTES "
+                    "(a qcow2 overlay on BACKING, of FORMAT), and copy it")
     sp = add(sub, "migrate-nbd", "cli.nbdcopy:cmd_migrate_nbd",
              "internal: one disk's copy for kvmagent migrate --copy-storage, run over ssh")
     sp.add_argument("name", metavar="NAME")
     sp.add_argument("--facts", action="store_true",
                     help="print guest NAME's disks as this host has them (JSON) and exit")
+    sp.add_argument("--backing-facts", nargs="+", metavar="PATH",
+                    help="print the files at PATHs as this host has them (size, checksum of "
+                    "the first and last MiB; JSON) and exit")
     sp = add(sub, "run", "unit.run:cmd_run",
              "supervise guest NAME in the foreground: the ExecStart= of "
              "kvm@NAME.service (start guests with systemctl start kvm@NAME)")

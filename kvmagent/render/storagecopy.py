@@ -16,7 +16,13 @@ its target a consistent copy of that instant, libvirt's way), closes the
 NBD connections and lets the migration finish; the destination stops its
 NBD server before the guest resumes there.  Until then the source's disks
 are the guest's: any failure cancels the mirrors and the migration, and the
-guest runs on where it was."""
+guest runs on where it was.
+
+A qcow2 overlay on backing files (a clone's disk on its template) is copied
+as an overlay: its backing files must be on the destination already, at
+the same paths and the same files (Backing: their size and a checksum of
+their first and last MiB), kvmagent makes the overlay there on them, and
+the mirror sends what the overlay holds alone (sync=top)."""
 
 from __future__ import annotations
 
@@ -48,6 +54,19 @@ class Kind(enum.StrEnum):
     OTHER = "other"  # something else, or unreadable
 
 
+class Backing(NamedTuple):
+    """A backing file of a qcow2 overlay as one host finds it at its path.
+    Crosses ssh as JSON (`kvmagent migrate-nbd NAME --backing-facts PATH`)."""
+    path: str
+    format: str  # raw, qcow2: as the overlay above it says ("": not known)
+    size: int  # its length in bytes; 0: not there, or unreadable
+    sample: str  # sha256 of its first and last MiB: the same file? ("": not there)
+
+    @classmethod
+    def from_json(cls, data: object) -> Backing:
+        return cls(*read_fields(cls._fields, (str, str, int, str), data))
+
+
 class DiskFact(NamedTuple):
     """One disk of the guest as one host finds it.  Crosses ssh as JSON
     (`kvmagent migrate-nbd NAME --facts`)."""
@@ -62,25 +81,41 @@ class DiskFact(NamedTuple):
     # identity(): "dm:LVM-..." for a logical volume, "wwid:..." for a SAN or
     # iSCSI disk); "": none known
     identity: str = ""
+    # A qcow2 image's backing files, nearest first (() none)
+    chain: tuple[Backing, ...] = ()
 
     @classmethod
     def from_json(cls, data: object) -> DiskFact:
         """ValueError naming the field when DATA is not such a record."""
-        fact = cls(*read_fields(cls._fields, (int, str, str, int, bool, str, str, str), data,
-                                {"identity": ""}))
+        fact = cls(*read_fields(cls._fields[:-1], (int, str, str, int, bool, str, str, str),
+                                data, {"identity": ""}))
         if fact.kind not in tuple(Kind):
             raise ValueError(f"kind: {fact.kind!r}")
-        return fact
+        chain = data.get("chain", []) if isinstance(data, dict) else []
+        if not isinstance(chain, list):
+            raise ValueError(f"chain: {chain!r} is not list")
+        return fact._replace(chain=tuple(Backing.from_json(b) for b in chain))
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self._asdict(), chain=[b._asdict() for b in self.chain])
 
 
 class CopyDisk(NamedTuple):
     """A disk that --copy-storage copies: onto HOST's disk at the same path,
-    of SIZE bytes, made there by kvmagent (MAKE) or by the admin."""
+    of SIZE bytes, made there by kvmagent (MAKE) or by the admin; a qcow2
+    overlay made there on BACKING (of BACKING_FORMAT), which HOST has."""
     number: int  # disk[NUMBER] of the guest file
     path: str
     size: int
     format: str
     make: bool
+    backing: str = ""
+    backing_format: str = ""
+
+    @property
+    def sync(self) -> str:
+        """blockdev-mirror's sync: what the overlay holds alone, or all."""
+        return "top" if self.backing else "full"
 
     @property
     def node(self) -> str:
@@ -89,35 +124,67 @@ class CopyDisk(NamedTuple):
 
     def argument(self) -> list[str]:
         """migrate-incoming's option for it."""
-        return ["--make-disk" if self.make else "--copy-disk", f"{self.number}={self.size}"]
+        on = f":{self.backing_format}:{self.backing}" if self.backing else ""
+        return ["--make-disk" if self.make else "--copy-disk", f"{self.number}={self.size}{on}"]
 
 
 def _size(n: int) -> str:
     return f"{n} bytes" + (f" ({n / 2 ** 20:.1f} MiB)" if n >= 2 ** 20 else "")
 
 
-def plan_copy(name: str, host: str, here: list[DiskFact],
-              there: list[DiskFact]) -> tuple[list[CopyDisk], list[Refusal]]:
+def _no_directory(host: str, key: str) -> Refusal:
+    return Refusal(f"{host}: {key}: its directory does not exist", "make it there (mkdir), or "
+                   "put the disk where both hosts have the directory", ExitStatus.HOST_NOT_READY)
+
+
+def _overlay_refusals(host: str, key: str, d: DiskFact, t: DiskFact,
+                      backing_there: dict[str, Backing]) -> list[Refusal]:
+    """Why qcow2 overlay D cannot be copied as one to HOST (T: HOST's disk
+    at its path): kvmagent makes it there, on the same backing files."""
+    if t.kind == Kind.NO_DIRECTORY:
+        return [_no_directory(host, key)]
+    if t.kind != Kind.MISSING:
+        return [Refusal(f"{host}: {key} exists there: a qcow2 image on a backing file is "
+                        "copied onto an overlay that kvmagent makes there, holding nothing "
+                        "but what the copy writes", f"remove it on {host}",
+                        ExitStatus.HOST_NOT_READY)]
+    refusals = []
+    for b in d.chain:
+        found = backing_there.get(b.path)
+        hint = (f"copy {b.path} to {host}, the same file at the same path (cp, rsync), or "
+                "flatten the image here while the guest is stopped (qemu-img convert)")
+        if found is None or not found.size:
+            refusals.append(Refusal(f"{host}: {key} is a qcow2 image on backing file "
+                                    f"{b.path}, which {host} lacks: the copy sends only what "
+                                    "the image holds itself", hint, ExitStatus.HOST_NOT_READY))
+        elif (found.size, found.sample) != (b.size, b.sample):
+            refusals.append(Refusal(
+                f"{host}: backing file {b.path} of {key} is another file there ("
+                + (f"{_size(found.size)}, here {_size(b.size)})" if found.size != b.size
+                   else "other contents in its first or last MiB)")
+                + ": the guest would read another disk", hint, ExitStatus.HOST_NOT_READY))
+    return refusals
+
+
+def plan_copy(name: str, host: str, here: list[DiskFact], there: list[DiskFact],
+              backing_there: list[Backing] | None = None
+              ) -> tuple[list[CopyDisk], list[Refusal]]:
     """Guest NAME's disks to copy to HOST, and every reason they cannot be.
     HERE and THERE: the same guest's disks (the same guest file: preflight
-    refuses a difference).  A read-only disk is never copied (HOST's host
-    checks want it there); a writable image file that HOST lacks is made
-    there, of the same size and format; a block device is never made; what
-    HOST has must be of the same size, exactly."""
+    refuses a difference); BACKING_THERE: HOST's files at the paths of the
+    backing files of HERE's qcow2 overlays.  A read-only disk is never
+    copied (HOST's host checks want it there); a writable image file that
+    HOST lacks is made there, of the same size and format (an overlay on
+    the same backing files, which HOST must have); a block device is never
+    made; what HOST has must be of the same size, exactly."""
     copies: list[CopyDisk] = []
     refusals: list[Refusal] = []
     theirs = {d.number: d for d in there}
+    backing = {b.path: b for b in backing_there or []}
     for d in here:
         if not d.writable:
             continue
         key = f'disk[{d.number}].path = "{d.path}"'
-        if d.backing:
-            refusals.append(Refusal(
-                f"guest {name}'s {key} is a qcow2 image on a backing file ({d.backing}): "
-                "--copy-storage copies whole images only", "copy its backing files to "
-                f"{host} first and migrate with the images on storage both hosts share, or "
-                "flatten it (qemu-img convert) while the guest is stopped", ExitStatus.FAILURE))
-            continue
         if d.kind not in (Kind.FILE, Kind.BLOCK):
             refusals.append(Refusal(f"guest {name}'s {key} is {d.kind} here", None,
                                     ExitStatus.HOST_NOT_READY))
@@ -125,6 +192,13 @@ def plan_copy(name: str, host: str, here: list[DiskFact],
         t = theirs.get(d.number)
         if t is None or t.path != d.path:
             continue  # the guest files differ: preflight says so
+        if d.chain:
+            said = _overlay_refusals(host, key, d, t, backing)
+            refusals += said
+            if not said:
+                copies.append(CopyDisk(d.number, d.path, d.size, d.format, True,
+                                       d.chain[0].path, d.chain[0].format))
+            continue
         if t.kind == Kind.MISSING and d.kind == Kind.FILE:
             copies.append(CopyDisk(d.number, d.path, d.size, d.format, True))
         elif t.kind in (Kind.MISSING, Kind.NO_DIRECTORY) and d.kind == Kind.BLOCK:
@@ -134,9 +208,7 @@ def plan_copy(name: str, host: str, here: list[DiskFact],
                 f"make one of {_size(d.size)} there (lvcreate -L {d.size}b ...), the size of "
                 "the guest's disk here", ExitStatus.HOST_NOT_READY))
         elif t.kind == Kind.NO_DIRECTORY:
-            refusals.append(Refusal(f"{host}: {key}: its directory does not exist",
-                                    "make it there (mkdir), or put the disk where both hosts "
-                                    "have the directory", ExitStatus.HOST_NOT_READY))
+            refusals.append(_no_directory(host, key))
         elif t.kind == Kind.OTHER:
             refusals.append(Refusal(f"{host}: {key} is neither an image file nor a block "
                                     "device", None, ExitStatus.HOST_NOT_READY))
@@ -176,32 +248,53 @@ def kept_problems(problems: list[str], disks: list[tuple[int, str]]) -> list[str
     return [p for p in problems if not any(p.endswith(g) for g in gone)]
 
 
-def parse_disk_option(text: str) -> tuple[int, int]:
-    """--copy-disk/--make-disk INDEX=SIZE -> (INDEX, SIZE); ValueError."""
-    index, sep, size = text.partition("=")
-    if not sep or not index.isdigit() or not size.isdigit() or int(size) <= 0:
-        raise ValueError(f"{text!r} is not INDEX=BYTES")
-    return int(index), int(size)
+class Wanted(NamedTuple):
+    """What the source asks the destination for one disk (--copy-disk,
+    --make-disk INDEX=SIZE[:BACKING_FORMAT:BACKING])."""
+    size: int
+    make: bool
+    backing_format: str = ""
+    backing: str = ""
 
 
-def arrival_disks(name: str, wanted: dict[int, tuple[int, bool]],
-                  here: list[DiskFact]) -> tuple[list[CopyDisk], list[Refusal]]:
-    """The destination checks again what the source asked for (WANTED:
-    index -> (size, make)), against its own disks (HERE): the same rules as
+def parse_disk_option(text: str, make: bool) -> tuple[int, Wanted]:
+    """--copy-disk/--make-disk (MAKE) INDEX=SIZE[:FORMAT:BACKING] ->
+    (INDEX, what is wanted); ValueError."""
+    index, sep, rest = text.partition("=")
+    size, colon, on = rest.partition(":")
+    fmt, _, backing = on.partition(":")
+    if not sep or not index.isdigit() or not size.isdigit() or int(size) <= 0 \
+            or (colon and (fmt not in ("raw", "qcow2") or not backing.startswith("/")
+                           or not make)):
+        raise ValueError(f"{text!r} is not INDEX=BYTES" + ("[:raw|qcow2:BACKING]" if make else ""))
+    return int(index), Wanted(int(size), make, fmt, backing)
+
+
+def arrival_disks(name: str, wanted: dict[int, Wanted], here: list[DiskFact],
+                  backing_here: list[Backing] | None = None
+                  ) -> tuple[list[CopyDisk], list[Refusal]]:
+    """The destination checks again what the source asked for (WANTED, by
+    disk index), against its own disks (HERE) and the backing files asked
+    for (BACKING_HERE; the source compared them): the same rules as
     plan_copy, seen from this side."""
     mine = {d.number: d for d in here}
+    mine_backing = {b.path: b for b in backing_here or []}
     copies: list[CopyDisk] = []
     refusals: list[Refusal] = []
-    for index, (size, make) in sorted(wanted.items()):
+    for index, (size, make, backing_format, backing) in sorted(wanted.items()):
         d = mine.get(index)
         if d is None or not d.writable:
             refusals.append(Refusal(f"guest {name} has no writable disk[{index}] here", None,
                                     ExitStatus.CONFIG))
             continue
         # the source's disk as it asked for it: not this host's device (identity)
-        source = d._replace(kind=Kind.FILE if make else Kind.BLOCK, size=size, backing="",
-                            identity="")
-        found, said = plan_copy(name, "here", [source], [d])
+        chain: tuple[Backing, ...] = ()
+        if backing:  # as this host has it: present (the source compared the files)
+            b = mine_backing.get(backing) or Backing(backing, backing_format, 0, "")
+            chain = (b._replace(format=backing_format),)
+        source = d._replace(kind=Kind.FILE if make else Kind.BLOCK, size=size, backing=backing,
+                            identity="", chain=chain)
+        found, said = plan_copy(name, "here", [source], [d], list(chain))
         if found and found[0].make != make:
             said.append(Refusal(f'disk[{index}].path = "{d.path}" exists here now', None,
                                 ExitStatus.HOST_NOT_READY))

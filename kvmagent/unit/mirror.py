@@ -45,12 +45,16 @@ def jobs(sup: Held) -> list[dict[str, Any]]:
 
 def start(sup: Held, fields: dict[str, object], fds: list[int]) -> dict[str, object]:
     """migrate-copy: mirror drive "disk" onto the NBD export of the same
-    name at the other end of the fd, at "bandwidth" bytes/s at most."""
+    name at the other end of the fd, at "bandwidth" bytes/s at most; "sync":
+    "full" (all of it) or "top" (a qcow2 overlay's own data alone)."""
     assert sup.qmp is not None
     qmp, node = sup.qmp, str(fields.get("disk", ""))
     if len(fds) != 1 or not node.startswith("disk") or not node[4:].isdigit():
         return {"ok": False, "error": "migrate-copy needs a disk (disk0, ...) and the fd of "
                 "its NBD connection"}
+    sync = fields.get("sync", "full")  # "top": an overlay's own data, its backing there
+    if sync not in ("full", "top"):
+        return {"ok": False, "error": f"migrate-copy: sync {sync!r} is neither full nor top"}
     job = mirror_job(node)
     if node in sup.mirrors and not any(j.get("id") == job and j.get("status") != "concluded"
                                        for j in _jobs(sup)):
@@ -70,7 +74,7 @@ def start(sup: Held, fields: dict[str, object], fds: list[int]) -> dict[str, obj
     if isinstance(fields.get("bandwidth"), int):
         options["speed"] = fields["bandwidth"]
     try:
-        qmp.execute("blockdev-mirror", timeout=10.0, device=node, target=job, sync="full",
+        qmp.execute("blockdev-mirror", timeout=10.0, device=node, target=job, sync=sync,
                     **options)
     except QmpError:
         with suppress(QmpError):

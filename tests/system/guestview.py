@@ -76,6 +76,21 @@ class Guest:
                 return True
         return False
 
+    def disk_sum(self, th: TestHost, tag: str, timeout: int = 2) -> str:
+        """Its sha256 of its whole first disk (/dev/vda), read from the
+        disk (its page cache dropped first), as it says on its console."""
+        pattern = re.compile(rf"^sum-{tag} ([0-9a-f]{{64}})", re.M)
+        for _ in range(3):
+            self.typed(th, f"sync; echo 3 > /proc/sys/vm/drop_caches; "
+                       f"echo sum-{tag} $(sha256sum < /dev/vda)\n", timeout)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if m := pattern.search(self.console(th)):
+                    return m.group(1)
+                time.sleep(0.5)
+        raise AssertionError(f"guest {self.name} on {th.name} did not say its disk's sum: "
+                             f"{self.console(th)[-2000:]}")
+
     def booted(self, th: TestHost) -> None:
         """Started there if need be, and up to its shell."""
         if self.state(th)[0] != "active":

@@ -45,8 +45,8 @@ from tests.harness.hostpair import HostPair
 from tests.harness.sysutil import run_cmd
 from tests.harness.testhost import TestHost
 from tests.system.conftest import require_system
-from tests.system.test_migrate_copy import (NAME, UNIT, booted, console, hosts, qemus, runs_on,
-                                            state, typed)
+from tests.system.test_migrate_copy import (GUEST, NAME, UNIT, booted, console, hosts, qemus,
+                                            runs_on, state)
 
 pytestmark = pytest.mark.system
 DEVICE = "/dev/kvmagent-test/disk"  # the guest's disk on both hosts: a link to /dev/loopN
@@ -196,21 +196,6 @@ def number(loop: Loop) -> str:
     return f"block special file {os.major(rdev):x}:{os.minor(rdev):x}"
 
 
-def guest_sum(th: TestHost, tag: str) -> str:
-    """The guest's sha256 of its whole disk, read from the disk (its page
-    cache dropped first)."""
-    pattern = re.compile(rf"^sum-{tag} ([0-9a-f]{{64}})", re.M)
-    for _ in range(3):
-        typed(th, f"sync; echo 3 > /proc/sys/vm/drop_caches; "
-                  f"echo sum-{tag} $(sha256sum < /dev/vda)\n")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if m := pattern.search(console(th)):
-                return m.group(1)
-            time.sleep(0.5)
-    raise AssertionError(f"the guest on {th.name} did not say its disk's sum: {console(th)[-2000:]}")
-
-
 def refused(a: TestHost, b: TestHost, what: str) -> str:
     r = a.exec(["kvmagent", "migrate", NAME, "host1", "--copy-storage", "--json"],
                check=False, timeout=120)
@@ -256,7 +241,7 @@ def test_the_block_device_moves_with_the_guest(pair: HostPair, loops: Loops) -> 
     original = content(loops.here)
     assert content(loops.there) == bytes(SIZE)
     devices = block_devices(b)
-    before = guest_sum(a, "before")
+    before = GUEST.disk_sum(a, "before")
     assert before == hashlib.sha256(original).hexdigest()
     r = a.exec(["kvmagent", "migrate", NAME, "host1", "--copy-storage", "--json"],
                check=False, timeout=300)
@@ -272,7 +257,7 @@ def test_the_block_device_moves_with_the_guest(pair: HostPair, loops: Loops) -> 
     allowed = b.exec(["systemctl", "show", f"kvm-{NAME}.scope", "-P", "DeviceAllow"]).stdout
     assert sorted(allowed.splitlines()) == ["/dev/kvm rw", f"{DEVICE} rw"], allowed  # its scope
     assert console(a).count("GUEST-INIT") == 1 and "GUEST-INIT" not in console(b)
-    assert guest_sum(b, "after") == before  # read from host 1's device
+    assert GUEST.disk_sum(b, "after") == before  # read from host 1's device
     assert content(loops.there) == original
     assert content(loops.here) == original  # left as it was
     # kvmagent made and removed no block device: both are the admin's, still there

@@ -16,7 +16,9 @@ host 1's image has every block the guest wrote before the switch, host 0's
 image (its last state) and host 1's differ only in blocks the guest wrote
 after the switch, on host 1, and in nothing else; the guest did not boot
 again.  Then back, the state over plain TCP (--transport tcp), the disk
-over ssh onto the copy left there.  Last, a move from Debian 12 to
+over ssh onto the copy left there.  Then another guest's qcow2 overlay,
+made on host 1 on the backing file both have, refused first while host 1
+lacks it or has another file there.  Last, a move from Debian 12 to
 Debian 13 with --copy-storage.  The
 measured downtime and total time are printed."""
 
@@ -314,6 +316,69 @@ def test_back_over_plain_tcp(pair: HostPair) -> None:
     assert answers(a, "back-on-host0")
     a.exec(["systemctl", "stop", UNIT], timeout=180)
     assert disk(a) == disk(b)  # the guest wrote nothing since it left host 1
+
+
+OVERLAY, BASE = "/srv/local/ov.qcow2", "/srv/local/base.img"
+OV = Guest("ov")
+
+
+def move_overlay(a: TestHost, b: TestHost) -> subprocess.CompletedProcess[str]:
+    return a.exec(["kvmagent", "migrate", OV.name, "host1", "--copy-storage", "--json"],
+                  check=False, timeout=300)
+
+
+def test_a_qcow2_overlay_moves_as_one_onto_the_backing_file_both_hosts_have(
+        pair: HostPair, guest_image) -> None:  # type: ignore[no-untyped-def]
+    """Guest ov's disk is a qcow2 overlay on a raw image (a clone on its
+    template), both on host 0's own storage.  Host 1 with another file
+    at the backing file's path, then with none: refused (exit 5) naming it,
+    host 1 left without an overlay.  With the same file there (cp):
+    kvmagent makes the overlay on host 1 on it, and copies what the overlay
+    holds alone; the guest reads the same disk there (its sha256 of
+    /dev/vda, in the guest, before and after)."""
+    a, b = pair
+    image = dataclasses.replace(guest_image, kernel=Path(shared_path("vmlinuz")),
+                                initrd=Path(shared_path("initrd.gz")))
+    for th in pair:
+        th.write_file(f"/etc/kvmagent/guests/{OV.name}.toml", guest_toml(
+            image, nics=0, extra=f'[[disk]]\npath = "{OVERLAY}"\nformat = "qcow2"\n'))
+        th.exec(["systemctl", "daemon-reload"])
+        th.exec(["dd", "if=/dev/urandom", f"of={BASE}", "bs=1M", "count=32", "status=none"])
+    a.exec(["qemu-img", "create", "-q", "-f", "qcow2", "-b", BASE, "-F", "raw", OVERLAY])
+    OV.booted(a)
+    OV.typed(a, "echo written-on-host0 | dd of=/dev/vda bs=4096 seek=7 conv=notrunc; sync\n")
+    before = OV.disk_sum(a, "before")
+
+    def refused(said: str) -> None:
+        r = move_overlay(a, b)
+        print(f"\n{said}: exit {r.returncode}: {r.stderr.strip()}")
+        assert r.returncode == 5 and said in r.stderr, (r.stdout, r.stderr)
+        assert f"backing file {BASE}" in r.stderr and "rsync" in r.stderr
+        assert OV.state(b)[0] == "inactive" and qemus(b) == []
+        assert b.exec(["test", "-e", OVERLAY], check=False).returncode == 1
+        OV.runs_on(a)
+
+    refused("is another file there (other contents in its first or last MiB)")
+    b.exec(["rm", BASE])
+    refused("which host1 lacks")
+    a.exec(["cp", BASE, shared_path("base.img")])
+    b.exec(["cp", shared_path("base.img"), BASE])
+    r = move_overlay(a, b)
+    assert r.returncode == 0, (r.stdout, r.stderr, b.journal(OV.unit)[-3000:])
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    done = events[-1]
+    assert done["event"] == "migrated" and done["copied"] == ["disk0"], events
+    sent = max(e["total"] for e in events if e.get("phase") == "copy" and "total" in e)
+    print(f"overlay on a 32 MiB image: {sent >> 10} KiB copied, downtime "
+          f"{done['downtime_ms']} ms, the command's total {done['total_seconds']} s")
+    assert 0 < sent < 8 << 20  # what the overlay holds, not the 32 MiB below it
+    OV.runs_on(b)
+    info = json.loads(b.exec(["qemu-img", "info", "-U", "--output=json", OVERLAY]).stdout)
+    assert (info["format"], info["backing-filename"], info["virtual-size"]) == (
+        "qcow2", BASE, 32 << 20), info
+    assert OV.disk_sum(b, "after") == before
+    assert OV.console(a).count("GUEST-INIT") == 1 and "GUEST-INIT" not in OV.console(b)
+    b.exec(["systemctl", "stop", OV.unit], timeout=180)
 
 
 def test_from_debian_12_to_13(tmp_path_factory: pytest.TempPathFactory,

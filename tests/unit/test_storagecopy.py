@@ -12,8 +12,9 @@ import pytest
 
 from kvmagent.errors import ExitStatus
 from kvmagent.render.migration import STALL_LIMIT
-from kvmagent.render.storagecopy import (SWITCH_TIMEOUT, CopyDisk, CopyState, CopyStep,
-                                         DiskFact, Kind, arrival_disks, copy_line, copy_state,
+from kvmagent.render.storagecopy import (SWITCH_TIMEOUT, Backing, CopyDisk, CopyState, CopyStep,
+                                         DiskFact, Kind, Wanted, arrival_disks, copy_line,
+                                         copy_state,
                                          copy_step, heartbeat, kept_problems, mirror_job,
                                          missing_there,
                                          parse_disk_option, plan_copy, switch_step)
@@ -60,12 +61,12 @@ def test_a_block_device_both_hosts_share_is_never_copied_onto_itself() -> None:
 
 
 def test_disk_facts_from_an_older_kvmagent_have_no_identity() -> None:
-    data = LV._asdict()
+    data = LV.to_json()
     del data["identity"]
     assert DiskFact.from_json(data) == LV
-    assert DiskFact.from_json(dict(LV._asdict(), identity="wwid:x")).identity == "wwid:x"
+    assert DiskFact.from_json(dict(LV.to_json(), identity="wwid:x")).identity == "wwid:x"
     with pytest.raises(ValueError, match="identity"):
-        DiskFact.from_json(dict(LV._asdict(), identity=5))
+        DiskFact.from_json(dict(LV.to_json(), identity=5))
 
 
 def test_device_identity_as_the_kernel_says_it(tmp_path: Path) -> None:
@@ -119,9 +120,54 @@ def test_refusals_name_the_disk_its_path_and_both_sizes() -> None:
     assert "lvcreate -L 67108864b" in str(r.hint) and "mkdir" not in str(r.hint)
     _, (r,) = plan_copy("g", "host2", [IMAGE], [missing(IMAGE, Kind.OTHER)])
     assert "neither an image file nor a block device" in r.message
-    overlay = IMAGE._replace(format="qcow2", backing="/srv/base.qcow2")
-    _, (r,) = plan_copy("g", "host2", [overlay], [missing(overlay)])
-    assert "backing file (/srv/base.qcow2)" in r.message and r.status is ExitStatus.FAILURE
+
+
+BASE = Backing("/srv/base.qcow2", "qcow2", 300 * MIB, "ab" * 32)
+ROOT = Backing("/srv/root.img", "raw", 200 * MIB, "cd" * 32)
+OVERLAY = IMAGE._replace(format="qcow2", backing="base.qcow2", chain=(BASE, ROOT))
+
+
+def test_an_overlay_is_made_there_on_the_same_backing_files_and_copied_as_one() -> None:
+    """A qcow2 overlay (a clone's disk): HOST has its backing files, the
+    same files; kvmagent makes the overlay there on them, and the mirror
+    sends what the overlay holds alone."""
+    (copy,), refusals = plan_copy("g", "host2", [OVERLAY], [missing(OVERLAY)], [BASE, ROOT])
+    assert refusals == []
+    assert copy == CopyDisk(0, IMAGE.path, 16 * MIB, "qcow2", True, BASE.path, "qcow2")
+    assert copy.sync == "top" and CopyDisk(0, IMAGE.path, 1, "raw", True).sync == "full"
+    assert copy.argument() == ["--make-disk", f"0={16 * MIB}:qcow2:/srv/base.qcow2"]
+    assert parse_disk_option(copy.argument()[1], True) == (
+        0, Wanted(16 * MIB, True, "qcow2", "/srv/base.qcow2"))
+
+
+def test_an_overlay_whose_backing_files_differ_there_is_refused() -> None:
+    for there, said in (([ROOT], "/srv/base.qcow2, which host2 lacks"),
+                        ([BASE, ROOT._replace(size=0, sample="")],
+                         "/srv/root.img, which host2 lacks"),
+                        ([BASE, ROOT._replace(size=MIB)],
+                         "is another file there (1048576 bytes (1.0 MiB), here 209715200"),
+                        ([BASE._replace(sample="ef" * 32), ROOT],
+                         "another file there (other contents in its first or last MiB)")):
+        copies, (r,) = plan_copy("g", "host2", [OVERLAY], [missing(OVERLAY)], there)
+        assert copies == [] and said in r.message, (r.message, said)
+        assert r.status is ExitStatus.HOST_NOT_READY and "rsync" in str(r.hint)
+        assert "qemu-img convert" in str(r.hint)
+    # an image there already: never copied onto (it may hold data of its own)
+    _, (r,) = plan_copy("g", "host2", [OVERLAY], [OVERLAY], [BASE, ROOT])
+    assert "exists there" in r.message and r.hint == "remove it on host2"
+    _, (r,) = plan_copy("g", "host2", [OVERLAY], [missing(OVERLAY, Kind.NO_DIRECTORY)],
+                        [BASE, ROOT])
+    assert "its directory does not exist" in r.message
+
+
+def test_backing_facts_from_json_are_checked() -> None:
+    assert Backing.from_json(BASE._asdict()) == BASE
+    assert DiskFact.from_json(OVERLAY.to_json()) == OVERLAY
+    # an older kvmagent's facts: no chain
+    assert DiskFact.from_json({k: v for k, v in IMAGE.to_json().items() if k != "chain"}) == IMAGE
+    for bad in ({"chain": "x"}, {"chain": [{"path": "/a"}]}):
+        with pytest.raises(ValueError):
+            DiskFact.from_json(dict(OVERLAY.to_json(), **bad))
 
 
 def test_every_refusal_at_once_and_nothing_copied_then_for_that_disk() -> None:
@@ -156,34 +202,50 @@ def test_a_writable_disk_missing_there_is_for_the_copy_to_say() -> None:
 
 
 def test_disk_options() -> None:
-    assert parse_disk_option("0=16777216") == (0, 16777216)
-    for bad in ("0", "x=1", "0=-1", "0=0", "=5", "0=1M"):
+    assert parse_disk_option("0=16777216", False) == (0, Wanted(16777216, False))
+    assert parse_disk_option("1=5:raw:/srv/a:b", True) == (1, Wanted(5, True, "raw", "/srv/a:b"))
+    for bad in ("0", "x=1", "0=-1", "0=0", "=5", "0=1M", "0=5:vmdk:/a", "0=5:raw:a",
+                "0=5:raw:", "0=5:"):
         with pytest.raises(ValueError):
-            parse_disk_option(bad)
+            parse_disk_option(bad, True)
+    with pytest.raises(ValueError):  # the admin's disk is never an overlay kvmagent makes
+        parse_disk_option("0=5:raw:/srv/a", False)
 
 
 def test_the_destination_checks_again() -> None:
     here = [missing(IMAGE), LV, ISO]
-    copies, refusals = arrival_disks("g", {0: (16 * MIB, True), 1: (64 * MIB, False)}, here)
+    copies, refusals = arrival_disks("g", {0: Wanted(16 * MIB, True),
+                                           1: Wanted(64 * MIB, False)}, here)
     assert refusals == [] and [(c.number, c.make) for c in copies] == [(0, True), (1, False)]
     # made there meanwhile: not made over
-    _, (r,) = arrival_disks("g", {0: (16 * MIB, True)}, [IMAGE])
+    _, (r,) = arrival_disks("g", {0: Wanted(16 * MIB, True)}, [IMAGE])
     assert "exists here now" in r.message
-    _, (r,) = arrival_disks("g", {1: (32 * MIB, False)}, here)
+    _, (r,) = arrival_disks("g", {1: Wanted(32 * MIB, False)}, here)
     assert "is 67108864 bytes (64.0 MiB), here 33554432 bytes" in r.message
-    _, (r,) = arrival_disks("g", {2: (MIB, False)}, here)
+    _, (r,) = arrival_disks("g", {2: Wanted(MIB, False)}, here)
     assert r.message == "guest g has no writable disk[2] here" and r.status is ExitStatus.CONFIG
     # an LV here has an identity (its device-mapper UUID): its own, not the source's
     lv = LV._replace(identity="dm:LVM-Q1b2c3Zz0vgUUIDlvUUID")
-    (copy,), refusals = arrival_disks("g", {1: (64 * MIB, False)}, [lv])
+    (copy,), refusals = arrival_disks("g", {1: Wanted(64 * MIB, False)}, [lv])
     assert refusals == [] and copy == CopyDisk(1, LV.path, 64 * MIB, "raw", False)
 
 
+def test_the_destination_makes_an_overlay_on_a_backing_file_it_has() -> None:
+    wanted = {0: Wanted(16 * MIB, True, "qcow2", BASE.path)}
+    overlay = IMAGE._replace(format="qcow2")  # the guest file says qcow2 here too
+    (copy,), refusals = arrival_disks("g", wanted, [missing(overlay)], [BASE])
+    assert refusals == [] and copy == CopyDisk(0, IMAGE.path, 16 * MIB, "qcow2", True,
+                                               BASE.path, "qcow2")
+    _, (r,) = arrival_disks("g", wanted, [missing(overlay)],
+                            [BASE._replace(size=0, sample="")])
+    assert "/srv/base.qcow2, which here lacks" in r.message
+
+
 def test_disk_facts_from_json_are_checked() -> None:
-    assert DiskFact.from_json(IMAGE._asdict()) == IMAGE
+    assert DiskFact.from_json(IMAGE.to_json()) == IMAGE
     for field, value in (("size", "1"), ("kind", "socket"), ("writable", 1), ("number", True)):
         with pytest.raises(ValueError, match=field):
-            DiskFact.from_json(dict(IMAGE._asdict(), **{field: value}))
+            DiskFact.from_json(dict(IMAGE.to_json(), **{field: value}))
 
 
 def job(node: str, status: str, done: int = 0, total: int = 0, **more: object) -> dict:
@@ -238,3 +300,25 @@ def test_the_destination_gives_up_on_a_silent_source() -> None:
     assert heartbeat(1.0) is None
     assert heartbeat(STALL_LIMIT) is None
     assert "no word from the source for 16 s" in str(heartbeat(STALL_LIMIT + 1))
+
+
+def test_a_backing_file_is_known_by_its_size_and_its_ends(tmp_path: Path) -> None:
+    """backing_fact reads real files: a copy byte for byte is the same file;
+    a change in its first or last MiB, or another size, is another; a
+    missing file has size 0."""
+    from kvmagent.cli.nbdcopy import backing_fact
+    data = bytearray(os.urandom(3 * MIB + 5))
+    (tmp_path / "a").write_bytes(data)
+    (tmp_path / "copy").write_bytes(data)
+    a = backing_fact(str(tmp_path / "a"), "raw")
+    assert a.size == len(data) and len(a.sample) == 64 and a.format == "raw"
+    assert backing_fact(str(tmp_path / "copy"), "raw")[2:] == a[2:]
+    for at in (0, len(data) - 1):
+        changed = bytearray(data)
+        changed[at] ^= 1
+        (tmp_path / "b").write_bytes(changed)
+        assert backing_fact(str(tmp_path / "b"), "raw").sample != a.sample
+    (tmp_path / "c").write_bytes(data[:-1])
+    assert backing_fact(str(tmp_path / "c"), "raw").size == len(data) - 1
+    assert backing_fact(str(tmp_path / "none"), "raw") == Backing(str(tmp_path / "none"),
+                                                                 "raw", 0, "")
