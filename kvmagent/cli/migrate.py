@@ -44,7 +44,7 @@ from kvmagent.paths import Paths
 from kvmagent.render.migration import (DEFAULT_DOWNTIME_MS, MAX_DOWNTIME_MS,
                                        PAUSED_BY_MIGRATION, Refusal, SideFacts, Step,
                                        differences, paused_ms, preflight, progress_line,
-                                       source_step)
+                                       source_step, tcg_warning)
 from kvmagent.render.transport import SSH, TCP, Transport, parse_transport, warning
 from kvmagent.unit import channel
 
@@ -173,6 +173,8 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
             print(f"kvmagent: {r.message}" + (f"\n  hint: {r.hint}" if r.hint else ""),
                   file=sys.stderr)
         raise KvmagentError(refusals[0].message, refusals[0].hint, refusals[0].status)
+    if (said := tcg_warning(name, status.get("kvm"), status.get("qemu"))) is not None:
+        print(f"kvmagent: {said}", file=sys.stderr, flush=True)
     if files is not None:
         _put_config(target, files)
     enabled = systemctl("is-enabled", service_unit(name)).stdout.strip() == "enabled"

@@ -236,3 +236,13 @@ def test_paused_ms_from_the_source_pause_to_the_destination_resume() -> None:
     assert paused_ms(1764900000.25, True) is None
     assert paused_ms(1764900000.25, 1764899999.0) is None  # clocks that disagree
     assert paused_ms(1764900000.25, 1764900000.25 + 7200) is None
+
+
+def test_a_tcg_guest_on_a_qemu_before_9_is_warned_of() -> None:
+    from kvmagent.render.migration import tcg_warning
+    said = tcg_warning("g", False, [7, 2, 19])
+    assert said is not None and "guest g runs without KVM (TCG) on QEMU 7.2.19" in said
+    assert "before 9.0" in said
+    for kvm, qemu in ((True, [7, 2, 19]), (False, [9, 0, 0]), (False, [10, 0, 3]),
+                      (None, [7, 2, 0]), (False, None), (False, [7, 2]), (False, ["7", 2, 0])):
+        assert tcg_warning("g", kvm, qemu) is None, (kvm, qemu)
