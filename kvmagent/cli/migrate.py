@@ -145,7 +145,7 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
     guest = load_guest(paths, args.name, load_host_config(paths))  # exit 6, 8
     name, control = guest.name, paths.control_socket(guest.name)
     try:
-        status = channel.ask(control, "migrate-status", timeout=5.0)
+        status = channel.ask(control, "migrate-status", timeout=5.0, about=True)
     except KvmagentError:
         status = {}
     if status.get("phase") == "completed" and status.get("runstate") in PAUSED_BY_MIGRATION:

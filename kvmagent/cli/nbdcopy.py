@@ -51,6 +51,9 @@ from kvmagent.unit import channel
 
 POLL = 0.2  # seconds between looks at the copies
 CHUNK = 1 << 20
+# A backing file's sample: its first and last MiB, and SAMPLE_SPOT bytes at
+# SAMPLES points spread evenly between them (~5 MiB read, whatever its size)
+SAMPLES, SAMPLE_SPOT = 64, 64 << 10
 IMAGE_MODE = 0o600
 QEMU_IMG_TIMEOUT = 120.0
 
@@ -96,7 +99,10 @@ def _length(fd: int) -> int:
 
 def backing_fact(path: str, fmt: str) -> Backing:
     """A backing file as this host has it at PATH: its length, and a
-    checksum of its first and last MiB (both hosts' files the same file?)."""
+    checksum of samples across it (both hosts' files the same file?): its
+    first and last MiB, where partition tables and file system headers
+    are, and SAMPLES spots between.  Not every byte: a template is GiBs,
+    and a backing file never changes under its overlays."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -104,6 +110,8 @@ def backing_fact(path: str, fmt: str) -> Backing:
     try:
         size, sample = _length(fd), hashlib.sha256()
         sample.update(os.pread(fd, CHUNK, 0))
+        for i in range(1, SAMPLES + 1):
+            sample.update(os.pread(fd, SAMPLE_SPOT, size * i // (SAMPLES + 1)))
         sample.update(os.pread(fd, CHUNK, max(0, size - CHUNK)))
         return Backing(path, fmt, size, sample.hexdigest())
     except OSError:
@@ -112,8 +120,20 @@ def backing_fact(path: str, fmt: str) -> Backing:
         os.close(fd)
 
 
-def disk_facts(guest: Guest) -> list[DiskFact]:
-    """Guest's disks as this host has them."""
+def _chain(path: Path, key: str, strict: bool) -> tuple[Backing, ...]:
+    """The backing files of qcow2 image PATH as this host has them; STRICT
+    (the source's, whose guest runs on them): a host error naming the file
+    when one is missing or unreadable."""
+    chain = tuple(backing_fact(str(p), f) for p, f in backing_chain(path, "here", key))
+    if strict and (lost := [b.path for b in chain if not b.size]):
+        raise host_error(f'here: {key} = "{path}": backing file {lost[0]} cannot be read')
+    return chain
+
+
+def disk_facts(guest: Guest, strict: bool = False) -> list[DiskFact]:
+    """Guest's disks as this host has them.  STRICT: the source's facts, a
+    backing file missing or unreadable is a host error (which the guest
+    running on it makes unlikely) rather than a disk of kind OTHER."""
     out = []
     for d in guest.disks:
         kind, size, backing, identity = Kind.OTHER, 0, "", ""
@@ -124,9 +144,13 @@ def disk_facts(guest: Guest) -> list[DiskFact]:
                 kind, size = Kind.FILE, st.st_size
                 if d.format is Format.QCOW2:
                     size, backing = _qcow2(d.path)
-                    if backing:  # a host error when one is missing: OTHER, then
-                        chain = tuple(backing_fact(str(p), f) for p, f in backing_chain(
-                            d.path, "here", f"disk[{d.index}].path"))
+                    if backing:
+                        try:
+                            chain = _chain(d.path, f"disk[{d.index}].path", strict)
+                        except KvmagentError:
+                            if strict:
+                                raise
+                            kind = Kind.OTHER
             elif stat.S_ISBLK(st.st_mode):
                 fd = os.open(d.path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
@@ -136,7 +160,7 @@ def disk_facts(guest: Guest) -> list[DiskFact]:
                 identity = device_identity(st.st_rdev)
         except FileNotFoundError:
             kind = Kind.MISSING if d.path.parent.is_dir() else Kind.NO_DIRECTORY
-        except (OSError, ValueError, KvmagentError):
+        except (OSError, ValueError):
             kind = Kind.OTHER
         out.append(DiskFact(d.index, str(d.path), str(kind), size, not d.readonly,
                             str(d.format), backing, identity, chain))
@@ -164,7 +188,7 @@ def plan(target: ssh.Target, guest: Guest,
     """The source's preflight of the copy: the disks to copy, HOST's facts
     without the problems of the disks missing there that kvmagent makes or
     refuses itself (missing_there), and the reasons it cannot."""
-    here = disk_facts(guest)
+    here = disk_facts(guest, strict=True)
     theirs = _remote(target, [guest.name, "--facts"], DiskFact.from_json)
     paths = [b.path for d in here if d.writable for b in d.chain]
     backing = _remote(target, [guest.name, "--backing-facts", *paths],
@@ -401,8 +425,13 @@ class Copy:
                                           "sync": c.sync}
                 if self.bandwidth is not None:
                     fields["bandwidth"] = self.bandwidth
-                channel.ask(self.control, "migrate-copy", timeout=60.0, fds=[ours.fileno()],
-                            **fields)
+                reply = channel.ask(self.control, "migrate-copy", timeout=60.0,
+                                    fds=[ours.fileno()], **fields)
+                if reply.get("sync", "full") != c.sync:  # a supervisor from before sync=top
+                    print(f"kvmagent: {c.node}: the guest's supervisor, older than this "
+                          f"kvmagent, copies the whole disk, its backing files' data too "
+                          f"(the overlay on {self.target} is fully allocated then)",
+                          file=sys.stderr, flush=True)
             finally:
                 ours.close()
                 theirs.close()

@@ -271,7 +271,7 @@ def _build(only: str | None) -> tuple[argparse.ArgumentParser, set[str]]:
                     help="print guest NAME's disks as this host has them (JSON) and exit")
     sp.add_argument("--backing-facts", nargs="+", metavar="PATH",
                     help="print the files at PATHs as this host has them (size, checksum of "
-                    "the first and last MiB; JSON) and exit")
+                    "samples across them; JSON) and exit")
     sp = add(sub, "run", "unit.run:cmd_run",
              "supervise guest NAME in the foreground: the ExecStart= of "
              "kvm@NAME.service (start guests with systemctl start kvm@NAME)")

@@ -21,7 +21,7 @@ guest runs on where it was.
 A qcow2 overlay on backing files (a clone's disk on its template) is copied
 as an overlay: its backing files must be on the destination already, at
 the same paths and the same files (Backing: their size and a checksum of
-their first and last MiB), kvmagent makes the overlay there on them, and
+samples across them), kvmagent makes the overlay there on them, and
 the mirror sends what the overlay holds alone (sync=top)."""
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Backing(NamedTuple):
     path: str
     format: str  # raw, qcow2: as the overlay above it says ("": not known)
     size: int  # its length in bytes; 0: not there, or unreadable
-    sample: str  # sha256 of its first and last MiB: the same file? ("": not there)
+    sample: str  # sha256 of samples across it: the same file? ("": not there)
 
     @classmethod
     def from_json(cls, data: object) -> Backing:
@@ -146,8 +146,9 @@ def _overlay_refusals(host: str, key: str, d: DiskFact, t: DiskFact,
     if t.kind != Kind.MISSING:
         return [Refusal(f"{host}: {key} exists there: a qcow2 image on a backing file is "
                         "copied onto an overlay that kvmagent makes there, holding nothing "
-                        "but what the copy writes", f"remove it on {host}",
-                        ExitStatus.HOST_NOT_READY)]
+                        "but what the copy writes", f"if it is this very image, on storage "
+                        f"both hosts share, migrate without --copy-storage; else remove it "
+                        f"on {host}", ExitStatus.HOST_NOT_READY)]
     refusals = []
     for b in d.chain:
         found = backing_there.get(b.path)
@@ -161,7 +162,7 @@ def _overlay_refusals(host: str, key: str, d: DiskFact, t: DiskFact,
             refusals.append(Refusal(
                 f"{host}: backing file {b.path} of {key} is another file there ("
                 + (f"{_size(found.size)}, here {_size(b.size)})" if found.size != b.size
-                   else "other contents in its first or last MiB)")
+                   else "other contents: the checksums of samples across it differ)")
                 + ": the guest would read another disk", hint, ExitStatus.HOST_NOT_READY))
     return refusals
 
@@ -289,6 +290,11 @@ def arrival_disks(name: str, wanted: dict[int, Wanted], here: list[DiskFact],
             continue
         # the source's disk as it asked for it: not this host's device (identity)
         chain: tuple[Backing, ...] = ()
+        if backing and d.format != "qcow2":
+            refusals.append(Refusal(f'disk[{index}].path = "{d.path}": an overlay on {backing} '
+                                    f'asked for, the guest file here says format = '
+                                    f'"{d.format}"', None, ExitStatus.CONFIG))
+            continue
         if backing:  # as this host has it: present (the source compared the files)
             b = mine_backing.get(backing) or Backing(backing, backing_format, 0, "")
             chain = (b._replace(format=backing_format),)

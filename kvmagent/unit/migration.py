@@ -90,11 +90,13 @@ def _source(sup: Held, command: str, fields: dict[str, object],
             info = qmp.execute("query-migrate", timeout=5.0)
         runstate = qmp.execute("query-status", timeout=5.0).get("status")
         machine, cpu = machine_and_cpu(sup)
-        version = qmp.execute("query-version", timeout=5.0).get("qemu", {})
+        about: dict[str, object] = {}
+        if fields.get("about"):  # asked once, before a move: what runs the guest
+            version = qmp.execute("query-version", timeout=5.0).get("qemu", {})
+            about = {"kvm": bool(qmp.execute("query-kvm", timeout=5.0).get("enabled")),
+                     "qemu": [version.get(k, 0) for k in ("major", "minor", "micro")]}
         return {"ok": True, "phase": info.get("status", "none"), "info": info,
-                "runstate": runstate, "machine": machine, "cpu": cpu,
-                "kvm": bool(qmp.execute("query-kvm", timeout=5.0).get("enabled")),
-                "qemu": [version.get(k, 0) for k in ("major", "minor", "micro")],
+                "runstate": runstate, "machine": machine, "cpu": cpu, **about,
                 "resumed_at": sup.resumed_at,
                 "migrated_to": sup.migrated_to, "jobs": mirror.jobs(sup) if sup.mirrors else []}
     host = str(fields.get("host", "?"))

@@ -82,7 +82,7 @@ def start(sup: Held, fields: dict[str, object], fds: list[int]) -> dict[str, obj
         raise
     sup.mirrors.append(node)
     sup.log(f"guest {sup.name}: copying {node} to {fields.get('host', '?')}", 5)
-    return {"ok": True}
+    return {"ok": True, "sync": sync}
 
 
 def _end(sup: Held, nodes: list[str] | None = None) -> None:

@@ -147,14 +147,15 @@ def test_an_overlay_whose_backing_files_differ_there_is_refused() -> None:
                         ([BASE, ROOT._replace(size=MIB)],
                          "is another file there (1048576 bytes (1.0 MiB), here 209715200"),
                         ([BASE._replace(sample="ef" * 32), ROOT],
-                         "another file there (other contents in its first or last MiB)")):
+                         "another file there (other contents: the checksums of samples")):
         copies, (r,) = plan_copy("g", "host2", [OVERLAY], [missing(OVERLAY)], there)
         assert copies == [] and said in r.message, (r.message, said)
         assert r.status is ExitStatus.HOST_NOT_READY and "rsync" in str(r.hint)
         assert "qemu-img convert" in str(r.hint)
     # an image there already: never copied onto (it may hold data of its own)
     _, (r,) = plan_copy("g", "host2", [OVERLAY], [OVERLAY], [BASE, ROOT])
-    assert "exists there" in r.message and r.hint == "remove it on host2"
+    assert "exists there" in r.message and "remove it on host2" in str(r.hint)
+    assert "migrate without --copy-storage" in str(r.hint)  # not the guest's own disk
     _, (r,) = plan_copy("g", "host2", [OVERLAY], [missing(OVERLAY, Kind.NO_DIRECTORY)],
                         [BASE, ROOT])
     assert "its directory does not exist" in r.message
@@ -239,6 +240,10 @@ def test_the_destination_makes_an_overlay_on_a_backing_file_it_has() -> None:
     _, (r,) = arrival_disks("g", wanted, [missing(overlay)],
                             [BASE._replace(size=0, sample="")])
     assert "/srv/base.qcow2, which here lacks" in r.message
+    _, (r,) = arrival_disks("g", wanted, [missing(IMAGE)], [BASE])  # format = "raw" here
+    assert r.message == ('disk[0].path = "/srv/local/g.img": an overlay on /srv/base.qcow2 '
+                         'asked for, the guest file here says format = "raw"')
+    assert r.status is ExitStatus.CONFIG
 
 
 def test_disk_facts_from_json_are_checked() -> None:
@@ -313,7 +318,7 @@ def test_a_backing_file_is_known_by_its_size_and_its_ends(tmp_path: Path) -> Non
     a = backing_fact(str(tmp_path / "a"), "raw")
     assert a.size == len(data) and len(a.sample) == 64 and a.format == "raw"
     assert backing_fact(str(tmp_path / "copy"), "raw")[2:] == a[2:]
-    for at in (0, len(data) - 1):
+    for at in (0, len(data) // 2, len(data) - 1):
         changed = bytearray(data)
         changed[at] ^= 1
         (tmp_path / "b").write_bytes(changed)
