@@ -10,9 +10,9 @@ inactive and not failed with no QEMU left, the destination's active, the
 record's `stopped` event with reason `migrated`.  Then what must fail
 cleanly: a bridge missing on the destination (refused, nothing started
 there), the destination's QEMU killed mid-migration and Ctrl-C of the
-command (slowed with --bandwidth), and a move that cannot end within its
-downtime limit (a guest writing its memory faster than a slowed link
-sends it): each time the guest runs on at host 0 and host 1 has no unit
+command (slowed with --bandwidth), and (between two Debian 13 hosts) a
+move that cannot end within its downtime limit (a guest writing its memory
+faster than a slowed link sends it): each time the guest runs on at host 0 and host 1 has no unit
 running, no QEMU and no tap.  The measured downtime
 and total time are printed.
 
@@ -362,41 +362,6 @@ def test_ctrl_c_mid_migration(pair: HostPair) -> None:
     still_here(a, b, proc, pid, "after-ctrl-c")
 
 
-def test_a_move_that_cannot_converge_is_cancelled(pair: HostPair) -> None:
-    """A guest that rewrites part of its memory with random bytes over and
-    over, asked to move at 10M within 1 ms of downtime: what it writes
-    during one pass never fits in the limit (10 kB), and after MAX_PASSES
-    passes (or a few more: the command looks every 0.25 s, a pass may be
-    shorter) the move is cancelled, saying why; the guest runs on at host
-    0, in the same QEMU, and host 1 is clean.  (At QEMU's default of 128M
-    the tiny guest under TCG moved within 1 ms even with such a writer, in
-    about a second: the test slows the link to keep the guest ahead.)"""
-    a, b = pair
-    on_host0(a, b)
-    pid = qemu_here(a)
-    GUEST.typed(a, "dd if=/dev/urandom of=/dev/null bs=64k &\n")
-    try:
-        r = migrate(a, "host1", "--bandwidth", "10M", "--max-downtime", "1")
-        events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-        assert r.returncode == 1 and events and events[-1]["event"] == "cancelled", (
-            r.stdout[-3000:], r.stderr)
-        why = events[-1]["why"]
-        passes = re.search(r"after (\d+) passes over the guest's memory", why)
-        assert passes and int(passes[1]) >= MAX_PASSES, why
-        assert "(limit 1 ms)" in why and "--max-downtime" in why, why
-        progress = [e for e in events if e["event"] == "progress" and "ram" in e]
-        print(f"\nnot converging: cancelled after {progress[-1]['total-time'] / 1000:.1f} s, "
-              f"{progress[-1]['ram']['dirty-sync-count']} passes, "
-              f"{progress[-1]['ram']['transferred'] >> 20} MiB sent: {why}")
-        runs_on(a)
-        assert qemu_here(a) == pid
-        wait(lambda: state(b)[0] == "inactive" and qemus(b) == [], 60, "host 1 clean")
-        clean(b)
-    finally:
-        GUEST.typed(a, "kill $!\n")
-    assert types(a, "after-busy")  # the guest answers on host 0
-
-
 @pytest.mark.parametrize("transport", ["ssh", "tcp"])
 def test_the_link_cut_mid_migration(pair: HostPair, transport: str) -> None:
     """The link between the hosts goes down (no reset, no word): ssh's
@@ -558,5 +523,50 @@ def test_from_debian_12_to_13(tmp_path_factory: pytest.TempPathFactory,
         assert types(b, "on-trixie")
         assert "GUEST-INIT" not in console(b)
         b.exec(["systemctl", "stop", UNIT], timeout=180)
+    finally:
+        made.close()
+
+
+def test_a_move_that_cannot_converge_is_cancelled(
+        tmp_path_factory: pytest.TempPathFactory,
+        guest_image) -> None:  # type: ignore[no-untyped-def]
+    """A guest that rewrites part of its memory with random bytes over and
+    over, asked to move at 10M within 1 ms of downtime: what it writes
+    during one pass never fits in the limit (10 kB), and after MAX_PASSES
+    passes (or a few more: the command looks every 0.25 s, a pass may be
+    shorter) the move is cancelled, saying why; the guest runs on at host
+    0, in the same QEMU, and host 1 is clean.  (At QEMU's default of 128M
+    the tiny guest under TCG moved within 1 ms even with such a writer, in
+    about a second: the test slows the link to keep the guest ahead.)
+
+    Between two Debian 13 hosts: Debian 12's QEMU 7.2 under TCG loses some
+    of the guest's writes in a move of many passes (the bug the command
+    warns of, fixed in 9.0): in one CI run it saw the guest's memory all
+    but sent, completed the move, and the guest's kernel crashed on host 1."""
+    made = hosts(tmp_path_factory, guest_image, ("trixie", "trixie"))
+    a, b = next(made)
+    try:
+        on_host0(a, b)
+        pid = qemu_here(a)
+        GUEST.typed(a, "dd if=/dev/urandom of=/dev/null bs=64k &\n")
+        r = migrate(a, "host1", "--bandwidth", "10M", "--max-downtime", "1")
+        events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        assert r.returncode == 1 and events and events[-1]["event"] == "cancelled", (
+            r.stdout[-3000:], r.stderr)
+        why = events[-1]["why"]
+        passes = re.search(r"after (\d+) passes over the guest's memory", why)
+        assert passes and int(passes[1]) >= MAX_PASSES, why
+        assert "(limit 1 ms)" in why and "--max-downtime" in why, why
+        assert "warning" not in r.stderr, r.stderr  # QEMU 10.0
+        progress = [e for e in events if e["event"] == "progress" and "ram" in e]
+        print(f"\nnot converging: cancelled after {progress[-1]['total-time'] / 1000:.1f} s, "
+              f"{progress[-1]['ram']['dirty-sync-count']} passes, "
+              f"{progress[-1]['ram']['transferred'] >> 20} MiB sent: {why}")
+        runs_on(a)
+        assert qemu_here(a) == pid
+        wait(lambda: state(b)[0] == "inactive" and qemus(b) == [], 60, "host 1 clean")
+        clean(b)
+        GUEST.typed(a, "kill $!\n")
+        assert types(a, "after-busy")  # the guest answers on host 0
     finally:
         made.close()
