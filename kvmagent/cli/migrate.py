@@ -165,7 +165,7 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
     more: list[Refusal] = []
     if args.copy_storage:  # kvmagent.cli.nbdcopy: which disks, made there or not
         from kvmagent.cli.nbdcopy import plan
-        copies, there, more = plan(target, guest, there)
+        copies, there, more = plan(target, guest, there, status.get("pid"))
     refusals = preflight(name, str(target), here, there, machine=machine or "none",
                          cpu=cpu or "none", force=args.force) + more
     if refusals:

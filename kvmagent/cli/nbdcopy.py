@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,7 +47,7 @@ from kvmagent.render.storagecopy import (GO, HEARTBEAT, HEARTBEAT_EVERY, Backing
                                          CopyStep, DiskFact, Kind, Wanted, arrival_disks,
                                          copy_line, copy_state, copy_step, heartbeat,
                                          kept_problems, missing_there, parse_disk_option,
-                                         plan_copy)
+                                         plan_copy, replaced_backing)
 from kvmagent.unit import channel
 
 POLL = 0.2  # seconds between looks at the copies
@@ -183,12 +184,47 @@ def _remote(target: ssh.Target, args: list[str], read: Callable[[Any], Any]) -> 
                             ExitStatus.FAILURE) from None
 
 
-def plan(target: ssh.Target, guest: Guest,
-         there: SideFacts) -> tuple[list[CopyDisk], SideFacts, list[Refusal]]:
+def _held(pid: int) -> set[tuple[int, int]]:
+    """(device, inode) of each file process PID holds open."""
+    held = set()
+    fds = Path(f"/proc/{pid}/fd")
+    for fd in os.listdir(fds):
+        try:
+            st = os.stat(fds / fd)
+        except OSError:
+            continue
+        held.add((st.st_dev, st.st_ino))
+    return held
+
+
+def _replaced(guest: Guest, here: list[DiskFact], qemu_pid: object) -> list[Refusal]:
+    """The guest's backing files replaced at their paths since its QEMU
+    (QEMU_PID; None: a supervisor that does not say) opened them."""
+    paths = [b.path for d in here if d.writable for b in d.chain]
+    if not paths or not isinstance(qemu_pid, int):
+        return []
+    try:
+        held = _held(qemu_pid)
+    except OSError as e:
+        raise host_error(f"guest {guest.name}'s QEMU (pid {qemu_pid}): its open files cannot "
+                         f"be read: {e.strerror}") from None
+    found = {}
+    for path in paths:
+        with suppress(OSError):
+            st = os.stat(path)
+            found[path] = (st.st_dev, st.st_ino)
+    return replaced_backing(guest.name, here, found, held)
+
+
+def plan(target: ssh.Target, guest: Guest, there: SideFacts,
+         qemu_pid: object = None) -> tuple[list[CopyDisk], SideFacts, list[Refusal]]:
     """The source's preflight of the copy: the disks to copy, HOST's facts
     without the problems of the disks missing there that kvmagent makes or
-    refuses itself (missing_there), and the reasons it cannot."""
+    refuses itself (missing_there), and the reasons it cannot.  QEMU_PID:
+    the guest's QEMU, whose open files say which backing files it reads."""
     here = disk_facts(guest, strict=True)
+    if refused := _replaced(guest, here, qemu_pid):
+        return [], there, refused
     theirs = _remote(target, [guest.name, "--facts"], DiskFact.from_json)
     paths = [b.path for d in here if d.writable for b in d.chain]
     backing = _remote(target, [guest.name, "--backing-facts", *paths],

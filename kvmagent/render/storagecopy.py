@@ -231,6 +231,20 @@ def plan_copy(name: str, host: str, here: list[DiskFact], there: list[DiskFact],
     return copies, refusals
 
 
+def replaced_backing(name: str, here: list[DiskFact], found: dict[str, tuple[int, int]],
+                     held: set[tuple[int, int]]) -> list[Refusal]:
+    """The backing files of guest NAME's overlays (HERE) that its QEMU no
+    longer reads at their paths: replaced there since it started (a new
+    template moved over the old one).  FOUND: each one's (device, inode)
+    at its path; HELD: those of the files its QEMU holds open."""
+    return [Refusal(f"guest {name}'s disk[{d.number}] reads its backing file {b.path} as it was "
+                    "when the guest started: the file at that path now is another one, "
+                    "replaced since", "the copy would give the guest the new file on the "
+                    "other host: stop the guest and start it again (it reads the new one "
+                    "then), or put the old file back", ExitStatus.FAILURE)
+            for d in here if d.writable for b in d.chain if found.get(b.path) not in held]
+
+
 def missing_there(here: list[DiskFact], there: list[DiskFact]) -> list[tuple[int, str]]:
     """The disks (number, path) missing on HOST whose absence plan_copy
     answers: each writable one, which it makes there or refuses, saying

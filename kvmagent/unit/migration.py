@@ -93,7 +93,8 @@ def _source(sup: Held, command: str, fields: dict[str, object],
         about: dict[str, object] = {}
         if fields.get("about"):  # asked once, before a move: what runs the guest
             version = qmp.execute("query-version", timeout=5.0).get("qemu", {})
-            about = {"kvm": bool(qmp.execute("query-kvm", timeout=5.0).get("enabled")),
+            about = {"pid": sup.qemu.pid if sup.qemu else None,
+                     "kvm": bool(qmp.execute("query-kvm", timeout=5.0).get("enabled")),
                      "qemu": [version.get(k, 0) for k in ("major", "minor", "micro")]}
         return {"ok": True, "phase": info.get("status", "none"), "info": info,
                 "runstate": runstate, "machine": machine, "cpu": cpu, **about,

@@ -378,6 +378,13 @@ def test_a_qcow2_overlay_moves_as_one_onto_the_backing_file_both_hosts_have(
         "qcow2", BASE, 32 << 20), info
     assert OV.disk_sum(b, "after") == before
     assert OV.console(a).count("GUEST-INIT") == 1 and "GUEST-INIT" not in OV.console(b)
+    # a new template moved over the old one on host 1: its QEMU reads the old
+    b.exec(["sh", "-c", f"cp {BASE} {BASE}.new && mv {BASE}.new {BASE}"])
+    r = b.exec(["kvmagent", "migrate", OV.name, "host0", "--copy-storage"], check=False,
+               timeout=120)
+    print(f"replaced under the guest: exit {r.returncode}: {r.stderr.strip()}")
+    assert r.returncode == 1 and "the file at that path now is another one" in r.stderr, r
+    OV.runs_on(b)
     b.exec(["systemctl", "stop", OV.unit], timeout=180)
 
 

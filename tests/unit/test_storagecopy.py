@@ -161,6 +161,22 @@ def test_an_overlay_whose_backing_files_differ_there_is_refused() -> None:
     assert "its directory does not exist" in r.message
 
 
+def test_a_backing_file_replaced_since_the_guest_started_is_refused() -> None:
+    """Its QEMU holds the old file open: the one at the path now is not
+    what the guest reads, and the copy would give it that one."""
+    from kvmagent.render.storagecopy import replaced_backing
+    found = {BASE.path: (1, 10), ROOT.path: (1, 11)}
+    assert replaced_backing("g", [OVERLAY], found, {(1, 10), (1, 11), (2, 5)}) == []
+    (r,) = replaced_backing("g", [OVERLAY], found, {(1, 10), (1, 99)})
+    assert r.message == ("guest g's disk[0] reads its backing file /srv/root.img as it was "
+                         "when the guest started: the file at that path now is another one, "
+                         "replaced since") and r.status is ExitStatus.FAILURE
+    assert "start it again" in str(r.hint)
+    # gone from its path: as replaced
+    assert len(replaced_backing("g", [OVERLAY], {}, {(1, 10), (1, 11)})) == 2
+    assert replaced_backing("g", [IMAGE, OVERLAY._replace(writable=False)], {}, set()) == []
+
+
 def test_backing_facts_from_json_are_checked() -> None:
     assert Backing.from_json(BASE._asdict()) == BASE
     assert DiskFact.from_json(OVERLAY.to_json()) == OVERLAY
