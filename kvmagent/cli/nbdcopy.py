@@ -197,10 +197,10 @@ def _held(pid: int) -> set[tuple[int, int]]:
     return held
 
 
-def _replaced(guest: Guest, here: list[DiskFact], qemu_pid: object) -> list[Refusal]:
-    """The guest's backing files replaced at their paths since its QEMU
+def _replaced(guest: Guest, here: list[DiskFact], paths: list[str],
+              qemu_pid: object) -> list[Refusal]:
+    """The guest's backing files (at PATHS) replaced there since its QEMU
     (QEMU_PID; None: a supervisor that does not say) opened them."""
-    paths = [b.path for d in here if d.writable for b in d.chain]
     if not paths or not isinstance(qemu_pid, int):
         return []
     try:
@@ -223,10 +223,10 @@ def plan(target: ssh.Target, guest: Guest, there: SideFacts,
     refuses itself (missing_there), and the reasons it cannot.  QEMU_PID:
     the guest's QEMU, whose open files say which backing files it reads."""
     here = disk_facts(guest, strict=True)
-    if refused := _replaced(guest, here, qemu_pid):
+    paths = [b.path for d in here if d.writable for b in d.chain]
+    if refused := _replaced(guest, here, paths, qemu_pid):
         return [], there, refused
     theirs = _remote(target, [guest.name, "--facts"], DiskFact.from_json)
-    paths = [b.path for d in here if d.writable for b in d.chain]
     backing = _remote(target, [guest.name, "--backing-facts", *paths],
                       Backing.from_json) if paths else []
     copies, refusals = plan_copy(guest.name, str(target), here, theirs, backing)
