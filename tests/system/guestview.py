@@ -91,6 +91,21 @@ class Guest:
         raise AssertionError(f"guest {self.name} on {th.name} did not say its disk's sum: "
                              f"{self.console(th)[-2000:]}")
 
+    def busy(self, th: TestHost, tag: str, command: str, timeout: int = 2) -> int:
+        """COMMAND started in the background there, and its pid once the
+        guest says it still runs a second later (a line typed on the
+        console and a move started at once may race the guest's shell)."""
+        pattern = re.compile(rf"^busy-{tag} (\d+)\r?$", re.M)
+        for _ in range(3):
+            self.typed(th, f"{command} & sleep 1; kill -0 $! && echo busy-{tag} $!\n", timeout)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if m := pattern.search(self.console(th)):
+                    return int(m.group(1))
+                time.sleep(0.5)
+        raise AssertionError(f"guest {self.name} on {th.name} did not start {command!r}: "
+                             f"{self.console(th)[-2000:]}")
+
     def booted(self, th: TestHost) -> None:
         """Started there if need be, and up to its shell."""
         if self.state(th)[0] != "active":

@@ -548,7 +548,7 @@ def test_a_move_that_cannot_converge_is_cancelled(
     try:
         on_host0(a, b)
         pid = qemu_here(a)
-        GUEST.typed(a, "dd if=/dev/urandom of=/dev/null bs=64k &\n")
+        writer = GUEST.busy(a, "writer", "dd if=/dev/urandom of=/dev/null bs=64k")
         r = migrate(a, "host1", "--bandwidth", "10M", "--max-downtime", "1")
         events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
         assert r.returncode == 1 and events and events[-1]["event"] == "cancelled", (
@@ -566,7 +566,7 @@ def test_a_move_that_cannot_converge_is_cancelled(
         assert qemu_here(a) == pid
         wait(lambda: state(b)[0] == "inactive" and qemus(b) == [], 60, "host 1 clean")
         clean(b)
-        GUEST.typed(a, "kill $!\n")
+        GUEST.typed(a, f"kill {writer}\n")
         assert types(a, "after-busy")  # the guest answers on host 0
     finally:
         made.close()
