@@ -72,7 +72,7 @@ def test_disk_facts_from_an_older_kvmagent_have_no_identity() -> None:
 def test_device_identity_as_the_kernel_says_it(tmp_path: Path) -> None:
     """/sys/dev/block/MAJ:MIN as the kernel lays it out (made here): a
     device-mapper volume's UUID, a disk's WWID, a partition of it."""
-    from kvmagent.cli.nbdcopy import device_identity
+    from kvmagent.host.diskfacts import device_identity
     lv, disk, part, loop = (tmp_path / n for n in ("253:3", "8:0", "disks/8:1", "7:0"))
     (lv / "dm").mkdir(parents=True)
     (lv / "dm" / "uuid").write_text("LVM-abcVGuuidXYZLVuuid\n")
@@ -327,7 +327,7 @@ def test_a_backing_file_is_known_by_its_size_and_its_ends(tmp_path: Path) -> Non
     """backing_fact reads real files: a copy byte for byte is the same file;
     a change in its first or last MiB, or another size, is another; a
     missing file has size 0."""
-    from kvmagent.cli.nbdcopy import backing_fact
+    from kvmagent.host.diskfacts import backing_fact
     data = bytearray(os.urandom(3 * MIB + 5))
     (tmp_path / "a").write_bytes(data)
     (tmp_path / "copy").write_bytes(data)
