@@ -29,6 +29,7 @@ from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import ssh, state
 from kvmagent.lifecycle import ARRIVED_FROM
 from kvmagent.paths import Paths
+from kvmagent.render import uptime
 
 ROW_WAIT = 10.0  # seconds for the supervisor's writer to record the arrival
 TELL_TIMEOUT = 30.0  # seconds for the destination to take the downtime
@@ -48,7 +49,7 @@ def guest_booted(paths: Paths, name: str) -> float | None:
         return None
     finally:
         conn.close()
-    return None if run is None else state.booted_at(run)
+    return None if run is None else uptime.booted_at(run)
 
 
 def record_downtime(paths: Paths, name: str, source: str, downtime_ms: int,

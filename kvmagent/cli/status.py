@@ -17,9 +17,10 @@ from kvmagent.cli.tracking import (STATES, UP_STATES, _history, _known, _note, _
 from kvmagent.config.values import format_size
 from kvmagent.unit import channel
 from kvmagent.errors import ExitStatus, KvmagentError
-from kvmagent.host import journal, state
+from kvmagent.host import journal
 from kvmagent.names import scope_unit, service_unit
 from kvmagent.paths import Paths
+from kvmagent.render.uptime import booted_at
 
 PROPERTIES = ("ActiveState", "SubState", "Result", "MainPID", "InvocationID",
               "ActiveEnterTimestamp", "UnitFileState", "StatusText", "NRestarts")
@@ -81,7 +82,7 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
     console = paths.console_socket(name)
     sup = supervisor(paths, name) if active in UP_STATES else None
     qemu_pid = _qemu_pid(summary)
-    since = state.booted_at(summary.running_since) if summary is not None and \
+    since = booted_at(summary.running_since) if summary is not None and \
         summary.running_since is not None else None
     uptime = summary.uptime if summary is not None else None
     if active in UP_STATES and (qemu_pid is None or since is None):

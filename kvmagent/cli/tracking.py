@@ -24,6 +24,7 @@ from kvmagent.config.values import parse_size
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import state
 from kvmagent.paths import Paths, guest_names
+from kvmagent.render import uptime
 
 if TYPE_CHECKING:
     import argparse
@@ -244,7 +245,7 @@ def stamp(realtime: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(realtime))
 
 
-def reason_text(ev: state.Event) -> str:
+def reason_text(ev: uptime.Event) -> str:
     words = {state.POWEROFF: "guest powered off", state.ADMIN: "stopped by admin",
              state.SHUTDOWN: "host shutdown", state.CRASHED: "crashed",
              state.WATCHDOG: "watchdog", state.CONFIG: "bad configuration",
@@ -255,7 +256,7 @@ def reason_text(ev: state.Event) -> str:
     return f"{text}: {ev.detail}" if ev.detail else text
 
 
-def event_text(ev: state.Event) -> str:
+def event_text(ev: uptime.Event) -> str:
     """The DETAIL of a history line: the reason of a stop, QEMU's pid of a
     run, and of a takeover or reload both QEMU's pid and what happened; of
     an arrival by live migration, since when the guest runs (its boot on
@@ -300,7 +301,7 @@ def list_rows(paths: Paths) -> tuple[list[dict[str, Any]], list[str]]:
             row["restarts"] = fig.restarts
             run = fig.running_since
             if run is not None and (active in UP_STATES or active is None):
-                row["uptime_seconds"] = int(state.run_uptime(run, now))
+                row["uptime_seconds"] = int(uptime.run_uptime(run, now))
                 if run.pid and os.path.exists(f"/proc/{run.pid}"):
                     row["qemu_pid"] = run.pid
         elif not note2:
@@ -381,7 +382,7 @@ def _known(paths: Paths, name: str) -> None:
 
 
 def _history(paths: Paths, name: str, since: float | None = None
-             ) -> tuple[list[state.Event], state.Summary | None, str]:
+             ) -> tuple[list[uptime.Event], uptime.Summary | None, str]:
     try:
         conn = state.connect(paths.state_dir, create=False)
     except FileNotFoundError:
@@ -397,13 +398,13 @@ def _history(paths: Paths, name: str, since: float | None = None
         conn.close()
 
 
-def _event_json(ev: state.Event) -> dict[str, Any]:
+def _event_json(ev: uptime.Event) -> dict[str, Any]:
     return {"id": ev.id, "time": ev.realtime, "event": ev.event, "reason": ev.reason,
             "detail": ev.detail, "boot_id": ev.boot_id, "invocation_id": ev.invocation,
             "qemu_pid": ev.pid, "source": ev.source, "booted": ev.booted}
 
 
-def _summary_json(s: state.Summary | None, known: bool = True) -> dict[str, Any]:
+def _summary_json(s: uptime.Summary | None, known: bool = True) -> dict[str, Any]:
     """The figures; without a summary, zero when nothing was recorded yet
     (KNOWN), null when the record could not be read."""
     if s is None:

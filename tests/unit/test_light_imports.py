@@ -69,7 +69,7 @@ LIST = {"kvmagent", "kvmagent.errors", "kvmagent.lifecycle", "kvmagent.paths",
         "kvmagent.config", "kvmagent.config.values",
         "kvmagent.host", "kvmagent.host.leanimport", "kvmagent.host.migrations",
         "kvmagent.host.state", "kvmagent.host.systemd",
-        "kvmagent.render", "kvmagent.render.unitprops"}
+        "kvmagent.render", "kvmagent.render.unitprops", "kvmagent.render.uptime"}
 # ... when a guest's file changed since the last listing: it is read again.
 LIST_CHANGED = LIST | {"kvmagent.config.layers", "kvmagent.names"}
 # pystemd's modules that its D-Bus module brings (Debian 12's pystemd 0.11

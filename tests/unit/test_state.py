@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from kvmagent.host import state
-from kvmagent.host.state import Event, Now, derive
+from kvmagent.render import uptime
+from kvmagent.render.uptime import Event, Now, derive
 
 BOOT1, BOOT2 = "boot-1", "boot-2"
 
@@ -460,8 +461,8 @@ def test_an_arrival_counts_its_uptime_from_its_boot_elsewhere() -> None:
     s = derive("g", arrived(1, 100, -500), at(201))
     assert s.uptime == 701 and s.longest == 701 and s.cumulative == 100 and s.runs == 1
     assert s.restarts == 0
-    assert s.running_since is not None and state.booted_at(s.running_since) == 1_699_999_500
-    assert state.run_uptime(s.running_since, at(201)) == 701
+    assert s.running_since is not None and uptime.booted_at(s.running_since) == 1_699_999_500
+    assert uptime.run_uptime(s.running_since, at(201)) == 701
     # moved away again at 301: the run here closes, its span here is counted
     gone = arrived(1, 100, -500) + [ev(3, "stopped", 301, "migrated")]
     s = derive("g", gone, at(400))
@@ -485,7 +486,7 @@ def test_an_arrival_after_a_failure_here_is_no_restart(tmp_path: Path) -> None:
     assert fig.restarts == s.restarts == 0
     assert fig.running_since == s.running_since and s.running_since is not None
     assert s.running_since.booted == 1_700_000_060
-    assert state.run_uptime(fig.running_since, now) == s.uptime == 140
+    assert uptime.run_uptime(fig.running_since, now) == s.uptime == 140
     # a plain start after that same crash is one, as before
     state.insert(conn, "g", "stopped", reason="crashed", at=Now(1_700_000_300, 300, BOOT1))
     state.insert(conn, "g", "starting", at=Now(1_700_000_301, 301, BOOT1))
