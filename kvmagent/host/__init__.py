@@ -2,5 +2,8 @@
 (tundev), systemd (systemd, sdnotify, journal) and machined, QEMU's QMP
 (qmp), its capabilities (qemucaps) and user (qemuuser), /dev/kvm
 (kvmprobe), the host's readiness for a guest (hostcheck), the SQLite
-uptime record (state), and the lean imports of pystemd and pyroute2
-(leanimport)."""
+record of guests' lifecycles (state, its schema in migrations, a damaged
+one set aside by statefile), pinned machine types (pinfile), disk images
+and devices (imagechain, storage, diskfacts), another host over ssh (ssh),
+Debian's package database (dpkgfiles), Pacemaker's CIB (cib), and the lean
+imports of pystemd and pyroute2 (leanimport)."""

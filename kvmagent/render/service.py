@@ -17,7 +17,7 @@ seconds for every *Sec key (systemd's own naming rule), modes as ints.
 
 from __future__ import annotations
 
-import os
+import posixpath
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -140,7 +140,7 @@ IMAGES_DROPIN = "50-kvmagent-images.conf"
 
 
 def _below(path: str, tops: Sequence[str]) -> bool:
-    norm = os.path.normpath(path)  # lexically: no file system is touched
+    norm = posixpath.normpath(path)  # lexically: no file system is touched
     return any(norm == top or norm.startswith(top + "/") for top in tops)
 
 

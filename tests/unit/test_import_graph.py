@@ -104,3 +104,33 @@ def test_packages_import_nothing() -> None:
     busy = {m: [i.target for i in importgraph.imports(m)]
             for m in LAYERS[1:] if importgraph.imports(m)}
     assert not busy
+
+
+# What the pure layers may import besides kvmagent's own: modules that touch
+# no file, process, socket or clock (pathlib and posixpath for names of
+# paths, never to read them).
+PURE_LAYERS = ("kvmagent.foreign", "kvmagent.render")
+PURE_IMPORTS = {"__future__", "ast", "collections.abc", "copy", "dataclasses", "enum", "errno",
+                "ipaddress", "json", "math", "pathlib", "posixpath", "re", "shlex", "textwrap",
+                "typing", "xml.etree.ElementTree", "xml.sax.saxutils"}
+
+
+def impure(module: str) -> list[importgraph.Import]:
+    """MODULE's imports that are neither kvmagent's nor in PURE_IMPORTS."""
+    return [i for i in importgraph.imports(module)
+            if not i.target.startswith("kvmagent") and i.target not in PURE_IMPORTS]
+
+
+def test_the_pure_layers_touch_nothing() -> None:
+    """Importing and decisions (foreign, render) are pure: they get facts
+    and the clock passed in and return plain data, so that their unit tests
+    need no host.  A module that wants os, subprocess, socket, sqlite3 or
+    time belongs in host/ (an adapter) and passes what it found down."""
+    wrong = [f"{m} (line {i.line}) imports {i.target}"
+             for m in importgraph.modules() if m.startswith(PURE_LAYERS) for i in impure(m)]
+    assert not wrong, "the pure layers import:\n" + "\n".join(wrong)
+
+
+def test_the_purity_rule_sees_an_adapter() -> None:
+    """The rule, applied to an adapter, finds what makes it one."""
+    assert {"os", "sqlite3", "time"} <= {i.target for i in impure("kvmagent.host.state")}
