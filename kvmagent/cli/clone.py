@@ -24,7 +24,7 @@ from kvmagent.host import storage
 from kvmagent.names import GUEST_NAME_RULE, valid_guest_name
 from kvmagent.paths import Paths
 from kvmagent.render.cloneplan import Action, ClonePlan, Step, plan_clone
-from kvmagent.unit import channel
+from kvmagent.unit import protocol
 
 FREEZE_SECONDS = 30.0  # the longest SRC stays paused, should this command die
 
@@ -39,7 +39,8 @@ def is_running(paths: Paths, name: str) -> bool:
     if paths.supervisor_pid(name).exists():
         return True
     try:
-        channel.ask(paths.control_socket(name), "status", timeout=2.0)
+        protocol.call(paths.control_socket(name), protocol.StatusAsk(), protocol.Status,
+                      timeout=2.0)
     except KvmagentError:
         return False
     return True
@@ -136,13 +137,13 @@ def carry_out(plan: ClonePlan, paths: Paths) -> None:
     control = paths.control_socket(plan.src)
     try:
         if plan.freeze:
-            channel.ask(control, "freeze", seconds=FREEZE_SECONDS)
+            protocol.call(control, protocol.FreezeAsk(FREEZE_SECONDS), protocol.Frozen)
             try:
                 for step in snapshots:
                     _make(step, made)
             finally:
-                reply = channel.ask(control, "thaw")
-            if not reply.get("resumed") and len(snapshots) > 1:
+                thawed = protocol.call(control, protocol.ThawAsk(), protocol.Thawed)
+            if not thawed.resumed and len(snapshots) > 1:
                 _err(f"guest {plan.src} was resumed before its last snapshot was taken: "
                      "each of its disks' snapshots is crash-consistent, but not all from "
                      "the same instant")

@@ -28,7 +28,7 @@ from kvmagent.paths import Paths
 from kvmagent.render.migration import CPU_RE, MACHINE_RE, SideFacts, stalled
 from kvmagent.render.plan import Incoming
 from kvmagent.render.transport import TCP, parse_transport
-from kvmagent.unit import channel
+from kvmagent.unit import protocol
 
 if TYPE_CHECKING:
     from kvmagent.cli.nbdcopy import Arrival
@@ -192,7 +192,8 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int,
             return False
         try:
             if copy is None:
-                channel.ask(control, "migrate-incoming", timeout=5.0, fds=[stream])
+                protocol.call(control, protocol.IncomingAsk(), protocol.Done, timeout=5.0,
+                              fds=[stream])
             elif (refused := copy.serve(control)) is not None:
                 _emit("failed", error=refused)
                 return False
@@ -208,7 +209,7 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int,
         if (why := copy.wait_for_go(control, stopped, stream)) is not None:
             _emit("failed", error=why)
             return False
-        channel.ask(control, "migrate-incoming", timeout=5.0, fds=[stream])
+        protocol.call(control, protocol.IncomingAsk(), protocol.Done, timeout=5.0, fds=[stream])
     # The stream is QEMU's now: this process keeps no copy of it.
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, stream)
@@ -222,14 +223,15 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int,
     read, read_at = _bytes_read(session), time.monotonic()
     while not stopped:
         try:
-            reply = channel.ask(control, "migrate-status", timeout=10.0)
+            now = protocol.call(control, protocol.MigrateStatusAsk(), protocol.MigrationStatus,
+                                timeout=10.0)
         except KvmagentError as e:
             _emit("failed", error=f"the supervisor ended: {e.message}")
             return False
-        if reply.get("phase") != "incoming" and reply.get("runstate") == "running":
-            _emit("running", resumed_at=reply.get("resumed_at"))
+        if now.phase != "incoming" and now.runstate == "running":
+            _emit("running", resumed_at=now.resumed_at)
             return True
-        status = str(reply.get("incoming", reply.get("runstate", "?")))
+        status = now.incoming or now.runstate or "?"
         if status != said:
             _emit("incoming", status=status)
             said = status

@@ -46,7 +46,7 @@ from kvmagent.render.migration import (DEFAULT_DOWNTIME_MS, MAX_DOWNTIME_MS,
                                        differences, paused_ms, preflight, progress_line,
                                        source_step, tcg_warning)
 from kvmagent.render.transport import SSH, TCP, Transport, parse_transport, warning
-from kvmagent.unit import channel
+from kvmagent.unit import protocol
 
 if TYPE_CHECKING:
     from kvmagent.cli.configcopy import GuestFiles
@@ -145,14 +145,15 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
     guest = load_guest(paths, args.name, load_host_config(paths))  # exit 6, 8
     name, control = guest.name, paths.control_socket(guest.name)
     try:
-        status = channel.ask(control, "migrate-status", timeout=5.0, about=True)
+        status = protocol.call(control, protocol.MigrateStatusAsk(about=True),
+                               protocol.MigrationStatus, timeout=5.0)
     except KvmagentError:
-        status = {}
-    if status.get("phase") == "completed" and status.get("runstate") in PAUSED_BY_MIGRATION:
+        status = protocol.MigrationStatus(phase="")
+    if status.phase == "completed" and status.runstate in PAUSED_BY_MIGRATION:
         return _settle_held(args, target, name, control, status)  # left paused by a move
-    running = status.get("runstate") == "running" and status.get("phase") in (
+    running = status.runstate == "running" and status.phase in (
         "none", "completed", "failed", "cancelled")
-    machine, cpu = str(status.get("machine", "")), str(status.get("cpu", ""))
+    machine, cpu = status.machine, status.cpu
     mine = effective_config(guest)
     here = SideFacts(mine, "", running, [], [], "")
     there = _remote_facts(target, name)
@@ -165,7 +166,7 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
     more: list[Refusal] = []
     if args.copy_storage:  # kvmagent.cli.nbdcopy: which disks, made there or not
         from kvmagent.cli.nbdcopy import plan
-        copies, there, more = plan(target, guest, there, status.get("pid"))
+        copies, there, more = plan(target, guest, there, status.pid)
     refusals = preflight(name, str(target), here, there, machine=machine or "none",
                          cpu=cpu or "none", force=args.force) + more
     if refusals:
@@ -173,7 +174,7 @@ def cmd_migrate(args: argparse.Namespace, paths: Paths) -> int:
             print(f"kvmagent: {r.message}" + (f"\n  hint: {r.hint}" if r.hint else ""),
                   file=sys.stderr)
         raise KvmagentError(refusals[0].message, refusals[0].hint, refusals[0].status)
-    if (said := tcg_warning(name, status.get("kvm"), status.get("qemu"))) is not None:
+    if (said := tcg_warning(name, status.kvm, status.qemu)) is not None:
         print(f"kvmagent: {said}", file=sys.stderr, flush=True)
     if files is not None:
         _put_config(target, files)
@@ -274,15 +275,16 @@ def _cancel(args: argparse.Namespace, target: ssh.Target, name: str, control: Pa
     """The migration (and the disks' copy) cancelled: the guest runs on here.
     None: too late, the whole guest went there meanwhile (kvmagent.cli.settle)."""
     try:
-        reply = channel.ask(control, "migrate-cancel", why=why, host=str(target))
+        cancelled = protocol.call(control, protocol.CancelAsk(str(target), why),
+                                  protocol.Cancelled)
     except KvmagentError as e:
         raise KvmagentError(f"migration of guest {name} to {target} failed ({why}), and "
                             f"cancelling it failed: {e.message}",
                             f"see: systemctl status {service_unit(name)}") from None
-    if reply.get("completed"):
+    if cancelled.completed:
         return None
     _say(args, "cancelled", f"migration of guest {name} to {target} cancelled: {why}; the "
-         "guest runs on here", why=why, resumed=bool(reply.get("resumed")))
+         "guest runs on here", why=why, resumed=cancelled.resumed)
     return ExitStatus.FAILURE
 
 
@@ -316,32 +318,27 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
             rc = _cancel(args, target, name, control, why)
             if rc is not None:
                 return rc
-    fields: dict[str, Any] = {"host": str(target)}
-    if args.max_downtime is not None:
-        fields["downtime_ms"] = args.max_downtime
-    if bandwidth is not None:
-        fields["bandwidth"] = bandwidth
+    ask = protocol.MigrateAsk(str(target), args.max_downtime, bandwidth, copy is not None)
     try:
-        started = channel.ask(control, "migrate", fds=[ours.fileno()],
-                              copy_storage=copy is not None, **fields)
+        started = protocol.call(control, ask, protocol.Started, fds=[ours.fileno()])
     except KvmagentError as e:
         if copy is None or (rc := _cancel(args, target, name, control, e.message)) is None:
             raise
         return rc
     ours.close()  # QEMU holds the stream now
     _say(args, "started", f"migrating guest {name} to {target}", host=str(target),
-         transport=args.transport, downtime_limit_ms=started.get("downtime_limit_ms"),
-         max_bandwidth=started.get("max_bandwidth"))
+         transport=args.transport, downtime_limit_ms=started.downtime_limit_ms,
+         max_bandwidth=started.max_bandwidth)
     completed_at: float | None = None
     info: dict[str, Any] = {}
-    limit = started.get("downtime_limit_ms")
-    limit_ms = limit if isinstance(limit, int) else DEFAULT_DOWNTIME_MS
+    limit_ms = (DEFAULT_DOWNTIME_MS if started.downtime_limit_ms is None
+                else started.downtime_limit_ms)
     while True:
         time.sleep(POLL)
         try:
-            reply = channel.ask(control, "migrate-status", timeout=5.0)
-            phase = str(reply.get("phase"))
-            info = reply.get("info") if isinstance(reply.get("info"), dict) else {}  # type: ignore
+            now = protocol.call(control, protocol.MigrateStatusAsk(), protocol.MigrationStatus,
+                                timeout=5.0)
+            phase, info = now.phase, now.info
         except KvmagentError:
             phase = "failed"
         if phase == "completed" and completed_at is None:
@@ -373,24 +370,23 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
 def _completed_info(control: Path, info: dict[str, Any]) -> dict[str, Any]:
     """query-migrate's answer once completed: the downtime and total time."""
     try:
-        reply = channel.ask(control, "migrate-status", timeout=5.0)
+        return protocol.call(control, protocol.MigrateStatusAsk(), protocol.MigrationStatus,
+                             timeout=5.0).info or info
     except KvmagentError:
         return info
-    got = reply.get("info")
-    return got if isinstance(got, dict) else info
 
 
 def _settle_held(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
-                 status: dict[str, Any]) -> int:
+                 status: protocol.MigrationStatus) -> int:
     """`kvmagent migrate NAME HOST` again, on a guest an earlier move left
     paused here with its state sent: settled as that move would have been."""
     t0 = time.monotonic()
     enabled = systemctl("is-enabled", service_unit(name)).stdout.strip() == "enabled"
-    info = status.get("info") if isinstance(status.get("info"), dict) else {}
+    info = status.info
     if (rc := settle.settle(target, name, control, "an earlier move left it paused here",
                             lambda *a, **f: _say(args, *a, **f), [], enabled)) is not None:
         return rc
-    return _end(args, target, name, control, info or {}, enabled, t0, None)
+    return _end(args, target, name, control, info, enabled, t0, None)
 
 
 def _end(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
@@ -398,11 +394,10 @@ def _end(args: argparse.Namespace, target: ssh.Target, name: str, control: Path,
          resumed_at: object = None) -> int:
     """The guest runs on TARGET: its QEMU here quits, the unit ends "migrated".
     RESUMED_AT: when it ran there (TARGET's clock), for paused_ms."""
-    ending: dict[str, Any] = {"host": str(target)}
-    if isinstance(info.get("downtime"), int):
-        ending["downtime_ms"] = info["downtime"]
-    paused = paused_ms(channel.ask(control, "migrate-end", **ending).get("paused_at"),
-                       resumed_at)
+    downtime = info.get("downtime")
+    ended = protocol.call(control, protocol.EndAsk(
+        str(target), downtime if isinstance(downtime, int) else None), protocol.Ended)
+    paused = paused_ms(ended.paused_at, resumed_at)
     unit = service_unit(name)
     end = time.monotonic() + END_TIMEOUT
     while systemctl("is-active", unit).stdout.strip() in ("active", "deactivating",

@@ -45,7 +45,7 @@ from kvmagent.render.storagecopy import (GO, HEARTBEAT, HEARTBEAT_EVERY, Backing
                                          copy_line, copy_state, copy_step, heartbeat,
                                          kept_problems, missing_there, parse_disk_option,
                                          plan_copy, replaced_backing)
-from kvmagent.unit import channel
+from kvmagent.unit import protocol
 
 POLL = 0.2  # seconds between looks at the copies
 CHUNK = 1 << 20
@@ -213,7 +213,8 @@ class Arrival:
         """migrate-serve: the supervisor's QEMU serves the disks on a
         listening socket made here; why it refused, KvmagentError when the
         supervisor does not answer (yet)."""
-        channel.ask(control, "migrate-status", timeout=5.0)  # there, or KvmagentError
+        # there, or KvmagentError
+        protocol.call(control, protocol.MigrateStatusAsk(), protocol.MigrationStatus, timeout=5.0)
         self.listener.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -222,8 +223,8 @@ class Arrival:
                 sock.bind(str(self.listener))
             finally:
                 os.umask(old)
-            channel.ask(control, "migrate-serve", timeout=30.0, fds=[sock.fileno()],
-                        disks=[c.node for c in self.copies])
+            protocol.call(control, protocol.ServeAsk([c.node for c in self.copies]),
+                          protocol.Done, timeout=30.0, fds=[sock.fileno()])
         except KvmagentError as e:
             self.listener.unlink(missing_ok=True)
             return e.message
@@ -253,7 +254,8 @@ class Arrival:
             if (why := heartbeat(time.monotonic() - heard)) is not None:
                 return why
             try:  # the supervisor is there, and waits as long as this asks
-                channel.ask(control, "migrate-status", timeout=10.0)
+                protocol.call(control, protocol.MigrateStatusAsk(), protocol.MigrationStatus,
+                              timeout=10.0)
             except KvmagentError as e:
                 return f"the supervisor ended: {e.message}"
         return f"interrupted (signal {stopped[0]})"
@@ -331,13 +333,10 @@ class Copy:
                                         stderr=err, start_new_session=True)
                 self.sessions.append((proc, err))
                 theirs.close()
-                fields: dict[str, Any] = {"disk": c.node, "host": str(self.target),
-                                          "sync": c.sync}
-                if self.bandwidth is not None:
-                    fields["bandwidth"] = self.bandwidth
-                reply = channel.ask(self.control, "migrate-copy", timeout=60.0,
-                                    fds=[ours.fileno()], **fields)
-                if reply.get("sync", "full") != c.sync:  # a supervisor from before sync=top
+                ask = protocol.CopyAsk(c.node, str(self.target), c.sync, self.bandwidth)
+                copying = protocol.call(self.control, ask, protocol.Copying, timeout=60.0,
+                                        fds=[ours.fileno()])
+                if copying.sync != c.sync:  # a supervisor from before sync=top
                     print(f"kvmagent: {c.node}: the guest's supervisor, older than this "
                           f"kvmagent, copies the whole disk, its backing files' data too "
                           f"(the overlay on {self.target} is fully allocated then)",
@@ -363,9 +362,9 @@ class Copy:
                     return CopyStep.CANCEL, "the connection to the destination ended"
                 beat = now + HEARTBEAT_EVERY
             try:
-                reply = channel.ask(self.control, "migrate-status", timeout=10.0)
-                jobs = reply.get("jobs")
-                state = copy_state(jobs if isinstance(jobs, list) else [], nodes)
+                jobs = protocol.call(self.control, protocol.MigrateStatusAsk(),
+                                     protocol.MigrationStatus, timeout=10.0).jobs
+                state = copy_state(jobs, nodes)
             except KvmagentError as e:
                 return CopyStep.CANCEL, e.message
             dest, gone = last()

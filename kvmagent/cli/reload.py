@@ -14,7 +14,7 @@ from kvmagent import __version__
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.names import valid_guest_name
 from kvmagent.paths import Paths
-from kvmagent.unit import channel
+from kvmagent.unit import protocol
 
 RELOAD_TIMEOUT = 30.0
 
@@ -27,22 +27,22 @@ def running_guests(paths: Paths) -> list[str]:
                   if valid_guest_name(d.name) and paths.control_socket(d.name).is_socket())
 
 
-def reload_one(paths: Paths, name: str, timeout: float = RELOAD_TIMEOUT) -> channel.Status:
+def reload_one(paths: Paths, name: str, timeout: float = RELOAD_TIMEOUT) -> protocol.Status:
     """Reload guest NAME's supervisor and wait until the new code answers."""
     path = paths.control_socket(name)
-    before = channel.Status.from_json(channel.ask(path, "status"))
-    channel.ask(path, "reload")
+    before = protocol.call(path, protocol.StatusAsk(), protocol.Status)
+    protocol.call(path, protocol.ReloadAsk(), protocol.Done)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            now = channel.Status.from_json(channel.ask(path, "status", timeout=2.0))
+            now = protocol.call(path, protocol.StatusAsk(), protocol.Status, timeout=2.0)
             if now.supervising_since != before.supervising_since:
                 if now.qemu_pid != before.qemu_pid:
                     raise KvmagentError(f"guest {name}: QEMU pid {before.qemu_pid} is now "
                                         f"{now.qemu_pid} after the reload", None,
                                         ExitStatus.FAILURE)
                 return now
-        except (KvmagentError, ValueError):
+        except KvmagentError:
             pass  # the new code is still starting
         if time.monotonic() > deadline:
             raise KvmagentError(f"guest {name}: the reloaded supervisor did not answer within "

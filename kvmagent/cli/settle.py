@@ -24,7 +24,7 @@ from kvmagent.host import ssh
 from kvmagent.names import service_unit
 from kvmagent.paths import Paths
 from kvmagent.render.migration import Settle, Where, settle_step
-from kvmagent.unit import channel
+from kvmagent.unit import protocol
 
 ASK_TIMEOUT = 20.0  # seconds for one ask over ssh (its connection: ssh.CONNECT_TIMEOUT)
 ASK_EVERY = 1.0  # seconds between asks
@@ -39,10 +39,10 @@ def where(name: str, paths: Paths) -> Where:
     runstate: str | None = None
     arriving = False
     try:
-        reply = channel.ask(paths.control_socket(name), "migrate-status", timeout=5.0)
-        arriving = reply.get("phase") == "incoming"
-        runstate = str(reply["runstate"]) if reply.get("runstate") else (
-            "inmigrate" if arriving else None)
+        status = protocol.call(paths.control_socket(name), protocol.MigrateStatusAsk(),
+                               protocol.MigrationStatus, timeout=5.0)
+        arriving = status.phase == "incoming"
+        runstate = status.runstate or ("inmigrate" if arriving else None)
     except KvmagentError:
         pass
     last: list[str | None] | None = None
@@ -93,10 +93,10 @@ def settle(target: ssh.Target, name: str, control: Any, why: str, say: Say,
         if step is Settle.END:
             return None
         if step is Settle.RESUME:
-            reply = channel.ask(control, "migrate-cancel", why=said, host=str(target),
-                                resume=True)
+            cancelled = protocol.call(control, protocol.CancelAsk(str(target), said, resume=True),
+                                      protocol.Cancelled)
             say("cancelled", f"migration of guest {name} to {target} cancelled: {said}; the "
-                "guest runs on here", why=said, resumed=bool(reply.get("resumed")))
+                "guest runs on here", why=said, resumed=cancelled.resumed)
             return ExitStatus.FAILURE
         if step is Settle.HOLD:
             say("held", f"guest {name} is left paused here: {said}", host=str(target),

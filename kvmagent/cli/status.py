@@ -15,7 +15,7 @@ from kvmagent.cli.hostlist import duration, paint
 from kvmagent.cli.tracking import (STATES, UP_STATES, _history, _known, _note, _summary_json,
                                    qemu_of, reason_text, stamp)
 from kvmagent.config.values import format_size
-from kvmagent.unit import channel
+from kvmagent.unit import protocol
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import journal
 from kvmagent.names import scope_unit, service_unit
@@ -50,14 +50,14 @@ def _guest(paths: Paths, name: str) -> tuple[Any, str]:
         return None, e.message
 
 
-def supervisor(paths: Paths, name: str) -> channel.Status | None:
+def supervisor(paths: Paths, name: str) -> protocol.Status | None:
     """What the running supervisor says of itself (None: no answer)."""
     path = paths.control_socket(name)
     if not path.is_socket():
         return None
     try:
-        return channel.Status.from_json(channel.ask(path, "status", timeout=2.0))
-    except (KvmagentError, ValueError):
+        return protocol.call(path, protocol.StatusAsk(), protocol.Status, timeout=2.0)
+    except KvmagentError:
         return None
 
 

@@ -1,7 +1,8 @@
 """The control channel of a running supervisor: /run/kvmagent/NAME/control.sock,
 AF_UNIX SOCK_SEQPACKET, root only (0600 in a 0750 directory).  One request,
-one reply, each a JSON object of a typed record below; the command line
-talks to the supervisor only this way, never to QEMU's QMP.
+one reply, each a JSON object of a typed record of kvmagent.unit.protocol;
+the command line talks to the supervisor only this way, never to QEMU's
+QMP.
 
 The listening socket lives as long as the guest: it is kept in systemd's
 file descriptor store like QMP and the console, so a supervisor that takes
@@ -31,7 +32,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 from kvmagent.errors import ExitStatus, KvmagentError
-from kvmagent.render.plan import read_fields
 
 CONTROL_FDNAME = "control"
 COMMANDS = ("status", "reload", "freeze", "thaw", "migrate", "migrate-status",
@@ -39,24 +39,6 @@ COMMANDS = ("status", "reload", "freeze", "thaw", "migrate", "migrate-status",
             "migrate-serve")
 MAX_MESSAGE = 65536
 MAX_FDS = 4  # file descriptors one request may carry
-# The longest a guest is paused for a snapshot (freeze's "seconds").
-MAX_FREEZE = 60.0
-
-
-class Status(NamedTuple):
-    """The supervisor's answer to "status"."""
-    name: str
-    version: str  # the kvmagent code this supervisor runs
-    supervisor_pid: int
-    supervising_since: float  # CLOCK_REALTIME: when this code took the guest over or started it
-    qemu_pid: int
-    qemu_since: float  # CLOCK_REALTIME: when QEMU was started
-    started_by: str  # the kvmagent version that started QEMU
-    takeovers: int  # supervisors before this one in QEMU's life (deaths and reloads)
-
-    @classmethod
-    def from_json(cls, data: object) -> Status:
-        return cls(*read_fields(cls._fields, (str, str, int, float, int, float, str, int), data))
 
 
 def listen(path: Path) -> socket.socket:
@@ -129,15 +111,6 @@ def receive(listener: socket.socket, timeout: float = 1.0) -> Request | None:
         answer(conn, {"ok": False, "error": f"unknown request (commands: {', '.join(COMMANDS)})"})
         return None
     return Request(conn, str(command), data, fds)
-
-
-def freeze_seconds(request: dict[str, object]) -> float | str:
-    """A freeze request's time limit, or why it is not one."""
-    seconds = request.get("seconds")
-    if (not isinstance(seconds, (int, float)) or isinstance(seconds, bool)
-            or not 0 < seconds <= MAX_FREEZE):
-        return f"freeze needs seconds, more than 0 and at most {MAX_FREEZE:g}"
-    return float(seconds)
 
 
 def answer(conn: socket.socket, reply: dict[str, object]) -> None:

@@ -32,7 +32,7 @@ from kvmagent.lifecycle import MIGRATED
 from kvmagent.render.migration import (ARRIVAL_FAILED, PAUSED_BY_MIGRATION, Arrival,
                                        event_time, incoming_step, parameters)
 from kvmagent.render.plan import Incoming
-from kvmagent.unit import channel, mirror
+from kvmagent.unit import channel, mirror, protocol
 from kvmagent.unit.held import Held
 from kvmagent.unit.messages import MSG_MIGRATED
 
@@ -73,7 +73,9 @@ def request(sup: Held, req: channel.Request) -> None:
     try:
         reply = _source(sup, command, fields, fds)
     except QmpError as e:
-        reply = {"ok": False, "error": e.message}
+        reply = protocol.refuse(e.message)
+    except ValueError as e:  # a request of another shape
+        reply = protocol.refuse(f"{command}: {e}")
     finally:
         channel.close_fds(fds)  # QEMU holds its own copy of the stream
     channel.answer(conn, reply)
@@ -90,34 +92,35 @@ def _source(sup: Held, command: str, fields: dict[str, object],
             info = qmp.execute("query-migrate", timeout=5.0)
         runstate = qmp.execute("query-status", timeout=5.0).get("status")
         machine, cpu = machine_and_cpu(sup)
-        about: dict[str, object] = {}
-        if fields.get("about"):  # asked once, before a move: what runs the guest
+        status = protocol.MigrationStatus(
+            phase=str(info.get("status", "none")), info=info, runstate=runstate,
+            machine=machine, cpu=cpu, resumed_at=sup.resumed_at, migrated_to=sup.migrated_to,
+            jobs=mirror.jobs(sup) if sup.mirrors else [])
+        if protocol.read(protocol.MigrateStatusAsk, fields).about:  # asked once, before a move
             version = qmp.execute("query-version", timeout=5.0).get("qemu", {})
-            about = {"pid": sup.qemu.pid if sup.qemu else None,
-                     "kvm": bool(qmp.execute("query-kvm", timeout=5.0).get("enabled")),
-                     "qemu": [version.get(k, 0) for k in ("major", "minor", "micro")]}
-        return {"ok": True, "phase": info.get("status", "none"), "info": info,
-                "runstate": runstate, "machine": machine, "cpu": cpu, **about,
-                "resumed_at": sup.resumed_at,
-                "migrated_to": sup.migrated_to, "jobs": mirror.jobs(sup) if sup.mirrors else []}
-    host = str(fields.get("host", "?"))
+            status = status._replace(
+                pid=sup.qemu.pid if sup.qemu else None,
+                kvm=bool(qmp.execute("query-kvm", timeout=5.0).get("enabled")),
+                qemu=[int(version.get(k, 0)) for k in ("major", "minor", "micro")])
+        return protocol.reply(status)
     if command == "migrate-copy":  # --copy-storage: one disk's mirror (kvmagent.unit.mirror)
-        return mirror.start(sup, fields | {"host": host}, fds)
+        return mirror.start(sup, protocol.read(protocol.CopyAsk, fields), fds)
     if command == "migrate":
+        ask = protocol.read(protocol.MigrateAsk, fields)
         if len(fds) != 1:
-            return {"ok": False, "error": "migrate needs the stream's file descriptor"}
+            return protocol.refuse("migrate needs the stream's file descriptor")
         if sup.stop.stopping or sup.thaw_at is not None or sup.migrated_to:
-            return {"ok": False, "error": "the guest is stopping, paused or migrated"}
+            return protocol.refuse("the guest is stopping, paused or migrated")
         state = qmp.execute("query-status", timeout=5.0).get("status")
         if state != "running":
-            return {"ok": False, "error": f"the guest is {state}, not running"}
+            return protocol.refuse(f"the guest is {state}, not running")
         # every time, defaults included: QEMU keeps what the last one set
         qmp.execute("migrate-set-parameters", timeout=5.0,
-                    **parameters(fields.get("downtime_ms"), fields.get("bandwidth")))
+                    **parameters(ask.downtime_ms, ask.bandwidth))
         now = qmp.execute("query-migrate-parameters", timeout=5.0)
-        if bool(fields.get("copy_storage")) != bool(sup.mirrors):
-            return {"ok": False, "error": "--copy-storage: the disks' copies are not running"
-                    if sup.mirrors == [] else "the disks are being copied"}
+        if ask.copy_storage != bool(sup.mirrors):
+            return protocol.refuse("--copy-storage: the disks' copies are not running"
+                                   if sup.mirrors == [] else "the disks are being copied")
         # With disks copied, QEMU waits before the switch (the guest
         # paused) for the supervisor to complete the copies
         # (kvmagent.unit.mirror.switchover, on the MIGRATION event).
@@ -127,11 +130,12 @@ def _source(sup: Held, command: str, fields: dict[str, object],
             {"capability": "pause-before-switchover", "state": copying}])
         qmp.execute("getfd", timeout=5.0, fds=fds, fdname=FDNAME)
         qmp.execute("migrate", timeout=10.0, uri=f"fd:{FDNAME}")
-        sup.log(f"guest {sup.name}: migrating to {host}", 5)
-        return {"ok": True, "downtime_limit_ms": now.get("downtime-limit"),
-                "max_bandwidth": now.get("max-bandwidth")}
+        sup.log(f"guest {sup.name}: migrating to {ask.host}", 5)
+        return protocol.reply(protocol.Started(now.get("downtime-limit"),
+                                               now.get("max-bandwidth")))
     if command == "migrate-cancel":
-        why = str(fields.get("why", "cancelled"))
+        cancel = protocol.read(protocol.CancelAsk, fields)
+        host, why = cancel.host, cancel.why
         status = qmp.execute("query-migrate", timeout=5.0).get("status")
         if status not in (None, "completed", "failed", "cancelled", "none"):
             qmp.execute("migrate_cancel", timeout=5.0)
@@ -140,7 +144,7 @@ def _source(sup: Held, command: str, fields: dict[str, object],
                ("cancelling", "device", "pre-switchover") and time.monotonic() < deadline):
             time.sleep(0.05)
         if (qmp.execute("query-migrate", timeout=5.0).get("status") == "completed"
-                and fields.get("resume") is not True):
+                and not cancel.resume):
             # The whole guest went there, and may run there: never resumed
             # here unless kvmagent migrate learnt that it does not
             # (kvmagent.render.migration.settle_step).
@@ -149,7 +153,7 @@ def _source(sup: Held, command: str, fields: dict[str, object],
             sup.held = (f"paused: its state went to {host}, which did not confirm that it "
                         f"runs there (kvmagent migrate {sup.name} {host} settles it)")
             notify(f"STATUS={sup.held}")
-            return {"ok": True, "resumed": False, "completed": True}
+            return protocol.reply(protocol.Cancelled(resumed=False, completed=True))
         sup.held = None
         mirror.abort(sup)
         resumed = False
@@ -158,15 +162,16 @@ def _source(sup: Held, command: str, fields: dict[str, object],
             resumed = True
         sup.log(f"guest {sup.name}: migration to {host} cancelled ({why}); the guest runs "
                 f"on here" + (" (resumed)" if resumed else ""), 4)
-        return {"ok": True, "resumed": resumed}
+        return protocol.reply(protocol.Cancelled(resumed=resumed))
     if command != "migrate-end":
-        return {"ok": False, "error": f"{command}: the guest runs here already"}
+        return protocol.refuse(f"{command}: the guest runs here already")
     # migrate-end: the destination said that the guest runs there
+    end = protocol.read(protocol.EndAsk, fields)
     status = qmp.execute("query-migrate", timeout=5.0).get("status")
     if status != "completed":
-        return {"ok": False, "error": f"the migration is {status}, not completed"}
-    downtime = fields.get("downtime_ms")
-    sup.migrated_to = host + (f", downtime {downtime} ms" if isinstance(downtime, int) else "")
+        return protocol.refuse(f"the migration is {status}, not completed")
+    host, downtime = end.host, end.downtime_ms
+    sup.migrated_to = host + (f", downtime {downtime} ms" if downtime is not None else "")
     notify("STOPPING=1", f"STATUS=migrated to {host}")
     sup.record("stopping", MIGRATED, f"to {sup.migrated_to}")
     sup.record.flush(linger=True)
@@ -176,7 +181,7 @@ def _source(sup: Held, command: str, fields: dict[str, object],
     paused_at = sup.paused_at
     with suppress(QmpError, OSError):
         qmp.execute("quit", timeout=5.0)
-    return {"ok": True, "paused_at": paused_at}
+    return protocol.reply(protocol.Ended(paused_at))
 
 
 def migrated(sup: Held, rc: int) -> int:
@@ -283,13 +288,16 @@ def _incoming_request(sup: Held, req: channel.Request, status: str | None) -> st
     assert sup.qmp is not None
     try:
         if command == "migrate-status":
-            channel.answer(conn, {"ok": True, "phase": "incoming",
-                                  "incoming": status or "waiting"})
+            channel.answer(conn, protocol.reply(protocol.MigrationStatus(
+                phase="incoming", incoming=status or "waiting")))
         elif command == "migrate-serve" and status is None:  # --copy-storage
             try:
-                channel.answer(conn, mirror.serve(sup, fields, fds))
+                channel.answer(conn, mirror.serve(sup, protocol.read(protocol.ServeAsk, fields),
+                                                  fds))
             except QmpError as e:
-                channel.answer(conn, {"ok": False, "error": e.message})
+                channel.answer(conn, protocol.refuse(e.message))
+            except ValueError as e:
+                channel.answer(conn, protocol.refuse(f"{command}: {e}"))
         elif command == "migrate-incoming" and status is None and len(fds) == 1:
             try:
                 sup.qmp.execute("getfd", timeout=5.0, fds=fds, fdname=FDNAME)
@@ -299,13 +307,14 @@ def _incoming_request(sup: Held, req: channel.Request, status: str | None) -> st
                     {"capability": "events", "state": True}])
                 sup.qmp.execute("migrate-incoming", timeout=10.0, uri=f"fd:{FDNAME}")
             except QmpError as e:
-                channel.answer(conn, {"ok": False, "error": e.message})
+                channel.answer(conn, protocol.refuse(e.message))
                 raise IncomingFailed(e.message) from None
-            channel.answer(conn, {"ok": True})
+            channel.answer(conn, protocol.reply(protocol.Done()))
             return "setup"
         else:
-            channel.answer(conn, {"ok": False, "error": f"guest {sup.name} is arriving by "
-                                  "live migration" + (" (the stream is in)" if status else "")})
+            channel.answer(conn, protocol.refuse(
+                f"guest {sup.name} is arriving by live migration"
+                + (" (the stream is in)" if status else "")))
     finally:
         channel.close_fds(fds)
     return status

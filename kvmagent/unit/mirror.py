@@ -21,6 +21,7 @@ from typing import Any
 
 from kvmagent.host.qmp import QmpError
 from kvmagent.render.storagecopy import mirror_job, switch_step
+from kvmagent.unit import protocol
 from kvmagent.unit.held import Held
 
 LISTENER_FDNAME = "copy-listen"  # QEMU's name of the NBD server's listening socket
@@ -43,25 +44,24 @@ def jobs(sup: Held) -> list[dict[str, Any]]:
     return [j for j in _jobs(sup) if j.get("id") in ours]
 
 
-def start(sup: Held, fields: dict[str, object], fds: list[int]) -> dict[str, object]:
-    """migrate-copy: mirror drive "disk" onto the NBD export of the same
-    name at the other end of the fd, at "bandwidth" bytes/s at most; "sync":
-    "full" (all of it) or "top" (a qcow2 overlay's own data alone)."""
+def start(sup: Held, ask: protocol.CopyAsk, fds: list[int]) -> dict[str, object]:
+    """migrate-copy: mirror drive ASK.disk onto the NBD export of the same
+    name at the other end of the fd, at ASK.bandwidth bytes/s at most;
+    ASK.sync "full" (all of it) or "top" (a qcow2 overlay's own data alone)."""
     assert sup.qmp is not None
-    qmp, node = sup.qmp, str(fields.get("disk", ""))
+    qmp, node, sync = sup.qmp, ask.disk, ask.sync
     if len(fds) != 1 or not node.startswith("disk") or not node[4:].isdigit():
-        return {"ok": False, "error": "migrate-copy needs a disk (disk0, ...) and the fd of "
-                "its NBD connection"}
-    sync = fields.get("sync", "full")  # "top": an overlay's own data, its backing there
-    if sync not in ("full", "top"):
-        return {"ok": False, "error": f"migrate-copy: sync {sync!r} is neither full nor top"}
+        return protocol.refuse("migrate-copy needs a disk (disk0, ...) and the fd of its NBD "
+                               "connection")
+    if sync not in ("full", "top"):  # "top": an overlay's own data, its backing there
+        return protocol.refuse(f"migrate-copy: sync {sync!r} is neither full nor top")
     job = mirror_job(node)
     if node in sup.mirrors and not any(j.get("id") == job and j.get("status") != "concluded"
                                        for j in _jobs(sup)):
         _end(sup, [node])  # a copy that failed while no command watched it
     if sup.stop.stopping or sup.thaw_at is not None or sup.migrated_to or node in sup.mirrors:
-        return {"ok": False, "error": f"{node}: the guest is stopping, paused or migrated, or "
-                "the disk is being copied already"}
+        return protocol.refuse(f"{node}: the guest is stopping, paused or migrated, or the "
+                               "disk is being copied already")
     qmp.execute("getfd", timeout=5.0, fds=fds, fdname=job)
     try:
         qmp.execute("blockdev-add", timeout=30.0, driver="nbd", export=node,
@@ -71,8 +71,8 @@ def start(sup: Held, fields: dict[str, object], fds: list[int]) -> dict[str, obj
             qmp.execute("closefd", timeout=5.0, fdname=job)
         raise
     options: dict[str, Any] = {"job-id": job, "auto-dismiss": False}
-    if isinstance(fields.get("bandwidth"), int):
-        options["speed"] = fields["bandwidth"]
+    if ask.bandwidth is not None:
+        options["speed"] = ask.bandwidth
     try:
         qmp.execute("blockdev-mirror", timeout=10.0, device=node, target=job, sync=sync,
                     **options)
@@ -81,8 +81,8 @@ def start(sup: Held, fields: dict[str, object], fds: list[int]) -> dict[str, obj
             qmp.execute("blockdev-del", timeout=10.0, **_node(job))
         raise
     sup.mirrors.append(node)
-    sup.log(f"guest {sup.name}: copying {node} to {fields.get('host', '?')}", 5)
-    return {"ok": True, "sync": sync}
+    sup.log(f"guest {sup.name}: copying {node} to {ask.host}", 5)
+    return protocol.reply(protocol.Copying(sync))
 
 
 def _end(sup: Held, nodes: list[str] | None = None) -> None:
@@ -156,15 +156,13 @@ def switchover(sup: Held) -> None:
 
 # -- the destination -----------------------------------------------------------
 
-def serve(sup: Held, fields: dict[str, object], fds: list[int]) -> dict[str, object]:
+def serve(sup: Held, ask: protocol.ServeAsk, fds: list[int]) -> dict[str, object]:
     """migrate-serve: QEMU's NBD server on the listening socket FDS[0],
-    each of "disks" (drive ids) a writable export of that name."""
+    each of ASK.disks (drive ids) a writable export of that name."""
     assert sup.qmp is not None
-    qmp = sup.qmp
-    disks = fields.get("disks")
-    if (len(fds) != 1 or not isinstance(disks, list) or not disks
-            or not all(isinstance(d, str) for d in disks) or sup.serving):
-        return {"ok": False, "error": "migrate-serve needs disks and a listening socket, once"}
+    qmp, disks = sup.qmp, ask.disks
+    if len(fds) != 1 or not disks or sup.serving:
+        return protocol.refuse("migrate-serve needs disks and a listening socket, once")
     qmp.execute("getfd", timeout=5.0, fds=fds, fdname=LISTENER_FDNAME)
     qmp.execute("nbd-server-start", timeout=10.0,
                 addr={"type": "fd", "data": {"str": LISTENER_FDNAME}})
@@ -175,19 +173,19 @@ def serve(sup: Held, fields: dict[str, object], fds: list[int]) -> dict[str, obj
         if not nodes.get(disk):
             with suppress(QmpError):
                 stop_serving(sup)
-            return {"ok": False, "error": f"guest {sup.name} has no drive {disk} here"}
+            return protocol.refuse(f"guest {sup.name} has no drive {disk} here")
         try:  # activates the image (QEMU holds it inactive while it waits for the state)
             qmp.execute("block-export-add", timeout=30.0, type="nbd", id=mirror_job(disk),
                         writable=True, name=disk, **_node(nodes[disk]))
         except QmpError as e:  # a lock held elsewhere leaves the image inactive: read-only
             with suppress(QmpError):
                 stop_serving(sup)
-            return {"ok": False, "error": f"{disk}: QEMU here cannot write it ({e.message}): "
-                    "is it in use, on storage both hosts share? Then migrate without "
-                    "--copy-storage"}
+            return protocol.refuse(f"{disk}: QEMU here cannot write it ({e.message}): is it "
+                                   "in use, on storage both hosts share? Then migrate "
+                                   "without --copy-storage")
     sup.log(f"guest {sup.name}: serving {', '.join(disks)} for the copy from "
             f"{sup.incoming or '?'}", 6)
-    return {"ok": True}
+    return protocol.reply(protocol.Done())
 
 
 def stop_serving(sup: Held) -> None:

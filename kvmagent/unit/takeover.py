@@ -21,7 +21,7 @@ from kvmagent.host.qmp import Qmp, QmpError
 from kvmagent.host.sdnotify import listen_fds, notify, store_fd
 from kvmagent.lifecycle import RELOADED, TAKEN_OVER, WATCHDOG
 from kvmagent.names import valid_guest_name
-from kvmagent.unit import adopt, channel, forkcall, migration
+from kvmagent.unit import adopt, channel, forkcall, migration, protocol
 from kvmagent.unit.adopt import AdoptedQemu
 from kvmagent.unit.consolelog import ConsoleLog
 from kvmagent.unit.launch import read_pid_file, remove_pid_file, write_pid_file
@@ -138,22 +138,22 @@ def control(sup: Held) -> None:
         return
     if command == "status" or sup.running is None:
         running = sup.running
-        channel.answer(conn, {"ok": True, **channel.Status(
+        channel.answer(conn, protocol.reply(protocol.Status(
             sup.name, __version__, os.getpid(), sup.since, sup.qemu.pid,
             running.since if running else sup.since,
             running.version if running else __version__,
-            running.takeovers if running else 0)._asdict()})
+            running.takeovers if running else 0)))
         return
     if sup.stop.stopping:
-        channel.answer(conn, {"ok": False, "error": "the guest is stopping"})
+        channel.answer(conn, protocol.refuse("the guest is stopping"))
         return
     if sup.thaw_at is not None:
-        channel.answer(conn, {"ok": False, "error": "the guest is paused for a snapshot"})
+        channel.answer(conn, protocol.refuse("the guest is paused for a snapshot"))
         return
     # reload: systemd's unit is "reloading" until the new code says READY=1
     now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}", "STATUS=reloading the supervisor")
-    channel.answer(conn, {"ok": True})
+    channel.answer(conn, protocol.reply(protocol.Done()))
     reexec(sup)
 
 
@@ -169,29 +169,29 @@ def freeze(sup: Held, conn: socket.socket, command: str,
         was = sup.thaw_at is not None
         if was:
             thaw(sup, "the snapshot is taken")
-        channel.answer(conn, {"ok": True, "resumed": was})
+        channel.answer(conn, protocol.reply(protocol.Thawed(was)))
         return
-    seconds = channel.freeze_seconds(fields)
+    seconds = protocol.freeze_seconds(fields)
     if isinstance(seconds, str):
-        channel.answer(conn, {"ok": False, "error": seconds})
+        channel.answer(conn, protocol.refuse(seconds))
         return
     if sup.stop.stopping or sup.thaw_at is not None:
-        channel.answer(conn, {"ok": False, "error": "the guest is stopping" if
-                              sup.stop.stopping else "the guest is paused already"})
+        channel.answer(conn, protocol.refuse("the guest is stopping" if sup.stop.stopping
+                                             else "the guest is paused already"))
         return
     try:
         state = sup.qmp.execute("query-status", timeout=2.0).get("status")
         if state != "running":
-            channel.answer(conn, {"ok": False, "error": f"the guest is {state}, not running"})
+            channel.answer(conn, protocol.refuse(f"the guest is {state}, not running"))
             return
         sup.qmp.execute("stop", timeout=5.0)
     except QmpError as e:
-        channel.answer(conn, {"ok": False, "error": e.message})
+        channel.answer(conn, protocol.refuse(e.message))
         return
     sup.thaw_at = time.monotonic() + seconds
     sup.log(f"guest {sup.name} paused for a snapshot of its disks (at most "
             f"{seconds:g} s)", 5)
-    channel.answer(conn, {"ok": True, "seconds": seconds})
+    channel.answer(conn, protocol.reply(protocol.Frozen(seconds)))
 
 
 def thaw(sup: Held, why: str) -> None:

@@ -26,7 +26,7 @@ from kvmagent.render import hostkernel
 from kvmagent.render.cloneplan import Action, DiskFacts, Kind, new_name, plan_clone
 from kvmagent.render.qemu import HostFacts, Sockets, qemu_argv
 from kvmagent.config.model import Accel, HostConfig
-from kvmagent.unit import channel
+from kvmagent.unit import channel, protocol
 
 GUEST = """\
 description = "web server"
@@ -208,9 +208,9 @@ def test_backing_files_go_to_qemu_as_fds(conf) -> None:  # type: ignore[no-untyp
 
 
 def test_freeze_needs_a_time_limit() -> None:
-    assert channel.freeze_seconds({"seconds": 30}) == 30.0
+    assert protocol.freeze_seconds({"seconds": 30}) == 30.0
     for bad in ({}, {"seconds": 0}, {"seconds": 3600}, {"seconds": True}, {"seconds": "5"}):
-        assert isinstance(channel.freeze_seconds(bad), str)
+        assert isinstance(protocol.freeze_seconds(bad), str)
     assert {"freeze", "thaw"} <= set(channel.COMMANDS)
 
 

@@ -46,7 +46,8 @@ SUPERVISOR = RUN_BEFORE_FORK | {
     "kvmagent.render.storagecopy", "kvmagent.unit.mirror",
     "kvmagent.host", "kvmagent.host.qmp", "kvmagent.host.sdnotify", "kvmagent.host.tundev",
     "kvmagent.unit.adopt", "kvmagent.unit.channel", "kvmagent.unit.consolelog", "kvmagent.unit.held",
-    "kvmagent.unit.launch", "kvmagent.unit.messages", "kvmagent.unit.recorder",
+    "kvmagent.unit.launch", "kvmagent.unit.messages", "kvmagent.unit.protocol",
+    "kvmagent.unit.recorder",
     "kvmagent.unit.stoppolicy", "kvmagent.unit.takeover", "kvmagent.unit.testhook",
     "kvmagent.unit.supervisor", "kvmagent.unit.viewers"}
 # Standard-library modules the supervisor must not hold: dataclasses brings
