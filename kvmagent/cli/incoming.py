@@ -25,7 +25,7 @@ from kvmagent.cli import arrival, configcopy, settle, tcpstream
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.names import service_unit
 from kvmagent.paths import Paths
-from kvmagent.render.migration import CPU_RE, MACHINE_RE, SideFacts, stalled
+from kvmagent.render.migration import CPU_RE, MACHINE_RE, Said, SideFacts, stalled
 from kvmagent.render.plan import Incoming
 from kvmagent.render.transport import TCP, parse_transport
 from kvmagent.unit import protocol
@@ -48,7 +48,7 @@ def systemctl(*args: str) -> subprocess.CompletedProcess[str]:
 def _emit(event: str, **fields: Any) -> None:
     """A line to the source (over ssh): the destination's progress."""
     try:
-        print(json.dumps({"event": event, **fields}), flush=True)
+        print(Said(event, **fields).line(), flush=True)
     except BrokenPipeError:
         pass  # the source is gone; the stream's end says it to QEMU too
 
@@ -233,7 +233,7 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int,
             return True
         status = now.incoming or now.runstate or "?"
         if status != said:
-            _emit("incoming", status=status)
+            _emit("incoming", state=status)
             said = status
         if (now_read := _bytes_read(session)) != read or now_read is None:
             read, read_at = now_read, time.monotonic()

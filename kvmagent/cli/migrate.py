@@ -44,7 +44,7 @@ from kvmagent.paths import Paths
 from kvmagent.render.migration import (DEFAULT_DOWNTIME_MS, MAX_DOWNTIME_MS,
                                        PAUSED_BY_MIGRATION, Refusal, SideFacts, Step,
                                        differences, paused_ms, preflight, progress_line,
-                                       source_step, tcg_warning)
+                                       Said, source_step, tcg_warning)
 from kvmagent.render.transport import SSH, TCP, Transport, parse_transport, warning
 from kvmagent.unit import protocol
 
@@ -116,22 +116,17 @@ class _Lines:
 
     def __init__(self, stream: IO[bytes]) -> None:
         self.last = ""
-        self.events: list[dict[str, Any]] = []
+        self.events: list[Said] = []
         self.ended = False
         self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self.thread.start()
 
     def _read(self, stream: IO[bytes]) -> None:
         for line in stream:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                self.events.append(event)
-                kind = str(event.get("event", ""))
-                self.last = (f"failed: {event.get('error', '?')}" if kind == "failed"
-                             else kind)
+            if (said := Said.from_line(line)) is not None:
+                self.events.append(said)
+                self.last = (f"failed: {said.error or '?'}" if said.event == "failed"
+                             else said.event)
         self.ended = True
 
 
@@ -362,8 +357,8 @@ def _watch(args: argparse.Namespace, target: ssh.Target, name: str, control: Pat
                 return rc
             info = _completed_info(control, info)
         break
-    resumed_at = next((e.get("resumed_at") for e in reversed(lines.events)
-                       if e.get("event") == "running"), None)
+    resumed_at = next((e.resumed_at for e in reversed(lines.events)
+                       if e.event == "running"), None)
     return _end(args, target, name, control, info, enabled, t0, copy, resumed_at)
 
 

@@ -29,9 +29,10 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from typing import IO, Any, NamedTuple
+from typing import IO, NamedTuple
 
 from kvmagent.errors import ExitStatus, KvmagentError
+from kvmagent.render.migration import Said
 
 HANDSHAKE_TIMEOUT = 5.0  # seconds a connection has to send the token
 MAX_PENDING = 16  # connections heard at once
@@ -214,26 +215,25 @@ def connect(address: str, port: int, tokens: Tokens, timeout: float = 10.0) -> s
     return sock
 
 
-def listening(events: list[dict[str, Any]]) -> tuple[str, int] | None:
+def listening(events: list[Said]) -> tuple[str, int] | None:
     """The destination's "tcp" event among its EVENTS: where it listens."""
     for event in events:
-        if event.get("event") == "tcp" and isinstance(event.get("address"), str) \
-                and isinstance(event.get("port"), int):
-            return event["address"], event["port"]
+        if event.event == "tcp" and event.address and event.port:
+            return event.address, event.port
     return None
 
 
-def outgoing(events: list[dict[str, Any]], ended: Callable[[], bool], tokens: Tokens,
+def outgoing(events: list[Said], ended: Callable[[], bool], tokens: Tokens,
              stopped: Callable[[], bool], timeout: float) -> socket.socket:
     """The source: once the destination said where it listens (its EVENTS,
     as they come), connected there.  KvmagentError when it failed, its ssh
     session ENDED, STOPPED says so (Ctrl-C) or TIMEOUT passed."""
     deadline = time.monotonic() + timeout
     while (where := listening(events)) is None:
-        failed = [e for e in events if e.get("event") == "failed"]
+        failed = [e for e in events if e.event == "failed"]
         if failed:  # with the destination's exit status (no address there: 5)
-            status = failed[0].get("status")
-            raise KvmagentError(str(failed[0].get("error", "?")), None,
+            status = failed[0].status
+            raise KvmagentError(failed[0].error or "?", None,
                                 ExitStatus(status) if status in set(ExitStatus)
                                 else ExitStatus.FAILURE)
         if stopped() or ended() or time.monotonic() > deadline:
@@ -268,5 +268,5 @@ def incoming(transport: str, emit: Callable[..., None], stopped: list[int],
     with Listener(address, wanted.port) as listener:
         emit("tcp", address=address, port=listener.port)
         sock = listener.accept(tokens, timeout, lambda: bool(stopped))
-        emit("tcp-connected", peer=str(sock.getpeername()[0]), dropped=listener.strangers)
+        emit("tcp-connected", peer=str(sock.getpeername()[0]), dropped=list(listener.strangers))
     return sock

@@ -8,10 +8,12 @@ the decisions out; nothing here touches a host."""
 from __future__ import annotations
 
 import enum
+import json
 import re
 from typing import Any, NamedTuple
 
 from kvmagent.errors import ExitStatus
+from kvmagent.render.records import read
 
 # The source QEMU's -machine and -cpu values, as the destination's command
 # line takes them: no option of QEMU's own can hide in them.
@@ -275,6 +277,42 @@ class Where(NamedTuple):
                    else None, bool(data.get("arriving")),
                    [None if v is None else str(v) for v in last][:3]
                    if isinstance(last, list) else None)
+
+
+class Said(NamedTuple):
+    """One line that `kvmagent migrate-incoming` writes to the source (its
+    standard output, over ssh): the destination's progress, event by
+    event.  Crosses ssh as JSON, with the fields its event has."""
+    event: str  # tcp, tcp-connected, serving, listening, incoming, running, failed
+    error: str = ""  # failed: why
+    status: int | None = None  # failed: the exit status it stands for
+    state: str = ""  # incoming: QEMU's migration status there
+    resumed_at: float | None = None  # running: when the guest ran there (its clock)
+    address: str = ""  # tcp: where it listens for the stream
+    port: int = 0
+    peer: str = ""  # tcp-connected: who connected with the token
+    dropped: list[str] = []  # tcp-connected: the others, refused
+
+    def line(self) -> str:
+        """The JSON line: the event and the fields it has."""
+        defaults = Said._field_defaults
+        return json.dumps({k: v for k, v in self._asdict().items()
+                           if k not in defaults or v != defaults[k]})
+
+    @classmethod
+    def from_line(cls, line: bytes | str) -> Said | None:
+        """A line read back; None when it is no JSON object with an event.
+        A line of another shape (another kvmagent's) counts by its event."""
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("event"), str):
+            return None
+        try:
+            return read(cls, data)
+        except ValueError:
+            return cls(data["event"], error=str(data.get("error", "")))
 
 
 def settle_step(there: Where | None, waited: float) -> tuple[Settle, str]:

@@ -112,7 +112,7 @@ def test_packages_import_nothing() -> None:
 PURE_LAYERS = ("kvmagent.foreign", "kvmagent.render")
 PURE_IMPORTS = {"__future__", "ast", "collections.abc", "copy", "dataclasses", "enum", "errno",
                 "ipaddress", "json", "math", "pathlib", "posixpath", "re", "shlex", "textwrap",
-                "typing", "xml.etree.ElementTree", "xml.sax.saxutils"}
+                "types", "typing", "xml.etree.ElementTree", "xml.sax.saxutils"}
 
 
 def impure(module: str) -> list[importgraph.Import]:

@@ -39,7 +39,7 @@ RUN_BEFORE_FORK = {"kvmagent", "kvmagent.cli", "kvmagent.cli.main", "kvmagent.er
 # and kvmagent's light modules, no third-party module at all.
 SUPERVISOR = RUN_BEFORE_FORK | {
     "kvmagent.names", "kvmagent.paths",
-    "kvmagent.render", "kvmagent.render.plan",
+    "kvmagent.render", "kvmagent.render.plan", "kvmagent.render.records",
     # live migration: its decisions (pure) and the supervisor's part (#20)
     "kvmagent.render.migration", "kvmagent.unit.migration",
     # and its disks' copy (migrate --copy-storage)

@@ -246,3 +246,24 @@ def test_a_tcg_guest_on_a_qemu_before_9_is_warned_of() -> None:
     for kvm, qemu in ((True, [7, 2, 19]), (False, [9, 0, 0]), (False, [10, 0, 3]),
                       (None, [7, 2, 0]), (False, None), (False, [7, 2]), (False, ["7", 2, 0])):
         assert tcg_warning("g", kvm, qemu) is None, (kvm, qemu)
+
+
+def test_the_destinations_lines_are_typed() -> None:
+    """migrate-incoming's lines to the source: the event and the fields it
+    has, read back as written; another kvmagent's line of another shape
+    counts by its event (an older destination said QEMU's state as
+    "status"); anything else is no event."""
+    from kvmagent.render.migration import Said
+    for said in (Said("listening"), Said("failed", error="no bridge", status=5),
+                 Said("tcp", address="192.0.2.1", port=49152),
+                 Said("tcp-connected", peer="192.0.2.2", dropped=["192.0.2.9"]),
+                 Said("incoming", state="active"), Said("running", resumed_at=1.7e9)):
+        assert Said.from_line(said.line()) == said
+    assert json.loads(Said("failed", error="x").line()) == {"event": "failed", "error": "x"}
+    assert Said.from_line(b'{"event": "incoming", "status": "active"}') == Said("incoming")
+    assert Said.from_line('{"event": "failed", "error": "gone", "status": "5"}') == Said(
+        "failed", error="gone")
+    assert Said.from_line(b'{"event": "running", "resumed_at": 1700000000}') == Said(
+        "running", resumed_at=1.7e9)
+    for line in (b"Warning: Permanently added host", b"[]", b'{"error": "x"}', b""):
+        assert Said.from_line(line) is None
