@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from kvmagent import names
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.paths import Paths
+from kvmagent.render import records
 
 if TYPE_CHECKING:
     from kvmagent.config.model import Guest, HostConfig
@@ -38,6 +39,20 @@ class GuestFile(NamedTuple):
     path: str
     mode: int
     text: str
+
+
+class Installed(NamedTuple):
+    """What `migrate-incoming NAME --put-config` answers (JSON over ssh):
+    HOST's own files that it kept beside, X.old (relative to guests/)."""
+    kept: list[str]
+
+    def to_json(self) -> str:
+        return json.dumps(self._asdict())
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Installed:
+        """ValueError naming the field when TEXT is not such a record."""
+        return records.read(cls, json.loads(text))
 
 
 class GuestFiles(NamedTuple):
@@ -73,28 +88,21 @@ class GuestFiles(NamedTuple):
             data = json.loads(text)
         except ValueError as e:
             raise ValueError(f"not JSON: {e}") from None
-        if not isinstance(data, dict) or data.get("name") != name:
+        sent = records.read(cls, data)
+        if sent.name != name:
             raise ValueError(f"not guest {name}'s files")
         if not names.valid_guest_name(name):
             raise ValueError(f"invalid guest name {name!r}")
-        items = data.get("files")
-        if not isinstance(items, list) or not items:
+        if not sent.files:
             raise ValueError("no files")
         main, dropins = f"{name}.toml", f"{name}.toml.d/"
-        out = []
-        for i, item in enumerate(items):
-            if not isinstance(item, dict):
-                raise ValueError(f"files[{i}]: not an object")
-            path, mode, body = item.get("path"), item.get("mode"), item.get("text")
-            if not (isinstance(path, str) and isinstance(mode, int) and isinstance(body, str)):
-                raise ValueError(f"files[{i}]: path, mode and text expected")
+        for i, (path, mode, body) in enumerate(sent.files):
             leaf = path[len(dropins):] if path.startswith(dropins) else None
             if (i == 0) != (path == main) or (i > 0 and not _dropin_name(leaf)):
                 raise ValueError(f"files[{i}]: {path!r} is not {main} or a drop-in of it")
             if mode & ~MODE_BITS or "\0" in body:
                 raise ValueError(f"files[{i}]: {path!r}: mode {mode:o} or its text")
-            out.append(GuestFile(path, mode, body))
-        return cls(name, tuple(out))
+        return sent
 
     def stage(self, directory: Path) -> Path:
         """Write the files into DIRECTORY (as guests/ has them); the guest file's path."""

@@ -166,7 +166,7 @@ def _put_config(name: str, paths: Paths) -> int:
     if now.config is None or differences(now.config, facts.config):
         raise KvmagentError(f"guest {name}'s files were installed, but do not load as "
                             "they did staged", now.error or None, ExitStatus.FAILURE)
-    print(json.dumps({"kept": kept}))
+    print(configcopy.Installed(kept).to_json())
     return ExitStatus.OK
 
 

@@ -76,11 +76,12 @@ def _remote_facts(target: ssh.Target, name: str, files: GuestFiles | None = None
 
 def _put_config(target: ssh.Target, files: GuestFiles) -> None:
     """--copy-config, nothing having refused the move: the files installed on HOST."""
+    from kvmagent.cli.configcopy import Installed
     proc = ssh.start(target, ["migrate-incoming", files.name, "--put-config"], input=True)
     out, err = proc.communicate(files.to_json().encode(), timeout=120)
     try:
-        kept = json.loads(out)["kept"]
-    except (ValueError, KeyError, TypeError):
+        kept = Installed.from_json(out).kept
+    except ValueError:
         raise KvmagentError(f"{target}: guest {files.name}'s files were not copied (exit "
                             f"status {proc.returncode}): {err.decode().strip()}", None,
                             ExitStatus.FAILURE) from None

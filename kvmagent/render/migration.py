@@ -79,17 +79,8 @@ class SideFacts(NamedTuple):
 
     @classmethod
     def from_json(cls, data: object) -> SideFacts:
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        config = data.get("config")
-        values = [config if isinstance(config, dict) else None, data.get("error", ""),
-                  data.get("running"), data.get("problems"), data.get("machines"),
-                  data.get("qemu_version", "")]
-        kinds = (None, str, bool, list, list, str)
-        for field, value, kind in zip(cls._fields, values, kinds):
-            if kind is not None and not isinstance(value, kind):
-                raise ValueError(f"{field}: {value!r} is not {kind.__name__}")
-        return cls(*values)
+        """ValueError naming the field when DATA is not such a record."""
+        return read(cls, data)
 
 
 class Refusal(NamedTuple):
@@ -269,14 +260,9 @@ class Where(NamedTuple):
     last: list[str | None] | None
 
     @classmethod
-    def from_json(cls, data: Any) -> Where:
-        if not isinstance(data, dict) or not isinstance(data.get("unit"), str):
-            raise ValueError(f"not what migrate-incoming --where prints: {data!r}")
-        last = data.get("last")
-        return cls(data["unit"], data.get("runstate") if isinstance(data.get("runstate"), str)
-                   else None, bool(data.get("arriving")),
-                   [None if v is None else str(v) for v in last][:3]
-                   if isinstance(last, list) else None)
+    def from_json(cls, data: object) -> Where:
+        """ValueError naming the field when DATA is not such a record."""
+        return read(cls, data)
 
 
 class Said(NamedTuple):

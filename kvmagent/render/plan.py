@@ -3,14 +3,17 @@
 long-lived supervisor and its attach helpers (kvmagent.unit.attach).
 
 Typed records (NamedTuple: pickled as plain tuples, so unpickling imports
-this module alone, and typing is loaded anyway), and the placeholders for
-the file descriptors in QEMU's command line: only the supervisor knows the
-fd numbers, and fills them in when it starts QEMU."""
+this module and its reader of JSON records alone, and typing is loaded
+anyway), and the placeholders for the file descriptors in QEMU's command
+line: only the supervisor knows the fd numbers, and fills them in when it
+starts QEMU."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, NamedTuple
+
+from kvmagent.render import records
 
 QMP_FD = "\0qmp\0"
 CONSOLE_FD = "\0console\0"
@@ -79,10 +82,7 @@ class Incoming(NamedTuple):
     @classmethod
     def from_json(cls, text: str) -> Incoming:
         """ValueError naming the field when TEXT is not such a record."""
-        data = json.loads(text)
-        if isinstance(data, dict) and data.get("booted") is None:  # not known
-            data = {k: v for k, v in data.items() if k != "booted"}
-        return cls(*read_fields(cls._fields, (str, str, str, float), data, {"booted": None}))
+        return records.read(cls, json.loads(text))
 
 
 class Plan(NamedTuple):
@@ -142,37 +142,4 @@ class Running(NamedTuple):
     @classmethod
     def from_json(cls, text: str) -> Running:
         """ValueError naming the field when TEXT is not such a record."""
-        return cls(*read_fields(cls._fields, _RUNNING_KINDS, json.loads(text),
-                                cls._field_defaults))
-
-
-def read_fields(fields: tuple[str, ...], kinds: tuple[type, ...], data: object,
-                defaults: dict[str, Any] | None = None) -> list[Any]:
-    """The values of a typed record's FIELDS (of KINDS: str, int, float,
-    bool, list of str) from a JSON object, checked: ValueError naming the
-    field when one is missing or of another type.  A field in DEFAULTS may
-    be missing (a record written by an older kvmagent: a reload reads its
-    predecessor's)."""
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    values: list[Any] = []
-    for field, kind in zip(fields, kinds):
-        if defaults and field in defaults and field not in data:
-            values.append(defaults[field])
-            continue
-        value = data.get(field)
-        ok = (isinstance(value, list) and all(isinstance(v, str) for v in value)
-              if kind is list else
-              isinstance(value, (int, float)) and not isinstance(value, bool)
-              if kind is float else
-              isinstance(value, kind) and (kind is bool or not isinstance(value, bool)))
-        if not ok:
-            raise ValueError(f"{field}: {value!r} is not {kind.__name__}")
-        values.append(float(value) if kind is float and value is not None else value)
-    return values
-
-
-# Running's field types, in order, for reading it back (NamedTuple's own
-# annotations are strings here).
-_RUNNING_KINDS: tuple[type, ...] = (str, str, int, float, float, bool, bool, int, float, str,
-                                    list, str, int, int, bool)
+        return records.read(cls, json.loads(text))

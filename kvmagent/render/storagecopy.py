@@ -30,8 +30,8 @@ import enum
 from typing import Any, NamedTuple
 
 from kvmagent.errors import ExitStatus
+from kvmagent.render import records
 from kvmagent.render.migration import STALL_LIMIT, Refusal
-from kvmagent.render.plan import read_fields
 
 # The source's word to the destination on the migration stream while the
 # disks are copied (before QEMU's own stream starts): HEARTBEAT every
@@ -64,7 +64,7 @@ class Backing(NamedTuple):
 
     @classmethod
     def from_json(cls, data: object) -> Backing:
-        return cls(*read_fields(cls._fields, (str, str, int, str), data))
+        return records.read(cls, data)
 
 
 class DiskFact(NamedTuple):
@@ -87,14 +87,10 @@ class DiskFact(NamedTuple):
     @classmethod
     def from_json(cls, data: object) -> DiskFact:
         """ValueError naming the field when DATA is not such a record."""
-        fact = cls(*read_fields(cls._fields[:-1], (int, str, str, int, bool, str, str, str),
-                                data, {"identity": ""}))
+        fact = records.read(cls, data)
         if fact.kind not in tuple(Kind):
             raise ValueError(f"kind: {fact.kind!r}")
-        chain = data.get("chain", []) if isinstance(data, dict) else []
-        if not isinstance(chain, list):
-            raise ValueError(f"chain: {chain!r} is not list")
-        return fact._replace(chain=tuple(Backing.from_json(b) for b in chain))
+        return fact
 
     def to_json(self) -> dict[str, Any]:
         return dict(self._asdict(), chain=[b._asdict() for b in self.chain])

@@ -43,7 +43,7 @@ def test_the_running_record_round_trips(paths: Paths) -> None:
     ({"qemu_pid": "1234"}, "qemu_pid: '1234' is not int"),
     ({"keep": 1}, "keep: 1 is not bool"),
     ({"since": True}, "since: True is not float"),
-    ({"taps": ["a", 1]}, "taps: ['a', 1] is not list"),
+    ({"taps": ["a", 1]}, "taps[1]: 1 is not str"),
     ({"uuid": None}, "uuid: None is not str"),
 ])
 def test_a_damaged_record_is_refused_naming_the_field(paths: Paths, change: dict[str, object],

@@ -218,8 +218,11 @@ def test_settle_step(there: Where | None, waited: float, settle: Settle) -> None
 def test_where_from_json() -> None:
     there = Where("inactive", None, False, FAILED_ARRIVAL)
     assert Where.from_json(json.loads(json.dumps(there._asdict()))) == there
-    assert Where.from_json({"unit": "active", "runstate": 5, "last": "x"}) == \
-        Where("active", None, False, None)
+    with pytest.raises(ValueError, match="runstate: 5 is not"):
+        Where.from_json({"unit": "active", "runstate": 5, "arriving": False, "last": None})
+    with pytest.raises(ValueError, match=r"last\[2\]: 3 is not"):
+        Where.from_json({"unit": "active", "runstate": None, "arriving": False,
+                         "last": ["failed", None, 3]})
     for bad in ([], {"unit": None}, {}):
         with pytest.raises(ValueError):
             Where.from_json(bad)

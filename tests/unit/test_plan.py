@@ -62,11 +62,13 @@ def test_the_plan_is_typed(plan: Plan) -> None:
 
 def test_unpickling_the_plan_imports_only_its_module(plan: Plan) -> None:
     """What the supervisor holds for the guest's lifetime: the plan's module
-    and its packages, nothing of the configuration machinery."""
+    (and its reader of JSON records) and its packages, nothing of the
+    configuration machinery."""
     code = ("import sys, pickle; before = set(sys.modules); "
             "pickle.loads(sys.stdin.buffer.read()); "
             "print(' '.join(sorted(m for m in set(sys.modules) - before "
             "if m.startswith('kvmagent'))))")
     out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(plan), cwd=REPO,
                          capture_output=True, check=True).stdout.decode().split()
-    assert out == ["kvmagent", "kvmagent.render", "kvmagent.render.plan"]
+    assert out == ["kvmagent", "kvmagent.render", "kvmagent.render.plan",
+                   "kvmagent.render.records"]
