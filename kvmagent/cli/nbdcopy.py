@@ -41,7 +41,7 @@ from kvmagent.host.diskfacts import backing_fact, disk_facts, held_files
 from kvmagent.paths import Paths
 from kvmagent.render.migration import Refusal, SideFacts
 from kvmagent.render.storagecopy import (GO, HEARTBEAT, HEARTBEAT_EVERY, Backing, CopyDisk,
-                                         CopyStep, DiskFact, Wanted, arrival_disks,
+                                         CopyStep, DiskFact, Wanted, arrival_disks, backing_path,
                                          copy_line, copy_state, copy_step, heartbeat,
                                          kept_problems, missing_there, parse_disk_option,
                                          plan_copy, replaced_backing)
@@ -164,8 +164,9 @@ class Arrival:
                 except ValueError as e:
                     raise KvmagentError(f"--{'make' if make else 'copy'}-disk: {e}", None,
                                         ExitStatus.USAGE) from None
-        backing = [backing_fact(w.backing, w.backing_format) for w in wanted.values()
-                   if w.backing]
+        disks = {d.index: str(d.path) for d in guest.disks}
+        backing = [backing_fact(backing_path(disks[i], w.backing), w.backing_format)
+                   for i, w in wanted.items() if w.backing and i in disks]
         copies, refusals = arrival_disks(guest.name, wanted, disk_facts(guest), backing)
         if refusals:
             for r in refusals[1:]:

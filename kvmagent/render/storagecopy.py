@@ -27,6 +27,7 @@ the mirror sends what the overlay holds alone (sync=top)."""
 from __future__ import annotations
 
 import enum
+import posixpath
 from typing import Any, NamedTuple
 
 from kvmagent.errors import ExitStatus
@@ -99,7 +100,9 @@ class DiskFact(NamedTuple):
 class CopyDisk(NamedTuple):
     """A disk that --copy-storage copies: onto HOST's disk at the same path,
     of SIZE bytes, made there by kvmagent (MAKE) or by the admin; a qcow2
-    overlay made there on BACKING (of BACKING_FORMAT), which HOST has."""
+    overlay made there on BACKING (of BACKING_FORMAT), which HOST has:
+    named as the overlay's header here names it, relative to the overlay's
+    directory or absolute (backing_path())."""
     number: int  # disk[NUMBER] of the guest file
     path: str
     size: int
@@ -122,6 +125,12 @@ class CopyDisk(NamedTuple):
         """migrate-incoming's option for it."""
         on = f":{self.backing_format}:{self.backing}" if self.backing else ""
         return ["--make-disk" if self.make else "--copy-disk", f"{self.number}={self.size}{on}"]
+
+
+def backing_path(disk: str, backing: str) -> str:
+    """Where the backing file that qcow2 image DISK's header names BACKING
+    is: relative to the image's directory, as QEMU finds it."""
+    return posixpath.join(posixpath.dirname(disk), backing)
 
 
 def _size(n: int) -> str:
@@ -194,7 +203,7 @@ def plan_copy(name: str, host: str, here: list[DiskFact], there: list[DiskFact],
             refusals += said
             if not said:
                 copies.append(CopyDisk(d.number, d.path, d.size, d.format, True,
-                                       d.chain[0].path, d.chain[0].format))
+                                       d.backing, d.chain[0].format))
             continue
         if t.kind == Kind.MISSING and d.kind == Kind.FILE:
             copies.append(CopyDisk(d.number, d.path, d.size, d.format, True))
@@ -275,8 +284,7 @@ def parse_disk_option(text: str, make: bool) -> tuple[int, Wanted]:
     size, colon, on = rest.partition(":")
     fmt, _, backing = on.partition(":")
     if not sep or not index.isdigit() or not size.isdigit() or int(size) <= 0 \
-            or (colon and (fmt not in ("raw", "qcow2") or not backing.startswith("/")
-                           or not make)):
+            or (colon and (fmt not in ("raw", "qcow2") or not backing or not make)):
         raise ValueError(f"{text!r} is not INDEX=BYTES" + ("[:raw|qcow2:BACKING]" if make else ""))
     return int(index), Wanted(int(size), make, fmt, backing)
 
@@ -306,7 +314,8 @@ def arrival_disks(name: str, wanted: dict[int, Wanted], here: list[DiskFact],
                                     f'"{d.format}"', None, ExitStatus.CONFIG))
             continue
         if backing:  # as this host has it: present (the source compared the files)
-            b = mine_backing.get(backing) or Backing(backing, backing_format, 0, "")
+            path = backing_path(d.path, backing)
+            b = mine_backing.get(path) or Backing(path, backing_format, 0, "")
             chain = (b._replace(format=backing_format),)
         source = d._replace(kind=Kind.FILE if make else Kind.BLOCK, size=size, backing=backing,
                             identity="", chain=chain)

@@ -13,7 +13,8 @@ import pytest
 from kvmagent.errors import ExitStatus
 from kvmagent.render.migration import STALL_LIMIT
 from kvmagent.render.storagecopy import (SWITCH_TIMEOUT, Backing, CopyDisk, CopyState, CopyStep,
-                                         DiskFact, Kind, Wanted, arrival_disks, copy_line,
+                                         DiskFact, Kind, Wanted, arrival_disks, backing_path,
+                                         copy_line,
                                          copy_state,
                                          copy_step, heartbeat, kept_problems, mirror_job,
                                          missing_there,
@@ -124,7 +125,7 @@ def test_refusals_name_the_disk_its_path_and_both_sizes() -> None:
 
 BASE = Backing("/srv/base.qcow2", "qcow2", 300 * MIB, "ab" * 32)
 ROOT = Backing("/srv/root.img", "raw", 200 * MIB, "cd" * 32)
-OVERLAY = IMAGE._replace(format="qcow2", backing="base.qcow2", chain=(BASE, ROOT))
+OVERLAY = IMAGE._replace(format="qcow2", backing="/srv/base.qcow2", chain=(BASE, ROOT))
 
 
 def test_an_overlay_is_made_there_on_the_same_backing_files_and_copied_as_one() -> None:
@@ -138,6 +139,26 @@ def test_an_overlay_is_made_there_on_the_same_backing_files_and_copied_as_one() 
     assert copy.argument() == ["--make-disk", f"0={16 * MIB}:qcow2:/srv/base.qcow2"]
     assert parse_disk_option(copy.argument()[1], True) == (
         0, Wanted(16 * MIB, True, "qcow2", "/srv/base.qcow2"))
+
+
+def test_an_overlay_made_there_names_its_backing_file_as_the_one_here() -> None:
+    """A header that names its backing file relative to the overlay's
+    directory (qemu-img create -b base.qcow2): the overlay made there
+    says the same, and the backing file compared is the one beside it."""
+    beside = BASE._replace(path="/srv/local/base.qcow2")
+    assert backing_path(IMAGE.path, "base.qcow2") == beside.path
+    assert backing_path(IMAGE.path, BASE.path) == BASE.path
+    overlay = OVERLAY._replace(backing="base.qcow2", chain=(beside,))
+    _, (r,) = plan_copy("g", "host2", [overlay], [missing(overlay)], [BASE])
+    assert "/srv/local/base.qcow2, which host2 lacks" in r.message
+    (copy,), refusals = plan_copy("g", "host2", [overlay], [missing(overlay)], [beside])
+    assert refusals == [] and copy.backing == "base.qcow2"
+    assert copy.argument() == ["--make-disk", f"0={16 * MIB}:qcow2:base.qcow2"]
+    index, wanted = parse_disk_option(copy.argument()[1], True)
+    (there,), refusals = arrival_disks("g", {index: wanted}, [missing(overlay)], [beside])
+    assert refusals == [] and there == copy
+    _, (r,) = arrival_disks("g", {index: wanted}, [missing(overlay)], [BASE])
+    assert "/srv/local/base.qcow2, which here lacks" in r.message
 
 
 def test_an_overlay_whose_backing_files_differ_there_is_refused() -> None:
@@ -221,10 +242,11 @@ def test_a_writable_disk_missing_there_is_for_the_copy_to_say() -> None:
 def test_disk_options() -> None:
     assert parse_disk_option("0=16777216", False) == (0, Wanted(16777216, False))
     assert parse_disk_option("1=5:raw:/srv/a:b", True) == (1, Wanted(5, True, "raw", "/srv/a:b"))
-    for bad in ("0", "x=1", "0=-1", "0=0", "=5", "0=1M", "0=5:vmdk:/a", "0=5:raw:a",
-                "0=5:raw:", "0=5:"):
+    for bad in ("0", "x=1", "0=-1", "0=0", "=5", "0=1M", "0=5:vmdk:/a", "0=5:raw:",
+                "0=5:"):
         with pytest.raises(ValueError):
             parse_disk_option(bad, True)
+    assert parse_disk_option("0=5:raw:a", True) == (0, Wanted(5, True, "raw", "a"))
     with pytest.raises(ValueError):  # the admin's disk is never an overlay kvmagent makes
         parse_disk_option("0=5:raw:/srv/a", False)
 
