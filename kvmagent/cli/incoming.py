@@ -200,7 +200,8 @@ def _arrive(name: str, unit: str, paths: Paths, stopped: list[int], stream: int,
             break
         except KvmagentError as e:
             state = systemd.active_state(unit)
-            if time.monotonic() > deadline or state not in ("activating", "active"):
+            if time.monotonic() > deadline or (state not in ("activating", "active")
+                                               and not systemd.job_pending(unit)):
                 _emit("failed", error=f"{unit} is {state}: {e.message}")
                 return False
             time.sleep(0.1)

@@ -299,6 +299,17 @@ def template_installed(name: str = "kvm@.service") -> bool:
 RUNNING_STATES = ("active", "activating", "deactivating", "reloading")
 
 
+def job_pending(unit: str) -> bool:
+    """A job is queued for UNIT: a start that waits for the units it comes
+    after leaves it inactive meanwhile (the first guest after boot waits
+    for machine.slice, network-online.target, the modules)."""
+    try:
+        job = unit_properties(unit, ["Job"])["Job"]
+    except KvmagentError:
+        return False
+    return isinstance(job, tuple) and len(job) == 2 and job[0] != 0
+
+
 def active_state(unit: str) -> str | None:
     """The unit's ActiveState, or None when systemd has not loaded it (a
     transient unit that was collected, or a template instance never used)."""
