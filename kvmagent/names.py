@@ -30,6 +30,20 @@ def service_unit(name: str) -> str:
     return f"kvm@{name}.service"
 
 
+def oneoff_unit(name: str) -> str:
+    """The service of a one-off guest (kvmagent start --transient FILE) and
+    of a guest's install run (kvmagent install NAME --iso FILE).  Not
+    kvm@NAME.service: systemd refuses a transient unit of that name where
+    the kvm@.service template exists."""
+    return f"kvm-oneoff@{name}.service"
+
+
+def guest_unit(name: str, oneoff: bool) -> str:
+    """The unit a guest's supervisor runs in: kvm@NAME.service, or for a
+    one-off guest and an install run kvm-oneoff@NAME.service."""
+    return oneoff_unit(name) if oneoff else service_unit(name)
+
+
 def scope_unit(name: str) -> str:
     """The transient scope that holds QEMU (and only QEMU)."""
     return f"kvm-{name}.scope"

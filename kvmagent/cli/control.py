@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmagent.errors import ExitStatus, KvmagentError
-from kvmagent.names import service_unit, valid_guest_name
+from kvmagent.names import oneoff_unit, service_unit, valid_guest_name
 from kvmagent.paths import Paths
 
 if TYPE_CHECKING:
@@ -65,11 +65,6 @@ def report(action: str, unit: str, result: str | None, no_block: bool) -> int:
     done = {"start": "started", "stop": "stopped", "restart": "restarted"}[action]
     print(f"{unit}: {done}")
     return ExitStatus.OK
-
-
-def oneoff_unit(name: str) -> str:
-    from kvmagent.render.service import oneoff_unit as unit  # not the config machinery
-    return unit(name)
 
 
 def _stop(unit: str, state: str | None, args: argparse.Namespace, timeout: float) -> int:

@@ -48,8 +48,7 @@ def _supervisor_pidfd(paths: Paths, name: str) -> int | None:
     """A pidfd of guest NAME's supervisor under systemd, or None.  (The pid
     file's second pid, QEMU's, is for admins: the command waits for the
     supervisor, which exits once QEMU has.)"""
-    from kvmagent.names import service_unit
-    from kvmagent.render.service import oneoff_unit
+    from kvmagent.names import oneoff_unit, service_unit
     try:
         pids = [int(p) for p in paths.supervisor_pid(name).read_text().split()]
     except (OSError, ValueError):

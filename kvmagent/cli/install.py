@@ -24,9 +24,9 @@ from kvmagent.cli.control import kvmagent_command, refuse_if_running, report, ru
 from kvmagent.config.guests import check_unique, load_guest, load_host_config
 from kvmagent.config.install import check_vnc, install_guest
 from kvmagent.errors import ExitStatus, KvmagentError, config_error, host_error
-from kvmagent.names import service_unit
+from kvmagent.names import oneoff_unit, service_unit
 from kvmagent.paths import Paths
-from kvmagent.render.service import needs_inet, oneoff_unit, service_settings, writable_images
+from kvmagent.render.service import needs_inet, service_settings, writable_images
 
 
 def check_iso(text: str) -> Path:

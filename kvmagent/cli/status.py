@@ -18,7 +18,7 @@ from kvmagent.config.values import format_size
 from kvmagent.unit import protocol
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import journal
-from kvmagent.names import scope_unit, service_unit
+from kvmagent.names import oneoff_unit, scope_unit, service_unit
 from kvmagent.paths import Paths
 from kvmagent.render.uptime import booted_at
 
@@ -68,7 +68,6 @@ def status(args: argparse.Namespace, paths: Paths) -> int:
     props, note = unit_view(unit)
     if not note and props.get("ActiveState") not in UP_STATES:
         # Its install run (or a one-off from a copy of its file) instead?
-        from kvmagent.render.service import oneoff_unit
         other, note3 = unit_view(oneoff_unit(name))
         if not note3 and other.get("ActiveState") in (*UP_STATES, "activating"):
             unit, props = oneoff_unit(name), other

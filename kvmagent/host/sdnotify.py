@@ -86,10 +86,18 @@ class Journal:
     net.unix.max_dgram_qlen, 10 here); a supervisor waiting there would miss
     its watchdog pings and its stop.  Messages that are not taken at once
     wait, in order, for flush() (when the socket is writable); beyond
-    BACKLOG of them they are lost and counted."""
+    BACKLOG of them they are lost and counted.
 
-    def __init__(self, path: str = JOURNAL_SOCKET, backlog: int = 0) -> None:
+    unit: the systemd unit the messages are about, sent as
+    OBJECT_SYSTEMD_UNIT= (which `journalctl -u UNIT` matches in messages from
+    root).  journald finds a sender's unit from its cgroup when it reads the
+    message; a short-lived child of the supervisor may have exited by then,
+    and its message would be missing from `journalctl -u`."""
+
+    def __init__(self, path: str = JOURNAL_SOCKET, backlog: int = 0,
+                 unit: str | None = None) -> None:
         self.path = path
+        self.about = _field("OBJECT_SYSTEMD_UNIT", unit) if unit else b""
         self.sock: socket.socket | None = None
         self.limit = backlog
         self.backlog: deque[bytes] = deque()
@@ -105,7 +113,7 @@ class Journal:
         return self.sock.fileno()
 
     def send(self, message: str | bytes, priority: int = 6, **fields: str) -> None:
-        payload = _field("MESSAGE", message) + _field("PRIORITY", str(priority))
+        payload = _field("MESSAGE", message) + _field("PRIORITY", str(priority)) + self.about
         for key, value in fields.items():
             payload += _field(key, value)
         if self.sock is not None:

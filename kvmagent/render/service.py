@@ -175,14 +175,6 @@ def images_dropin(paths: Sequence[str]) -> str:
             f"ReadWritePaths={' '.join(_unit_word(p) for p in paths)}\n")
 
 
-def oneoff_unit(name: str) -> str:
-    """The service of a one-off guest (kvmagent start --transient FILE) and
-    of a guest's install run (kvmagent install NAME --iso FILE).  Not
-    kvm@NAME.service: systemd refuses a transient unit of that name where
-    the kvm@.service template exists."""
-    return f"kvm-oneoff@{name}.service"
-
-
 def service_settings(name: str, command: Sequence[str] = INSTALLED_COMMAND, *,
                      guest_file: str | None = None, writable: Sequence[str] = (),
                      environment: Sequence[str] = (), inet: bool = False,

@@ -29,11 +29,12 @@ JOURNAL_BACKLOG = 4096
 
 
 class Held:
-    def __init__(self, name: str, paths: Paths, guest_file: str | None = None) -> None:
+    def __init__(self, name: str, paths: Paths, unit: str) -> None:
         self.name = name
         self.paths = paths
-        self.guest_file = guest_file  # a one-off guest's file (run --file)
-        self.journal = Journal(backlog=JOURNAL_BACKLOG)  # never waits for journald
+        # never waits for journald; names UNIT (kvm@NAME.service, or a one-off
+        # guest's), as a start that fails is said just before the exit
+        self.journal = Journal(backlog=JOURNAL_BACKLOG, unit=unit)
         self.qemu: subprocess.Popen[bytes] | AdoptedQemu | None = None
         self.qmp: Qmp | None = None
         self.console: socket.socket | None = None

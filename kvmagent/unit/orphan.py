@@ -17,9 +17,8 @@ import sys
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.host import state, systemd
 from kvmagent.lifecycle import FAILED
-from kvmagent.names import scope_unit, service_unit, valid_guest_name
+from kvmagent.names import oneoff_unit, scope_unit, service_unit, valid_guest_name
 from kvmagent.paths import Paths
-from kvmagent.render.service import oneoff_unit
 
 # ActiveStates of a service in which a supervisor runs or is about to.
 ALIVE = frozenset({"active", "activating", "deactivating", "reloading", "refreshing"})

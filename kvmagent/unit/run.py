@@ -25,9 +25,11 @@ def main(name: str, paths: Paths | None, guest_file: str | None = None,
     iso (and vnc): guest NAME's install run (kvmagent install)."""
     planner = forkcall.Child(preload=("kvmagent.unit.startup",))
     planner.submit("kvmagent.unit.startup:prepare", name, paths, guest_file, iso, vnc)
+    from kvmagent.names import guest_unit
     from kvmagent.paths import Paths
     from kvmagent.unit.supervisor import run
-    status = run(name, paths or Paths.from_env(), guest_file, planner)
+    status = run(name, paths or Paths.from_env(),
+                 guest_unit(name, oneoff=guest_file is not None or iso is not None), planner)
     # The supervisor's last act: it exits at once.  Python's finalisation
     # (freeing every module's objects) added ~20 ms to each stop, measured;
     # nothing is left for it to do: the events are written, QEMU is reaped.

@@ -32,7 +32,7 @@ from kvmagent.render.plan import (CONSOLE_FD, QMP_FD, Disk, Incoming, Plan, Qemu
 from kvmagent.render.pin import pin_change, pin_message
 from kvmagent.render.qemu import HostFacts, Sockets, effective_cache, qemu_argv
 from kvmagent.render.scope import scope_settings
-from kvmagent.render.service import needs_inet, oneoff_unit
+from kvmagent.render.service import needs_inet
 
 DEVICE_POLL = 0.5
 
@@ -76,27 +76,26 @@ def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
     scope settings."""
     paths = paths or Paths.from_env()
     host = load_host_config(paths)
+    service = names.guest_unit(name, oneoff=guest_file is not None or iso is not None)
+    journal = Journal(unit=service)  # this child may be gone when journald reads it
     if iso is not None:
         guest, notes = install_guest(load_guest(paths, name, host), Path(iso),
                                      None if vnc is None else check_vnc(vnc))
-        service = oneoff_unit(name)
         for note in [f"guest {name}: install run from {iso}", *notes]:
-            Journal().send(note, 5, GUEST=name, SYSLOG_IDENTIFIER="kvmagent")
+            journal.send(note, 5, GUEST=name, SYSLOG_IDENTIFIER="kvmagent")
     elif guest_file is None:
         guest = load_guest(paths, name, host)
-        service = names.service_unit(name)
     else:
         guest = load_guest_file(Path(guest_file), host)
         if guest.name != name:
             raise config_error(f"{guest_file}: defines guest {guest.name}, not {name}",
                                "the guest is named after its file")
-        service = oneoff_unit(name)
     check_inet(guest, service)
     incoming = read_incoming(paths, name) if guest_file is None and iso is None else None
-    facts = wait_for_host(guest, host, Journal(), paths.state_dir)
+    facts = wait_for_host(guest, host, journal, paths.state_dir)
     if incoming is not None:  # the guest's hardware is the source's: pinned here too
         facts = dataclasses.replace(facts, machine=incoming.machine)
-    keep_pin(guest, facts, paths.state_dir, Journal())
+    keep_pin(guest, facts, paths.state_dir, journal)
     user = qemu_user(guest, host, facts)
     bridged = [n for n in guest.nics if n.mode is NicMode.BRIDGE]
     # The disks are opened by the supervisor and passed in: read-write ones

@@ -403,10 +403,11 @@ class Supervisor(Held):
         return ExitStatus.FAILURE
 
 
-def run(name: str, paths: Paths, guest_file: str | None, planner: forkcall.Child) -> int:
-    """Supervise guest NAME until it stops; planner: kvmagent.unit.run's child
-    making its plan.  The exit status is the unit's (kvm@.service)."""
-    sup = Supervisor(name, paths, guest_file)
+def run(name: str, paths: Paths, unit: str, planner: forkcall.Child) -> int:
+    """Supervise guest NAME until it stops, in UNIT (kvm@NAME.service or
+    kvm-oneoff@NAME.service); planner: kvmagent.unit.run's child making its
+    plan.  The exit status is the unit's."""
+    sup = Supervisor(name, paths, unit)
     with ExitStack() as stack:
         stack.callback(sup.journal.drain, 2.0)  # last: what journald has not taken yet
         stack.callback(sup.record.finish)  # the last event is written before we exit

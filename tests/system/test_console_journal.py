@@ -178,3 +178,43 @@ def test_lines_lost_to_a_stalled_journal_are_counted_and_said_once(host: TestHos
     # and a prompt
     assert 12001 <= logged + lost <= 12001 + 5, (logged, lost)
     host.exec(["systemctl", "stop", "kvm@jlo"], timeout=120)
+
+
+SEND = """import sys
+sys.path.insert(0, "/src/kvmagent")
+from kvmagent.host.sdnotify import Journal
+Journal().send("JGONE-PLAIN")
+Journal(unit=sys.argv[1]).send("JGONE-ABOUT")
+"""
+
+
+def test_a_message_from_a_child_gone_before_journald_reads_it_stays_with_its_unit(
+        host: TestHost) -> None:
+    """The supervisor's planner (a forked child) says its notes and exits;
+    journald finds a sender's unit from its cgroup only when it reads the
+    message, and a sender that is gone by then has none: its message was
+    missing from `journalctl -u` (an install run's first note, now and
+    then).  A message that names its unit (Journal(unit=...):
+    OBJECT_SYSTEMD_UNIT=) is there whenever journald reads it: here only
+    after the sender's unit has ended."""
+    unit = "kvmagent-jgone.service"
+    host.write_file("/run/jgone.py", SEND)
+    journald(host, "SIGSTOP")
+    try:
+        host.exec(["systemd-run", "--quiet", "--collect", f"--unit={unit}",
+                   "/usr/bin/python3", "/run/jgone.py", unit])
+        deadline = time.monotonic() + 30
+        while host.exec(["systemctl", "is-active", unit], check=False).stdout.strip() in (
+                "active", "activating"):
+            assert time.monotonic() < deadline, f"{unit} did not end"
+            time.sleep(0.1)
+    finally:
+        journald(host, "SIGCONT")
+    deadline = time.monotonic() + 30
+    while "JGONE-ABOUT" not in host.journal():  # journald has read both (in order)
+        assert time.monotonic() < deadline, "journald did not log the sender's messages"
+        time.sleep(0.2)
+    journal = host.journal(unit)
+    assert "JGONE-ABOUT" in journal, journal[-2000:]
+    print(f"a message without its unit, from a sender gone before journald read it: "
+          f"{'in' if 'JGONE-PLAIN' in journal else 'missing from'} journalctl -u")

@@ -19,7 +19,8 @@ from kvmagent.config.install import check_vnc, install_guest
 from kvmagent.config.model import Accel, Bus, Media, OnPoweroff
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.render.qemu import HostFacts, Sockets, qemu_argv
-from kvmagent.render.service import oneoff_unit, render_service, service_settings
+from kvmagent.names import oneoff_unit
+from kvmagent.render.service import render_service, service_settings
 from kvmagent.render.unitprops import MS_REC, props_for_dbus
 from kvmagent.unit import startup
 
@@ -157,13 +158,17 @@ def test_the_planner_makes_the_install_runs_plan(conf, monkeypatch) -> None:  # 
     monkeypatch.setattr(startup, "check_host",
                         lambda guest, host, *, lasting, state_dir: (HostFacts(Accel.TCG), []))
     sent: list[str] = []
-    monkeypatch.setattr(startup.Journal, "send", lambda self, text, *a, **kw: sent.append(text))
+    about: set[bytes] = set()
+    monkeypatch.setattr(startup.Journal, "send",
+                        lambda self, text, *a, **kw: (sent.append(text), about.add(self.about)))
     plan, _ = startup.prepare("g", conf.paths, None, "/srv/in.iso", "127.0.0.1:2")
     assert "-kernel" not in plan.argv and plan.argv[plan.argv.index("-vnc") + 1] == "127.0.0.1:2"
     assert [(d.path, d.readonly, len(d.tokens)) for d in plan.disks] == [
         ("/srv/g.img", False, 2), ("/srv/in.iso", True, 1)]
     assert dict(plan.scope)["PartOf"] == ["kvm-oneoff@g.service"]
     assert sent[0] == "guest g: install run from /srv/in.iso" and "no -kernel" in sent[1]
+    # the planner is gone when journald reads it: its notes name the unit themselves
+    assert about == {b"OBJECT_SYSTEMD_UNIT=kvm-oneoff@g.service\n"}
     with pytest.raises(KvmagentError) as e:
         startup.prepare("g", conf.paths, None, "/srv/in.iso", "bad")
     assert e.value.status == ExitStatus.USAGE

@@ -71,3 +71,17 @@ def test_what_waits_is_sent_before_what_comes_next(tmp_path: Path) -> None:
     journal.send("last")
     got.append(journald.recv(65536).split(b"\n")[0])
     assert got == [f"MESSAGE=m{i}".encode() for i in range(n + 1)] + [b"MESSAGE=last"]
+
+
+def test_a_journal_about_a_unit_names_it_in_every_message(tmp_path: Path) -> None:
+    """journalctl -u UNIT matches OBJECT_SYSTEMD_UNIT=UNIT in root's messages:
+    a sender that exits before journald reads it is still shown there."""
+    path = str(tmp_path / "journal")
+    journald = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    journald.bind(path)
+    Journal(path, unit="kvm@a.service").send("one", 5, GUEST="a")
+    Journal(path).send("two")
+    assert journald.recv(65536).split(b"\n") == [
+        b"MESSAGE=one", b"PRIORITY=5", b"OBJECT_SYSTEMD_UNIT=kvm@a.service", b"GUEST=a", b""]
+    assert b"OBJECT_SYSTEMD_UNIT" not in journald.recv(65536)
+    journald.close()

@@ -78,13 +78,12 @@ LIST_CHANGED = LIST | {"kvmagent.config.layers", "kvmagent.names"}
 PYSTEMD = {"pystemd", "pystemd.dbusexc", "pystemd.dbuslib", "pystemd.utils"}
 CYTHON_RUNTIME = re.compile(r"_cython_[0-9_]+|cython_runtime")
 
-# kvmagent stop NAME (graceful): systemd asked over pystemd, no configuration
-# (kvmagent.render.service for the one-off unit's name), no argparse.
+# kvmagent stop NAME (graceful): systemd asked over pystemd, no configuration, no argparse.
 STOP = {"kvmagent", "kvmagent.errors", "kvmagent.lifecycle", "kvmagent.names", "kvmagent.paths",
         "kvmagent.cli", "kvmagent.cli.main", "kvmagent.cli.hardstop", "kvmagent.cli.control",
         "kvmagent.config", "kvmagent.config.values",
         "kvmagent.host", "kvmagent.host.leanimport", "kvmagent.host.systemd",
-        "kvmagent.render", "kvmagent.render.service", "kvmagent.render.unitprops"}
+        "kvmagent.render", "kvmagent.render.unitprops"}
 # kvmagent stop-post NAME after a run that recorded its own stop: one file read.
 STOP_POST_DONE = {"kvmagent", "kvmagent.cli", "kvmagent.cli.main", "kvmagent.lifecycle"}
 

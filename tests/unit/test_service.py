@@ -12,7 +12,8 @@ import pytest
 from kvmagent.cli import control
 from kvmagent.errors import ExitStatus, KvmagentError
 from kvmagent.paths import Paths
-from kvmagent.render.service import INSTANCE, oneoff_unit, render_service, service_settings
+from kvmagent.names import oneoff_unit
+from kvmagent.render.service import INSTANCE, render_service, service_settings
 from kvmagent.render.unitprops import props_for_dbus
 
 REPO = Path(__file__).resolve().parents[2]
