@@ -29,6 +29,8 @@ from pyroute2 import IPRoute  # noqa: E402
 from pyroute2 import netns as pr_netns  # noqa: E402
 
 from kvmagent.host import netdev  # noqa: E402
+from kvmagent.host.bridge import ensure_bridge  # noqa: E402
+from kvmagent.host.netlink import NETNS_DIR, in_netns  # noqa: E402
 
 BRIDGE, TAP, MTU = "br-bench", "kvm-bench-0", 1400
 
@@ -67,11 +69,11 @@ def main() -> int:
     name = f"kvmagent-bench-{os.getpid()}"
     pr_netns.create(name)
     try:
-        inode = os.stat(f"{netdev.NETNS_DIR}/{name}").st_ino
-        with netdev.in_netns(name), IPRoute() as ipr:
+        inode = os.stat(f"{NETNS_DIR}/{name}").st_ino
+        with in_netns(name), IPRoute() as ipr:
             # ip (a child process) runs in the thread's namespace: check it.
             assert os.stat("/proc/thread-self/ns/net").st_ino == inode
-            netdev.ensure_bridge(BRIDGE)
+            ensure_bridge(BRIDGE)
             ipr.link("set", index=ipr.link_lookup(ifname=BRIDGE)[0], mtu=MTU)
             ways = {"kvmagent": kvmagent_way, "seed (ip)": seed_way}
             times: dict[str, list[tuple[float, float]]] = {label: [] for label in ways}

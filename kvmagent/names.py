@@ -8,6 +8,7 @@ name label), a file name and the stem of a network interface name.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 # fullmatch, not "$": "$" also matches before a trailing newline.
 GUEST_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?", re.ASCII)
@@ -82,3 +83,24 @@ def guest_uuid(guest: str) -> str:
     """A stable SMBIOS/machined UUID for the guest."""
     import uuid  # not for every command: it imports platform (~5 ms)
     return str(uuid.uuid5(uuid.UUID(_UUID_NAMESPACE), guest))
+
+
+def tap_guest(name: str, guests: Mapping[str, str] | None = None) -> str | None:
+    """The guest that owns tap NAME: from GUESTS (tap name -> guest) if given,
+    else read from kvm-NAME-INDEX; "?" for a hashed long name; None if NAME
+    is not under TAP_PREFIX."""
+    if guests and name in guests:
+        return guests[name]
+    if not name.startswith(TAP_PREFIX):
+        return None
+    m = re.fullmatch(r"(.+)-(\d+)", name[len(TAP_PREFIX):])
+    if (m is None or not valid_guest_name(m[1])
+            or tap_name(m[1], int(m[2])) != name):
+        return "?"
+    # kvm-PREFIX-HASH-INDEX of a long name reads like a short name: ambiguous.
+    hashed = re.fullmatch(r"(.+)-[0-9a-f]{4}", m[1])
+    if hashed:
+        room = IFNAMSIZ - len(TAP_PREFIX) - len(f"-abcd-{m[2]}")
+        if len(hashed[1]) in (room, room - 1):
+            return "?"
+    return m[1]

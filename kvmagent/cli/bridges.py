@@ -38,7 +38,7 @@ def bridges_dir(paths: Paths) -> Path:
 
 
 def load_bridge(path: Path) -> dict[str, Any]:
-    """One bridges/NAME.toml -> keyword arguments for netdev.ensure_bridge."""
+    """One bridges/NAME.toml -> keyword arguments for bridge.ensure_bridge."""
     name = path.name[:-5]
     layered = load_layers(path, required=True)
     r = Reader(layered, path)
@@ -70,12 +70,12 @@ def persist(paths: Paths, name: str, settings: dict[str, Any]) -> Path:
 
 
 def _ensure(kw: dict[str, Any], wait: float = 0.0) -> list[str]:
-    from kvmagent.host import netdev  # pyroute2: only for these commands
+    from kvmagent.host import bridge  # pyroute2: only for these commands
     uplink = kw.get("uplink")
     deadline = time.monotonic() + wait
     while uplink and not interface_exists(uplink) and time.monotonic() < deadline:
         time.sleep(UPLINK_POLL)  # at boot the uplink may still be on its way
-    return netdev.ensure_bridge(**kw)
+    return bridge.ensure_bridge(**kw)
 
 
 def cmd_ensure(args: argparse.Namespace, paths: Paths) -> int:
@@ -136,8 +136,8 @@ def _tap_owners(paths: Paths) -> dict[str, str]:
 
 
 def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
-    from kvmagent.host import netdev
-    report = netdev.bridge_report(_tap_owners(paths))
+    from kvmagent.host import bridge
+    report = bridge.bridge_report(_tap_owners(paths))
     if args.json:
         json.dump([asdict(b) for b in report], sys.stdout, indent=2)
         print()

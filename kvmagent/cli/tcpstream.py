@@ -253,7 +253,7 @@ def incoming(transport: str, emit: Callable[..., None], stopped: list[int],
     import signal
     import sys
     import threading
-    from kvmagent.host import netdev
+    from kvmagent.host import netlink
     from kvmagent.render.transport import listen_address, parse_transport
     wanted = parse_transport(transport)
     tokens = Tokens.read(sys.stdin.buffer)
@@ -264,7 +264,7 @@ def incoming(transport: str, emit: Callable[..., None], stopped: list[int],
         stopped.append(signal.SIGHUP)
 
     threading.Thread(target=hung_up, daemon=True).start()
-    address = listen_address(wanted, netdev.host_addresses(), os.environ.get("SSH_CONNECTION"))
+    address = listen_address(wanted, netlink.host_addresses(), os.environ.get("SSH_CONNECTION"))
     with Listener(address, wanted.port) as listener:
         emit("tcp", address=address, port=listener.port)
         sock = listener.accept(tokens, timeout, lambda: bool(stopped))

@@ -1,7 +1,7 @@
 """Fixtures for tests/net: real kernel, one fresh network namespace per test.
 
 The `netns` fixture creates a namespace, moves the test's thread into it for
-the whole test body (netdev.in_netns, i.e. setns(2) on this thread only), and
+the whole test body (in_netns, i.e. setns(2) on this thread only), and
 deletes it afterwards even if the test failed.  Everything a test does with
 netlink, /dev/net/tun or a subprocess therefore happens inside it, even a call
 that forgets netns=; threads and processes started by the test inherit it.
@@ -21,7 +21,8 @@ from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
-from kvmagent.host import netdev
+from kvmagent.host.bridge import ensure_bridge
+from kvmagent.host.netlink import in_netns, NETNS_DIR
 
 NOT_ROOT = ("NOT RUN: tests/net needs root (network namespaces, taps, bridges); "
             "run it as root: /usr/bin/python3 -m pytest -m net tests/net")
@@ -80,9 +81,9 @@ def netns() -> Iterator[str]:
     host = _ns_inode()
     name = _new_netns()
     try:
-        inode = _ns_inode(f"{netdev.NETNS_DIR}/{name}")
+        inode = _ns_inode(f"{NETNS_DIR}/{name}")
         assert inode != host
-        with netdev.in_netns(name):
+        with in_netns(name):
             assert _ns_inode() == inode, "the test thread is not in its namespace"
             yield name
         assert _ns_inode() == host, "the test thread did not come back"
@@ -99,7 +100,7 @@ def ipr(netns: str) -> Iterator[IPRoute]:
 @pytest.fixture
 def bridge(netns: str, ipr: IPRoute) -> str:
     """br-kvm with the seed's settings and MTU 1400 (so a copied MTU shows)."""
-    netdev.ensure_bridge("br-kvm")
+    ensure_bridge("br-kvm")
     ipr.link("set", index=ipr.link_lookup(ifname="br-kvm")[0], mtu=1400)
     return "br-kvm"
 

@@ -8,6 +8,9 @@ import pytest
 from pyroute2 import IPRoute
 
 from kvmagent.host import netdev
+from kvmagent.host.bridge import bridge_report, ensure_bridge
+from kvmagent.host.netlink import IFF_UP, info_data
+from kvmagent.names import tap_guest
 from kvmagent.errors import ExitStatus, KvmagentError
 
 pytestmark = pytest.mark.net
@@ -19,47 +22,47 @@ def _get(ipr: IPRoute, name: str):
 
 
 def _br_data(ipr: IPRoute, name: str) -> dict:
-    return netdev._info_data(_get(ipr, name))
+    return info_data(_get(ipr, name))
 
 
 def test_ensure_bridge_creates_with_seed_settings_and_is_idempotent(netns, ipr):
-    assert netdev.ensure_bridge() == ["created bridge br-kvm", "set up"]
+    assert ensure_bridge() == ["created bridge br-kvm", "set up"]
     data = _br_data(ipr, "br-kvm")
     # Read back in the kernel's unit: clock_t, centiseconds.
     assert data["IFLA_BR_STP_STATE"] == 0
     assert data["IFLA_BR_FORWARD_DELAY"] == 900
     assert data["IFLA_BR_HELLO_TIME"] == 200
     assert data["IFLA_BR_MAX_AGE"] == 1200
-    assert _get(ipr, "br-kvm")["flags"] & netdev.IFF_UP
-    assert netdev.ensure_bridge() == []
+    assert _get(ipr, "br-kvm")["flags"] & IFF_UP
+    assert ensure_bridge() == []
 
 
 def test_ensure_bridge_adjusts_an_existing_bridge(netns, ipr):
     ipr.link("add", ifname="br-kvm", kind="bridge")  # kernel defaults: 15 s, 2 s, 20 s
-    assert netdev.ensure_bridge() == ["set forward_delay 9 s", "set max_age 12 s", "set up"]
-    assert netdev.ensure_bridge(stp=True, hello_time=1.5) == [
+    assert ensure_bridge() == ["set forward_delay 9 s", "set max_age 12 s", "set up"]
+    assert ensure_bridge(stp=True, hello_time=1.5) == [
         "set stp on", "set hello_time 1.5 s"]
     data = _br_data(ipr, "br-kvm")
     assert (data["IFLA_BR_STP_STATE"], data["IFLA_BR_HELLO_TIME"]) == (1, 150)
-    assert netdev.ensure_bridge(stp=True, hello_time=1.5) == []
+    assert ensure_bridge(stp=True, hello_time=1.5) == []
 
 
 def test_ensure_bridge_uplink_and_address(netns, ipr):
     ipr.link("add", ifname="eth-up", kind="veth", peer="eth-peer")
-    changes = netdev.ensure_bridge(uplink="eth-up", address="10.0.0.1/24")
+    changes = ensure_bridge(uplink="eth-up", address="10.0.0.1/24")
     assert changes == ["created bridge br-kvm", "enslaved eth-up", "set eth-up up",
                        "added address 10.0.0.1/24", "set up"]
     br = _get(ipr, "br-kvm")
     assert _get(ipr, "eth-up").get_attr("IFLA_MASTER") == br["index"]
     assert [(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
             for a in ipr.get_addr(index=br["index"], family=2)] == [("10.0.0.1", 24)]
-    assert netdev.ensure_bridge(uplink="eth-up", address="10.0.0.1/24") == []
-    assert netdev.ensure_bridge(address="fd00::1/64") == ["added address fd00::1/64"]
-    assert netdev.ensure_bridge(address="fd00::1/64") == []
+    assert ensure_bridge(uplink="eth-up", address="10.0.0.1/24") == []
+    assert ensure_bridge(address="fd00::1/64") == ["added address fd00::1/64"]
+    assert ensure_bridge(address="fd00::1/64") == []
     # the same IP with another prefix: changed, not a second address (nor EEXIST)
-    assert netdev.ensure_bridge(address="10.0.0.1/16") == [
+    assert ensure_bridge(address="10.0.0.1/16") == [
         "changed address 10.0.0.1/24 to 10.0.0.1/16"]
-    assert netdev.ensure_bridge(address="fd00::1/56") == [
+    assert ensure_bridge(address="fd00::1/56") == [
         "changed address fd00::1/64 to fd00::1/56"]
     assert sorted((a.get_attr("IFA_ADDRESS"), a["prefixlen"])
                   for a in ipr.get_addr(index=br["index"]) if a["scope"] == 0) == [
@@ -67,7 +70,7 @@ def test_ensure_bridge_uplink_and_address(netns, ipr):
 
 
 def test_bridge_mac_does_not_follow_its_taps(netns, ipr):
-    netdev.ensure_bridge()
+    ensure_bridge()
     mac = _get(ipr, "br-kvm").get_attr("IFLA_ADDRESS")
     fds = netdev.open_tap("kvm-web-0", "br-kvm")
     assert _get(ipr, "br-kvm").get_attr("IFLA_ADDRESS") == mac
@@ -79,7 +82,7 @@ def test_bridge_mac_does_not_follow_its_taps(netns, ipr):
 def test_bridge_with_uplink_keeps_the_uplink_mac(netns, ipr):
     ipr.link("add", ifname="eth-up", kind="veth", peer="eth-peer")
     ipr.link("set", index=_get(ipr, "eth-up")["index"], address="02:00:00:00:00:01")
-    netdev.ensure_bridge(uplink="eth-up")
+    ensure_bridge(uplink="eth-up")
     uplink_mac = _get(ipr, "eth-up").get_attr("IFLA_ADDRESS")
     fds = netdev.open_tap("kvm-web-0", "br-kvm")
     try:
@@ -93,25 +96,25 @@ def test_uplink_with_an_address_is_refused(netns, ipr):
     ipr.link("add", ifname="eth-up", kind="veth", peer="eth-peer")
     ipr.addr("add", index=_get(ipr, "eth-up")["index"], address="192.0.2.5", prefixlen=24)
     with pytest.raises(KvmagentError, match="eth-up carries 192.0.2.5/24") as err:
-        netdev.ensure_bridge(uplink="eth-up")
+        ensure_bridge(uplink="eth-up")
     assert err.value.status == ExitStatus.HOST_NOT_READY
     assert not _get(ipr, "eth-up").get_attr("IFLA_MASTER")
 
 
 def test_uplink_missing_or_taken(netns, ipr):
     with pytest.raises(KvmagentError, match="uplink eth9 of bridge br-kvm does not exist"):
-        netdev.ensure_bridge(uplink="eth9")
+        ensure_bridge(uplink="eth9")
     ipr.link("add", ifname="eth-up", kind="veth", peer="eth-peer")
-    netdev.ensure_bridge("br-other", uplink="eth-up")
+    ensure_bridge("br-other", uplink="eth-up")
     with pytest.raises(KvmagentError, match="already belongs to br-other"):
-        netdev.ensure_bridge(uplink="eth-up")
+        ensure_bridge(uplink="eth-up")
 
 
 @pytest.mark.parametrize("address", ["10.0.0.1", "10.0.0.300/24", "10.0.0.0/24",
                                      "10.0.0.1/33", "bridge", "fd00::1/129"])
 def test_bad_address_is_a_config_error(netns, ipr, address):
     with pytest.raises(KvmagentError) as err:
-        netdev.ensure_bridge(address=address)
+        ensure_bridge(address=address)
     assert err.value.status == ExitStatus.CONFIG
     assert address in err.value.message
     assert _get(ipr, "br-kvm") is None  # validated before anything changed
@@ -121,25 +124,25 @@ def test_bad_address_is_a_config_error(netns, ipr, address):
                                     {"max_age": 5}])
 def test_timer_out_of_range(netns, ipr, kwargs):
     with pytest.raises(KvmagentError, match="out of range") as err:
-        netdev.ensure_bridge(**kwargs)
+        ensure_bridge(**kwargs)
     assert err.value.status == ExitStatus.CONFIG
 
 
 def test_name_taken_by_a_non_bridge(netns, ipr, add_dummy):
     kind = add_dummy(ipr, "br-kvm")
     with pytest.raises(KvmagentError, match=f"br-kvm is a {kind} interface, not a bridge"):
-        netdev.ensure_bridge()
+        ensure_bridge()
 
 
 def test_bridge_report(netns, ipr, bridge):
     from kvmagent.names import tap_name
     ipr.link("add", ifname="eth-up", kind="veth", peer="eth-peer")
-    netdev.ensure_bridge(uplink="eth-up", address="10.0.0.1/24")
+    ensure_bridge(uplink="eth-up", address="10.0.0.1/24")
     long_guest = "a-rather-long-guest-name"
     fds = netdev.open_tap(tap_name("web", 0), bridge) + netdev.open_tap(
         tap_name(long_guest, 1), bridge)
     try:
-        (br,) = netdev.bridge_report()
+        (br,) = bridge_report()
         assert (br.name, br.mtu, br.up, br.stp) == ("br-kvm", 1400, True, False)
         assert (br.forward_delay, br.hello_time, br.max_age) == (9, 2, 12)
         assert br.addresses == ("10.0.0.1/24",)
@@ -150,7 +153,7 @@ def test_bridge_report(netns, ipr, bridge):
         assert ports["kvm-web-0"].kind == "tun" and ports["kvm-web-0"].carrier
         assert ports[tap_name(long_guest, 1)].guest == "?"
         mapping = {tap_name(long_guest, 1): long_guest}
-        (br,) = netdev.bridge_report(mapping)
+        (br,) = bridge_report(mapping)
         assert {p.name: p.guest for p in br.ports}[tap_name(long_guest, 1)] == long_guest
     finally:
         for fd in fds:
@@ -163,7 +166,7 @@ def test_bridge_report(netns, ipr, bridge):
     ("eth0", None), ("kvm-x", "?"), ("kvm-Web-0", "?"),
 ])
 def test_tap_guest(name, guest):
-    assert netdev.tap_guest(name) == guest
+    assert tap_guest(name) == guest
 
 
 def test_tap_guest_hashed_names():
@@ -172,8 +175,8 @@ def test_tap_guest_hashed_names():
         for index in (0, 3, 12):
             name = tap_name(guest, index)
             assert len(name.encode()) <= 15
-            assert netdev.tap_guest(name) == "?"
-            assert netdev.tap_guest(name, {name: guest}) == guest
+            assert tap_guest(name) == "?"
+            assert tap_guest(name, {name: guest}) == guest
 
 
 def test_two_ensures_at_once_both_succeed(netns, ipr):
@@ -210,17 +213,17 @@ def test_two_ensures_at_once_both_succeed(netns, ipr):
 
 def _ensure_quietly(name: str) -> str:
     try:
-        netdev.ensure_bridge(name)
+        ensure_bridge(name)
         return "ok"
     except Exception as e:  # reported, so that the test says which
         return repr(e)
 
 
 def test_an_ipv6_address_where_ipv6_is_disabled(netns, ipr):
-    netdev.ensure_bridge("br6")
+    ensure_bridge("br6")
     with open("/proc/sys/net/ipv6/conf/br6/disable_ipv6", "w") as f:
         f.write("1")
     with pytest.raises(KvmagentError) as e:
-        netdev.ensure_bridge("br6", address="fd00::1/64")
+        ensure_bridge("br6", address="fd00::1/64")
     assert e.value.status == ExitStatus.HOST_NOT_READY
     assert "IPv6 is disabled there (net.ipv6.conf.br6.disable_ipv6 = 1)" in e.value.message

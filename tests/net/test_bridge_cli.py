@@ -11,6 +11,7 @@ import pytest
 from pyroute2 import IPRoute
 
 from kvmagent.host import netdev
+from kvmagent.host.bridge import bridge_report, ensure_bridge
 from kvmagent.errors import ExitStatus
 
 pytestmark = pytest.mark.net
@@ -39,7 +40,7 @@ def test_ensure_is_idempotent_and_persists(netns, tmp_path):
         ipr.link("del", ifname="br-kvm")
     r = kvmagent(etc, "bridge", "ensure", "--all")
     assert r.returncode == 0, r.stderr
-    (br,) = netdev.bridge_report()
+    (br,) = bridge_report()
     assert br.name == "br-kvm" and br.addresses == ("10.77.0.1/24",)
     assert (br.stp, br.forward_delay, br.hello_time, br.max_age) == (False, 9, 2, 12)
 
@@ -48,7 +49,7 @@ def test_show_names_the_guest_of_each_tap(netns, tmp_path):
     etc = tmp_path / "etc"
     (etc / "guests").mkdir(parents=True)
     (etc / "guests" / "arkani.toml").write_text("[[nic]]\n")
-    netdev.ensure_bridge("br-kvm")
+    ensure_bridge("br-kvm")
     fds = netdev.open_tap("kvm-arkani-0", "br-kvm")
     try:
         r = kvmagent(etc, "bridge", "show")
@@ -71,14 +72,14 @@ def test_bad_bridge_record_changes_nothing(netns, tmp_path):
     r = kvmagent(etc, "bridge", "ensure", "--all")
     assert r.returncode == ExitStatus.CONFIG
     assert f'{bad}: forward_delay = "9s": expected an integer' in r.stderr
-    assert netdev.bridge_report() == []  # br-a was not made either
+    assert bridge_report() == []  # br-a was not made either
 
 
 def test_bad_address(netns, tmp_path):
     r = kvmagent(tmp_path / "etc", "bridge", "ensure", "--address", "10.0.0.300/24")
     assert r.returncode == ExitStatus.CONFIG
     assert "10.0.0.300/24" in r.stderr
-    assert netdev.bridge_report() == []
+    assert bridge_report() == []
 
 
 def test_persist_adds_to_the_record(netns, tmp_path):
@@ -97,7 +98,7 @@ def test_persist_adds_to_the_record(netns, tmp_path):
     with IPRoute() as ipr:
         ipr.link("del", ifname="br-kvm")
     assert kvmagent(etc, "bridge", "ensure", "--all").returncode == 0
-    (br,) = netdev.bridge_report()
+    (br,) = bridge_report()
     assert [p.name for p in br.ports] == ["eth-up"] and br.addresses == ("10.77.0.1/24",)
     assert br.stp
 
@@ -113,5 +114,5 @@ def test_ensure_all_makes_every_bridge_it_can(netns, tmp_path):
     r = kvmagent(etc, "bridge", "ensure", "--all")
     assert r.returncode == ExitStatus.HOST_NOT_READY and "eth9" in r.stderr, r.stderr
     assert "br-kvm: created bridge br-kvm" in r.stdout
-    names = [b.name for b in netdev.bridge_report()]
+    names = [b.name for b in bridge_report()]
     assert "br-kvm" in names

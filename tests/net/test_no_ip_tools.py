@@ -1,5 +1,6 @@
 """The product rule: kvmagent/ never runs ip, brctl, tunctl or an ifup script;
-networking is netlink via pyroute2, in-process (kvmagent/host/netdev.py).
+networking is netlink via pyroute2, in-process (kvmagent/host/netlink.py, and
+on it netdev.py for the taps and bridge.py for the bridges).
 
 Pure source scans: no root, no namespace needed.
 """
@@ -51,17 +52,27 @@ def test_package_names_no_network_tool():
     assert not found, "network tools named in kvmagent/:\n" + "\n".join(found)
 
 
-def test_netdev_spawns_nothing():
-    text = (PACKAGE / "host" / "netdev.py").read_text()
-    for pattern in (r"\bsubprocess\b", r"\bbrctl\b", r"\btunctl\b", r"[\"']ip[\"']",
-                    r"\bos\.(system|popen|exec\w*|spawn\w*|posix_spawn\w*)\b",
-                    r"\bpty\b", r"shell\s*="):
-        assert not re.search(pattern, text), f"netdev.py matches {pattern}"
-    imported = {alias.name.split(".")[0]
-                for node in ast.walk(ast.parse(text)) if isinstance(node, (ast.Import, ast.ImportFrom))
-                for alias in (node.names if isinstance(node, ast.Import) else
-                              [ast.alias(node.module or "")])}
-    assert "pyroute2" in imported and not imported & {"subprocess", "shlex", "pty", "sh"}
+NETLINK = ("netlink.py", "netdev.py", "bridge.py")  # the base, the taps, the bridges
+
+
+def test_netlink_modules_spawn_nothing():
+    imports_pyroute2 = []
+    for name in NETLINK:
+        text = (PACKAGE / "host" / name).read_text()
+        for pattern in (r"\bsubprocess\b", r"\bbrctl\b", r"\btunctl\b", r"[\"']ip[\"']",
+                        r"\bos\.(system|popen|exec\w*|spawn\w*|posix_spawn\w*)\b",
+                        r"\bpty\b", r"shell\s*="):
+            assert not re.search(pattern, text), f"{name} matches {pattern}"
+        imported = {alias.name.split(".")[0]
+                    for node in ast.walk(ast.parse(text))
+                    if isinstance(node, (ast.Import, ast.ImportFrom))
+                    for alias in (node.names if isinstance(node, ast.Import) else
+                                  [ast.alias(node.module or "")])}
+        assert not imported & {"subprocess", "shlex", "pty", "sh"}, name
+        if "pyroute2" in imported:
+            imports_pyroute2.append(name)
+    # one module imports pyroute2 (lean: kvmagent.host.leanimport); the others use it
+    assert imports_pyroute2 == ["netlink.py"]
 
 
 def test_foreign_runs_nothing():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmagent.host import netdev
+from kvmagent.host.bridge import ensure_bridge
 from kvmagent.errors import ExitStatus
 
 pytestmark = [pytest.mark.net, pytest.mark.qemu]
@@ -107,7 +107,7 @@ def qemu_children(pid: int) -> list[int]:
 
 
 def test_bridged_guest_pings_and_powers_off_on_sigterm(netns, image, tmp_path):
-    netdev.ensure_bridge("br-kvm", address="10.77.0.1/24")
+    ensure_bridge("br-kvm", address="10.77.0.1/24")
     etc = write_guest(tmp_path, image, "[[nic]]\n",
                       "guest.ip=10.77.0.2/24 guest.ping=10.77.0.1")
     seen: list[str] = []
@@ -124,7 +124,7 @@ def test_bridged_guest_pings_and_powers_off_on_sigterm(netns, image, tmp_path):
 
 
 def test_multiqueue_tap(netns, image, tmp_path):
-    netdev.ensure_bridge("br-kvm", address="10.77.0.1/24")
+    ensure_bridge("br-kvm", address="10.77.0.1/24")
     etc = write_guest(tmp_path, image, "[[nic]]\nqueues = 2\n",
                       "guest.ip=10.77.0.2/24 guest.ping=10.77.0.1", top="cpus = 2")
     seen: list[str] = []

@@ -11,6 +11,8 @@ from pyroute2 import IPRoute
 
 from kvmagent.host import netdev, tundev
 from kvmagent.errors import ExitStatus, KvmagentError
+from kvmagent.host.bridge import bridge_report, ensure_bridge
+from kvmagent.host.netlink import IFF_UP, info_data, link_kind
 from kvmagent.names import tap_name
 
 pytestmark = pytest.mark.net
@@ -33,12 +35,12 @@ def test_open_tap(netns, ipr, bridge):
     try:
         assert len(fds) == 1 and not os.get_inheritable(fds[0])
         tap, br = _get(ipr, "kvm-web-0"), _get(ipr, bridge)
-        assert netdev._kind(tap) == "tun"
-        data = netdev._info_data(tap)
+        assert link_kind(tap) == "tun"
+        data = info_data(tap)
         assert data["IFLA_TUN_TYPE"] == 2 and data["IFLA_TUN_VNET_HDR"] == 1
         assert data["IFLA_TUN_PI"] == 0 and data["IFLA_TUN_PERSIST"] == 0
         assert tap.get_attr("IFLA_MASTER") == br["index"]
-        assert tap["flags"] & netdev.IFF_UP
+        assert tap["flags"] & IFF_UP
         assert tap.get_attr("IFLA_MTU") == 1400 == br.get_attr("IFLA_MTU")
         mac = tap.get_attr("IFLA_ADDRESS")
         assert mac.startswith("fe:") and mac == netdev.tap_mac("kvm-web-0")
@@ -58,7 +60,7 @@ def test_tap_mac_is_deterministic():
 def test_no_vnet_hdr(netns, ipr, bridge):
     fds = netdev.open_tap("kvm-web-0", bridge, vnet_hdr=False)
     try:
-        assert netdev._info_data(_get(ipr, "kvm-web-0"))["IFLA_TUN_VNET_HDR"] == 0
+        assert info_data(_get(ipr, "kvm-web-0"))["IFLA_TUN_VNET_HDR"] == 0
     finally:
         _close(fds)
 
@@ -69,7 +71,7 @@ def test_multiqueue(netns, ipr, bridge):
         assert len(set(fds)) == 4
         assert ipr.link_lookup(ifname="kvm-web-0") and len(
             [l for l in ipr.get_links() if l.get_attr("IFLA_IFNAME") == "kvm-web-0"]) == 1
-        data = netdev._info_data(_get(ipr, "kvm-web-0"))
+        data = info_data(_get(ipr, "kvm-web-0"))
         assert data["IFLA_TUN_MULTI_QUEUE"] == 1 and data["IFLA_TUN_NUM_QUEUES"] == 4
         _close(fds[:3])
         assert _get(ipr, "kvm-web-0") is not None  # one queue still holds it
@@ -108,9 +110,9 @@ def test_foreign_interface_is_not_taken_over(netns, ipr, bridge, add_dummy):
         netdev.open_tap("kvm-web-0", bridge)
     assert err.value.hint and "does not take over" in err.value.hint
     after = _get(ipr, "kvm-web-0")
-    assert after["index"] == before["index"] and netdev._kind(after) == kind
+    assert after["index"] == before["index"] and link_kind(after) == kind
     assert not after.get_attr("IFLA_MASTER")
-    assert not [l for l in ipr.get_links() if netdev._kind(l) == "tun"]
+    assert not [l for l in ipr.get_links() if link_kind(l) == "tun"]
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -132,7 +134,7 @@ def test_stale_persistent_tap_is_replaced(netns, ipr, bridge):
     try:
         tap = _get(ipr, "kvm-web-0")
         assert tap["index"] != stale
-        assert netdev._info_data(tap)["IFLA_TUN_PERSIST"] == 0
+        assert info_data(tap)["IFLA_TUN_PERSIST"] == 0
         assert tap.get_attr("IFLA_MASTER") == _get(ipr, bridge)["index"]
     finally:
         _close(fds)
@@ -145,7 +147,7 @@ def test_tap_in_use_is_refused(netns, ipr, bridge):
         for queues in (1, 2):
             with pytest.raises(KvmagentError, match="in use by another kvmagent QEMU"):
                 netdev.open_tap("kvm-web-0", bridge, queues=queues)
-        assert netdev._info_data(_get(ipr, "kvm-web-0"))["IFLA_TUN_NUM_QUEUES"] == 2
+        assert info_data(_get(ipr, "kvm-web-0"))["IFLA_TUN_NUM_QUEUES"] == 2
     finally:
         _close(fds)
 
@@ -177,7 +179,7 @@ def test_race_with_a_multiqueue_tap(netns, ipr, bridge, monkeypatch):
         _blind_first_lookup(monkeypatch)
         with pytest.raises(KvmagentError, match="in use by another process"):
             netdev.open_tap("kvm-web-0", bridge, queues=2)
-        assert netdev._info_data(_get(ipr, "kvm-web-0"))["IFLA_TUN_NUM_QUEUES"] == 2
+        assert info_data(_get(ipr, "kvm-web-0"))["IFLA_TUN_NUM_QUEUES"] == 2
     finally:
         _close(held)
 
@@ -248,21 +250,21 @@ def test_explicit_netns_argument(netns, ipr, other_netns):
     """netns= runs the netlink calls and the tun open in another namespace,
     for this thread only; the caller stays where it was."""
     here = os.stat("/proc/thread-self/ns/net").st_ino
-    assert netdev.ensure_bridge(netns=other_netns)[0] == "created bridge br-kvm"
+    assert ensure_bridge(netns=other_netns)[0] == "created bridge br-kvm"
     fds = netdev.open_tap("kvm-web-0", "br-kvm", netns=other_netns)
     try:
         assert os.stat("/proc/thread-self/ns/net").st_ino == here
         assert _get(ipr, "kvm-web-0") is None and _get(ipr, "br-kvm") is None
-        (br,) = netdev.bridge_report(netns=other_netns)
+        (br,) = bridge_report(netns=other_netns)
         assert [p.name for p in br.ports] == ["kvm-web-0"]
     finally:
         _close(fds)
-    assert netdev.bridge_report(netns=other_netns)[0].ports == ()
+    assert bridge_report(netns=other_netns)[0].ports == ()
 
 
 def test_unknown_netns(netns):
     with pytest.raises(KvmagentError, match="network namespace nope-4711 does not exist"):
-        netdev.bridge_report(netns="nope-4711")
+        bridge_report(netns="nope-4711")
 
 
 def test_vhost_fd():

@@ -17,7 +17,7 @@ from pyroute2 import IPRoute
 from kvmagent.cli import tcpstream
 from kvmagent.cli.tcpstream import Listener, Tokens
 from kvmagent.errors import KvmagentError
-from kvmagent.host import netdev
+from kvmagent.host.netlink import host_addresses
 from kvmagent.render.transport import listen_address, parse_transport
 
 pytestmark = pytest.mark.net
@@ -50,7 +50,7 @@ def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list[object]]
 
 
 def test_the_destination_picks_its_address_on_the_network(address: str) -> None:
-    local = netdev.host_addresses()
+    local = host_addresses()
     assert ADDR in local and "127.0.0.1" not in local  # lo's is no host's to listen on
     assert listen_address(parse_transport("tcp:10.9.0.0/24"), local, None) == ADDR
     with pytest.raises(KvmagentError, match="no address in 10.8.0.0/24"):
