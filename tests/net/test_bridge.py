@@ -10,7 +10,6 @@ from pyroute2 import IPRoute
 from kvmagent.host import netdev
 from kvmagent.host.bridge import bridge_report, ensure_bridge
 from kvmagent.host.netlink import IFF_UP, info_data
-from kvmagent.names import tap_guest
 from kvmagent.errors import ExitStatus, KvmagentError
 
 pytestmark = pytest.mark.net
@@ -158,25 +157,6 @@ def test_bridge_report(netns, ipr, bridge):
     finally:
         for fd in fds:
             os.close(fd)
-
-
-@pytest.mark.parametrize("name, guest", [
-    ("kvm-web-0", "web"), ("kvm-db-cafe-0", "db-cafe"), ("kvm-a-b-c-3", "a-b-c"),
-    ("kvm-db-cafe-12", "?"),  # could be a hashed long name as well: ambiguous
-    ("eth0", None), ("kvm-x", "?"), ("kvm-Web-0", "?"),
-])
-def test_tap_guest(name, guest):
-    assert tap_guest(name) == guest
-
-
-def test_tap_guest_hashed_names():
-    from kvmagent.names import tap_name
-    for guest in ("verylongname", "another-very-long-guest", "web-frontend-number-7"):
-        for index in (0, 3, 12):
-            name = tap_name(guest, index)
-            assert len(name.encode()) <= 15
-            assert tap_guest(name) == "?"
-            assert tap_guest(name, {name: guest}) == guest
 
 
 def test_two_ensures_at_once_both_succeed(netns, ipr):

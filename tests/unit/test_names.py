@@ -1,3 +1,5 @@
+import pytest
+
 from kvmagent import names
 
 
@@ -29,3 +31,21 @@ def test_stable_derived_values():
     assert names.guest_uuid("arkani") == "20d98c52-8d0a-51c1-adf5-3042f4c1495e"
     assert names.service_unit("arkani") == "kvm@arkani.service"
     assert names.scope_unit("arkani") == "kvm-arkani.scope"
+
+
+@pytest.mark.parametrize("name, guest", [
+    ("kvm-web-0", "web"), ("kvm-db-cafe-0", "db-cafe"), ("kvm-a-b-c-3", "a-b-c"),
+    ("kvm-db-cafe-12", "?"),  # could be a hashed long name as well: ambiguous
+    ("eth0", None), ("kvm-x", "?"), ("kvm-Web-0", "?"),
+])
+def test_tap_guest(name: str, guest: str | None) -> None:
+    assert names.tap_guest(name) == guest
+
+
+def test_tap_guest_hashed_names() -> None:
+    for guest in ("verylongname", "another-very-long-guest", "web-frontend-number-7"):
+        for index in (0, 3, 12):
+            name = names.tap_name(guest, index)
+            assert len(name.encode()) <= 15
+            assert names.tap_guest(name) == "?"
+            assert names.tap_guest(name, {name: guest}) == guest
