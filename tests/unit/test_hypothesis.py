@@ -4,8 +4,11 @@ configuration error (KvmagentError, exit status 6), never another
 exception; and no value outside [qemu] extra_args (the admin's deliberate
 escape hatch) ever adds a QEMU option, an option key, a newline or a NUL.
 
-Deterministic (derandomize, no example database written into the
-checkout) and bounded: a few hundred examples each, a few seconds."""
+Deterministic and bounded: a few hundred examples each, a few seconds, no
+example database written into the checkout.  The seed is fixed (SEED), not
+derived from the test's source as derandomize does: where that source
+cannot be read (compiled files that name the checkout by another path, as
+a test host sees them), derandomize picks another seed, and other examples."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
@@ -32,6 +35,7 @@ from kvmagent.render.scope import render_settings, scope_settings
 # Hypothesis caches Unicode tables in .hypothesis/ of the working directory;
 # not in the checkout (or a package build tree), please.
 set_hypothesis_home_dir(str(Path(tempfile.gettempdir()) / "kvmagent-hypothesis"))
+SEED = 1979  # the same examples wherever the tests run (the module's docstring)
 SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 GUEST_FILE = Path("/etc/kvmagent/guests/g.toml")
@@ -352,7 +356,8 @@ def _has_nan(v: Any) -> bool:
 def test_any_config_gives_argv_or_config_error():
     outcomes: Counter[str] = Counter()
 
-    @settings(SETTINGS, max_examples=250)
+    @seed(SEED)
+    @settings(SETTINGS, max_examples=400)  # ~1 in 7 makes an argv
     @given(name=guest_name, host=host_doc, main=guest_doc(),
            dropin=st.one_of(st.none(), guest_doc()), data=st.data())
     def run(name, host, main, dropin, data):
@@ -394,6 +399,7 @@ FRAGMENTS = ["[[disk]]\n", "[[nic]]\n", "[kernel]\n", "[qemu]\n", "path = ", "cp
              '"""', "\\", "\x00", "a.b.c", "1e400", "0x10", "1979-05-27T07:32:00Z", "#", "\t"]
 
 
+@seed(SEED)
 @SETTINGS
 @given(st.one_of(st.binary(max_size=200),
                  st.lists(st.one_of(st.sampled_from(FRAGMENTS), text), max_size=30)
@@ -409,6 +415,7 @@ def test_any_bytes_parse_or_config_error(raw):
         assert e.status == ExitStatus.CONFIG and e.message.startswith(str(GUEST_FILE)), e
 
 
+@seed(SEED)
 @SETTINGS
 @given(st.one_of(guest_name, st.text(max_size=80),
                  st.tuples(valid_name, st.sampled_from(NASTY)).map("".join)))
