@@ -10,7 +10,7 @@ import errno
 import hashlib
 import ipaddress
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,9 +71,11 @@ def _bridge_mac(name: str) -> str:
     return "02:" + ":".join(f"{b:02x}" for b in tail)  # local, unicast
 
 
-def _global_addresses(ipr: netlink.IPRoute, index: int) -> list[str]:
+def _global_addresses(addrs: Iterable[Any], index: int) -> list[str]:
+    """Interface INDEX's addresses in ADDRS (RTM_NEWADDR messages), as
+    ADDRESS/PREFIX, not link-local ones."""
     return [f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
-            for a in ipr.get_addr(index=index) if a["scope"] < netlink.RT_SCOPE_LINK]
+            for a in addrs if a["index"] == index and a["scope"] < netlink.RT_SCOPE_LINK]
 
 
 def _enslave_uplink(ipr: netlink.IPRoute, br: Any, bridge: str, uplink: str) -> list[str]:
@@ -88,7 +90,7 @@ def _enslave_uplink(ipr: netlink.IPRoute, br: Any, bridge: str, uplink: str) -> 
             owner = ipr.get_links(master)[0].get_attr("IFLA_IFNAME")
             raise host_error(f"uplink {uplink} already belongs to {owner}",
                              f"release it from {owner} first")
-        addresses = _global_addresses(ipr, link["index"])
+        addresses = _global_addresses(ipr.get_addr(index=link["index"]), link["index"])
         if addresses:
             raise host_error(
                 f"uplink {uplink} carries {', '.join(addresses)}; enslaving it "
@@ -228,8 +230,6 @@ def bridge_report(guests: Mapping[str, str] | None = None, *,
             forward_delay=data.get("IFLA_BR_FORWARD_DELAY", 0) / USER_HZ,
             hello_time=data.get("IFLA_BR_HELLO_TIME", 0) / USER_HZ,
             max_age=data.get("IFLA_BR_MAX_AGE", 0) / USER_HZ,
-            addresses=tuple(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
-                            for a in addrs if a["index"] == br["index"]
-                            and a["scope"] < netlink.RT_SCOPE_LINK),
+            addresses=tuple(_global_addresses(addrs, br["index"])),
             ports=tuple(sorted(ports, key=lambda p: p.name))))
     return sorted(report, key=lambda b: b.name)

@@ -76,7 +76,8 @@ def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
     scope settings."""
     paths = paths or Paths.from_env()
     host = load_host_config(paths)
-    service = names.guest_unit(name, oneoff=guest_file is not None or iso is not None)
+    oneoff = guest_file is not None or iso is not None  # kvm-oneoff@NAME, not kvm@NAME
+    service = names.guest_unit(name, oneoff)
     journal = Journal(unit=service)  # this child may be gone when journald reads it
     if iso is not None:
         guest, notes = install_guest(load_guest(paths, name, host), Path(iso),
@@ -91,7 +92,7 @@ def prepare(name: str, paths: Paths | None, guest_file: str | None = None,
             raise config_error(f"{guest_file}: defines guest {guest.name}, not {name}",
                                "the guest is named after its file")
     check_inet(guest, service)
-    incoming = read_incoming(paths, name) if guest_file is None and iso is None else None
+    incoming = None if oneoff else read_incoming(paths, name)
     facts = wait_for_host(guest, host, journal, paths.state_dir)
     if incoming is not None:  # the guest's hardware is the source's: pinned here too
         facts = dataclasses.replace(facts, machine=incoming.machine)
